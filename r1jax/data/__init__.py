@@ -1,0 +1,66 @@
+"""Tasks, prompt templates, tokenizers and grain input pipelines.
+
+Example:
+    >>> from r1jax.data import get_task, render, ByteTokenizer
+    >>> ex = get_task("multiplication", n=1, a_digits=2, b_digits=2)[0]
+    >>> text = render("r1_zero", ex)
+    >>> ByteTokenizer().decode(ByteTokenizer().encode(text)) == text
+    True
+"""
+from r1jax.data.pipeline import (
+    bucket_length,
+    default_buckets,
+    pad_sequences,
+    rl_prompt_dataset,
+    sft_dataset,
+    tokenize_sft_example,
+)
+from r1jax.data.tasks import (
+    Example,
+    InexactDivisionError,
+    countdown_prompt,
+    default_data_dir,
+    evaluate_expression,
+    generate_arithmetic,
+    generate_countdown,
+    generate_multiplication,
+    get_task,
+    list_tasks,
+    load_aime,
+    load_amc,
+    load_gsm8k,
+    load_math,
+    register_task,
+    split_of,
+)
+from r1jax.data.templates import (
+    ANSWER_END,
+    ANSWER_START,
+    BOXED_INSTRUCTION,
+    MARKERS,
+    R1_ZERO_TEMPLATE,
+    THINK_END,
+    THINK_START,
+    list_templates,
+    register_template,
+    render,
+)
+from r1jax.data.tokenizers import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
+
+__all__ = [
+    "ANSWER_END", "ANSWER_START", "BOXED_INSTRUCTION", "ByteTokenizer", "Example", "HFTokenizer",
+    "InexactDivisionError", "MARKERS", "R1_ZERO_TEMPLATE", "SentencePieceTokenizer", "THINK_END",
+    "THINK_START", "Tokenizer", "bucket_length", "countdown_prompt", "default_buckets",
+    "default_data_dir", "evaluate_expression", "generate_arithmetic", "generate_countdown",
+    "generate_multiplication", "get_task", "list_tasks", "list_templates", "load_aime", "load_amc",
+    "load_gsm8k", "load_math", "load_tokenizer", "pad_sequences", "register_task", "register_template",
+    "render", "rl_prompt_dataset", "sft_dataset", "split_of", "tokenize_sft_example",
+    "train_sentencepiece",
+]

@@ -1,0 +1,140 @@
+"""Prompt templates: the R1-Zero template and the chat formats of Qwen2.5 and DeepSeek-R1.
+
+``render(name, x)`` takes an example dict (its ``prompt`` becomes the user turn) or a list of chat
+messages (``{"role": "system" | "user" | "assistant", "content": str}``) and returns the text the model
+sees; with ``add_generation_prompt`` (the default) the text ends where the model's response begins.
+
+Example:
+    >>> from r1jax.data import render
+    >>> render("r1_zero", {"prompt": "What is 2 + 3 * 4?"}).split("</answer>")[-1]
+    '. User: What is 2 + 3 * 4?. Assistant:'
+    >>> render("qwen2.5", [{"role": "user", "content": "Hi"}], system="Be brief.")
+    '<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+    >>> render("deepseek_r1", {"prompt": "Hi"})
+    '<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>\\n'
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+Message = Mapping[str, str]
+
+THINK_START, THINK_END = "<think>", "</think>"
+ANSWER_START, ANSWER_END = "<answer>", "</answer>"
+MARKERS = (THINK_START, THINK_END, ANSWER_START, ANSWER_END)
+
+# DeepSeek-R1 paper, Table 1, verbatim; "prompt" is replaced by the problem. The paper writes
+# "User: prompt. Assistant:", so the period stays even after a question mark.
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
+    "</answer>. User: {prompt}. Assistant:"
+)
+
+# The directive DeepSeek recommends putting in the user prompt for math with R1 models.
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN_IM_START, QWEN_IM_END = "<|im_start|>", "<|im_end|>"
+
+DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
+DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
+DEEPSEEK_USER, DEEPSEEK_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _messages(x: Mapping[str, Any] | Sequence[Message], system: str | None) -> list[Message]:
+    if isinstance(x, Mapping):
+        if "prompt" not in x:
+            raise ValueError(f"example has no 'prompt' field (has {sorted(x)}); pass an example with a "
+                             "'prompt' or a list of {'role', 'content'} messages")
+        msgs: list[Message] = [{"role": "user", "content": x["prompt"]}]
+    else:
+        msgs = list(x)
+    for i, m in enumerate(msgs):
+        if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} is {dict(m)!r}; expected role in {_ROLES} and a str content")
+    if system is not None:
+        if msgs and msgs[0]["role"] == "system":
+            raise ValueError("system= given but the messages already start with a system message")
+        msgs = [{"role": "system", "content": system}] + msgs
+    return msgs
+
+
+def _plain(msgs: list[Message], add_generation_prompt: bool) -> str:
+    del add_generation_prompt  # a bare prompt has no response marker to add
+    if len(msgs) != 1 or msgs[0]["role"] != "user":
+        raise ValueError(f"template 'plain' takes exactly one user message, got roles "
+                         f"{[m['role'] for m in msgs]}")
+    return msgs[0]["content"]
+
+
+def _r1_zero(msgs: list[Message], add_generation_prompt: bool) -> str:
+    if len(msgs) != 1 or msgs[0]["role"] != "user":
+        raise ValueError(f"template 'r1_zero' takes exactly one user message (it is a completion prompt "
+                         f"for base models), got roles {[m['role'] for m in msgs]}")
+    del add_generation_prompt  # the template always ends at "Assistant:"
+    return R1_ZERO_TEMPLATE.format(prompt=msgs[0]["content"])
+
+
+def _qwen25(msgs: list[Message], add_generation_prompt: bool) -> str:
+    if msgs[0]["role"] != "system":
+        # Qwen2.5-Instruct's own chat template inserts this default system turn.
+        msgs = [{"role": "system", "content": QWEN_DEFAULT_SYSTEM}] + msgs
+    text = "".join(f"{QWEN_IM_START}{m['role']}\n{m['content']}{QWEN_IM_END}\n" for m in msgs)
+    if add_generation_prompt:
+        text += f"{QWEN_IM_START}assistant\n"
+    return text
+
+
+def _deepseek_r1(msgs: list[Message], add_generation_prompt: bool) -> str:
+    # DeepSeek-R1 / R1-Distill: system text right after BOS, no turn separators, each finished assistant
+    # turn closed by EOS with its reasoning dropped (only the text after </think> is kept in history),
+    # and the response forced to open with "<think>\n" as DeepSeek recommends.
+    system = "".join(m["content"] for m in msgs if m["role"] == "system")
+    parts = [DEEPSEEK_BOS, system]
+    for m in msgs:
+        if m["role"] == "user":
+            parts.append(DEEPSEEK_USER + m["content"])
+        elif m["role"] == "assistant":
+            content = m["content"].split(THINK_END)[-1]
+            parts.append(DEEPSEEK_ASSISTANT + content + DEEPSEEK_EOS)
+    if add_generation_prompt:
+        parts.append(DEEPSEEK_ASSISTANT + THINK_START + "\n")
+    return "".join(parts)
+
+
+_TEMPLATES: dict[str, Callable[[list[Message], bool], str]] = {}
+
+
+def register_template(name: str, fn: Callable[[list[Message], bool], str]) -> None:
+    """Adds ``fn(messages, add_generation_prompt) -> str`` as template ``name``."""
+    if name in _TEMPLATES:
+        raise ValueError(f"template {name!r} is already registered")
+    _TEMPLATES[name] = fn
+
+
+def list_templates() -> list[str]:
+    return sorted(_TEMPLATES)
+
+
+register_template("plain", _plain)
+register_template("r1_zero", _r1_zero)
+register_template("qwen2.5", _qwen25)
+register_template("deepseek_r1", _deepseek_r1)
+
+
+def render(template: str, x: Mapping[str, Any] | Sequence[Message], *, system: str | None = None,
+           add_generation_prompt: bool = True) -> str:
+    """Renders an example (its ``prompt``) or chat messages with the template named ``template``.
+
+    Templates: 'plain' (the prompt as is), 'r1_zero' (DeepSeek-R1 paper Table 1), 'qwen2.5'
+    (Qwen2.5-Instruct ChatML with its default system prompt), 'deepseek_r1' (DeepSeek-R1 and
+    R1-Distill; the response starts with "<think>\\n").
+    """
+    if template not in _TEMPLATES:
+        raise KeyError(f"unknown template {template!r}; valid: {list_templates()}")
+    return _TEMPLATES[template](_messages(x, system), add_generation_prompt)

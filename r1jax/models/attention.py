@@ -1,0 +1,170 @@
+"""Attention: grouped-query attention (Qwen2, Llama) and multi-head latent attention (DeepSeek-V3).
+
+Masks are boolean [B, L, S] (query, key slot) built once per forward pass by the transformer: causal by slot index,
+restricted to valid (non-padding) keys and, for packed rows, to the query's own segment. With a KV cache the key
+slots are the cache's; a call writes its L new entries at slot `cache_index` and attends over the whole cache.
+
+MLA with a cache stores only the compressed latent c_kv [B, S, R] (after its norm) and the rotated shared rope key
+[B, S, Qr], and attends in the absorbed form of DeepSeek-V2: q_nope is projected into the latent space by W_UK, so
+scores are (q_nope W_UK) . c_kv + q_rope . k_rope and the output is (softmax . c_kv) W_UV, never expanding keys.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from r1jax.models.config import ModelConfig
+from r1jax.models.layers import RMSNorm, Rotary, cast, make_param, yarn_softmax_scale
+from r1jax.parallel.rules import constrain
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def softmax_attend(scores_BKGLS, mask_BLS, v_BSKV):
+    """softmax over masked f32 scores, then the weighted sum of values -> [B, L, K, G, V]."""
+    scores = jnp.where(mask_BLS[:, None, None, :, :], scores_BKGLS.astype(jnp.float32), _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKV.dtype)
+    return jnp.einsum("bkgls,bskv->blkgv", probs, v_BSKV)
+
+
+def write_cache(buf_BS_, new_BL_, index):
+    """Writes L new entries at slot `index` (same slot for every row)."""
+    start = (0, index) + (0,) * (buf_BS_.ndim - 2)
+    return jax.lax.dynamic_update_slice(buf_BS_, new_BL_.astype(buf_BS_.dtype), start)
+
+
+class Attention(nnx.Module):
+    """GQA with optional q/k/v (and o) biases and an explicit head_dim."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack=0):
+        D, H, K, Q = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd, std = cfg.param_dtype, cfg.initializer_range
+        self.wq = make_param(rngs, (D, H, Q), ("embed", "heads", "kv"), std=std, dtype=pd, stack=stack)
+        self.wk = make_param(rngs, (D, K, Q), ("embed", "kv_heads", "kv"), std=std, dtype=pd, stack=stack)
+        self.wv = make_param(rngs, (D, K, Q), ("embed", "kv_heads", "kv"), std=std, dtype=pd, stack=stack)
+        self.wo = make_param(rngs, (H, Q, D), ("heads", "kv", "embed"), std=std, dtype=pd, stack=stack)
+        if cfg.qkv_bias:
+            self.bq = make_param(None, (H, Q), ("heads", "kv"), init="zeros", dtype=pd, stack=stack)
+            self.bk = make_param(None, (K, Q), ("kv_heads", "kv"), init="zeros", dtype=pd, stack=stack)
+            self.bv = make_param(None, (K, Q), ("kv_heads", "kv"), init="zeros", dtype=pd, stack=stack)
+        if cfg.o_bias:
+            self.bo = make_param(None, (D,), ("embed",), init="zeros", dtype=pd, stack=stack)
+        self.qkv_bias, self.o_bias = cfg.qkv_bias, cfg.o_bias
+        self.num_groups = H // K
+        self.scale = Q ** -0.5
+        self.rotary = Rotary(cfg.rope, Q, cfg.max_position_embeddings)
+
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
+        dt = x_BLD.dtype
+        q = jnp.einsum("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
+        k = jnp.einsum("bld,dkq->blkq", x_BLD, cast(self.wk, dt))
+        v = jnp.einsum("bld,dkq->blkq", x_BLD, cast(self.wv, dt))
+        if self.qkv_bias:
+            q, k, v = q + cast(self.bq, dt), k + cast(self.bk, dt), v + cast(self.bv, dt)
+        q = constrain(self.rotary.apply(q, *cos_sin), ("batch", "length", "heads", "kv"))
+        k = constrain(self.rotary.apply(k, *cos_sin), ("batch", "length", "kv_heads", "kv"))
+        v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+        new_cache = None
+        if cache is not None:
+            k_all, v_all = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        B, L, H, Q = q.shape
+        q = q.reshape(B, L, H // self.num_groups, self.num_groups, Q)
+        scores = jnp.einsum("blkgq,bskq->bkgls", q, k) * self.scale
+        out = softmax_attend(scores, mask_BLS, v).reshape(B, L, H, Q)
+        out = jnp.einsum("blhq,hqd->bld", out, cast(self.wo, dt))
+        if self.o_bias:
+            out = out + cast(self.bo, dt)
+        return out, new_cache
+
+    @staticmethod
+    def cache_shape(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple]:
+        return {"k": (batch, length, cfg.num_kv_heads, cfg.head_dim),
+                "v": (batch, length, cfg.num_kv_heads, cfg.head_dim)}
+
+
+class MLAttention(nnx.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack=0):
+        m = cfg.mla
+        D, H, pd, std = cfg.hidden_size, cfg.num_heads, cfg.param_dtype, cfg.initializer_range
+        Qn, Qr, V, R = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+        bias = cfg.qkv_bias  # DeepSeek's attention_bias applies to q_a, kv_a and o projections
+        if m.q_lora_rank is None:
+            self.wq = make_param(rngs, (D, H, Qn + Qr), ("embed", "heads", "kv"), std=std, dtype=pd, stack=stack)
+        else:
+            Rq = m.q_lora_rank
+            self.wq_a = make_param(rngs, (D, Rq), ("embed", "q_lora"), std=std, dtype=pd, stack=stack)
+            if bias:
+                self.bq_a = make_param(None, (Rq,), ("q_lora",), init="zeros", dtype=pd, stack=stack)
+            self.q_norm = RMSNorm(Rq, 1e-6, axis_name="q_lora", param_dtype=pd, stack=stack)
+            self.wq_b = make_param(rngs, (Rq, H, Qn + Qr), ("q_lora", "heads", "kv"), std=std, dtype=pd,
+                                   stack=stack)
+        self.wkv_a = make_param(rngs, (D, R + Qr), ("embed", "kv_lora"), std=std, dtype=pd, stack=stack)
+        if bias:
+            self.bkv_a = make_param(None, (R + Qr,), ("kv_lora",), init="zeros", dtype=pd, stack=stack)
+        self.kv_norm = RMSNorm(R, 1e-6, axis_name="kv_lora", param_dtype=pd, stack=stack)
+        self.wk_b = make_param(rngs, (R, H, Qn), ("kv_lora", "heads", "kv"), std=std, dtype=pd, stack=stack)
+        self.wv_b = make_param(rngs, (R, H, V), ("kv_lora", "heads", "kv"), std=std, dtype=pd, stack=stack)
+        self.wo = make_param(rngs, (H, V, D), ("heads", "kv", "embed"), std=std, dtype=pd, stack=stack)
+        if cfg.o_bias:
+            self.bo = make_param(None, (D,), ("embed",), init="zeros", dtype=pd, stack=stack)
+        self.q_lora, self.bias, self.o_bias = m.q_lora_rank is not None, bias, cfg.o_bias
+        self.dims = (Qn, Qr, V, R)
+        self.scale = m.qk_head_dim ** -0.5 * yarn_softmax_scale(cfg.rope)
+        self.rotary = Rotary(cfg.rope, Qr, cfg.max_position_embeddings)
+
+    def _query(self, x_BLD):
+        dt = x_BLD.dtype
+        if not self.q_lora:
+            return jnp.einsum("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
+        qa = jnp.einsum("bld,dr->blr", x_BLD, cast(self.wq_a, dt))
+        if self.bias:
+            qa = qa + cast(self.bq_a, dt)
+        return jnp.einsum("blr,rhq->blhq", self.q_norm(qa), cast(self.wq_b, dt))
+
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
+        dt = x_BLD.dtype
+        Qn, Qr, V, R = self.dims
+        q = constrain(self._query(x_BLD), ("batch", "length", "heads", "kv"))
+        q_nope, q_rope = q[..., :Qn], self.rotary.apply(q[..., Qn:], *cos_sin)
+        kv_a = jnp.einsum("bld,dr->blr", x_BLD, cast(self.wkv_a, dt))
+        if self.bias:
+            kv_a = kv_a + cast(self.bkv_a, dt)
+        ckv = self.kv_norm(kv_a[..., :R])
+        k_rope = self.rotary.apply(kv_a[..., None, R:], *cos_sin)[:, :, 0, :]
+        wk_b, wv_b = cast(self.wk_b, dt), cast(self.wv_b, dt)
+        if cache is None:
+            k_nope = jnp.einsum("bsr,rhq->bshq", ckv, wk_b)
+            v = jnp.einsum("bsr,rhv->bshv", ckv, wv_b)
+            scores = (jnp.einsum("blhq,bshq->bhls", q_nope, k_nope)
+                      + jnp.einsum("blhq,bsq->bhls", q_rope, k_rope))
+            # Heads as [K=H, G=1] groups of softmax_attend.
+            out = softmax_attend(scores[:, :, None] * self.scale, mask_BLS, v)
+            B, L = x_BLD.shape[:2]
+            out = out.reshape(B, L, -1, V)
+            new_cache = None
+        else:
+            ckv_all = write_cache(cache["ckv"], ckv, cache_index)
+            kr_all = write_cache(cache["krope"], k_rope, cache_index)
+            new_cache = {"ckv": ckv_all, "krope": kr_all}
+            ckv_all, kr_all = ckv_all.astype(dt), kr_all.astype(dt)
+            q_lat = jnp.einsum("blhq,rhq->blhr", q_nope, wk_b)
+            scores = (jnp.einsum("blhr,bsr->bhls", q_lat, ckv_all)
+                      + jnp.einsum("blhq,bsq->bhls", q_rope, kr_all)) * self.scale
+            scores = jnp.where(mask_BLS[:, None], scores.astype(jnp.float32), _NEG)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out_lat = jnp.einsum("bhls,bsr->blhr", probs, ckv_all)
+            out = jnp.einsum("blhr,rhv->blhv", out_lat, wv_b)
+        out = jnp.einsum("blhv,hvd->bld", out, cast(self.wo, dt))
+        if self.o_bias:
+            out = out + cast(self.bo, dt)
+        return out, new_cache
+
+    @staticmethod
+    def cache_shape(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple]:
+        return {"ckv": (batch, length, cfg.mla.kv_lora_rank), "krope": (batch, length, cfg.mla.qk_rope_head_dim)}

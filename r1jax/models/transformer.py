@@ -1,0 +1,223 @@
+"""The decoder: embeddings, scanned layer stacks (dense, then MoE), final norm, output head, and DeepSeek-V3's
+multi-token prediction (MTP) modules.
+
+Each stack is one `DecoderLayer` whose parameters carry a leading "layers" axis; the forward pass splits it into
+(graphdef, state) and runs `jax.lax.scan` over the state, so a 61-layer model compiles one layer body per stack.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from r1jax.models import Transformer, get_preset
+    >>> model = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+    (2, 5, 256)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from r1jax.models.attention import Attention, MLAttention, write_cache
+from r1jax.models.config import ModelConfig
+from r1jax.models.layers import MLP, Embed, RMSNorm, Rotary, cast, make_param
+from r1jax.models.moe import MoE
+from r1jax.parallel.rules import constrain
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array            # [B, L, V] float32
+    hidden: jax.Array            # [B, L, D] after the final norm
+    cache: dict | None           # updated KV cache when one was given
+    aux: dict[str, Any]          # "moe_load" [L_moe, E], "moe_aux_loss" [L_moe]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs, stack: int = 0):
+        D, eps, pd = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype
+        self.ln1 = RMSNorm(D, eps, param_dtype=pd, stack=stack)
+        self.attn = (MLAttention if cfg.mla is not None else Attention)(cfg, rngs=rngs, stack=stack)
+        self.ln2 = RMSNorm(D, eps, param_dtype=pd, stack=stack)
+        self.mlp = MoE(cfg, rngs=rngs, stack=stack) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs,
+                                                                     stack=stack, bias=cfg.mlp_bias)
+        self.is_moe = moe
+
+    def __call__(self, x_BLD, cos_sin, mask_BLS, valid_BL, cache=None, cache_index=None):
+        h, new_cache = self.attn(self.ln1(x_BLD), cos_sin, mask_BLS, cache, cache_index)
+        x_BLD = x_BLD + h
+        if self.is_moe:
+            m, aux = self.mlp(self.ln2(x_BLD), valid_BL)
+        else:
+            m, aux = self.mlp(self.ln2(x_BLD)), {}
+        x_BLD = constrain(x_BLD + m, ("batch", "length", "embed"))
+        return x_BLD, new_cache, aux
+
+
+def run_stack(stack: DecoderLayer, x_BLD, cos_sin, mask_BLS, valid_BL, cache, cache_index, *, remat="none",
+              unroll=1):
+    """Scans the stacked layer over its leading axis. `cache` holds per-layer arrays with the same leading axis."""
+    graphdef, state = nnx.split(stack)
+
+    def body(x, xs):
+        layer_state, layer_cache = xs
+        layer = nnx.merge(graphdef, layer_state)
+        x, new_cache, aux = layer(x, cos_sin, mask_BLS, valid_BL, layer_cache, cache_index)
+        return x, (new_cache, aux)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+    x_BLD, (new_cache, aux) = jax.lax.scan(body, x_BLD, (state, cache), unroll=unroll)
+    return x_BLD, new_cache, aux
+
+
+class MTPModule(nnx.Module):
+    """DeepSeek-V3 multi-token prediction depth k: h' = W [RMSNorm(h^{k-1}); RMSNorm(Emb(t_{i+k}))] -> block."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int):
+        D, eps, pd = cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype
+        self.enorm = RMSNorm(D, eps, param_dtype=pd, stack=stack)
+        self.hnorm = RMSNorm(D, eps, param_dtype=pd, stack=stack)
+        self.eh_proj = make_param(rngs, (2 * D, D), (None, "embed"), std=cfg.initializer_range, dtype=pd,
+                                  stack=stack)
+        self.block = DecoderLayer(cfg, moe=cfg.moe is not None, rngs=rngs, stack=stack)
+        self.head_norm = RMSNorm(D, eps, param_dtype=pd, stack=stack)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM for the qwen2, llama and deepseek_v3 families. `model(tokens_BL) -> logits_BLV`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = Embed(cfg, rngs=rngs)
+        if cfg.num_dense_layers:
+            self.dense = DecoderLayer(cfg, moe=False, rngs=rngs, stack=cfg.num_dense_layers)
+        if cfg.num_moe_layers:
+            self.moe = DecoderLayer(cfg, moe=True, rngs=rngs, stack=cfg.num_moe_layers)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                      std=cfg.initializer_range, dtype=cfg.param_dtype)
+        if cfg.mtp_num_layers:
+            self.mtp = MTPModule(cfg, rngs=rngs, stack=cfg.mtp_num_layers)
+        rope_dim = cfg.mla.qk_rope_head_dim if cfg.mla is not None else cfg.head_dim
+        self.rotary = Rotary(cfg.rope, rope_dim, cfg.max_position_embeddings)
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def stacks(self) -> list[tuple[str, DecoderLayer]]:
+        return [(name, getattr(self, name)) for name in ("dense", "moe") if hasattr(self, name)]
+
+    def head(self, h_BLD):
+        if self.config.tie_word_embeddings:
+            w = cast(self.embed.embedding, h_BLD.dtype)
+            return jnp.einsum("bld,vd->blv", h_BLD, w, preferred_element_type=jnp.float32)
+        return jnp.einsum("bld,dv->blv", h_BLD, cast(self.lm_head, h_BLD.dtype), preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+        """An empty KV cache of `length` slots for `batch` rows."""
+        cfg = self.config
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        attn_cls = MLAttention if cfg.mla is not None else Attention
+        cache = {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, length), bool),
+                 "next_pos": jnp.zeros((batch,), jnp.int32)}
+        for name, stack in self.stacks():
+            n = cfg.num_dense_layers if name == "dense" else cfg.num_moe_layers
+            cache[name] = {k: jnp.zeros((n, *shape), dtype)
+                           for k, shape in attn_cls.cache_shape(cfg, batch, length).items()}
+        return cache
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def forward(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None, cache=None):
+        """Full forward pass. `attention_mask_BL` marks real (1) vs padding (0) tokens; `segment_ids_BL` (> 0 real,
+        0 padding) keeps packed examples from attending to each other. Positions default to 0, 1, ... per row
+        (per segment when packed, counting only real tokens when padded, continuing the cache when decoding)."""
+        cfg = self.config
+        B, L = tokens_BL.shape
+        if segment_ids_BL is not None:
+            valid_BL = segment_ids_BL > 0
+        elif attention_mask_BL is not None:
+            valid_BL = attention_mask_BL.astype(bool)
+        else:
+            valid_BL = jnp.ones((B, L), bool)
+        if positions_BL is None:
+            positions_BL = _default_positions(valid_BL, segment_ids_BL,
+                                              None if cache is None else cache["next_pos"])
+        if cache is None:
+            idx = jnp.arange(L)
+            mask_BLS = (idx[None, :, None] >= idx[None, None, :]) & valid_BL[:, None, :]
+            if segment_ids_BL is not None:
+                mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+            cache_index, new_cache = None, None
+        else:
+            cache_index = cache["index"]
+            kv_valid = write_cache(cache["valid"], valid_BL, cache_index)
+            slots = jnp.arange(kv_valid.shape[1])
+            mask_BLS = (slots[None, None, :] <= cache_index + jnp.arange(L)[None, :, None]) & kv_valid[:, None, :]
+            new_cache = {"index": cache_index + L, "valid": kv_valid,
+                         "next_pos": cache["next_pos"] + valid_BL.sum(1).astype(jnp.int32)}
+        cos_sin = self.rotary.cos_sin(positions_BL)
+        x = constrain(self.embed(tokens_BL), ("batch", "length", "embed"))
+        aux = {}
+        for name, stack in self.stacks():
+            x, stack_cache, stack_aux = run_stack(stack, x, cos_sin, mask_BLS, valid_BL,
+                                                  None if cache is None else cache[name], cache_index,
+                                                  remat=cfg.remat, unroll=cfg.scan_unroll)
+            if cache is not None:
+                new_cache[name] = stack_cache
+            if name == "moe":
+                aux = {"moe_load": stack_aux["load"], "moe_aux_loss": stack_aux["aux_loss"]}
+        h = self.final_norm(x)
+        logits = constrain(self.head(h), ("batch", "length", "vocab"))
+        return ModelOutput(logits=logits, hidden=h, cache=new_cache, aux=aux)
+
+    def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None):
+        return self.forward(tokens_BL, positions_BL, segment_ids_BL, attention_mask_BL).logits
+
+    def mtp_logits(self, hidden_BLD, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None):
+        """Logits of each MTP depth k = 1..D: at position i, depth k predicts token i + k + 1 from the main
+        model's final hidden state (`ModelOutput.hidden`) and the embedding of token i + k. Returns [D, B, L, V];
+        the last k positions of depth k have no target."""
+        cfg = self.config
+        if not cfg.mtp_num_layers:
+            raise ValueError("this model has no MTP modules (mtp_num_layers=0)")
+        B, L = tokens_BL.shape
+        valid_BL = (segment_ids_BL > 0) if segment_ids_BL is not None else (
+            attention_mask_BL.astype(bool) if attention_mask_BL is not None else jnp.ones((B, L), bool))
+        if positions_BL is None:
+            positions_BL = _default_positions(valid_BL, segment_ids_BL, None)
+        idx = jnp.arange(L)
+        mask_BLS = (idx[None, :, None] >= idx[None, None, :]) & valid_BL[:, None, :]
+        if segment_ids_BL is not None:
+            mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+        cos_sin = self.rotary.cos_sin(positions_BL)
+        graphdef, state = nnx.split(self.mtp)
+        h, out = hidden_BLD, []
+        for k in range(cfg.mtp_num_layers):
+            mod = nnx.merge(graphdef, jax.tree.map(lambda a, k=k: a[k], state))
+            shifted = jnp.concatenate([tokens_BL[:, k + 1:], jnp.zeros((B, k + 1), tokens_BL.dtype)], axis=1)
+            e = mod.enorm(self.embed(shifted))
+            hp = jnp.einsum("blc,cd->bld", jnp.concatenate([e, mod.hnorm(h)], -1), cast(mod.eh_proj, e.dtype))
+            h, _, _ = mod.block(hp, cos_sin, mask_BLS, valid_BL)
+            out.append(self.head(mod.head_norm(h)))
+        return jnp.stack(out)
+
+
+def _default_positions(valid_BL, segment_ids_BL, start_B):
+    if segment_ids_BL is not None:
+        # Position within each segment: count of earlier tokens with the same segment id.
+        same = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+        L = valid_BL.shape[1]
+        earlier = jnp.tril(jnp.ones((L, L), bool), k=-1)
+        return jnp.sum(same & earlier[None], axis=-1).astype(jnp.int32)
+    pos = jnp.cumsum(valid_BL.astype(jnp.int32), axis=1) - 1
+    if start_B is not None:
+        pos = pos + start_B[:, None]
+    return jnp.maximum(pos, 0)

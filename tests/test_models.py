@@ -1,0 +1,267 @@
+"""Model core: configs, checkpoint io errors, sharded files, packing, caching equivalence, MTP, scan compile time."""
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from r1jax.models import (CheckpointError, Transformer, config_from_hf, config_to_hf, from_pretrained, get_preset,
+                          hf_tensors, save_pretrained)
+from r1jax.models.config import ModelConfig
+
+
+def _model(name="tiny_deepseek_v3", seed=0, **kw):
+    return Transformer(get_preset(name, **kw), rngs=nnx.Rngs(seed))
+
+
+def _randomize(model, seed=0):
+    """Non-trivial norms, biases and routing biases so round trips cannot pass by accident."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def _tokens(B=2, L=9, seed=0, vocab=256):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (B, L)))
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_llama", "tiny_deepseek_v3"])
+def test_save_load_roundtrip_is_exact(name, tmp_path):
+    model = _randomize(_model(name))
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path, dtype="float32")
+    a, b = nnx.state(model), nnx.state(loaded)
+    for (pa, x), (pb, y) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]))
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    model = _randomize(_model("tiny_qwen2"))
+    save_pretrained(model, tmp_path, max_shard_bytes=20_000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    loaded = from_pretrained(tmp_path, dtype="float32")
+    t = _tokens()
+    np.testing.assert_array_equal(np.asarray(model(t)), np.asarray(loaded(t)))
+
+
+def test_bfloat16_checkpoint_and_compute(tmp_path):
+    model = _randomize(_model("tiny_llama"))
+    save_pretrained(model, tmp_path, dtype="bfloat16")
+    loaded = from_pretrained(tmp_path)  # default dtype bfloat16
+    assert jax.tree.leaves(nnx.state(loaded, nnx.Param))[0].dtype == jnp.bfloat16
+    logits = loaded(_tokens())
+    ref = model(_tokens())
+    assert logits.dtype == jnp.float32
+    # bf16 weights and activations: agreement to bf16 precision of O(1) logits.
+    assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.15
+
+
+def test_fused_expert_layout_loads(tmp_path):
+    """transformers 5 keeps experts fused in memory (gate_up_proj [E, 2F, D], down_proj [E, D, F])."""
+    model = _randomize(_model("tiny_deepseek_v3"))
+    save_pretrained(model, tmp_path / "hub")
+    tensors = load_file(str(tmp_path / "hub" / "model.safetensors"))
+    E = model.config.moe.num_experts
+    fused = {}
+    for name, t in tensors.items():
+        if ".mlp.experts." in name:
+            continue
+        fused[name] = t
+    for layer in range(model.config.moe.first_k_dense, model.config.num_layers):
+        p = f"model.layers.{layer}.mlp.experts."
+        gate = np.stack([tensors[f"{p}{e}.gate_proj.weight"] for e in range(E)])
+        up = np.stack([tensors[f"{p}{e}.up_proj.weight"] for e in range(E)])
+        fused[p + "gate_up_proj"] = np.concatenate([gate, up], axis=1)
+        fused[p + "down_proj"] = np.stack([tensors[f"{p}{e}.down_proj.weight"] for e in range(E)])
+    (tmp_path / "fused").mkdir()
+    save_file(fused, str(tmp_path / "fused" / "model.safetensors"))
+    (tmp_path / "fused" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    loaded = from_pretrained(tmp_path / "fused", dtype="float32")
+    t = _tokens()
+    np.testing.assert_array_equal(np.asarray(model(t)), np.asarray(loaded(t)))
+
+
+def test_fp8_block_scaled_weights_are_dequantized(tmp_path):
+    model = _randomize(_model("tiny_qwen2", intermediate_size=200))
+    save_pretrained(model, tmp_path / "f32")
+    tensors = load_file(str(tmp_path / "f32" / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"  # [200, 64]: blocks of 128 rows, one partial
+    w = tensors[name]
+    scale = np.array([[0.5], [2.0]], np.float32)
+    rows = np.repeat(scale, 128, 0)[: w.shape[0]]
+    tensors[name] = (w / rows).astype(ml_dtypes.float8_e4m3fn)
+    tensors[name + "_scale_inv"] = scale
+    (tmp_path / "fp8").mkdir()
+    save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"))
+    (tmp_path / "fp8" / "config.json").write_text((tmp_path / "f32" / "config.json").read_text())
+    loaded = from_pretrained(tmp_path / "fp8", dtype="float32")
+    got = np.asarray(loaded.dense.mlp.w_up[...][0]).T
+    expected = tensors[name].astype(np.float32) * rows
+    np.testing.assert_allclose(got, expected, rtol=0, atol=0)
+    assert np.abs(got - w).max() < 0.1 * np.abs(w).max()  # fp8 rounding only
+
+
+def _write_ckpt(tmp_path, model, mutate):
+    save_pretrained(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    mutate(tensors)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    _write_ckpt(tmp_path, _model("tiny_qwen2"), lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    with pytest.raises(CheckpointError, match=r"missing tensors.*model\.layers\.1\.self_attn\.k_proj\.bias \(32,\)"):
+        from_pretrained(tmp_path)
+
+
+def test_misshaped_tensor_is_named(tmp_path):
+    def mutate(t):
+        t["model.layers.0.mlp.down_proj.weight"] = t["model.layers.0.mlp.down_proj.weight"][:, :100]
+    _write_ckpt(tmp_path, _model("tiny_qwen2"), mutate)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: checkpoint \(64, 100\), "
+                                              r"expected \(64, 128\)"):
+        from_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_an_error_unless_not_strict(tmp_path):
+    def mutate(t):
+        t["model.layers.0.self_attn.extra.weight"] = np.zeros((2, 2), np.float32)
+    _write_ckpt(tmp_path, _model("tiny_llama"), mutate)
+    with pytest.raises(CheckpointError, match=r"unexpected tensors.*self_attn\.extra\.weight"):
+        from_pretrained(tmp_path)
+    from_pretrained(tmp_path, strict=False)
+
+
+def test_truncated_file_is_named(tmp_path):
+    save_pretrained(_model("tiny_llama"), tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        from_pretrained(tmp_path)
+
+
+def test_unknown_architecture_and_pickle_only(tmp_path):
+    save_pretrained(_model("tiny_llama"), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported architecture 'MistralForCausalLM'.*LlamaForCausalLM"):
+        from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="pickle checkpoints are never read"):
+        from_pretrained(tmp_path)
+
+
+def test_config_json_layouts_agree():
+    hub = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}}
+    tf5 = {k: v for k, v in hub.items() if k not in ("rope_theta", "rope_scaling")}
+    tf5["rope_parameters"] = {"rope_theta": 500000.0, **hub["rope_scaling"]}
+    assert config_from_hf(hub) == config_from_hf(tf5)
+    assert config_from_hf(config_to_hf(config_from_hf(hub))) == config_from_hf(hub)
+
+
+def test_presets_have_published_sizes():
+    from r1jax.models import param_count
+
+    # Total parameter counts of the published checkpoints (embeddings included).
+    assert abs(param_count(get_preset("qwen2_5_1_5b")) / 1.5437e9 - 1) < 0.01
+    assert abs(param_count(get_preset("llama3_1_8b")) / 8.03e9 - 1) < 0.01
+    assert abs(param_count(get_preset("qwen2_5_32b")) / 32.76e9 - 1) < 0.01
+    assert abs(param_count(get_preset("deepseek_v3", mtp_num_layers=0)) / 671.0e9 - 1) < 0.01
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="num_heads=6 is not a multiple of num_kv_heads=4"):
+        get_preset("tiny_qwen2", num_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="unknown model preset 'nope'"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="moe.topk_group=5"):
+        get_preset("tiny_deepseek_v3").replace(moe={"topk_group": 5})
+    with pytest.raises(ValueError, match="family='gpt2'"):
+        ModelConfig(family="gpt2", vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
+                    num_kv_heads=1, head_dim=1)
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_deepseek_v3"])
+def test_packed_rows_equal_separate_rows(name):
+    model = _randomize(_model(name))
+    a, b = _tokens(1, 5, seed=1)[0], _tokens(1, 7, seed=2)[0]
+    packed = jnp.concatenate([a, b, jnp.zeros(3, a.dtype)])[None]
+    seg = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 3])
+    out = np.asarray(model(packed, segment_ids_BL=seg))[0]
+    np.testing.assert_allclose(out[:5], np.asarray(model(a[None]))[0], atol=1e-5)
+    np.testing.assert_allclose(out[5:12], np.asarray(model(b[None]))[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_deepseek_v3"])
+def test_cached_decoding_equals_full_forward(name):
+    """Prefill + one-token steps through the KV cache (absorbed MLA) give the full forward pass's logits."""
+    model = _randomize(_model(name))
+    tokens = _tokens(2, 10, seed=4)
+    mask = jnp.ones((2, 10), bool).at[0, :3].set(False)  # row 0 left-padded
+    full = np.asarray(model(tokens, attention_mask_BL=mask))
+    cache = model.init_cache(2, 16)
+    out = model.forward(tokens[:, :6], attention_mask_BL=mask[:, :6], cache=cache)
+    steps = [np.asarray(out.logits)]
+    cache = out.cache
+    for t in range(6, 10):
+        out = model.forward(tokens[:, t:t + 1], cache=cache)
+        cache = out.cache
+        steps.append(np.asarray(out.logits))
+    got = np.concatenate(steps, axis=1)
+    valid = np.asarray(mask)
+    np.testing.assert_allclose(got[valid], full[valid], atol=1e-4)
+
+
+def test_mtp_modules_roundtrip_and_train(tmp_path):
+    model = _randomize(_model("tiny_deepseek_v3", mtp_num_layers=2))
+    save_pretrained(model, tmp_path)
+    names = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert "model.layers.3.eh_proj.weight" in names and "model.layers.4.shared_head.head.weight" in names
+    loaded = from_pretrained(tmp_path, dtype="float32")
+    assert loaded.config.mtp_num_layers == 2
+    without = from_pretrained(tmp_path, dtype="float32", load_mtp=False)
+    assert without.config.mtp_num_layers == 0
+    tokens = _tokens(2, 8)
+    out = loaded.forward(tokens)
+    mtp = loaded.mtp_logits(out.hidden, tokens)
+    assert mtp.shape == (2, 2, 8, 256)
+    np.testing.assert_array_equal(np.asarray(mtp), np.asarray(model.mtp_logits(model.forward(tokens).hidden,
+                                                                                 tokens)))
+
+    def loss(m):
+        o = m.forward(tokens)
+        return m.mtp_logits(o.hidden, tokens)[0, :, :-2].mean()
+
+    grads = nnx.grad(loss)(loaded)
+    assert float(jnp.abs(grads.mtp.eh_proj[...]).sum()) > 0
+
+
+def test_scan_compile_time_is_flat_in_depth():
+    def compile_time(layers):
+        cfg = get_preset("tiny_qwen2", num_layers=layers)
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        f = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+        t0 = time.perf_counter()
+        f.trace(state, jax.ShapeDtypeStruct((2, 16), jnp.int32)).lower().compile()
+        return time.perf_counter() - t0
+
+    compile_time(2)  # warm up tracing caches
+    t2, t32 = min(compile_time(2) for _ in range(2)), min(compile_time(32) for _ in range(2))
+    assert t32 < 2 * t2, f"2 layers {t2:.2f}s, 32 layers {t32:.2f}s"
