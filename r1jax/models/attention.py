@@ -35,6 +35,18 @@ def write_cache(buf_BS_, new_BL_, index):
     return jax.lax.dynamic_update_slice(buf_BS_, new_BL_.astype(buf_BS_.dtype), start)
 
 
+def update_layer_cache(cache: dict, new: dict, layer_idx, index):
+    """Writes each layer's new entries into the stacked cache [layers, B, S, ...] in place (the stacked buffers
+    are carried through the layer scan, so XLA updates them without copying) and returns (cache, this layer's
+    [B, S, ...] view)."""
+    out, view = {}, {}
+    for name, buf in cache.items():
+        start = (layer_idx, 0, index) + (0,) * (buf.ndim - 3)
+        out[name] = jax.lax.dynamic_update_slice(buf, new[name][None].astype(buf.dtype), start)
+        view[name] = out[name][layer_idx]
+    return out, view
+
+
 class Attention(nnx.Module):
     """GQA with optional q/k/v (and o) biases and an explicit head_dim."""
 
@@ -56,7 +68,7 @@ class Attention(nnx.Module):
         self.scale = Q ** -0.5
         self.rotary = Rotary(cfg.rope, Q, cfg.max_position_embeddings)
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, layer_idx=None):
         dt = x_BLD.dtype
         q = jnp.einsum("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
         k = jnp.einsum("bld,dkq->blkq", x_BLD, cast(self.wk, dt))
@@ -68,9 +80,8 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "kv"))
         new_cache = None
         if cache is not None:
-            k_all, v_all = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
-            new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(dt), v_all.astype(dt)
+            new_cache, view = update_layer_cache(cache, {"k": k, "v": v}, layer_idx, cache_index)
+            k, v = view["k"].astype(dt), view["v"].astype(dt)
         B, L, H, Q = q.shape
         q = q.reshape(B, L, H // self.num_groups, self.num_groups, Q)
         scores = jnp.einsum("blkgq,bskq->bkgls", q, k) * self.scale
@@ -127,7 +138,7 @@ class MLAttention(nnx.Module):
             qa = qa + cast(self.bq_a, dt)
         return jnp.einsum("blr,rhq->blhq", self.q_norm(qa), cast(self.wq_b, dt))
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, layer_idx=None):
         dt = x_BLD.dtype
         Qn, Qr, V, R = self.dims
         q = constrain(self._query(x_BLD), ("batch", "length", "heads", "kv"))
@@ -149,10 +160,8 @@ class MLAttention(nnx.Module):
             out = out.reshape(B, L, -1, V)
             new_cache = None
         else:
-            ckv_all = write_cache(cache["ckv"], ckv, cache_index)
-            kr_all = write_cache(cache["krope"], k_rope, cache_index)
-            new_cache = {"ckv": ckv_all, "krope": kr_all}
-            ckv_all, kr_all = ckv_all.astype(dt), kr_all.astype(dt)
+            new_cache, view = update_layer_cache(cache, {"ckv": ckv, "krope": k_rope}, layer_idx, cache_index)
+            ckv_all, kr_all = view["ckv"].astype(dt), view["krope"].astype(dt)
             q_lat = jnp.einsum("blhq,rhq->blhr", q_nope, wk_b)
             scores = (jnp.einsum("blhr,bsr->bhls", q_lat, ckv_all)
                       + jnp.einsum("blhq,bsq->bhls", q_rope, kr_all)) * self.scale

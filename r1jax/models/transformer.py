@@ -51,8 +51,8 @@ class DecoderLayer(nnx.Module):
                                                                      stack=stack, bias=cfg.mlp_bias)
         self.is_moe = moe
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, valid_BL, cache=None, cache_index=None):
-        h, new_cache = self.attn(self.ln1(x_BLD), cos_sin, mask_BLS, cache, cache_index)
+    def __call__(self, x_BLD, cos_sin, mask_BLS, valid_BL, cache=None, cache_index=None, layer_idx=None):
+        h, new_cache = self.attn(self.ln1(x_BLD), cos_sin, mask_BLS, cache, cache_index, layer_idx)
         x_BLD = x_BLD + h
         if self.is_moe:
             m, aux = self.mlp(self.ln2(x_BLD), valid_BL)
@@ -64,18 +64,21 @@ class DecoderLayer(nnx.Module):
 
 def run_stack(stack: DecoderLayer, x_BLD, cos_sin, mask_BLS, valid_BL, cache, cache_index, *, remat="none",
               unroll=1):
-    """Scans the stacked layer over its leading axis. `cache` holds per-layer arrays with the same leading axis."""
+    """Scans the stacked layer over its leading axis. `cache` holds arrays with the same leading axis; it is carried
+    through the scan (not scanned over) so each layer updates its slots in place."""
     graphdef, state = nnx.split(stack)
+    n = jax.tree.leaves(state)[0].shape[0]
 
-    def body(x, xs):
-        layer_state, layer_cache = xs
+    def body(carry, xs):
+        x, cache = carry
+        layer_state, i = xs
         layer = nnx.merge(graphdef, layer_state)
-        x, new_cache, aux = layer(x, cos_sin, mask_BLS, valid_BL, layer_cache, cache_index)
-        return x, (new_cache, aux)
+        x, cache, aux = layer(x, cos_sin, mask_BLS, valid_BL, cache, cache_index, i)
+        return (x, cache), aux
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    x_BLD, (new_cache, aux) = jax.lax.scan(body, x_BLD, (state, cache), unroll=unroll)
+    (x_BLD, new_cache), aux = jax.lax.scan(body, (x_BLD, cache), (state, jnp.arange(n)), unroll=unroll)
     return x_BLD, new_cache, aux
 
 
@@ -135,10 +138,12 @@ class Transformer(nnx.Module):
         return cache
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def forward(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None, cache=None):
+    def forward(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None, cache=None,
+                last_logits_only=False):
         """Full forward pass. `attention_mask_BL` marks real (1) vs padding (0) tokens; `segment_ids_BL` (> 0 real,
         0 padding) keeps packed examples from attending to each other. Positions default to 0, 1, ... per row
-        (per segment when packed, counting only real tokens when padded, continuing the cache when decoding)."""
+        (per segment when packed, counting only real tokens when padded, continuing the cache when decoding).
+        `last_logits_only` computes logits for the last position only (prefill and decoding)."""
         cfg = self.config
         B, L = tokens_BL.shape
         if segment_ids_BL is not None:
@@ -175,7 +180,7 @@ class Transformer(nnx.Module):
             if name == "moe":
                 aux = {"moe_load": stack_aux["load"], "moe_aux_loss": stack_aux["aux_loss"]}
         h = self.final_norm(x)
-        logits = constrain(self.head(h), ("batch", "length", "vocab"))
+        logits = constrain(self.head(h[:, -1:] if last_logits_only else h), ("batch", "length", "vocab"))
         return ModelOutput(logits=logits, hidden=h, cache=new_cache, aux=aux)
 
     def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None):

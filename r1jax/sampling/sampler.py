@@ -1,0 +1,140 @@
+"""On-device sampling: prefill each prompt once, decode G samples per prompt in one `lax.while_loop`.
+
+Example:
+    >>> from flax import nnx
+    >>> from r1jax.models import Transformer, get_preset
+    >>> from r1jax.sampling import generate
+    >>> model = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
+    >>> out = generate(model, [[1, 2, 3], [4, 5]], num_samples=2, max_new_tokens=6, eos_id=0, seed=1)
+    >>> out.tokens.shape, out.logprobs.shape
+    ((4, 6), (4, 6))
+
+Prompts are left-padded to a bucketed length so every row's last prompt token sits in the same slot; prompt
+lengths and max_new_tokens are rounded up to buckets (powers of two) so recompiles stay bounded. The cache of each
+prompt is repeated G times after prefill, and the loop stops as soon as every row has produced EOS.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from r1jax.parallel.rules import axis_rules, constrain
+from r1jax.sampling.cache import constrain_cache, repeat_rows
+from r1jax.sampling.strategies import Strategy, make_strategy, select
+
+
+class SamplingResult(NamedTuple):
+    tokens: np.ndarray             # [B*G, N] int32, pad_id after EOS; a prompt's G samples on consecutive rows
+    lengths: np.ndarray            # [B*G] tokens generated, EOS included
+    logprobs: np.ndarray           # [B*G, N] log p(token) under the model at temperature 1; 0 after EOS
+    sampling_logprobs: np.ndarray  # [B*G, N] under the distribution sampled from; 0 after EOS
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+        if len(p) > length:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the padded length {length}")
+        tokens[i, length - len(p):] = p
+        mask[i, length - len(p):] = True
+    return tokens, mask
+
+
+@partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_bucket", "strategy", "mesh", "rules"))
+def sample_padded(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id, eos_ids_E,
+                  *, num_samples: int, max_new_bucket: int, strategy: Strategy, mesh=None, rules=None):
+    """The compiled sampler on left-padded prompts. Returns device arrays (tokens, lengths, logprobs,
+    sampling_logprobs), each with B * num_samples rows and max_new_bucket columns."""
+    if mesh is not None:
+        with axis_rules(mesh, rules):
+            return _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id,
+                           eos_ids_E, num_samples, max_new_bucket, strategy)
+    return _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id, eos_ids_E,
+                   num_samples, max_new_bucket, strategy)
+
+
+def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id, eos_ids_E,
+            G, N, strategy):
+    model = nnx.merge(graphdef, state)
+    B, P = tokens_BP.shape
+    cache = constrain_cache(model.init_cache(B, P + N))
+    out = model.forward(tokens_BP, attention_mask_BL=mask_BP, cache=cache, last_logits_only=True)
+    cache = constrain_cache(repeat_rows(out.cache, G))
+    logits = constrain(jnp.repeat(out.logits[:, -1], G, axis=0), ("batch", "vocab"))
+    R = B * G
+    carry = dict(
+        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, rng=rng,
+        tokens=jnp.full((R, N), pad_id, jnp.int32), logp=jnp.zeros((R, N), jnp.float32),
+        slogp=jnp.zeros((R, N), jnp.float32), done=jnp.zeros((R,), bool), lengths=jnp.zeros((R,), jnp.int32))
+
+    def cond(c):
+        return (c["step"] < max_new_tokens) & ~jnp.all(c["done"])
+
+    def body(c):
+        rng, sub = jax.random.split(c["rng"])
+        tok, logp, slogp = select(c["logits"], sub, strategy, temperature, top_p)
+        done = c["done"]
+        tok = jnp.where(done, pad_id, tok)
+        put = lambda buf, v: jax.lax.dynamic_update_slice(buf, v[:, None].astype(buf.dtype), (0, c["step"]))
+        is_eos = jnp.any(tok[:, None] == eos_ids_E[None, :], axis=-1) if eos_ids_E.shape[0] else False
+        step_out = model.forward(tok[:, None], attention_mask_BL=~done[:, None], cache=c["cache"],
+                                 last_logits_only=True)
+        return dict(step=c["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, -1], rng=rng,
+                    tokens=put(c["tokens"], tok), logp=put(c["logp"], jnp.where(done, 0.0, logp)),
+                    slogp=put(c["slogp"], jnp.where(done, 0.0, slogp)), done=done | (~done & is_eos),
+                    lengths=c["lengths"] + (~done).astype(jnp.int32))
+
+    c = jax.lax.while_loop(cond, body, carry)
+    return c["tokens"], c["lengths"], c["logp"], c["slogp"]
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_id=None, pad_id: int = 0,
+             seed: int = 0, mesh=None, rules="fsdp", min_prompt_bucket: int = 16) -> SamplingResult:
+    """Samples `num_samples` completions of up to `max_new_tokens` for each prompt (lists of token ids).
+
+    temperature 0 is greedy. eos_id: an int, a list of ints, or None (never stop early). With a mesh, rows are
+    sharded over the batch axes by `rules` (the model should already be sharded, e.g. by
+    `from_pretrained(..., mesh=mesh)`)."""
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    strategy = make_strategy(temperature, top_k, top_p)
+    P = bucket(max(len(p) for p in prompts), min_prompt_bucket)
+    N = bucket(max_new_tokens)
+    vocab = model.config.vocab_size
+    if P + N > model.config.max_position_embeddings:
+        # Positions past the trained range are allowed (RoPE extrapolates) but worth knowing about; no clamp.
+        pass
+    tokens, mask = left_pad(prompts, P, pad_id)
+    if tokens.max() >= vocab or tokens.min() < 0:
+        raise ValueError(f"prompt token ids must be in [0, vocab_size={vocab}); got range "
+                         f"[{tokens.min()}, {tokens.max()}]")
+    eos = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
+    graphdef, state = nnx.split(model)
+    out = sample_padded(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
+                        jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                        jnp.int32(pad_id), jnp.asarray(eos, jnp.int32), num_samples=num_samples,
+                        max_new_bucket=N, strategy=strategy, mesh=mesh, rules=rules if mesh is not None else None)
+    toks, lengths, logp, slogp = (np.asarray(x) for x in out)
+    return SamplingResult(toks[:, :max_new_tokens], lengths, logp[:, :max_new_tokens], slogp[:, :max_new_tokens])

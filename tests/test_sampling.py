@@ -1,0 +1,165 @@
+"""Sampler: greedy parity with transformers' generate, sampling distributions, logprobs, EOS handling, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from r1jax.models import Transformer, from_pretrained, get_preset
+from r1jax.sampling import generate, make_strategy, sample_padded, sampling_distribution, select
+
+
+def _model(name="tiny_qwen2", seed=0):
+    model = Transformer(get_preset(name), rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    # Larger weights than the init so distributions are far from uniform.
+    leaves = [x * 4 + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [3, 8], [60, 61, 62, 63, 64]]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "deepseek_v3"])
+def test_greedy_matches_transformers_generate(family, tmp_path):
+    torch = pytest.importorskip("torch")
+    from hf_reference import make_hf_model
+
+    ref = make_hf_model(family)
+    ref.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype="float32")
+    out = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0)
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            hf = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        expected = hf[0, len(prompt):].numpy()
+        np.testing.assert_array_equal(out.tokens[i], expected, err_msg=f"prompt {i}")
+
+
+def test_logprobs_equal_teacher_forced_forward():
+    model = _model("tiny_deepseek_v3")
+    out = generate(model, PROMPTS, num_samples=2, max_new_tokens=9, temperature=1.0, seed=3)
+    for row in range(len(PROMPTS) * 2):
+        prompt = PROMPTS[row // 2]
+        seq = np.concatenate([prompt, out.tokens[row]])
+        logits = np.asarray(model(jnp.asarray(seq)[None]))[0]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        expected = np.asarray(logp)[np.arange(len(prompt) - 1, len(seq) - 1), out.tokens[row]]
+        np.testing.assert_allclose(out.logprobs[row], expected, atol=1e-4)
+        # No truncation at temperature 1: the sampling distribution is the model's.
+        np.testing.assert_allclose(out.sampling_logprobs[row], expected, atol=1e-4)
+
+
+def test_eos_pad_and_lengths_with_mixed_prompt_lengths():
+    model = _model("tiny_llama")
+    greedy = generate(model, PROMPTS, max_new_tokens=10, temperature=0.0)
+    # Take each row's 4th greedy token as EOS: rows stop there (or earlier if it appears before).
+    eos = int(greedy.tokens[0, 3])
+    out = generate(model, PROMPTS, max_new_tokens=10, temperature=0.0, eos_id=[eos, 255], pad_id=0)
+    for row in range(len(PROMPTS)):
+        hits = np.flatnonzero(np.isin(greedy.tokens[row], [eos, 255]))
+        n = hits[0] + 1 if len(hits) else 10
+        assert out.lengths[row] == n
+        np.testing.assert_array_equal(out.tokens[row, :n], greedy.tokens[row, :n])
+        assert (out.tokens[row, n:] == 0).all()
+        assert (out.logprobs[row, n:] == 0).all() and (out.logprobs[row, :n] < 0).all()
+    assert out.lengths[0] == 4
+
+
+def test_samples_of_one_prompt_differ_and_seed_is_deterministic():
+    model = _model()
+    a = generate(model, [[1, 2, 3]], num_samples=4, max_new_tokens=8, seed=0)
+    b = generate(model, [[1, 2, 3]], num_samples=4, max_new_tokens=8, seed=0)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert len({tuple(r) for r in a.tokens}) == 4
+
+
+def _chi_square(counts, probs):
+    expected = probs * counts.sum()
+    keep = expected >= 5
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    other_obs, other_exp = counts[~keep].sum(), expected[~keep].sum()
+    if other_exp > 0:
+        stat += (other_obs - other_exp) ** 2 / other_exp
+    return stat, int(keep.sum()) + (other_exp > 0) - 1
+
+
+# 99.9% quantiles of chi-square by degrees of freedom.
+_CHI2_999 = {3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 4, 1.0), (1.0, 0, 0.8),
+                                                     (0.9, 6, 0.9)])
+def test_sampled_frequencies_match_truncated_softmax(temperature, top_k, top_p):
+    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.6, 0.2, -0.1, -0.5, -1.0, -3.0, -4.0]])
+    strategy = make_strategy(temperature, top_k, top_p)
+    n = 40_000
+    tokens, logp, slogp = select(jnp.repeat(logits, n, 0), jax.random.key(0), strategy, temperature, top_p)
+    probs = np.exp(np.asarray(sampling_distribution(logits, strategy, temperature, top_p))[0])
+    counts = np.bincount(np.asarray(tokens), minlength=10).astype(float)
+    assert counts[probs == 0].sum() == 0
+    stat, dof = _chi_square(counts, probs)
+    assert stat < _CHI2_999[dof], f"chi2 {stat:.1f} with {dof} dof"
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(jax.nn.log_softmax(logits[0]))[np.asarray(tokens)],
+                               atol=1e-6)
+    np.testing.assert_allclose(np.exp(np.asarray(slogp)), probs[np.asarray(tokens)], rtol=1e-5)
+
+
+def test_top_k_and_top_p_truncate_exactly():
+    logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.15, 0.1, 0.05]]))
+    keep = lambda k, p: np.isfinite(np.asarray(sampling_distribution(logits, make_strategy(1.0, k, p), 1.0, p))[0])
+    assert keep(2, 1.0).tolist() == [True, True, False, False, False]
+    assert keep(0, 0.4).tolist() == [True, False, False, False, False]      # 0.4 reaches p=0.4
+    assert keep(0, 0.41).tolist() == [True, True, False, False, False]
+    assert keep(0, 0.85).tolist() == [True, True, True, False, False]      # 0.85 reached by the first three
+    assert keep(0, 0.86).tolist() == [True, True, True, True, False]
+    assert keep(3, 0.5).tolist() == [True, True, False, False, False]
+    # The kept mass renormalizes.
+    dist = np.exp(np.asarray(sampling_distribution(logits, make_strategy(1.0, 0, 0.85), 1.0, 0.85))[0])
+    np.testing.assert_allclose(dist[:3], np.array([0.4, 0.3, 0.15]) / 0.85, rtol=1e-6)
+
+
+def test_model_first_token_distribution_chi_square():
+    model = _model("tiny_qwen2", seed=1)
+    prompt = [4, 9, 16]
+    logits = np.asarray(model(jnp.asarray([prompt])))[0, -1]
+    out = generate(model, [prompt], num_samples=3000, max_new_tokens=1, temperature=0.8, top_k=8, seed=5)
+    strategy = make_strategy(0.8, 8)
+    probs = np.exp(np.asarray(sampling_distribution(jnp.asarray(logits)[None], strategy, 0.8, 1.0))[0])
+    counts = np.bincount(out.tokens[:, 0], minlength=probs.size).astype(float)
+    assert counts[probs == 0].sum() == 0
+    stat, dof = _chi_square(counts, probs)
+    assert stat < _CHI2_999[dof]
+
+
+def test_prompt_buckets_bound_recompiles():
+    model = _model()
+    before = sample_padded._cache_size()
+    for prompt_len in (2, 7, 13):
+        generate(model, [[1] * prompt_len, [2, 3]], max_new_tokens=5, temperature=0.0)
+    generate(model, [[1] * 4, [2, 3]], max_new_tokens=9, temperature=0.0)  # same buckets (16, 16)
+    assert sample_padded._cache_size() - before == 1
+
+
+def test_sharded_sampling_matches_single_device():
+    model = _model("tiny_deepseek_v3")
+    prompts = [[i + 1, i + 2, i + 3][: 1 + i % 3] for i in range(8)]
+    single = generate(model, prompts, num_samples=2, max_new_tokens=6, temperature=0.0)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+    sharded = generate(model, prompts, num_samples=2, max_new_tokens=6, temperature=0.0, mesh=mesh, rules="fsdp")
+    np.testing.assert_array_equal(single.tokens, sharded.tokens)
+    np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-5)
+
+
+def test_bad_inputs_are_named():
+    model = _model()
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"vocab_size=256"):
+        generate(model, [[1, 999]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p=0"):
+        generate(model, [[1]], max_new_tokens=2, top_p=0.0)
