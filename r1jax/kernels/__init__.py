@@ -1,5 +1,5 @@
-"""Grouped matmuls for the routed experts: `gmm` with XLA and Pallas backends."""
+"""Grouped matmuls for the routed experts: `gmm` with XLA and Pallas (TPU, GPU) backends, differentiable."""
 
-from r1jax.kernels.gmm import BACKENDS, gmm
+from r1jax.kernels.gmm import BACKENDS, Tiling, gmm, resolve_backend
 
-__all__ = ["BACKENDS", "gmm"]
+__all__ = ["BACKENDS", "Tiling", "gmm", "resolve_backend"]
