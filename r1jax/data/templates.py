@@ -48,10 +48,13 @@ _ROLES = ("system", "user", "assistant")
 
 def _messages(x: Mapping[str, Any] | Sequence[Message], system: str | None) -> list[Message]:
     if isinstance(x, Mapping):
-        if "prompt" not in x:
-            raise ValueError(f"example has no 'prompt' field (has {sorted(x)}); pass an example with a "
-                             "'prompt' or a list of {'role', 'content'} messages")
-        msgs: list[Message] = [{"role": "user", "content": x["prompt"]}]
+        if "prompt" in x:
+            msgs: list[Message] = [{"role": "user", "content": x["prompt"]}]
+        elif "messages" in x:  # chat examples: the conversation before the response
+            msgs = list(x["messages"])
+        else:
+            raise ValueError(f"example has no 'prompt' or 'messages' field (has {sorted(x)}); pass an example "
+                             "with a 'prompt' or a list of {'role', 'content'} messages")
     else:
         msgs = list(x)
     for i, m in enumerate(msgs):

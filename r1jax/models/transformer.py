@@ -139,11 +139,12 @@ class Transformer(nnx.Module):
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None, cache=None,
-                last_logits_only=False):
+                logits_start: int | None = None):
         """Full forward pass. `attention_mask_BL` marks real (1) vs padding (0) tokens; `segment_ids_BL` (> 0 real,
         0 padding) keeps packed examples from attending to each other. Positions default to 0, 1, ... per row
         (per segment when packed, counting only real tokens when padded, continuing the cache when decoding).
-        `last_logits_only` computes logits for the last position only (prefill and decoding)."""
+        `logits_start` (a static int, may be negative) computes logits only for positions from there on, e.g. -1
+        for the last position when decoding, P - 1 for a completion after a P-token prompt."""
         cfg = self.config
         B, L = tokens_BL.shape
         if segment_ids_BL is not None:
@@ -180,7 +181,7 @@ class Transformer(nnx.Module):
             if name == "moe":
                 aux = {"moe_load": stack_aux["load"], "moe_aux_loss": stack_aux["aux_loss"]}
         h = self.final_norm(x)
-        logits = constrain(self.head(h[:, -1:] if last_logits_only else h), ("batch", "length", "vocab"))
+        logits = constrain(self.head(h if logits_start is None else h[:, logits_start:]), ("batch", "length", "vocab"))
         return ModelOutput(logits=logits, hidden=h, cache=new_cache, aux=aux)
 
     def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None):

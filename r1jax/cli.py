@@ -1,0 +1,259 @@
+"""The `r1jax` command.
+
+    r1jax train   --config experiments/X.py[:variant] --workdir DIR [--config.a.b=value ...]
+    r1jax sample  --model DIR [--tokenizer PATH] --prompt TEXT [--num_samples 4 --max_new_tokens 128 ...]
+    r1jax eval    --model DIR [--tokenizer PATH] --data FILE|TASK [--k 4 --max_new_tokens 512 ...]
+    r1jax convert --to_hf --workdir DIR --stage NAME --out DIR        (r1jax stage weights -> Hugging Face)
+    r1jax convert --from_hf DIR --out DIR                             (Hugging Face -> r1jax parameters)
+    r1jax plot    DIR [--out FILE.png]
+
+`--model` is a Hugging Face checkpoint directory, or a stage directory of a workdir (WORKDIR/<stage>, whose
+weights are read with the run's config and tokenizer). Re-running `train` with the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ("train", "sample", "eval", "convert", "plot")
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).",
+                                          lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, stage outputs).")
+flags.DEFINE_string("model", None, "HF checkpoint directory or WORKDIR/<stage> (sample, eval).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory (default: the model's or the run's).")
+flags.DEFINE_string("prompt", None, "Prompt text (sample).")
+flags.DEFINE_string("template", "r1_zero", "Prompt template (sample, eval): plain, r1_zero, qwen2.5, deepseek_r1.")
+flags.DEFINE_integer("num_samples", 1, "Samples per prompt (sample).")
+flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate (sample, eval).")
+flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")
+flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
+flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_string("data", None, "Eval data: a GSM8K/MATH/AIME/AMC file, or a task name (gsm8k, math500, aime...).")
+flags.DEFINE_integer("k", 4, "Samples per problem (eval).")
+flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0 = all).")
+flags.DEFINE_integer("batch_size", 32, "Problems per sampler batch (eval).")
+flags.DEFINE_string("dtype", "float32", "Compute dtype for loaded models.")
+flags.DEFINE_bool("to_hf", False, "convert: r1jax stage weights -> Hugging Face.")
+flags.DEFINE_string("from_hf", None, "convert: Hugging Face checkpoint -> r1jax parameters.")
+flags.DEFINE_string("stage", None, "convert: the stage of --workdir to export.")
+flags.DEFINE_string("out", None, "Output path (convert, plot, eval results JSON).")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _config_key_paths(cfg, prefix="config") -> dict[str, object]:
+    out = {}
+    for k in cfg.keys():
+        v = cfg[k]
+        path = f"{prefix}.{k}"
+        out[path] = v
+        if hasattr(v, "keys") and hasattr(v, "to_dict"):
+            out.update(_config_key_paths(v, path))
+    return out
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Rejects `--config.a.b=...` naming a key the config does not have, listing the valid keys at that level
+    (ml_collections would reject it too, but without saying what is valid)."""
+    cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if cfg_arg is None and "--config" in argv:
+        i = argv.index("--config")
+        cfg_arg = argv[i + 1] if i + 1 < len(argv) else None
+    overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if not overrides or cfg_arg is None:
+        return
+    from ml_collections.config_flags import config_flags as cf
+
+    path, _, variant = cfg_arg.partition(":")
+    if not Path(path).exists():
+        raise UsageError(f"--config {path}: no such file")
+    module = cf._LoadConfigModule(f"{path}_check", path)
+    cfg = module.get_config(variant) if variant else module.get_config()
+    keys = _config_key_paths(cfg)
+    for name in overrides:
+        if name not in keys:
+            parent = name.rsplit(".", 1)[0]
+            while parent not in keys and parent != "config":
+                parent = parent.rsplit(".", 1)[0]
+            level = cfg if parent == "config" else keys[parent]
+            valid = sorted(level.keys()) if hasattr(level, "keys") else []
+            raise UsageError(f"--{name}: unknown config key; valid keys under {parent}: {', '.join(valid)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_train(argv):
+    from r1jax.pipeline.stages import run
+    from r1jax.training import StopFlag
+
+    cfg = _CONFIG.value
+    if cfg is None or not FLAGS.workdir:
+        raise UsageError("train needs --config FILE[:variant] and --workdir DIR")
+    stop = StopFlag().install()
+    result = run(cfg, FLAGS.workdir, stop=stop)
+    if result["stopped"]:
+        print(f"stopped by signal during stage {result['stopped_in']!r}; checkpoint saved. Re-run the same command "
+              f"to resume.", file=sys.stderr)
+        return 0
+    for name, summary in result["stages"].items():
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
+        print(f"{name}: {json.dumps(shown)}")
+    return 0
+
+
+def _load_model_and_tokenizer(path: str):
+    """An HF checkpoint dir (tokenizer from --tokenizer or the dir), or WORKDIR/<stage> of an r1jax run."""
+    from r1jax.data import load_tokenizer
+    from r1jax.models import from_pretrained
+
+    path = Path(path)
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        tok = load_tokenizer(FLAGS.tokenizer or path)
+        return from_pretrained(path, dtype=FLAGS.dtype), tok
+    if (path / "final").exists() and (path.parent / "config.json").exists():
+        import ml_collections
+
+        from r1jax import training
+        from r1jax.pipeline.stages import setup
+
+        cfg = ml_collections.ConfigDict(json.loads((path.parent / "config.json").read_text()))
+        ctx = setup(cfg, path.parent)
+        return training.load_final(ctx, path.name), ctx.tokenizer
+    raise UsageError(f"--model {path}: neither a Hugging Face checkpoint (config.json + safetensors) nor a finished "
+                     f"stage directory WORKDIR/<stage> with final/")
+
+
+def cmd_sample(argv):
+    from r1jax.data import render
+    from r1jax.eval import decode_completions, encode_prompts
+    from r1jax.sampling import generate
+
+    if not FLAGS.model or FLAGS.prompt is None:
+        raise UsageError("sample needs --model DIR and --prompt TEXT")
+    model, tok = _load_model_and_tokenizer(FLAGS.model)
+    ex = {"prompt": FLAGS.prompt}
+    prompts = encode_prompts(tok, [ex], FLAGS.template)
+    out = generate(model, prompts, num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
+                   temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, eos_id=tok.eos_id,
+                   pad_id=tok.pad_id or 0, seed=FLAGS.seed)
+    print(render(FLAGS.template, ex))
+    for i, text in enumerate(decode_completions(tok, out.tokens, out.lengths)):
+        print(f"--- sample {i} ({out.lengths[i]} tokens)\n{text}")
+    return 0
+
+
+def _eval_examples(spec: str):
+    from r1jax.data import get_task, list_tasks, load_aime, load_amc, load_gsm8k, load_math
+
+    p = Path(spec)
+    if p.exists():
+        if p.suffix == ".jsonl":
+            return load_gsm8k(p)
+        rows = json.loads(p.read_text())
+        first = rows[0] if rows else {}
+        if "solution" in first:
+            return load_aime(p)
+        if "problem" in first and isinstance(first.get("answer"), (int, float)):
+            return load_amc(p)
+        return load_math(p)
+    if spec in list_tasks():
+        return get_task(spec, split="test")
+    raise UsageError(f"--data {spec}: not a file and not a task ({list_tasks()})")
+
+
+def cmd_eval(argv):
+    from r1jax.eval import evaluate
+
+    if not FLAGS.model or not FLAGS.data:
+        raise UsageError("eval needs --model DIR and --data FILE|TASK")
+    model, tok = _load_model_and_tokenizer(FLAGS.model)
+    examples = _eval_examples(FLAGS.data)
+    if FLAGS.limit:
+        examples = examples[: FLAGS.limit]
+    m = evaluate(model, tok, examples, k=FLAGS.k, template=FLAGS.template, temperature=FLAGS.temperature,
+                 top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+    print(json.dumps(m, indent=2))
+    if FLAGS.out:
+        Path(FLAGS.out).write_text(json.dumps(m, indent=2))
+    return 0
+
+
+def cmd_convert(argv):
+    from r1jax.checkpoint import save_params
+    from r1jax.models import from_pretrained, save_pretrained
+
+    if FLAGS.from_hf:
+        if not FLAGS.out:
+            raise UsageError("convert --from_hf DIR needs --out DIR")
+        from flax import nnx
+
+        model = from_pretrained(FLAGS.from_hf, dtype=FLAGS.dtype)
+        save_params(FLAGS.out, nnx.state(model))
+        print(f"wrote r1jax parameters to {FLAGS.out} (use init='r1jax:{FLAGS.out}' with a matching config.model)")
+        return 0
+    if FLAGS.to_hf:
+        if not (FLAGS.workdir and FLAGS.stage and FLAGS.out):
+            raise UsageError("convert --to_hf needs --workdir DIR --stage NAME --out DIR")
+        model, _ = _load_model_and_tokenizer(str(Path(FLAGS.workdir) / FLAGS.stage))
+        save_pretrained(model, FLAGS.out)
+        print(f"wrote a Hugging Face checkpoint to {FLAGS.out}")
+        return 0
+    raise UsageError("convert needs --to_hf or --from_hf DIR")
+
+
+def cmd_plot(argv):
+    from r1jax.logging import plot
+
+    if len(argv) < 1:
+        raise UsageError("plot needs the run directory: r1jax plot DIR")
+    print(plot(argv[0], FLAGS.out))
+    return 0
+
+
+def _main(argv):
+    cmd, rest = argv[1], argv[2:]
+    try:
+        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert": cmd_convert,
+                "plot": cmd_plot}[cmd](rest)
+    except UsageError as e:
+        print(f"r1jax {cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str] | None = None):
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        print(f"r1jax: expected a command, one of {COMMANDS}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        check_overrides(argv[2:])
+    except (UsageError, ValueError) as e:
+        print(f"r1jax {argv[1]}: {e}", file=sys.stderr)
+        sys.exit(2)
+    # absl parses flags from argv[1:]; keep the command as a positional argument.
+    app.run(_main, argv=[argv[0], argv[1], *argv[2:]], flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"r1jax: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,216 @@
+"""The experiment config schema: every key an experiment may set or a user may override.
+
+Experiments in experiments/ start from `base_config()` and add stages with `sft_stage()` / `grpo_stage()`, so every
+key has a default and a type; `--config.a.b=value` on the command line may only name existing keys (ml_collections
+raises on unknown keys and wrong types).
+
+Example:
+    >>> from r1jax.configs import base_config, grpo_stage
+    >>> cfg = base_config()
+    >>> cfg.stages = "grpo"
+    >>> cfg.grpo = grpo_stage()
+    >>> cfg.grpo.group_size
+    8
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+STAGE_KINDS = ("sft", "grpo", "rejection", "distill", "reward_model")
+
+
+def _optim(**kw) -> dict:
+    d = dict(lr=1e-5, warmup_steps=0, lr_schedule="cosine", min_lr_ratio=0.0, weight_decay=0.0, b1=0.9, b2=0.999,
+             adam_eps=1e-8, grad_clip=1.0)
+    d.update(kw)
+    return d
+
+
+def _common(kind: str, **kw) -> dict:
+    d = dict(
+        kind=kind,
+        # Where the stage's initial weights come from: "previous" (the previous stage's output), "scratch"
+        # (random init from config.model), "hf:PATH" (a Hugging Face checkpoint), "r1jax:PATH" (saved params).
+        init="previous",
+        steps=100,
+        log_every=1,
+        eval_every=0,             # 0: evaluate at the start and the end only
+        checkpoint_every=50,
+        keep_checkpoints=2,
+        max_nonfinite=5,          # consecutive skipped (non-finite) updates before the run stops
+        debug_nan_steps="",       # comma-separated steps whose loss is replaced by NaN (tests the skip path)
+        save_hf=False,            # also write the stage's final weights as a Hugging Face checkpoint
+    )
+    d.update(_optim())
+    d.update(kw)
+    return d
+
+
+def eval_config(**kw) -> ml_collections.ConfigDict:
+    d = dict(num_problems=200, k=4, temperature=0.6, top_p=0.95, max_new_tokens=256, batch_size=64,
+             reward="accuracy", template="", split="test")
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
+
+
+def sft_stage(**kw) -> ml_collections.ConfigDict:
+    """Supervised fine-tuning / pretraining: next-token loss on completion tokens (the prompt is masked)."""
+    d = _common("sft", lr=1e-4, warmup_steps=10)
+    d.update(
+        batch_size=32,
+        max_len=256,
+        pack=True,
+        # Data: "task" (the task's prompts with `completion_field` as the target), "corpus:NAME" (a generated
+        # corpus, see r1jax.data.corpora), "jsonl:PATH" ({"prompt","completion"} or {"messages"}), or
+        # "stage:NAME" (the JSONL another stage wrote, e.g. rejection sampling).
+        data="task",
+        completion_field="completion",
+        corpus=ml_collections.ConfigDict({"n": 2000, "seed": 0, "corrupt_prob": 0.0, "unformatted_prob": 0.0}),
+        template="",
+        num_epochs=config_dict.placeholder(int),
+    )
+    d.update(kw)
+    cfg = ml_collections.ConfigDict(d)
+    cfg.eval = eval_config()
+    return cfg
+
+
+def grpo_stage(**kw) -> ml_collections.ConfigDict:
+    """GRPO (DeepSeekMath / R1-Zero) with the r1jax.rl.grpo objective."""
+    d = _common("grpo", lr=1e-6, grad_clip=1.0, weight_decay=0.0, b2=0.99, checkpoint_every=20)
+    d.update(
+        batch_prompts=8,            # B prompts per step
+        group_size=8,               # G samples per prompt
+        max_prompt_len=512,
+        max_new_tokens=256,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        mu=1,                       # optimization passes over each rollout batch (num_iterations)
+        minibatches=1,              # optimizer steps per pass (the batch is split into this many minibatches)
+        old_logp="auto",            # auto: the sampler's log-probs with one update per rollout, else recompute
+        loss_type="grpo",
+        beta=0.04,
+        epsilon_low=0.2,
+        epsilon_high=config_dict.placeholder(float),
+        delta=config_dict.placeholder(float),
+        importance_sampling_level="token",
+        kl_estimator="k3",
+        advantage_scale="group",
+        ref_update_every=0,         # refresh the reference weights every N steps (0: never)
+        rewards=ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1}),
+        reward_timeout_s=1.0,
+        reward_workers=4,
+        template="",
+        train_split="train",
+    )
+    d.update(kw)
+    cfg = ml_collections.ConfigDict(d)
+    cfg.eval = eval_config()
+    return cfg
+
+
+def base_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 0
+    cfg.stages = ""  # comma-separated stage names, run in order; each names a sub-config with a `kind`
+    cfg.model = ml_collections.ConfigDict(dict(
+        preset="tiny_qwen2",
+        hf_path="",                 # set: read the architecture from this checkpoint's config.json
+        overrides=ml_collections.ConfigDict(),  # ModelConfig fields (nested moe/rope/mla as dicts)
+        dtype="float32",
+        param_dtype="float32",
+        remat="none",
+    ))
+    cfg.tokenizer = ml_collections.ConfigDict(dict(
+        kind="spm_train",           # spm_train (on the task's text), path (file or directory), byte
+        path="",
+        vocab_size=512,
+    ))
+    cfg.task = ml_collections.ConfigDict(dict(
+        name="arithmetic",
+        template="r1_zero",
+        train=ml_collections.ConfigDict(),   # kwargs for get_task(name, split="train", ...)
+        test=ml_collections.ConfigDict(),    # kwargs for get_task(name, split="test", ...)
+    ))
+    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, rules="fsdp"))
+    return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict) -> list[str]:
+    """Stage names in order, after checking that each exists and has a known kind."""
+    names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    if not names:
+        raise ValueError("config.stages is empty; name at least one stage sub-config, e.g. 'grpo'")
+    for name in names:
+        if name not in cfg:
+            raise ValueError(f"config.stages names {name!r}, but config has no {name!r} sub-config; "
+                             f"sub-configs: {sorted(k for k in cfg if isinstance(cfg[k], ml_collections.ConfigDict))}")
+        kind = cfg[name].get("kind")
+        if kind not in STAGE_KINDS:
+            raise ValueError(f"config.{name}.kind={kind!r}; valid: {STAGE_KINDS}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.stages repeats a stage: {names}")
+    return names
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """Parses a config variant string (big_vision style): `"size=1_5b,runlocal"` with `spec` giving each option's
+    default (and type). A bare name sets a bool option to True; unknown options are errors.
+
+    >>> parse_arg("runlocal,size=7b", runlocal=False, size="1_5b").size
+    '7b'
+    """
+    out = ml_collections.ConfigDict(spec)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        if key not in spec:
+            raise ValueError(f"unknown config variant option {key!r}; valid: {sorted(spec)}")
+        default = spec[key]
+        if not _:
+            if not isinstance(default, bool):
+                raise ValueError(f"config variant option {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(default)(value) if default is not None else value
+    return out
+
+
+class Hyper:
+    """Sweep building blocks for `get_sweep(h)`: lists of override dicts, combined by product or zip.
+
+    >>> h = Hyper()
+    >>> h.product([h.sweep("config.lr", [1, 2]), h.sweep("config.seed", [0, 1])])[1]
+    {'config.lr': 1, 'config.seed': 1}
+    """
+
+    @staticmethod
+    def sweep(key: str, values) -> list[dict]:
+        return [{key: v} for v in values]
+
+    @staticmethod
+    def fixed(key: str, value) -> list[dict]:
+        return [{key: value}]
+
+    @staticmethod
+    def product(parts: list[list[dict]]) -> list[dict]:
+        out = [{}]
+        for part in parts:
+            out = [{**a, **b} for a in out for b in part]
+        return out
+
+    @staticmethod
+    def zip(parts: list[list[dict]]) -> list[dict]:
+        lengths = {len(p) for p in parts}
+        if len(lengths) != 1:
+            raise ValueError(f"h.zip needs sweeps of equal length; got lengths {sorted(lengths)}")
+        return [{k: v for d in ds for k, v in d.items()} for ds in zip(*parts)]

@@ -1,0 +1,68 @@
+"""Reading and writing JSONL datasets for SFT, rejection sampling and distillation.
+
+Rows are {"prompt": str, "completion": str, ...} or chat {"messages": [{"role", "content"}, ...]} whose last
+message is the assistant's response (it becomes the completion; the earlier messages are the prompt).
+
+Example:
+    >>> import json, tempfile, pathlib
+    >>> from r1jax.data.io import read_sft_jsonl
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "d.jsonl"
+    >>> _ = p.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"},
+    ...                                           {"role": "assistant", "content": "2"}]}) + "\\n")
+    >>> read_sft_jsonl(p)[0]["completion"]
+    '2'
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+
+def read_sft_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no SFT data file at {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); truncated file?") from None
+            rows.append(_normalize(row, f"{path}:{n}"))
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return rows
+
+
+def _normalize(row: Mapping, where: str) -> dict:
+    if isinstance(row, Mapping) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return dict(row)
+    if isinstance(row, Mapping) and isinstance(row.get("messages"), list) and row["messages"]:
+        msgs = row["messages"]
+        last = msgs[-1]
+        if not isinstance(last, Mapping) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+            raise ValueError(f"{where}: the last message must be the assistant's response; got {last!r:.80}")
+        out = {k: v for k, v in row.items() if k != "messages"}
+        out.update(messages=msgs[:-1], completion=last["content"])
+        return out
+    keys = sorted(row) if isinstance(row, Mapping) else type(row).__name__
+    raise ValueError(f"{where}: expected {{'prompt': str, 'completion': str}} or {{'messages': [...]}}; got {keys}")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping]) -> int:
+    """Writes rows atomically (a temporary file renamed into place); returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n

@@ -1,0 +1,158 @@
+"""Runs an experiment config's stages in order, each reading the previous stage's weights from the workdir.
+
+`run(config, workdir)` sets up the mesh, tasks, tokenizer and metrics once, then runs each stage named in
+`config.stages` with the runner registered for its `kind`. A stage that finished (WORKDIR/<stage>/DONE) is
+skipped, and an unfinished one resumes from its latest checkpoint, so re-running the same command continues where
+a run stopped. Stage kinds are a registry (`register_stage_kind`) so new recipes plug in without touching this file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import jax
+import ml_collections
+
+from r1jax import configs, training
+from r1jax.logging import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+STAGE_RUNNERS: dict[str, Callable] = {}
+
+
+def register_stage_kind(kind: str):
+    """Decorator: `fn(ctx, stage_name, stage_config, previous_stage_name) -> summary dict | None (stopped)`."""
+    def deco(fn):
+        STAGE_RUNNERS[kind] = fn
+        return fn
+    return deco
+
+
+def _builtin_runners():
+    from r1jax.rl.trainer import run_grpo_stage
+    from r1jax.sft.trainer import run_sft_stage
+
+    STAGE_RUNNERS.setdefault("sft", run_sft_stage)
+    STAGE_RUNNERS.setdefault("grpo", run_grpo_stage)
+    try:  # recipe stages (rejection sampling, distillation) live in r1jax.pipeline.r1 when present
+        import r1jax.pipeline.r1  # noqa: F401
+    except ImportError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# setup
+
+
+def load_tasks(config) -> dict[str, list]:
+    from r1jax.data import get_task
+
+    t = config.task
+    return {"train": get_task(t.name, split="train", **t.train.to_dict()),
+            "test": get_task(t.name, split="test", **t.test.to_dict())}
+
+
+def tokenizer_texts(config, tasks) -> list[str]:
+    """Text a run-specific tokenizer is trained on: rendered prompts, gold answers, generated corpora."""
+    from r1jax.data import render
+    from r1jax.data.corpora import get_corpus
+
+    texts = []
+    for split in ("train", "test"):
+        for ex in tasks[split]:
+            texts.append(render(config.task.template, ex))
+            texts.append(str(ex.get("answer", "")))
+    for name in configs.validate(config):
+        stage = config[name]
+        if stage.get("data", "").startswith("corpus:"):
+            corpus = get_corpus(stage.data[7:], tasks["train"], **stage.corpus.to_dict())
+            texts += [row["completion"] for row in corpus]
+    return texts
+
+
+def build_tokenizer(config, workdir: Path, tasks):
+    from r1jax.data import ByteTokenizer, load_tokenizer, train_sentencepiece
+
+    tk = config.tokenizer
+    if tk.kind == "byte":
+        return ByteTokenizer()
+    if tk.kind == "path":
+        if not tk.path:
+            raise ValueError("config.tokenizer.kind='path' needs config.tokenizer.path")
+        return load_tokenizer(tk.path)
+    if tk.kind == "spm_train":
+        path = workdir / "tokenizer.model"
+        if path.exists():  # a resumed run must keep the ids it trained with
+            return load_tokenizer(path)
+        if jax.process_index() == 0:
+            train_sentencepiece(tokenizer_texts(config, tasks), tk.vocab_size, path)
+        _sync("tokenizer")
+        return load_tokenizer(path)
+    raise ValueError(f"config.tokenizer.kind={tk.kind!r}; valid: spm_train, path, byte")
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _record_config(config, workdir: Path):
+    path = workdir / "config.json"
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if path.exists() and path.read_text() != text:
+        log.warning("%s differs from this run's config; the stages already done keep their results", path)
+    if jax.process_index() == 0:
+        path.write_text(text)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training.StopFlag | None = None):
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        from r1jax.parallel import initialize
+        initialize()
+    except ImportError:
+        pass
+    mesh = training.make_run_mesh(config.mesh)
+    tasks = load_tasks(config)
+    tokenizer = build_tokenizer(config, workdir, tasks)
+    model_config = training.build_model_config(config, tokenizer)
+    _record_config(config, workdir)
+    return training.RunContext(config=config, workdir=workdir, mesh=mesh, rules=config.mesh.rules,
+                               tokenizer=tokenizer, logger=MetricsLogger(workdir), model_config=model_config,
+                               stop=stop or training.StopFlag(), tasks=tasks)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: training.StopFlag | None = None) -> dict:
+    """Runs every stage of `config` (resuming finished and interrupted ones). Returns {"stages": {name: summary},
+    "stopped": bool}."""
+    names = configs.validate(config)
+    _builtin_runners()
+    for name in names:
+        if config[name].kind not in STAGE_RUNNERS:
+            raise ValueError(f"config.{name}.kind={config[name].kind!r} has no runner; registered: "
+                             f"{sorted(STAGE_RUNNERS)}")
+    ctx = setup(config, workdir, stop)
+    summaries, previous = {}, None
+    try:
+        for name in names:
+            done = ctx.stage_dir(name) / "DONE"
+            if done.exists():
+                summaries[name] = json.loads(done.read_text())
+                previous = name
+                continue
+            ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
+            summary = STAGE_RUNNERS[config[name].kind](ctx, name, config[name], previous)
+            if summary is None:
+                return {"stages": summaries, "stopped": True, "stopped_in": name}
+            summaries[name] = summary
+            previous = name
+    finally:
+        ctx.logger.close()
+    return {"stages": summaries, "stopped": False}

@@ -1,0 +1,91 @@
+"""One GRPO rollout: sample G completions per prompt on device, score them on the host, build the training batch.
+
+The batch holds, for R = B * G rows: `tokens` [R, P + N] (left-padded prompt, then the completion), `mask`
+[R, P + N] (real tokens), `completion_mask` [R, N] (tokens up to and including EOS), `sampler_logp` [R, N]
+(log-probs under the rollout policy at temperature 1) and `advantages` [R].
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from r1jax.eval.run import decode_completions
+from r1jax.rl.grpo import group_advantages
+from r1jax.rl.rewards import score_batch
+from r1jax.sampling import make_strategy, sample_padded
+
+
+def sample_group(model, prompt_ids_BP, prompt_mask_BP, *, group_size: int, max_new_tokens: int, temperature: float,
+                 top_p: float, top_k: int, eos_ids: Sequence[int], pad_id: int, rng, mesh=None, rules=None):
+    """Samples `group_size` completions for each of B left-padded prompts -> device arrays (tokens [R, N],
+    lengths [R], logp [R, N]) with N = max_new_tokens (the compiled loop stops early when all rows end)."""
+    graphdef, state = nnx.split(model)
+    tokens, lengths, logp, _ = sample_padded(
+        graphdef, state, prompt_ids_BP, prompt_mask_BP, rng, jnp.int32(max_new_tokens),
+        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(pad_id),
+        jnp.asarray(list(eos_ids), jnp.int32), num_samples=group_size, max_new_bucket=max_new_tokens,
+        strategy=make_strategy(temperature, top_k, top_p), mesh=mesh, rules=rules)
+    return tokens, lengths, logp
+
+
+def score(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray, examples: Sequence[Mapping],
+          weights: Mapping[str, float], *, timeout_s: float, num_workers: int, reward_kwargs=None):
+    """Decodes completions and scores them: (totals_R, {component: values_R}, texts)."""
+    texts = decode_completions(tokenizer, tokens_RN, lengths_R)
+    totals, parts = score_batch(texts, examples, dict(weights), timeout_s=timeout_s, num_workers=num_workers,
+                                num_tokens=[int(n) for n in lengths_R], reward_kwargs=reward_kwargs)
+    return totals, parts, texts
+
+
+def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rules=None) -> tuple[dict, dict, list]:
+    """Samples, scores and computes advantages for one batch from `rl_prompt_dataset` (rows already repeated G
+    times; the sampler takes every G-th row and shares each prompt's prefill across its G samples)."""
+    G = cfg.group_size
+    prompt_ids = np.asarray(prompt_batch["prompt_ids"])[::G]
+    prompt_mask = np.asarray(prompt_batch["prompt_mask"])[::G].astype(bool)
+    examples = list(prompt_batch["examples"])
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    t0 = time.perf_counter()
+    tokens, lengths, logp = sample_group(
+        model, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), group_size=G, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
+        pad_id=tokenizer.pad_id or 0, rng=rng, mesh=mesh, rules=rules)
+    tokens, lengths, logp = (np.asarray(x) for x in jax.device_get((tokens, lengths, logp)))
+    t1 = time.perf_counter()
+    totals, parts, texts = score(tokenizer, tokens, lengths, examples, cfg.rewards.to_dict(),
+                                 timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers)
+    t2 = time.perf_counter()
+    advantages, stats = group_advantages(jnp.asarray(totals, jnp.float32), G, scale=cfg.advantage_scale,
+                                         return_stats=True)
+    R, N = tokens.shape
+    completion_mask = np.arange(N)[None, :] < lengths[:, None]
+    full_prompt_ids = np.repeat(prompt_ids, G, axis=0)
+    full_prompt_mask = np.repeat(prompt_mask, G, axis=0)
+    batch = {
+        "tokens": np.concatenate([full_prompt_ids, tokens], axis=1).astype(np.int32),
+        "mask": np.concatenate([full_prompt_mask, completion_mask], axis=1),
+        "completion_mask": completion_mask,
+        "sampler_logp": logp.astype(np.float32),
+        "advantages": np.asarray(advantages, np.float32),
+    }
+    metrics = {
+        "reward": float(np.nanmean(totals)) if np.isfinite(totals).any() else float("nan"),
+        "reward_std": float(np.nanstd(totals)) if np.isfinite(totals).any() else float("nan"),
+        "frac_zero_std": float(stats["frac_reward_zero_std"]),
+        "frac_reward_missing": float(stats["frac_reward_missing"]),
+        "completion_len": float(lengths.mean()),
+        "completion_len_max": int(lengths.max()),
+        "frac_truncated": float(np.mean(lengths >= cfg.max_new_tokens)),
+        "rollout_s": t1 - t0,
+        "reward_s": t2 - t1,
+        "generated_tokens": int(lengths.sum()),
+    }
+    for name, values in parts.items():
+        metrics[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return batch, metrics, texts

@@ -1,0 +1,204 @@
+"""The GRPO trainer: rollout -> rewards -> group advantages -> policy updates, on device, resumable.
+
+Per step: take B prompts from the data pipeline, sample G completions each with the current policy (one compiled
+sampling loop), score them on the host (parallel, time-bounded rewards), compute group advantages, then run `mu`
+passes of `minibatches` optimizer updates with the GRPO loss (r1jax.rl.grpo). The ratio's old log-probs are the
+sampler's when each rollout gets exactly one update (they are the rollout policy's), else recomputed once before the
+updates; the reference log-probs come from frozen reference weights (refreshed every `ref_update_every` steps, as R1
+did; never computed when beta = 0). One jit per phase (sampling, log-probs, update), state buffers donated.
+
+Example (a tiny run; the experiment configs and `r1jax train` drive this through r1jax.pipeline):
+    r1jax train --config experiments/r1_zero_arith.py --workdir /tmp/r1zero
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from r1jax import training
+from r1jax.checkpoint import Checkpointer
+from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
+from r1jax.parallel.rules import axis_rules
+from r1jax.rl import grpo
+from r1jax.rl.rollout import rollout
+
+
+def completion_logits(model, tokens_RT, mask_RT, prompt_len: int):
+    """Logits predicting the completion tokens tokens[:, P:] -> ([R, N, V] float32, aux)."""
+    out = model.forward(tokens_RT[:, :-1], attention_mask_BL=mask_RT[:, :-1], logits_start=prompt_len - 1)
+    return out.logits, out.aux
+
+
+def token_logp_entropy(logits_RNV, targets_RN):
+    logp_all = jax.nn.log_softmax(logits_RNV.astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets_RN[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy
+
+
+def make_logp_fn(graphdef):
+    @partial(jax.jit, static_argnames=("prompt_len",))
+    def logp_fn(params, rest, tokens_RT, mask_RT, prompt_len):
+        logits, _ = completion_logits(nnx.merge(graphdef, params, rest), tokens_RT, mask_RT, prompt_len)
+        return token_logp_entropy(logits, tokens_RT[:, prompt_len:])[0]
+    return logp_fn
+
+
+def loss_kwargs(cfg) -> dict:
+    return dict(loss_type=cfg.loss_type, beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                delta=cfg.delta, importance_sampling_level=cfg.importance_sampling_level,
+                kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_new_tokens)
+
+
+def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
+    kw = loss_kwargs(cfg)
+
+    @partial(jax.jit, static_argnames=("prompt_len",), donate_argnums=(0, 1))
+    def update(params, opt_state, rest, batch, inject_nan, prompt_len):
+        def objective(p):
+            logits, aux = completion_logits(nnx.merge(graphdef, p, rest), batch["tokens"], batch["mask"], prompt_len)
+            logp, entropy = token_logp_entropy(logits, batch["tokens"][:, prompt_len:])
+            mask = batch["completion_mask"]
+            value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"], mask,
+                                       **kw)
+            n = jnp.maximum(mask.sum(), 1)
+            metrics = {**metrics, "entropy": jnp.sum(jnp.where(mask, entropy, 0.0)) / n}
+            if aux_loss_coef and "moe_aux_loss" in aux:
+                value = value + aux_loss_coef * jnp.sum(aux["moe_aux_loss"])
+            return jnp.where(inject_nan, jnp.nan, value), (metrics, aux)
+
+        (value, (metrics, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        params, opt_state, ok, grad_norm = safe_update(optimizer, params, opt_state, grads, value)
+        return params, opt_state, {**metrics, "loss": value, "grad_norm": grad_norm, "update_ok": ok}, aux
+
+    return update
+
+
+def _mean_metrics(ms: list[dict]) -> dict:
+    return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+
+
+def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
+    """Runs (or resumes) a GRPO stage; returns its summary, or None when stopped by a signal."""
+    from r1jax.data import rl_prompt_dataset
+
+    if cfg.mu < 1 or cfg.minibatches < 1:
+        raise ValueError(f"config.{stage}: mu={cfg.mu} and minibatches={cfg.minibatches} must be >= 1")
+    R = cfg.batch_prompts * cfg.group_size
+    if R % cfg.minibatches:
+        raise ValueError(f"config.{stage}: batch_prompts * group_size = {R} rows do not split into "
+                         f"minibatches={cfg.minibatches}")
+    if cfg.old_logp not in ("auto", "sampler", "recompute"):
+        raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
+    examples = ctx.tasks[cfg.train_split]
+    template = cfg.template or ctx.config.task.template
+    ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=cfg.batch_prompts, group_size=cfg.group_size,
+                           template=template, seed=ctx.config.seed, max_prompt_len=cfg.max_prompt_len,
+                           shard_index=jax.process_index(), shard_count=jax.process_count())
+    model = training.init_model(ctx, cfg.init, previous, ctx.config.seed)
+    graphdef, params, rest = training.split_params(model)
+    optimizer = optimizer_from_config(cfg, cfg.steps * cfg.mu * cfg.minibatches)
+    schedule = lr_schedule(cfg.lr, total_steps=cfg.steps * cfg.mu * cfg.minibatches, warmup_steps=cfg.warmup_steps,
+                           schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
+    coef = ctx.model_config.moe.aux_loss_coef if ctx.model_config.moe else 0.0
+    update = make_update_fn(graphdef, optimizer, cfg, coef)
+    logp_fn = make_logp_fn(graphdef)
+    with axis_rules(ctx.mesh, ctx.rules):
+        opt_state = jax.jit(optimizer.init)(params)
+    use_ref = cfg.beta != 0.0
+    ref = training.tree_copy(params) if use_ref else None
+    target = {"params": params, "opt_state": opt_state, "rest": rest, **({"ref": ref} if use_ref else {})}
+    ckpt = Checkpointer(ctx.stage_dir(stage) / "checkpoints", keep=cfg.keep_checkpoints)
+    it = iter(ds)
+    step, state, meta = ckpt.restore_latest(target)
+    step = step or 0
+    if meta:
+        params, opt_state, rest = state["params"], state["opt_state"], state["rest"]
+        ref = state.get("ref")
+        it.set_state(meta["data"])
+    nonfinite, skipped = int(meta.get("nonfinite", 0)), int(meta.get("skipped", 0))
+    nan_at = training.nan_steps(cfg.debug_nan_steps)
+    one_update = cfg.mu * cfg.minibatches == 1
+    old_from_sampler = cfg.old_logp == "sampler" or (cfg.old_logp == "auto" and one_update)
+    key = jax.random.key(ctx.config.seed)
+
+    def save(at):
+        st = {"params": params, "opt_state": opt_state, "rest": rest, **({"ref": ref} if use_ref else {})}
+        ckpt.save(at, st, {"data": it.get_state(), "nonfinite": nonfinite, "skipped": skipped})
+
+    def current_model():
+        return nnx.merge(graphdef, params, rest)
+
+    try:
+        if step == 0:
+            training.run_eval(ctx, current_model(), cfg, stage, 0, ctx.config.seed)
+        while step < cfg.steps:
+            if ctx.stop:
+                save(step)
+                ckpt.wait()
+                return None
+            t0 = time.perf_counter()
+            if use_ref and cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
+                ref = training.tree_copy(params)
+            prompts = next(it)
+            with axis_rules(ctx.mesh, ctx.rules):
+                batch, metrics, _ = rollout(current_model(), ctx.tokenizer, prompts, cfg,
+                                            jax.random.fold_in(key, step), mesh=ctx.mesh, rules=ctx.rules)
+            P = batch["tokens"].shape[1] - cfg.max_new_tokens
+            dev = training.shard_batch(ctx, batch)
+            t1 = time.perf_counter()
+            with axis_rules(ctx.mesh, ctx.rules):
+                if old_from_sampler:
+                    dev["old_logp"] = dev["sampler_logp"]
+                else:
+                    dev["old_logp"] = logp_fn(params, rest, dev["tokens"], dev["mask"], P)
+                if use_ref:
+                    dev["ref_logp"] = logp_fn(ref, rest, dev["tokens"], dev["mask"], P)
+                dev.pop("sampler_logp")
+                step_metrics = []
+                rows = R // cfg.minibatches
+                for _ in range(cfg.mu):
+                    for mb in range(cfg.minibatches):
+                        sub = jax.tree.map(lambda x: x[mb * rows:(mb + 1) * rows], dev) if cfg.minibatches > 1 \
+                            else dev
+                        params, opt_state, m, aux = update(params, opt_state, rest, sub, step + 1 in nan_at, P)
+                        rest = training.update_router_bias(ctx, rest, aux)
+                        step_metrics.append(training.to_float_dict(m))
+            step += 1
+            oks = [bool(m.pop("update_ok")) for m in step_metrics]
+            for ok in oks:
+                nonfinite = 0 if ok else nonfinite + 1
+                skipped += 0 if ok else 1
+            if nonfinite >= cfg.max_nonfinite:
+                raise training.NonFiniteError(
+                    f"stage {stage!r}: {nonfinite} consecutive updates with a non-finite loss or gradient "
+                    f"(last at step {step}); the last checkpoint is from before them")
+            t2 = time.perf_counter()
+            m = _mean_metrics(step_metrics)
+            metrics.update(
+                loss=m["loss"], grad_norm=m["grad_norm"], entropy=m["entropy"], pg_loss=m["pg_loss"],
+                clip_frac=m["clip_ratio/region_mean"], clip_frac_low=m["clip_ratio/low_mean"],
+                clip_frac_high=m["clip_ratio/high_mean"], ratio_max=m["ratio/max"], ratio_min=m["ratio/min"],
+                kl=m.get("kl", 0.0), lr=float(schedule(max(step * cfg.mu * cfg.minibatches - 1, 0))),
+                skipped_updates=skipped, train_s=t2 - t1, step_s=t2 - t0,
+                tokens_per_s=metrics["generated_tokens"] / (t2 - t0))
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                ctx.logger.write(stage, step, metrics)
+            if all(oks) and step % cfg.checkpoint_every == 0:
+                save(step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                training.run_eval(ctx, current_model(), cfg, stage, step, ctx.config.seed + step)
+        model = current_model()
+        summary = {"steps": step, "skipped_updates": skipped}
+        summary.update(training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
+        training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf)
+        return summary
+    finally:
+        ckpt.close()
+
