@@ -29,6 +29,9 @@ def get_config(arg=None):
                                head_dim=32, tie_word_embeddings=True, max_position_embeddings=256)
     cfg.tokenizer.kind = "spm_train"
     cfg.tokenizer.vocab_size = 512
+    # Pieces may span words: the fixed R1-Zero template becomes ~40 tokens instead of ~300 bytes.
+    cfg.tokenizer.split_by_whitespace = False
+    cfg.tokenizer.max_piece_length = 64
     cfg.task.name = "arithmetic"
     cfg.task.template = "r1_zero"
     arith = dict(num_digits=1, num_ops=(1, 3), operators=("+", "-", "*"), parentheses=True)
@@ -37,7 +40,7 @@ def get_config(arg=None):
     cfg.mesh.data = -1
 
     cfg.pretrain = sft_stage(
-        init="scratch", data="corpus:arith_reasoning", steps=700, batch_size=32, max_len=256, pack=True,
+        init="scratch", data="corpus:arith_reasoning", steps=700, batch_size=32, max_len=192, pack=True,
         lr=3e-3, warmup_steps=50, lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, log_every=50,
         checkpoint_every=250)
     cfg.pretrain.corpus = dict(n=6000, seed=0, corrupt_prob=0.35, unformatted_prob=0.15)

@@ -128,6 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
         kind="spm_train",           # spm_train (on the task's text), path (file or directory), byte
         path="",
         vocab_size=512,
+        split_by_whitespace=True,   # spm_train: False lets pieces span words (templates compress to few tokens)
+        max_piece_length=16,
     ))
     cfg.task = ml_collections.ConfigDict(dict(
         name="arithmetic",

@@ -164,9 +164,13 @@ class SentencePieceTokenizer(Tokenizer):
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | os.PathLike, *,
                         model_type: str = "bpe", byte_fallback: bool = True, split_digits: bool = True,
                         user_defined_symbols: Sequence[str] = (), character_coverage: float = 1.0,
-                        max_sentence_length: int = 1 << 16) -> SentencePieceTokenizer:
+                        max_sentence_length: int = 1 << 16, split_by_whitespace: bool = True,
+                        max_piece_length: int = 16) -> SentencePieceTokenizer:
     """Trains a small sentencepiece model on ``texts`` and writes it to ``path`` (".model" appended if
     missing). Ids pad=0, bos=1, eos=2, unk=3, then the four markers (+ ``user_defined_symbols``).
+
+    ``split_by_whitespace=False`` with a large ``max_piece_length`` lets pieces span words, so text that
+    repeats verbatim (a prompt template) compresses into a few tokens.
 
     Text is not normalized (identity rule, whitespace kept, no dummy prefix) so ``decode(encode(t)) == t``
     and ``encode(a) + encode(b)`` decodes to ``a + b``. ``vocab_size`` is an upper bound: a small corpus
@@ -191,7 +195,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str | os.Pa
             pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             character_coverage=character_coverage, hard_vocab_limit=False,
-            max_sentence_length=max_sentence_length, num_threads=1, minloglevel=2)
+            max_sentence_length=max_sentence_length, split_by_whitespace=split_by_whitespace,
+            max_sentencepiece_length=max_piece_length, num_threads=1, minloglevel=2)
     except RuntimeError as e:
         need = f"{256 * byte_fallback + 4 + len(symbols)} + the number of distinct characters"
         raise ValueError(f"sentencepiece training for {path} failed with vocab_size={vocab_size} "

@@ -89,7 +89,8 @@ def build_tokenizer(config, workdir: Path, tasks):
         if path.exists():  # a resumed run must keep the ids it trained with
             return load_tokenizer(path)
         if jax.process_index() == 0:
-            train_sentencepiece(tokenizer_texts(config, tasks), tk.vocab_size, path)
+            train_sentencepiece(tokenizer_texts(config, tasks), tk.vocab_size, path,
+                                split_by_whitespace=tk.split_by_whitespace, max_piece_length=tk.max_piece_length)
         _sync("tokenizer")
         return load_tokenizer(path)
     raise ValueError(f"config.tokenizer.kind={tk.kind!r}; valid: spm_train, path, byte")

@@ -9,8 +9,14 @@ Example:
 
 from r1jax.rl.grpo import (IMPORTANCE_SAMPLING_LEVELS, KL_ESTIMATORS, LOSS_TYPES, SCALES, group_advantages, loss,
                            register_loss_type)
+from r1jax.rl.rewards import (REWARDS, accuracy, code_tests, countdown, format_, get_reward, language_consistency,
+                              overlong, overlong_penalty, register_reward, score, score_batch, tag_count)
+from r1jax.rl.sandbox import SandboxLimits, isolation_report, run_python
 
 grpo_loss = loss
+format_reward = format_
 
-__all__ = ["IMPORTANCE_SAMPLING_LEVELS", "KL_ESTIMATORS", "LOSS_TYPES", "SCALES", "group_advantages", "grpo_loss",
-           "loss", "register_loss_type"]
+__all__ = ["IMPORTANCE_SAMPLING_LEVELS", "KL_ESTIMATORS", "LOSS_TYPES", "REWARDS", "SCALES", "SandboxLimits",
+           "accuracy", "code_tests", "countdown", "format_reward", "get_reward", "group_advantages", "grpo_loss",
+           "isolation_report", "language_consistency", "loss", "overlong", "overlong_penalty", "register_loss_type",
+           "register_reward", "run_python", "score", "score_batch", "tag_count"]

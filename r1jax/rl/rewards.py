@@ -1,0 +1,431 @@
+"""Rule-based rewards (R1-Zero style): a registry of host-side pure functions and a parallel batch scorer.
+
+A reward is `fn(completion: str, example: Mapping, **kwargs) -> float`, registered with
+`@register_reward(name)`; configs pick and weight them by name (`{"accuracy": 1.0, "format": 0.1}`).
+Built-in rewards and the example fields they read:
+
+| name                   | reads                               | value                                              |
+| ---------------------- | ----------------------------------- | -------------------------------------------------- |
+| `accuracy`             | `answer` (gold string)              | 1/0: final answer equals gold (`rewards_math`)     |
+| `format`               | -                                   | 1/0: `<think>...</think><answer>...</answer>`      |
+| `tag_count`            | -                                   | 0.25 per think/answer tag appearing exactly once   |
+| `language_consistency` | `language` (optional, "en" / "zh")  | share of CoT words in the target language          |
+| `overlong`             | `num_tokens` (or the kwarg)         | DAPO soft overlong penalty in [-1, 0]              |
+| `countdown`            | `numbers`, `target`                 | 1/0: expression over numbers equals target         |
+| `code_tests`           | `tests`                             | fraction of tests passed in the sandbox (`sandbox`)|
+
+Guarantees (what makes a reward safe to train on):
+- bounded input: a completion that is not a str (bytes are decoded leniently) or is longer than
+  `MAX_COMPLETION_CHARS` scores 0.0 without being read (except `overlong`, which only reads the token count);
+  below that every built-in reward is linear-time in the text, with tighter caps before any parser;
+- bounded time: the only super-linear work (sympy, user programs) runs in child processes that are killed at
+  `timeout_s` (default 1 s; `code_tests`: per test);
+- never raises on model text: hostile, unparseable or timed-out answers score 0.0. Bad configuration or data
+  (unknown reward, missing example field, bad target language) raises ValueError naming the value and the
+  valid options, before any scoring in `score_batch`.
+- NaN means "the reward machinery failed" (a reward raised on an item, e.g. the math-verify worker could not
+  start): `score_batch` logs it and records NaN in that component and in the total, which GRPO treats as a
+  missing reward rather than a zero.
+A reward registered by a user must keep these promises itself: `score_batch` cannot interrupt a Python
+function, so anything that may run long belongs in a child process (see `rewards_math.SymbolicPool`).
+
+Example:
+    >>> from r1jax.rl.rewards import score_batch
+    >>> done = "<think>6*7</think><answer>42</answer>"
+    >>> totals, parts = score_batch([done, "42"], [{"answer": "42"}] * 2, {"accuracy": 1.0, "format": 0.1})
+    >>> totals.round(3).tolist(), parts["format"].tolist()
+    ([1.1, 0.0], [1.0, 0.0])
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import logging
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from r1jax.rl import rewards_countdown, rewards_math, sandbox
+
+MAX_COMPLETION_CHARS = 512 * 1024  # ~4x a 32k-token generation; a megabyte string is hostile, not an answer
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[..., float]
+REWARDS: dict[str, RewardFn] = {}
+
+
+def _coerce(completion, reads_text: bool) -> str:
+    if isinstance(completion, (bytes, bytearray)):
+        completion = bytes(completion[: 4 * MAX_COMPLETION_CHARS + 4]).decode("utf-8", "replace")
+    if not isinstance(completion, str) or (reads_text and len(completion) > MAX_COMPLETION_CHARS):
+        return ""  # scores like an empty completion: 0.0 for every built-in text reward
+    return completion
+
+
+def register_reward(name: str, *, fields: Sequence[str] = (), reads_text: bool = True, blocking: bool = False,
+                    quick: RewardFn | None = None):
+    """Register `fn(completion, example, **kwargs) -> float` under `name`.
+
+    `fields`: example keys the reward requires (checked by `score_batch` before scoring).
+    `reads_text`: False for rewards that ignore the completion text (they skip the size cap).
+    `blocking`: the reward waits on something (a child process, I/O), so `score_batch` runs it in threads;
+      pure-Python rewards run in the calling thread, where they do not fight over the GIL.
+    `quick`: optional `quick(completion, example, **kwargs) -> float | None`, a cheap version that `score_batch`
+      tries first in the calling thread; None sends the item to `fn` in the threads.
+    The registered (and returned) function coerces the completion and applies the size cap.
+    """
+
+    def deco(fn: RewardFn) -> RewardFn:
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered (registered: {sorted(REWARDS)})")
+
+        @functools.wraps(fn)
+        def reward(completion, example: Mapping | None = None, /, **kwargs) -> float:
+            return float(fn(_coerce(completion, reads_text), {} if example is None else example, **kwargs))
+
+        def quick_reward(completion, example: Mapping | None = None, /, **kwargs) -> float | None:
+            return quick(_coerce(completion, reads_text), {} if example is None else example, **kwargs)
+
+        params = inspect.signature(fn).parameters
+        reward.blocking = blocking
+        reward.quick = None if quick is None else quick_reward
+        reward.required_fields = tuple(fields)
+        reward.accepted_kwargs = frozenset(
+            p.name for p in params.values() if p.kind == inspect.Parameter.KEYWORD_ONLY
+        )
+        REWARDS[name] = reward
+        return reward
+
+    return deco
+
+
+def get_reward(name: str) -> RewardFn:
+    """The registered reward called `name`."""
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise ValueError(f"unknown reward {name!r}; registered rewards: {sorted(REWARDS)}") from None
+
+
+def _field(example: Mapping, key: str, reward: str):
+    if not isinstance(example, Mapping) or key not in example:
+        have = sorted(example) if isinstance(example, Mapping) else type(example).__name__
+        raise ValueError(f"reward {reward!r} needs example[{key!r}]; the example has {have}")
+    return example[key]
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+def _gold(example) -> str:
+    try:  # hot path: keep the common case (a dict with a str answer) free of ABC isinstance checks
+        gold = example if type(example) is str else example["answer"]
+    except (KeyError, TypeError, IndexError):
+        gold = _field(example, "answer", "accuracy")
+    if type(gold) is not str:
+        if not isinstance(gold, (str, int)) or isinstance(gold, bool):
+            raise ValueError(f"accuracy needs a str or int gold answer; got {gold!r:.100}")
+        gold = str(gold)
+    if "####" in gold:
+        gold = gold.rsplit("####", 1)[1]
+    gold = gold.strip()
+    if not gold:
+        raise ValueError(f"accuracy needs a non-empty gold answer; got example[{'answer'!r}] = {gold!r} "
+                         "(filter such rows out of the dataset)")
+    return gold
+
+
+def _accuracy_quick(completion: str, example: Mapping, **_) -> float | None:
+    return rewards_math.quick_accuracy_score(completion, _gold(example))
+
+
+@register_reward("accuracy", fields=("answer",), blocking=True, quick=_accuracy_quick)
+def accuracy(completion: str, example: Mapping, *, timeout_s: float = 1.0) -> float:
+    """1.0 iff the final answer (last `<answer>` block, else last `\\boxed{}`) equals `example["answer"]`.
+
+    `example` may also be the gold string itself. A gold answer still carrying GSM8K's solution text is cut
+    after its last `####`. `timeout_s` bounds the symbolic (math-verify) comparison.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0; got {timeout_s!r}")
+    return rewards_math.accuracy_score(completion, _gold(example), timeout_s=timeout_s)
+
+
+# ------------------------------------------------------------------------------------------------ format
+# What may follow `</answer>`: whitespace and end-of-sequence tokens that a detokenizer may leave in.
+EOS_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<｜end▁of▁sentence｜>")
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _strip_eos(s: str) -> str:
+    s = s.rstrip()
+    while True:
+        for tok in EOS_TOKENS:
+            if s.endswith(tok):
+                s = s[: -len(tok)].rstrip()
+                break
+        else:
+            return s
+
+
+@register_reward("format")
+def format_(completion: str, example: Mapping, *, think_in_prompt: bool = False) -> float:
+    """1.0 iff the completion is `<think>...</think>` then `<answer>...</answer>` (R1-Zero template).
+
+    Whitespace is allowed around and between the blocks; after `</answer>` only whitespace and EOS tokens
+    (`EOS_TOKENS`). Each tag appears exactly once, and the answer is not blank. `think_in_prompt=True` is for
+    templates whose prompt already ends with `<think>` (the completion then starts inside the reasoning).
+    """
+    s = _strip_eos(completion).lstrip()
+    if think_in_prompt:
+        s = "<think>" + s
+    if not (s.startswith("<think>") and s.endswith("</answer>")):
+        return 0.0
+    if any(s.count(tag) != 1 for tag in _TAGS):
+        return 0.0
+    think_end, ans = s.find("</think>"), s.find("<answer>")
+    if not think_end < ans or s[think_end + 8 : ans].strip():
+        return 0.0
+    return 1.0 if s[ans + 8 : -9].strip() else 0.0
+
+
+@register_reward("tag_count")
+def tag_count(completion: str, example: Mapping, *, newlines: bool = False) -> float:
+    """0.25 for each of `<think>`, `</think>`, `<answer>`, `</answer>` that appears exactly once.
+
+    `newlines=True` is open-r1's `tag_count_reward` exactly (`"<think>\\n"`, `"\\n</think>\\n"`,
+    `"\\n<answer>\\n"`, `"\\n</answer>"`); the default counts bare tags, matching the `format` reward.
+    """
+    tags = ("<think>\n", "\n</think>\n", "\n<answer>\n", "\n</answer>") if newlines else _TAGS
+    return 0.25 * sum(completion.count(tag) == 1 for tag in tags)
+
+
+# ------------------------------------------------------------------------------------------------ language
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_LATIN = "A-Za-z\u00c0-\u024f"
+_CJK_RE = re.compile(f"[{_CJK}]")
+_LATIN_RE = re.compile(rf"[{_LATIN}]{{2,}}")  # one-letter runs are variables (`x`), not English
+_LATEX_CMD_RE = re.compile(r"\\[A-Za-z]+")
+_OTHER_RE = re.compile(rf"[^\W\d_{_LATIN}{_CJK}]+")
+LANGUAGES = ("en", "zh")
+
+
+def chain_of_thought(completion: str) -> str:
+    """The reasoning: `<think>` content; else (think opened in the prompt) text before `</think>`; else text
+    before `<answer>`; else everything."""
+    start, end = completion.find("<think>"), completion.find("</think>")
+    if start >= 0:
+        stop = completion.find("</think>", start)
+        return completion[start + 7 : stop if stop >= 0 else len(completion)]
+    if end >= 0:
+        return completion[:end]
+    ans = completion.find("<answer>")
+    return completion[:ans] if ans >= 0 else completion
+
+
+def language_shares(text: str) -> dict[str, int]:
+    """Word counts: `zh` one per CJK character (Chinese is not space-delimited and a character is the unit
+    that tokenizers and R1's mixing metric see); `en` per run of >= 2 Latin letters once LaTeX commands are
+    removed (`\\frac` and one-letter variables are math, not language); `other` per run of letters
+    of any other script."""
+    text = _LATEX_CMD_RE.sub(" ", text)
+    return {"zh": len(_CJK_RE.findall(text)), "en": len(_LATIN_RE.findall(text)),
+            "other": len(_OTHER_RE.findall(text))}
+
+
+@register_reward("language_consistency")
+def language_consistency(completion: str, example: Mapping, *, target: str | None = None) -> float:
+    """Share of the chain of thought's words in the target language (R1's language-consistency reward).
+
+    The target is the kwarg, else `example["language"]`, else "en". No words at all scores 0.0.
+    """
+    target = target or (example.get("language") if isinstance(example, Mapping) else None) or "en"
+    if target not in LANGUAGES:
+        raise ValueError(f"language_consistency target must be one of {LANGUAGES}; got {target!r}")
+    counts = language_shares(chain_of_thought(completion))
+    total = sum(counts.values())
+    return counts[target] / total if total else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ overlong
+def overlong_penalty(num_tokens: int, max_len: int = 20480, cache_len: int = 4096) -> float:
+    """DAPO's soft overlong punishment: 0 up to `max_len - cache_len` tokens, then linear down to -1 at
+    `max_len`, and -1 beyond. Defaults are DAPO's (L_max 20480, L_cache 4096)."""
+    if not (isinstance(max_len, int) and isinstance(cache_len, int) and 0 < cache_len <= max_len):
+        raise ValueError(f"overlong needs ints 0 < cache_len <= max_len; got max_len={max_len!r}, "
+                         f"cache_len={cache_len!r}")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens < 0:
+        raise ValueError(f"num_tokens must be a non-negative int (completion length in tokens); got {num_tokens!r}")
+    expected = max_len - cache_len
+    if num_tokens <= expected:
+        return 0.0
+    if num_tokens <= max_len:
+        return (expected - int(num_tokens)) / cache_len
+    return -1.0
+
+
+@register_reward("overlong", reads_text=False)
+def overlong(completion: str, example: Mapping, *, num_tokens: int | None = None, max_len: int = 20480,
+             cache_len: int = 4096) -> float:
+    """`overlong_penalty` of the completion's token length: the `num_tokens` kwarg (what `score_batch` passes
+    from its `num_tokens` argument), else `example["num_tokens"]`."""
+    if num_tokens is None:
+        if not isinstance(example, Mapping) or "num_tokens" not in example:
+            raise ValueError("reward 'overlong' needs the completion's length in tokens: pass num_tokens= "
+                             "(score_batch(num_tokens=...)) or put 'num_tokens' in the example")
+        num_tokens = example["num_tokens"]
+    return overlong_penalty(num_tokens, max_len, cache_len)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+@register_reward("countdown", fields=("numbers", "target"))
+def countdown(completion: str, example: Mapping, *, format_score: float = 0.0) -> float:
+    """1.0 iff the final answer is a + - * / expression using each of `numbers` once and equal to `target`."""
+    numbers, target = _field(example, "numbers", "countdown"), _field(example, "target", "countdown")
+    ok = isinstance(numbers, Sequence) and not isinstance(numbers, str) and all(
+        isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in numbers)
+    if not ok or isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+        raise ValueError(f"countdown needs int list numbers and int target; got numbers={numbers!r:.100}, "
+                         f"target={target!r}")
+    return rewards_countdown.countdown_score(completion, numbers, int(target), format_score=format_score)
+
+
+@register_reward("code_tests", fields=("tests",), blocking=True)
+def code_tests(completion: str, example: Mapping, *, timeout_s: float = 1.0, memory_mb: int = 1024) -> float:
+    """Fraction of `example["tests"]` passed by the last ```python block of the answer, run in the sandbox.
+
+    `tests`: `{"input": stdin, "output": expected stdout}` dicts and/or assert-style strings (see `sandbox`).
+    `timeout_s` is the wall-clock limit of each test's run.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0; got {timeout_s!r}")
+    limits = sandbox.SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
+    return sandbox.code_tests_score(completion, _field(example, "tests", "code_tests"), timeout_s=timeout_s,
+                                    limits=limits)
+
+
+# ------------------------------------------------------------------------------------------------ combining
+def _check_weights(weights: Mapping[str, float]) -> None:
+    if not weights:
+        raise ValueError(f"weights is empty; give at least one of {sorted(REWARDS)}")
+    for name, w in weights.items():
+        get_reward(name)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"weight of reward {name!r} must be a finite number; got {w!r}")
+
+
+def _kwargs_for(name: str, reward_kwargs: Mapping, ctx: Mapping) -> dict:
+    fn, kw = REWARDS[name], dict(reward_kwargs.get(name, {}))
+    unknown = set(kw) - fn.accepted_kwargs
+    if unknown:
+        raise ValueError(f"reward {name!r} takes no option(s) {sorted(unknown)}; "
+                         f"its options: {sorted(fn.accepted_kwargs)}")
+    kw.update((k, v) for k, v in ctx.items() if k in fn.accepted_kwargs and k not in kw)
+    return kw
+
+
+def score(completion: str, example: Mapping, weights: Mapping[str, float], *, timeout_s: float = 1.0,
+          num_tokens: int | None = None, reward_kwargs: Mapping[str, Mapping] | None = None):
+    """(total, {name: value}) for one completion; total = sum of weight * value."""
+    totals, parts = score_batch([completion], [example], weights, timeout_s=timeout_s, num_workers=1,
+                                num_tokens=None if num_tokens is None else [num_tokens], reward_kwargs=reward_kwargs)
+    return float(totals[0]), {k: float(v[0]) for k, v in parts.items()}
+
+
+def score_batch(completions: Sequence[str], examples: Sequence[Mapping], weights: Mapping[str, float], *,
+                timeout_s: float = 1.0, num_workers: int | None = None, num_tokens: Sequence[int] | None = None,
+                reward_kwargs: Mapping[str, Mapping] | None = None):
+    """Score B completions with the weighted rewards (`num_workers` threads, default the CPU count).
+
+    Returns `(totals_B, {name: values_B})` as float64 arrays: the components are the unweighted rewards (log
+    them as they are), totals are `sum(weight * value)`, NaN where any component is NaN (internal failure,
+    see the module docstring). `examples[i]` belongs to `completions[i]` (repeat a prompt's example for its G
+    samples). `num_tokens[i]` is completion i's length in tokens, passed to rewards that take it (`overlong`).
+    `reward_kwargs` maps a reward name to its options, e.g.
+    `{"overlong": {"max_len": 4096, "cache_len": 512}, "language_consistency": {"target": "zh"}}`.
+
+    Each distinct example is first scored against an empty completion, so that bad data or options raise
+    ValueError before any work. Cheap rewards and the quick path of `accuracy` (plain numbers) then run in the
+    calling thread; what is left (math-verify comparisons, sandboxed programs) runs in `num_workers` threads
+    that overlap the waits on those child processes.
+    """
+    B = len(completions)
+    if len(examples) != B:
+        raise ValueError(f"got {B} completions but {len(examples)} examples; pass one example per completion")
+    if num_tokens is not None and len(num_tokens) != B:
+        raise ValueError(f"got {B} completions but {len(num_tokens)} num_tokens")
+    _check_weights(weights)
+    reward_kwargs = reward_kwargs or {}
+    for name in reward_kwargs:
+        if name not in weights:
+            raise ValueError(f"reward_kwargs names {name!r}, which is not among the weighted rewards {sorted(weights)}")
+    names = list(weights)
+    kwargs = {n: _kwargs_for(n, reward_kwargs, {"timeout_s": timeout_s}) for n in names}
+    # Configuration and data errors must surface now, loudly, not as NaNs: dry-run every distinct example.
+    seen = set()
+    for i, ex in enumerate(examples):
+        if id(ex) in seen:
+            continue
+        seen.add(id(ex))
+        for n in names:
+            for f in REWARDS[n].required_fields:
+                _field(ex, f, n)
+            extra = {"num_tokens": 0} if "num_tokens" in REWARDS[n].accepted_kwargs and num_tokens is not None else {}
+            REWARDS[n]("", ex, **kwargs[n], **extra)
+
+    parts = {n: np.zeros(B, np.float64) for n in names}
+    lengths = None if num_tokens is None else [int(t) for t in num_tokens]
+
+    def run(n: str, fn: RewardFn, i: int):
+        kw = kwargs[n]
+        if lengths is not None and "num_tokens" in REWARDS[n].accepted_kwargs:
+            kw = {**kw, "num_tokens": lengths[i]}
+        try:
+            return fn(completions[i], examples[i], **kw)
+        except Exception as e:  # noqa: BLE001 - recorded as missing (NaN), never crashes the trainer
+            log.warning("reward %r failed on item %d: %r", n, i, e)
+            return np.nan
+
+    # Pure-Python work (cheap rewards, quick paths) runs here: threads would only fight over the GIL.
+    pending = []
+    for n in names:
+        fn, values = REWARDS[n], parts[n]
+        if not fn.blocking:
+            for i in range(B):
+                values[i] = run(n, fn, i)
+            continue
+        for i in range(B):
+            v = run(n, fn.quick, i) if fn.quick is not None else None
+            if v is None:
+                pending.append((n, i))
+            else:
+                values[i] = v
+
+    # What waits on child processes (math-verify, the code sandbox) overlaps in threads.
+    counter = itertools.count()  # next() on it is atomic under the GIL: a lock-free work queue
+
+    def work():
+        while (k := next(counter)) < len(pending):
+            n, i = pending[k]
+            parts[n][i] = run(n, REWARDS[n], i)
+
+    workers = max(1, min(num_workers or os.cpu_count() or 1, len(pending)))
+    if pending:
+        rewards_math.symbolic_pool().ensure_capacity(workers)
+    if workers == 1:
+        work()
+    else:
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    totals = np.zeros(B, np.float64)
+    for n in names:
+        totals += weights[n] * parts[n]
+    return totals, parts

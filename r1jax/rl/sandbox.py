@@ -1,0 +1,337 @@
+"""Run untrusted Python programs (model completions) against test cases, for the `code_tests` reward.
+
+What one run does:
+- writes the program into a fresh `mkdtemp` directory (its cwd), deleted afterwards;
+- starts `python -I -S -B prog.py` (isolated mode: no user site, no PYTHON* variables; no site-packages;
+  so stdlib only) in its own session / process group, with an environment built from scratch
+  (`PATH`, `LANG` only: no inherited secrets);
+- in the child, before exec (`preexec_fn`): RLIMIT_CPU (backstop for the wall clock), RLIMIT_AS (memory),
+  RLIMIT_FSIZE (file and stdout size), RLIMIT_NOFILE, RLIMIT_CORE=0 and RLIMIT_NPROC;
+- stdin comes from, and stdout/stderr go to, anonymous temporary files (no pipes to deadlock on, and
+  RLIMIT_FSIZE caps the output); the parent reads at most `max_output_bytes` back;
+- at the wall-clock limit the whole process group is SIGKILLed.
+
+Privileges. RLIMIT_NPROC does not bind root, and a fork bomb as root can exhaust the pid space (32k here).
+So when running as root the child also drops to a fresh unprivileged uid/gid (random in [2^30, 2^31), no
+account, no supplementary groups), where RLIMIT_NPROC (`max_procs`, counted per uid, threads and zombies
+included) does bind; a fresh uid per run means zombies a killed fork bomb leaves for init to reap never count
+against a later run. After each run, any process left with that uid (e.g. a daemon that called setsid() to
+leave the process group) is killed with a `kill(-1, SIGKILL)` issued *as that uid*, which reaches exactly that
+uid's processes. The dropped uid also cannot write to root-owned files or directories, nor read 0700 ones.
+The interpreter must be executable by that uid (a pyenv under /root is not); the first world-usable one of
+`sys.executable`, `/usr/bin/python3`, `/usr/local/bin/python3` is used. As root with no such interpreter the
+sandbox refuses to run (`SandboxLimits.require_isolation=False` runs it as root, without fork-bomb
+containment beyond the process-group kill). As non-root, RLIMIT_NPROC is set to 0 (no new processes or threads
+at all: the count is per user and the trainer's own threads already count).
+Network: where the kernel lets us (root, CAP_SYS_ADMIN), the child gets an empty network namespace
+(`unshare(CLONE_NEWNET)`, ~10 ms): no network, not even loopback.
+
+What it does NOT isolate (be careful what else runs on the machine):
+- no filesystem jail: the program can read every file its uid can read (world-readable files: /etc, the
+  datasets, source trees) and write wherever its uid may (world-writable /tmp, /dev/shm: files left there are
+  not cleaned up, only bounded by RLIMIT_FSIZE per file and by the CPU limit);
+- as non-root, it runs as the trainer's own user: it can read and write everything the trainer can
+  (checkpoints included), and signal the trainer's processes;
+- no network namespace where unshare is refused (non-root, unprivileged containers): it has full network;
+- no seccomp syscall filter, no cgroup (memory is capped per process by RLIMIT_AS, times `max_procs`);
+- `tests` stay in the parent, but an assert-style test's code and its pass marker are in the program's own
+  file, so a program that reads its own source can fake a pass. Treat the score as a reward, not a proof.
+
+Example:
+    >>> from r1jax.rl.sandbox import code_tests_score
+    >>> prog = "def add(a, b):\\n    return a + b\\nprint(add(*map(int, input().split())))"
+    >>> completion = f"<answer>```python\\n{prog}\\n```</answer>"
+    >>> code_tests_score(completion, [{"input": "1 2\\n", "output": "3\\n"}, "assert add(2, 2) == 5"])
+    0.5
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import os
+import re
+import resource
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+MAX_CODE_CHARS = 64_000
+_CLONE_NEWNET = 0x40000000
+_UID_RANGE = (1 << 30, 1 << 31)  # unused by real accounts; a fresh random uid per run
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+_PROBE = "import json, re, math, collections, itertools, functools, heapq, bisect, sys; print('ok')"
+_REAPER = "import os, signal; os.kill(-1, signal.SIGKILL)"
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxLimits:
+    timeout_s: float = 1.0  # wall clock per run
+    memory_mb: int = 1024  # RLIMIT_AS per process
+    max_output_bytes: int = 1 << 20  # read back at most this much stdout / stderr
+    max_file_bytes: int = 16 << 20  # RLIMIT_FSIZE: any file, stdout included
+    max_procs: int = 4  # RLIMIT_NPROC for the dropped uid (ignored as non-root: 0 there)
+    max_open_files: int = 64
+    isolate_network: bool = True  # only where unshare(CLONE_NEWNET) is permitted
+    require_isolation: bool = True  # refuse to run as root when privileges cannot be dropped
+    python: str | None = None  # interpreter; None picks one (see the module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    returncode: int | None  # None when killed at the wall-clock limit
+    stdout: str
+    stderr: str
+    timed_out: bool
+    wall_s: float
+
+
+# ------------------------------------------------------------------------------------------------ isolation probe
+_probe_lock = threading.Lock()
+_probe_cache: dict[str | None, dict] = {}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _random_uid() -> int:
+    return secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0]
+
+
+def _drop_to(uid: int):
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+def _try_run(args, preexec) -> bool:
+    try:
+        r = subprocess.run(args, preexec_fn=preexec, env=_ENV, cwd="/", capture_output=True, timeout=30)
+        return r.returncode == 0 and r.stdout.strip() == b"ok"
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def isolation_report(python: str | None = None) -> dict:
+    """What this machine's sandbox enforces: interpreter, uid drop, network namespace, NPROC binding.
+
+    Probed once per interpreter choice (about 0.1 s) and cached.
+    """
+    with _probe_lock:
+        if python in _probe_cache:
+            return _probe_cache[python]
+        root = os.geteuid() == 0
+        cands = [python] if python else [os.path.realpath(sys.executable), "/usr/bin/python3",
+                                         "/usr/local/bin/python3", shutil.which("python3", path=_ENV["PATH"])]
+        cands = [c for i, c in enumerate(cands) if c and os.path.exists(c) and c not in cands[:i]]
+        uid = _random_uid()
+        chosen, drop = None, False
+        if root:
+            chosen = next((c for c in cands if _try_run([c, "-I", "-S", "-c", _PROBE], lambda: _drop_to(uid))), None)
+            drop = chosen is not None
+        if chosen is None:
+            chosen = next((c for c in cands if _try_run([c, "-I", "-S", "-c", _PROBE], None)), None)
+
+        def netns():
+            if _libc.unshare(_CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+
+        net = bool(chosen) and root and _try_run([chosen, "-I", "-S", "-c", _PROBE], netns)
+        report = {
+            "python": chosen,
+            "root": root,
+            "drop_privileges": drop,
+            "network_namespace": net,
+            "nproc_binds": drop or not root,
+            "fork_bomb_contained": drop or not root,
+        }
+        _probe_cache[python] = report
+        return report
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _reap_uid(uid: int, python: str) -> None:
+    # kill(-1, SIGKILL) issued as `uid` reaches exactly that uid's processes (even ones that left the process
+    # group or hid from /proc by clearing their dumpable flag), atomically: no pid-reuse races, one pass.
+    cmd = ["/bin/kill", "-9", "-1"] if os.access("/bin/kill", os.X_OK) else [python, "-I", "-S", "-c", _REAPER]
+    subprocess.run(cmd, user=uid, group=uid, extra_groups=[], env=_ENV, cwd="/",
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+
+
+def _read_capped(f, limit: int) -> str:
+    f.seek(0)
+    return f.read(limit).decode("utf-8", "replace")
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """True if the process exited within timeout_s (pidfd: wakes at exit, no polling)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        return bool(select.select([fd], [], [], timeout_s)[0])
+    finally:
+        os.close(fd)
+
+
+def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(), *,
+               files: Mapping[str, str] | None = None) -> RunResult:
+    """Run `source` as a Python program (`prog.py`) under `limits` (see the module docstring); `files` are
+    extra files written next to it, and if given, `files["main.py"]` is run instead of `prog.py`. Raises
+    RuntimeError only when the sandbox itself cannot run (no interpreter, isolation required but missing)."""
+    report = isolation_report(limits.python)
+    if report["python"] is None:
+        raise RuntimeError(f"no Python interpreter runs in the sandbox (tried python={limits.python!r} and defaults)")
+    if report["root"] and not report["drop_privileges"] and limits.require_isolation:
+        raise RuntimeError(
+            "running as root but no interpreter is executable by an unprivileged uid, so a fork bomb could not "
+            "be contained; pass SandboxLimits(python=<world-executable python>) or require_isolation=False"
+        )
+    drop, net = report["drop_privileges"], report["network_namespace"] and limits.isolate_network
+    uid = _random_uid()
+    cpu = math.ceil(limits.timeout_s) + 1
+    mem, fsize = limits.memory_mb << 20, limits.max_file_bytes
+    nproc = limits.max_procs if drop else 0
+    nofile = limits.max_open_files
+
+    def preexec():  # runs in the forked child: no imports, no prints, no locks
+        if net and _libc.unshare(_CLONE_NEWNET) != 0:
+            os._exit(125)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        if drop:
+            _drop_to(uid)
+
+    workdir = tempfile.mkdtemp(prefix="r1jax-sbx-")
+    try:
+        for fname, text in {"prog.py": source, **(files or {})}.items():
+            with open(os.path.join(workdir, fname), "w", encoding="utf-8", errors="replace") as f:
+                f.write(text)
+        if drop:
+            os.chown(workdir, uid, uid)
+        with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
+            fin.write(stdin.encode("utf-8", "replace"))
+            fin.seek(0)
+            t0 = time.monotonic()
+            script = "main.py" if files and "main.py" in files else "prog.py"
+            proc = subprocess.Popen(
+                [report["python"], "-I", "-S", "-B", script], stdin=fin, stdout=fout, stderr=ferr,
+                cwd=workdir, env=_ENV, preexec_fn=preexec, start_new_session=True,
+            )
+            exited = _wait(proc, limits.timeout_s)
+            # Kill the whole group before reaping the leader: until wait() its pid (= the pgid) cannot be reused.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+            wall = time.monotonic() - t0
+            if drop:  # and whatever left the group (setsid); as non-root, NPROC=0 means nothing could fork
+                _reap_uid(uid, report["python"])
+            return RunResult(
+                returncode=proc.returncode if exited else None,
+                stdout=_read_capped(fout, limits.max_output_bytes),
+                stderr=_read_capped(ferr, limits.max_output_bytes),
+                timed_out=not exited,
+                wall_s=wall,
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ code_tests
+_FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n", re.IGNORECASE)
+
+
+def extract_code(completion: str) -> str | None:
+    """The last ```python fenced block of the answer: inside the last `<answer>` block if there is one,
+    else after the last `</think>`, else anywhere. None if there is none or it is unclosed."""
+    close = completion.rfind("</answer>")
+    open_ = completion.rfind("<answer>", 0, close) if close >= 0 else -1
+    if open_ >= 0:
+        region = completion[open_ + 8 : close]
+    else:
+        think = completion.rfind("</think>")
+        region = completion[think + 8 :] if think >= 0 else completion
+    fence = None
+    for fence in _FENCE_RE.finditer(region):  # linear: the pattern has no nested quantifiers
+        pass
+    if fence is None:
+        return None
+    end = region.find("```", fence.end())
+    if end < 0 or end - fence.end() > MAX_CODE_CHARS:
+        return None
+    return region[fence.end() : end]
+
+
+def normalize_tests(tests) -> list[dict | str]:
+    """Validate `tests`: a list whose items are `{"input": str, "output": str}` (stdin/stdout) or assert-style
+    code strings; an APPS-style `{"inputs": [...], "outputs": [...]}` mapping is also accepted."""
+    if isinstance(tests, Mapping) and "inputs" in tests and "outputs" in tests:
+        if len(tests["inputs"]) != len(tests["outputs"]):
+            raise ValueError(f"tests has {len(tests['inputs'])} inputs but {len(tests['outputs'])} outputs")
+        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
+    if isinstance(tests, (str, bytes)) or not isinstance(tests, Sequence) or not tests:
+        raise ValueError("tests must be a non-empty list of {'input', 'output'} dicts or assert strings; "
+                         f"got {tests!r:.200}")
+    for i, t in enumerate(tests):
+        ok = isinstance(t, str) or (isinstance(t, Mapping) and isinstance(t.get("input"), str)
+                                    and isinstance(t.get("output"), str))
+        if not ok:
+            raise ValueError(f"tests[{i}] = {t!r:.200} is neither an assert string nor {{'input': str, 'output': str}}")
+    return list(tests)
+
+
+def _lines(s: str) -> list[str]:
+    out = [line.rstrip() for line in s.replace("\r\n", "\n").split("\n")]
+    while out and not out[-1]:
+        out.pop()
+    return out
+
+
+_ASSERT_HARNESS = """import runpy as _runpy
+globals().update((_k, _v) for _k, _v in _runpy.run_path("prog.py", run_name="solution").items()
+                 if not _k.startswith("__"))
+del _runpy
+{test}
+print("\\n{nonce}")
+"""
+
+
+def run_test(code: str, test: dict | str, limits: SandboxLimits) -> bool:
+    """One test, in a fresh process. A stdin/stdout test passes if the program exits 0 and its stdout equals
+    `output` line by line (trailing whitespace and trailing blank lines ignored). An assert-style test loads the
+    program as a module named "solution" (so its `if __name__ == "__main__":` block does not run; stdin is
+    empty), runs the assert string in its namespace, and passes if that reaches its end-of-test marker."""
+    if isinstance(test, str):
+        nonce = secrets.token_hex(16)
+        harness = _ASSERT_HARNESS.format(test=test, nonce=nonce)
+        res = run_python(code, "", limits, files={"main.py": harness})
+        return res.returncode == 0 and res.stdout.rstrip().endswith(nonce)
+    res = run_python(code, test["input"], limits)
+    return res.returncode == 0 and _lines(res.stdout) == _lines(test["output"])
+
+
+def code_tests_score(completion: str, tests, *, timeout_s: float = 1.0, limits: SandboxLimits | None = None) -> float:
+    """Fraction of `tests` the completion's program passes (0.0 without a program). `timeout_s` is per test."""
+    tests = normalize_tests(tests)
+    limits = dataclasses.replace(limits or SandboxLimits(), timeout_s=timeout_s)
+    code = extract_code(completion)
+    if code is None or not code.strip():
+        return 0.0
+    return sum(run_test(code, t, limits) for t in tests) / len(tests)

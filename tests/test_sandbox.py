@@ -1,0 +1,184 @@
+"""The code sandbox: what it guarantees here (limits, privilege drop, cleanup) and the `code_tests` reward."""
+import os
+import time
+
+import pytest
+
+from r1jax.rl import sandbox
+from r1jax.rl.rewards import code_tests, score_batch
+from r1jax.rl.sandbox import SandboxLimits, extract_code, isolation_report, run_python
+
+REPORT = isolation_report()
+needs_drop = pytest.mark.skipif(not REPORT["drop_privileges"],
+                                reason=f"sandbox cannot drop privileges here: {REPORT}")
+needs_containment = pytest.mark.skipif(not REPORT["fork_bomb_contained"],
+                                       reason=f"a fork bomb would not be contained here: {REPORT}")
+needs_netns = pytest.mark.skipif(not REPORT["network_namespace"], reason=f"no network namespace here: {REPORT}")
+LIMITS = SandboxLimits(timeout_s=1.0)
+
+
+def completion(code: str) -> str:
+    return f"<think>plan</think>\n<answer>\n```python\n{code}\n```\n</answer>"
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except OSError:
+        return False
+
+
+def uid_processes(uid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/status") as f:
+                    status = f.read()
+            except OSError:
+                continue
+            uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            if int(uid_line.split()[1]) == uid and "\nState:\tZ" not in status:
+                found.append(int(name))
+    return found
+
+
+ADD = "def add(a, b):\n    return a + b\n\nif __name__ == '__main__':\n    print(add(*map(int, input().split())))"
+TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4", "output": "6"}, "assert add(2, 3) == 5",
+         "assert add('a', 'b') == 'ab'"]
+
+
+def test_docstring_example():
+    import doctest
+    assert doctest.testmod(sandbox).failed == 0
+
+
+def test_passing_program():
+    assert code_tests(completion(ADD), {"tests": TESTS}) == 1.0
+
+
+def test_failing_and_partial_programs():
+    wrong = ADD.replace("a + b", "a - b")
+    assert code_tests(completion(wrong), {"tests": TESTS}) == 0.0
+    off_by_one = ADD.replace("a + b", "a + b if a != 10 else 0")
+    assert code_tests(completion(off_by_one), {"tests": TESTS}) == 0.75
+    crashing = ADD + "\nraise SystemExit(3)"
+    assert code_tests(completion(crashing), {"tests": TESTS[:2]}) == 0.0  # right output, non-zero exit
+    assert code_tests("no code here", {"tests": TESTS}) == 0.0
+    assert code_tests("<answer>```python\nprint(3)\n</answer>", {"tests": TESTS}) == 0.0  # unclosed fence
+
+
+def test_cheating_exit_does_not_pass_asserts():
+    cheats = ("import sys\nsys.exit(0)", "import os\nos._exit(0)", "import atexit, os\natexit.register(os._exit, 0)")
+    for cheat in cheats:
+        assert code_tests(completion(cheat), {"tests": ["assert add(1, 2) == 3"]}) == 0.0, cheat
+
+
+def test_output_comparison_and_apps_style_tests():
+    prog = "n = int(input())\nfor i in range(n):\n    print(i, end='  \\n')\nprint()"
+    assert code_tests(completion(prog), {"tests": {"inputs": ["2\n", "0"], "outputs": ["0\n1\n", ""]}}) == 1.0
+
+
+def test_extract_code_rules():
+    assert extract_code("```python\na\n```\n<answer>```py\nb\n```</answer>") == "b\n"
+    assert extract_code("<think>```python\ndraft\n```</think>```python\nfinal\n```") == "final\n"
+    assert extract_code("<think>```python\ndraft\n```</think>no code") is None
+    assert extract_code("```python\na\n``` and ```Python3\nb\n```") == "b\n"
+    assert extract_code("```\nnot python\n```") is None
+
+
+def test_bad_tests_raise():
+    for bad in ([], "assert True", [{"input": "1"}], [3], {"inputs": ["1"], "outputs": []}):
+        with pytest.raises(ValueError, match="tests"):
+            code_tests(completion(ADD), {"tests": bad})
+    with pytest.raises(ValueError, match="needs example\\['tests'\\]"):
+        code_tests(completion(ADD), {})
+
+
+def test_infinite_loop_killed_at_limit():
+    t = time.monotonic()
+    res = run_python("while True:\n    pass", "", LIMITS)
+    assert res.timed_out and res.returncode is None
+    assert time.monotonic() - t < 2 * LIMITS.timeout_s
+    t = time.monotonic()
+    assert code_tests(completion("while True:\n    pass"), {"tests": TESTS[:1]}, timeout_s=0.5) == 0.0
+    assert time.monotonic() - t < 1.0
+
+
+def test_sleeping_program_killed_at_limit():
+    t = time.monotonic()
+    res = run_python("import time\ntime.sleep(60)", "", LIMITS)
+    assert res.timed_out and time.monotonic() - t < 2 * LIMITS.timeout_s
+
+
+def test_memory_and_output_limits():
+    res = run_python("x = bytearray(2 << 30)\nprint('allocated')", "", SandboxLimits(memory_mb=512))
+    assert res.returncode != 0 and "allocated" not in res.stdout and "MemoryError" in res.stderr
+    res = run_python("import sys\nsys.stdout.write('a' * (64 << 20))", "", SandboxLimits(max_file_bytes=1 << 20))
+    assert res.returncode != 0 and len(res.stdout) <= LIMITS.max_output_bytes
+
+
+def test_environment_has_no_inherited_secrets(monkeypatch):
+    monkeypatch.setenv("R1JAX_TEST_SECRET", "hunter2")
+    res = run_python("import os\nprint(sorted(os.environ))", "", LIMITS)
+    assert res.returncode == 0 and res.stdout.strip() == "['LANG', 'PATH']"
+
+
+def test_fresh_working_directory_is_removed():
+    res = run_python("import os\nopen('scratch.txt', 'w').write('x')\nprint(os.getcwd())", "", LIMITS)
+    workdir = res.stdout.strip()
+    assert res.returncode == 0 and "r1jax-sbx-" in workdir and not os.path.exists(workdir)
+
+
+@needs_drop
+def test_write_outside_its_directory_is_refused(tmp_path):
+    target = tmp_path / "pwned.txt"
+    res = run_python(f"open({str(target)!r}, 'w').write('x')\nprint('wrote')", "", LIMITS)
+    assert "PermissionError" in res.stderr and not target.exists()
+    res = run_python("import os\nprint(os.getuid(), os.getgid(), os.getgroups())", "", LIMITS)
+    uid, gid, groups = res.stdout.split(maxsplit=2)
+    assert int(uid) >= 1 << 30 and int(gid) == int(uid) and groups.strip() == "[]"
+
+
+@needs_containment
+def test_fork_bomb_is_contained():
+    bomb = ("import os, sys\nprint(os.getuid(), flush=True)\n"
+            "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    t = time.monotonic()
+    res = run_python(bomb, "", SandboxLimits(timeout_s=1.0, max_procs=4))
+    assert res.timed_out and time.monotonic() - t < 2 * 1.0
+    uid = int(res.stdout.split()[0])
+    assert uid_processes(uid) == []
+
+
+@needs_drop
+def test_escaped_daemon_is_killed():
+    # A child that leaves the process group (setsid) and outlives the program is still reaped by uid.
+    prog = ("import os, time\npid = os.fork()\nif pid == 0:\n    os.setsid()\n    time.sleep(60)\n"
+            "else:\n    print(pid, flush=True)\n")
+    res = run_python(prog, "", LIMITS)
+    assert res.returncode == 0
+    assert not alive(int(res.stdout.split()[0]))
+
+
+@needs_netns
+def test_no_network():
+    prog = "import socket\ns = socket.socket()\ns.settimeout(1)\nprint(s.connect_ex(('8.8.8.8', 53)))"
+    res = run_python(prog, "", LIMITS)
+    assert res.returncode == 0 and res.stdout.strip() != "0"
+
+
+def test_code_tests_in_batch():
+    comps = [completion(ADD), completion("while True: pass"), completion(ADD.replace("+", "*"))]
+    t = time.monotonic()
+    totals, parts = score_batch(comps, [{"tests": TESTS[:3]}] * 3, {"code_tests": 1.0}, timeout_s=0.5, num_workers=2)
+    assert parts["code_tests"].tolist() == [1.0, 0.0, 0.0]
+    assert time.monotonic() - t < 6.0
+
+
+def test_refuses_root_without_isolation(monkeypatch):
+    fake = dict(REPORT, root=True, drop_privileges=False, fork_bomb_contained=False, nproc_binds=False)
+    monkeypatch.setattr(sandbox, "isolation_report", lambda python=None: fake)
+    with pytest.raises(RuntimeError, match="fork bomb could not be contained"):
+        run_python("print(1)", "", LIMITS)
