@@ -1,28 +1,36 @@
 """Grouped matmul: every backend against a float64 numpy reference (outputs and both gradients), the Pallas kernels
-in interpret mode, plus lowering of each kernel (forward and VJP) for its real target (Mosaic TPU, Triton) on CPU."""
+in interpret mode, the blocked XLA backend over random group sizes and row tiles, plus lowering of each Pallas kernel
+(forward and VJP) for its real target (Mosaic TPU, Triton) on CPU."""
+
+import functools
 
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from r1jax.kernels import BACKENDS, gmm, resolve_backend
 from r1jax.kernels.gmm import make_tile_visits
+from r1jax.kernels.gmm_blocked import RAGGED_DOT_BELOW_MKN, remainder_plan, row_tiles
 
-# name: (M, K, N, group_sizes, dtype, pallas_tpu tiling, pallas_gpu tiling)
+# name: (M, K, N, group_sizes, dtype, pallas_tpu tiling, pallas_gpu tiling, xla_blocked tiling)
+# xla_blocked: every case has M*K*N >= RAGGED_DOT_BELOW_MKN, so its tiles run (not the tiny-problem ragged_dot path).
 CASES = {
     # empty groups (first, middle, last), a group (140) larger than a tile, sizes that are not tile multiples,
-    # M=300 not a multiple of tm, sum(group_sizes)=248 < M.
-    "ragged_f32": (300, 256, 256, [0, 70, 5, 0, 140, 33, 0], jnp.float32, (64, 128, 128), (64, 64, 32)),
-    # K and N not multiples of their tiles: ragged last contraction and output tiles.
-    "ragged_kn_f32": (136, 200, 160, [17, 0, 100, 19], jnp.float32, (32, 128, 128), (32, 64, 64)),
+    # M=300 not a multiple of tm, sum(group_sizes)=248 < M. xla_blocked: tiles (64, 32, 16), 140 = 2 x 64 + masked 16.
+    "ragged_f32": (300, 256, 256, [0, 70, 5, 0, 140, 33, 0], jnp.float32, (64, 128, 128), (64, 64, 32),
+                   (64, 128, 128)),
+    # K and N not multiples of their tiles: ragged last contraction and output tiles. xla_blocked: tm=48 is not a
+    # power of 2 (tiles 48, 24); the masked 24-row remainder tiles of the last two groups reach past M and are clamped.
+    "ragged_kn_f32": (136, 200, 160, [17, 0, 100, 19], jnp.float32, (32, 128, 128), (32, 64, 64), (48, 1, 1)),
     # bf16 (TPU rows pack in 16s), trailing rows, a group spanning three tiles; default tilings clamp to the problem.
-    "ragged_bf16_default_tiling": (160, 128, 256, [9, 0, 120, 3], jnp.bfloat16, None, None),
-    # every row in one group; all other groups empty.
-    "one_group": (64, 128, 128, [0, 64, 0], jnp.float32, (16, 128, 128), (16, 32, 32)),
+    "ragged_bf16_default_tiling": (160, 128, 256, [9, 0, 120, 3], jnp.bfloat16, None, None, None),
+    # every row in one group; all other groups empty. xla_blocked: four whole 16-row tiles, no masked one.
+    "one_group": (64, 128, 128, [0, 64, 0], jnp.float32, (16, 128, 128), (16, 32, 32), {"tm": 16}),
     # no rows in any group: zeros out, zero gradients.
-    "all_empty": (48, 128, 128, [0, 0], jnp.float32, None, None),
+    "all_empty": (48, 128, 128, [0, 0], jnp.float32, None, None, None),
 }
 
 
@@ -53,32 +61,89 @@ def _assert_close(name, got, want, magnitude, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gmm_matches_numpy_with_gradients(backend, case):
-    m, k, n, sizes, dtype, tpu_tiling, gpu_tiling = CASES[case]
-    tiling = {"xla": None, "pallas_tpu": tpu_tiling, "pallas_gpu": gpu_tiling}[backend]
-    keys = jax.random.split(jax.random.key(list(CASES).index(case)), 3)
+    m, k, n, sizes, dtype, tpu_tiling, gpu_tiling, blocked_tiling = CASES[case]
+    tiling = {"xla": None, "pallas_tpu": tpu_tiling, "pallas_gpu": gpu_tiling, "xla_blocked": blocked_tiling}[backend]
+    assert backend != "xla_blocked" or m * k * n >= RAGGED_DOT_BELOW_MKN, "would test the ragged_dot fallback"
+    _check_against_reference(backend, case, m, k, n, sizes, dtype, tiling, seed=list(CASES).index(case))
+
+
+def _check_against_reference(backend, name, m, k, n, sizes, dtype, tiling, seed):
+    """gmm's output and both gradients (under jit, traced group sizes) against the float64 reference."""
+    keys = jax.random.split(jax.random.key(seed), 3)
     lhs = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
     rhs = jax.random.normal(keys[1], (len(sizes), k, n), jnp.float32).astype(dtype)
     dout = jax.random.normal(keys[2], (m, n), jnp.float32).astype(dtype)
-    group_sizes = jnp.array(sizes, jnp.int32)
-
-    @jax.jit  # traced group sizes, as inside a model
-    def run(lhs, rhs, group_sizes, dout):
-        out, vjp = jax.vjp(lambda a, b: gmm(a, b, group_sizes, backend=backend, tiling=tiling, interpret=True),
-                           lhs, rhs)
-        return (out, *vjp(dout))
-
-    results = run(lhs, rhs, group_sizes, dout)
+    results = _run_with_vjp(backend, tiling)(lhs, rhs, jnp.array(sizes, jnp.int32), dout)
     inputs = [np.asarray(x.astype(jnp.float32)) for x in (lhs, rhs)]
     wants = _reference(*inputs, sizes, dout.astype(jnp.float32))
     # sum |a_i b_i| of each dot product bounds its rounding error: the same products on |inputs|.
     mags = _reference(*map(np.abs, inputs), sizes, np.abs(np.asarray(dout.astype(jnp.float32))))
-    for name, got, want, mag, like in zip(("out", "d_lhs", "d_rhs"), results, wants, mags, (dout, lhs, rhs)):
-        assert got.shape == like.shape and got.dtype == like.dtype, (name, got.shape, got.dtype)
-        _assert_close(f"{backend}/{case}/{name}", got, want, mag, dtype)
+    for part, got, want, mag, like in zip(("out", "d_lhs", "d_rhs"), results, wants, mags, (dout, lhs, rhs)):
+        assert got.shape == like.shape and got.dtype == like.dtype, (part, got.shape, got.dtype)
+        _assert_close(f"{backend}/{name}/{part}", got, want, mag, dtype)
     assert not np.asarray(results[0][sum(sizes):].astype(jnp.float32)).any(), "rows past the groups must be zero"
 
 
-@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
+_RUNNERS = {}
+FAST = {"xla_backend_optimization_level": 0}  # compiles ~40% faster; these tests check values, not speed
+
+
+def _run_with_vjp(backend, tiling):
+    """A jitted (out, d_lhs, d_rhs) of gmm; kept per (backend, tiling) so same-shaped calls reuse one compilation."""
+    key = (backend, repr(tiling))  # tilings may be dicts (unhashable)
+    if key not in _RUNNERS:
+        @functools.partial(jax.jit, compiler_options=FAST)  # traced group sizes, as inside a model
+        def run(lhs, rhs, group_sizes, dout):
+            out, vjp = jax.vjp(lambda a, b: gmm(a, b, group_sizes, backend=backend, tiling=tiling, interpret=True),
+                               lhs, rhs)
+            return (out, *vjp(dout))
+        _RUNNERS[key] = run
+    return _RUNNERS[key]
+
+
+def test_xla_blocked_random_group_sizes():
+    """Random partitions (empty groups, tiny and tile-sized groups, sums below M) through 16-row tiles: whole tiles,
+    masked remainders, tiles clamped at M."""
+    m, k, n, groups, tm = 256, 64, 32, 6, 16
+    assert m * k * n >= RAGGED_DOT_BELOW_MKN  # the blocked path, not the tiny-problem fallback
+    rng = np.random.default_rng(tm)
+    for trial in range(4):
+        cuts = np.sort(rng.integers(0, m - 40 * (trial % 2) + 1, groups))  # odd trials leave trailing rows
+        sizes = np.diff(cuts, prepend=0).tolist()
+        sizes[rng.integers(groups)] = 0
+        _check_against_reference("xla_blocked", f"tm{tm}/{sizes}", m, k, n, sizes, jnp.float32,
+                                 (tm, 128, 128), seed=trial)
+
+
+def test_xla_blocked_tiles_and_tiny_fallback():
+    assert row_tiles(512, 4096) == (512, 256, 128, 64, 32, 16)
+    assert row_tiles(512, 300) == (150, 128, 64, 32, 16)  # a tile of all M rows would be hoisted out of its loop
+    assert row_tiles(48, 136) == (48, 24)
+    plan = remainder_plan((64, 32, 16))
+    assert plan[1].tolist() == [0, 0, 1] and plan[31].tolist() == [0, 1, 0] and plan[63].tolist() == [1, 0, 0]
+    # Below RAGGED_DOT_BELOW_MKN the blocked backend hands the product to ragged_dot: same values, gradients.
+    _check_against_reference("xla_blocked", "tiny", 24, 16, 8, [5, 0, 12], jnp.float32, None, seed=0)
+
+
+def test_xla_blocked_ignores_rows_outside_the_groups():
+    """nan in rows past sum(group_sizes) (e.g. unused capacity) must not reach any group's output or gradients:
+    masked tiles that overlap those rows select, never multiply by zero."""
+    # The random-sizes test's shapes and tiling, so its compilation is reused. With 16-row tiles the remainder
+    # tile of the last group (rows 26..41) reaches into the nan rows (37 on).
+    m, k, n, sizes = 256, 64, 32, [10, 0, 27, 0, 0, 0]
+    keys = jax.random.split(jax.random.key(3), 3)
+    nan_rows = (jnp.arange(m) >= sum(sizes))[:, None]
+    lhs = jnp.where(nan_rows, jnp.nan, jax.random.normal(keys[0], (m, k)))
+    dout = jnp.where(nan_rows, jnp.nan, jax.random.normal(keys[2], (m, n)))
+    rhs = jax.random.normal(keys[1], (len(sizes), k, n))
+    out, d_lhs, d_rhs = _run_with_vjp("xla_blocked", (16, 128, 128))(lhs, rhs, jnp.array(sizes, jnp.int32), dout)
+    assert np.isfinite(np.asarray(d_rhs)).all()
+    assert np.isfinite(np.asarray(out[:sum(sizes)])).all() and np.isfinite(np.asarray(d_lhs[:sum(sizes)])).all()
+    _, _, want_drhs = _reference(np.asarray(lhs)[:sum(sizes)], np.asarray(rhs), sizes, np.asarray(dout)[:sum(sizes)])
+    np.testing.assert_allclose(np.asarray(d_rhs), want_drhs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["xla_blocked", "pallas_tpu", "pallas_gpu"])
 def test_preferred_element_type_and_jax_grad(backend):
     """bf16 in, f32 out; jax.grad of a scalar loss matches the xla backend's gradients."""
     keys = jax.random.split(jax.random.key(1), 2)
@@ -91,8 +156,9 @@ def test_preferred_element_type_and_jax_grad(backend):
         assert out.dtype == jnp.float32
         return jnp.sum(out * out) / out.size
 
-    got = jax.grad(loss, argnums=(0, 1))(lhs, rhs, backend)
-    want = jax.grad(loss, argnums=(0, 1))(lhs, rhs, "xla")
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2, compiler_options=FAST)  # not one per op
+    got = grad(lhs, rhs, backend)
+    want = grad(lhs, rhs, "xla")
     for g, w in zip(got, want):
         assert g.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
@@ -115,7 +181,7 @@ def test_tile_visits_revisit_straddling_tiles_once_per_group():
 
 
 def test_resolve_backend_and_errors():
-    assert resolve_backend("auto") == "xla"  # tests run on CPU
+    assert resolve_backend("auto") == "xla_blocked"  # tests run on CPU
     lhs, rhs, sizes = jnp.ones((32, 128)), jnp.ones((2, 128, 128)), jnp.array([16, 16], jnp.int32)
     with pytest.raises(ValueError, match="unknown gmm backend 'cuda'.*pallas_gpu"):
         gmm(lhs, rhs, sizes, backend="cuda")
@@ -137,6 +203,12 @@ def test_resolve_backend_and_errors():
         gmm(lhs, rhs, sizes, backend="pallas_gpu", tiling={"bm": 16})
     with pytest.raises(ValueError, match="valid only for backend 'pallas_gpu'"):
         gmm(lhs, rhs, sizes, backend="pallas_tpu", tiling={"num_warps": 4})
+    with pytest.raises(ValueError, match="valid only for backend 'pallas_gpu'"):
+        gmm(lhs, rhs, sizes, backend="xla_blocked", tiling={"num_stages": 2})
+    with pytest.raises(ValueError, match="tm=0 must be a positive int"):
+        gmm(lhs, rhs, sizes, backend="xla_blocked", tiling=(0, 128, 128))
+    with pytest.raises(ValueError, match="sum to 40, more than lhs's 32 rows"):
+        gmm(lhs, rhs, jnp.array([20, 20], jnp.int32), backend="xla_blocked")
     with pytest.raises(ValueError, match="one dtype from"):
         gmm(lhs, rhs.astype(jnp.bfloat16), sizes, backend="pallas_tpu")
 
@@ -179,3 +251,26 @@ def test_kernels_lower_for_their_hardware(backend, tiling, dtype, monkeypatch):
     assert text.count(custom_call) == 3, "expected gmm, d_lhs gmm and tgmm kernels"
     assert text.count(name.format("_gmm_kernel")) == 2 and text.count(name.format("_tgmm_kernel")) == 1
     assert verified == ([True] * 3 if backend == "pallas_gpu" else [])
+
+
+def test_xla_blocked_inside_shard_map():
+    """Expert parallelism runs gmm per shard: rows vary over "data", experts and group sizes over "expert". The tile
+    loops' carries must take on those axes; values and gradients match ragged_dot per shard."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "expert"))
+    keys = jax.random.split(jax.random.key(4), 2)
+    lhs, rhs = jax.random.normal(keys[0], (2 * 256, 64)), jax.random.normal(keys[1], (4, 64, 32))
+    sizes = jnp.array([[200, 0], [37, 219]], jnp.int32)  # [expert shard, local group]
+
+    def loss(lhs, rhs, backend):
+        def local(lhs, rhs, sizes):
+            # As parallel/expert.py does: operands vary over every axis the custom VJP's cotangents will.
+            lhs, rhs = jax.lax.pcast(lhs, ("expert",), to="varying"), jax.lax.pcast(rhs, ("data",), to="varying")
+            return gmm(lhs, rhs, sizes[0], backend=backend)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("expert"), P("expert")),
+                            out_specs=P("data", "expert"))(lhs, rhs, sizes)
+        return jnp.sum(out ** 2)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2, compiler_options=FAST)
+    got, want = grad(lhs, rhs, "xla_blocked"), grad(lhs, rhs, "xla")
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))

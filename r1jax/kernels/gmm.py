@@ -6,13 +6,17 @@ group_sizes. Rows past sum(group_sizes) give zeros.
 
 Backends (`backend=`):
   "xla"         jax.lax.ragged_dot; runs everywhere, the reference the kernels are tested against.
+  "xla_blocked" row tiles of each group as ordinary XLA dots in loops (gmm_blocked.py); runs everywhere, and on CPU
+                is ~40x faster than ragged_dot at M=2048, G=32 (XLA:CPU lowers ragged_dot to about one dense matmul
+                per group); hands tiny products (M*K*N < 2^19) to ragged_dot.
   "pallas_tpu"  Mosaic TPU kernels (gmm_tpu.py): scalar-prefetched tile->group metadata, f32 VMEM accumulator.
   "pallas_gpu"  Triton kernels (gmm_gpu.py): one program per (m-tile visit, n-tile), K loop inside the kernel.
-  "auto"        pallas_tpu on TPU, pallas_gpu on GPU, xla elsewhere (see `resolve_backend`).
+  "auto"        pallas_tpu on TPU, pallas_gpu on GPU, xla_blocked on CPU, xla elsewhere (see `resolve_backend`).
 
 The backward pass of every backend is d_lhs = gmm(d_out, rhs^T) and d_rhs = tgmm(lhs, d_out), where
-tgmm(lhs_MK, dout_MN)[g] = lhs_g^T @ dout_g (empty groups give zero blocks). The Pallas backends run both with their
-own kernels; `interpret=True` runs those kernels through the Pallas interpreter on any platform (CPU tests).
+tgmm(lhs_MK, dout_MN)[g] = lhs_g^T @ dout_g (empty groups give zero blocks). The Pallas and blocked backends run both
+with their own kernels; `interpret=True` runs the Pallas kernels through the Pallas interpreter on any platform (CPU
+tests).
 
 Example:
     >>> import jax.numpy as jnp
@@ -35,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("xla", "pallas_tpu", "pallas_gpu")
+BACKENDS = ("xla", "xla_blocked", "pallas_tpu", "pallas_gpu")
 _PALLAS_BACKENDS = ("pallas_tpu", "pallas_gpu")
 _TILING_KEYS = ("tm", "tk", "tn", "num_warps", "num_stages")
 
@@ -62,6 +66,10 @@ class Tiling(NamedTuple):
 def resolve_backend(backend: str = "auto") -> str:
     """Maps "auto" to the backend for the default device; checks any other name.
 
+    On CPU "auto" is xla_blocked: measured 2-81x faster than ragged_dot (forward and forward + backward) for
+    M=64..8192, G=4..64 at K=896, N=256, and never slower on smaller products (it hands M*K*N < 2^19 to ragged_dot
+    itself; benchmarks/RESULTS.md). Other platforms without Pallas kernels get "xla".
+
     >>> resolve_backend("xla")
     'xla'
     """
@@ -71,6 +79,8 @@ def resolve_backend(backend: str = "auto") -> str:
             return "pallas_tpu"
         if platform in ("gpu", "cuda", "rocm"):
             return "pallas_gpu"
+        if platform == "cpu":
+            return "xla_blocked"
         return "xla"
     if backend not in BACKENDS:
         raise ValueError(f"unknown gmm backend {backend!r}; valid: {BACKENDS + ('auto',)}")
@@ -78,14 +88,17 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def backend_module(backend: str):
-    """The kernel module of a Pallas backend. Imported lazily: the kernel modules import helpers from here."""
+    """The kernel module of a non-"xla" backend. Imported lazily: the kernel modules import helpers from here."""
+    if backend == "xla_blocked":
+        from r1jax.kernels import gmm_blocked
+        return gmm_blocked
     if backend == "pallas_tpu":
         from r1jax.kernels import gmm_tpu
         return gmm_tpu
     if backend == "pallas_gpu":
         from r1jax.kernels import gmm_gpu
         return gmm_gpu
-    raise ValueError(f"backend {backend!r} has no Pallas kernels; Pallas backends: {_PALLAS_BACKENDS}")
+    raise ValueError(f"backend {backend!r} has no kernel module; those with one: {BACKENDS[1:]}")
 
 
 def parse_tiling(tiling, default: Tiling, *, backend: str) -> Tiling:
@@ -231,13 +244,15 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, *, backend="xla", tiling=None, interpret
 
     Args:
       lhs_MK: [M, K] rows sorted by group. Pallas backends need float32 or bfloat16 (and float16 on GPU) and the
-        same dtype as rhs.
+        same dtype as rhs; xla and xla_blocked take any float dtypes.
       rhs_GKN: [G, K, N] one matrix per group.
       group_sizes_G: [G] integer rows per group, summing to at most M (checked when concrete).
       backend: one of BACKENDS or "auto".
       tiling: (tm, tk, tn) or a dict with keys tm/tk/tn (and num_warps/num_stages for pallas_gpu); None picks the
-        backend's default for the dtype. Tiles larger than a dimension are clamped to it. Ignored by "xla".
-      interpret: run a Pallas backend through the Pallas interpreter (any platform; slow). Ignored by "xla".
+        backend's default for the dtype. Tiles larger than a dimension are clamped to it. Ignored by "xla";
+        "xla_blocked" uses only tm (its largest row tile) and ignores tk/tn.
+      interpret: run a Pallas backend through the Pallas interpreter (any platform; slow). Ignored by "xla" and
+        "xla_blocked".
       preferred_element_type: output dtype (accumulation is f32 in the kernels); default the inputs' dtype.
     Returns:
       out_MN with dtype preferred_element_type; differentiable in lhs and rhs.
@@ -261,11 +276,14 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, *, backend="xla", tiling=None, interpret
     resolved = None
     if backend != "xla":
         kernels = backend_module(backend)
-        if lhs_MK.dtype != rhs_GKN.dtype or lhs_MK.dtype not in kernels.DTYPES:
+        if backend in _PALLAS_BACKENDS and (lhs_MK.dtype != rhs_GKN.dtype or lhs_MK.dtype not in kernels.DTYPES):
             raise ValueError(f"gmm backend {backend!r} needs lhs and rhs of one dtype from "
                              f"{[str(d) for d in kernels.DTYPES]}; got lhs {lhs_MK.dtype}, rhs {rhs_GKN.dtype}")
         if 0 in (m, k, n):  # nothing to tile; the product is all zeros
             return jnp.zeros((m, n), out_dtype)
         resolved = kernels.resolve_tiling(parse_tiling(tiling, kernels.default_tiling(lhs_MK.dtype), backend=backend),
                                           m=m, k=k, n=n, dtype=lhs_MK.dtype)
+        if backend == "xla_blocked" and m * k * n < kernels.RAGGED_DOT_BELOW_MKN:
+            # Tiny products: ragged_dot's G small dense dots cost less than the per-tile dots' fixed costs.
+            backend, resolved = "xla", None
     return _gmm(lhs_MK, rhs_GKN, group_sizes_G, _Config(backend, resolved, bool(interpret), out_dtype))

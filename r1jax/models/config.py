@@ -19,6 +19,7 @@ ROPE_TYPES = ("default", "llama3", "yarn", "linear")
 SCORING = ("sigmoid", "softmax")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
+MOE_DISPATCH = ("auto", "dropless", "a2a", "ragged")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,13 @@ class MoEConfig:
             raise ValueError(f"moe.num_experts={self.num_experts} is not divisible by moe.n_group={self.n_group}")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"moe.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.dispatch not in MOE_DISPATCH:
+            raise ValueError(f"moe.dispatch={self.dispatch!r}; valid: {MOE_DISPATCH}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"moe.capacity_factor={self.capacity_factor} must be > 0 (1.0 = the balanced load)")
+        if self.bias_update_rate < 0 or self.aux_loss_coef < 0:
+            raise ValueError(f"moe.bias_update_rate={self.bias_update_rate} and moe.aux_loss_coef="
+                             f"{self.aux_loss_coef} must be >= 0")
         per_group = self.num_experts // self.n_group
         if self.n_group > 1 and self.scoring == "sigmoid" and per_group < 2:
             raise ValueError(f"sigmoid group routing ranks groups by their top-2 scores; needs >= 2 experts per group, "

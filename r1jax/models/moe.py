@@ -7,7 +7,14 @@ the *unbiased* s of the chosen experts, normalized to sum 1 when `norm_topk_prob
 With `scoring="softmax"` (DeepSeek-V2, Qwen-MoE, Mixtral style) s = softmax(x W_r) and a group scores its maximum.
 
 Dispatch on one device is dropless: token-expert pairs are sorted by expert, each expert's rows are multiplied in
-one grouped matmul (`r1jax.kernels.gmm`), then unsorted and combined. Expert parallelism replaces `dispatch`.
+one grouped matmul (`r1jax.kernels.gmm`), then unsorted and combined. With a mesh whose 'expert' axis is > 1 (an
+active `r1jax.parallel.axis_rules` context), `moe.dispatch` picks expert parallelism instead: all-to-all with a
+fixed capacity ("a2a", the "auto" choice) or dropless ragged all-to-all ("ragged", GPU/TPU); see
+r1jax.parallel.expert. The layer's aux then reports the fraction of token-expert assignments dropped for capacity.
+
+The sequence-wise balance loss is DeepSeek-V3's eqs. 17-20 (L_Bal = alpha sum_i f_i P_i per sequence, averaged over
+the batch's sequences); its indicator counts the experts actually selected (biased, group-limited top-k), which is
+the paper's TopK(s) when the bias is zero and n_group is 1.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from flax import nnx
 from r1jax import kernels
 from r1jax.models.config import ModelConfig, MoEConfig
 from r1jax.models.layers import MLP, RouterBias, cast, make_param
+from r1jax.parallel import expert as expert_parallel
 from r1jax.parallel.rules import constrain
 
 
@@ -101,26 +109,37 @@ class MoE(nnx.Module):
         self.has_shared = bool(moe.num_shared_experts)
 
     def __call__(self, x_BLD, mask_BL=None):
-        """Returns (out_BLD, aux) with aux = {"load": tokens per expert [E], "aux_loss": scalar}."""
+        """Returns (out_BLD, aux) with aux = {"load": tokens per expert [E], "aux_loss": scalar, "dropped": fraction
+        of valid token-expert assignments dropped for capacity (0 when dropless)}."""
         B, L, D = x_BLD.shape
         dt = x_BLD.dtype
         x_TD = x_BLD.reshape(B * L, D)
         weights, experts, scores = route(x_TD, self.w_router[...], self.router_bias[...], self.moe)
-        out, counts = self.dispatch(x_TD, weights, experts, cast(self.w_gate, dt), cast(self.w_up, dt),
-                                    cast(self.w_down, dt))
+        valid_T = None if mask_BL is None else mask_BL.reshape(-1).astype(bool)
+        out, dropped = self.dispatch(x_TD, weights, experts, cast(self.w_gate, dt), cast(self.w_up, dt),
+                                     cast(self.w_down, dt), valid_T)
         out = constrain(out.reshape(B, L, D), ("batch", "length", "embed"))
         if self.has_shared:
             out = out + self.shared(x_BLD)
         # Padding tokens are routed (shapes stay static) but do not count as load.
-        valid = jnp.ones((B * L,), jnp.float32) if mask_BL is None else mask_BL.reshape(-1).astype(jnp.float32)
+        valid = jnp.ones((B * L,), jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
         load = jax.nn.one_hot(experts, self.moe.num_experts, dtype=jnp.float32).sum(1).T @ valid
-        aux = {"load": load, "aux_loss": jnp.zeros((), jnp.float32)}
+        routed = jnp.maximum(valid.sum() * self.moe.num_experts_per_tok, 1.0)
+        aux = {"load": load, "aux_loss": jnp.zeros((), jnp.float32), "dropped": dropped / routed}
         if self.moe.aux_loss_coef:
             aux["aux_loss"] = sequence_balance_loss(scores.reshape(B, L, -1),
                                                     experts.reshape(B, L, -1), self.moe.num_experts, mask_BL)
-        del counts
         return out, aux
 
-    def dispatch(self, x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down):
-        return dropless_dispatch(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down,
-                                 backend=resolve_backend(self.moe.gmm_backend), tiling=self.moe.gmm_tiling)
+    def dispatch(self, x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, valid_T=None):
+        """Routed experts: (out_TD, number of dropped assignments). The mode follows `moe.dispatch` and the mesh of
+        the active axis_rules context (r1jax.parallel.expert.resolve_dispatch)."""
+        backend = resolve_backend(self.moe.gmm_backend)
+        mode = expert_parallel.resolve_dispatch(self.moe.dispatch, x_TD.shape[0], self.moe.num_experts)
+        if mode == "dropless":
+            out, _ = dropless_dispatch(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, backend=backend,
+                                       tiling=self.moe.gmm_tiling)
+            return out, jnp.zeros((), jnp.float32)
+        return expert_parallel.dispatch(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, mode=mode,
+                                        capacity_factor=self.moe.capacity_factor, valid_T=valid_T,
+                                        backend=backend, tiling=self.moe.gmm_tiling)

@@ -179,7 +179,8 @@ class Transformer(nnx.Module):
             if cache is not None:
                 new_cache[name] = stack_cache
             if name == "moe":
-                aux = {"moe_load": stack_aux["load"], "moe_aux_loss": stack_aux["aux_loss"]}
+                aux = {"moe_load": stack_aux["load"], "moe_aux_loss": stack_aux["aux_loss"],
+                       "moe_dropped": stack_aux["dropped"]}
         h = self.final_norm(x)
         logits = constrain(self.head(h if logits_start is None else h[:, logits_start:]), ("batch", "length", "vocab"))
         return ModelOutput(logits=logits, hidden=h, cache=new_cache, aux=aux)

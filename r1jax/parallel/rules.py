@@ -9,7 +9,7 @@ Example:
     >>> import jax, jax.numpy as jnp
     >>> from r1jax.parallel import rules
     >>> rules.logical_to_spec(("batch", "embed"), rules.PRESETS["fsdp"])
-    PartitionSpec(('data', 'fsdp', 'expert'), None)
+    P(('data', 'fsdp', 'expert'), None)
 """
 
 from __future__ import annotations

@@ -1,0 +1,137 @@
+"""Multi-host: jax.distributed settings from the environment, a 2-process run through launch/local_multiprocess.sh
+against one process on the same 8-device mesh, and the TPU pod / SLURM launchers (against stub gcloud / srun)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from r1jax.parallel import distributed_config
+from r1jax.parallel.mesh import first_slurm_host
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+
+
+def test_distributed_config_from_environment():
+    assert distributed_config({}) is None  # one process: nothing to start
+    explicit = {"R1JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "R1JAX_NUM_PROCESSES": "4", "R1JAX_PROCESS_ID": "2"}
+    assert distributed_config(explicit) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                                            "process_id": 2}
+    assert distributed_config({**explicit, "R1JAX_NUM_PROCESSES": "1", "R1JAX_PROCESS_ID": "0"}) is None
+    assert distributed_config({**explicit, "R1JAX_LOCAL_DEVICE_IDS": "0,1"})["local_device_ids"] == [0, 1]
+    with pytest.raises(ValueError, match=r"missing \['R1JAX_PROCESS_ID'\]"):
+        distributed_config({"R1JAX_COORDINATOR_ADDRESS": "h:1", "R1JAX_NUM_PROCESSES": "2"})
+    with pytest.raises(ValueError, match=r"R1JAX_PROCESS_ID=4 must be in \[0, R1JAX_NUM_PROCESSES=4\)"):
+        distributed_config({**explicit, "R1JAX_PROCESS_ID": "4"})
+    with pytest.raises(ValueError, match=r"R1JAX_COORDINATOR_ADDRESS='h' needs a port, e.g. h:12355"):
+        distributed_config({**explicit, "R1JAX_COORDINATOR_ADDRESS": "h"})
+    slurm = {"SLURM_NTASKS": "16", "SLURM_PROCID": "5", "SLURM_JOB_NODELIST": "gpu[007-008,012],cpu1"}
+    assert distributed_config(slurm) == {"coordinator_address": "gpu007:12355", "num_processes": 16,
+                                         "process_id": 5}
+    assert distributed_config({**slurm, "R1JAX_COORDINATOR": "head", "R1JAX_COORDINATOR_PORT": "999"}) == {
+        "coordinator_address": "head:999", "num_processes": 16, "process_id": 5}
+    assert distributed_config({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "a"}) is None
+    assert first_slurm_host("node1") == "node1"
+    assert first_slurm_host("n[3,5-9]") == "n3"
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",) and not k.startswith("R1JAX_")}
+    # LLVM level 0: the two processes compile the same tiny model; results stay f32-exact enough to compare.
+    env.update({"XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+                **extra})
+    return env
+
+
+def test_two_processes_compute_the_same_loss_as_one(tmp_path):
+    """2 processes x 4 CPU devices (gloo collectives between them); the (data=2, expert=4) mesh is laid out as a
+    hybrid mesh with data parallelism across the processes (dcn_data=2), as on a multi-slice pod. Same loss and
+    gradient norm as one 8-device process."""
+    out = tmp_path / "result.json"
+    cmd = [str(LAUNCH / "local_multiprocess.sh"), "-d", "4", "2", sys.executable, "-m", "r1jax.parallel.selftest",
+           "--data", "1", "--dcn-data", "2", "--expert", "4", "--out", str(out)]
+    multi = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    lines = [json.loads(line.split("] ", 1)[1]) for line in multi.stdout.splitlines() if '] {"loss"' in line]
+    assert sorted(r["process_index"] for r in lines) == [0, 1]
+    assert all(r["process_count"] == 2 and r["device_count"] == 8 and r["local_device_count"] == 4 for r in lines)
+    assert lines[0]["mesh"] == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert lines[0]["loss"] == lines[1]["loss"]
+    multi_result = json.loads(out.read_text())
+    single = subprocess.run([sys.executable, "-m", "r1jax.parallel.selftest", "--data", "2", "--expert", "4"],
+                            env=_env(XLA_FLAGS="--xla_backend_optimization_level=0 "
+                                               "--xla_force_host_platform_device_count=8"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    assert one["process_count"] == 1 and one["device_count"] == 8
+    assert abs(multi_result["loss"] - one["loss"]) < 1e-5
+    assert abs(multi_result["grad_norm"] - one["grad_norm"]) < 1e-5 * one["grad_norm"]
+
+
+def test_local_launcher_sets_env_and_fails_if_any_process_fails():
+    prog = ("import os; print(os.environ['R1JAX_PROCESS_ID'], os.environ['R1JAX_NUM_PROCESSES'], "
+            "os.environ['R1JAX_COORDINATOR_ADDRESS'], os.environ['XLA_FLAGS'].split()[-1])")
+    run = subprocess.run([str(LAUNCH / "local_multiprocess.sh"), "-d", "2", "3", sys.executable, "-c", prog],
+                         env=_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("["))
+    assert [line.split()[:3] for line in lines] == [["[0]", "0", "3"], ["[1]", "1", "3"], ["[2]", "2", "3"]]
+    assert len({line.split()[3] for line in lines}) == 1 and lines[0].split()[3].startswith("127.0.0.1:")
+    assert all(line.endswith("--xla_force_host_platform_device_count=2") for line in lines)
+    # Process 1 fails at once; process 0 would sleep for a minute: the launcher stops it and returns 1's status.
+    prog = "import os, sys, time; time.sleep(60) if os.environ['R1JAX_PROCESS_ID'] == '0' else sys.exit(3)"
+    t0 = time.monotonic()
+    bad = subprocess.run([str(LAUNCH / "local_multiprocess.sh"), "2", sys.executable, "-c", prog], env=_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 3 and time.monotonic() - t0 < 30 and "stopping the others" in bad.stderr
+    usage = subprocess.run([str(LAUNCH / "local_multiprocess.sh"), "two", "true"], env=_env(), capture_output=True,
+                           text=True, timeout=60)
+    assert usage.returncode == 2 and "number of processes" in usage.stderr
+
+
+def _stub(tmp_path, name):
+    """An executable that records its arguments (one per line) in <name>.args."""
+    stub = tmp_path / name
+    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path / (name + ".args")}\n')
+    stub.chmod(0o755)
+    return tmp_path / (name + ".args")
+
+
+def test_tpu_pod_launcher_runs_on_all_workers_with_overrides_intact(tmp_path):
+    args_file = _stub(tmp_path, "gcloud")
+    env = _env(PATH=f"{tmp_path}:{os.environ['PATH']}", TPU_SSH_FLAGS="--internal-ip")
+    run = subprocess.run([str(LAUNCH / "tpu_pod.sh"), "--project", "proj", "--setup", "source venv/bin/activate",
+                          "my-pod", "us-east5-a", "--", "python", "-m", "r1jax.cli", "train", "exp.py",
+                          "--config.run_name=a b", "--config.note=it's"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    args = args_file.read_text().splitlines()
+    assert args[:6] == ["compute", "tpus", "tpu-vm", "ssh", "my-pod", "--zone"]
+    assert "--worker=all" in args and args[args.index("--project") + 1] == "proj" and args[-1] == "--internal-ip"
+    remote = args[args.index("--command") + 1]
+    assert remote.startswith("set -e; cd ~/r1jax; source venv/bin/activate; python -m r1jax.cli train exp.py")
+    # The remote shell sees each override as one argument, quotes intact.
+    words = subprocess.run(["bash", "-c", "printf '%s\\n' " + remote.split("; ", 3)[3].split(" ", 5)[5]],
+                           capture_output=True, text=True).stdout.splitlines()
+    assert words == ["--config.run_name=a b", "--config.note=it's"]
+
+
+def test_slurm_script_sets_coordinator_and_runs_one_task_per_gpu(tmp_path):
+    args_file = _stub(tmp_path, "srun")
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text('#!/usr/bin/env bash\necho gpu-a01\necho gpu-a02\n')
+    scontrol.chmod(0o755)
+    env = _env(PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_NTASKS="16")
+    script = LAUNCH / "slurm_gpu.sbatch"
+    assert "#SBATCH --gpus-per-task=1" in script.read_text()
+    run = subprocess.run(["bash", str(script), "python", "-m", "r1jax.parallel.selftest", "--expert", "8"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "coordinator gpu-a01:12355" in run.stderr
+    assert args_file.read_text().splitlines() == ["--kill-on-bad-exit=1", "python", "-m", "r1jax.parallel.selftest",
+                                                  "--expert", "8"]

@@ -1,0 +1,133 @@
+"""Meshes, sharding by logical axes (dense FSDP / FSDP+tensor presets against one device), sharded checkpoint loads,
+and the errors for layouts that do not fit."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from r1jax import parallel
+from r1jax.models import Transformer, from_pretrained, get_preset, hf, save_pretrained
+
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def _tokens(B=8, L=12, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (B, L)).astype(np.int32)
+
+
+def _model(name, seed=0):
+    """A jit-initialized model with non-trivial norms and biases (eager init costs seconds per model on CPU)."""
+    def make():
+        model = Transformer(get_preset(name), rngs=nnx.Rngs(seed))
+        graphdef, state = nnx.split(model)
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+    return parallel.init_sharded(make, compiler_options=FAST)
+
+
+def _logits(model, tokens, mesh=None, rules=None):
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t), compiler_options=FAST)
+    if mesh is None:
+        return np.asarray(fn(state, tokens))
+    with parallel.axis_rules(mesh, rules):
+        return np.asarray(fn(state, parallel.shard_batch(tokens, mesh, rules)))
+
+
+def test_make_mesh_sizes_and_errors():
+    mesh = parallel.make_mesh(data=2, expert=-1)
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert dict(parallel.make_mesh(fsdp=-1, tensor=2).shape)["fsdp"] == 4
+    assert parallel.make_mesh(data=2, devices=jax.devices()[:2]).size == 2
+    with pytest.raises(ValueError, match=r"data=3, fsdp=1, expert=4, tensor=1 = 12 does not match the 8 devices; "
+                                         r"a layout that fits: data=2, fsdp=1, expert=4, tensor=1"):
+        parallel.make_mesh(data=3, expert=4)
+    with pytest.raises(ValueError, match=r"fixed axes multiply to 3, which does not divide the 8 devices"):
+        parallel.make_mesh(data=-1, expert=3)
+    with pytest.raises(ValueError, match=r"at most one device mesh axis may be -1"):
+        parallel.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match=r"dcn mesh data=2.* does not match the 1 processes"):
+        parallel.make_mesh(data=8, dcn_data=2)  # one process: one DCN granule
+
+
+def test_batch_sharding_and_errors():
+    mesh = parallel.make_mesh(data=2, expert=4)
+    assert parallel.batch_spec(mesh, "expert", 3) == P(("data", "expert"), None, None)
+    assert parallel.batch_shards(mesh, "fsdp") == 8
+    batch = parallel.shard_batch({"tokens": np.zeros((16, 4), np.int32)}, mesh, "expert")
+    assert batch["tokens"].sharding.spec == P(("data", "expert"), None)
+    assert {s.data.shape for s in batch["tokens"].addressable_shards} == {(2, 4)}
+    with pytest.raises(ValueError, match=r"batch of 6 rows does not split over the batch mesh axes data=2 x "
+                                         r"expert=4 = 8 shards; use a multiple of 8"):
+        parallel.shard_batch(np.zeros((6, 4)), mesh, "expert")
+
+
+@pytest.mark.parametrize("name,shape,rules", [
+    ("tiny_qwen2", dict(fsdp=8), "fsdp"),
+    ("tiny_llama", dict(fsdp=4, tensor=2), "fsdp_tensor"),
+])
+def test_dense_presets_shard_and_match_one_device(name, shape, rules):
+    model = _model(name)
+    tokens = _tokens()
+    ref = _logits(model, tokens)
+    mesh = parallel.make_mesh(**shape)
+    sharded = parallel.shard_model(model, mesh, rules)
+    wq = sharded.dense.attn.wq[...]  # [layers, embed, heads, head dim]
+    assert wq.sharding.spec == P(None, "fsdp", "tensor" if rules == "fsdp_tensor" else None, None)
+    assert {s.data.shape for s in wq.addressable_shards} == {(2, 64 // shape["fsdp"], 4 // shape.get("tensor", 1),
+                                                              16)}
+    if rules == "fsdp_tensor":
+        assert sharded.dense.mlp.w_up[...].sharding.spec == P(None, "fsdp", "tensor")
+        assert sharded.lm_head[...].sharding.spec == P("fsdp", "tensor")
+    np.testing.assert_allclose(_logits(sharded, tokens, mesh, rules), ref, atol=1e-5)
+
+
+def test_layouts_that_do_not_fit_say_what_would():
+    with pytest.raises(ValueError, match=r"num_heads=4 is not divisible by its 'heads' mesh axes tensor=8 = 8; "
+                                         r"sizes that fit: \[2, 4\].*num_kv_heads=2"):
+        parallel.validate_layout(get_preset("tiny_qwen2"), parallel.make_mesh(tensor=8), "fsdp_tensor")
+    cfg = get_preset("tiny_deepseek_v3").replace(moe={"num_experts": 6, "n_group": 1, "topk_group": 1})
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"moe.num_experts=6 is not divisible by its 'exp' mesh axes expert=4 = 4; "
+                                         r"sizes that fit: \[2, 3, 6\]"):
+        parallel.shardings_for(abstract, parallel.make_mesh(data=2, expert=4), "expert")
+    # A rule on a dimension the config does not name is checked per parameter.
+    abstract = nnx.eval_shape(lambda: Transformer(get_preset("tiny_deepseek_v3"), rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract)
+    with pytest.raises(ValueError, match=r"parameter dense.attn.wo \(1, 4, 12, 64\) dim 2 \('kv', size 12\) does not "
+                                         r"split over mesh axes tensor = 8 shards; sizes that fit: \[1, 2, 3, 4, 6\]"):
+        parallel.shardings_for(state, parallel.make_mesh(tensor=8), (("kv", "tensor"),))
+
+
+def test_from_pretrained_with_mesh_reads_only_each_shard(tmp_path, monkeypatch):
+    model = _model("tiny_deepseek_v3")
+    save_pretrained(model, tmp_path)
+    full = from_pretrained(tmp_path, dtype="float32")
+    reads = []
+    real_read = hf.read_param
+
+    def spy(reader, src, index, shape, dtype):
+        if "mlp.experts.0.gate_proj.weight" in str(src.names.reshape(-1)[0]):
+            reads.append(index)
+        return real_read(reader, src, index, shape, dtype)
+
+    monkeypatch.setattr(hf, "read_param", spy)
+    mesh = parallel.make_mesh(fsdp=2, expert=2, tensor=2)
+    sharded = from_pretrained(tmp_path, dtype="float32", mesh=mesh, rules="fsdp_tensor")
+    # Every expert-weight read covers half the experts, half of embed and half of the expert ffn.
+    E, D, F = 8, 64, 32
+    assert reads and all(tuple(s.stop - s.start for s in idx[1:]) == (E // 2, D // 2, F // 2) for idx in reads)
+    w_gate = sharded.moe.mlp.w_gate[...]
+    assert w_gate.sharding.spec == P(None, "expert", "fsdp", "tensor")
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(nnx.state(full))):
+        a, b = a[...], np.asarray(b[...])
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=str(path))
+        for shard in a.addressable_shards:  # each device holds exactly its slice
+            np.testing.assert_array_equal(np.asarray(shard.data), b[shard.index], err_msg=str(path))
