@@ -24,6 +24,12 @@ import jax
 import orbax.checkpoint as ocp
 
 
+# Replica-parallel saving splits every replicated array across its replicas, compiling one slice op per array
+# shape and device on the first save; below 16 MiB that costs more than it saves.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=16 * 2**20), override=True)
+
+
 def _abstract(tree):
     def leaf(x):
         if isinstance(x, jax.Array):
@@ -45,6 +51,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict[str, Any] | None = None, *, force: bool = True) -> None:
+        """Saves `step` unless it is already saved (e.g. a periodic save just before a preemption signal)."""
+        if step in self.manager.all_steps():
+            return
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta or {})), force=force)
 

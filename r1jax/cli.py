@@ -224,6 +224,10 @@ def cmd_plot(argv):
 
 def _main(argv):
     cmd, rest = argv[1], argv[2:]
+    if cmd in ("train", "sample", "eval", "convert"):
+        from r1jax.parallel import initialize
+
+        initialize()  # jax.distributed from the environment, before any device is touched; no-op for one process
     try:
         return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert": cmd_convert,
                 "plot": cmd_plot}[cmd](rest)

@@ -67,7 +67,8 @@ def sft_stage(**kw) -> ml_collections.ConfigDict:
         # "stage:NAME" (the JSONL another stage wrote, e.g. rejection sampling).
         data="task",
         completion_field="completion",
-        corpus=ml_collections.ConfigDict({"n": 2000, "seed": 0, "corrupt_prob": 0.0, "unformatted_prob": 0.0}),
+        corpus=ml_collections.ConfigDict({"n": 2000, "seed": 0, "corrupt_prob": 0.0, "unformatted_prob": 0.0,
+                                          "precedence_error_prob": 0.0, "template": "", "template_prob": 1.0}),
         template="",
         num_epochs=config_dict.placeholder(int),
     )
@@ -130,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=512,
         split_by_whitespace=True,   # spm_train: False lets pieces span words (templates compress to few tokens)
         max_piece_length=16,
+        add_markers=True,           # path: add <think>/<answer> markers the tokenizer lacks (as new ids)
     ))
     cfg.task = ml_collections.ConfigDict(dict(
         name="arithmetic",
@@ -137,7 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
         train=ml_collections.ConfigDict(),   # kwargs for get_task(name, split="train", ...)
         test=ml_collections.ConfigDict(),    # kwargs for get_task(name, split="test", ...)
     ))
-    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, rules="fsdp"))
+    # Mesh axis sizes (-1: the rest of the devices); dcn_* split an axis across slices / hosts (multi-slice pods).
+    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                              dcn_expert=1, dcn_tensor=1, rules="fsdp"))
     return cfg
 
 

@@ -22,7 +22,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 def lr_schedule(lr: float, *, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
                 min_lr_ratio: float = 0.0):
     """Linear warmup from 0 to `lr` over `warmup_steps`, then constant / cosine / linear decay to
-    lr * min_lr_ratio at `total_steps`."""
+    lr * min_lr_ratio at `total_steps`. Jitted: the host logs it every step without recompiling."""
     if schedule not in SCHEDULES:
         raise ValueError(f"lr_schedule={schedule!r}; valid: {SCHEDULES}")
     if warmup_steps < 0 or total_steps < 1:
@@ -35,8 +35,8 @@ def lr_schedule(lr: float, *, total_steps: int, warmup_steps: int = 0, schedule:
     else:
         main = optax.linear_schedule(lr, lr * min_lr_ratio, decay_steps)
     if not warmup_steps:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+        return jax.jit(main)
+    return jax.jit(optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps]))
 
 
 def make_optimizer(*, lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",

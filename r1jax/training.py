@@ -24,7 +24,6 @@ from r1jax.checkpoint import load_params, save_params
 from r1jax.logging import MetricsLogger
 from r1jax.models import Transformer, from_pretrained, get_preset, read_config, save_pretrained
 from r1jax.models.config import ModelConfig
-from r1jax.parallel.rules import logical_to_spec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -50,44 +49,20 @@ class RunContext:
 
 
 def make_run_mesh(mesh_cfg) -> jax.sharding.Mesh:
-    try:
-        from r1jax.parallel import make_mesh
-    except ImportError:  # parallel package without make_mesh: a plain mesh over every device
-        make_mesh = None
+    from r1jax.parallel import make_mesh
+
     sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
-    if make_mesh is not None:
-        return make_mesh(**sizes)
-    n = jax.device_count()
-    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
-    sizes = {a: (n // fixed if s == -1 else s) for a, s in sizes.items()}
-    if int(np.prod(list(sizes.values()))) != n:
-        raise ValueError(f"mesh {sizes} does not multiply to the {n} devices")
-    return jax.sharding.Mesh(np.array(jax.devices()).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
-
-
-def state_shardings(state, mesh, rules):
-    """NamedSharding for every leaf of an nnx State from its logical `axes` metadata (replicated if none)."""
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else None
-        spec = logical_to_spec(axes, rules, mesh) if axes else jax.sharding.PartitionSpec()
-        flat.append((path, var.replace(jax.sharding.NamedSharding(mesh, spec))))
-    return nnx.from_flat_state(flat)
-
-
-def batch_sharding(mesh, rules, ndim: int) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+    dcn = {f"dcn_{a}": int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES if f"dcn_{a}" in mesh_cfg}
+    return make_mesh(**sizes, **dcn)
 
 
 def shard_batch(ctx: RunContext, batch: dict) -> dict:
-    """Device-puts numpy arrays with their leading axis over the batch mesh axes (other values pass through)."""
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, np.ndarray) and v.dtype != object:
-            out[k] = jax.device_put(v, batch_sharding(ctx.mesh, ctx.rules, v.ndim))
-        else:
-            out[k] = v
-    return out
+    """Device-puts the numeric arrays of a batch with their leading axis over the batch mesh axes (each process
+    passes its own rows); other values (raw examples) pass through."""
+    from r1jax.parallel import shard_batch as put
+
+    arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray) and v.dtype != object}
+    return {**batch, **put(arrays, ctx.mesh, ctx.rules)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,16 +101,17 @@ def init_model(ctx: RunContext, init: str, previous: str | None, seed: int) -> T
     if init.startswith("r1jax:"):
         return _load_params_into(ctx, Path(init[6:]))
     if init == "scratch":
-        graphdef, abstract = nnx.split(abstract_model(mc))
-        shardings = state_shardings(abstract, ctx.mesh, ctx.rules)
-        state = jax.jit(lambda: nnx.state(Transformer(mc, rngs=nnx.Rngs(seed))), out_shardings=shardings)()
-        return nnx.merge(graphdef, state)
+        from r1jax.parallel import init_sharded
+
+        return init_sharded(lambda: Transformer(mc, rngs=nnx.Rngs(seed)), ctx.mesh, ctx.rules)
     raise ValueError(f"init={init!r}; valid: previous, scratch, hf:PATH, r1jax:PATH")
 
 
 def _load_params_into(ctx: RunContext, path: Path) -> Transformer:
+    from r1jax.parallel import shardings_for
+
     graphdef, abstract = nnx.split(abstract_model(ctx.model_config))
-    shardings = state_shardings(abstract, ctx.mesh, ctx.rules)
+    shardings = shardings_for(abstract, ctx.mesh, ctx.rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return nnx.merge(graphdef, load_params(path, target))
 
@@ -231,6 +207,7 @@ def run_eval(ctx: RunContext, model, stage_cfg, stage: str, step: int, seed: int
     return out
 
 
+@jax.jit
 def tree_copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
@@ -240,6 +217,6 @@ def update_router_bias(ctx: RunContext, rest, aux):
     moe = ctx.model_config.moe
     if moe is None or not moe.bias_update_rate or "moe_load" not in aux:
         return rest
-    from r1jax.parallel import expert
+    from r1jax.parallel import update_router_bias as update
 
-    return expert.update_router_bias(rest, aux["moe_load"], moe.bias_update_rate)
+    return update(rest, aux["moe_load"], moe.bias_update_rate)

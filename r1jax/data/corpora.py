@@ -3,10 +3,11 @@
 `arithmetic_solution("76 - (73 - 8) * 30")` evaluates the expression one operation at a time, in precedence
 order, and writes each step: "73 - 8 = 65, 65 * 30 = 1950, 76 - 1950 = -1874".
 
-`reasoning_corpus(examples, corrupt_prob=p, unformatted_prob=q)` turns task examples into
-{"prompt", "completion"} pairs: `<think> steps </think> <answer> result </answer>`. With probability p one step's
-result is wrong (off by a small amount) and the error propagates to the answer, as a careless solver's would; with
-probability q the tags are left out. A model pretrained on such a corpus knows the format and the method but is
+`reasoning_corpus(examples, corrupt_prob=p, precedence_error_prob=e, unformatted_prob=q)` turns task examples
+into {"prompt", "completion"} pairs: `<think> steps </think> <answer> result </answer>`. With probability p one
+step's result is wrong (off by a small amount) and the error propagates to the answer, as a careless solver's
+would; with probability e the solution evaluates strictly left to right, ignoring that * binds tighter than + and -
+(the classic mistake; right by luck when the order does not matter); with probability q the tags are left out. A model pretrained on such a corpus knows the format and the method but is
 right only part of the time: the starting point R1-Zero-style RL needs, where a rule-based reward can sharpen
 what the model already half knows.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from collections.abc import Mapping, Sequence
 
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
@@ -42,6 +44,43 @@ def _steps(node, out: list, corrupt_at: int | None, rng: random.Random) -> int:
     raise ValueError(f"unsupported arithmetic node {ast.dump(node)[:60]}; expressions use + - * and parentheses")
 
 
+def _tokens(expression: str) -> list[str]:
+    return re.findall(r"\d+|[-+*()]", expression)
+
+
+def _left_to_right(tokens: list[str], i: int, out: list[str]) -> tuple[int, int]:
+    """Evaluates tokens[i:] up to a closing parenthesis, applying operators strictly left to right (the
+    classic precedence mistake); parentheses are still respected. Returns (value, next index)."""
+    def operand(i):
+        if tokens[i] == "(":
+            value, i = _left_to_right(tokens, i + 1, out)
+            return value, i + 1  # skip ")"
+        if tokens[i] == "-":
+            value, i = operand(i + 1)
+            return -value, i
+        return int(tokens[i]), i + 1
+
+    value, i = operand(i)
+    while i < len(tokens) and tokens[i] != ")":
+        op = tokens[i]
+        rhs, i = operand(i + 1)
+        new = value + rhs if op == "+" else value - rhs if op == "-" else value * rhs
+        out.append(f"{value} {op} {rhs} = {new}")
+        value = new
+    return value, i
+
+
+def left_to_right_solution(expression: str) -> tuple[list[str], int]:
+    """(steps, result) evaluating `expression` left to right, ignoring that * binds tighter than + and -.
+
+    >>> left_to_right_solution("2 + 3 * 4")
+    (['2 + 3 = 5', '5 * 4 = 20'], 20)
+    """
+    steps: list[str] = []
+    value, _ = _left_to_right(_tokens(expression), 0, steps)
+    return steps, value
+
+
 def count_operations(expression: str) -> int:
     return sum(isinstance(n, ast.BinOp) for n in ast.walk(ast.parse(expression, mode="eval")))
 
@@ -62,9 +101,17 @@ def reasoning_completion(steps: Sequence[str], answer, *, formatted: bool = True
 
 
 def reasoning_corpus(examples: Sequence[Mapping], *, corrupt_prob: float = 0.0, unformatted_prob: float = 0.0,
+                     precedence_error_prob: float = 0.0, template: str = "", template_prob: float = 1.0,
                      seed: int = 0) -> list[dict]:
-    """{"prompt", "completion", ...} worked solutions for arithmetic examples (which carry an `expression`)."""
-    for name, p in (("corrupt_prob", corrupt_prob), ("unformatted_prob", unformatted_prob)):
+    """{"prompt", "completion", ...} worked solutions for arithmetic examples (which carry an `expression`).
+
+    With `template` set, a `template_prob` share of the rows carries that template already rendered into its
+    prompt and the rest the bare question, so a model sees the template without paying its tokens on every
+    example; train on such a corpus with the "plain" template."""
+    from r1jax.data.templates import render
+
+    for name, p in (("corrupt_prob", corrupt_prob), ("unformatted_prob", unformatted_prob),
+                    ("precedence_error_prob", precedence_error_prob), ("template_prob", template_prob)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name}={p} must be in [0, 1]")
     rng = random.Random(seed)
@@ -76,9 +123,16 @@ def reasoning_corpus(examples: Sequence[Mapping], *, corrupt_prob: float = 0.0, 
         n_ops = count_operations(ex["expression"])
         corrupt = rng.randrange(n_ops) if rng.random() < corrupt_prob and n_ops else None
         steps, result = arithmetic_solution(ex["expression"], corrupt_step=corrupt, seed=rng.randrange(2**31))
+        wrong_order = rng.random() < precedence_error_prob
+        if wrong_order and corrupt is None:
+            steps, result = left_to_right_solution(ex["expression"])
         formatted = rng.random() >= unformatted_prob
-        out.append({**ex, "completion": reasoning_completion(steps, result, formatted=formatted),
-                    "corrupted": corrupt is not None, "formatted": formatted})
+        row = {**ex, "completion": reasoning_completion(steps, result, formatted=formatted),
+               "corrupted": corrupt is not None, "left_to_right": wrong_order and corrupt is None,
+               "formatted": formatted}
+        if template and rng.random() < template_prob:
+            row["prompt"] = render(template, ex)
+        out.append(row)
     return out
 
 

@@ -217,8 +217,11 @@ def generate_arithmetic(n: int, *, seed: int = 0, split: str = "train",
                         num_ops: int | Sequence[int] = (1, 3), num_digits: int | Sequence[int] = (1, 2),
                         operators: Sequence[str] = ("+", "-", "*"), parentheses: bool = True,
                         allow_negative: bool = True, test_fraction: float = 0.1,
-                        unique: bool = True) -> list[Example]:
+                        unique: bool = True, order_sensitive: bool = False) -> list[Example]:
     """"What is 2 + 3 * 4?" problems with integer answers.
+
+    ``order_sensitive`` keeps only expressions whose value changes when evaluated strictly left to right
+    (ignoring that * binds tighter than + and -), i.e. problems that test operator precedence.
 
     num_ops / num_digits: operator count per expression and digit count per operand, an int or an
     inclusive (lo, hi). '/' is allowed but only exact integer divisions are kept. ``parentheses`` draws
@@ -247,12 +250,20 @@ def generate_arithmetic(n: int, *, seed: int = 0, split: str = "train",
             return None
         if value.denominator != 1 or (not allow_negative and value < 0):
             return None
+        if order_sensitive:
+            from r1jax.data.corpora import left_to_right_solution
+
+            if "/" in expr:
+                raise ValueError("order_sensitive supports the operators + - * only")
+            if left_to_right_solution(expr)[1] == value:
+                return None
         return {"key": expr, "prompt": f"What is {expr}?", "answer": str(value.numerator),
                 "expression": expr}
 
     return _generate(n, task="arithmetic", seed=seed, split=split, test_fraction=test_fraction,
                      unique=unique, draw=draw,
-                     describe=f"num_ops={num_ops}, num_digits={num_digits}, operators={operators}")
+                     describe=f"num_ops={num_ops}, num_digits={num_digits}, operators={operators}, "
+                              f"order_sensitive={order_sensitive}")
 
 
 def generate_multiplication(n: int, *, seed: int = 0, split: str = "train", a_digits: int = 3,

@@ -38,10 +38,10 @@ def _builtin_runners():
 
     STAGE_RUNNERS.setdefault("sft", run_sft_stage)
     STAGE_RUNNERS.setdefault("grpo", run_grpo_stage)
-    try:  # recipe stages (rejection sampling, distillation) live in r1jax.pipeline.r1 when present
-        import r1jax.pipeline.r1  # noqa: F401
-    except ImportError:
-        pass
+    import importlib.util
+
+    if importlib.util.find_spec("r1jax.pipeline.r1") is not None:  # recipe stages (rejection sampling, distill)
+        importlib.import_module("r1jax.pipeline.r1")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def build_tokenizer(config, workdir: Path, tasks):
     if tk.kind == "path":
         if not tk.path:
             raise ValueError("config.tokenizer.kind='path' needs config.tokenizer.path")
-        return load_tokenizer(tk.path)
+        return load_tokenizer(tk.path, add_markers=tk.add_markers)
     if tk.kind == "spm_train":
         path = workdir / "tokenizer.model"
         if path.exists():  # a resumed run must keep the ids it trained with
@@ -115,11 +115,9 @@ def _record_config(config, workdir: Path):
 def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training.StopFlag | None = None):
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        from r1jax.parallel import initialize
-        initialize()
-    except ImportError:
-        pass
+    from r1jax.parallel import initialize
+
+    initialize()  # idempotent; the command already called it before touching devices
     mesh = training.make_run_mesh(config.mesh)
     tasks = load_tasks(config)
     tokenizer = build_tokenizer(config, workdir, tasks)
@@ -127,7 +125,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training
     _record_config(config, workdir)
     return training.RunContext(config=config, workdir=workdir, mesh=mesh, rules=config.mesh.rules,
                                tokenizer=tokenizer, logger=MetricsLogger(workdir), model_config=model_config,
-                               stop=stop or training.StopFlag(), tasks=tasks)
+                               stop=stop if stop is not None else training.StopFlag(), tasks=tasks)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: training.StopFlag | None = None) -> dict:

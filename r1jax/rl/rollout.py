@@ -8,6 +8,7 @@ The batch holds, for R = B * G rows: `tokens` [R, P + N] (left-padded prompt, th
 from __future__ import annotations
 
 import time
+from functools import partial
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -43,6 +44,11 @@ def score(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray, examples: Seq
     return totals, parts, texts
 
 
+@partial(jax.jit, static_argnums=(1, 2))
+def _advantages(rewards_R, group_size, scale):
+    return group_advantages(rewards_R, group_size, scale=scale, return_stats=True)
+
+
 def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rules=None) -> tuple[dict, dict, list]:
     """Samples, scores and computes advantages for one batch from `rl_prompt_dataset` (rows already repeated G
     times; the sampler takes every G-th row and shares each prompt's prefill across its G samples)."""
@@ -61,8 +67,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     totals, parts, texts = score(tokenizer, tokens, lengths, examples, cfg.rewards.to_dict(),
                                  timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers)
     t2 = time.perf_counter()
-    advantages, stats = group_advantages(jnp.asarray(totals, jnp.float32), G, scale=cfg.advantage_scale,
-                                         return_stats=True)
+    advantages, stats = _advantages(jnp.asarray(totals, jnp.float32), G, cfg.advantage_scale)
     R, N = tokens.shape
     completion_mask = np.arange(N)[None, :] < lengths[:, None]
     full_prompt_ids = np.repeat(prompt_ids, G, axis=0)

@@ -1,0 +1,66 @@
+"""Shared pieces of the side-by-side benchmarks: the 12.6M-parameter Qwen2 reference model, a jnp.dot peak, timing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+
+# The benchmark model of the issues: vocab 8192, hidden 384, 6 layers, 6 heads / 2 kv heads, ffn 1024, tied.
+QWEN2_12M = dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def make_reference(seed: int = 0):
+    """(transformers model, checkpoint dir) of the 12.6M Qwen2 with random weights, saved as safetensors so r1jax
+    loads the identical weights."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(**QWEN2_12M)
+    model = transformers.Qwen2ForCausalLM(cfg).float().eval()
+    path = tempfile.mkdtemp(prefix="r1jax_bench_")
+    model.save_pretrained(path)
+    return model, path
+
+
+def dot_peak_flops(n: int = 2048, iters: int = 5) -> float:
+    """f32 matmul FLOP/s of jnp.dot on the default device (the roofline the benchmarks compare with)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def decoder_flops_per_token(cfg: dict, context: int) -> float:
+    """Forward FLOPs of one token: 2 x (weights touched) + attention over `context` keys."""
+    D, F, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    Q = D // H
+    per_layer = D * H * Q + 2 * D * K * Q + H * Q * D + 3 * D * F
+    attention = 2 * H * Q * context  # scores and weighted sum
+    return 2 * (L * per_layer + D * V) + 2 * L * attention
+
+
+def machine() -> str:
+    try:
+        cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        cpu = platform.processor()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()} CPUs ({cpu}), load {load:.1f}"

@@ -1,0 +1,183 @@
+"""The training stack end to end on a tiny config: the command, resume, SIGTERM, non-finite skips, sweeps,
+config errors."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from r1jax.logging import read_metrics
+from r1jax.pipeline.stages import run
+from r1jax.training import NonFiniteError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "tests" / "configs" / "tiny_r1zero.py")
+
+
+def _config(arg=None, **grpo):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_r1zero", CONFIG)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config(arg)
+    for k, v in grpo.items():
+        cfg.grpo[k] = v
+    return cfg
+
+
+def _cli(*args, timeout=600, **popen):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "r1jax.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT, **popen)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """A workdir whose pretrain stage is done; tests copy it so each runs only the GRPO stage."""
+    base = tmp_path_factory.mktemp("pretrained")
+    cfg = _config()
+    cfg.stages = "pretrain"
+    run(cfg, base)
+    return base
+
+
+def _workdir(pretrained, path):
+    shutil.copytree(pretrained, path)
+    (path / "metrics.jsonl").unlink()
+    return path
+
+
+def _by_step(records, stage, key):
+    return {r["step"]: r[key] for r in records if r["stage"] == stage and key in r}
+
+
+class StopAfter:
+    """A stop flag that trips on its n-th check (the GRPO loop checks once per step)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __bool__(self):
+        self.n -= 1
+        return self.n < 0
+
+
+def test_train_command_runs_both_stages(tmp_path):
+    r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    grpo = [x for x in records if x["stage"] == "grpo" and "reward" in x]
+    assert [x["step"] for x in grpo] == [1, 2, 3]
+    for key in ("reward", "reward/accuracy", "reward/format", "reward_std", "frac_zero_std", "kl", "clip_frac",
+                "entropy", "completion_len", "loss", "lr", "grad_norm", "tokens_per_s", "step_s"):
+        assert key in grpo[-1], key
+    evals = _by_step(records, "grpo", "eval/pass@1")
+    assert sorted(evals) == [0, 3]
+    assert (tmp_path / "pretrain" / "DONE").exists() and (tmp_path / "grpo" / "DONE").exists()
+    assert (tmp_path / "tensorboard" / "grpo").is_dir()
+    assert "grpo:" in r.stdout
+    # A second run finds both stages done and only reports them.
+    again = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.steps=3")
+    assert again.returncode == 0 and len(read_metrics(tmp_path)) == len(records)
+    plot = _cli("plot", str(tmp_path))
+    assert plot.returncode == 0 and (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path):
+    full = run(_config(), _workdir(pretrained, tmp_path / "full"))
+    assert not full["stopped"]
+    # The GRPO loop checks the flag before each step: the third check (step 2) trips.
+    first = run(_config(), _workdir(pretrained, tmp_path / "resumed"), stop=StopAfter(2))
+    assert first["stopped"] and first["stopped_in"] == "grpo"
+    assert (tmp_path / "resumed" / "grpo" / "checkpoints" / "2").exists()
+    second = run(_config(), tmp_path / "resumed")
+    assert not second["stopped"]
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    for key in ("loss", "reward", "grad_norm", "entropy", "kl", "completion_len"):
+        assert _by_step(a, "grpo", key) == _by_step(b, "grpo", key), key
+    assert _by_step(a, "grpo", "eval/pass@1") == _by_step(b, "grpo", "eval/pass@1")
+
+
+def test_nan_loss_is_skipped_and_counted(pretrained, tmp_path):
+    out = run(_config(debug_nan_steps="2"), _workdir(pretrained, tmp_path / "w"))
+    tmp_path = tmp_path / "w"
+    assert out["stages"]["grpo"]["skipped_updates"] == 1
+    skipped = _by_step(read_metrics(tmp_path), "grpo", "skipped_updates")
+    assert skipped == {1: 0, 2: 1, 3: 1, 4: 1}
+    losses = _by_step(read_metrics(tmp_path), "grpo", "loss")
+    assert losses[2] != losses[2] and losses[3] == losses[3]  # NaN at the injected step only
+
+
+def test_consecutive_nonfinite_updates_stop_without_a_bad_checkpoint(pretrained, tmp_path):
+    tmp_path = _workdir(pretrained, tmp_path / "w")
+    with pytest.raises(NonFiniteError, match="2 consecutive updates"):
+        run(_config(debug_nan_steps="3,4", max_nonfinite=2, checkpoint_every=1), tmp_path)
+    ckpts = sorted(int(p.name) for p in (tmp_path / "grpo" / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts and max(ckpts) == 2  # steps 3 and 4 skipped: no checkpoint written after them
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "r1jax.cli", "train", "--config", f"{CONFIG}:steps=400",
+                             "--workdir", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if any(r["stage"] == "grpo" and r["step"] >= 2 and "reward" in r for r in read_metrics(tmp_path)):
+                break
+        except FileNotFoundError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the run did not reach GRPO step 2")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Re-run the same command to resume" in err
+    steps = [int(p.name) for p in (tmp_path / "grpo" / "checkpoints").iterdir() if p.name.isdigit()]
+    logged = max(r["step"] for r in read_metrics(tmp_path) if r["stage"] == "grpo")
+    assert max(steps) == logged and not (tmp_path / "grpo" / "DONE").exists()
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+    r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.learning_rate=1")
+    assert r.returncode == 2
+    assert "--config.grpo.learning_rate: unknown config key" in r.stderr and "beta" in r.stderr
+    r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.beta=abc")
+    assert r.returncode != 0 and "beta" in r.stderr
+    r = _cli("train", "--config", f"{CONFIG}:nope=1", "--workdir", str(tmp_path))
+    assert r.returncode != 0 and "unknown config variant option 'nope'" in r.stderr
+
+
+def test_bad_stage_settings_are_named(tmp_path):
+    cfg = _config()
+    cfg.stages = "pretrain,rl"
+    with pytest.raises(ValueError, match="no 'rl' sub-config"):
+        run(cfg, tmp_path)
+    with pytest.raises(ValueError, match="do not split into minibatches=3"):
+        run(_config(minibatches=3), tmp_path / "b")
+
+
+def test_sweep_expansion():
+    sys.path.insert(0, str(ROOT / "launch"))
+    import sweep
+
+    cmds = sweep.commands(CONFIG, "/tmp/sw", ["--config.grpo.steps=2"])
+    assert len(cmds) == 4
+    assert cmds[1][:3] == ["r1jax", "train", "--config"]
+    assert "--config.grpo.lr=0.001" in cmds[1] and "--config.grpo.beta=0.04" in cmds[1]
+    assert cmds[1][-1] == "--config.grpo.steps=2"
+    assert len({c[4] for c in cmds}) == 4  # one workdir per point
+    slurm = sweep.commands(CONFIG, "/tmp/sw", [], launcher="slurm")
+    assert slurm[0][:2] == ["sbatch", "launch/slurm_gpu.sbatch"]
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", CONFIG, "--workdir", "/tmp/s",
+                        "--print"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 4
