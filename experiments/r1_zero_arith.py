@@ -42,18 +42,18 @@ def get_config(arg=None):
     cfg.mesh.data = -1
 
     cfg.pretrain = sft_stage(
-        init="scratch", data="corpus:arith_reasoning", template="plain", steps=400, batch_size=32, max_len=128,
+        init="scratch", data="corpus:arith_reasoning", template="plain", steps=700, batch_size=32, max_len=128,
         pack=True,
         lr=3e-3, warmup_steps=50, lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, log_every=50,
         checkpoint_every=250)
     # A fifth of the corpus carries the R1-Zero template; the rest is the bare question (4x fewer tokens).
-    cfg.pretrain.corpus = dict(n=20000, seed=0, precedence_error_prob=0.5, corrupt_prob=0.05, unformatted_prob=0.1,
+    cfg.pretrain.corpus = dict(n=20000, seed=0, precedence_error_prob=0.5, corrupt_prob=0.0, unformatted_prob=0.1,
                                template="r1_zero", template_prob=0.2)
     cfg.pretrain.eval = eval_config(num_problems=0)  # the base model is evaluated as GRPO step 0
 
     cfg.grpo = grpo_stage(
         steps=60, batch_prompts=16, group_size=8, max_prompt_len=128, max_new_tokens=48, temperature=1.0,
-        lr=5e-4, warmup_steps=5, lr_schedule="constant", b2=0.99, grad_clip=1.0, loss_type="grpo", beta=0.0,
+        lr=1e-4, warmup_steps=5, lr_schedule="constant", b2=0.99, grad_clip=1.0, loss_type="grpo", beta=0.0,
         epsilon_low=0.2, mu=1, minibatches=1, log_every=5, eval_every=20, checkpoint_every=20,
         reward_workers=2)
     cfg.grpo.rewards = dict(accuracy=1.0, format=0.1)

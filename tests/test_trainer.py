@@ -181,3 +181,53 @@ def test_sweep_expansion():
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", CONFIG, "--workdir", "/tmp/s",
                         "--print"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 4
+
+
+def test_grpo_update_moves_log_probs_along_the_advantages():
+    """One update raises the completions with positive advantage relative to the negative ones, and the
+    sampler's log-probs (old_logp) equal the training forward's on the left-padded batch."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+    from flax import nnx
+
+    from r1jax.configs import grpo_stage
+    from r1jax.models import Transformer, get_preset
+    from r1jax.optim import make_optimizer
+    from r1jax.rl.grpo import group_advantages
+    from r1jax.rl.rollout import sample_group
+    from r1jax.rl.trainer import make_logp_fn, make_update_fn
+    from r1jax.training import split_params
+
+    model = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
+    B, G, N = 4, 4, 10
+    rng = np.random.default_rng(0)
+    lengths = [3, 8, 5, 6]
+    prompt_ids = np.zeros((B, 8), np.int32)
+    prompt_mask = np.zeros((B, 8), bool)
+    for b, n in enumerate(lengths):
+        prompt_ids[b, 8 - n:] = rng.integers(3, 256, n)
+        prompt_mask[b, 8 - n:] = True
+    tokens, lens, logp = sample_group(model, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), group_size=G,
+                                      max_new_tokens=N, temperature=1.0, top_p=1.0, top_k=0, eos_ids=[2], pad_id=0,
+                                      rng=jax.random.key(1))
+    completion_mask = np.arange(N)[None] < np.asarray(lens)[:, None]
+    rewards = jnp.asarray(rng.random(B * G), jnp.float32)
+    batch = {"tokens": jnp.concatenate([jnp.repeat(prompt_ids, G, 0), tokens], 1),
+             "mask": jnp.concatenate([jnp.repeat(prompt_mask, G, 0), completion_mask], 1),
+             "completion_mask": jnp.asarray(completion_mask), "advantages": group_advantages(rewards, G),
+             "old_logp": logp}
+    graphdef, params, rest = split_params(model)
+    before = make_logp_fn(graphdef)(params, rest, batch["tokens"], batch["mask"], 8)
+    np.testing.assert_allclose(np.where(completion_mask, before, 0), np.where(completion_mask, logp, 0), atol=1e-4)
+    cfg = ml_collections.ConfigDict(grpo_stage(beta=0.0, max_new_tokens=N))
+    opt = make_optimizer(lr=1e-3, total_steps=1)
+    new, _, metrics, _ = make_update_fn(graphdef, opt, cfg, 0.0)(jax.tree.map(jnp.copy, params), opt.init(params),
+                                                                 rest, batch, False, 8)
+    after = make_logp_fn(graphdef)(new, rest, batch["tokens"], batch["mask"], 8)
+    delta = np.sum(np.where(completion_mask, after - before, 0), 1)
+    adv = np.asarray(batch["advantages"])
+    assert float(metrics["ratio/max"]) == pytest.approx(1.0, abs=1e-4)
+    assert np.sum(adv * delta) > 0
+    assert delta[adv > 0].mean() > delta[adv < 0].mean()
