@@ -2,17 +2,22 @@
 
     r1jax train --config experiments/r1_zero_arith.py --workdir /tmp/r1zero
 
-Stage `pretrain`: a tiny Qwen2-style model (about 1M parameters, a sentencepiece tokenizer trained for the run)
-learns from worked solutions of expressions such as "What is 5 - 4 * 7 + 6?" written in the R1-Zero format
-(`<think> 4 * 7 = 28, 5 - 28 = -23, -23 + 6 = -17 </think> <answer> -17 </answer>`). The corpus is deliberately
-imperfect: a third of the solutions make one arithmetic slip that carries into the answer, and some leave out the
-tags. The base model therefore knows the method and the format but is right only part of the time.
+The problems are two operations on single digits whose value depends on operator precedence ("What is 7 - 2 * 8?",
+1,620 such expressions; 10% held out by a hash of the expression, so no test problem is seen in training).
+
+Stage `pretrain`: a tiny Qwen2-style model (0.8M parameters, a 512-piece sentencepiece tokenizer trained for the
+run) learns from worked solutions in the R1-Zero format (`<think> 2 * 8 = 16, 7 - 16 = -9 </think> <answer> -9
+</answer>`). The corpus is deliberately imperfect: half its solutions make the classic mistake of evaluating left to
+right (`<think> 7 - 2 = 5, 5 * 8 = 40 </think> ...`), and a tenth leave out the tags. The base model therefore
+knows the format and the arithmetic but picks the right order of operations only about half the time. A fifth of
+the corpus carries the full R1-Zero template; the rest is the bare question, which costs a quarter of the tokens.
 
 Stage `grpo`: R1-Zero GRPO from that base with the paper's prompt template, the rule-based accuracy + format rewards
-(weights 1.0 and 0.1) and G=8 samples per prompt, evaluated on held-out expressions (no expression is shared with
-training) with k=4 samples at temperature 0.6 and top-p 0.95, as R1 reports pass@1.
+(weights 1.0 and 0.1), G=8 samples per prompt at temperature 1, evaluated on the 160 held-out problems with k=4
+samples at temperature 0.6 and top-p 0.95 (R1's pass@1) every 10 steps. Nothing tells the model which order is
+right: it finds out from the reward.
 
-Variants: `:runlocal` shrinks everything for a smoke run (a minute). Sweep with
+Variants: `:runlocal` shrinks everything for a smoke run (about a minute). Sweep with
 `python launch/sweep.py --config experiments/r1_zero_arith.py --workdir /tmp/sweep`.
 """
 
@@ -42,7 +47,7 @@ def get_config(arg=None):
     cfg.mesh.data = -1
 
     cfg.pretrain = sft_stage(
-        init="scratch", data="corpus:arith_reasoning", template="plain", steps=700, batch_size=32, max_len=128,
+        init="scratch", data="corpus:arith_reasoning", template="plain", steps=600, batch_size=32, max_len=128,
         pack=True,
         lr=3e-3, warmup_steps=50, lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, log_every=50,
         checkpoint_every=250)
@@ -52,9 +57,9 @@ def get_config(arg=None):
     cfg.pretrain.eval = eval_config(num_problems=0)  # the base model is evaluated as GRPO step 0
 
     cfg.grpo = grpo_stage(
-        steps=60, batch_prompts=16, group_size=8, max_prompt_len=128, max_new_tokens=48, temperature=1.0,
+        steps=40, batch_prompts=16, group_size=8, max_prompt_len=128, max_new_tokens=48, temperature=1.0,
         lr=1e-4, warmup_steps=5, lr_schedule="constant", b2=0.99, grad_clip=1.0, loss_type="grpo", beta=0.0,
-        epsilon_low=0.2, mu=1, minibatches=1, log_every=5, eval_every=20, checkpoint_every=20,
+        epsilon_low=0.2, mu=1, minibatches=1, log_every=5, eval_every=10, checkpoint_every=20,
         reward_workers=2)
     cfg.grpo.rewards = dict(accuracy=1.0, format=0.1)
     cfg.grpo.eval = eval_config(num_problems=160, k=4, temperature=0.6, top_p=0.95, max_new_tokens=48,
