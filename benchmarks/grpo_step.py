@@ -5,7 +5,7 @@
 Both train the 12.6M Qwen2 of benchmarks/common.py from the same safetensors, on the same 32-token prompts (a
 word-level tokenizer over the model's 8192 ids), with G samples per prompt at temperature 1, exactly `new_tokens`
 sampled tokens (no EOS), the same rule-based reward (how often token "t7" appears), beta, AdamW and one update per
-rollout. Reported: seconds per step (median over steps after the first, which compiles), their ratio, and r1jax's
+rollout. Reported: seconds per step (median over steps after the first two, which compile), their ratio, and r1jax's
 train-phase model FLOP/s (reference forward + policy forward/backward) as a fraction of a jnp.dot f32 peak measured
 in the same run.
 """
@@ -104,7 +104,7 @@ def run_r1jax(args, ckpt: str, tok_dir: Path, prompts: list[str], workdir: Path)
     return [r for r in read_metrics(workdir, "grpo") if "step_s" in r]
 
 
-def run_trl(args, ref_model, tok_dir: Path, prompts: list[str]) -> list[float]:
+def run_trl(args, ckpt: str, tok_dir: Path, prompts: list[str]) -> list[float]:
     import torch
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast, TrainerCallback
@@ -131,7 +131,8 @@ def run_trl(args, ref_model, tok_dir: Path, prompts: list[str]) -> list[float]:
                      generation_kwargs={"min_new_tokens": args.new_tokens, "eos_token_id": None},
                      dataloader_num_workers=0, seed=0)
     ds = Dataset.from_dict({"prompt": prompts})
-    trainer = GRPOTrainer(model=ref_model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok,
+    # A path (not a module) so TRL loads the policy and, with beta > 0, its reference copy from the same files.
+    trainer = GRPOTrainer(model=ckpt, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok,
                           callbacks=[Timer()])
     torch.set_num_threads(os.cpu_count())
     trainer.train()
@@ -140,7 +141,7 @@ def run_trl(args, ref_model, tok_dir: Path, prompts: list[str]) -> list[float]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--prompt_len", type=int, default=32)
@@ -154,7 +155,7 @@ def main(argv=None):
     tok_dir = word_tokenizer(tmp / "tok")
     prompts = prompts_text(args.prompts * max(args.steps, 1), args.prompt_len)
     records = run_r1jax(args, ckpt, tok_dir, prompts, tmp / "run")
-    steady = records[1:] or records
+    steady = records[2:] or records[1:] or records  # the first steps compile
     r1_step = float(np.median([r["step_s"] for r in steady]))
     train_s = float(np.median([r["train_s"] for r in steady]))
     rollout_s = float(np.median([r["rollout_s"] for r in steady]))
@@ -170,8 +171,8 @@ def main(argv=None):
     print(f"r1jax train phase: {train_flops / train_s / 1e9:.1f} GFLOP/s = {100 * train_flops / train_s / peak:.1f}% "
           f"of the jnp.dot f32 peak ({peak / 1e9:.0f} GFLOP/s)")
     if not args.skip_trl:
-        times = run_trl(args, ref, tok_dir, prompts)
-        trl_step = float(np.median(times[1:] or times))
+        times = run_trl(args, ckpt, tok_dir, prompts)
+        trl_step = float(np.median(times[2:] or times[1:] or times))
         print(f"TRL:    {trl_step:6.2f} s/step (GRPOTrainer, transformers generate)")
         print(f"ratio TRL / r1jax: {trl_step / r1_step:.2f}x")
 

@@ -1,6 +1,6 @@
 """The `r1jax` command.
 
-    r1jax train   --config experiments/X.py[:variant] --workdir DIR [--config.a.b=value ...]
+    r1jax train   --config experiments/X.py[:variant] --workdir DIR [--config.a.b=value ...] [--dry_run]
     r1jax sample  --model DIR [--tokenizer PATH] --prompt TEXT [--num_samples 4 --max_new_tokens 128 ...]
     r1jax eval    --model DIR [--tokenizer PATH] --data FILE|TASK [--k 4 --max_new_tokens 512 ...]
     r1jax convert --to_hf --workdir DIR --stage NAME --out DIR        (r1jax stage weights -> Hugging Face)
@@ -9,6 +9,9 @@
 
 `--model` is a Hugging Face checkpoint directory, or a stage directory of a workdir (WORKDIR/<stage>, whose
 weights are read with the run's config and tokenizer). Re-running `train` with the same workdir resumes.
+`train --dry_run` checks the config for its `config.hardware` on this machine instead (r1jax.pipeline.dry_run:
+abstract mesh, shardings, lowering for the target platform, memory per device; no files, no weights) and writes
+WORKDIR/dry_run.json when --workdir is given.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ flags.DEFINE_bool("to_hf", False, "convert: r1jax stage weights -> Hugging Face.
 flags.DEFINE_string("from_hf", None, "convert: Hugging Face checkpoint -> r1jax parameters.")
 flags.DEFINE_string("stage", None, "convert: the stage of --workdir to export.")
 flags.DEFINE_string("out", None, "Output path (convert, plot, eval results JSON).")
+flags.DEFINE_bool("dry_run", False, "train: check the config for config.hardware without running it (no weights).")
 
 
 class UsageError(ValueError):
@@ -99,8 +103,16 @@ def cmd_train(argv):
     from r1jax.training import StopFlag
 
     cfg = _CONFIG.value
+    if cfg is not None and FLAGS.dry_run:
+        return _dry_run(cfg)
     if cfg is None or not FLAGS.workdir:
         raise UsageError("train needs --config FILE[:variant] and --workdir DIR")
+    from r1jax.pipeline.dry_run import check_hardware
+
+    try:
+        check_hardware(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     stop = StopFlag().install()
     result = run(cfg, FLAGS.workdir, stop=stop)
     if result["stopped"]:
@@ -111,6 +123,18 @@ def cmd_train(argv):
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
         print(f"{name}: {json.dumps(shown)}")
     return 0
+
+
+def _dry_run(cfg):
+    from r1jax.pipeline.dry_run import dry_run, format_report
+
+    report = dry_run(cfg)
+    print(format_report(report, FLAGS["config"].config_filename or ""))
+    if FLAGS.workdir:
+        out = Path(FLAGS.workdir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dry_run.json").write_text(json.dumps(report, indent=2, default=str))
+    return 0 if report["ok"] else 1
 
 
 def _load_model_and_tokenizer(path: str):

@@ -18,7 +18,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-STAGE_KINDS = ("sft", "grpo", "rejection", "distill", "reward_model")
+STAGE_KINDS = ("sft", "grpo", "rejection", "distill", "evaluate", "reward_model")
+# Stage keys whose value may name another stage as "stage:NAME" (which must come earlier in config.stages).
+STAGE_REF_KEYS = ("init", "teacher", "data", "prompts")
 
 
 def _optim(**kw) -> dict:
@@ -28,12 +30,24 @@ def _optim(**kw) -> dict:
     return d
 
 
+def stage_model(**kw) -> ml_collections.ConfigDict:
+    """A stage's own model (e.g. a distillation student), applied on top of `config.model`; empty keys inherit.
+
+    Setting `preset` or `hf_path` replaces the architecture (and `overrides` then apply to that preset alone);
+    otherwise `overrides` are merged into `config.model.overrides` (e.g. a narrower student of the same family)."""
+    d = dict(preset="", hf_path="", overrides=ml_collections.ConfigDict(), dtype="", param_dtype="", remat="")
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
+
+
 def _common(kind: str, **kw) -> dict:
     d = dict(
         kind=kind,
-        # Where the stage's initial weights come from: "previous" (the previous stage's output), "scratch"
-        # (random init from config.model), "hf:PATH" (a Hugging Face checkpoint), "r1jax:PATH" (saved params).
+        # Where the stage's initial weights come from: "previous" (the output of the last earlier stage that
+        # has weights), "stage:NAME" (a named earlier stage's output), "base" (the stage's model: its hf_path,
+        # else random), "scratch" (random init), "hf:PATH" (a Hugging Face checkpoint), "r1jax:PATH" (params).
         init="previous",
+        model=stage_model(),
         steps=100,
         log_every=1,
         eval_every=0,             # 0: evaluate at the start and the end only
@@ -49,6 +63,8 @@ def _common(kind: str, **kw) -> dict:
 
 
 def eval_config(**kw) -> ml_collections.ConfigDict:
+    """Held-out evaluation: the first `num_problems` problems of `split` (0: the stage does not evaluate), k samples
+    each at `temperature` / `top_p`, correct by the `reward` rule."""
     d = dict(num_problems=200, k=4, temperature=0.6, top_p=0.95, max_new_tokens=256, batch_size=64,
              reward="accuracy", template="", split="test")
     d.update(kw)
@@ -70,7 +86,7 @@ def sft_stage(**kw) -> ml_collections.ConfigDict:
         corpus=ml_collections.ConfigDict({"n": 2000, "seed": 0, "corrupt_prob": 0.0, "unformatted_prob": 0.0,
                                           "precedence_error_prob": 0.0, "template": "", "template_prob": 1.0}),
         template="",
-        num_epochs=config_dict.placeholder(int),
+        num_epochs=config_dict.placeholder(int),  # None: repeat the data; else the stage ends when it runs out
     )
     d.update(kw)
     cfg = ml_collections.ConfigDict(d)
@@ -90,6 +106,8 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         top_p=1.0,
         top_k=0,
         mu=1,                       # optimization passes over each rollout batch (num_iterations)
+        grad_accum=1,               # micro-batches per minibatch, gradients accumulated (memory, not semantics)
+        logits_chunk=0,             # completion positions per output-head chunk (0: all at once)
         minibatches=1,              # optimizer steps per pass (the batch is split into this many minibatches)
         old_logp="auto",            # auto: the sampler's log-probs with one update per rollout, else recompute
         loss_type="grpo",
@@ -110,6 +128,83 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
     d.update(kw)
     cfg = ml_collections.ConfigDict(d)
     cfg.eval = eval_config()
+    return cfg
+
+
+def sampling_config(**kw) -> ml_collections.ConfigDict:
+    """Sample k completions per prompt, keep the good ones: rejection sampling and distillation data.
+
+    Kept: correct (the accuracy reward), well formatted (the format reward), language-consistent (share of the
+    chain of thought's words in the target language; a chain of thought without words passes), finished within
+    the length limit, and not a duplicate of another kept sample for the same prompt. Non-reasoning rows from
+    `mix_data` are then added so that they make up `mix_ratio` of the written data (R1: 200k of 800k = 0.25)."""
+    d = dict(
+        prompts="task",             # "task" (the task's `split` examples) or "jsonl:PATH" (rows with prompt, answer)
+        split="train",
+        num_prompts=0,              # 0: every prompt
+        k=4,                        # samples per prompt
+        temperature=0.6,
+        top_p=0.95,
+        top_k=0,
+        max_new_tokens=256,
+        batch_size=64,              # prompts per sampler call (and per resumable chunk)
+        template="",                # "" : config.task.template
+        require_correct=True,
+        require_format=True,
+        min_language_consistency=0.0,  # 0: off; R1 drops chains of thought that mix languages
+        language="en",              # target language unless the example has a "language" field
+        max_completion_tokens=0,    # 0: max_new_tokens
+        keep_truncated=False,       # keep completions cut off at max_new_tokens (no EOS)
+        dedup=True,                 # drop repeated completions of the same prompt (whitespace-normalized)
+        max_per_prompt=0,           # 0: every accepted sample
+        reward_timeout_s=1.0,
+        reward_workers=4,
+        mix_data="",                # "", "jsonl:PATH" ({"prompt","completion"} / {"messages"}) or "task:NAME"
+        mix_ratio=0.0,              # share of the written rows that come from mix_data, in [0, 1)
+        mix_task=ml_collections.ConfigDict(),  # get_task kwargs for mix_data="task:NAME" (split="train")
+        mix_completion="{answer}",  # task rows' completion, formatted with the example's fields
+    )
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
+
+
+def rejection_stage(**kw) -> ml_collections.ConfigDict:
+    """Rejection sampling with the model named by `init` (default: the previous stage's) into
+    WORKDIR/<stage>/data.jsonl, which a later SFT stage reads with data="stage:<name>"."""
+    cfg = sampling_config()
+    cfg.kind = "rejection"
+    cfg.init = "previous"
+    cfg.model = stage_model()
+    cfg.update(kw)
+    return cfg
+
+
+def distill_stage(**kw) -> ml_collections.ConfigDict:
+    """Distillation: the `teacher` generates (settings in `samples`), the filter keeps, the student (this stage's
+    `model`, initialized from `init`) learns by SFT; with kd_weight > 0 the loss also pulls the student's token
+    distribution towards the teacher's on the same batch (KL, temperature kd_temperature)."""
+    cfg = sft_stage(kind="distill", init="base", lr=1e-5, warmup_steps=0)
+    cfg.teacher = "previous"        # previous | stage:NAME | hf:PATH | r1jax:PATH (architecture of config.model)
+    cfg.data = "teacher"            # "teacher" (generate now), or SFT data: stage:NAME, jsonl:PATH (e.g. R1 traces)
+    cfg.kd_weight = 0.0             # loss = (1 - w) * CE + w * kd_temperature^2 * KL(teacher || student)
+    cfg.kd_temperature = 1.0
+    cfg.samples = sampling_config()
+    cfg.update(kw)
+    return cfg
+
+
+def evaluate_stage(**kw) -> ml_collections.ConfigDict:
+    """Evaluates several models on the same held-out problems and writes WORKDIR/<output>.json/.md/.png.
+
+    `models` maps a label to a model: "stage:NAME", "hf:PATH" or "r1jax:PATH" (architecture of this stage's
+    `model`); `templates` optionally maps a label to its prompt template (default eval.template, else the task's);
+    `order`: comma-separated labels, the order of the results (default: sorted, as a ConfigDict keeps its keys).
+    `datasets`: comma-separated "test" (the task's test split) and/or task names (e.g. "aime,math500")."""
+    cfg = ml_collections.ConfigDict(dict(kind="evaluate", models=ml_collections.ConfigDict(), order="",
+                                         templates=ml_collections.ConfigDict(), datasets="test", output="results",
+                                         model=stage_model()))
+    cfg.eval = eval_config()
+    cfg.update(kw)
     return cfg
 
 
@@ -142,7 +237,22 @@ def base_config() -> ml_collections.ConfigDict:
     # Mesh axis sizes (-1: the rest of the devices); dcn_* split an axis across slices / hosts (multi-slice pods).
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1,
                                               dcn_expert=1, dcn_tensor=1, rules="fsdp"))
+    cfg.hardware = hardware_config()
     return cfg
+
+
+def hardware_config(**kw) -> ml_collections.ConfigDict:
+    """The hardware a config is meant for. `r1jax train --dry_run` checks the config for it on any machine
+    (r1jax.pipeline.dry_run: an abstract mesh of num_devices, lowering for `platform`); a real run uses the
+    devices it has and stops with an error when num_devices is set and differs."""
+    d = dict(
+        platform="cpu",       # cpu | tpu | cuda: what the dry run lowers for
+        num_devices=0,        # devices of the whole run (0: this machine's); config.mesh must multiply to it
+        memory_gib=0.0,       # memory per device, for the dry run's fits / exceeds estimate (0: unknown)
+        name="",              # e.g. "TPU v5p-1024 (512 chips)", "8x H100 80GB"; shown in reports
+    )
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
 
 
 def validate(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -159,6 +269,19 @@ def validate(cfg: ml_collections.ConfigDict) -> list[str]:
             raise ValueError(f"config.{name}.kind={kind!r}; valid: {STAGE_KINDS}")
     if len(set(names)) != len(names):
         raise ValueError(f"config.stages repeats a stage: {names}")
+    for i, name in enumerate(names):
+        stage = cfg[name]
+        refs = [(key, stage[key]) for key in STAGE_REF_KEYS if isinstance(stage.get(key), str)]
+        if stage.kind == "evaluate":
+            refs += [(f"models.{label}", spec) for label, spec in stage.models.items()]
+            order = [x.strip() for x in stage.order.split(",") if x.strip()]
+            if order and sorted(order) != sorted(stage.models):
+                raise ValueError(f"config.{name}.order={stage.order!r} must list each of the models "
+                                 f"{sorted(stage.models)} once")
+        for key, value in refs:
+            if value.startswith("stage:") and value[6:] not in names[:i]:
+                raise ValueError(f"config.{name}.{key}={value!r} names no earlier stage; stages before "
+                                 f"{name!r}: {names[:i]}")
     return names
 
 

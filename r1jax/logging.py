@@ -6,7 +6,7 @@ Example:
     >>> from r1jax.logging import MetricsLogger, read_metrics
     >>> d = tempfile.mkdtemp()
     >>> with MetricsLogger(d, tensorboard=False) as log:
-    ...     log.write("grpo", 1, {"reward": 0.5, "eval/pass@1": 0.25})
+    ...     _ = log.write("grpo", 1, {"reward": 0.5, "eval/pass@1": 0.25})
     >>> read_metrics(d)[0]["reward"]
     0.5
 """

@@ -4,7 +4,7 @@ Example:
     >>> import jax.numpy as jnp
     >>> from r1jax.optim import make_optimizer, lr_schedule
     >>> sched = lr_schedule(1e-3, total_steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
-    >>> float(sched(0)), float(sched(10)), round(float(sched(100)), 6)
+    >>> round(float(sched(0)), 6), round(float(sched(10)), 6), round(float(sched(100)), 6)
     (0.0, 0.001, 0.0001)
     >>> opt = make_optimizer(lr=1e-3, total_steps=100)
     >>> state = opt.init({"w": jnp.ones(3)})

@@ -3,6 +3,10 @@ into pure state for jit, stopping on SIGTERM, evaluation hooks and the stage's f
 
 A stage's outputs live under WORKDIR/<stage>/: `checkpoints/` (orbax, for resuming), `final/` (parameters for the
 next stage), and `DONE` (a JSON summary written last, so a stage with DONE is complete).
+
+Each stage may have its own model (`config.<stage>.model`, e.g. a distillation student narrower than its teacher):
+the stage runner hands each stage a context whose `model_config` is that stage's, and `model_config_for(name)`
+gives any stage's architecture (to load a teacher, or another stage's weights).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import dataclasses
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +44,20 @@ class RunContext:
     model_config: ModelConfig
     stop: "StopFlag"
     tasks: dict = dataclasses.field(default_factory=dict)  # split -> examples
+    stage: str | None = None  # the stage this context was made for (its model_config is the stage's)
+    started: float = 0.0      # perf_counter() when the stage started in this process (its summary's wall_s)
 
     def stage_dir(self, name: str) -> Path:
         return self.workdir / name
+
+    def model_config_for(self, stage: str | None) -> ModelConfig:
+        """The architecture of `stage` (config.model with the stage's `model` sub-config applied)."""
+        return build_model_config(self.config, self.tokenizer, stage)
+
+    def for_stage(self, stage: str) -> "RunContext":
+        """This context with `stage` and its model config."""
+        return dataclasses.replace(self, stage=stage, model_config=self.model_config_for(stage),
+                                   started=time.perf_counter())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,8 +85,29 @@ def shard_batch(ctx: RunContext, batch: dict) -> dict:
 # model
 
 
-def build_model_config(cfg: ml_collections.ConfigDict, tokenizer) -> ModelConfig:
-    m = cfg.model
+def model_spec(cfg: ml_collections.ConfigDict, stage: str | None = None) -> dict:
+    """`config.model` as a dict with `config.<stage>.model` applied (see r1jax.configs.stage_model): a stage that
+    sets `preset` or `hf_path` gets that architecture with its own overrides; otherwise its overrides are merged
+    into config.model's. Empty dtype / param_dtype / remat inherit."""
+    spec = cfg.model.to_dict()
+    own = cfg[stage].get("model") if stage is not None and stage in cfg else None
+    if own is None:
+        return spec
+    own = own.to_dict()
+    if own.get("preset") or own.get("hf_path"):
+        spec.update(preset=own.get("preset") or spec["preset"], hf_path=own.get("hf_path", ""),
+                    overrides=dict(own.get("overrides") or {}))
+    else:
+        spec["overrides"] = {**spec["overrides"], **(own.get("overrides") or {})}
+    for key in ("dtype", "param_dtype", "remat"):
+        if own.get(key):
+            spec[key] = own[key]
+    return spec
+
+
+def build_model_config(cfg: ml_collections.ConfigDict, tokenizer, stage: str | None = None) -> ModelConfig:
+    """The ModelConfig of `stage` (default: config.model's)."""
+    m = ml_collections.ConfigDict(model_spec(cfg, stage))
     base = read_config(m.hf_path) if m.hf_path else get_preset(m.preset)
     overrides = m.overrides.to_dict()
     if "vocab_size" not in overrides and cfg.tokenizer.kind != "path":
@@ -87,30 +124,85 @@ def abstract_model(mc: ModelConfig):
     return nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(0)))
 
 
-def init_model(ctx: RunContext, init: str, previous: str | None, seed: int) -> Transformer:
-    """The stage's starting model, created sharded: see `config.<stage>.init`."""
-    mc = ctx.model_config
+INIT_SPECS = "previous, stage:NAME, base, scratch, hf:PATH, r1jax:PATH"
+
+_ARCH_ONLY = dict(dtype="float32", param_dtype="float32", remat="none")
+
+
+def resolve_init(init: str, previous: str | None) -> str:
+    """"previous" -> "stage:<previous>" (or "base" when there is no earlier stage with weights)."""
     if init == "previous":
-        if previous is not None:
-            return load_final(ctx, previous)
-        init = f"hf:{ctx.config.model.hf_path}" if ctx.config.model.hf_path else "scratch"
+        return f"stage:{previous}" if previous is not None else "base"
+    return init
+
+
+def init_model(ctx: RunContext, init: str, previous: str | None, seed: int) -> Transformer:
+    """The stage's starting model, created sharded with the stage's architecture: see `config.<stage>.init`.
+
+    Weights from another stage must have this stage's architecture (dtype aside); a student that differs from
+    its teacher starts from "base", "scratch" or a stage of its own size."""
+    mc = ctx.model_config
+    init = resolve_init(init, previous)
+    if init == "base":
+        hf_path = model_spec(ctx.config, ctx.stage)["hf_path"]
+        init = f"hf:{hf_path}" if hf_path else "scratch"
+    if init.startswith("stage:"):
+        source = init[6:]
+        theirs = ctx.model_config_for(source)
+        if theirs.replace(**_ARCH_ONLY) != mc.replace(**_ARCH_ONLY):
+            diff = {f.name: (getattr(theirs, f.name), getattr(mc, f.name)) for f in dataclasses.fields(mc)
+                    if f.name not in _ARCH_ONLY and getattr(theirs, f.name) != getattr(mc, f.name)}
+            raise ValueError(f"stage {ctx.stage!r} starts from stage {source!r}, whose model differs from this "
+                             f"stage's ({{field: (theirs, this stage's)}}: {diff}); set config.{ctx.stage}.init "
+                             f"to a stage of the same architecture, 'base' or 'scratch', or align the model configs")
+        return load_final(ctx, source, mc)
     if init.startswith("hf:"):
         path = init[3:]
         return from_pretrained(path, dtype=mc.dtype, param_dtype=mc.param_dtype, mesh=ctx.mesh, rules=ctx.rules,
                                remat=mc.remat, load_mtp=mc.mtp_num_layers > 0)
     if init.startswith("r1jax:"):
-        return _load_params_into(ctx, Path(init[6:]))
+        return _load_params_into(ctx, Path(init[6:]), mc)
     if init == "scratch":
         from r1jax.parallel import init_sharded
 
         return init_sharded(lambda: Transformer(mc, rngs=nnx.Rngs(seed)), ctx.mesh, ctx.rules)
-    raise ValueError(f"init={init!r}; valid: previous, scratch, hf:PATH, r1jax:PATH")
+    raise ValueError(f"init={init!r}; valid: {INIT_SPECS}")
 
 
-def _load_params_into(ctx: RunContext, path: Path) -> Transformer:
+def load_model(ctx: RunContext, spec: str, previous: str | None = None, mc: ModelConfig | None = None) -> Transformer:
+    """A model named by spec (previous | stage:NAME | hf:PATH | r1jax:PATH) with its own architecture: a stage's
+    from that stage's model config, a Hugging Face checkpoint from its config.json, r1jax parameters with `mc`
+    (default: this context's model config)."""
+    mc = mc or ctx.model_config
+    spec = resolve_init(spec, previous)
+    if spec == "base":
+        raise ValueError("a model named 'previous' needs an earlier stage with weights; none has run before this "
+                         "one (name the model with stage:NAME, hf:PATH or r1jax:PATH)")
+    if spec.startswith("stage:"):
+        return load_final(ctx, spec[6:])
+    if spec.startswith("hf:"):
+        return from_pretrained(spec[3:], dtype=mc.dtype, param_dtype=mc.param_dtype, mesh=ctx.mesh,
+                               rules=ctx.rules, remat=mc.remat)
+    if spec.startswith("r1jax:"):
+        return _load_params_into(ctx, Path(spec[6:]), mc)
+    raise ValueError(f"model {spec!r}; valid: previous, stage:NAME, hf:PATH, r1jax:PATH")
+
+
+def stage_summary(ctx: RunContext, stage: str) -> dict:
+    """A finished stage's DONE summary ({} when it has not finished)."""
+    path = ctx.stage_dir(stage) / "DONE"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def model_step(ctx: RunContext, spec: str) -> int | None:
+    """The number of training steps behind a stage's final weights (from its DONE summary), for provenance."""
+    return stage_summary(ctx, spec[6:]).get("steps") if spec.startswith("stage:") else None
+
+
+def _load_params_into(ctx: RunContext, path: Path, mc: ModelConfig) -> Transformer:
     from r1jax.parallel import shardings_for
 
-    graphdef, abstract = nnx.split(abstract_model(ctx.model_config))
+    graphdef, abstract = nnx.split(abstract_model(mc))
     shardings = shardings_for(abstract, ctx.mesh, ctx.rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return nnx.merge(graphdef, load_params(path, target))
@@ -120,11 +212,12 @@ def final_dir(ctx: RunContext, stage: str) -> Path:
     return ctx.stage_dir(stage) / "final"
 
 
-def load_final(ctx: RunContext, stage: str) -> Transformer:
+def load_final(ctx: RunContext, stage: str, mc: ModelConfig | None = None) -> Transformer:
+    """Stage `stage`'s final weights, with that stage's architecture (or `mc`, checked by the caller)."""
     path = final_dir(ctx, stage)
     if not path.exists():
         raise FileNotFoundError(f"stage {stage!r} has no final weights at {path}; run it first")
-    return _load_params_into(ctx, path)
+    return _load_params_into(ctx, path, mc or ctx.model_config_for(stage))
 
 
 def finish_stage(ctx: RunContext, stage: str, model: Transformer, summary: dict, *, save_hf: bool = False):
@@ -134,12 +227,34 @@ def finish_stage(ctx: RunContext, stage: str, model: Transformer, summary: dict,
         save_params(out, nnx.state(model))
     if save_hf:
         save_pretrained(model, ctx.stage_dir(stage) / "hf")
+    write_done(ctx, stage, summary)
+
+
+def write_done(ctx: RunContext, stage: str, summary: dict):
+    """Writes WORKDIR/<stage>/DONE (the summary; written last, so a stage with DONE is complete). The summary gains
+    `wall_s`: seconds since the stage started in this process (a resumed stage counts its last run only)."""
+    if ctx.started:
+        summary.setdefault("wall_s", round(time.perf_counter() - ctx.started, 1))
     if jax.process_index() == 0:
         (ctx.stage_dir(stage) / "DONE").write_text(json.dumps(summary, indent=2, default=float))
 
 
 def stage_done(ctx: RunContext, stage: str) -> bool:
     return (ctx.stage_dir(stage) / "DONE").exists()
+
+
+def init_opt_state(ctx: RunContext, optimizer, params):
+    """The optimizer state, placed like the parameters (moments) or replicated (counters). A plain
+    `jax.jit(optimizer.init)` leaves it uncommitted on one device, which a restored checkpoint then is, committed:
+    the train step would refuse to mix it with the sharded parameters."""
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    state = jax.jit(optimizer.init)(params)
+    shardings = jax.tree.map(lambda p: p.sharding, params)
+    replicated = NamedSharding(ctx.mesh, PartitionSpec())
+    return optax.tree_utils.tree_map_params(optimizer, jax.device_put, state, shardings,
+                                            transform_non_params=lambda x: jax.device_put(x, replicated))
 
 
 def split_params(model: Transformer):
@@ -187,21 +302,28 @@ def to_float_dict(metrics: dict) -> dict:
 
 def eval_examples(ctx: RunContext, eval_cfg) -> list:
     examples = ctx.tasks.get(eval_cfg.split) or []
-    return examples[: eval_cfg.num_problems] if eval_cfg.num_problems else examples
+    return examples[: eval_cfg.num_problems]  # 0: no evaluation (configs.eval_config)
+
+
+def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int) -> dict:
+    """pass@1 / pass@k / cons@k (and format rate, completion length) of `model` on `examples` with the eval
+    settings `eval_cfg` (r1jax.configs.eval_config)."""
+    from r1jax.eval import evaluate
+
+    return evaluate(model, ctx.tokenizer, examples, k=eval_cfg.k,
+                    template=eval_cfg.template or ctx.config.task.template, temperature=eval_cfg.temperature,
+                    top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens,
+                    batch_size=min(eval_cfg.batch_size, len(examples)), seed=seed, mesh=ctx.mesh, rules=ctx.rules,
+                    reward=eval_cfg.reward)
 
 
 def run_eval(ctx: RunContext, model, stage_cfg, stage: str, step: int, seed: int) -> dict:
     """Held-out pass@1 / cons@k with the stage's eval settings, logged under eval/."""
-    from r1jax.eval import evaluate
-
     ev = stage_cfg.eval
     examples = eval_examples(ctx, ev)
     if not examples:
         return {}
-    m = evaluate(model, ctx.tokenizer, examples, k=ev.k, template=ev.template or ctx.config.task.template,
-                 temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
-                 batch_size=min(ev.batch_size, len(examples)), seed=seed, mesh=ctx.mesh, rules=ctx.rules,
-                 reward=ev.reward)
+    m = evaluate_model(ctx, model, ev, examples, seed)
     out = {f"eval/{k}": v for k, v in m.items() if isinstance(v, (int, float))}
     ctx.logger.write(stage, step, out)
     return out

@@ -56,7 +56,7 @@ def test_errors_and_registry():
     assert {"plain", "r1_zero", "qwen2.5", "deepseek_r1"} <= set(list_templates())
     with pytest.raises(KeyError, match="unknown template 'qwen'.*valid"):
         render("qwen", {"prompt": "x"})
-    with pytest.raises(ValueError, match="no 'prompt' field"):
+    with pytest.raises(ValueError, match="no 'prompt' or 'messages' field"):
         render("r1_zero", {"question": "x"})
     with pytest.raises(ValueError, match="exactly one user message"):
         render("r1_zero", {"prompt": "x"}, system="s")

@@ -265,3 +265,17 @@ def test_scan_compile_time_is_flat_in_depth():
     compile_time(2)  # warm up tracing caches
     t2, t32 = min(compile_time(2) for _ in range(2)), min(compile_time(32) for _ in range(2))
     assert t32 < 2 * t2, f"2 layers {t2:.2f}s, 32 layers {t32:.2f}s"
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_deepseek_v3"])
+def test_query_blocked_attention_is_exact(name):
+    model = _randomize(_model(name))
+    blocked = _randomize(_model(name, attention_q_block=4))
+    tokens = _tokens(2, 16, seed=3)
+    mask = jnp.ones((2, 16), bool).at[0, :5].set(False)
+    np.testing.assert_allclose(np.asarray(blocked(tokens, attention_mask_BL=mask)),
+                               np.asarray(model(tokens, attention_mask_BL=mask)), atol=1e-5)
+    loss = lambda m: m(tokens, attention_mask_BL=mask).mean()
+    ga, gb = nnx.grad(loss)(model), nnx.grad(loss)(blocked)
+    for x, y in zip(jax.tree.leaves(nnx.state(ga)), jax.tree.leaves(nnx.state(gb))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)

@@ -10,12 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from r1jax.data import default_data_dir
 from r1jax.rl import rewards_countdown, rewards_math
 from r1jax.rl.rewards import (REWARDS, accuracy, chain_of_thought, countdown, format_, get_reward, language_consistency,
                               language_shares, overlong, overlong_penalty, register_reward, score, score_batch,
                               tag_count)
 
-DATA = Path(__file__).parents[2] / "shared/data"
+DATA = default_data_dir()
 
 
 def test_docstring_examples():

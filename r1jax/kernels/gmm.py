@@ -127,6 +127,17 @@ def parse_tiling(tiling, default: Tiling, *, backend: str) -> Tiling:
     return parsed._replace(tm=int(parsed.tm), tk=int(parsed.tk), tn=int(parsed.tn))
 
 
+def out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
+    """A Pallas kernel's out_shape. Inside `jax.shard_map` (check_vma) the output must say which mesh axes it varies
+    over: every axis any operand varies over (expert parallelism calls the kernels on per-shard rows)."""
+    types = [getattr(jax.typeof(x), "manual_axis_type", None) for x in operands]
+    types = [t for t in types if t is not None]
+    if not types:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    varying = frozenset().union(*(t.varying for t in types))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=types[0].update(varying=varying))
+
+
 class TileVisits(NamedTuple):
     """Which (m-tile, group) pair each step of a grouped kernel works on; built with XLA before the kernel.
 

@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from r1jax.kernels.gmm import Tiling, make_tile_visits
+from r1jax.kernels.gmm import Tiling, make_tile_visits, out_struct
 
 DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 _MIN_TILE = 16  # tl.dot needs every dim >= 16
@@ -141,7 +141,7 @@ def gmm(lhs_MC, rhs, group_sizes_G, *, tiling: Tiling, transpose_rhs: bool, out_
                            + m * o * np.dtype(out_dtype).itemsize)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, o), out_dtype),
+        out_shape=out_struct((m, o), out_dtype, lhs_MC, rhs, group_sizes_G),
         # n-tiles vary fastest: programs launched together share an lhs tile and sweep one expert's matrix.
         grid=(pl.cdiv(o, to), max_visits),
         compiler_params=_compiler_params(tiling),
@@ -183,7 +183,7 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, *, tiling: Tiling, out_dtype, interpret
                            + num_groups * k * n * np.dtype(out_dtype).itemsize)
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, k=k, n=n, tm=tm, tk=tk, tn=tn),
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        out_shape=out_struct((num_groups, k, n), out_dtype, lhs_MK, dout_MN, group_sizes_G),
         grid=(pl.cdiv(n, tn), pl.cdiv(k, tk), num_groups),
         compiler_params=_compiler_params(tiling),
         cost_estimate=cost,

@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from r1jax.kernels.gmm import Tiling, make_tile_visits
+from r1jax.kernels.gmm import Tiling, make_tile_visits, out_struct
 
 DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
 _LANES = 128
@@ -133,7 +133,7 @@ def gmm(lhs_MC, rhs, group_sizes_G, *, tiling: Tiling, transpose_rhs: bool, out_
                                transpose_rhs=transpose_rhs)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, o), out_dtype),
+        out_shape=out_struct((m, o), out_dtype, lhs_MC, rhs, group_sizes_G),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(tiles_o, visits.num_visits, tiles_c),
@@ -209,7 +209,7 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, *, tiling: Tiling, out_dtype, interpret
                            + num_groups * k * n * np.dtype(out_dtype).itemsize)
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, max_visits=max_visits),
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        out_shape=out_struct((num_groups, k, n), out_dtype, lhs_MK, dout_MN, group_sizes_G),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=(tiles_n, tiles_k, visits.num_visits),

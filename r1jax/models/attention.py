@@ -1,9 +1,11 @@
 """Attention: grouped-query attention (Qwen2, Llama) and multi-head latent attention (DeepSeek-V3).
 
-Masks are boolean [B, L, S] (query, key slot) built once per forward pass by the transformer: causal by slot index,
+Without a cache, `attention_q_block` > 0 processes queries in blocks (`query_blocks`) so a long sequence's scores
+never exist all at once. Masks are boolean [B, L, S] (query, key slot) built once per forward pass by the transformer: causal by slot index,
 restricted to valid (non-padding) keys and, for packed rows, to the query's own segment. With a KV cache the key
 slots are the cache's; a call writes its L new entries at slot `cache_index` and attends over the whole cache.
 
+GQA caches keys as [B, K, Q, S] and values as [B, K, S, Q] (head-major: each head's products are plain matmuls).
 MLA with a cache stores only the compressed latent c_kv [B, S, R] (after its norm) and the rotated shared rope key
 [B, S, Qr], and attends in the absorbed form of DeepSeek-V2: q_nope is projected into the latent space by W_UK, so
 scores are (q_nope W_UK) . c_kv + q_rope . k_rope and the output is (softmax . c_kv) W_UV, never expanding keys.
@@ -29,20 +31,34 @@ def softmax_attend(scores_BKGLS, mask_BLS, v_BSKV):
     return jnp.einsum("bkgls,bskv->blkgv", probs, v_BSKV)
 
 
+def query_blocks(fn, block: int, mask_BLS, *q_BL_):
+    """Applies `fn(mask_BbS, *q_Bb_) -> out_Bb_` to query blocks of `block` positions, one at a time and
+    rematerialized in the backward pass, so only one block's [*, block, S] scores exist at once (memory O(L * block)
+    instead of O(L^2)); the result is identical to `fn(mask_BLS, *q_BL_)`. Used when L is a multiple of block."""
+    L = mask_BLS.shape[1]
+    if not block or L <= block or L % block:
+        return fn(mask_BLS, *q_BL_)
+    n = L // block
+    split = lambda x: x.reshape(x.shape[0], n, block, *x.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), (split(mask_BLS), *map(split, q_BL_)))
+    return out.swapaxes(0, 1).reshape(out.shape[1], L, *out.shape[3:])
+
+
 def write_cache(buf_BS_, new_BL_, index):
     """Writes L new entries at slot `index` (same slot for every row)."""
     start = (0, index) + (0,) * (buf_BS_.ndim - 2)
     return jax.lax.dynamic_update_slice(buf_BS_, new_BL_.astype(buf_BS_.dtype), start)
 
 
-def update_layer_cache(cache: dict, new: dict, layer_idx, index):
-    """Writes each layer's new entries into the stacked cache [layers, B, S, ...] in place (the stacked buffers
-    are carried through the layer scan, so XLA updates them without copying) and returns (cache, this layer's
-    [B, S, ...] view)."""
+def update_layer_cache(cache: dict, new: dict, layer_idx, index, slot_axes: dict):
+    """Writes each layer's new entries into the stacked cache [layers, B, ...] in place (the stacked buffers are
+    carried through the layer scan, so XLA updates them without copying) and returns (cache, this layer's view).
+    `slot_axes[name]` is the slot axis of buffer `name` in the per-layer layout."""
     out, view = {}, {}
     for name, buf in cache.items():
-        start = (layer_idx, 0, index) + (0,) * (buf.ndim - 3)
-        out[name] = jax.lax.dynamic_update_slice(buf, new[name][None].astype(buf.dtype), start)
+        start = [layer_idx] + [0] * (buf.ndim - 1)
+        start[1 + slot_axes[name]] = index
+        out[name] = jax.lax.dynamic_update_slice(buf, new[name][None].astype(buf.dtype), tuple(start))
         view[name] = out[name][layer_idx]
     return out, view
 
@@ -66,6 +82,7 @@ class Attention(nnx.Module):
         self.qkv_bias, self.o_bias = cfg.qkv_bias, cfg.o_bias
         self.num_groups = H // K
         self.scale = Q ** -0.5
+        self.q_block = cfg.attention_q_block
         self.rotary = Rotary(cfg.rope, Q, cfg.max_position_embeddings)
 
     def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, layer_idx=None):
@@ -78,23 +95,36 @@ class Attention(nnx.Module):
         q = constrain(self.rotary.apply(q, *cos_sin), ("batch", "length", "heads", "kv"))
         k = constrain(self.rotary.apply(k, *cos_sin), ("batch", "length", "kv_heads", "kv"))
         v = constrain(v, ("batch", "length", "kv_heads", "kv"))
-        new_cache = None
-        if cache is not None:
-            new_cache, view = update_layer_cache(cache, {"k": k, "v": v}, layer_idx, cache_index)
-            k, v = view["k"].astype(dt), view["v"].astype(dt)
         B, L, H, Q = q.shape
         q = q.reshape(B, L, H // self.num_groups, self.num_groups, Q)
-        scores = jnp.einsum("blkgq,bskq->bkgls", q, k) * self.scale
-        out = softmax_attend(scores, mask_BLS, v).reshape(B, L, H, Q)
+        new_cache = None
+        if cache is not None:
+            # Head-major cache layouts (keys [B, K, Q, S], values [B, K, S, Q]) make both attention products plain
+            # per-head matmuls on contiguous slices; the slot-major layout costs a transposed copy of the whole
+            # cache per layer and step (8x slower decoding on CPU).
+            new = {"k": k.transpose(0, 2, 3, 1), "v": v.transpose(0, 2, 1, 3)}
+            new_cache, view = update_layer_cache(cache, new, layer_idx, cache_index, self.CACHE_SLOT_AXES)
+            kc, vc = view["k"].astype(dt), view["v"].astype(dt)
+            scores = jnp.einsum("blkgq,bkqs->bkgls", q, kc) * self.scale
+            scores = jnp.where(mask_BLS[:, None, None], scores.astype(jnp.float32), _NEG)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgls,bksq->blkgq", probs, vc).reshape(B, L, H, Q)
+        else:
+            def attend(mask, q):
+                return softmax_attend(jnp.einsum("blkgq,bskq->bkgls", q, k) * self.scale, mask, v)
+
+            out = query_blocks(attend, self.q_block, mask_BLS, q).reshape(B, L, H, Q)
         out = jnp.einsum("blhq,hqd->bld", out, cast(self.wo, dt))
         if self.o_bias:
             out = out + cast(self.bo, dt)
         return out, new_cache
 
+    CACHE_SLOT_AXES = {"k": 3, "v": 2}
+
     @staticmethod
     def cache_shape(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple]:
-        return {"k": (batch, length, cfg.num_kv_heads, cfg.head_dim),
-                "v": (batch, length, cfg.num_kv_heads, cfg.head_dim)}
+        return {"k": (batch, cfg.num_kv_heads, cfg.head_dim, length),
+                "v": (batch, cfg.num_kv_heads, length, cfg.head_dim)}
 
 
 class MLAttention(nnx.Module):
@@ -127,6 +157,7 @@ class MLAttention(nnx.Module):
         self.q_lora, self.bias, self.o_bias = m.q_lora_rank is not None, bias, cfg.o_bias
         self.dims = (Qn, Qr, V, R)
         self.scale = m.qk_head_dim ** -0.5 * yarn_softmax_scale(cfg.rope)
+        self.q_block = cfg.attention_q_block
         self.rotary = Rotary(cfg.rope, Qr, cfg.max_position_embeddings)
 
     def _query(self, x_BLD):
@@ -152,15 +183,19 @@ class MLAttention(nnx.Module):
         if cache is None:
             k_nope = jnp.einsum("bsr,rhq->bshq", ckv, wk_b)
             v = jnp.einsum("bsr,rhv->bshv", ckv, wv_b)
-            scores = (jnp.einsum("blhq,bshq->bhls", q_nope, k_nope)
-                      + jnp.einsum("blhq,bsq->bhls", q_rope, k_rope))
-            # Heads as [K=H, G=1] groups of softmax_attend.
-            out = softmax_attend(scores[:, :, None] * self.scale, mask_BLS, v)
+            def attend(mask, q_nope, q_rope):
+                scores = (jnp.einsum("blhq,bshq->bhls", q_nope, k_nope)
+                          + jnp.einsum("blhq,bsq->bhls", q_rope, k_rope))
+                # Heads as [K=H, G=1] groups of softmax_attend.
+                return softmax_attend(scores[:, :, None] * self.scale, mask, v)
+
+            out = query_blocks(attend, self.q_block, mask_BLS, q_nope, q_rope)
             B, L = x_BLD.shape[:2]
             out = out.reshape(B, L, -1, V)
             new_cache = None
         else:
-            new_cache, view = update_layer_cache(cache, {"ckv": ckv, "krope": k_rope}, layer_idx, cache_index)
+            new_cache, view = update_layer_cache(cache, {"ckv": ckv, "krope": k_rope}, layer_idx, cache_index,
+                                                 self.CACHE_SLOT_AXES)
             ckv_all, kr_all = view["ckv"].astype(dt), view["krope"].astype(dt)
             q_lat = jnp.einsum("blhq,rhq->blhr", q_nope, wk_b)
             scores = (jnp.einsum("blhr,bsr->bhls", q_lat, ckv_all)
@@ -173,6 +208,8 @@ class MLAttention(nnx.Module):
         if self.o_bias:
             out = out + cast(self.bo, dt)
         return out, new_cache
+
+    CACHE_SLOT_AXES = {"ckv": 1, "krope": 1}
 
     @staticmethod
     def cache_shape(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple]:

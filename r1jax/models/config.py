@@ -143,6 +143,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_unroll: int = 1
+    # Queries per attention block in training / prefill (0: all at once); bounds score memory at O(L * block).
+    attention_q_block: int = 0
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -35,7 +35,7 @@ _REMAT_POLICIES = {
 
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array            # [B, L, V] float32
+    logits: jax.Array | None     # [B, L, V] float32 (None with return_logits=False)
     hidden: jax.Array            # [B, L, D] after the final norm
     cache: dict | None           # updated KV cache when one was given
     aux: dict[str, Any]          # "moe_load" [L_moe, E], "moe_aux_loss" [L_moe]
@@ -139,12 +139,13 @@ class Transformer(nnx.Module):
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None, cache=None,
-                logits_start: int | None = None):
+                logits_start: int | None = None, return_logits: bool = True):
         """Full forward pass. `attention_mask_BL` marks real (1) vs padding (0) tokens; `segment_ids_BL` (> 0 real,
         0 padding) keeps packed examples from attending to each other. Positions default to 0, 1, ... per row
         (per segment when packed, counting only real tokens when padded, continuing the cache when decoding).
         `logits_start` (a static int, may be negative) computes logits only for positions from there on, e.g. -1
-        for the last position when decoding, P - 1 for a completion after a P-token prompt."""
+        for the last position when decoding, P - 1 for a completion after a P-token prompt. `return_logits=False`
+        skips the output head (callers that chunk it over positions apply `head` to `hidden` themselves)."""
         cfg = self.config
         B, L = tokens_BL.shape
         if segment_ids_BL is not None:
@@ -182,7 +183,10 @@ class Transformer(nnx.Module):
                 aux = {"moe_load": stack_aux["load"], "moe_aux_loss": stack_aux["aux_loss"],
                        "moe_dropped": stack_aux["dropped"]}
         h = self.final_norm(x)
-        logits = constrain(self.head(h if logits_start is None else h[:, logits_start:]), ("batch", "length", "vocab"))
+        logits = None
+        if return_logits:
+            logits = constrain(self.head(h if logits_start is None else h[:, logits_start:]),
+                               ("batch", "length", "vocab"))
         return ModelOutput(logits=logits, hidden=h, cache=new_cache, aux=aux)
 
     def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None):

@@ -4,6 +4,10 @@
 `config.stages` with the runner registered for its `kind`. A stage that finished (WORKDIR/<stage>/DONE) is
 skipped, and an unfinished one resumes from its latest checkpoint, so re-running the same command continues where
 a run stopped. Stage kinds are a registry (`register_stage_kind`) so new recipes plug in without touching this file.
+
+Each runner gets a context made for its stage (`ctx.stage`, and `ctx.model_config` from the stage's own `model`
+sub-config) and `previous`, the last earlier stage that left weights (stages that only write data, such as
+rejection sampling, are passed over). A stage may also name any earlier stage: `init="stage:NAME"`.
 """
 
 from __future__ import annotations
@@ -71,6 +75,12 @@ def tokenizer_texts(config, tasks) -> list[str]:
         if stage.get("data", "").startswith("corpus:"):
             corpus = get_corpus(stage.data[7:], tasks["train"], **stage.corpus.to_dict())
             texts += [row["completion"] for row in corpus]
+        sampling = stage.get("samples", stage)  # rejection sampling / distillation mix in non-reasoning rows
+        if sampling.get("mix_data", "").startswith("task:"):
+            from r1jax.pipeline.rejection import mix_rows
+
+            for row in mix_rows(sampling, config.task.template):
+                texts += [render(config.task.template, row), row["completion"]]
     return texts
 
 
@@ -144,14 +154,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
             done = ctx.stage_dir(name) / "DONE"
             if done.exists():
                 summaries[name] = json.loads(done.read_text())
+            else:
+                ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
+                summary = STAGE_RUNNERS[config[name].kind](ctx.for_stage(name), name, config[name], previous)
+                if summary is None:
+                    return {"stages": summaries, "stopped": True, "stopped_in": name}
+                summaries[name] = summary
+            if training.final_dir(ctx, name).exists():
                 previous = name
-                continue
-            ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
-            summary = STAGE_RUNNERS[config[name].kind](ctx, name, config[name], previous)
-            if summary is None:
-                return {"stages": summaries, "stopped": True, "stopped_in": name}
-            summaries[name] = summary
-            previous = name
     finally:
         ctx.logger.close()
     return {"stages": summaries, "stopped": False}

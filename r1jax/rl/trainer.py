@@ -29,12 +29,6 @@ from r1jax.rl import grpo
 from r1jax.rl.rollout import rollout
 
 
-def completion_logits(model, tokens_RT, mask_RT, prompt_len: int):
-    """Logits predicting the completion tokens tokens[:, P:] -> ([R, N, V] float32, aux)."""
-    out = model.forward(tokens_RT[:, :-1], attention_mask_BL=mask_RT[:, :-1], logits_start=prompt_len - 1)
-    return out.logits, out.aux
-
-
 def token_logp_entropy(logits_RNV, targets_RN):
     logp_all = jax.nn.log_softmax(logits_RNV.astype(jnp.float32), axis=-1)
     logp = jnp.take_along_axis(logp_all, targets_RN[..., None], axis=-1)[..., 0]
@@ -42,11 +36,34 @@ def token_logp_entropy(logits_RNV, targets_RN):
     return logp, entropy
 
 
-def make_logp_fn(graphdef):
+def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0):
+    """Log-probs and entropies [R, N] of the completion tokens tokens[:, P:] (and the model's aux outputs).
+
+    With `chunk` > 0 the output head and log-softmax run over `chunk` positions at a time under a rematerialized
+    scan, so the [R, N, V] float32 logits never exist at once (their memory dominates at long completions)."""
+    out = model.forward(tokens_RT[:, :-1], attention_mask_BL=mask_RT[:, :-1], return_logits=False)
+    h = out.hidden[:, prompt_len - 1:]
+    targets = tokens_RT[:, prompt_len:]
+    R, N, D = h.shape
+    if not chunk or N <= chunk:
+        return (*token_logp_entropy(model.head(h), targets), out.aux)
+    if N % chunk:
+        raise ValueError(f"logits_chunk={chunk} must divide the completion length {N}")
+    h_CRnD = h.reshape(R, N // chunk, chunk, D).swapaxes(0, 1)
+    t_CRn = targets.reshape(R, N // chunk, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(_, xs):
+        return None, token_logp_entropy(model.head(xs[0]), xs[1])
+
+    _, (logp, entropy) = jax.lax.scan(one, None, (h_CRnD, t_CRn))
+    return logp.swapaxes(0, 1).reshape(R, N), entropy.swapaxes(0, 1).reshape(R, N), out.aux
+
+
+def make_logp_fn(graphdef, chunk: int = 0):
     @partial(jax.jit, static_argnames=("prompt_len",))
     def logp_fn(params, rest, tokens_RT, mask_RT, prompt_len):
-        logits, _ = completion_logits(nnx.merge(graphdef, params, rest), tokens_RT, mask_RT, prompt_len)
-        return token_logp_entropy(logits, tokens_RT[:, prompt_len:])[0]
+        return completion_logp(nnx.merge(graphdef, params, rest), tokens_RT, mask_RT, prompt_len, chunk)[0]
     return logp_fn
 
 
@@ -56,24 +73,58 @@ def loss_kwargs(cfg) -> dict:
                 kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_new_tokens)
 
 
+_TOKEN_MEAN_LOSSES = ("bnpo", "dapo")
+
+
 def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
+    """The jitted GRPO update on one (mini)batch. With `cfg.grad_accum` = m > 1 the rows are split into m
+    micro-batches whose gradients are accumulated (a scan) before the one optimizer step; each micro-batch's loss is
+    weighted by its share of the batch's rows (grpo, dr_grpo) or valid tokens (bnpo, dapo), which reproduces the
+    full-batch loss exactly."""
     kw = loss_kwargs(cfg)
+    accum = int(cfg.get("grad_accum", 1) or 1)
+    chunk = int(cfg.get("logits_chunk", 0) or 0)
+
+    def objective(p, rest, batch, prompt_len):
+        logp, entropy, aux = completion_logp(nnx.merge(graphdef, p, rest), batch["tokens"], batch["mask"],
+                                             prompt_len, chunk)
+        mask = batch["completion_mask"]
+        value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"], mask,
+                                   **kw)
+        n = jnp.maximum(mask.sum(), 1)
+        metrics = {**metrics, "entropy": jnp.sum(jnp.where(mask, entropy, 0.0)) / n}
+        if aux_loss_coef and "moe_aux_loss" in aux:
+            value = value + aux_loss_coef * jnp.sum(aux["moe_aux_loss"])
+        return value, (metrics, aux)
 
     @partial(jax.jit, static_argnames=("prompt_len",), donate_argnums=(0, 1))
     def update(params, opt_state, rest, batch, inject_nan, prompt_len):
-        def objective(p):
-            logits, aux = completion_logits(nnx.merge(graphdef, p, rest), batch["tokens"], batch["mask"], prompt_len)
-            logp, entropy = token_logp_entropy(logits, batch["tokens"][:, prompt_len:])
-            mask = batch["completion_mask"]
-            value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"], mask,
-                                       **kw)
-            n = jnp.maximum(mask.sum(), 1)
-            metrics = {**metrics, "entropy": jnp.sum(jnp.where(mask, entropy, 0.0)) / n}
-            if aux_loss_coef and "moe_aux_loss" in aux:
-                value = value + aux_loss_coef * jnp.sum(aux["moe_aux_loss"])
-            return jnp.where(inject_nan, jnp.nan, value), (metrics, aux)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if accum == 1:
+            (value, (metrics, aux)), grads = grad_fn(params, rest, batch, prompt_len)
+        else:
+            R = batch["tokens"].shape[0]
+            if R % accum:
+                raise ValueError(f"grad_accum={accum} does not divide the {R} rows of a minibatch")
+            micro = jax.tree.map(lambda x: x.reshape(accum, R // accum, *x.shape[1:]), batch)
+            if cfg.loss_type in _TOKEN_MEAN_LOSSES:
+                counts = micro["completion_mask"].reshape(accum, -1).sum(1).astype(jnp.float32)
+                weights = counts / jnp.maximum(counts.sum(), 1.0)
+            else:
+                weights = jnp.full((accum,), 1.0 / accum, jnp.float32)
 
-        (value, (metrics, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            def body(acc, xs):
+                mb, w = xs
+                (v, (m, a)), g = grad_fn(params, rest, mb, prompt_len)
+                acc_g, acc_v = acc
+                return (jax.tree.map(lambda s, x: s + w * x, acc_g, g), acc_v + w * v), (m, a)
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, value), (ms, auxs) = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, weights))
+            metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), ms)
+            # Expert loads add up over micro-batches; losses and drop fractions average.
+            aux = {k: v.sum(0) if k == "moe_load" else v.mean(0) for k, v in auxs.items()}
+        value = jnp.where(inject_nan, jnp.nan, value)
         params, opt_state, ok, grad_norm = safe_update(optimizer, params, opt_state, grads, value)
         return params, opt_state, {**metrics, "loss": value, "grad_norm": grad_norm, "update_ok": ok}, aux
 
@@ -108,9 +159,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                            schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
     coef = ctx.model_config.moe.aux_loss_coef if ctx.model_config.moe else 0.0
     update = make_update_fn(graphdef, optimizer, cfg, coef)
-    logp_fn = make_logp_fn(graphdef)
-    with axis_rules(ctx.mesh, ctx.rules):
-        opt_state = jax.jit(optimizer.init)(params)
+    logp_fn = make_logp_fn(graphdef, int(cfg.get("logits_chunk", 0) or 0))
+    opt_state = training.init_opt_state(ctx, optimizer, params)
     use_ref = cfg.beta != 0.0
     ref = training.tree_copy(params) if use_ref else None
     target = {"params": params, "opt_state": opt_state, "rest": rest, **({"ref": ref} if use_ref else {})}

@@ -1,7 +1,7 @@
 """KV-cache helpers for the sampler: share one prefill across G samples, shard caches by logical axes.
 
-The cache itself is created by `Transformer.init_cache(batch, length)`: per stack, GQA keeps k and v
-[layers, B, S, K, Q]; MLA keeps the normalized latent `ckv` [layers, B, S, R] and the rotated rope key `krope`
+The cache itself is created by `Transformer.init_cache(batch, length)`: per stack, GQA keeps k [layers, B, K, Q, S]
+and v [layers, B, K, S, Q]; MLA keeps the normalized latent `ckv` [layers, B, S, R] and the rotated rope key `krope`
 [layers, B, S, Qr]. Shared entries: `index` (next slot), `valid` [B, S] and `next_pos` [B].
 """
 
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from r1jax.parallel.rules import constrain
 
 _AXES = {
-    "k": ("layers", "batch", "cache_len", "kv_heads", "kv"),
-    "v": ("layers", "batch", "cache_len", "kv_heads", "kv"),
+    "k": ("layers", "batch", "kv_heads", "kv", "cache_len"),
+    "v": ("layers", "batch", "kv_heads", "cache_len", "kv"),
     "ckv": ("layers", "batch", "cache_len", "kv_lora"),
     "krope": ("layers", "batch", "cache_len", None),
     "valid": ("batch", "cache_len"),

@@ -1,16 +1,23 @@
-"""Supervised fine-tuning (and pretraining): next-token cross-entropy on completion tokens only.
+"""Supervised fine-tuning (and pretraining, and distillation): next-token cross-entropy on completion tokens only.
 
 Batches come from `r1jax.data.sft_dataset`: `tokens`, `loss_mask` (1 where a token is a target), `segment_ids`
 and `positions` (packed rows: examples never attend to each other and positions restart per example).
 
     loss = sum_t m_t * -log p(x_t | x_<t) / sum_t m_t
 
+Logit distillation (a `teacher` model and kd_weight w > 0) adds the teacher's token distribution on the same
+batch as a soft target (Hinton et al. 2015, forward KL at temperature tau, scaled by tau^2):
+
+    loss = (1 - w) * CE + w * tau^2 * sum_t m_t KL(softmax(z^T_t / tau) || softmax(z^S_t / tau)) / sum_t m_t
+
 The stage loop resumes from its latest checkpoint (parameters, optimizer state, data iterator position), skips
-updates whose loss or gradient is not finite, and stops cleanly on SIGTERM.
+updates whose loss or gradient is not finite, stops cleanly on SIGTERM, and ends early (logged, `data_exhausted`
+in the summary) when a finite `num_epochs` of data runs out before `steps`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 
@@ -24,6 +31,8 @@ from r1jax.checkpoint import Checkpointer
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
 
+log = logging.getLogger(__name__)
+
 
 def token_nll(logits_BLV, tokens_BL):
     """-log p(tokens[t+1] | logits[t]) for t < L-1 -> [B, L-1] (float32)."""
@@ -31,8 +40,20 @@ def token_nll(logits_BLV, tokens_BL):
     return -jnp.take_along_axis(logp, tokens_BL[:, 1:, None], axis=-1)[..., 0]
 
 
-def sft_loss(model, batch, *, aux_loss_coef: float = 0.0):
-    """Mean next-token NLL over target tokens; returns (loss, metrics)."""
+def kd_kl(student_logits_BLV, teacher_logits_BLV, weights_BL, temperature: float = 1.0):
+    """tau^2 * mean over weighted positions of KL(softmax(teacher / tau) || softmax(student / tau)) (float32)."""
+    t = jax.nn.log_softmax(teacher_logits_BLV.astype(jnp.float32) / temperature, axis=-1)
+    s = jax.nn.log_softmax(student_logits_BLV.astype(jnp.float32) / temperature, axis=-1)
+    kl_BL = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    w = weights_BL.astype(jnp.float32)
+    return temperature ** 2 * jnp.sum(kl_BL * w) / jnp.maximum(w.sum(), 1.0)
+
+
+def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None, kd_weight: float = 0.0,
+             kd_temperature: float = 1.0, kd_vocab: int | None = None):
+    """Mean next-token NLL over target tokens (mixed with logit distillation when `teacher_graphdef` is given and
+    batch["teacher"] holds the teacher's state; `kd_vocab` compares the first kd_vocab logits when the two
+    vocabularies are padded differently); returns (loss, (metrics, aux))."""
     out = model.forward(batch["tokens"], positions_BL=batch.get("positions"), segment_ids_BL=batch.get("segment_ids"))
     nll = token_nll(out.logits, batch["tokens"])
     w = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -40,6 +61,14 @@ def sft_loss(model, batch, *, aux_loss_coef: float = 0.0):
     loss = jnp.sum(nll * w) / n
     pred = jnp.argmax(out.logits[:, :-1], axis=-1)
     metrics = {"nll": loss, "token_accuracy": jnp.sum((pred == batch["tokens"][:, 1:]) * w) / n, "num_tokens": n}
+    if teacher_graphdef is not None:
+        teacher = nnx.merge(teacher_graphdef, batch["teacher"])
+        t_logits = teacher.forward(batch["tokens"], positions_BL=batch.get("positions"),
+                                   segment_ids_BL=batch.get("segment_ids")).logits
+        v = kd_vocab or out.logits.shape[-1]
+        kl = kd_kl(out.logits[:, :-1, :v], jax.lax.stop_gradient(t_logits[:, :-1, :v]), w, kd_temperature)
+        loss = (1.0 - kd_weight) * loss + kd_weight * kl
+        metrics["kd_kl"] = kl
     if aux_loss_coef and "moe_aux_loss" in out.aux:
         aux = jnp.sum(out.aux["moe_aux_loss"])
         loss = loss + aux_loss_coef * aux
@@ -84,9 +113,29 @@ def sft_examples(ctx: training.RunContext, stage: str, cfg) -> list[dict]:
     raise ValueError(f"config.{stage}.data={src!r}; valid: task, corpus:NAME, jsonl:PATH, stage:NAME")
 
 
-def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None, *, loss_fn=None,
-                  examples=None) -> dict | None:
-    """Runs (or resumes) an SFT stage; returns its summary, or None when stopped by a signal."""
+def _loss_fn(ctx: training.RunContext, stage: str, cfg, teacher):
+    coef = ctx.model_config.moe.aux_loss_coef if ctx.model_config.moe else 0.0
+    kd_weight = float(cfg.get("kd_weight", 0.0))
+    if teacher is None or kd_weight == 0.0:
+        return partial(sft_loss, aux_loss_coef=coef), None
+    if not 0.0 < kd_weight <= 1.0 or cfg.kd_temperature <= 0:
+        raise ValueError(f"config.{stage}: kd_weight={kd_weight} must be in [0, 1] and kd_temperature="
+                         f"{cfg.kd_temperature} > 0")
+    v_s, v_t, v_tok = ctx.model_config.vocab_size, teacher.config.vocab_size, ctx.tokenizer.vocab_size
+    if v_s != v_t and v_tok > min(v_s, v_t):
+        raise ValueError(f"config.{stage}: logit distillation needs a shared vocabulary; the student has {v_s} "
+                         f"logits, the teacher {v_t} and the tokenizer {v_tok} ids")
+    teacher_graphdef, teacher_state = nnx.split(teacher)
+    return partial(sft_loss, aux_loss_coef=coef, teacher_graphdef=teacher_graphdef, kd_weight=kd_weight,
+                   kd_temperature=float(cfg.kd_temperature), kd_vocab=min(v_s, v_t)), teacher_state
+
+
+def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None, *, examples=None,
+                  teacher=None, summary_extra: dict | None = None) -> dict | None:
+    """Runs (or resumes) an SFT stage; returns its summary, or None when stopped by a signal.
+
+    `examples` replaces the stage's `data`; `teacher` (a model) with cfg.kd_weight > 0 adds logit distillation;
+    `summary_extra` goes into the stage's summary (DONE)."""
     from r1jax.data import sft_dataset
 
     examples = sft_examples(ctx, stage, cfg) if examples is None else examples
@@ -100,11 +149,9 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
     optimizer = optimizer_from_config(cfg, cfg.steps)
     schedule = lr_schedule(cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                            min_lr_ratio=cfg.min_lr_ratio)
-    coef = ctx.model_config.moe.aux_loss_coef if ctx.model_config.moe else 0.0
-    loss_fn = loss_fn or partial(sft_loss, aux_loss_coef=coef)
+    loss_fn, teacher_state = _loss_fn(ctx, stage, cfg, teacher)
     step_fn = make_train_step(graphdef, optimizer, loss_fn)
-    with axis_rules(ctx.mesh, ctx.rules):
-        opt_state = jax.jit(optimizer.init)(params)
+    opt_state = training.init_opt_state(ctx, optimizer, params)
     ckpt = Checkpointer(ctx.stage_dir(stage) / "checkpoints", keep=cfg.keep_checkpoints)
     it = iter(ds)
     step, state, meta = ckpt.restore_latest({"params": params, "opt_state": opt_state, "rest": rest})
@@ -114,12 +161,14 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
         it.set_state(meta["data"])
     nonfinite = int(meta.get("nonfinite", 0))
     skipped = int(meta.get("skipped", 0))
+    tokens = int(meta.get("tokens", 0))  # real (non-padding) tokens trained on
     nan_at = training.nan_steps(cfg.debug_nan_steps)
-    t_last = time.perf_counter()
+    t_last, tokens_last = time.perf_counter(), tokens
+    exhausted = False
 
     def save(at):
         ckpt.save(at, {"params": params, "opt_state": opt_state, "rest": rest},
-                  {"data": it.get_state(), "nonfinite": nonfinite, "skipped": skipped})
+                  {"data": it.get_state(), "nonfinite": nonfinite, "skipped": skipped, "tokens": tokens})
 
     try:
         while step < cfg.steps:
@@ -127,7 +176,17 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
                 save(step)
                 ckpt.wait()
                 return None
-            batch = training.shard_batch(ctx, next(it))
+            try:
+                raw = next(it)
+            except StopIteration:
+                log.info("stage %r: the data (num_epochs=%s) ran out after %d of %d steps", stage, cfg.num_epochs,
+                         step, cfg.steps)
+                exhausted = True
+                break
+            tokens += int((raw["segment_ids"] > 0).sum())
+            batch = training.shard_batch(ctx, raw)
+            if teacher_state is not None:
+                batch["teacher"] = teacher_state
             with axis_rules(ctx.mesh, ctx.rules):
                 params, opt_state, metrics, aux = step_fn(params, opt_state, rest, batch, step + 1 in nan_at)
             rest = training.update_router_bias(ctx, rest, aux)
@@ -143,18 +202,21 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 m.update(lr=float(schedule(step - 1)), skipped_updates=skipped, step_s=(now - t_last) /
-                         (cfg.log_every if step % cfg.log_every == 0 else 1))
-                t_last = now
+                         (cfg.log_every if step % cfg.log_every == 0 else 1),
+                         tokens_per_s=(tokens - tokens_last) / max(now - t_last, 1e-9))
+                t_last, tokens_last = now, tokens
                 ctx.logger.write(stage, step, m)
             if ok and (step % cfg.checkpoint_every == 0):
                 save(step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 training.run_eval(ctx, nnx.merge(graphdef, params, rest), cfg, stage, step, ctx.config.seed + step)
         model = nnx.merge(graphdef, params, rest)
-        summary = {"steps": step, "skipped_updates": skipped}
+        summary = {"steps": step, "skipped_updates": skipped, "tokens": tokens, "examples": len(examples),
+                   **(summary_extra or {})}
+        if exhausted:
+            summary["data_exhausted"] = True
         summary.update(training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
         training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf)
         return summary
     finally:
         ckpt.close()
-

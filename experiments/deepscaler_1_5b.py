@@ -1,0 +1,98 @@
+"""DeepScaleR-1.5B-Preview: GRPO on DeepSeek-R1-Distill-Qwen-1.5B with iterative context lengthening 8K -> 16K -> 24K.
+
+    r1jax train --config experiments/deepscaler_1_5b.py --workdir /tmp/dry --dry_run        # any machine
+    r1jax train --config experiments/deepscaler_1_5b.py --workdir /runs/deepscaler \\
+        --config.model.hf_path=/ckpt/DeepSeek-R1-Distill-Qwen-1.5B \\
+        --config.tokenizer.path=/ckpt/DeepSeek-R1-Distill-Qwen-1.5B                         # 32 GPUs (SLURM)
+    r1jax train --config experiments/deepscaler_1_5b.py:runlocal --workdir /tmp/dsr       # tiny, this CPU
+
+Recipe: Luo et al., "DeepScaleR: Surpassing O1-Preview with a 1.5B Model by Scaling RL" (Agentica blog, Feb 2025)
+and its training scripts (agentica-project/deepscaler, scripts/train/run_deepscaler_1.5b_{8k,16k,24k}.sh, verl):
+  - start: DeepSeek-R1-Distill-Qwen-1.5B (preset `r1_distill_qwen_1_5b`), its chat template (`deepseek_r1`:
+    the response opens with "<think>\\n");
+  - GRPO, learning rate 1e-6 (constant), KL loss coefficient 0.001 with verl's low_var_kl (Schulman's k3),
+    clip ratio 0.2, no entropy bonus, one PPO epoch; rollout temperature 0.6;
+  - 128 prompts per step; PPO minibatch 64 prompts, so 2 optimizer updates per step (minibatches=2);
+  - stage `grpo_8k`: 8 samples per prompt, responses up to 8,192 tokens (prompts up to 1,024), steps 0-1040;
+    stage `grpo_16k`: 16 samples, 16,384 tokens, steps 1040-1520; stage `grpo_24k`: 16 samples, 24,576 tokens
+    (each stage starts from the previous one's weights);
+  - reward 1 for a correct final answer, 0 otherwise (including unformatted answers): no partial credit.
+Choices where the recipe is silent (or where r1jax differs), and why:
+  - the 24K stage's length is not given by the scripts (total_epochs=30 is only a cap); 250 steps here, raise it
+    with --config.grpo_24k.steps.
+  - the reward: r1jax's `accuracy` (last <answer> or \\boxed{} answer, math-verify equivalence) with weight 1; it
+    does not also demand the closing </think>, which DeepScaleR's reward checks.
+  - loss aggregation "bnpo": verl's token mean over each minibatch (its default then).
+  - data: DeepScaleR's 40K AIME/AMC/Omni-MATH/STILL problems are not in ../shared/data; the local stand-in is the
+    MATH train set (task `math`; evaluation on MATH-500). DeepScaleR also appends "Let's think step by step and
+    output the final answer within \\boxed{}." to each problem; r1jax's templates have no such suffix yet.
+  - bfloat16 compute, float32 parameters, full rematerialization (verl: FSDP mixed precision + gradient
+    checkpointing); AdamW b2 0.99 and gradient clipping 1.0 (r1jax's GRPO defaults).
+  - target: 32 A100-80GB GPUs (4 nodes x 8, the recipe's 16K/24K hardware; its 8K stage used one node),
+    fully sharded (rules "fsdp", fsdp=32), as verl's FSDP workers do.
+
+The dry run lowers each stage's update and sampler for CUDA on an abstract 32-device mesh. Its memory estimate
+does not fit an 80 GB GPU (~0.5 TiB per GPU at 8K): verl trains with FlashAttention and dynamic micro-batches of
+32K tokens per GPU, while r1jax's attention is dense and its update has no gradient accumulation, so 16 rows of
+9K tokens per GPU keep their 9K x 9K attention scores and 152K-entry float32 logits. Those are what must change
+(or `minibatches` must grow) before this runs as is.
+
+Variants: `:runlocal` runs the three stages on a tiny Qwen2-style model with synthetic arithmetic, the deepseek_r1
+template and a tokenizer trained for the run, in a few minutes on this CPU.
+"""
+
+from r1jax.configs import base_config, eval_config, grpo_stage, hardware_config, parse_arg
+
+STAGES = (("grpo_8k", 8, 8192, 1040), ("grpo_16k", 16, 16384, 480), ("grpo_24k", 16, 24576, 250))
+
+
+def get_config(arg=None):
+    opts = parse_arg(arg, runlocal=False)
+    cfg = base_config()
+    cfg.seed = 0
+    cfg.stages = ",".join(name for name, *_ in STAGES)
+    cfg.model.preset = "r1_distill_qwen_1_5b"
+    cfg.model.hf_path = "/ckpt/DeepSeek-R1-Distill-Qwen-1.5B"   # set to your copy; a dry run does not read it
+    cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat = "bfloat16", "float32", "full"
+    cfg.tokenizer.kind = "path"
+    cfg.tokenizer.path = "/ckpt/DeepSeek-R1-Distill-Qwen-1.5B"
+    cfg.task.name = "math"
+    cfg.task.template = "deepseek_r1"
+    cfg.mesh.update(data=1, fsdp=-1, expert=1, tensor=1, rules="fsdp")
+    cfg.hardware = hardware_config(platform="cuda", num_devices=32, memory_gib=80.0, name="32x A100 80GB (4 nodes)")
+    for name, group, length, steps in STAGES:
+        cfg[name] = grpo_stage(
+            init="previous", steps=steps, batch_prompts=128, group_size=group, minibatches=2, mu=1,
+            max_prompt_len=1024, max_new_tokens=length, temperature=0.6, top_p=1.0, lr=1e-6, warmup_steps=0,
+            lr_schedule="constant", b2=0.99, grad_clip=1.0, loss_type="bnpo", beta=0.001, kl_estimator="k3",
+            epsilon_low=0.2, log_every=1, eval_every=20, checkpoint_every=20, reward_workers=16,
+            reward_timeout_s=5.0)
+        cfg[name].rewards = dict(accuracy=1.0)
+        cfg[name].eval = eval_config(num_problems=500, k=8, temperature=0.6, top_p=0.95, max_new_tokens=length,
+                                     batch_size=128)
+
+    if opts.runlocal:
+        cfg.model.preset = "tiny_qwen2"
+        cfg.model.hf_path = ""
+        cfg.model.overrides = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+        cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat = "float32", "float32", "full"
+        cfg.tokenizer.update(kind="spm_train", path="", vocab_size=512, split_by_whitespace=False,
+                             max_piece_length=64)
+        cfg.task.name = "arithmetic"
+        cfg.task.train = dict(n=256, seed=0, num_digits=1, num_ops=2)
+        cfg.task.test = dict(n=8, seed=1, num_digits=1, num_ops=2)
+        cfg.mesh.update(data=-1, fsdp=1)
+        cfg.hardware = hardware_config()
+        for (name, group, _, _), length in zip(STAGES, (16, 24, 32)):
+            cfg[name].update(steps=2, batch_prompts=4, group_size=group // 4, minibatches=1, max_prompt_len=64,
+                             max_new_tokens=length, lr=1e-4, eval_every=0, checkpoint_every=1, reward_workers=1,
+                             reward_timeout_s=1.0)
+            cfg[name].eval = eval_config(num_problems=8, k=2, max_new_tokens=length, batch_size=8)
+    return cfg
+
+
+def get_sweep(h):
+    """KL coefficient (the recipe's 0.001, or none) x rollout temperature of the 8K stage."""
+    return h.product([h.sweep("config.grpo_8k.beta", [0.0, 0.001]),
+                      h.sweep("config.grpo_8k.temperature", [0.6, 1.0])])

@@ -1,0 +1,131 @@
+"""The `evaluate` stage: several models on the same held-out problems, one table.
+
+Each model of `config.<stage>.models` ({label: "stage:NAME" | "hf:PATH" | "r1jax:PATH"}, in the order of `order`)
+is evaluated with the stage's `eval` settings and the same sampling seed on every dataset of `datasets`; each
+result is cached in WORKDIR/<stage>/eval_<label>.json as it finishes (an interrupted comparison resumes with the
+next model). The stage then writes WORKDIR/<output>.json ({label: {"pass@1", "cons@k", "pass@k", ..., "model",
+"wall_s"}}; with several datasets the metrics are "<dataset>/pass@1" etc.), a markdown table WORKDIR/<output>.md
+and a bar chart WORKDIR/<output>.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ml_collections
+
+from r1jax import training
+from r1jax.pipeline.stages import register_stage_kind
+
+TABLE_METRICS = ("pass@1", "cons@k", "pass@k", "format_rate", "completion_len")
+
+
+def datasets(ctx: training.RunContext, cfg) -> dict[str, list]:
+    """{name: examples}: "test" is the run's task test split, any other name a registered task's test split;
+    each cut to its first eval.num_problems."""
+    from r1jax.data import get_task
+
+    out = {}
+    for name in [d.strip() for d in cfg.datasets.split(",") if d.strip()]:
+        examples = ctx.tasks.get("test", []) if name == "test" else get_task(name, split="test")
+        out[name] = list(examples[:cfg.eval.num_problems])
+        if not out[name]:
+            raise ValueError(f"config.{ctx.stage}: dataset {name!r} gives no problems (it has {len(examples)}; "
+                             f"eval.num_problems={cfg.eval.num_problems})")
+    if not out:
+        raise ValueError(f"config.{ctx.stage}.datasets is empty; e.g. 'test' or 'aime,math500'")
+    return out
+
+
+def _flatten(per_dataset: dict[str, dict]) -> dict:
+    if len(per_dataset) == 1:
+        return dict(next(iter(per_dataset.values())))
+    return {f"{d}/{k}": v for d, m in per_dataset.items() for k, v in m.items()}
+
+
+@register_stage_kind("evaluate")
+def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
+    if not cfg.models:
+        raise ValueError(f"config.{stage}.models is empty; map labels to models, e.g. "
+                         f"{{'base': 'stage:pretrain', 'rl': 'stage:grpo'}}")
+    unknown = set(cfg.templates) - set(cfg.models)
+    if unknown:
+        raise ValueError(f"config.{stage}.templates names {sorted(unknown)}, which are not among the models "
+                         f"{sorted(cfg.models)}")
+    labels = [x.strip() for x in cfg.order.split(",") if x.strip()] or sorted(cfg.models)  # checked by validate
+    sets = datasets(ctx, cfg)
+    results = {}
+    for label in labels:
+        spec = cfg.models[label]
+        cache = ctx.stage_dir(stage) / f"eval_{label}.json"
+        if cache.exists():
+            results[label] = json.loads(cache.read_text())
+            continue
+        if ctx.stop:
+            return None
+        model = training.load_model(ctx, spec, previous)
+        ev = ml_collections.ConfigDict(cfg.eval.to_dict())
+        ev.template = cfg.templates.get(label) or ev.template or ctx.config.task.template
+        per_dataset = {name: {k: v for k, v in training.evaluate_model(ctx, model, ev, ex, ctx.config.seed)
+                              .items() if isinstance(v, (int, float))} for name, ex in sets.items()}
+        entry = {**_flatten(per_dataset), "model": spec, "template": ev.template}
+        if spec.startswith("stage:"):
+            done = training.stage_summary(ctx, spec[6:])
+            entry.update({k: done[k] for k in ("wall_s", "steps", "tokens") if k in done})
+        ctx.logger.write(stage, 0, {f"{label}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})
+        cache.write_text(json.dumps(entry, indent=2))
+        results[label] = entry
+    write_report(ctx.workdir, cfg.output, results, title=f"{stage}: {', '.join(sets)} "
+                 f"(k={cfg.eval.k}, temperature {cfg.eval.temperature}, top-p {cfg.eval.top_p})")
+    summary = {"results": results}
+    training.write_done(ctx, stage, summary)
+    return summary
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One row per model: every TABLE_METRICS column present (per dataset when there are several), then the
+    training stage's wall-clock seconds when known."""
+    keys = [k for k in next(iter(results.values())) if k.split("/")[-1] in TABLE_METRICS]
+    keys.sort(key=lambda k: (k.rsplit("/", 1)[0] if "/" in k else "", TABLE_METRICS.index(k.split("/")[-1])))
+    has_wall = any("wall_s" in r for r in results.values())
+    header = ["model", *keys, *(["stage wall s"] if has_wall else []), "weights"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, r in results.items():
+        cells = [label] + [f"{r.get(k, float('nan')):.{1 if k.endswith('completion_len') else 3}f}" for k in keys]
+        if has_wall:
+            cells.append(f"{r['wall_s']:.0f}" if "wall_s" in r else "")
+        cells.append(f"`{r.get('model', '')}`")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(workdir: Path, output: str, results: dict[str, dict], *, title: str = "") -> None:
+    """WORKDIR/<output>.json, .md (table) and .png (pass@1 and cons@k bars per model)."""
+    import matplotlib
+
+    matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    workdir = Path(workdir)
+    (workdir / f"{output}.json").write_text(json.dumps(results, indent=2))
+    (workdir / f"{output}.md").write_text((f"{title}\n\n" if title else "") + markdown_table(results))
+    metrics = [k for k in next(iter(results.values())) if k.split("/")[-1] in ("pass@1", "cons@k")]
+    labels = list(results)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labels) * max(len(metrics) / 2, 1), 3.8))
+    width = 0.8 / max(len(metrics), 1)
+    x = np.arange(len(labels))
+    for i, m in enumerate(metrics):
+        values = [results[label].get(m, np.nan) for label in labels]
+        bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, values, width, label=m)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(x, labels)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(workdir / f"{output}.png", dpi=110)
+    plt.close(fig)

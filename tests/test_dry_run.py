@@ -1,0 +1,200 @@
+"""Dry runs: every experiment that targets an accelerator lowers for it on an abstract mesh of its size, with sane
+parameter / memory / FLOP numbers; layout errors read as r1jax.parallel says them; `r1jax train --dry_run`."""
+
+import functools
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from r1jax.pipeline.dry_run import GiB, check_hardware, dry_run, format_report, lowered_flops, mesh_sizes
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.py"))
+# Ours: full-scale configs whose :runlocal variant must run on this CPU.
+OURS = ["grpo_qwen2_5_1_5b_gsm8k", "deepscaler_1_5b", "r1_zero_deepseek_v3", "rl_qwen_32b"]
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _config(name: str, arg=None):
+    return _load(ROOT / "experiments" / f"{name}.py").get_config(arg)
+
+
+def _platform(path: Path) -> str:
+    hw = _load(path).get_config().get("hardware")
+    return hw.platform if hw is not None else "cpu"
+
+
+FULL_SCALE = [p for p in EXPERIMENTS if _platform(p) != "cpu"]
+
+
+def test_full_scale_configs_are_found():
+    assert {p.stem for p in FULL_SCALE} >= set(OURS)
+
+
+@functools.lru_cache(maxsize=None)
+def _full_report(path: Path) -> dict:
+    cfg = _load(path).get_config()
+    first = cfg.stages.split(",")[0].strip()
+    return dry_run(cfg, flops=[first])  # FLOPs (extra shallow lowerings) for the first stage only
+
+
+@pytest.mark.parametrize("path", FULL_SCALE, ids=[p.stem for p in FULL_SCALE])
+def test_dry_run_full_scale(path):
+    cfg = _load(path).get_config()
+    report = _full_report(path)
+    text = format_report(report, path.name)
+    assert report["ok"], text
+    n = cfg.hardware.num_devices
+    assert math.prod(report["mesh"].values()) == n, text
+    for name, s in report["stages"].items():
+        assert s["status"] == "OK", text
+        if "step" not in s:
+            continue
+        p, m, st = s["params"], s["memory"], s["step"]
+        assert 0 < p["active"] <= p["total"]
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[s["param_dtype"]]
+        # Every shard is at least total / devices and at most the whole model.
+        assert p["total"] * itemsize / n * 0.99 <= m["params"] <= p["total"] * itemsize, text
+        assert m["optimizer"] >= 2 * m["params"] and m["grads"] == m["params"]
+        assert m["reference"] == (m["params"] if cfg[name].get("beta", 0.0) else 0)
+        assert m["activations"] > 0 and m["peak_estimate"] >= m["params"] + m["optimizer"]
+        assert st["lower_s"] > 0 and st["flops_model"] > 0
+        if "flops" in st:  # cost analysis with every layer counted, remat included: near the textbook count
+            assert 0.5 < st["flops"] / st["flops_model"] < 2.5, text
+        if "rollout" in s:
+            assert s["rollout"]["status"] == "OK" and s["rollout"]["kv_cache_bytes"] > 0, text
+
+
+def test_deepseek_v3_numbers():
+    """671B parameters (MTP off), 37B active; per device: routed experts split over fsdp x expert, MLA's
+    up-projections (no rule in the 'expert' preset) replicated, everything else split over fsdp."""
+    report = _full_report(ROOT / "experiments" / "r1_zero_deepseek_v3.py")
+    s = report["stages"]["grpo_32k"]
+    assert s["status"] == "OK", format_report(report)
+    total, active = s["params"]["total"], s["params"]["active"]
+    assert abs(total / 671e9 - 1) < 0.01 and abs(active / 37e9 - 1) < 0.03, (total, active)
+    L, E, D, F, H, R, Rq = 61, 256, 7168, 2048, 128, 512, 1536
+    routed = 58 * 3 * E * D * F
+    up = L * (Rq * H * 192 + 2 * R * H * 128)           # wq_b, wk_b, wv_b: (q_lora | kv_lora, heads, head dim)
+    fsdp, expert = report["mesh"]["fsdp"], report["mesh"]["expert"]
+    assert fsdp * expert == 512
+    expected = 4 * (routed / (fsdp * expert) + up + (total - routed - up) / fsdp)
+    assert abs(s["memory"]["params"] / expected - 1) < 0.01, (s["memory"]["params"], expected)
+    assert s["memory"]["reference"] == s["memory"]["params"]  # beta = 0.001 keeps reference weights
+
+
+def test_flops_extrapolation_matches_unrolled():
+    """Cost analysis counts a scanned layer once; the shallow-model extrapolation equals a fully unrolled count."""
+    from r1jax.configs import grpo_stage
+    from r1jax.models import get_preset
+    from r1jax.pipeline import dry_run as dr
+
+    mesh = dr.abstract_mesh({"data": 2, "fsdp": 2, "expert": 2, "tensor": 1})
+    cfg = grpo_stage(beta=0.04, max_new_tokens=32)
+    shape = {"rows": 8, "P": 16, "N": 32, "T": 48}
+    # A dense stack and a MoE stack (2 + 3 layers): three shallow lowerings pin down both layers' costs.
+    mc = get_preset("tiny_deepseek_v3", num_layers=5, remat="full").replace(moe={"first_k_dense": 2,
+                                                                                   "gmm_backend": "pallas_tpu"})
+    got = lowered_flops("grpo", mc, cfg, mesh, "expert", "tpu", shape)
+    s = dr._setup(mc.replace(scan_unroll=3), cfg, mesh, "expert", 1)  # unroll >= each stack's length
+    unrolled = dr._flops(dr._lower_step("grpo", s, cfg, mesh, "expert", "tpu", shape)[0])
+    scanned = dr._flops(dr._lower_step("grpo", dr._setup(mc, cfg, mesh, "expert", 1), cfg, mesh, "expert", "tpu",
+                                       shape)[0])
+    assert got == pytest.approx(unrolled, rel=1e-6) and scanned < 0.7 * unrolled
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_runlocal_variants_dry_run_on_cpu(name):
+    cfg = _config(name, "runlocal")
+    assert cfg.hardware.platform == "cpu" and cfg.hardware.num_devices == 0
+    assert not cfg.model.hf_path and cfg.tokenizer.kind != "path"
+    report = dry_run(cfg, flops=False)
+    assert report["ok"] and report["num_devices"] == jax.device_count(), format_report(report)
+
+
+def _error(report) -> str:
+    failed = [s for s in report["stages"].values() if s["status"] == "failed"]
+    return report.get("error") or (failed[0]["error"] if failed else "")
+
+
+def test_layout_errors_read_as_r1jax_parallel_says_them():
+    # Heads: 40 query heads on a tensor axis of 16.
+    cfg = _config("rl_qwen_32b")
+    cfg.mesh.update(fsdp=4, tensor=16)
+    report = dry_run(cfg, flops=False, sampler=False)
+    assert not report["ok"]
+    assert "num_heads=40 is not divisible by its 'heads' mesh axes tensor=16" in _error(report)
+    with pytest.raises(ValueError, match="num_heads=40 is not divisible"):
+        dry_run(cfg, flops=False, sampler=False, strict=True)
+    # Experts: 256 routed experts over an expert axis of 48.
+    cfg = _config("r1_zero_deepseek_v3")
+    cfg.hardware.num_devices = 384
+    cfg.mesh.update(fsdp=8, expert=48)
+    with pytest.raises(ValueError, match=r"moe.num_experts=256 is not divisible by its 'exp' mesh axes expert=48"):
+        dry_run(cfg, stages=["grpo_32k"], flops=False, sampler=False, strict=True)
+    # Batch: 3 prompts x 6 samples = 18 rows over 8 batch shards.
+    cfg = _config("grpo_qwen2_5_1_5b_gsm8k")
+    cfg.grpo.update(batch_prompts=3, group_size=6)
+    report = dry_run(cfg, flops=False, sampler=False)
+    assert "18 rows does not split over the batch mesh axes fsdp=8 = 8 shards" in _error(report)
+    # A mesh that does not multiply to the target's device count.
+    cfg = _config("rl_qwen_32b")
+    cfg.mesh.update(fsdp=16, tensor=8)
+    report = dry_run(cfg, flops=False)
+    assert report["mesh"] is None and "does not match the 64 devices" in report["error"]
+
+
+def test_mesh_fill_and_hardware_check():
+    cfg = _config("deepscaler_1_5b")
+    assert mesh_sizes(cfg, 32) == {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}
+    cfg.mesh.update(dcn_fsdp=4, fsdp=-1)
+    assert mesh_sizes(cfg, 32) == {"data": 1, "fsdp": 32, "expert": 1, "tensor": 1}
+    with pytest.raises(ValueError, match=r"config.hardware.num_devices=32 .* but this run sees 8 cpu device"):
+        check_hardware(cfg)
+    cfg.hardware.num_devices = 0
+    check_hardware(cfg)  # 0: whatever devices there are
+    cfg.hardware.num_devices = jax.device_count()
+    check_hardware(cfg)
+    cfg.hardware.platform = "gpu"
+    with pytest.raises(ValueError, match=r"config.hardware.platform='gpu'; valid: \('cpu', 'tpu', 'cuda'\)"):
+        check_hardware(cfg)
+
+
+def test_cli_dry_run(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "r1jax.cli", "train", "--config",
+            str(ROOT / "experiments" / "grpo_qwen2_5_1_5b_gsm8k.py"), "--workdir", str(tmp_path), "--dry_run"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "abstract mesh data=1 x fsdp=8 x expert=1 x tensor=1" in out.stdout
+    assert "stage grpo (grpo): OK" in out.stdout and "FLOPs (cost analysis" in out.stdout
+    report = json.loads((tmp_path / "dry_run.json").read_text())
+    assert report["ok"] and report["platform"] == "cuda" and report["num_devices"] == 8
+    assert report["stages"]["grpo"]["memory"]["peak_estimate"] < 80 * GiB  # this one fits an H100 (estimate)
+    assert not (tmp_path / "grpo").exists()  # nothing ran
+    # Without --dry_run the same config refuses this machine's 2 CPU devices.
+    out = subprocess.run(args[:-1], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert out.returncode == 2 and "config.hardware.num_devices=8" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OURS)
+def test_runlocal_variants_train(name, tmp_path):
+    """The :runlocal variants run every stage for real on this CPU, with no files beyond ../shared/data."""
+    from r1jax.pipeline.stages import run
+
+    result = run(_config(name, "runlocal"), tmp_path)
+    assert not result["stopped"] and set(result["stages"]) == set(_config(name).stages.split(","))

@@ -1,0 +1,84 @@
+"""Evaluation metrics, config helpers and the data corpora used by the CPU experiments."""
+
+import doctest
+import importlib
+
+import numpy as np
+import pytest
+
+from r1jax import configs
+from r1jax.data.corpora import arithmetic_solution, left_to_right_solution, reasoning_corpus
+from r1jax.eval.metrics import answer_key, majority_vote, pass_at_k, summarize
+
+
+def test_pass_at_k_unbiased_estimator():
+    assert pass_at_k(n=5, c=0, k=3) == 0.0
+    assert pass_at_k(n=5, c=5, k=1) == 1.0
+    assert pass_at_k(n=4, c=1, k=1) == pytest.approx(0.25)
+    assert pass_at_k(n=4, c=2, k=2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    with pytest.raises(ValueError, match="0 <= c <= n"):
+        pass_at_k(n=2, c=3, k=1)
+
+
+def test_majority_vote_uses_canonical_answers():
+    assert answer_key("3.00") == answer_key("3") == answer_key("6/2")
+    assert majority_vote(["4", "4.0", "5", None], [True, True, False, False])
+    assert not majority_vote(["5", "4", "5"], [False, True, False])
+    assert majority_vote(["5", "4"], [False, True]) is False  # tie: the first answer seen wins
+    assert not majority_vote([None, None], [False, False])
+
+
+def test_summarize():
+    correct = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    answers = [["1", "2", "2", "2"], ["7"] * 4, ["x"] * 4]
+    m = summarize(correct, answers)
+    assert m["pass@1"] == pytest.approx(5 / 12)
+    assert m["pass@k"] == pytest.approx(2 / 3)
+    assert m["cons@k"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("module", ["r1jax.configs", "r1jax.optim", "r1jax.eval.metrics", "r1jax.data.corpora",
+                                    "r1jax.logging", "r1jax.data.io"])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_parse_arg_and_sweeps():
+    opts = configs.parse_arg("runlocal,size=7b", runlocal=False, size="1_5b", steps=10)
+    assert opts.runlocal and opts.size == "7b" and opts.steps == 10
+    assert configs.parse_arg("steps=3", steps=10).steps == 3
+    with pytest.raises(ValueError, match="unknown config variant option 'x'"):
+        configs.parse_arg("x=1", steps=10)
+    h = configs.Hyper()
+    assert len(h.product([h.sweep("config.a", [1, 2, 3]), h.sweep("config.b", [0, 1])])) == 6
+    assert h.zip([h.sweep("config.a", [1, 2]), h.sweep("config.b", [3, 4])])[1] == {"config.a": 2, "config.b": 4}
+    with pytest.raises(ValueError, match="equal length"):
+        h.zip([h.sweep("config.a", [1]), h.sweep("config.b", [3, 4])])
+
+
+def test_validate_names_stages():
+    cfg = configs.base_config()
+    with pytest.raises(ValueError, match="config.stages is empty"):
+        configs.validate(cfg)
+    cfg.stages = "grpo"
+    cfg.grpo = configs.grpo_stage()
+    assert configs.validate(cfg) == ["grpo"]
+    cfg.grpo.kind = "ppo"
+    with pytest.raises(ValueError, match="config.grpo.kind='ppo'"):
+        configs.validate(cfg)
+
+
+def test_arithmetic_solutions():
+    assert arithmetic_solution("7 - 2 * 8") == (["2 * 8 = 16", "7 - 16 = -9"], -9)
+    assert left_to_right_solution("7 - 2 * 8") == (["7 - 2 = 5", "5 * 8 = 40"], 40)
+    assert left_to_right_solution("(1 + 2) * 3 - 4 * 2")[1] == 10
+    corpus = reasoning_corpus([{"expression": "7 - 2 * 8", "prompt": "What is 7 - 2 * 8?", "answer": "-9"}] * 400,
+                              precedence_error_prob=0.5, unformatted_prob=0.25, template="r1_zero",
+                              template_prob=0.5, seed=0)
+    wrong = np.mean([r["left_to_right"] for r in corpus])
+    plain = np.mean([not r["formatted"] for r in corpus])
+    templated = np.mean([r["prompt"].startswith("A conversation") for r in corpus])
+    assert 0.4 < wrong < 0.6 and 0.15 < plain < 0.35 and 0.4 < templated < 0.6
+    right = [r for r in corpus if not r["left_to_right"] and r["formatted"]]
+    assert right[0]["completion"] == "<think> 2 * 8 = 16, 7 - 16 = -9 </think> <answer> -9 </answer>"

@@ -1,0 +1,158 @@
+"""SFT loss: completion-only masking, packing isolation (a packed batch = the examples one by one), and the logit
+distillation loss against a hand computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from r1jax.data import ByteTokenizer, get_task, sft_dataset, tokenize_sft_example
+from r1jax.models import Transformer, get_preset
+from r1jax.sft.trainer import kd_kl, sft_loss, token_nll
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def examples():
+    data = get_task("arithmetic", n=12, seed=0, num_ops=(1, 3), num_digits=(1, 2))
+    return [dict(ex, completion=f"<think> {ex['expression']} = {ex['answer']} </think> <answer> {ex['answer']} "
+                                f"</answer>") for ex in data]
+
+
+def _model(seed=0, **kw):
+    cfg = get_preset("tiny_qwen2", vocab_size=TOK.vocab_size, max_position_embeddings=256, **kw)
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def _loss(model, batch, **kw):
+    """sft_loss, compiled (a batch may carry the teacher's state under "teacher")."""
+    fn = nnx.jit(lambda m, b: sft_loss(m, b, **kw))
+    return fn(model, {k: v if k == "teacher" else jnp.asarray(v) for k, v in batch.items()})
+
+
+@nnx.jit
+def _logits(model, tokens_BL):
+    return model(tokens_BL)
+
+
+def _alone(model, tokens, length=200):
+    """Logits of one sequence on its own (right-padded to one compiled length; causal attention makes the padding
+    after it invisible)."""
+    padded = np.full((1, length), TOK.pad_id, np.int32)
+    padded[0, :len(tokens)] = tokens
+    return np.asarray(_logits(model, jnp.asarray(padded)))[0, :len(tokens)]
+
+
+def _sum_and_count(model, ex):
+    """Summed completion NLL and target count of one example, from its logits alone."""
+    t = tokenize_sft_example(TOK, ex, template="plain")
+    logits = _alone(model, t["tokens"])
+    nll = np.asarray(token_nll(jnp.asarray(logits[None]), jnp.asarray(t["tokens"][None])))[0]
+    w = t["loss_mask"][1:]
+    return float((nll * w).sum()), int(w.sum())
+
+
+def test_loss_counts_completion_tokens_only(examples):
+    model = _model()
+    ex = examples[0]
+    t = tokenize_sft_example(TOK, ex, template="plain")
+    n_prompt = len(TOK.encode(ex["prompt"])) + 1  # BOS
+    assert t["loss_mask"][:n_prompt].sum() == 0 and t["loss_mask"][n_prompt:].all()
+    total, count = _sum_and_count(model, ex)
+    assert count == len(t["tokens"]) - n_prompt  # every completion token (and EOS) is a target, nothing else
+    batch = next(iter(sft_dataset([ex], TOK, batch_size=1, max_len=128, template="plain", shuffle=False)))
+    loss, (metrics, _) = _loss(model, batch)
+    np.testing.assert_allclose(float(loss), total / count, rtol=1e-5)
+    assert float(metrics["num_tokens"]) == count
+    # The prompt is context only: a different question with the same completion changes the loss, but targets
+    # are still the completion tokens.
+    other = dict(ex, prompt="What is 1 + 1?")
+    assert _sum_and_count(model, other)[1] == count
+
+
+def test_packed_batch_equals_examples_one_by_one(examples):
+    model = _model(seed=1)
+    packed = list(iter(sft_dataset(examples, TOK, batch_size=4, max_len=200, template="plain", pack=True,
+                                   num_epochs=1, drop_remainder=False, shuffle=False)))
+    assert max(int(b["segment_ids"].max()) for b in packed) >= 3  # rows really hold several examples
+    seen_tokens = set()
+    for batch in packed:
+        loss, _ = _loss(model, batch)
+        # The examples packed into this batch, recovered by their segments, scored one at a time.
+        total = count = 0
+        for r in range(len(batch["tokens"])):
+            seg = batch["segment_ids"][r]
+            for s in range(1, int(seg.max()) + 1):
+                toks = tuple(batch["tokens"][r][seg == s].tolist())
+                ex = next(e for e in examples
+                          if tuple(tokenize_sft_example(TOK, e, template="plain")["tokens"].tolist()) == toks)
+                seen_tokens.add(toks)
+                t, c = _sum_and_count(model, ex)
+                total, count = total + t, count + c
+        np.testing.assert_allclose(float(loss), total / count, rtol=1e-5, atol=1e-5)
+    assert len(seen_tokens) == len(examples)
+
+
+def test_packed_examples_do_not_attend_to_each_other(examples):
+    model = _model(seed=2)
+    batch = next(iter(sft_dataset(examples, TOK, batch_size=2, max_len=128, template="plain", pack=True,
+                                  shuffle=False)))
+    logits = np.asarray(nnx.jit(lambda m, b: m(b["tokens"], positions_BL=b["positions"],
+                                                segment_ids_BL=b["segment_ids"]))(
+        model, {k: jnp.asarray(v) for k, v in batch.items()}))
+    row, seg = batch["tokens"][0], batch["segment_ids"][0]
+    assert seg.max() >= 2
+    for s in range(1, int(seg.max()) + 1):
+        np.testing.assert_allclose(logits[0][seg == s], _alone(model, row[seg == s]), atol=1e-5)
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_kd_kl_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 3, 5)) * 2, rng.normal(size=(2, 3, 5)) * 2
+    w = np.array([[1, 1, 0], [0, 1, 1]], np.float32)
+    for tau in (1.0, 2.0):
+        # KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v)) at temperature tau, times tau^2, averaged over
+        # the weighted positions.
+        expected, n = 0.0, 0
+        for b in range(2):
+            for i in range(3):
+                if w[b, i]:
+                    pt = np.exp(t[b, i] / tau) / np.exp(t[b, i] / tau).sum()
+                    ps = np.exp(s[b, i] / tau) / np.exp(s[b, i] / tau).sum()
+                    expected += tau ** 2 * float(np.sum(pt * (np.log(pt) - np.log(ps))))
+                    n += 1
+        got = float(kd_kl(jnp.asarray(s), jnp.asarray(t), jnp.asarray(w), tau))
+        np.testing.assert_allclose(got, expected / n, rtol=1e-5)
+    assert float(kd_kl(jnp.asarray(s), jnp.asarray(s), jnp.asarray(w))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_mixes_cross_entropy_and_teacher_kl(examples):
+    student, teacher = _model(seed=3), _model(seed=4, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                num_kv_heads=1)
+    batch = next(iter(sft_dataset(examples, TOK, batch_size=2, max_len=128, template="plain", pack=True,
+                                  shuffle=False)))
+    ce, _ = _loss(student, batch)
+    graphdef, state = nnx.split(teacher)
+    kd = dict(teacher_graphdef=graphdef, kd_weight=0.25, kd_temperature=2.0)
+    loss, (metrics, _) = _loss(student, {**batch, "teacher": state}, **kd)
+    # By hand: log-softmaxes of both models' logits at temperature 2 on the target positions.
+    packed = nnx.jit(lambda m, b: m(b["tokens"], positions_BL=b["positions"], segment_ids_BL=b["segment_ids"]))
+    dev = {k: jnp.asarray(v) for k, v in batch.items()}
+    zs = np.asarray(packed(student, dev))[:, :-1] / 2.0
+    zt = np.asarray(packed(teacher, dev))[:, :-1] / 2.0
+    w = batch["loss_mask"][:, 1:].astype(bool)
+    lt, ls = _np_log_softmax(zt.astype(np.float64)), _np_log_softmax(zs.astype(np.float64))
+    kl = 4.0 * np.sum(np.exp(lt) * (lt - ls), -1)[w].mean()
+    np.testing.assert_allclose(float(metrics["kd_kl"]), kl, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), 0.75 * float(ce) + 0.25 * kl, rtol=1e-4)
+    # Gradients flow to the student only.
+    dev = {**{k: jnp.asarray(v) for k, v in batch.items()}, "teacher": state}
+    grads = nnx.jit(nnx.grad(lambda m: sft_loss(m, dev, **kd)[0]))(student)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
