@@ -84,7 +84,6 @@ def run_r1jax(args, ckpt: str, tok_dir: Path, prompts: list[str], workdir: Path)
     cfg.grpo.rewards = {"bench_t7": 1.0}
     cfg.grpo.eval = eval_config(num_problems=0)
     # No EOS: every completion has exactly new_tokens tokens, as on the TRL side.
-    from r1jax.data import load_tokenizer
     import r1jax.pipeline.stages as stages
 
     orig = stages.build_tokenizer

@@ -81,7 +81,7 @@ def main(argv=None):
     flops += decoder_flops_per_token(QWEN2_12M, args.prompt_len / 2) * n_prompts * args.prompt_len  # prefill
     util = flops / min(r1_times) / peak
     print(f"machine: {machine()}")
-    print(f"model: Qwen2 12.6M (vocab 8192, hidden 384, 6 layers, 6/2 heads, ffn 1024, tied), f32")
+    print("model: Qwen2 12.6M (vocab 8192, hidden 384, 6 layers, 6/2 heads, ffn 1024, tied), f32")
     print(f"workload: {args.sequences} sequences ({n_prompts} prompts x {args.group}), {args.prompt_len}-token "
           f"prompts, {new} sampled tokens")
     print(f"r1jax:        {r1_tps:10.0f} tokens/s  (best of {args.repeats}: {min(r1_times):.2f} s; "

@@ -114,7 +114,7 @@ def cmd_train(argv):
     except ValueError as e:
         raise UsageError(str(e)) from None
     stop = StopFlag().install()
-    result = run(cfg, FLAGS.workdir, stop=stop)
+    result = run(cfg, FLAGS.workdir, stop=stop, progress=True)
     if result["stopped"]:
         print(f"stopped by signal during stage {result['stopped_in']!r}; checkpoint saved. Re-run the same command "
               f"to resume.", file=sys.stderr)
@@ -248,6 +248,12 @@ def cmd_plot(argv):
 
 def _main(argv):
     cmd, rest = argv[1], argv[2:]
+    if not FLAGS["verbosity"].present:
+        # orbax and jax log every checkpoint at INFO through absl; the progress display and metrics.jsonl say what
+        # matters. `-v 0` brings the INFO lines back.
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
     if cmd in ("train", "sample", "eval", "convert"):
         from r1jax.parallel import initialize
 

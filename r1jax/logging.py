@@ -1,5 +1,8 @@
 """Metrics: `DIR/metrics.jsonl` (one JSON object per logged step, with `stage` and `step`), TensorBoard event
-files under `DIR/tensorboard/<stage>`, and reward / pass@1 plots.
+files under `DIR/tensorboard/<stage>`, a progress display, and reward / pass@1 plots.
+
+The progress display shows each stage's step with its latest loss, reward and eval/pass@1: a tqdm bar when
+stderr is a terminal, else one short line per logged step (so logs of batch jobs stay readable).
 
 Example:
     >>> import tempfile
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +38,64 @@ def _jsonable(v: Any):
     return v
 
 
-class MetricsLogger:
-    """Appends metrics to DIR/metrics.jsonl and TensorBoard. Only process 0 writes."""
+PROGRESS_KEYS = ("loss", "reward", "eval/pass@1", "eval/cons@k")
 
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+
+class Progress:
+    """Per-stage progress on `stream`: a tqdm bar on a terminal, else one line per update. Shows the latest value of
+    each of PROGRESS_KEYS seen in the stage (pass@1 persists between evaluations)."""
+
+    def __init__(self, stream=None, *, bar: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.bar = self.stream.isatty() if bar is None else bar
+        self._stage, self._total, self._tqdm = None, None, None
+        self._latest: dict[str, float] = {}
+
+    def start(self, stage: str, total: int | None):
+        self.close()
+        self._stage, self._total, self._latest = stage, total, {}
+        if self.bar:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm(total=total, desc=stage, file=self.stream, dynamic_ncols=True, leave=True)
+
+    def update(self, stage: str, step: int, record: dict):
+        if stage != self._stage:
+            self.start(stage, None)
+        self._latest.update({k: record[k] for k in PROGRESS_KEYS if isinstance(record.get(k), (int, float))})
+        shown = {k: f"{v:.4g}" for k, v in self._latest.items()}
+        if self._tqdm is not None:
+            self._tqdm.n = step
+            self._tqdm.set_postfix(shown, refresh=True)
+            return
+        of = f"/{self._total}" if self._total else ""
+        fields = "  ".join(f"{k} {v}" for k, v in shown.items())
+        print(f"[{stage}] step {step}{of}  {fields}".rstrip(), file=self.stream, flush=True)
+
+    def close(self):
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+
+class MetricsLogger:
+    """Appends metrics to DIR/metrics.jsonl and TensorBoard, and shows progress (`progress=True`: see Progress).
+    Only process 0 writes."""
+
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, progress: bool = False):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0
         self._tb: dict[str, Any] = {}
         self._use_tb = tensorboard
+        self.progress = Progress() if progress and self.enabled else None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._file = open(self.workdir / METRICS_FILE, "a", buffering=1)
+
+    def start_stage(self, stage: str, total_steps: int | None = None):
+        """Begins `stage`'s progress display (total_steps: its last step, when it has steps)."""
+        if self.progress is not None:
+            self.progress.start(stage, total_steps)
 
     def write(self, stage: str, step: int, metrics: dict[str, Any]) -> dict:
         record = {"stage": stage, "step": int(step)}
@@ -58,6 +109,8 @@ class MetricsLogger:
                 if k not in ("stage", "step") and isinstance(v, (int, float)) and math.isfinite(v):
                     writer.add_scalar(k, v, int(step))
             writer.flush()
+        if self.progress is not None:
+            self.progress.update(stage, int(step), record)
         return record
 
     def _writer(self, stage: str):
@@ -68,6 +121,8 @@ class MetricsLogger:
         return self._tb[stage]
 
     def close(self):
+        if self.progress is not None:
+            self.progress.close()
         if self.enabled:
             self._file.close()
             for w in self._tb.values():

@@ -2,7 +2,6 @@
 import doctest
 import importlib
 import json
-from collections import Counter
 
 import numpy as np
 import pytest

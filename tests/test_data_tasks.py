@@ -5,7 +5,6 @@ import operator
 import re
 from collections import Counter
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
@@ -27,7 +26,6 @@ from r1jax.data import (
 
 DATA = default_data_dir()
 # The shared data is part of the development layout: missing data is a failure, not a skip.
-needs_data = pytest.mark.usefixtures()
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -177,7 +175,6 @@ def test_countdown_solution_exists_and_uses_each_number_once():
 
 # --- loaders on the shared data ---------------------------------------------------------------------
 
-@needs_data
 @pytest.mark.parametrize("name,kwargs,rows", [
     ("gsm8k", {"split": "train"}, 7473), ("gsm8k", {"split": "test"}, 1319),
     ("math", {"split": "test"}, 500), ("math500", {}, 500), ("aime", {}, 30), ("amc", {}, 83),
@@ -190,7 +187,6 @@ def test_loaders_row_counts(name, kwargs, rows):
     assert len({ex["id"] for ex in data}) == rows
 
 
-@needs_data
 def test_gsm8k_fields():
     data = load_gsm8k(DATA / "eval" / "gsm8k_test.jsonl")
     assert data[0]["answer"] == "18" and data[0]["prompt"].startswith("Janet")
@@ -200,7 +196,6 @@ def test_gsm8k_fields():
     assert all(re.fullmatch(r"-?\d+", ex["answer"]) for ex in data)
 
 
-@needs_data
 def test_math_aime_amc_fields():
     m = load_math(DATA / "eval" / "math.json")
     assert m[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)" and "unique_id" in m[0]
@@ -210,7 +205,6 @@ def test_math_aime_amc_fields():
     assert amc[0]["answer"] == "142" and all(re.fullmatch(r"-?\d+", ex["answer"]) for ex in amc)
 
 
-@needs_data
 def test_math_train_has_invalid_rows():
     # The MATH train file holds 2 null and 2 empty answers: refused by default, skipped with a warning.
     with pytest.raises(ValueError, match=r"math_train\.json:\d+: field 'answer' is None"):

@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from r1jax.models import (CheckpointError, Transformer, config_from_hf, config_to_hf, from_pretrained, get_preset,
-                          hf_tensors, save_pretrained)
+                          save_pretrained)
 from r1jax.models.config import ModelConfig
 
 
