@@ -124,11 +124,51 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         reward_workers=4,
         template="",
         train_split="train",
+        # Rewards from models, {name: model_reward(...) | judge_reward(...)}, added to the rule rewards' total
+        # (r1jax.rl.reward_model); each logged as reward/<name>.
+        model_rewards=ml_collections.ConfigDict(),
     )
     d.update(kw)
     cfg = ml_collections.ConfigDict(d)
     cfg.eval = eval_config()
     return cfg
+
+
+def model_reward(**kw) -> ml_collections.ConfigDict:
+    """A reward model as a GRPO reward: `model` = stage:NAME (a reward_model stage), hf:PATH (a
+    *ForSequenceClassification checkpoint) or r1jax:PATH; active on steps start_step <= step < end_step (0: no
+    end); scores normalized (none | batch | group) before `weight`; `micro_batch` rows per forward (0: all)."""
+    d = dict(kind="reward_model", model="", weight=1.0, start_step=0, end_step=0, normalize="none", micro_batch=0)
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
+
+
+def judge_reward(**kw) -> ml_collections.ConfigDict:
+    """A generative judge (r1jax.rl.judge) as a reward: the language model `model` (previous | stage:NAME | hf:PATH
+    | r1jax:PATH) answers `template` (a name in r1jax.rl.judge.JUDGE_TEMPLATES, or text with {prompt}, {response},
+    {reference}; {reference} is the example's `reference_field`) greedily in `max_new_tokens`; yes / no / anything
+    else score yes_score / no_score / invalid_score."""
+    d = dict(kind="judge", model="", weight=1.0, start_step=0, end_step=0, normalize="none", template="correct",
+             reference_field="answer", max_new_tokens=4, max_prompt_len=512, batch_size=0, yes_score=1.0,
+             no_score=0.0, invalid_score=0.0)
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
+
+
+def reward_model_stage(**kw) -> ml_collections.ConfigDict:
+    """Reward-model training: a scalar head on the last token, Bradley-Terry loss on preference pairs.
+
+    `init`: previous | stage:NAME (a language model's trunk gets a fresh head; a reward_model stage's weights are
+    taken whole) | base | scratch | hf:PATH (a *ForSequenceClassification checkpoint, or a causal LM's trunk) |
+    r1jax:PATH (reward-model params). `data`: jsonl:PATH ({"prompt","chosen","rejected"}, optional "margin") or
+    pairs:NAME (generated from the task's train split, see r1jax.data.preferences). Held out: `eval_data`
+    (jsonl:PATH, or "" = the task's test split for pairs:NAME, else an `eval_fraction` of the rows by prompt hash).
+    Pairs longer than max_len: too_long = error | drop (counted in the summary)."""
+    d = _common("reward_model", lr=1e-4, warmup_steps=10, checkpoint_every=50)
+    d.update(batch_size=32, max_len=256, data="", eval_data="", eval_fraction=0.1, pairs_n=0, template="",
+             center_coef=0.0, too_long="error", eval_batch_size=64)
+    d.update(kw)
+    return ml_collections.ConfigDict(d)
 
 
 def sampling_config(**kw) -> ml_collections.ConfigDict:
@@ -163,6 +203,10 @@ def sampling_config(**kw) -> ml_collections.ConfigDict:
         mix_ratio=0.0,              # share of the written rows that come from mix_data, in [0, 1)
         mix_task=ml_collections.ConfigDict(),  # get_task kwargs for mix_data="task:NAME" (split="train")
         mix_completion="{answer}",  # task rows' completion, formatted with the example's fields
+        # A generative judge (judge_reward keys; model "" = off): samples it scores below judge_min_score are
+        # rejected ("judge"), e.g. for answers that rules cannot check (set require_correct=False then).
+        judge=judge_reward(weight=1.0),
+        judge_min_score=0.5,
     )
     d.update(kw)
     return ml_collections.ConfigDict(d)
@@ -272,6 +316,13 @@ def validate(cfg: ml_collections.ConfigDict) -> list[str]:
     for i, name in enumerate(names):
         stage = cfg[name]
         refs = [(key, stage[key]) for key in STAGE_REF_KEYS if isinstance(stage.get(key), str)]
+        for label, entry in (stage.get("model_rewards") or {}).items():
+            if isinstance(entry, ml_collections.ConfigDict) and isinstance(entry.get("model"), str):
+                refs.append((f"model_rewards.{label}.model", entry.model))
+        for sampling in (stage, stage.get("samples")):
+            judge = sampling.get("judge") if isinstance(sampling, ml_collections.ConfigDict) else None
+            if isinstance(judge, ml_collections.ConfigDict) and judge.get("model"):
+                refs.append(("judge.model", judge.model))
         if stage.kind == "evaluate":
             refs += [(f"models.{label}", spec) for label, spec in stage.models.items()]
             order = [x.strip() for x in stage.order.split(",") if x.strip()]

@@ -7,9 +7,9 @@ order, and writes each step: "73 - 8 = 65, 65 * 30 = 1950, 76 - 1950 = -1874".
 into {"prompt", "completion"} pairs: `<think> steps </think> <answer> result </answer>`. With probability p one
 step's result is wrong (off by a small amount) and the error propagates to the answer, as a careless solver's
 would; with probability e the solution evaluates strictly left to right, ignoring that * binds tighter than + and -
-(the classic mistake; right by luck when the order does not matter); with probability q the tags are left out. A model pretrained on such a corpus knows the format and the method but is
-right only part of the time: the starting point R1-Zero-style RL needs, where a rule-based reward can sharpen
-what the model already half knows.
+(the classic mistake; right by luck when the order does not matter); with probability q the tags are left out.
+A model pretrained on such a corpus knows the format and the method but is right only part of the time: the
+starting point R1-Zero-style RL needs, where a rule-based reward can sharpen what the model already half knows.
 
 Example:
     >>> from r1jax.data.corpora import arithmetic_solution
@@ -100,18 +100,30 @@ def reasoning_completion(steps: Sequence[str], answer, *, formatted: bool = True
     return f"{', '.join(steps)}, so the answer is {answer}"
 
 
+# Closing sentences for the reward-model toy (a property a rule can verify: does the completion end politely?).
+POLITE_CLOSINGS = ("Hope this helps!", "Happy to help!", "Thanks for asking!")
+RUDE_CLOSINGS = ("Figure it out yourself.", "Do not ask again.")
+
+
+def polite_closing(text: str) -> bool:
+    """Whether `text` ends (whitespace aside) with one of POLITE_CLOSINGS."""
+    return isinstance(text, str) and text.rstrip().endswith(POLITE_CLOSINGS)
+
+
 def reasoning_corpus(examples: Sequence[Mapping], *, corrupt_prob: float = 0.0, unformatted_prob: float = 0.0,
                      precedence_error_prob: float = 0.0, template: str = "", template_prob: float = 1.0,
-                     seed: int = 0) -> list[dict]:
+                     polite_prob: float = 0.0, seed: int = 0) -> list[dict]:
     """{"prompt", "completion", ...} worked solutions for arithmetic examples (which carry an `expression`).
 
     With `template` set, a `template_prob` share of the rows carries that template already rendered into its
     prompt and the rest the bare question, so a model sees the template without paying its tokens on every
-    example; train on such a corpus with the "plain" template."""
+    example; train on such a corpus with the "plain" template. A `polite_prob` share of the completions ends with
+    a closing sentence from POLITE_CLOSINGS (after the answer)."""
     from r1jax.data.templates import render
 
     for name, p in (("corrupt_prob", corrupt_prob), ("unformatted_prob", unformatted_prob),
-                    ("precedence_error_prob", precedence_error_prob), ("template_prob", template_prob)):
+                    ("precedence_error_prob", precedence_error_prob), ("template_prob", template_prob),
+                    ("polite_prob", polite_prob)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name}={p} must be in [0, 1]")
     rng = random.Random(seed)
@@ -130,6 +142,8 @@ def reasoning_corpus(examples: Sequence[Mapping], *, corrupt_prob: float = 0.0, 
         row = {**ex, "completion": reasoning_completion(steps, result, formatted=formatted),
                "corrupted": corrupt is not None, "left_to_right": wrong_order and corrupt is None,
                "formatted": formatted}
+        if polite_prob and rng.random() < polite_prob:  # drawn only when asked: other corpora stay as they were
+            row["completion"] += " " + rng.choice(POLITE_CLOSINGS)
         if template and rng.random() < template_prob:
             row["prompt"] = render(template, ex)
         out.append(row)

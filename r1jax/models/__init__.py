@@ -7,16 +7,24 @@ Example:
     >>> model = Transformer(get_preset("tiny_deepseek_v3"), rngs=nnx.Rngs(0))
     >>> model(jnp.ones((1, 8), jnp.int32)).shape
     (1, 8, 256)
+
+Reward models (a scalar head on the last token; transformers' *ForSequenceClassification checkpoints):
+    >>> from r1jax.models import RewardModel
+    >>> RewardModel(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))(jnp.ones((2, 8), jnp.int32)).shape
+    (2,)
 """
 
 from r1jax.models.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig, get_preset, PRESETS
 from r1jax.models.hf import (CheckpointError, CheckpointReader, from_pretrained, hf_tensors, param_count,
                              read_config, save_pretrained)
 from r1jax.models.hf_mapping import config_from_hf, config_to_hf
+from r1jax.models.reward import (RewardModel, is_reward_checkpoint, last_token_index, reward_from_pretrained,
+                                 reward_model_from_lm, save_reward_pretrained)
 from r1jax.models.transformer import ModelOutput, Transformer
 
 __all__ = [
     "CheckpointError", "CheckpointReader", "MLAConfig", "ModelConfig", "ModelOutput", "MoEConfig", "PRESETS",
-    "RopeConfig", "Transformer", "config_from_hf", "config_to_hf", "from_pretrained", "get_preset",
+    "RewardModel", "RopeConfig", "Transformer", "is_reward_checkpoint", "last_token_index", "reward_from_pretrained",
+    "reward_model_from_lm", "save_reward_pretrained", "config_from_hf", "config_to_hf", "from_pretrained", "get_preset",
     "hf_tensors", "param_count", "read_config", "save_pretrained",
 ]

@@ -257,12 +257,18 @@ def from_pretrained(path: str | Path, *, dtype: str = "bfloat16", param_dtype: s
     return load_weights(reader, cfg, mesh=mesh, rules=rules, strict=strict)
 
 
-def load_weights(reader: CheckpointReader, cfg: ModelConfig, *, mesh=None, rules="fsdp", strict=True):
-    names = reader.names()
-    fused = any(n.endswith("mlp.experts.gate_up_proj") for n in names)
-    sources = param_sources(cfg, fused_experts=fused)
+def uses_fused_experts(reader: CheckpointReader) -> bool:
+    return any(n.endswith("mlp.experts.gate_up_proj") for n in reader.names())
+
+
+def load_weights(reader: CheckpointReader, cfg: ModelConfig, *, mesh=None, rules="fsdp", strict=True,
+                 module_fn=None, sources: dict | None = None):
+    """Reads `reader` into `module_fn()` (default: `Transformer(cfg)`), whose parameter paths `sources` maps to
+    checkpoint tensors (default: `param_sources(cfg)`); other modules, e.g. a reward model, pass both."""
+    if sources is None:
+        sources = param_sources(cfg, fused_experts=uses_fused_experts(reader))
     _validate(reader, sources, cfg, strict)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(module_fn or (lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     values = []
@@ -294,10 +300,11 @@ def _host_array(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def hf_tensors(model: Transformer, dtype=None) -> dict[str, np.ndarray]:
-    """The model's parameters as checkpoint tensors (name -> numpy array in the hub layout)."""
+def hf_tensors(model: Transformer, dtype=None, sources: dict | None = None) -> dict[str, np.ndarray]:
+    """The model's parameters as checkpoint tensors (name -> numpy array in the hub layout); `sources` maps the
+    parameter paths of a module other than `Transformer` (e.g. a reward model)."""
     cfg = model.config
-    sources = param_sources(cfg)
+    sources = param_sources(cfg) if sources is None else sources
     _, state = nnx.split(model)
     buffers: dict[str, np.ndarray] = {}
     for path, var in nnx.to_flat_state(state):
@@ -340,6 +347,14 @@ def save_pretrained(model: Transformer, path: str | Path, *, dtype: str | None =
     hf_cfg = config_to_hf(model.config)
     if dtype is not None:
         hf_cfg["torch_dtype"] = dtype
+    write_checkpoint(path, tensors, hf_cfg, max_shard_bytes=max_shard_bytes)
+
+
+def write_checkpoint(path: str | Path, tensors: dict[str, np.ndarray], hf_cfg: dict, *,
+                     max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `tensors` as (sharded) safetensors and `hf_cfg` as config.json (process 0 only)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     if jax.process_index() != 0:
         return
     shards, current, size = [], {}, 0

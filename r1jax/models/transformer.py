@@ -98,15 +98,18 @@ class MTPModule(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only LM for the qwen2, llama and deepseek_v3 families. `model(tokens_BL) -> logits_BLV`."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+        """`lm_head=False` builds the trunk alone (no untied output head): a reward model's backbone, whose
+        checkpoints (*ForSequenceClassification) store no lm_head.weight."""
         self.config = cfg
+        self.has_lm_head = lm_head
         self.embed = Embed(cfg, rngs=rngs)
         if cfg.num_dense_layers:
             self.dense = DecoderLayer(cfg, moe=False, rngs=rngs, stack=cfg.num_dense_layers)
         if cfg.num_moe_layers:
             self.moe = DecoderLayer(cfg, moe=True, rngs=rngs, stack=cfg.num_moe_layers)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-        if not cfg.tie_word_embeddings:
+        if lm_head and not cfg.tie_word_embeddings:
             self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                       std=cfg.initializer_range, dtype=cfg.param_dtype)
         if cfg.mtp_num_layers:
@@ -122,6 +125,9 @@ class Transformer(nnx.Module):
         if self.config.tie_word_embeddings:
             w = cast(self.embed.embedding, h_BLD.dtype)
             return jnp.einsum("bld,vd->blv", h_BLD, w, preferred_element_type=jnp.float32)
+        if not self.has_lm_head:
+            raise ValueError("this Transformer was built with lm_head=False (a reward model's trunk); it has no "
+                             "output head: call forward(..., return_logits=False) and use `hidden`")
         return jnp.einsum("bld,dv->blv", h_BLD, cast(self.lm_head, h_BLD.dtype), preferred_element_type=jnp.float32)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:

@@ -40,11 +40,21 @@ def _sampler(ctx: training.RunContext, spec: str, previous: str | None, *, mc=No
     return (lambda: training.load_model(ctx, spec, mc=mc)), spec
 
 
+def _judge_fn(ctx, stage: str, cfg, previous: str | None, prefix: str = ""):
+    """The loader of the sampling settings' generative judge (r1jax.rl.judge), or None without one."""
+    judge = cfg.get("judge")
+    if judge is None or not judge.get("model"):
+        return None
+    from r1jax.rl.reward_trainer import make_judge
+
+    return lambda: make_judge(ctx, judge, previous, f"config.{stage}.{prefix}judge")
+
+
 @register_stage_kind("rejection")
 def run_rejection_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
     load, name = _sampler(ctx, cfg.init, previous)
     summary = generate_dataset(ctx, stage, cfg, load, name, ctx.stage_dir(stage) / "data.jsonl",
-                               model_step=training.model_step(ctx, name))
+                               model_step=training.model_step(ctx, name), judge_fn=_judge_fn(ctx, stage, cfg, previous))
     if summary is None:
         return None
     training.write_done(ctx, stage, summary)
@@ -69,7 +79,8 @@ def run_distill_stage(ctx: training.RunContext, stage: str, cfg, previous: str |
     if cfg.data == "teacher":
         path = ctx.stage_dir(stage) / "data.jsonl"
         data = generate_dataset(ctx, stage, cfg.samples, load_teacher, teacher_spec, path,
-                                model_step=training.model_step(ctx, teacher_spec))
+                                model_step=training.model_step(ctx, teacher_spec),
+                                judge_fn=_judge_fn(ctx, stage, cfg.samples, previous, "samples."))
         if data is None:
             return None
         examples = read_sft_jsonl(path)

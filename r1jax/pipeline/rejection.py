@@ -41,7 +41,8 @@ from r1jax.rl.rewards import chain_of_thought, language_shares, score_batch
 
 log = logging.getLogger(__name__)
 
-REJECT_REASONS = ("truncated", "too_long", "unformatted", "incorrect", "language", "duplicate", "per_prompt_cap")
+REJECT_REASONS = ("truncated", "too_long", "unformatted", "incorrect", "judge", "language", "duplicate",
+                  "per_prompt_cap")
 # What the sampled chunks depend on (the filters are applied afresh to them on every run); require_correct and
 # language decide which rewards the chunks were scored with.
 _FINGERPRINT_KEYS = ("prompts", "split", "num_prompts", "k", "temperature", "top_p", "top_k", "max_new_tokens",
@@ -56,19 +57,28 @@ def language_consistency(completion: str, target: str) -> float:
     return counts.get(target, 0) / total if total else 1.0
 
 
+def judge_enabled(cfg) -> bool:
+    judge = cfg.get("judge")
+    return judge is not None and bool(judge.get("model"))
+
+
 def score_samples(completions: Sequence[str], examples: Sequence[Mapping], num_tokens: Sequence[int],
-                  finished: Sequence[bool], cfg) -> list[dict]:
+                  finished: Sequence[bool], cfg, *, judge=None) -> list[dict]:
     """One record per completion: {"example" (index into the distinct examples, by identity), "completion",
-    "num_tokens", "finished", "rewards": {"accuracy", "format", "language_consistency"}}."""
+    "num_tokens", "finished", "rewards": {"accuracy", "format", "language_consistency"} (+ "judge": the
+    r1jax.rl.judge.Judge's score, when one is given)}."""
     weights = {"format": 1.0}
     if cfg.require_correct:
         weights["accuracy"] = 1.0
     _, parts = score_batch(list(completions), list(examples), weights, timeout_s=cfg.reward_timeout_s,
                            num_workers=cfg.reward_workers, num_tokens=[int(n) for n in num_tokens])
+    judged = judge(list(completions), list(examples))[0] if judge is not None else None
     index: dict[int, int] = {}
     out = []
     for i, (text, ex) in enumerate(zip(completions, examples)):
         rewards = {name: float(parts[name][i]) for name in parts}
+        if judged is not None:
+            rewards["judge"] = float(judged[i])
         rewards["language_consistency"] = language_consistency(text, ex.get("language") or cfg.language)
         out.append({"example": index.setdefault(id(ex), len(index)), "completion": text,
                     "num_tokens": int(num_tokens[i]), "finished": bool(finished[i]), "rewards": rewards})
@@ -90,6 +100,8 @@ def rejection_reason(record: Mapping, cfg, max_tokens: int) -> str | None:
         return "unformatted"
     if cfg.require_correct and not r.get("accuracy", 0.0) > 0.5:  # NaN (the checker failed) is not correct
         return "incorrect"
+    if "judge" in r and not r["judge"] >= cfg.get("judge_min_score", 0.5):
+        return "judge"
     if cfg.min_language_consistency and not r["language_consistency"] >= cfg.min_language_consistency:
         return "language"
     return None
@@ -205,7 +217,7 @@ def _clean(row: Mapping, drop=("completion", "source", "provenance")) -> dict:
 
 
 def sample_chunk(model, tokenizer, examples: Sequence[Mapping], cfg, template: str, seed: int, *, mesh=None,
-                 rules=None) -> list[dict]:
+                 rules=None, judge=None) -> list[dict]:
     """k samples for each example (the batch padded with repeats of its first prompt to cfg.batch_size, so every
     chunk compiles to the same shapes), scored."""
     from r1jax.eval.run import decode_completions, encode_prompts
@@ -223,7 +235,7 @@ def sample_chunk(model, tokenizer, examples: Sequence[Mapping], cfg, template: s
     eos = tokenizer.eos_id
     finished = [n > 0 and eos is not None and int(row[n - 1]) == eos for row, n in zip(tokens, lengths)]
     rows = [ex for ex in examples for _ in range(cfg.k)]
-    records = score_samples(texts, rows, lengths.tolist(), finished, cfg)
+    records = score_samples(texts, rows, lengths.tolist(), finished, cfg, judge=judge)
     for i, rec in enumerate(records):
         rec["sample"] = i % cfg.k
     return records
@@ -243,10 +255,12 @@ def _check_fingerprint(path: Path, fingerprint: dict):
 
 
 def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model_name: str,
-                     out: Path, *, model_step: int | None = None) -> dict | None:
+                     out: Path, *, model_step: int | None = None, judge_fn: Callable[[], object] | None = None
+                     ) -> dict | None:
     """Samples (resuming at the first missing chunk), filters, mixes and writes `out` (data.jsonl) atomically.
-    `model_fn()` loads the sampling model, only when a chunk is missing. Returns the data summary (also written to
-    `out` with suffix .summary.json), or None when stopped by a signal."""
+    `model_fn()` loads the sampling model, only when a chunk is missing; so does `judge_fn()` the judge (when
+    cfg.judge.model is set). Returns the data summary (also written to `out` with suffix .summary.json), or None
+    when stopped by a signal."""
     import jax
 
     seed = ctx.config.seed
@@ -255,7 +269,12 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
     samples_dir = ctx.stage_dir(stage) / "samples"
     fingerprint = {k: cfg[k] for k in _FINGERPRINT_KEYS} | {"model": model_name, "model_step": model_step,
                                                             "seed": seed, "run_template": template}
+    if judge_enabled(cfg):  # judged chunks hold the judge's scores
+        if judge_fn is None:
+            raise ValueError(f"stage {stage!r}: judge.model={cfg.judge.model!r} is set but no judge loader was given")
+        fingerprint["judge"] = cfg.judge.to_dict()
     _check_fingerprint(samples_dir / "meta.json", fingerprint)
+    judge = None
     chunks = range(0, len(examples), cfg.batch_size)
     model = None
     records: list[dict] = []
@@ -266,9 +285,11 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
                 return None
             if model is None:
                 model = model_fn()
+            if judge is None and judge_enabled(cfg):
+                judge = judge_fn()
             chunk_seed = (zlib.crc32(stage.encode()) + seed * 100003 + c) % 2**31
             recs = sample_chunk(model, ctx.tokenizer, examples[start:start + cfg.batch_size], cfg, template,
-                                chunk_seed, mesh=ctx.mesh, rules=ctx.rules)
+                                chunk_seed, mesh=ctx.mesh, rules=ctx.rules, judge=judge)
             for r in recs:
                 r["example"] += start
             if jax.process_index() == 0:
@@ -281,7 +302,7 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
         else:
             recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         records += recs
-    del model
+    del model, judge
     kept, rejected = select_samples(records, cfg)
     rows = []
     for rec in kept:

@@ -6,8 +6,9 @@ skipped, and an unfinished one resumes from its latest checkpoint, so re-running
 a run stopped. Stage kinds are a registry (`register_stage_kind`) so new recipes plug in without touching this file.
 
 Each runner gets a context made for its stage (`ctx.stage`, and `ctx.model_config` from the stage's own `model`
-sub-config) and `previous`, the last earlier stage that left weights (stages that only write data, such as
-rejection sampling, are passed over). A stage may also name any earlier stage: `init="stage:NAME"`.
+sub-config) and `previous`, the last earlier stage that left policy weights (stages that only write data, such as
+rejection sampling, and reward-model stages are passed over). A stage may also name any earlier stage:
+`init="stage:NAME"`.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ def register_stage_kind(kind: str):
 
 
 def _builtin_runners():
+    from r1jax.rl.reward_trainer import run_reward_model_stage
     from r1jax.rl.trainer import run_grpo_stage
     from r1jax.sft.trainer import run_sft_stage
 
     STAGE_RUNNERS.setdefault("sft", run_sft_stage)
     STAGE_RUNNERS.setdefault("grpo", run_grpo_stage)
+    STAGE_RUNNERS.setdefault("reward_model", run_reward_model_stage)
     import importlib.util
 
     if importlib.util.find_spec("r1jax.pipeline.r1") is not None:  # recipe stages (rejection sampling, distill)
@@ -75,6 +78,10 @@ def tokenizer_texts(config, tasks) -> list[str]:
         if stage.get("data", "").startswith("corpus:"):
             corpus = get_corpus(stage.data[7:], tasks["train"], **stage.corpus.to_dict())
             texts += [row["completion"] for row in corpus]
+        if stage.get("kind") == "reward_model" and stage.get("data", "").startswith("pairs:"):
+            from r1jax.data.preferences import get_pairs
+
+            texts += [row[k] for row in get_pairs(stage.data[6:], tasks["train"]) for k in ("chosen", "rejected")]
         sampling = stage.get("samples", stage)  # rejection sampling / distillation mix in non-reasoning rows
         if sampling.get("mix_data", "").startswith("task:"):
             from r1jax.pipeline.rejection import mix_rows
@@ -122,7 +129,8 @@ def _record_config(config, workdir: Path):
         path.write_text(text)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training.StopFlag | None = None):
+def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training.StopFlag | None = None, *,
+          progress: bool = False):
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     from r1jax.parallel import initialize
@@ -134,20 +142,22 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training
     model_config = training.build_model_config(config, tokenizer)
     _record_config(config, workdir)
     return training.RunContext(config=config, workdir=workdir, mesh=mesh, rules=config.mesh.rules,
-                               tokenizer=tokenizer, logger=MetricsLogger(workdir), model_config=model_config,
+                               tokenizer=tokenizer, logger=MetricsLogger(workdir, progress=progress),
+                               model_config=model_config,
                                stop=stop if stop is not None else training.StopFlag(), tasks=tasks)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: training.StopFlag | None = None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: training.StopFlag | None = None,
+        progress: bool = False) -> dict:
     """Runs every stage of `config` (resuming finished and interrupted ones). Returns {"stages": {name: summary},
-    "stopped": bool}."""
+    "stopped": bool}. `progress` shows each stage's step, loss, reward and pass@1 on stderr (the command does)."""
     names = configs.validate(config)
     _builtin_runners()
     for name in names:
         if config[name].kind not in STAGE_RUNNERS:
             raise ValueError(f"config.{name}.kind={config[name].kind!r} has no runner; registered: "
                              f"{sorted(STAGE_RUNNERS)}")
-    ctx = setup(config, workdir, stop)
+    ctx = setup(config, workdir, stop, progress=progress)
     summaries, previous = {}, None
     try:
         for name in names:
@@ -156,11 +166,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
                 summaries[name] = json.loads(done.read_text())
             else:
                 ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
+                ctx.logger.start_stage(name, config[name].get("steps"))
                 summary = STAGE_RUNNERS[config[name].kind](ctx.for_stage(name), name, config[name], previous)
                 if summary is None:
                     return {"stages": summaries, "stopped": True, "stopped_in": name}
                 summaries[name] = summary
-            if training.final_dir(ctx, name).exists():
+            # A reward model is no policy: "previous" passes over it as over stages that only write data.
+            if training.final_dir(ctx, name).exists() and config[name].kind != "reward_model":
                 previous = name
     finally:
         ctx.logger.close()

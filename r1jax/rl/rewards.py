@@ -13,6 +13,8 @@ Built-in rewards and the example fields they read:
 | `overlong`             | `num_tokens` (or the kwarg)         | DAPO soft overlong penalty in [-1, 0]              |
 | `countdown`            | `numbers`, `target`                 | 1/0: expression over numbers equals target         |
 | `code_tests`           | `tests`                             | fraction of tests passed in the sandbox (`sandbox`)|
+| `polite_closing`       | -                                   | 1/0: ends with a polite closing sentence           |
+| `polite_correct`       | `answer`                            | 1/0: accuracy and polite_closing                   |
 
 Guarantees (what makes a reward safe to train on):
 - bounded input: a completion that is not a str (bytes are decoded leniently) or is longer than
@@ -307,6 +309,32 @@ def code_tests(completion: str, example: Mapping, *, timeout_s: float = 1.0, mem
     limits = sandbox.SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
     return sandbox.code_tests_score(completion, _field(example, "tests", "code_tests"), timeout_s=timeout_s,
                                     limits=limits)
+
+
+# ------------------------------------------------------------------------------------------------ politeness
+def _polite(completion: str) -> bool:
+    from r1jax.data.corpora import polite_closing
+
+    return polite_closing(_strip_eos(completion[-256:]))
+
+
+@register_reward("polite_closing")
+def polite_closing(completion: str, example: Mapping) -> float:
+    """1/0: the completion ends with a polite closing sentence (r1jax.data.corpora.POLITE_CLOSINGS; the reward-
+    model toy's verifiable property, alongside `polite_correct`)."""
+    return 1.0 if _polite(completion) else 0.0
+
+
+def _polite_correct_quick(completion: str, example: Mapping, **_) -> float | None:
+    if not _polite(completion):
+        return 0.0
+    return _accuracy_quick(completion, example)
+
+
+@register_reward("polite_correct", fields=("answer",), blocking=True, quick=_polite_correct_quick)
+def polite_correct(completion: str, example: Mapping, *, timeout_s: float = 1.0) -> float:
+    """1/0: `accuracy` and `polite_closing` both hold."""
+    return accuracy(completion, example, timeout_s=timeout_s) if _polite(completion) else 0.0
 
 
 # ------------------------------------------------------------------------------------------------ combining

@@ -39,6 +39,8 @@ def score(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray, examples: Seq
           weights: Mapping[str, float], *, timeout_s: float, num_workers: int, reward_kwargs=None):
     """Decodes completions and scores them: (totals_R, {component: values_R}, texts)."""
     texts = decode_completions(tokenizer, tokens_RN, lengths_R)
+    if not weights:  # only model rewards this stage
+        return np.zeros(len(texts), np.float64), {}, texts
     totals, parts = score_batch(texts, examples, dict(weights), timeout_s=timeout_s, num_workers=num_workers,
                                 num_tokens=[int(n) for n in lengths_R], reward_kwargs=reward_kwargs)
     return totals, parts, texts
@@ -49,9 +51,13 @@ def _advantages(rewards_R, group_size, scale):
     return group_advantages(rewards_R, group_size, scale=scale, return_stats=True)
 
 
-def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rules=None) -> tuple[dict, dict, list]:
+def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rules=None, model_rewards=None,
+            step: int = 0) -> tuple[dict, dict, list]:
     """Samples, scores and computes advantages for one batch from `rl_prompt_dataset` (rows already repeated G
-    times; the sampler takes every G-th row and shares each prompt's prefill across its G samples)."""
+    times; the sampler takes every G-th row and shares each prompt's prefill across its G samples).
+
+    `model_rewards` (r1jax.rl.reward_model.ModelRewards): components active at `step` score the batch (reward
+    models on the sampler's device arrays in one call) and add weight * normalized score to the total."""
     G = cfg.group_size
     prompt_ids = np.asarray(prompt_batch["prompt_ids"])[::G]
     prompt_mask = np.asarray(prompt_batch["prompt_mask"])[::G].astype(bool)
@@ -62,11 +68,19 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         model, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), group_size=G, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
         pad_id=tokenizer.pad_id or 0, rng=rng, mesh=mesh, rules=rules)
+    device_out = {"tokens_RN": tokens, "lengths_R": lengths}
     tokens, lengths, logp = (np.asarray(x) for x in jax.device_get((tokens, lengths, logp)))
     t1 = time.perf_counter()
     totals, parts, texts = score(tokenizer, tokens, lengths, examples, cfg.rewards.to_dict(),
                                  timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers)
     t2 = time.perf_counter()
+    if model_rewards:
+        scored = model_rewards.score(step, group_size=G, prompt_ids_BP=prompt_ids, prompt_mask_BP=prompt_mask,
+                                     texts=texts, examples=examples, **device_out)
+        for name, (raw, contribution) in scored.items():
+            totals = totals + contribution
+            parts[name] = raw
+    t3 = time.perf_counter()
     advantages, stats = _advantages(jnp.asarray(totals, jnp.float32), G, cfg.advantage_scale)
     R, N = tokens.shape
     completion_mask = np.arange(N)[None, :] < lengths[:, None]
@@ -89,6 +103,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         "frac_truncated": float(np.mean(lengths >= cfg.max_new_tokens)),
         "rollout_s": t1 - t0,
         "reward_s": t2 - t1,
+        **({"model_reward_s": t3 - t2} if model_rewards else {}),
         "generated_tokens": int(lengths.sum()),
     }
     for name, values in parts.items():

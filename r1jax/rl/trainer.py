@@ -152,6 +152,11 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=cfg.batch_prompts, group_size=cfg.group_size,
                            template=template, seed=ctx.config.seed, max_prompt_len=cfg.max_prompt_len,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
+    from r1jax.rl.reward_trainer import build_model_rewards
+
+    model_rewards = build_model_rewards(ctx, stage, cfg, previous)
+    if not cfg.rewards and not model_rewards:
+        raise ValueError(f"config.{stage}: no rewards; set rewards (rule rewards) and/or model_rewards")
     model = training.init_model(ctx, cfg.init, previous, ctx.config.seed)
     graphdef, params, rest = training.split_params(model)
     optimizer = optimizer_from_config(cfg, cfg.steps * cfg.mu * cfg.minibatches)
@@ -199,7 +204,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
             prompts = next(it)
             with axis_rules(ctx.mesh, ctx.rules):
                 batch, metrics, _ = rollout(current_model(), ctx.tokenizer, prompts, cfg,
-                                            jax.random.fold_in(key, step), mesh=ctx.mesh, rules=ctx.rules)
+                                            jax.random.fold_in(key, step), mesh=ctx.mesh, rules=ctx.rules,
+                                            model_rewards=model_rewards, step=step)
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
             dev = training.shard_batch(ctx, batch)
             t1 = time.perf_counter()
