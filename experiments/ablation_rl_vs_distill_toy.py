@@ -1,4 +1,4 @@
-"""RL versus distillation on a CPU: the R1 paper's Table 6 ablation in miniature (10-16 minutes on 2 shared cores).
+"""RL versus distillation on a CPU: the R1 paper's Table 6 ablation in miniature (about 11 minutes on 2 cores).
 
     r1jax train --config experiments/ablation_rl_vs_distill_toy.py --workdir /tmp/ablation
 
@@ -7,9 +7,9 @@ reasoner; on Qwen2.5-32B-Base, distillation won (AIME 2024 pass@1 72.6 vs 47.0).
 precedence ("What is 7 - 2 * 8?", 2 operations on single digits where the order of operations changes the value;
 10% of the expressions held out by hash):
 
-- `teacher_base` -> `teacher`: the larger model (4 layers, d=128, 0.9M parameters) pretrained for 400 steps on
-  imperfect worked solutions (half of them evaluate strictly left to right, the classic precedence mistake, and
-  some slip), then 20 steps of R1-Zero GRPO (accuracy + format rewards) from it.
+- `teacher_base` -> `teacher`: the larger model (4 layers, d=128, 0.9M parameters) pretrained for 600 steps on
+  imperfect worked solutions (half of them evaluate strictly left to right, the classic precedence mistake), then
+  40 steps of R1-Zero GRPO (accuracy + format rewards, lr 1e-4: the main job's settings) from it.
 - `student_base`: a smaller model (2 layers, d=128: half the depth) pretrained for 100 steps on the same corpus:
   the weak base both arms start from (`init="stage:student_base"`; the stage's own `model` sub-config).
 - arm A, `student_rl`: 30 steps of R1-Zero GRPO on the student (16 prompts x 8 samples per step).
@@ -19,6 +19,22 @@ precedence ("What is 7 - 2 * 8?", 2 operations on single digits where the order 
 - `compare`: all four models on the same 160 held-out problems, k=4 samples at temperature 0.6 / top-p 0.95,
   writing WORKDIR/results.json ({"teacher", "student_base", "student_rl", "student_distill"}, each with pass@1
   and cons@k), results.md and results.png.
+
+Measured 2026-12-02 on this repository's 2-core CPU machine, seed 0, 10 min 59 s for the whole command (held-out
+pass@1 / cons@4, 160 problems, k=4):
+
+| model | pass@1 | cons@4 | pass@4 | stage wall s |
+|---|---:|---:|---:|---:|
+| teacher (4 layers, pretrain + RL) | 0.617 | 0.613 | 0.706 | 107 |
+| student_base (2 layers, 100 pretrain steps) | 0.017 | 0.025 | 0.069 | 39 |
+| student_rl (arm A: 30 GRPO steps) | 0.031 | 0.025 | 0.100 | 45 |
+| student_distill (arm B: 1,114 kept teacher samples, 150 SFT steps) | 0.142 | 0.150 | 0.325 | 74 |
+
+The distilled student gains 12.5 points of pass@1 over its base for 74 s (teacher sampling included), RL on the
+student 1.4 points for 45 s: as in the paper, the small model learns more from a stronger reasoner's filtered
+samples than from its own RL, whose rewards are almost all zero at a 2% base rate. An earlier setting (teacher
+pretrained 400 steps with 5% slipped steps, 20 GRPO steps at lr 5e-4) gave a teacher of only 0.125 pass@1, 273
+kept samples and a distilled student of 0.066: the arm B gain depends on the teacher's quality first.
 
 Variants: `:runlocal` (every stage a few steps: a smoke run of the plumbing, about 3 minutes).
 """
@@ -36,7 +52,7 @@ def _pretrain(steps: int, **kw):
                     max_len=128, pack=True, lr=3e-3, warmup_steps=30, lr_schedule="cosine", min_lr_ratio=0.1,
                     weight_decay=0.01, log_every=25, checkpoint_every=200, **kw)
     # Worked solutions with the precedence mistake in half of them; a fifth carry the R1-Zero template.
-    cfg.corpus = dict(n=20000, seed=0, precedence_error_prob=0.5, corrupt_prob=0.05, unformatted_prob=0.1,
+    cfg.corpus = dict(n=20000, seed=0, precedence_error_prob=0.5, corrupt_prob=0.0, unformatted_prob=0.1,
                       template="r1_zero", template_prob=0.2)
     cfg.eval = eval_config(num_problems=0)  # the compare stage evaluates every model the same way
     return cfg
@@ -44,7 +60,7 @@ def _pretrain(steps: int, **kw):
 
 def _grpo(steps: int, **kw):
     cfg = grpo_stage(steps=steps, batch_prompts=16, group_size=8, max_prompt_len=128, max_new_tokens=48,
-                     temperature=1.0, lr=5e-4, warmup_steps=5, lr_schedule="constant", b2=0.99, grad_clip=1.0,
+                     temperature=1.0, lr=1e-4, warmup_steps=5, lr_schedule="constant", b2=0.99, grad_clip=1.0,
                      beta=0.0, log_every=5, checkpoint_every=20, reward_workers=2, **kw)
     cfg.rewards = dict(accuracy=1.0, format=0.1)
     cfg.eval = eval_config(num_problems=0)
@@ -52,7 +68,7 @@ def _grpo(steps: int, **kw):
 
 
 def get_config(arg=None):
-    opts = parse_arg(arg, runlocal=False, teacher_pretrain=400, teacher_rl=20, student_pretrain=100,
+    opts = parse_arg(arg, runlocal=False, teacher_pretrain=600, teacher_rl=40, student_pretrain=100,
                      student_rl=30, distill_steps=150, distill_prompts=0, distill_k=4, distill_lr=2e-3)
     cfg = base_config()
     cfg.seed = 0
