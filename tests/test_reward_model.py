@@ -356,3 +356,17 @@ def test_reward_model_toy_end_to_end(tmp_path):
     assert out["stages"]["rm"]["eval/pairwise_accuracy"] >= 0.9
     evals = [r for r in read_metrics(tmp_path) if r["stage"] == "grpo" and "eval/pass@1" in r]
     assert evals[-1]["eval/pass@1"] > evals[0]["eval/pass@1"]
+
+
+def test_reward_model_toy_config_variants():
+    from r1jax import configs
+
+    cfg = _load_config(ROOT / "experiments" / "reward_model_toy.py")
+    assert configs.validate(cfg) == ["pretrain", "rm", "grpo"]
+    # Default: the accuracy rule mixed with the group-normalized reward model (R1's last stage); politeness is only
+    # measured by rules, never rewarded by them.
+    assert cfg.grpo.rewards.accuracy == 1.0 and cfg.grpo.rewards.polite_correct == 0.0
+    assert cfg.grpo.model_rewards.rm.normalize == "group" and cfg.grpo.model_rewards.rm.model == "stage:rm"
+    only = _load_config(ROOT / "experiments" / "reward_model_toy.py", "rm_only,grpo_steps=5")
+    assert only.grpo.rewards.accuracy == 0.0 and only.grpo.model_rewards.rm.normalize == "none"
+    assert only.grpo.steps == 5
