@@ -16,14 +16,17 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 
-def read_sft_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, check: Callable[[Any, str], dict], *, what: str) -> list[dict]:
+    """Every non-blank line of a JSONL file, each passed through `check(row, "PATH:LINE")` (which raises naming the
+    line and field); a missing or empty file, or a line that is not JSON (a truncated file), is an error."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no SFT data file at {path}")
+        raise FileNotFoundError(f"no {what} file at {path}")
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -33,10 +36,14 @@ def read_sft_jsonl(path: str | Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); truncated file?") from None
-            rows.append(_normalize(row, f"{path}:{n}"))
+            rows.append(check(row, f"{path}:{n}"))
     if not rows:
-        raise ValueError(f"{path} holds no rows")
+        raise ValueError(f"{path} holds no {what} rows")
     return rows
+
+
+def read_sft_jsonl(path: str | Path) -> list[dict]:
+    return read_jsonl(path, _normalize, what="SFT data")
 
 
 def _normalize(row: Mapping, where: str) -> dict:

@@ -19,13 +19,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from r1jax.data.corpora import (POLITE_CLOSINGS, RUDE_CLOSINGS, arithmetic_solution, count_operations,
                                 left_to_right_solution, reasoning_completion)
+from r1jax.data.io import read_jsonl
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -47,22 +47,7 @@ def check_pair(row, where: str) -> dict:
 
 
 def read_preference_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no preference data file at {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); truncated file?") from None
-            rows.append(check_pair(row, f"{path}:{n}"))
-    if not rows:
-        raise ValueError(f"{path} holds no preference rows")
-    return rows
+    return read_jsonl(path, check_pair, what="preference")
 
 
 def _wrong_solution(expression: str, rng: random.Random) -> str:
