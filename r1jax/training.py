@@ -292,6 +292,18 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive updates had a non-finite loss or gradient."""
 
 
+def count_updates(oks, nonfinite: int, skipped: int, *, stage: str, step: int, max_nonfinite: int) -> tuple[int, int]:
+    """Counts this step's updates (`oks`: whether each was applied) into (consecutive non-finite, skipped) and
+    raises NonFiniteError once `max_nonfinite` updates in a row were skipped."""
+    for ok in oks:
+        nonfinite = 0 if ok else nonfinite + 1
+        skipped += 0 if ok else 1
+    if nonfinite >= max_nonfinite:
+        raise NonFiniteError(f"stage {stage!r}: {nonfinite} consecutive updates with a non-finite loss or gradient "
+                             f"(last at step {step}); the last checkpoint is from before them")
+    return nonfinite, skipped
+
+
 def nan_steps(spec: str) -> set[int]:
     return {int(s) for s in str(spec).split(",") if s.strip()}
 

@@ -228,13 +228,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                         step_metrics.append(training.to_float_dict(m))
             step += 1
             oks = [bool(m.pop("update_ok")) for m in step_metrics]
-            for ok in oks:
-                nonfinite = 0 if ok else nonfinite + 1
-                skipped += 0 if ok else 1
-            if nonfinite >= cfg.max_nonfinite:
-                raise training.NonFiniteError(
-                    f"stage {stage!r}: {nonfinite} consecutive updates with a non-finite loss or gradient "
-                    f"(last at step {step}); the last checkpoint is from before them")
+            nonfinite, skipped = training.count_updates(oks, nonfinite, skipped, stage=stage, step=step,
+                                                        max_nonfinite=cfg.max_nonfinite)
             t2 = time.perf_counter()
             m = _mean_metrics(step_metrics)
             metrics.update(

@@ -192,12 +192,8 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
             step += 1
             m = training.to_float_dict(metrics)
             ok = bool(m.pop("update_ok"))
-            nonfinite = 0 if ok else nonfinite + 1
-            skipped += 0 if ok else 1
-            if nonfinite >= cfg.max_nonfinite:
-                raise training.NonFiniteError(
-                    f"stage {stage!r}: {nonfinite} consecutive updates with a non-finite loss or gradient "
-                    f"(last at step {step}); the last checkpoint is from before them")
+            nonfinite, skipped = training.count_updates([ok], nonfinite, skipped, stage=stage, step=step,
+                                                        max_nonfinite=cfg.max_nonfinite)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 m.update(lr=float(schedule(step - 1)), skipped_updates=skipped, step_s=(now - t_last) /
