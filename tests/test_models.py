@@ -228,6 +228,23 @@ def test_cached_decoding_equals_full_forward(name):
     np.testing.assert_allclose(got[valid], full[valid], atol=1e-4)
 
 
+def test_cache_is_per_layer_and_checked():
+    """Each layer owns its cache buffers (no stacked [layers, ...] array to copy when decoding), pre-sliced layer
+    weights give the same logits, and a cache built for another depth is refused by name."""
+    model = _randomize(_model("tiny_llama"))
+    cache = model.init_cache(2, 8)
+    n = model.config.num_layers
+    assert len(cache["dense"]) == n and cache["dense"][0]["k"].shape == (2, model.config.num_kv_heads,
+                                                                           model.config.head_dim, 8)
+    tokens = _tokens(2, 3)
+    a = model.forward(tokens, cache=cache).logits
+    b = model.forward(tokens, cache=cache, layers=model.layer_states()).logits
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    short = _model("tiny_llama", num_layers=n - 1).init_cache(2, 8)
+    with pytest.raises(ValueError, match=f"cache holds {n - 1} layers, the stack {n}"):
+        model.forward(tokens, cache=short)
+
+
 def test_mtp_modules_roundtrip_and_train(tmp_path):
     model = _randomize(_model("tiny_deepseek_v3", mtp_num_layers=2))
     save_pretrained(model, tmp_path)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from r1jax.models import Transformer, from_pretrained, get_preset
 from r1jax.sampling import generate, make_strategy, sample_padded, sampling_distribution, select
+from r1jax.sampling.strategies import argmax, inverse_cdf_sample, top_p_keep
 
 
 def _model(name="tiny_qwen2", seed=0):
@@ -121,6 +122,45 @@ def test_top_k_and_top_p_truncate_exactly():
     # The kept mass renormalizes.
     dist = np.exp(np.asarray(sampling_distribution(logits, make_strategy(1.0, 0, 0.85), 1.0, 0.85))[0])
     np.testing.assert_allclose(dist[:3], np.array([0.4, 0.3, 0.15]) / 0.85, rtol=1e-6)
+
+
+def test_two_level_inverse_cdf_across_blocks():
+    """Mass at block edges (127, 128, 255, 256) and in a partial last block (V=300): the two-level cumulative sum
+    samples softmax exactly; log-probabilities match."""
+    V, where = 300, np.array([0, 127, 128, 200, 255, 256, 299])
+    row = np.full(V, -np.inf, np.float32)
+    row[where] = [0.3, -0.2, 1.0, 0.1, -1.0, 0.5, 0.7]
+    n = 40_000
+    tokens, logp = inverse_cdf_sample(jnp.repeat(jnp.asarray(row)[None], n, 0), jax.random.key(3))
+    tokens = np.asarray(tokens)
+    assert np.isin(tokens, where).all()
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(row)))
+    stat, dof = _chi_square(np.bincount(tokens, minlength=V).astype(float)[where], probs[where])
+    assert stat < _CHI2_999[dof], f"chi2 {stat:.1f} with {dof} dof"
+    np.testing.assert_allclose(np.asarray(logp), np.log(probs[tokens]), atol=1e-5)
+
+
+def test_top_p_bisection_equals_sorted_nucleus():
+    """The bisection nucleus equals the definition on sorted probabilities (keep while the mass before < p, plus
+    ties with the last kept), on random rows with ties and -inf entries."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 777)).astype(np.float32) * rng.uniform(0.1, 6, (64, 1)).astype(np.float32)
+    x[:8, ::3] = np.round(x[:8, ::3])           # ties
+    x[8:16, rng.integers(0, 777, 300)] = -np.inf  # e.g. after top-k
+    for p in (0.1, 0.5, 0.9, 0.95, 0.999):
+        got = np.asarray(top_p_keep(jnp.asarray(x), p))
+        for r in range(len(x)):
+            probs = np.exp(x[r] - x[r].max()) / np.exp(x[r] - x[r].max()).sum()
+            order = np.argsort(-x[r], kind="stable")
+            before = np.cumsum(probs[order]) - probs[order]
+            threshold = x[r][order][max(int((before < p).sum()) - 1, 0)]
+            np.testing.assert_array_equal(got[r], x[r] >= threshold, err_msg=f"row {r}, p={p}")
+
+
+def test_argmax_first_index_and_nan_rows():
+    x = jnp.asarray([[1.0, 3.0, 3.0, 2.0], [0.0, -jnp.inf, 0.0, 0.0], [jnp.nan, 1.0, 2.0, 0.0]])
+    assert argmax(x).tolist()[:2] == [1, 0]
+    assert 0 <= int(argmax(x)[2]) < 4  # a NaN row still yields a valid token id
 
 
 def test_model_first_token_distribution_chi_square():

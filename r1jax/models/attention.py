@@ -50,17 +50,17 @@ def write_cache(buf_BS_, new_BL_, index):
     return jax.lax.dynamic_update_slice(buf_BS_, new_BL_.astype(buf_BS_.dtype), start)
 
 
-def update_layer_cache(cache: dict, new: dict, layer_idx, index, slot_axes: dict):
-    """Writes each layer's new entries into the stacked cache [layers, B, ...] in place (the stacked buffers are
-    carried through the layer scan, so XLA updates them without copying) and returns (cache, this layer's view).
-    `slot_axes[name]` is the slot axis of buffer `name` in the per-layer layout."""
-    out, view = {}, {}
+def update_layer_cache(cache: dict, new: dict, index, slot_axes: dict) -> dict:
+    """Writes one layer's L new entries at slot `index` of its own buffers. Each layer owns separate buffers (not a
+    slice of a stacked [layers, ...] array): XLA:CPU updates a carried stacked buffer in place only while the
+    attention reads a materialized copy of the layer's slice, and copies the whole stack per layer when that read is
+    fused, so stacked caches cost 4-12x more per decode step (benchmarks/RESULTS.md)."""
+    out = {}
     for name, buf in cache.items():
-        start = [layer_idx] + [0] * (buf.ndim - 1)
-        start[1 + slot_axes[name]] = index
-        out[name] = jax.lax.dynamic_update_slice(buf, new[name][None].astype(buf.dtype), tuple(start))
-        view[name] = out[name][layer_idx]
-    return out, view
+        start = [0] * buf.ndim
+        start[slot_axes[name]] = index
+        out[name] = jax.lax.dynamic_update_slice(buf, new[name].astype(buf.dtype), tuple(start))
+    return out
 
 
 class Attention(nnx.Module):
@@ -85,7 +85,7 @@ class Attention(nnx.Module):
         self.q_block = cfg.attention_q_block
         self.rotary = Rotary(cfg.rope, Q, cfg.max_position_embeddings)
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, layer_idx=None):
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
         dt = x_BLD.dtype
         q = jnp.einsum("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
         k = jnp.einsum("bld,dkq->blkq", x_BLD, cast(self.wk, dt))
@@ -103,12 +103,16 @@ class Attention(nnx.Module):
             # per-head matmuls on contiguous slices; the slot-major layout costs a transposed copy of the whole
             # cache per layer and step (8x slower decoding on CPU).
             new = {"k": k.transpose(0, 2, 3, 1), "v": v.transpose(0, 2, 1, 3)}
-            new_cache, view = update_layer_cache(cache, new, layer_idx, cache_index, self.CACHE_SLOT_AXES)
-            kc, vc = view["k"].astype(dt), view["v"].astype(dt)
-            scores = jnp.einsum("blkgq,bkqs->bkgls", q, kc) * self.scale
+            new_cache = update_layer_cache(cache, new, cache_index, self.CACHE_SLOT_AXES)
+            kc, vc = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
+            # Queries as [B, K, G*L, Q] so each (row, kv head) is one [G*L, Q] x [Q, S] product with the cache as
+            # the right operand: with queries [B, L, K, G, Q] XLA:CPU put the cache on the left ([S, Q] x [Q, G]
+            # per head), 6x slower per decode step.
+            q_BKGLQ = q.transpose(0, 2, 3, 1, 4)
+            scores = jnp.einsum("bkglq,bkqs->bkgls", q_BKGLQ, kc) * self.scale
             scores = jnp.where(mask_BLS[:, None, None], scores.astype(jnp.float32), _NEG)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            out = jnp.einsum("bkgls,bksq->blkgq", probs, vc).reshape(B, L, H, Q)
+            out = jnp.einsum("bkgls,bksq->bkglq", probs, vc).transpose(0, 3, 1, 2, 4).reshape(B, L, H, Q)
         else:
             def attend(mask, q):
                 return softmax_attend(jnp.einsum("blkgq,bskq->bkgls", q, k) * self.scale, mask, v)
@@ -169,7 +173,7 @@ class MLAttention(nnx.Module):
             qa = qa + cast(self.bq_a, dt)
         return jnp.einsum("blr,rhq->blhq", self.q_norm(qa), cast(self.wq_b, dt))
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, layer_idx=None):
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
         dt = x_BLD.dtype
         Qn, Qr, V, R = self.dims
         q = constrain(self._query(x_BLD), ("batch", "length", "heads", "kv"))
@@ -194,9 +198,8 @@ class MLAttention(nnx.Module):
             out = out.reshape(B, L, -1, V)
             new_cache = None
         else:
-            new_cache, view = update_layer_cache(cache, {"ckv": ckv, "krope": k_rope}, layer_idx, cache_index,
-                                                 self.CACHE_SLOT_AXES)
-            ckv_all, kr_all = view["ckv"].astype(dt), view["krope"].astype(dt)
+            new_cache = update_layer_cache(cache, {"ckv": ckv, "krope": k_rope}, cache_index, self.CACHE_SLOT_AXES)
+            ckv_all, kr_all = new_cache["ckv"].astype(dt), new_cache["krope"].astype(dt)
             q_lat = jnp.einsum("blhq,rhq->blhr", q_nope, wk_b)
             scores = (jnp.einsum("blhr,bsr->bhls", q_lat, ckv_all)
                       + jnp.einsum("blhq,bsq->bhls", q_rope, kr_all)) * self.scale

@@ -51,8 +51,8 @@ class DecoderLayer(nnx.Module):
                                                                      stack=stack, bias=cfg.mlp_bias)
         self.is_moe = moe
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, valid_BL, cache=None, cache_index=None, layer_idx=None):
-        h, new_cache = self.attn(self.ln1(x_BLD), cos_sin, mask_BLS, cache, cache_index, layer_idx)
+    def __call__(self, x_BLD, cos_sin, mask_BLS, valid_BL, cache=None, cache_index=None):
+        h, new_cache = self.attn(self.ln1(x_BLD), cos_sin, mask_BLS, cache, cache_index)
         x_BLD = x_BLD + h
         if self.is_moe:
             m, aux = self.mlp(self.ln2(x_BLD), valid_BL)
@@ -63,23 +63,33 @@ class DecoderLayer(nnx.Module):
 
 
 def run_stack(stack: DecoderLayer, x_BLD, cos_sin, mask_BLS, valid_BL, cache, cache_index, *, remat="none",
-              unroll=1):
-    """Scans the stacked layer over its leading axis. `cache` holds arrays with the same leading axis; it is carried
-    through the scan (not scanned over) so each layer updates its slots in place."""
+              unroll=1, layers=None):
+    """Runs the stacked layer over its leading axis: `jax.lax.scan` without a cache, so one layer body compiles per
+    stack. With a cache (a tuple of per-layer buffers, see `Transformer.init_cache`) the layers run in a Python loop,
+    each updating its own buffers in place; a scan could only carry one stacked buffer, which XLA:CPU copies whole
+    per layer when decoding. `layers` (from `Transformer.layer_states`) are the layers' parameters already sliced."""
     graphdef, state = nnx.split(stack)
     n = jax.tree.leaves(state)[0].shape[0]
+    if cache is not None:
+        if len(cache) != n:
+            raise ValueError(f"the cache holds {len(cache)} layers, the stack {n}")
+        new_cache, auxes = [], []
+        for i, layer_cache in enumerate(cache):
+            layer = nnx.merge(graphdef, layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], state))
+            x_BLD, layer_cache, aux = layer(x_BLD, cos_sin, mask_BLS, valid_BL, layer_cache, cache_index)
+            new_cache.append(layer_cache)
+            auxes.append(aux)
+        return x_BLD, tuple(new_cache), jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
-    def body(carry, xs):
-        x, cache = carry
-        layer_state, i = xs
+    def body(x, layer_state):
         layer = nnx.merge(graphdef, layer_state)
-        x, cache, aux = layer(x, cos_sin, mask_BLS, valid_BL, cache, cache_index, i)
-        return (x, cache), aux
+        x, _, aux = layer(x, cos_sin, mask_BLS, valid_BL)
+        return x, aux
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
-    (x_BLD, new_cache), aux = jax.lax.scan(body, (x_BLD, cache), (state, jnp.arange(n)), unroll=unroll)
-    return x_BLD, new_cache, aux
+    x_BLD, aux = jax.lax.scan(body, x_BLD, state, unroll=unroll)
+    return x_BLD, None, aux
 
 
 class MTPModule(nnx.Module):
@@ -131,27 +141,40 @@ class Transformer(nnx.Module):
         return jnp.einsum("bld,dv->blv", h_BLD, cast(self.lm_head, h_BLD.dtype), preferred_element_type=jnp.float32)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
-        """An empty KV cache of `length` slots for `batch` rows."""
+        """An empty KV cache of `length` slots for `batch` rows: shared `index`, `valid` [B, S] and `next_pos` [B],
+        and per stack a tuple with one dict of buffers per layer (`Attention.cache_shape`)."""
         cfg = self.config
         dtype = jnp.dtype(dtype or cfg.dtype)
         attn_cls = MLAttention if cfg.mla is not None else Attention
         cache = {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, length), bool),
                  "next_pos": jnp.zeros((batch,), jnp.int32)}
+        shapes = attn_cls.cache_shape(cfg, batch, length)
         for name, stack in self.stacks():
             n = cfg.num_dense_layers if name == "dense" else cfg.num_moe_layers
-            cache[name] = {k: jnp.zeros((n, *shape), dtype)
-                           for k, shape in attn_cls.cache_shape(cfg, batch, length).items()}
+            cache[name] = tuple({k: jnp.zeros(shape, dtype) for k, shape in shapes.items()} for _ in range(n))
         return cache
+
+    def layer_states(self) -> dict[str, tuple]:
+        """Each stack's parameters sliced per layer, for `forward(..., layers=...)` with a cache. A decode loop
+        slices them once before the loop: XLA:CPU materializes every slice of a stacked weight it feeds to a dot,
+        which inside the loop is a copy of all weights per generated token (12% of a decode step)."""
+        out = {}
+        for name, stack in self.stacks():
+            state = nnx.state(stack)
+            n = jax.tree.leaves(state)[0].shape[0]
+            out[name] = tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(n))
+        return out
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None, cache=None,
-                logits_start: int | None = None, return_logits: bool = True):
+                logits_start: int | None = None, return_logits: bool = True, layers: dict | None = None):
         """Full forward pass. `attention_mask_BL` marks real (1) vs padding (0) tokens; `segment_ids_BL` (> 0 real,
         0 padding) keeps packed examples from attending to each other. Positions default to 0, 1, ... per row
         (per segment when packed, counting only real tokens when padded, continuing the cache when decoding).
         `logits_start` (a static int, may be negative) computes logits only for positions from there on, e.g. -1
         for the last position when decoding, P - 1 for a completion after a P-token prompt. `return_logits=False`
-        skips the output head (callers that chunk it over positions apply `head` to `hidden` themselves)."""
+        skips the output head (callers that chunk it over positions apply `head` to `hidden` themselves).
+        `layers`: per-layer parameters from `layer_states()`, used with a cache instead of slicing the stacks."""
         cfg = self.config
         B, L = tokens_BL.shape
         if segment_ids_BL is not None:
@@ -182,7 +205,8 @@ class Transformer(nnx.Module):
         for name, stack in self.stacks():
             x, stack_cache, stack_aux = run_stack(stack, x, cos_sin, mask_BLS, valid_BL,
                                                   None if cache is None else cache[name], cache_index,
-                                                  remat=cfg.remat, unroll=cfg.scan_unroll)
+                                                  remat=cfg.remat, unroll=cfg.scan_unroll,
+                                                  layers=None if layers is None else layers[name])
             if cache is not None:
                 new_cache[name] = stack_cache
             if name == "moe":

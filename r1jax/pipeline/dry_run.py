@@ -410,7 +410,7 @@ def lowered_flops(kind, mc, stage_cfg, mesh, rules, platform, shape) -> float:
 def _lower_sampler(mc: ModelConfig, mesh, rules, platform: str, *, prompts: int, P: int, N: int, G: int,
                    temperature: float, top_p: float, top_k: int) -> dict:
     from r1jax.sampling import make_strategy, sample_padded
-    from r1jax.sampling.cache import _AXES
+    from r1jax.sampling.cache import _AXES, buffers
 
     abstract = training.abstract_model(mc)
     graphdef, state = nnx.split(abstract)
@@ -427,10 +427,8 @@ def _lower_sampler(mc: ModelConfig, mesh, rules, platform: str, *, prompts: int,
     seconds = time.perf_counter() - t0
     cache = jax.eval_shape(lambda: abstract.init_cache(prompts * G, P + N))
     kv = 0
-    for name, stack in cache.items():
-        if isinstance(stack, dict):
-            for key, x in stack.items():
-                kv += local_bytes(x.shape, x.dtype, NamedSharding(mesh, logical_to_spec(_AXES[key], rules, mesh)))
+    for key, x in buffers(cache):
+        kv += local_bytes(x.shape, x.dtype, NamedSharding(mesh, logical_to_spec(_AXES[key], rules, mesh)))
     b = jnp.dtype(mc.dtype).itemsize
     rows_dev = -(-prompts // spec_size(mesh, logical_to_spec(("batch",), rules, mesh)[0]))
     heads = mc.num_heads / _shards(mesh, rules, "heads")

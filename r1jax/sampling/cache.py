@@ -1,8 +1,8 @@
 """KV-cache helpers for the sampler: share one prefill across G samples, shard caches by logical axes.
 
-The cache itself is created by `Transformer.init_cache(batch, length)`: per stack, GQA keeps k [layers, B, K, Q, S]
-and v [layers, B, K, S, Q]; MLA keeps the normalized latent `ckv` [layers, B, S, R] and the rotated rope key `krope`
-[layers, B, S, Qr]. Shared entries: `index` (next slot), `valid` [B, S] and `next_pos` [B].
+The cache itself is created by `Transformer.init_cache(batch, length)`: per stack, a tuple with one dict per layer;
+GQA layers keep k [B, K, Q, S] and v [B, K, S, Q], MLA layers the normalized latent `ckv` [B, S, R] and the rotated
+rope key `krope` [B, S, Qr]. Shared entries: `index` (next slot), `valid` [B, S] and `next_pos` [B].
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import jax.numpy as jnp
 from r1jax.parallel.rules import constrain
 
 _AXES = {
-    "k": ("layers", "batch", "kv_heads", "kv", "cache_len"),
-    "v": ("layers", "batch", "kv_heads", "cache_len", "kv"),
-    "ckv": ("layers", "batch", "cache_len", "kv_lora"),
-    "krope": ("layers", "batch", "cache_len", None),
+    "k": ("batch", "kv_heads", "kv", "cache_len"),
+    "v": ("batch", "kv_heads", "cache_len", "kv"),
+    "ckv": ("batch", "cache_len", "kv_lora"),
+    "krope": ("batch", "cache_len", None),
     "valid": ("batch", "cache_len"),
     "next_pos": ("batch",),
 }
@@ -27,11 +27,19 @@ def _map(cache: dict, fn):
     for name, value in cache.items():
         if name == "index":
             out[name] = value
-        elif isinstance(value, dict):
-            out[name] = {k: fn(k, v) for k, v in value.items()}
+        elif isinstance(value, tuple):  # a stack: one dict of buffers per layer
+            out[name] = tuple({k: fn(k, v) for k, v in layer.items()} for layer in value)
         else:
             out[name] = fn(name, value)
     return out
+
+
+def buffers(cache: dict):
+    """(name, array) of every per-layer K/V buffer ('k', 'v', 'ckv' or 'krope'), across stacks and layers."""
+    for name, value in cache.items():
+        if isinstance(value, tuple):
+            for layer in value:
+                yield from layer.items()
 
 
 def repeat_rows(cache: dict, times: int) -> dict:

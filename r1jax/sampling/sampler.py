@@ -79,6 +79,7 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
     cache = constrain_cache(repeat_rows(out.cache, G))
     logits = constrain(jnp.repeat(out.logits[:, -1], G, axis=0), ("batch", "vocab"))
     R = B * G
+    layers = model.layer_states()
     carry = dict(
         step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, rng=rng,
         tokens=jnp.full((R, N), pad_id, jnp.int32), logp=jnp.zeros((R, N), jnp.float32),
@@ -95,7 +96,7 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
         put = lambda buf, v: jax.lax.dynamic_update_slice(buf, v[:, None].astype(buf.dtype), (0, c["step"]))
         is_eos = jnp.any(tok[:, None] == eos_ids_E[None, :], axis=-1) if eos_ids_E.shape[0] else False
         step_out = model.forward(tok[:, None], attention_mask_BL=~done[:, None], cache=c["cache"],
-                                 logits_start=-1)
+                                 logits_start=-1, layers=layers)
         return dict(step=c["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, -1], rng=rng,
                     tokens=put(c["tokens"], tok), logp=put(c["logp"], jnp.where(done, 0.0, logp)),
                     slogp=put(c["slogp"], jnp.where(done, 0.0, slogp)), done=done | (~done & is_eos),

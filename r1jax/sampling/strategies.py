@@ -43,38 +43,86 @@ def truncate(logits_BV, strategy: Strategy, top_p):
         kth = jax.lax.top_k(logits_BV, strategy.top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV >= kth, logits_BV, _NEG)
     if strategy.use_top_p:
-        sorted_desc = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < top_p
-        # The smallest kept logit is the threshold; index of the last kept entry in the sorted order.
-        last = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True) - 1, 0)
-        threshold = jnp.take_along_axis(sorted_desc, last, axis=-1)
-        logits_BV = jnp.where(logits_BV >= threshold, logits_BV, _NEG)
+        logits_BV = jnp.where(top_p_keep(logits_BV, top_p), logits_BV, _NEG)
     return logits_BV
+
+
+def _order_keys(x):
+    """uint32 keys ordered like the floats `x` (-inf lowest; -0.0 and 0.0 equal; NaN-free input)."""
+    x = jnp.where(x == 0, 0.0, x.astype(jnp.float32))
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def top_p_keep(logits_BV, top_p):
+    """The nucleus as a mask: entries >= t, where t is the largest logit whose mass at or above it reaches top_p
+    (so the token that crosses p is kept, and ties with it). Found by bisection over the floats' order keys, at most
+    32 passes of compare-and-sum over the row instead of a sort: sorting [128, 8192] rows takes ~250 ms per call on
+    a 2-core CPU, 30x this."""
+    probs = jax.nn.softmax(logits_BV, axis=-1)
+    keys = _order_keys(logits_BV)
+    mass_from = lambda k: jnp.sum(jnp.where(keys >= k, probs, 0.0), axis=-1, keepdims=True)
+    # Invariant: the answer lies in [lo, hi]; mass_from(lo) >= top_p (or lo is the row's minimum: keep all).
+    lo, hi = jnp.min(keys, -1, keepdims=True), jnp.max(keys, -1, keepdims=True)
+
+    def body(c):
+        lo, hi = c
+        mid = lo + (hi - lo + 1) // 2
+        ok = mass_from(mid) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.while_loop(lambda c: jnp.any(c[0] < c[1]), body, (lo, hi))
+    return keys >= lo
 
 
 def sampling_distribution(logits_BV, strategy: Strategy, temperature, top_p):
     """Log-probabilities of the distribution tokens are drawn from (greedy: a point mass)."""
     logits_BV = logits_BV.astype(jnp.float32)
     if strategy.greedy:
-        return jnp.where(jax.nn.one_hot(jnp.argmax(logits_BV, -1), logits_BV.shape[-1]) > 0, 0.0, _NEG)
+        return jnp.where(jax.nn.one_hot(argmax(logits_BV), logits_BV.shape[-1]) > 0, 0.0, _NEG)
     return jax.nn.log_softmax(truncate(logits_BV / temperature, strategy, top_p), axis=-1)
+
+
+def _first_index(mask_BV):
+    """Index of the first True per row (V if none): a min over iota, ~4x cheaper than argmax on a CPU."""
+    V = mask_BV.shape[-1]
+    return jnp.min(jnp.where(mask_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
+def _last_index(mask_BV):
+    """Index of the last True per row (-1 if none)."""
+    return jnp.max(jnp.where(mask_BV, jnp.arange(mask_BV.shape[-1], dtype=jnp.int32), -1), axis=-1)
+
+
+def argmax(x_BV):
+    """First index of the row maximum (jnp.argmax's tie rule); rows with NaN give a valid index, not V."""
+    return jnp.minimum(_first_index(x_BV == jnp.max(x_BV, axis=-1, keepdims=True)), x_BV.shape[-1] - 1)
+
+
+_BLOCK = 128
 
 
 def inverse_cdf_sample(logits_BV, rng):
     """One token per row from softmax(logits_BV) (-inf entries excluded), with one uniform number per row: the first
     index whose cumulative mass exceeds u * total. Exact up to float rounding, and several times cheaper on a CPU than
-    Gumbel-max, which draws a random number per vocabulary entry. Returns (tokens_B, log-probability_B)."""
+    Gumbel-max, which draws a random number per vocabulary entry. The cumulative sum is two-level (block sums, then
+    within the chosen block of 128): a full cumsum over 8,192 entries costs ~8 ms for 128 rows on a 2-core CPU, the
+    two levels under 1. Returns (tokens_B, log-probability_B)."""
     B, V = logits_BV.shape
     m = jnp.max(logits_BV, axis=-1, keepdims=True)
     e = jnp.exp(logits_BV - m)
-    z = jnp.sum(e, axis=-1, keepdims=True)
+    nb = -(-V // _BLOCK)
+    blocks = jnp.pad(e, ((0, 0), (0, nb * _BLOCK - V))).reshape(B, nb, _BLOCK)
+    block_sum = jnp.sum(blocks, axis=-1)
+    block_cum = jnp.cumsum(block_sum, axis=-1)
+    z = block_cum[:, -1:]
     u = jax.random.uniform(rng, (B, 1), jnp.float32) * z
-    tokens = jnp.sum(jnp.cumsum(e, axis=-1) <= u, axis=-1)
-    # Rounding can leave u past the last cumulative sum: fall back to the last token with positive mass.
-    last = V - 1 - jnp.argmax(e[:, ::-1] > 0, axis=-1)
-    tokens = jnp.minimum(tokens, last).astype(jnp.int32)
+    # Rounding can leave u at or past the last cumulative sum: fall back to the last block / token with mass.
+    blk = jnp.minimum(_first_index(block_cum > u), _last_index(block_sum > 0))
+    inner = jnp.take_along_axis(blocks, blk[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(block_cum - block_sum, blk[:, None], axis=1)
+    pos = jnp.minimum(_first_index(before + jnp.cumsum(inner, axis=-1) > u), _last_index(inner > 0))
+    tokens = jnp.clip(blk * _BLOCK + pos, 0, V - 1).astype(jnp.int32)  # in range even for NaN rows
     logp = jnp.take_along_axis(logits_BV, tokens[:, None], axis=-1)[:, 0] - m[:, 0] - jnp.log(z[:, 0])
     return tokens, logp
 
@@ -83,7 +131,7 @@ def select(logits_BV, rng, strategy: Strategy, temperature, top_p):
     """Returns (tokens_B int32, logprob_B under the model at T=1, sampling_logprob_B)."""
     logits_BV = logits_BV.astype(jnp.float32)
     if strategy.greedy:
-        tokens = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        tokens = argmax(logits_BV)
         sampled_logp = jnp.zeros(tokens.shape, jnp.float32)
     else:
         tokens, sampled_logp = inverse_cdf_sample(truncate(logits_BV / temperature, strategy, top_p), rng)
