@@ -8,6 +8,8 @@ from flax import nnx
 
 from r1jax.models import Transformer, from_pretrained, get_preset
 from r1jax.sampling import generate, make_strategy, sample_padded, sampling_distribution, select
+from r1jax.sampling import sampler as sampler_module
+from r1jax.sampling.sampler import decode_phases
 from r1jax.sampling.strategies import argmax, inverse_cdf_sample, top_p_keep
 
 
@@ -44,15 +46,35 @@ def test_greedy_matches_transformers_generate(family, tmp_path):
 def test_logprobs_equal_teacher_forced_forward():
     model = _model("tiny_deepseek_v3")
     out = generate(model, PROMPTS, num_samples=2, max_new_tokens=9, temperature=1.0, seed=3)
+    seqs = [np.concatenate([PROMPTS[row // 2], out.tokens[row]]) for row in range(len(PROMPTS) * 2)]
+    # One causal forward pass over right-padded rows (padding after a row cannot change its logits).
+    batch = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for row, seq in enumerate(seqs):
+        batch[row, :len(seq)] = seq
+    all_logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray(batch)), axis=-1))
     for row in range(len(PROMPTS) * 2):
-        prompt = PROMPTS[row // 2]
-        seq = np.concatenate([prompt, out.tokens[row]])
-        logits = np.asarray(model(jnp.asarray(seq)[None]))[0]
-        logp = jax.nn.log_softmax(logits, axis=-1)
+        prompt, seq, logp = PROMPTS[row // 2], seqs[row], all_logp[row]
         expected = np.asarray(logp)[np.arange(len(prompt) - 1, len(seq) - 1), out.tokens[row]]
         np.testing.assert_allclose(out.logprobs[row], expected, atol=1e-4)
         # No truncation at temperature 1: the sampling distribution is the model's.
         np.testing.assert_allclose(out.sampling_logprobs[row], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_deepseek_v3"])
+def test_phased_decoding_equals_one_phase(name, monkeypatch):
+    """130 new tokens (bucket 256) decode in three phases on a growing cache (P + 64, P + 128, P + 256 slots, GQA
+    and MLA layouts): the same tokens as decoding on the full cache in one loop, and log-probabilities within the
+    sampler's 1e-4 (more masked slots change float rounding only)."""
+    assert decode_phases(256) == (64, 128, 256) and decode_phases(64) == (64,)
+    model = _model(name)
+    kw = dict(num_samples=2, max_new_tokens=130, temperature=1.0, seed=5)
+    phased = generate(model, PROMPTS[:2], **kw)
+    monkeypatch.setattr(sampler_module, "decode_phases", lambda n: (n,))
+    jax.clear_caches()  # sample_padded traced with three phases must not be reused
+    single = generate(model, PROMPTS[:2], **kw)
+    np.testing.assert_array_equal(phased.tokens, single.tokens)
+    np.testing.assert_allclose(phased.logprobs, single.logprobs, atol=1e-4)
+    np.testing.assert_allclose(phased.sampling_logprobs, single.sampling_logprobs, atol=1e-4)
 
 
 def test_eos_pad_and_lengths_with_mixed_prompt_lengths():

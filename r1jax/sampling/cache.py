@@ -55,5 +55,17 @@ def constrain_cache(cache: dict) -> dict:
     return _map(cache, lambda name, x: constrain(x, _AXES[name]))
 
 
+def grow(cache: dict, length: int) -> dict:
+    """Pads every buffer's slot axis to `length` slots; the new slots are empty and not valid."""
+    def pad(name, x):
+        if "cache_len" not in _AXES[name]:
+            return x
+        axis = _AXES[name].index("cache_len")
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, length - x.shape[axis])
+        return jnp.pad(x, widths)
+    return _map(cache, pad)
+
+
 def cache_bytes(cache: dict) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
