@@ -62,6 +62,12 @@ class DecoderLayer(nnx.Module):
         return x_BLD, new_cache, aux
 
 
+def split_layers(state) -> tuple:
+    """A stacked layer's parameter state as one state per layer (slices of the leading "layers" axis)."""
+    n = jax.tree.leaves(state)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(n))
+
+
 def run_stack(stack: DecoderLayer, x_BLD, cos_sin, mask_BLS, valid_BL, cache, cache_index, *, remat="none",
               unroll=1, layers=None):
     """Runs the stacked layer over its leading axis: `jax.lax.scan` without a cache, so one layer body compiles per
@@ -74,8 +80,8 @@ def run_stack(stack: DecoderLayer, x_BLD, cos_sin, mask_BLS, valid_BL, cache, ca
         if len(cache) != n:
             raise ValueError(f"the cache holds {len(cache)} layers, the stack {n}")
         new_cache, auxes = [], []
-        for i, layer_cache in enumerate(cache):
-            layer = nnx.merge(graphdef, layers[i] if layers is not None else jax.tree.map(lambda a, i=i: a[i], state))
+        for layer_state, layer_cache in zip(split_layers(state) if layers is None else layers, cache):
+            layer = nnx.merge(graphdef, layer_state)
             x_BLD, layer_cache, aux = layer(x_BLD, cos_sin, mask_BLS, valid_BL, layer_cache, cache_index)
             new_cache.append(layer_cache)
             auxes.append(aux)
@@ -158,12 +164,7 @@ class Transformer(nnx.Module):
         """Each stack's parameters sliced per layer, for `forward(..., layers=...)` with a cache. A decode loop
         slices them once before the loop: XLA:CPU materializes every slice of a stacked weight it feeds to a dot,
         which inside the loop is a copy of all weights per generated token (12% of a decode step)."""
-        out = {}
-        for name, stack in self.stacks():
-            state = nnx.state(stack)
-            n = jax.tree.leaves(state)[0].shape[0]
-            out[name] = tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(n))
-        return out
+        return {name: split_layers(nnx.state(stack)) for name, stack in self.stacks()}
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None, cache=None,

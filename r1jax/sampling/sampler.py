@@ -84,17 +84,16 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
     model = nnx.merge(graphdef, state)
     B, P = tokens_BP.shape
     phases = decode_phases(N)
+    layers = model.layer_states()
     cache = constrain_cache(model.init_cache(B, P + phases[0]))
-    out = model.forward(tokens_BP, attention_mask_BL=mask_BP, cache=cache, logits_start=-1)
+    out = model.forward(tokens_BP, attention_mask_BL=mask_BP, cache=cache, logits_start=-1, layers=layers)
     cache = constrain_cache(repeat_rows(out.cache, G))
     logits = constrain(jnp.repeat(out.logits[:, -1], G, axis=0), ("batch", "vocab"))
     R = B * G
-    layers = model.layer_states()
     carry = dict(
         step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, rng=rng,
         tokens=jnp.full((R, N), pad_id, jnp.int32), logp=jnp.zeros((R, N), jnp.float32),
         slogp=jnp.zeros((R, N), jnp.float32), done=jnp.zeros((R,), bool), lengths=jnp.zeros((R,), jnp.int32))
-
 
     def body(c):
         rng, sub = jax.random.split(c["rng"])
