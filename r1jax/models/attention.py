@@ -19,6 +19,7 @@ from flax import nnx
 
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import RMSNorm, Rotary, cast, make_param, yarn_softmax_scale
+from r1jax.models.projection import project
 from r1jax.parallel.rules import constrain
 
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -87,9 +88,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
         dt = x_BLD.dtype
-        q = jnp.einsum("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
-        k = jnp.einsum("bld,dkq->blkq", x_BLD, cast(self.wk, dt))
-        v = jnp.einsum("bld,dkq->blkq", x_BLD, cast(self.wv, dt))
+        q = project("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
+        k = project("bld,dkq->blkq", x_BLD, cast(self.wk, dt))
+        v = project("bld,dkq->blkq", x_BLD, cast(self.wv, dt))
         if self.qkv_bias:
             q, k, v = q + cast(self.bq, dt), k + cast(self.bk, dt), v + cast(self.bv, dt)
         q = constrain(self.rotary.apply(q, *cos_sin), ("batch", "length", "heads", "kv"))
@@ -118,7 +119,7 @@ class Attention(nnx.Module):
                 return softmax_attend(jnp.einsum("blkgq,bskq->bkgls", q, k) * self.scale, mask, v)
 
             out = query_blocks(attend, self.q_block, mask_BLS, q).reshape(B, L, H, Q)
-        out = jnp.einsum("blhq,hqd->bld", out, cast(self.wo, dt))
+        out = project("blhq,hqd->bld", out, cast(self.wo, dt))
         if self.o_bias:
             out = out + cast(self.bo, dt)
         return out, new_cache
@@ -167,26 +168,26 @@ class MLAttention(nnx.Module):
     def _query(self, x_BLD):
         dt = x_BLD.dtype
         if not self.q_lora:
-            return jnp.einsum("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
-        qa = jnp.einsum("bld,dr->blr", x_BLD, cast(self.wq_a, dt))
+            return project("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
+        qa = project("bld,dr->blr", x_BLD, cast(self.wq_a, dt))
         if self.bias:
             qa = qa + cast(self.bq_a, dt)
-        return jnp.einsum("blr,rhq->blhq", self.q_norm(qa), cast(self.wq_b, dt))
+        return project("blr,rhq->blhq", self.q_norm(qa), cast(self.wq_b, dt))
 
     def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
         dt = x_BLD.dtype
         Qn, Qr, V, R = self.dims
         q = constrain(self._query(x_BLD), ("batch", "length", "heads", "kv"))
         q_nope, q_rope = q[..., :Qn], self.rotary.apply(q[..., Qn:], *cos_sin)
-        kv_a = jnp.einsum("bld,dr->blr", x_BLD, cast(self.wkv_a, dt))
+        kv_a = project("bld,dr->blr", x_BLD, cast(self.wkv_a, dt))
         if self.bias:
             kv_a = kv_a + cast(self.bkv_a, dt)
         ckv = self.kv_norm(kv_a[..., :R])
         k_rope = self.rotary.apply(kv_a[..., None, R:], *cos_sin)[:, :, 0, :]
         wk_b, wv_b = cast(self.wk_b, dt), cast(self.wv_b, dt)
         if cache is None:
-            k_nope = jnp.einsum("bsr,rhq->bshq", ckv, wk_b)
-            v = jnp.einsum("bsr,rhv->bshv", ckv, wv_b)
+            k_nope = project("bsr,rhq->bshq", ckv, wk_b)
+            v = project("bsr,rhv->bshv", ckv, wv_b)
             def attend(mask, q_nope, q_rope):
                 scores = (jnp.einsum("blhq,bshq->bhls", q_nope, k_nope)
                           + jnp.einsum("blhq,bsq->bhls", q_rope, k_rope))
@@ -200,14 +201,14 @@ class MLAttention(nnx.Module):
         else:
             new_cache = update_layer_cache(cache, {"ckv": ckv, "krope": k_rope}, cache_index, self.CACHE_SLOT_AXES)
             ckv_all, kr_all = new_cache["ckv"].astype(dt), new_cache["krope"].astype(dt)
-            q_lat = jnp.einsum("blhq,rhq->blhr", q_nope, wk_b)
+            q_lat = project("blhq,rhq->blhr", q_nope, wk_b)
             scores = (jnp.einsum("blhr,bsr->bhls", q_lat, ckv_all)
                       + jnp.einsum("blhq,bsq->bhls", q_rope, kr_all)) * self.scale
             scores = jnp.where(mask_BLS[:, None], scores.astype(jnp.float32), _NEG)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             out_lat = jnp.einsum("bhls,bsr->blhr", probs, ckv_all)
-            out = jnp.einsum("blhr,rhv->blhv", out_lat, wv_b)
-        out = jnp.einsum("blhv,hvd->bld", out, cast(self.wo, dt))
+            out = project("blhr,rhv->blhv", out_lat, wv_b)
+        out = project("blhv,hvd->bld", out, cast(self.wo, dt))
         if self.o_bias:
             out = out + cast(self.bo, dt)
         return out, new_cache

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax.models.config import ModelConfig, RopeConfig
+from r1jax.models.projection import project
 from r1jax.parallel.rules import constrain
 
 
@@ -167,12 +168,12 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BLD):
         dt = x_BLD.dtype
-        gate = jnp.einsum("bld,df->blf", x_BLD, cast(self.w_gate, dt))
-        up = jnp.einsum("bld,df->blf", x_BLD, cast(self.w_up, dt))
+        gate = project("bld,df->blf", x_BLD, cast(self.w_gate, dt))
+        up = project("bld,df->blf", x_BLD, cast(self.w_up, dt))
         if self.bias:
             gate, up = gate + cast(self.b_gate, dt), up + cast(self.b_up, dt)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        out = jnp.einsum("blf,fd->bld", h, cast(self.w_down, dt))
+        out = project("blf,fd->bld", h, cast(self.w_down, dt))
         if self.bias:
             out = out + cast(self.b_down, dt)
         return out
@@ -189,4 +190,4 @@ class Embed(nnx.Module):
 
     def attend(self, x_BLD):
         """Tied output projection: logits = x @ embedding^T."""
-        return jnp.einsum("bld,vd->blv", x_BLD, cast(self.embedding, x_BLD.dtype))
+        return project("bld,vd->blv", x_BLD, cast(self.embedding, x_BLD.dtype))

@@ -30,6 +30,7 @@ from r1jax.models.hf import (CheckpointError, CheckpointReader, hf_tensors, load
                              uses_fused_experts, write_checkpoint)
 from r1jax.models.hf_mapping import MODEL_TYPES, Source, config_to_hf, param_sources
 from r1jax.models.layers import cast, make_param
+from r1jax.models.projection import project
 from r1jax.models.transformer import Transformer
 
 SCORE_TENSOR = "score.weight"
@@ -72,7 +73,7 @@ class RewardModel(nnx.Module):
             index_B = (last_token_index(attention_mask_BL) if attention_mask_BL is not None
                        else jnp.full((tokens_BL.shape[0],), tokens_BL.shape[1] - 1, jnp.int32))
         h_BD = jnp.take_along_axis(h_BLD, index_B[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        return jnp.einsum("bd,dk->bk", h_BD, cast(self.score, h_BD.dtype),
+        return project("bd,dk->bk", h_BD, cast(self.score, h_BD.dtype),
                           preferred_element_type=jnp.float32)[:, 0]
 
 

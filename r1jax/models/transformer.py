@@ -25,12 +25,17 @@ from r1jax.models.attention import Attention, MLAttention, write_cache
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import MLP, Embed, RMSNorm, Rotary, cast, make_param
 from r1jax.models.moe import MoE
+from r1jax.models.projection import PROJECTION, project
 from r1jax.parallel.rules import constrain
 
+_cp = jax.checkpoint_policies
+# Weight projections run under a custom VJP (r1jax.models.projection), where the dot policies cannot see their
+# dot_general: they are saved by name alongside the other dots.
 _REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": _cp.save_from_both_policies(_cp.checkpoint_dots, _cp.save_only_these_names(PROJECTION)),
+    "dots_no_batch": _cp.save_from_both_policies(_cp.checkpoint_dots_with_no_batch_dims,
+                                                 _cp.save_only_these_names(PROJECTION)),
 }
 
 
@@ -140,11 +145,11 @@ class Transformer(nnx.Module):
     def head(self, h_BLD):
         if self.config.tie_word_embeddings:
             w = cast(self.embed.embedding, h_BLD.dtype)
-            return jnp.einsum("bld,vd->blv", h_BLD, w, preferred_element_type=jnp.float32)
+            return project("bld,vd->blv", h_BLD, w, preferred_element_type=jnp.float32)
         if not self.has_lm_head:
             raise ValueError("this Transformer was built with lm_head=False (a reward model's trunk); it has no "
                              "output head: call forward(..., return_logits=False) and use `hidden`")
-        return jnp.einsum("bld,dv->blv", h_BLD, cast(self.lm_head, h_BLD.dtype), preferred_element_type=jnp.float32)
+        return project("bld,dv->blv", h_BLD, cast(self.lm_head, h_BLD.dtype), preferred_element_type=jnp.float32)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
         """An empty KV cache of `length` slots for `batch` rows: shared `index`, `valid` [B, S] and `next_pos` [B],
@@ -246,7 +251,7 @@ class Transformer(nnx.Module):
             mod = nnx.merge(graphdef, jax.tree.map(lambda a, k=k: a[k], state))
             shifted = jnp.concatenate([tokens_BL[:, k + 1:], jnp.zeros((B, k + 1), tokens_BL.dtype)], axis=1)
             e = mod.enorm(self.embed(shifted))
-            hp = jnp.einsum("blc,cd->bld", jnp.concatenate([e, mod.hnorm(h)], -1), cast(mod.eh_proj, e.dtype))
+            hp = project("blc,cd->bld", jnp.concatenate([e, mod.hnorm(h)], -1), cast(mod.eh_proj, e.dtype))
             h, _, _ = mod.block(hp, cos_sin, mask_BLS, valid_BL)
             out.append(self.head(mod.head_norm(h)))
         return jnp.stack(out)
