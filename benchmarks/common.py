@@ -56,6 +56,12 @@ def decoder_flops_per_token(cfg: dict, context: int) -> float:
     return 2 * (L * per_layer + D * V) + 2 * L * attention
 
 
+def head_flops_per_token(cfg: dict) -> float:
+    """The output projection's share of `decoder_flops_per_token`: positions whose logits are never computed
+    (prompt positions in prefill and in the GRPO loss) must not be credited with it."""
+    return 2 * cfg["hidden_size"] * cfg["vocab_size"]
+
+
 def machine() -> str:
     try:
         cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],

@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 
-from common import QWEN2_12M, decoder_flops_per_token, dot_peak_flops, machine, make_reference  # noqa: E402
+from common import (QWEN2_12M, decoder_flops_per_token, dot_peak_flops, head_flops_per_token, machine,  # noqa: E402
+                    make_reference)
 
 V = QWEN2_12M["vocab_size"]
 
@@ -159,7 +160,10 @@ def main(argv=None):
     train_s = float(np.median([r["train_s"] for r in steady]))
     rollout_s = float(np.median([r["rollout_s"] for r in steady]))
     R, P, N = args.prompts * args.group, args.prompt_len, args.new_tokens
-    fwd = decoder_flops_per_token(QWEN2_12M, (P + N) / 2) * R * (P + N)
+    # The forward runs over the P + N - 1 input positions; logits exist only at the N completion positions.
+    T = P + N - 1
+    head = head_flops_per_token(QWEN2_12M)
+    fwd = (decoder_flops_per_token(QWEN2_12M, T / 2) - head) * R * T + head * R * N
     train_flops = 3 * fwd + (fwd if args.beta else 0.0)  # policy fwd+bwd, reference fwd
     peak = dot_peak_flops()
     print(f"machine: {machine()}")

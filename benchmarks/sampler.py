@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 
-from common import QWEN2_12M, decoder_flops_per_token, dot_peak_flops, machine, make_reference  # noqa: E402
+from common import (QWEN2_12M, decoder_flops_per_token, dot_peak_flops, head_flops_per_token, machine,  # noqa: E402
+                    make_reference)
 
 
 def main(argv=None):
@@ -78,7 +79,10 @@ def main(argv=None):
     peak = dot_peak_flops()
     avg_context = args.prompt_len + new / 2
     flops = decoder_flops_per_token(QWEN2_12M, avg_context) * args.sequences * new
-    flops += decoder_flops_per_token(QWEN2_12M, args.prompt_len / 2) * n_prompts * args.prompt_len  # prefill
+    # Prefill: the trunk over every prompt position, the head only at the last one.
+    head = head_flops_per_token(QWEN2_12M)
+    flops += (decoder_flops_per_token(QWEN2_12M, args.prompt_len / 2) - head) * n_prompts * args.prompt_len
+    flops += head * n_prompts
     util = flops / min(r1_times) / peak
     print(f"machine: {machine()}")
     print("model: Qwen2 12.6M (vocab 8192, hidden 384, 6 layers, 6/2 heads, ffn 1024, tied), f32")
