@@ -9,7 +9,7 @@ from flax import nnx
 from r1jax.models import Transformer, from_pretrained, get_preset
 from r1jax.sampling import generate, make_strategy, sample_padded, sampling_distribution, select
 from r1jax.sampling import sampler as sampler_module
-from r1jax.sampling.cache import _AXES, buffers, grow
+from r1jax.sampling.cache import CACHE_AXES, buffers, grow
 from r1jax.sampling.sampler import decode_phases
 from r1jax.sampling.strategies import argmax, inverse_cdf_sample, top_p_keep
 
@@ -76,7 +76,7 @@ def test_grow_pads_every_layout_on_its_slot_axis():
         np.testing.assert_array_equal(big["valid"][:, :8], cache["valid"])
         assert int(big["index"]) == int(cache["index"]) == 7
         for (key, old), (_, new) in zip(buffers(cache), buffers(big)):
-            axis = _AXES[key].index("cache_len")
+            axis = CACHE_AXES[key].index("cache_len")
             assert new.shape[axis] == 12
             np.testing.assert_array_equal(jnp.take(new, jnp.arange(8), axis=axis), old)
             assert not jnp.take(new, jnp.arange(8, 12), axis=axis).any()

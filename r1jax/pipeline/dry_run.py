@@ -74,7 +74,9 @@ from r1jax import configs, training
 from r1jax.models.config import ModelConfig, get_preset
 from r1jax.parallel.mesh import _fill
 from r1jax.parallel.rules import MESH_AXES, axis_rules, canonical_rules, logical_to_spec
-from r1jax.parallel.sharding import check_batch, shardings_for, spec_size, validate_layout
+from r1jax.parallel.sharding import check_batch, shardings_for, validate_layout
+from r1jax.pipeline.dry_run_estimates import (activation_bytes, gmm_flops, model_flops, param_counts, sampler_bytes,
+                                              tree_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -175,126 +177,12 @@ def model_config(config, stage: str | None, platform: str) -> tuple[ModelConfig,
     return mc, source
 
 
-def param_counts(mc: ModelConfig, params) -> dict:
-    """Parameters in total, per token (MoE: k of E routed experts), and in the MTP modules (active ones)."""
-    sizes = [(str(path[0]) if path else "", math.prod(v.shape)) for path, v in nnx.to_flat_state(params)]
-    total = sum(n for _, n in sizes)
-    mtp = sum(n for top, n in sizes if top == "mtp")
-    idle = 0.0
-    if mc.moe is not None:
-        m = mc.moe
-        per_block = 3 * m.num_experts * mc.hidden_size * m.intermediate_size * (m.num_experts - m.num_experts_per_tok)
-        idle = per_block / m.num_experts
-        mtp -= int(idle * mc.mtp_num_layers)
-        idle *= mc.num_moe_layers + mc.mtp_num_layers
-    return {"total": int(total), "active": int(total - idle), "mtp_active": int(mtp)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# bytes per device
-
-
-def local_bytes(shape, dtype, sharding) -> int:
-    """Bytes of one device's shard of an array of `shape` placed by a NamedSharding."""
-    mesh, spec = sharding.mesh, sharding.spec
-    n = 1
-    for i, d in enumerate(shape):
-        entry = spec[i] if i < len(spec) else None
-        n *= -(-d // spec_size(mesh, entry))
-    return n * jnp.dtype(dtype).itemsize
-
-
-def tree_bytes(tree) -> int:
-    """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
-    return int(sum(local_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree)))
-
-
 def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def _shards(mesh, rules, logical: str) -> int:
-    return spec_size(mesh, logical_to_spec((logical,), rules, mesh)[0])
-
-
 def _sds(shape, dtype, mesh, spec=()):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(*spec)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# estimates
-
-
-def _layer_bytes(mc: ModelConfig, S: int, moe: bool, policy: str, mesh, rules) -> float:
-    """Bytes per token that one layer keeps for its backward pass under `policy` (see the module docstring)."""
-    b = jnp.dtype(mc.dtype).itemsize
-    t_h, t_kv, t_f = (_shards(mesh, rules, a) for a in ("heads", "kv_heads", "mlp"))
-    t_e = _shards(mesh, rules, "exp_mlp")
-    D, H = mc.hidden_size, mc.num_heads / t_h
-    if policy == "full":
-        return D * b
-    scores = H * S * ((8 + 2 * b) if policy == "none" else b)  # f32 masked scores + softmax, probs / einsum out
-    if mc.mla is None:
-        K, Q = mc.num_kv_heads / t_kv, mc.head_dim
-        proj, pv = (H + 2 * K) * Q, H * Q
-        rope = proj
-    else:
-        m = mc.mla
-        Rq = m.q_lora_rank or 0
-        proj = Rq + H * m.qk_head_dim + m.kv_lora_rank + m.qk_rope_head_dim + H * (m.qk_nope_head_dim + m.v_head_dim)
-        pv, rope = H * m.v_head_dim, Rq + m.kv_lora_rank + H * m.qk_rope_head_dim + m.qk_rope_head_dim
-        scores *= 2 if policy != "none" else 1  # nope and rope score einsums
-    if moe:
-        e = mc.moe
-        k, Fe, Fs = e.num_experts_per_tok, e.intermediate_size / t_e, e.intermediate_size * e.num_shared_experts / t_f
-        a2a = 4 * e.capacity_factor * k * D if mesh.shape.get("expert", 1) > 1 else 0
-        mlp_dots, mlp_all = 2 * Fs + D, 2 * k * D + 4 * k * Fe + a2a + 4 * Fs + D + 12 * e.num_experts / b
-    else:
-        F = mc.intermediate_size / t_f
-        mlp_dots, mlp_all = 2 * F + D, 4 * F + D
-    if policy == "dots_no_batch":
-        return (proj + D + mlp_dots) * b
-    if policy == "dots":
-        return (proj + pv + D + mlp_dots) * b + scores
-    return (4 * D + proj + rope + pv + D + mlp_all) * b + scores  # "none"
-
-
-def activation_bytes(mc: ModelConfig, *, rows: int, length: int, logit_positions: int, head_copies: int, mesh,
-                     rules) -> dict:
-    """Per-device activation estimate of one training step (see the module docstring for the formula)."""
-    shards = spec_size(mesh, logical_to_spec(("batch",), rules, mesh)[0])
-    rows_dev = -(-rows // shards)
-    tokens = rows_dev * length
-    stacks = [(mc.num_dense_layers, False), (mc.num_moe_layers, True)]
-    saved = sum(n * _layer_bytes(mc, length, moe, mc.remat, mesh, rules) for n, moe in stacks if n)
-    working = 0.0 if mc.remat == "none" else max(_layer_bytes(mc, length, moe, "none", mesh, rules)
-                                                 for n, moe in stacks if n)
-    head = rows_dev * logit_positions * mc.vocab_size / _shards(mesh, rules, "vocab") * 4 * head_copies
-    layers = tokens * (saved + working)
-    return {"rows_per_device": rows_dev, "tokens_per_device": tokens, "layers": int(layers), "head": int(head),
-            "total": int(layers + head)}
-
-
-def gmm_flops(mc: ModelConfig, tokens: int) -> float:
-    """Training FLOPs of the routed experts' grouped matmuls when they run as Pallas kernels (invisible to XLA's
-    cost analysis): per token and MoE layer 2 * k * 3 * D * F_expert forward; x3 with the backward, +1 with remat."""
-    moe = mc.moe
-    if moe is None or not moe.gmm_backend.startswith("pallas"):
-        return 0.0
-    fwd = 2.0 * moe.num_experts_per_tok * 3 * mc.hidden_size * moe.intermediate_size * mc.num_moe_layers * tokens
-    return fwd * (3 + (mc.remat != "none"))
-
-
-def model_flops(mc: ModelConfig, counts: dict, *, rows: int, length: int, logit_positions: int) -> float:
-    """3 x forward FLOPs of a training step (no remat): matmul params, dense attention over S = length, head."""
-    embed = mc.vocab_size * mc.hidden_size
-    head_params = 0 if mc.tie_word_embeddings else embed
-    body = counts["active"] - counts.get("mtp_active", 0) - embed - head_params  # MTP: unused by these losses
-    qk = mc.mla.qk_head_dim if mc.mla else mc.head_dim
-    v = mc.mla.v_head_dim if mc.mla else mc.head_dim
-    attn = mc.num_layers * 2 * mc.num_heads * (qk + v) * length
-    fwd = rows * length * (2 * body + attn) + rows * logit_positions * 2 * mc.hidden_size * mc.vocab_size
-    return 3.0 * fwd
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,7 +299,6 @@ def lowered_flops(kind, mc, stage_cfg, mesh, rules, platform, shape) -> float:
 def _lower_sampler(mc: ModelConfig, mesh, rules, platform: str, *, prompts: int, P: int, N: int, G: int,
                    temperature: float, top_p: float, top_k: int) -> dict:
     from r1jax.sampling import make_strategy, sample_padded
-    from r1jax.sampling.cache import _AXES, buffers
 
     abstract = training.abstract_model(mc)
     # The decode loop runs its layers unrolled (per-layer caches), and every layer of a stack lowers the same way:
@@ -430,17 +317,10 @@ def _lower_sampler(mc: ModelConfig, mesh, rules, platform: str, *, prompts: int,
                                   top_p), mesh=mesh, rules=rules).lower(lowering_platforms=(platform,))
     seconds = time.perf_counter() - t0
     cache = jax.eval_shape(lambda: abstract.init_cache(prompts * G, P + N))
-    kv = 0
-    for key, x in buffers(cache):
-        kv += local_bytes(x.shape, x.dtype, NamedSharding(mesh, logical_to_spec(_AXES[key], rules, mesh)))
-    b = jnp.dtype(mc.dtype).itemsize
-    rows_dev = -(-prompts // spec_size(mesh, logical_to_spec(("batch",), rules, mesh)[0]))
-    heads = mc.num_heads / _shards(mesh, rules, "heads")
-    prefill = rows_dev * heads * P * (P + N) * (8 + 2 * b)
+    sizes = sampler_bytes(mc, cache, prompts=prompts, P=P, N=N, mesh=mesh, rules=rules)
     del lowered
     return {"status": "OK", "lower_s": round(seconds, 2), "rows": prompts * G, "slots": P + N,
-            "lowered_layers": int(shallow.config.num_layers),
-            "kv_cache_bytes": int(kv), "prefill_scores_bytes": int(prefill)}
+            "lowered_layers": int(shallow.config.num_layers), **sizes}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from r1jax.parallel.rules import constrain
 
-_AXES = {
+# Logical axes of each cache buffer (r1jax.parallel.rules maps them onto the mesh).
+CACHE_AXES = {
     "k": ("batch", "kv_heads", "kv", "cache_len"),
     "v": ("batch", "kv_heads", "cache_len", "kv"),
     "ckv": ("batch", "cache_len", "kv_lora"),
@@ -45,22 +46,22 @@ def buffers(cache: dict):
 def repeat_rows(cache: dict, times: int) -> dict:
     """Repeats every row `times` times on consecutive rows (row b -> rows b*times .. b*times + times - 1)."""
     def rep(name, x):
-        axis = _AXES[name].index("batch")
+        axis = CACHE_AXES[name].index("batch")
         return jnp.repeat(x, times, axis=axis)
     return _map(cache, rep)
 
 
 def constrain_cache(cache: dict) -> dict:
     """Sharding constraints on every cache buffer (batch over the data axes) under an active axis_rules context."""
-    return _map(cache, lambda name, x: constrain(x, _AXES[name]))
+    return _map(cache, lambda name, x: constrain(x, CACHE_AXES[name]))
 
 
 def grow(cache: dict, length: int) -> dict:
     """Pads every buffer's slot axis to `length` slots; the new slots are empty and not valid."""
     def pad(name, x):
-        if "cache_len" not in _AXES[name]:
+        if "cache_len" not in CACHE_AXES[name]:
             return x
-        axis = _AXES[name].index("cache_len")
+        axis = CACHE_AXES[name].index("cache_len")
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, length - x.shape[axis])
         return jnp.pad(x, widths)
