@@ -157,9 +157,11 @@ def init_model(ctx: RunContext, init: str, previous: str | None, seed: int) -> T
                              f"to a stage of the same architecture, 'base' or 'scratch', or align the model configs")
         return load_final(ctx, source, mc)
     if init.startswith("hf:"):
-        path = init[3:]
-        return from_pretrained(path, dtype=mc.dtype, param_dtype=mc.param_dtype, mesh=ctx.mesh, rules=ctx.rules,
-                               remat=mc.remat, load_mtp=mc.mtp_num_layers > 0)
+        # The checkpoint's config.json with the stage's model overrides (execution settings such as scan_unroll
+        # or moe.gmm_backend, as the stage's model config has them), not config.json alone.
+        overrides = dict(model_spec(ctx.config, ctx.stage)["overrides"])
+        return from_pretrained(init[3:], dtype=mc.dtype, param_dtype=mc.param_dtype, mesh=ctx.mesh, rules=ctx.rules,
+                               load_mtp=mc.mtp_num_layers > 0, **{**overrides, "remat": mc.remat})
     if init.startswith("r1jax:"):
         return _load_params_into(ctx, Path(init[6:]), mc)
     if init == "scratch":
