@@ -45,6 +45,7 @@ def main(argv=None):
     from r1jax.models import from_pretrained
 
     torch.set_num_threads(os.cpu_count())
+    dot_peak_flops()  # measured again after the runs; the best counts
     ref, path = make_reference()
     model = from_pretrained(path, dtype="float32")
     graphdef, state = nnx.split(model)
