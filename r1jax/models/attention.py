@@ -45,10 +45,11 @@ def query_blocks(fn, block: int, mask_BLS, *q_BL_):
     return out.swapaxes(0, 1).reshape(out.shape[1], L, *out.shape[3:])
 
 
-def write_cache(buf_BS_, new_BL_, index):
-    """Writes L new entries at slot `index` (same slot for every row)."""
-    start = (0, index) + (0,) * (buf_BS_.ndim - 2)
-    return jax.lax.dynamic_update_slice(buf_BS_, new_BL_.astype(buf_BS_.dtype), start)
+def write_cache(buf, new, index, axis: int = 1):
+    """Writes the L new entries of `new` at slot `index` of the slot axis `axis` (same slot for every row)."""
+    start = [0] * buf.ndim
+    start[axis] = index
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), tuple(start))
 
 
 def update_layer_cache(cache: dict, new: dict, index, slot_axes: dict) -> dict:
@@ -56,12 +57,7 @@ def update_layer_cache(cache: dict, new: dict, index, slot_axes: dict) -> dict:
     slice of a stacked [layers, ...] array): XLA:CPU updates a carried stacked buffer in place only while the
     attention reads a materialized copy of the layer's slice, and copies the whole stack per layer when that read is
     fused, so stacked caches cost 4-12x more per decode step (benchmarks/RESULTS.md)."""
-    out = {}
-    for name, buf in cache.items():
-        start = [0] * buf.ndim
-        start[slot_axes[name]] = index
-        out[name] = jax.lax.dynamic_update_slice(buf, new[name].astype(buf.dtype), tuple(start))
-    return out
+    return {name: write_cache(buf, new[name], index, slot_axes[name]) for name, buf in cache.items()}
 
 
 class Attention(nnx.Module):
