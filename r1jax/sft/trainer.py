@@ -21,6 +21,7 @@ import logging
 import time
 from functools import partial
 
+import grain
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -73,6 +74,14 @@ def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None,
         loss = loss + aux_loss_coef * aux
         metrics["moe_aux_loss"] = aux
     return loss, (metrics, out.aux)
+
+
+def _prefetch(ds):
+    """Packs and collates the next batches in a background thread while the device runs the step (58 ms of a
+    ~450 ms step of the README's main job). Checkpointed iterator state is unchanged: grain's thread prefetch
+    reports the state after the last batch consumed, not the last one prepared."""
+    prefetch = getattr(grain.experimental, "ThreadPrefetchIterDataset", None)  # absent from older grain
+    return prefetch(ds, prefetch_buffer_size=2) if prefetch is not None else ds
 
 
 def make_train_step(graphdef, optimizer, loss_fn):
@@ -143,6 +152,7 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
                      completion_key=cfg.completion_field, seed=ctx.config.seed, num_epochs=cfg.num_epochs,
                      pack=cfg.pack, too_long="truncate", shard_index=jax.process_index(),
                      shard_count=jax.process_count())
+    ds = _prefetch(ds)
     model = training.init_model(ctx, cfg.init, previous, ctx.config.seed)
     graphdef, params, rest = training.split_params(model)
     optimizer = optimizer_from_config(cfg, cfg.steps)
@@ -214,4 +224,6 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
         training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf)
         return summary
     finally:
+        if hasattr(it, "close"):
+            it.close()  # stops the prefetch thread now rather than at interpreter exit
         ckpt.close()
