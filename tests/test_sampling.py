@@ -247,3 +247,14 @@ def test_bad_inputs_are_named():
         generate(model, [[1, 999]], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p=0"):
         generate(model, [[1]], max_new_tokens=2, top_p=0.0)
+
+
+def test_positions_past_the_trained_range_are_sampled_with_a_warning(caplog):
+    model = Transformer(get_preset("tiny_qwen2", max_position_embeddings=8), rngs=nnx.Rngs(0))
+    with caplog.at_level("WARNING", logger="r1jax.sampling.sampler"):
+        out = generate(model, [[1, 2, 3]], max_new_tokens=4, temperature=0.0)
+    assert not caplog.records and out.tokens.shape == (1, 4)
+    with caplog.at_level("WARNING", logger="r1jax.sampling.sampler"):
+        out = generate(model, [[1, 2, 3]], max_new_tokens=6, temperature=0.0)
+    assert "9 positions exceed the model's max_position_embeddings = 8" in caplog.text
+    assert out.tokens.shape == (1, 6)

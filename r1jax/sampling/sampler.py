@@ -17,6 +17,7 @@ decode in phases on a growing cache (`decode_phases`), so early steps attend ove
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import NamedTuple, Sequence
 
@@ -28,6 +29,8 @@ from flax import nnx
 from r1jax.parallel.rules import axis_rules, constrain
 from r1jax.sampling.cache import constrain_cache, grow, repeat_rows
 from r1jax.sampling.strategies import Strategy, make_strategy, select
+
+log = logging.getLogger(__name__)
 
 
 class SamplingResult(NamedTuple):
@@ -136,9 +139,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, m
     P = bucket(max(len(p) for p in prompts), min_prompt_bucket)
     N = bucket(max_new_tokens)
     vocab = model.config.vocab_size
-    if P + N > model.config.max_position_embeddings:
-        # Positions past the trained range are allowed (RoPE extrapolates) but worth knowing about; no clamp.
-        pass
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if longest > model.config.max_position_embeddings:
+        # Allowed (RoPE extrapolates, nothing is clamped), but quality past the trained range is the caller's risk.
+        log.warning("prompt + max_new_tokens = %d positions exceed the model's max_position_embeddings = %d",
+                    longest, model.config.max_position_embeddings)
     tokens, mask = left_pad(prompts, P, pad_id)
     if tokens.max() >= vocab or tokens.min() < 0:
         raise ValueError(f"prompt token ids must be in [0, vocab_size={vocab}); got range "
