@@ -156,3 +156,24 @@ def test_distillation_loss_mixes_cross_entropy_and_teacher_kl(examples):
     dev = {**{k: jnp.asarray(v) for k, v in batch.items()}, "teacher": state}
     grads = nnx.jit(nnx.grad(lambda m: sft_loss(m, dev, **kd)[0]))(student)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_stage_ends_when_a_finite_data_epoch_runs_out(tmp_path):
+    """num_epochs=1 with fewer batches than steps: the stage stops after the last batch (through the prefetching
+    iterator), says so in its summary and logs, and finishes like any other stage."""
+    import importlib.util
+    from pathlib import Path
+
+    from r1jax.logging import read_metrics
+    from r1jax.pipeline.stages import run
+
+    spec = importlib.util.spec_from_file_location("tiny_r1zero", Path(__file__).parent / "configs" / "tiny_r1zero.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.stages = "pretrain"
+    cfg.pretrain.steps, cfg.pretrain.num_epochs, cfg.pretrain.corpus.n = 50, 1, 24
+    cfg.pretrain.pack = False  # 24 examples, one per row: 3 batches of 8
+    summary = run(cfg, tmp_path)["stages"]["pretrain"]
+    assert summary["data_exhausted"] is True and summary["steps"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path, "pretrain") if "loss" in r] == [1, 2, 3]
