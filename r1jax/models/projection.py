@@ -18,7 +18,8 @@ transpose. The values are the same dots, so gradients agree to float rounding.
 
 The outputs are tagged with `checkpoint_name(..., PROJECTION)` because remat policies that save dots
 (`checkpoint_dots`, ...) no longer see a `dot_general` inside a custom VJP: r1jax's remat policies also save the
-named projections (r1jax.models.transformer._REMAT_POLICIES).
+named projections (r1jax.models.transformer._REMAT_POLICIES). Like any custom VJP, it supports reverse-mode
+differentiation (grad, vjp) and vmap, not forward mode (jvp, jacfwd).
 """
 
 from __future__ import annotations
