@@ -17,6 +17,7 @@ the target's dtype and sharding.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,21 @@ import jax
 import orbax.checkpoint as ocp
 
 
-# Replica-parallel saving splits every replicated array across its replicas, compiling one slice op per array
-# shape and device on the first save; below 16 MiB that costs more than it saves.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=16 * 2**20), override=True)
+def _register_array_handler():
+    """Replica-parallel saving splits every replicated array across its replicas, compiling one slice op per array
+    shape and device on the first save; below 16 MiB that costs more than it saves. Overriding orbax's handler is
+    the point, so its warning about the override (printed by every command that imports this) is muted."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=16 * 2**20), override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 def _abstract(tree):
