@@ -247,8 +247,8 @@ class Transformer(nnx.Module):
         cos_sin = self.rotary.cos_sin(positions_BL)
         graphdef, state = nnx.split(self.mtp)
         h, out = hidden_BLD, []
-        for k in range(cfg.mtp_num_layers):
-            mod = nnx.merge(graphdef, jax.tree.map(lambda a, k=k: a[k], state))
+        for k, depth_state in enumerate(split_layers(state)):
+            mod = nnx.merge(graphdef, depth_state)
             shifted = jnp.concatenate([tokens_BL[:, k + 1:], jnp.zeros((B, k + 1), tokens_BL.dtype)], axis=1)
             e = mod.enorm(self.embed(shifted))
             hp = project("blc,cd->bld", jnp.concatenate([e, mod.hnorm(h)], -1), cast(mod.eh_proj, e.dtype))
