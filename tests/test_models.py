@@ -208,20 +208,25 @@ def test_packed_rows_equal_separate_rows(name):
     np.testing.assert_allclose(out[5:12], np.asarray(model(b[None]))[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "tiny_deepseek_v3"])
-def test_cached_decoding_equals_full_forward(name):
-    """Prefill + one-token steps through the KV cache (absorbed MLA) give the full forward pass's logits."""
+@pytest.mark.parametrize("name,slots,length,prefill", [("tiny_llama", 16, 10, 6), ("tiny_deepseek_v3", 16, 10, 6),
+                                                        ("tiny_llama", 64, 40, 19)])
+def test_cached_decoding_equals_full_forward(name, slots, length, prefill):
+    """Prefill + one-token steps through the KV cache (absorbed MLA) give the full forward pass's logits. With 64
+    slots the GQA keys sit in two chunks of 32: the prefill ends mid-chunk, one-token steps cross into the second
+    chunk and a final 3-token write is unaligned."""
     model = _randomize(_model(name))
-    tokens = _tokens(2, 10, seed=4)
-    mask = jnp.ones((2, 10), bool).at[0, :3].set(False)  # row 0 left-padded
+    tokens = _tokens(2, length, seed=4)
+    mask = jnp.ones((2, length), bool).at[0, :3].set(False)  # row 0 left-padded
     full = np.asarray(model(tokens, attention_mask_BL=mask))
-    cache = model.init_cache(2, 16)
-    out = model.forward(tokens[:, :6], attention_mask_BL=mask[:, :6], cache=cache)
+    cache = model.init_cache(2, slots)
+    out = model.forward(tokens[:, :prefill], attention_mask_BL=mask[:, :prefill], cache=cache)
     steps = [np.asarray(out.logits)]
     cache = out.cache
-    for t in range(6, 10):
-        out = model.forward(tokens[:, t:t + 1], cache=cache)
-        cache = out.cache
+    t = prefill
+    while t < length:
+        n = 3 if length - t == 3 and slots > 16 else 1
+        out = model.forward(tokens[:, t:t + n], cache=cache)
+        cache, t = out.cache, t + n
         steps.append(np.asarray(out.logits))
     got = np.concatenate(steps, axis=1)
     valid = np.asarray(mask)
@@ -234,7 +239,7 @@ def test_cache_is_per_layer_and_checked():
     model = _randomize(_model("tiny_llama"))
     cache = model.init_cache(2, 8)
     n = model.config.num_layers
-    assert len(cache["dense"]) == n and cache["dense"][0]["k"].shape == (2, model.config.num_kv_heads,
+    assert len(cache["dense"]) == n and cache["dense"][0]["k"].shape == (2, model.config.num_kv_heads, 1,
                                                                            model.config.head_dim, 8)
     tokens = _tokens(2, 3)
     a = model.forward(tokens, cache=cache).logits

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from r1jax.models import Transformer, from_pretrained, get_preset
+from r1jax.models.attention import unchunk_keys
 from r1jax.sampling import generate, make_strategy, sample_padded, sampling_distribution, select
 from r1jax.sampling import sampler as sampler_module
 from r1jax.sampling.cache import CACHE_AXES, buffers, grow
@@ -62,8 +63,9 @@ def test_logprobs_equal_teacher_forced_forward():
 
 
 def test_grow_pads_every_layout_on_its_slot_axis():
-    """GQA (k [B, K, Q, S], v [B, K, S, Q]) and MLA (ckv, krope [B, S, *]) caches grow on their slot axes; old slots
-    keep their entries, new ones are empty and invalid."""
+    """GQA (k chunked [B, K, C, Q, c], v [B, K, S, Q]) and MLA (ckv, krope [B, S, *]) caches grow on their slot axes,
+    keys re-chunked for the new length (8 slots: one chunk; 48: three of 16); old slots keep their entries, new ones
+    are empty and invalid."""
     for name in ("tiny_qwen2", "tiny_deepseek_v3"):
         cache = Transformer(get_preset(name), rngs=nnx.Rngs(0)).init_cache(1, 8)
         leaves, treedef = jax.tree.flatten(cache)
@@ -75,11 +77,18 @@ def test_grow_pads_every_layout_on_its_slot_axis():
         assert big["valid"].shape == (1, 12) and not big["valid"][:, 8:].any()
         np.testing.assert_array_equal(big["valid"][:, :8], cache["valid"])
         assert int(big["index"]) == int(cache["index"]) == 7
-        for (key, old), (_, new) in zip(buffers(cache), buffers(big)):
-            axis = CACHE_AXES[key].index("cache_len")
-            assert new.shape[axis] == 12
+        bigger = grow(big, 48)
+        for (key, old), (_, new), (_, newer) in zip(buffers(cache), buffers(big), buffers(bigger)):
+            if key == "k":
+                assert old.shape[2:] == (1, old.shape[3], 8) and newer.shape[2:] == (3, old.shape[3], 16)
+                old, new, newer = unchunk_keys(old), unchunk_keys(new), unchunk_keys(newer)
+                axis = 3
+            else:
+                axis = CACHE_AXES[key].index("cache_len")
+            assert new.shape[axis] == 12 and newer.shape[axis] == 48
             np.testing.assert_array_equal(jnp.take(new, jnp.arange(8), axis=axis), old)
-            assert not jnp.take(new, jnp.arange(8, 12), axis=axis).any()
+            np.testing.assert_array_equal(jnp.take(newer, jnp.arange(12), axis=axis), new)
+            assert not jnp.take(newer, jnp.arange(8, 48), axis=axis).any()
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2"])

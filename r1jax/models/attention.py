@@ -5,7 +5,9 @@ never exist all at once. Masks are boolean [B, L, S] (query, key slot) built onc
 restricted to valid (non-padding) keys and, for packed rows, to the query's own segment. With a KV cache the key
 slots are the cache's; a call writes its L new entries at slot `cache_index` and attends over the whole cache.
 
-GQA caches keys as [B, K, Q, S] and values as [B, K, S, Q] (head-major: each head's products are plain matmuls).
+GQA caches values as [B, K, S, Q] and keys as [B, K, C, Q, c]: head-major, with the S = C * c slots cut into C
+chunks of c (`key_chunk`), so both attention products are per-(row, head, chunk) matmuls with at most 32 output
+columns, the shape XLA:CPU's kernels stream at memory speed (see `cached_attention`).
 MLA with a cache stores only the compressed latent c_kv [B, S, R] (after its norm) and the rotated shared rope key
 [B, S, Qr], and attends in the absorbed form of DeepSeek-V2: q_nope is projected into the latent space by W_UK, so
 scores are (q_nope W_UK) . c_kv + q_rope . k_rope and the output is (softmax . c_kv) W_UV, never expanding keys.
@@ -52,6 +54,57 @@ def write_cache(buf, new, index, axis: int = 1):
     return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), tuple(start))
 
 
+def key_chunk(length: int) -> int:
+    """Slots per chunk of a GQA key cache of `length` slots: 32 or 16 when they divide it, else all of them (one
+    chunk, the unchunked layout)."""
+    return next((c for c in (32, 16) if length % c == 0), length)
+
+
+def chunk_keys(k_BKQS, chunk: int):
+    """[B, K, Q, S] keys -> the cache layout [B, K, S / chunk, Q, chunk]."""
+    B, K, Q, S = k_BKQS.shape
+    return k_BKQS.reshape(B, K, Q, S // chunk, chunk).transpose(0, 1, 3, 2, 4)
+
+
+def unchunk_keys(k_BKCQc):
+    """The key-cache layout [B, K, C, Q, c] -> [B, K, Q, C * c]."""
+    B, K, C, Q, c = k_BKCQc.shape
+    return k_BKCQc.transpose(0, 1, 3, 2, 4).reshape(B, K, Q, C * c)
+
+
+def write_key_cache(buf_BKCQc, k_BLKQ, index):
+    """Writes L new keys at slot `index` of a chunked key cache. One key (decoding) goes straight into its chunk;
+    longer writes (prefill) go through the unchunked view, a copy of the buffer that a prefill can afford."""
+    B, K, C, Q, c = buf_BKCQc.shape
+    new_BKQL = k_BLKQ.transpose(0, 2, 3, 1).astype(buf_BKCQc.dtype)
+    if new_BKQL.shape[-1] == 1:
+        index = jnp.minimum(index, C * c - 1)  # clamped like a write into the unchunked layout
+        return jax.lax.dynamic_update_slice(buf_BKCQc, new_BKQL[:, :, None], (0, 0, index // c, 0, index % c))
+    return chunk_keys(write_cache(unchunk_keys(buf_BKCQc), new_BKQL, index, axis=3), c)
+
+
+def cached_attention(q_BLKGQ, k_BKCQc, v_BKSQ, mask_BLS, scale):
+    """Attention of L queries over a GQA cache -> [B, L, K, G, Q].
+
+    Each (row, kv head, key chunk) is one [G*L, Q] x [Q, c] product for the scores and one [G*L, c] x [c, Q] for the
+    output, whose per-chunk partial sums are then added; the softmax runs over (chunk, slot) together. XLA:CPU's
+    kernels read the cache at ~2x the speed in these shapes than in one [G*L, Q] x [Q, S] product per head once S
+    passes 64 (160 slots: 1.3 vs 2.1 ms per layer and decode step, benchmarks/RESULTS.md)."""
+    B, L, K, G, Q = q_BLKGQ.shape
+    C, c = k_BKCQc.shape[2], k_BKCQc.shape[4]
+    q = q_BLKGQ.transpose(0, 2, 3, 1, 4).reshape(B, K, 1, G * L, Q)
+    q = jnp.broadcast_to(q, (B, K, C, G * L, Q))
+    per_chunk = ((0, 1, 2), (0, 1, 2))
+    scores = jax.lax.dot_general(q, k_BKCQc, (((4,), (3,)), per_chunk)) * scale  # [B, K, C, G*L, c]
+    mask = mask_BLS.reshape(B, L, C, c).transpose(0, 2, 1, 3)[:, None, :, None]  # [B, 1, C, 1, L, c]
+    scores = jnp.where(mask, scores.reshape(B, K, C, G, L, c).astype(jnp.float32), _NEG)
+    probs = jax.nn.softmax(scores, axis=(2, 5)).astype(v_BKSQ.dtype).reshape(B, K, C, G * L, c)
+    out = jax.lax.dot_general(probs, v_BKSQ.reshape(B, K, C, c, Q), (((4,), (3,)), per_chunk),
+                              preferred_element_type=jnp.float32)  # [B, K, C, G*L, Q]
+    out = out.sum(2).astype(v_BKSQ.dtype).reshape(B, K, G, L, Q)
+    return out.transpose(0, 3, 1, 2, 4)
+
+
 def update_layer_cache(cache: dict, new: dict, index, slot_axes: dict) -> dict:
     """Writes one layer's L new entries at slot `index` of its own buffers. Each layer owns separate buffers (not a
     slice of a stacked [layers, ...] array): XLA:CPU updates a carried stacked buffer in place only while the
@@ -96,20 +149,10 @@ class Attention(nnx.Module):
         q = q.reshape(B, L, H // self.num_groups, self.num_groups, Q)
         new_cache = None
         if cache is not None:
-            # Head-major cache layouts (keys [B, K, Q, S], values [B, K, S, Q]) make both attention products plain
-            # per-head matmuls on contiguous slices; the slot-major layout costs a transposed copy of the whole
-            # cache per layer and step (8x slower decoding on CPU).
-            new = {"k": k.transpose(0, 2, 3, 1), "v": v.transpose(0, 2, 1, 3)}
-            new_cache = update_layer_cache(cache, new, cache_index, self.CACHE_SLOT_AXES)
+            new_cache = {"k": write_key_cache(cache["k"], k, cache_index),
+                         "v": write_cache(cache["v"], v.transpose(0, 2, 1, 3), cache_index, axis=2)}
             kc, vc = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
-            # Queries as [B, K, G*L, Q] so each (row, kv head) is one [G*L, Q] x [Q, S] product with the cache as
-            # the right operand: with queries [B, L, K, G, Q] XLA:CPU put the cache on the left ([S, Q] x [Q, G]
-            # per head), 6x slower per decode step.
-            q_BKGLQ = q.transpose(0, 2, 3, 1, 4)
-            scores = jnp.einsum("bkglq,bkqs->bkgls", q_BKGLQ, kc) * self.scale
-            scores = jnp.where(mask_BLS[:, None, None], scores.astype(jnp.float32), _NEG)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            out = jnp.einsum("bkgls,bksq->bkglq", probs, vc).transpose(0, 3, 1, 2, 4).reshape(B, L, H, Q)
+            out = cached_attention(q, kc, vc, mask_BLS, self.scale).reshape(B, L, H, Q)
         else:
             def attend(mask, q):
                 return softmax_attend(jnp.einsum("blkgq,bskq->bkgls", q, k) * self.scale, mask, v)
@@ -120,11 +163,10 @@ class Attention(nnx.Module):
             out = out + cast(self.bo, dt)
         return out, new_cache
 
-    CACHE_SLOT_AXES = {"k": 3, "v": 2}
-
     @staticmethod
     def cache_shape(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple]:
-        return {"k": (batch, cfg.num_kv_heads, cfg.head_dim, length),
+        c = key_chunk(length)
+        return {"k": (batch, cfg.num_kv_heads, length // c, cfg.head_dim, c),
                 "v": (batch, cfg.num_kv_heads, length, cfg.head_dim)}
 
 

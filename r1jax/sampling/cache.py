@@ -1,7 +1,8 @@
 """KV-cache helpers for the sampler: share one prefill across G samples, shard caches by logical axes.
 
 The cache itself is created by `Transformer.init_cache(batch, length)`: per stack, a tuple with one dict per layer;
-GQA layers keep k [B, K, Q, S] and v [B, K, S, Q], MLA layers the normalized latent `ckv` [B, S, R] and the rotated
+GQA layers keep keys in chunks of slots, k [B, K, S / c, Q, c] (`r1jax.models.attention.key_chunk`), and values
+v [B, K, S, Q]; MLA layers the normalized latent `ckv` [B, S, R] and the rotated
 rope key `krope` [B, S, Qr]. Shared entries: `index` (next slot), `valid` [B, S] and `next_pos` [B].
 """
 
@@ -10,11 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from r1jax.models.attention import chunk_keys, key_chunk, unchunk_keys
 from r1jax.parallel.rules import constrain
 
 # Logical axes of each cache buffer (r1jax.parallel.rules maps them onto the mesh).
 CACHE_AXES = {
-    "k": ("batch", "kv_heads", "kv", "cache_len"),
+    "k": ("batch", "kv_heads", "cache_len", "kv", None),  # slot chunks, then the slots within a chunk
     "v": ("batch", "kv_heads", "cache_len", "kv"),
     "ckv": ("batch", "cache_len", "kv_lora"),
     "krope": ("batch", "cache_len", None),
@@ -57,14 +59,19 @@ def constrain_cache(cache: dict) -> dict:
 
 
 def grow(cache: dict, length: int) -> dict:
-    """Pads every buffer's slot axis to `length` slots; the new slots are empty and not valid."""
-    def pad(name, x):
-        if "cache_len" not in CACHE_AXES[name]:
-            return x
-        axis = CACHE_AXES[name].index("cache_len")
+    """Pads every buffer's slot axis to `length` slots; the new slots are empty and not valid. Chunked keys are
+    re-chunked for the new length (its `key_chunk` may differ)."""
+    def pad_axis(x, axis):
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, length - x.shape[axis])
         return jnp.pad(x, widths)
+
+    def pad(name, x):
+        if name == "k":
+            return chunk_keys(pad_axis(unchunk_keys(x), 3), key_chunk(length))
+        if "cache_len" not in CACHE_AXES[name]:
+            return x
+        return pad_axis(x, CACHE_AXES[name].index("cache_len"))
     return _map(cache, pad)
 
 
