@@ -173,14 +173,18 @@ class Transformer(nnx.Module):
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None, cache=None,
-                logits_start: int | None = None, return_logits: bool = True, layers: dict | None = None):
+                logits_start: int | None = None, return_logits: bool = True, layers: dict | None = None,
+                cos_sin: tuple | None = None):
         """Full forward pass. `attention_mask_BL` marks real (1) vs padding (0) tokens; `segment_ids_BL` (> 0 real,
         0 padding) keeps packed examples from attending to each other. Positions default to 0, 1, ... per row
         (per segment when packed, counting only real tokens when padded, continuing the cache when decoding).
         `logits_start` (a static int, may be negative) computes logits only for positions from there on, e.g. -1
         for the last position when decoding, P - 1 for a completion after a P-token prompt. `return_logits=False`
         skips the output head (callers that chunk it over positions apply `head` to `hidden` themselves).
-        `layers`: per-layer parameters from `layer_states()`, used with a cache instead of slicing the stacks."""
+        `layers`: per-layer parameters from `layer_states()`, used with a cache instead of slicing the stacks.
+        `cos_sin`: the rotary (cos, sin) [B, L, rope dim] of the positions, `rotary.cos_sin(positions_BL)`, given
+        instead of positions: a decode loop carries the next step's from one step to the next, because XLA:CPU
+        otherwise fuses the cos and sin evaluation into (and repeats it in) every layer's rotation."""
         cfg = self.config
         B, L = tokens_BL.shape
         if segment_ids_BL is not None:
@@ -189,7 +193,7 @@ class Transformer(nnx.Module):
             valid_BL = attention_mask_BL.astype(bool)
         else:
             valid_BL = jnp.ones((B, L), bool)
-        if positions_BL is None:
+        if positions_BL is None and cos_sin is None:
             positions_BL = _default_positions(valid_BL, segment_ids_BL,
                                               None if cache is None else cache["next_pos"])
         if cache is None:
@@ -205,7 +209,8 @@ class Transformer(nnx.Module):
             mask_BLS = (slots[None, None, :] <= cache_index + jnp.arange(L)[None, :, None]) & kv_valid[:, None, :]
             new_cache = {"index": cache_index + L, "valid": kv_valid,
                          "next_pos": cache["next_pos"] + valid_BL.sum(1).astype(jnp.int32)}
-        cos_sin = self.rotary.cos_sin(positions_BL)
+        if cos_sin is None:
+            cos_sin = self.rotary.cos_sin(positions_BL)
         x = constrain(self.embed(tokens_BL), ("batch", "length", "embed"))
         aux = {}
         for name, stack in self.stacks():

@@ -93,8 +93,11 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
     cache = constrain_cache(repeat_rows(out.cache, G))
     logits = constrain(jnp.repeat(out.logits[:, -1], G, axis=0), ("batch", "vocab"))
     R = B * G
+    # Each step's rotary cos/sin arrive in the carry, computed at the end of the step before: as a loop input they
+    # are one buffer, where computed inside the step XLA:CPU re-evaluates them in every layer's q and k rotation.
+    rope = lambda next_pos_R: model.rotary.cos_sin(next_pos_R[:, None])
     carry = dict(
-        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, rng=rng,
+        step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, rng=rng, cos_sin=rope(cache["next_pos"]),
         tokens=jnp.full((R, N), pad_id, jnp.int32), logp=jnp.zeros((R, N), jnp.float32),
         slogp=jnp.zeros((R, N), jnp.float32), done=jnp.zeros((R,), bool), lengths=jnp.zeros((R,), jnp.int32))
 
@@ -105,9 +108,12 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
         tok = jnp.where(done, pad_id, tok)
         put = lambda buf, v: jax.lax.dynamic_update_slice(buf, v[:, None].astype(buf.dtype), (0, c["step"]))
         is_eos = jnp.any(tok[:, None] == eos_ids_E[None, :], axis=-1) if eos_ids_E.shape[0] else False
+        # Finished rows are masked out and discarded, so their positions need not stop advancing (the default
+        # positions would hold them).
         step_out = model.forward(tok[:, None], attention_mask_BL=~done[:, None], cache=c["cache"],
-                                 logits_start=-1, layers=layers)
+                                 logits_start=-1, layers=layers, cos_sin=c["cos_sin"])
         return dict(step=c["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, -1], rng=rng,
+                    cos_sin=rope(step_out.cache["next_pos"]),
                     tokens=put(c["tokens"], tok), logp=put(c["logp"], jnp.where(done, 0.0, logp)),
                     slogp=put(c["slogp"], jnp.where(done, 0.0, slogp)), done=done | (~done & is_eos),
                     lengths=c["lengths"] + (~done).astype(jnp.int32))
