@@ -233,6 +233,22 @@ def test_cached_decoding_equals_full_forward(name, slots, length, prefill):
     np.testing.assert_allclose(got[valid], full[valid], atol=1e-4)
 
 
+def test_forward_takes_precomputed_rotary():
+    """forward(cos_sin=rotary.cos_sin(positions)) equals forward(positions_BL=positions), with and without a cache
+    (the decode loop carries the next step's cos/sin)."""
+    model = _randomize(_model("tiny_llama"))
+    tokens = _tokens(2, 5, seed=3)
+    positions = jnp.asarray([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    want = model.forward(tokens, positions_BL=positions).logits
+    got = model.forward(tokens, cos_sin=model.rotary.cos_sin(positions)).logits
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    cache = model.init_cache(2, 8)
+    want = model.forward(tokens, positions_BL=positions, cache=cache).logits
+    got = model.forward(tokens, cos_sin=model.rotary.cos_sin(positions), cache=cache).logits
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not np.allclose(np.asarray(model.forward(tokens).logits), np.asarray(want))  # positions matter
+
+
 def test_cache_is_per_layer_and_checked():
     """Each layer owns its cache buffers (no stacked [layers, ...] array to copy when decoding), pre-sliced layer
     weights give the same logits, and a cache built for another depth is refused by name."""
