@@ -108,8 +108,8 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
         tok = jnp.where(done, pad_id, tok)
         put = lambda buf, v: jax.lax.dynamic_update_slice(buf, v[:, None].astype(buf.dtype), (0, c["step"]))
         is_eos = jnp.any(tok[:, None] == eos_ids_E[None, :], axis=-1) if eos_ids_E.shape[0] else False
-        # Finished rows are masked out and discarded, so their positions need not stop advancing (the default
-        # positions would hold them).
+        # Finished rows get position next_pos here, not the default next_pos - 1: they are masked out and their
+        # outputs discarded, so it does not matter.
         step_out = model.forward(tok[:, None], attention_mask_BL=~done[:, None], cache=c["cache"],
                                  logits_start=-1, layers=layers, cos_sin=c["cos_sin"])
         return dict(step=c["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, -1], rng=rng,
