@@ -10,14 +10,17 @@ Usage:
     python benchmarks/gmm.py --scale 0.125        # shrink M, K, N for CPU
     python benchmarks/gmm.py --m 256 --k 896 --n 256 --groups 8   # any shape (taken as given when --scale is 1)
     python benchmarks/gmm.py --backends xla,pallas_gpu --dtype bfloat16 --tiling 128,64,128
+    python benchmarks/gmm.py --check              # first compare every backend with ragged_dot (values, gradients)
 
 On CPU the xla (ragged_dot) and xla_blocked backends are timed: the Pallas kernels need a TPU or GPU (interpret mode
-is for correctness). --tiling applies to every backend but xla (xla_blocked reads only tm).
+is for correctness). On a GPU: xla, pallas_gpu (Triton) and pallas_mosaic_gpu (Hopper: TMA + wgmma). --tiling applies
+to every backend but xla (xla_blocked reads only tm). benchmarks/device_gmm.sh is the one-call GPU run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -62,8 +65,57 @@ def time_paired(call, baseline, *, iters: int, warmup: int = 2) -> tuple[float, 
 
 def available_backends() -> list[str]:
     platform = jax.default_backend()
-    return (["xla", "xla_blocked"] + (["pallas_tpu"] if platform == "tpu" else [])
-            + (["pallas_gpu"] if platform == "gpu" else []))
+    if platform == "tpu":
+        return ["xla", "pallas_tpu"]
+    if platform == "gpu":
+        return ["xla", "pallas_gpu", "pallas_mosaic_gpu"]
+    return ["xla", "xla_blocked"]
+
+
+def relative_error(got, want) -> float:
+    got, want = (np.asarray(x.astype(jnp.float32), np.float64) for x in (got, want))
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+# Small ragged shapes (as in tests/test_gmm.py): empty groups, tiles straddling groups, M/K/N off the tiles, rows
+# past sum(group_sizes). Checked with compiled kernels here, where the tests can only interpret them.
+CHECK_SHAPES = [(300, 256, 256, [0, 70, 5, 0, 140, 33, 0]), (136, 200, 160, [17, 0, 100, 19]),
+                (1000, 768, 512, [0, 400, 1, 127, 0, 64, 300, 0])]
+
+
+def check(backends, dtype, tiling_for, big_case) -> bool:
+    """Each backend's out, d lhs and d rhs against ragged_dot's on float32 copies of the same inputs, by
+    ||got - want|| / ||want|| (fresh random inputs per shape; 16-bit operands land between 1e-3 and 1e-2, f32 far
+    under 1e-3). Rows past sum(group_sizes) must be exactly zero. Returns whether all passed."""
+    bound = 1e-2 if dtype.itemsize == 2 else 1e-3
+    cases = [(m, k, n, jnp.asarray(sizes, jnp.int32)) for m, k, n, sizes in CHECK_SHAPES] + [big_case]
+    ok = True
+    print(f"check vs ragged_dot in float32 (bound {bound:g} relative):")
+    for index, (m, k, n, sizes) in enumerate(cases):
+        keys = jax.random.split(jax.random.key(100 + index), 3)
+        lhs = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
+        rhs = (jax.random.normal(keys[1], (sizes.shape[0], k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+        dout = jax.random.normal(keys[2], (m, n), jnp.float32).astype(dtype)
+
+        def run(backend, lhs, rhs, dout, til):
+            out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, backend=backend, tiling=til), lhs, rhs)
+            return (out, *vjp(dout))
+
+        f32 = lambda x: x.astype(jnp.float32)
+        want = jax.jit(functools.partial(run, "xla", til=None))(f32(lhs), f32(rhs), f32(dout))
+        used = int(sizes.sum())
+        for backend in backends:
+            if backend == "xla":
+                continue
+            got = jax.jit(functools.partial(run, backend, til=tiling_for(backend)))(lhs, rhs, dout)
+            errors = [relative_error(g, w) for g, w in zip(got, want)]
+            tail_zero = not np.asarray(got[0][used:].astype(jnp.float32)).any()
+            passed = all(e <= bound for e in errors) and tail_zero
+            ok &= passed
+            print(f"  {backend:<18} M={m} K={k} N={n} G={sizes.shape[0]}: out {errors[0]:.2e}  d_lhs {errors[1]:.2e}"
+                  f"  d_rhs {errors[2]:.2e}  rows past groups zero: {tail_zero}  {'ok' if passed else 'FAIL'}",
+                  flush=True)
+    return ok
 
 
 def main(argv=None):
@@ -79,8 +131,12 @@ def main(argv=None):
     parser.add_argument("--backends", default=None, help=f"comma list from {BACKENDS}; default all available here")
     parser.add_argument("--tiling", default=None,
                         help="tm,tk,tn for the Pallas and xla_blocked backends (default: per backend)")
+    parser.add_argument("--stages", type=int, default=None,
+                        help="pipeline stages (num_stages) for pallas_gpu and pallas_mosaic_gpu")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-bwd", action="store_true", help="time the forward only")
+    parser.add_argument("--check", action="store_true",
+                        help="compare every backend with ragged_dot first (values and gradients); exit 1 on a mismatch")
     args = parser.parse_args(argv)
 
     def scaled(x):
@@ -93,16 +149,30 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype or ("bfloat16" if on_accelerator else "float32"))
     backends = args.backends.split(",") if args.backends else available_backends()
     tiling = tuple(int(t) for t in args.tiling.split(",")) if args.tiling else None
+    stages = {"num_stages": args.stages} if args.stages else {}
+
+    def tiling_for(backend):
+        """--tiling/--stages as the backend takes them (xla ignores tilings; only GPU kernels have stages)."""
+        if backend == "xla":
+            return None
+        if not stages or backend not in ("pallas_gpu", "pallas_mosaic_gpu"):
+            return tiling
+        return {**(dict(zip(("tm", "tk", "tn"), tiling)) if tiling else {}), **stages}
+
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; jax {jax.__version__}")
     print(f"M={m} K={k} N={n} G={g} dtype={dtype.name} iters={args.iters}")
     if not on_accelerator:
-        print("note: pallas_tpu / pallas_gpu need a TPU / GPU to be timed; interpret mode only checks correctness")
+        print("note: pallas_tpu / pallas_gpu / pallas_mosaic_gpu need a TPU / GPU / Hopper GPU to be timed; "
+              "interpret mode only checks correctness")
 
     keys = jax.random.split(jax.random.key(0), 2)
     lhs = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
     rhs = (jax.random.normal(keys[1], (g, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
     w_kn = rhs[0]
+
+    if args.check and not check(backends, dtype, tiling_for, (m, k, n, jnp.asarray(group_sizes("skewed", m, g)))):
+        raise SystemExit("check failed: a backend disagrees with ragged_dot (see above); not timing it")
 
     dense_fwd = jax.jit(lambda a, b: a @ b)
     # Half the sum of squares: its output cotangent is the forward output, so the forward cannot be skipped.
@@ -117,7 +187,7 @@ def main(argv=None):
     for kind in ("balanced", "skewed"):
         sizes = jnp.asarray(group_sizes(kind, m, g))
         for backend in backends:
-            til = tiling if backend != "xla" else None
+            til = tiling_for(backend)
             fwd = jax.jit(lambda a, b, s, be=backend, t=til: gmm(a, b, s, backend=be, tiling=t))
             cases.append(((backend, kind, "fwd", flops), (fwd, (lhs, rhs, sizes))))
             if not args.no_bwd:

@@ -15,23 +15,29 @@ from r1jax.kernels import BACKENDS, gmm, resolve_backend
 from r1jax.kernels.gmm import make_tile_visits
 from r1jax.kernels.gmm_blocked import RAGGED_DOT_BELOW_MKN, remainder_plan, row_tiles
 
-# name: (M, K, N, group_sizes, dtype, pallas_tpu tiling, pallas_gpu tiling, xla_blocked tiling)
+# name: (M, K, N, group_sizes, dtype, tilings: pallas_tpu, pallas_gpu, xla_blocked, pallas_mosaic_gpu)
 # xla_blocked: every case has M*K*N >= RAGGED_DOT_BELOW_MKN, so its tiles run (not the tiny-problem ragged_dot path).
+# pallas_mosaic_gpu takes 16-bit inputs only: its float32 cases run in float16 (MOSAIC_DTYPE).
 CASES = {
     # empty groups (first, middle, last), a group (140) larger than a tile, sizes that are not tile multiples,
     # M=300 not a multiple of tm, sum(group_sizes)=248 < M. xla_blocked: tiles (64, 32, 16), 140 = 2 x 64 + masked 16.
+    # pallas_mosaic_gpu: its last m-tile loads rows 236..299 (clamped inside M); two n-tiles; 4 persistent programs.
     "ragged_f32": (300, 256, 256, [0, 70, 5, 0, 140, 33, 0], jnp.float32, (64, 128, 128), (64, 64, 32),
-                   (64, 128, 128)),
+                   (64, 128, 128), {"tm": 64, "tk": 64, "tn": 128, "num_stages": 2, "num_sms": 4}),
     # K and N not multiples of their tiles: ragged last contraction and output tiles. xla_blocked: tm=48 is not a
     # power of 2 (tiles 48, 24); the masked 24-row remainder tiles of the last two groups reach past M and are clamped.
-    "ragged_kn_f32": (136, 200, 160, [17, 0, 100, 19], jnp.float32, (32, 128, 128), (32, 64, 64), (48, 1, 1)),
+    # pallas_mosaic_gpu: K and N zero-padded to 256 and 192, M=136 padded to 192 for tgmm.
+    "ragged_kn_f32": (136, 200, 160, [17, 0, 100, 19], jnp.float32, (32, 128, 128), (32, 64, 64), (48, 1, 1),
+                      {"tm": 64, "tk": 64, "tn": 64, "num_stages": 3, "num_sms": 3}),
     # bf16 (TPU rows pack in 16s), trailing rows, a group spanning three tiles; default tilings clamp to the problem.
-    "ragged_bf16_default_tiling": (160, 128, 256, [9, 0, 120, 3], jnp.bfloat16, None, None, None),
+    "ragged_bf16_default_tiling": (160, 128, 256, [9, 0, 120, 3], jnp.bfloat16, None, None, None, None),
     # every row in one group; all other groups empty. xla_blocked: four whole 16-row tiles, no masked one.
-    "one_group": (64, 128, 128, [0, 64, 0], jnp.float32, (16, 128, 128), (16, 32, 32), {"tm": 16}),
-    # no rows in any group: zeros out, zero gradients.
-    "all_empty": (48, 128, 128, [0, 0], jnp.float32, None, None, None),
+    "one_group": (64, 128, 128, [0, 64, 0], jnp.float32, (16, 128, 128), (16, 32, 32), {"tm": 16},
+                  {"tm": 64, "tk": 64, "tn": 64, "num_sms": 2}),
+    # no rows in any group: zeros out, zero gradients. pallas_mosaic_gpu: M=48 < tm, lhs padded to 64 rows.
+    "all_empty": (48, 128, 128, [0, 0], jnp.float32, None, None, None, None),
 }
+MOSAIC_DTYPE = {jnp.float32: jnp.float16}
 
 
 def _reference(lhs, rhs, group_sizes, dout):
@@ -51,9 +57,10 @@ def _assert_close(name, got, want, magnitude, dtype):
     if dtype == jnp.float32:
         bound = 1e-5 * magnitude + 1e-6
     else:
-        # bf16 inputs are exact in the reference; the kernel accumulates in f32 (error ~K * 2^-24 * magnitude, far
-        # below) and rounds the result to bf16 (relative error <= 2^-9). 2^-8 of the magnitude doubles that margin.
-        bound = 2.0**-8 * magnitude + 1e-6
+        # 16-bit inputs are exact in the reference; the kernel accumulates in f32 (error ~K * 2^-24 * magnitude, far
+        # below) and rounds the result to bf16 (relative error <= 2^-9) or f16 (<= 2^-11). Twice that of the
+        # magnitude is the bound.
+        bound = (2.0**-8 if dtype == jnp.bfloat16 else 2.0**-10) * magnitude + 1e-6
     excess = np.abs(got - want) - bound
     assert excess.max() <= 0, f"{name}: max error {np.abs(got - want).max():.3g} exceeds bound at {excess.argmax()}"
 
@@ -61,8 +68,11 @@ def _assert_close(name, got, want, magnitude, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gmm_matches_numpy_with_gradients(backend, case):
-    m, k, n, sizes, dtype, tpu_tiling, gpu_tiling, blocked_tiling = CASES[case]
-    tiling = {"xla": None, "pallas_tpu": tpu_tiling, "pallas_gpu": gpu_tiling, "xla_blocked": blocked_tiling}[backend]
+    m, k, n, sizes, dtype, tpu_tiling, gpu_tiling, blocked_tiling, mosaic_tiling = CASES[case]
+    tiling = {"xla": None, "pallas_tpu": tpu_tiling, "pallas_gpu": gpu_tiling, "xla_blocked": blocked_tiling,
+              "pallas_mosaic_gpu": mosaic_tiling}[backend]
+    if backend == "pallas_mosaic_gpu":
+        dtype = MOSAIC_DTYPE.get(dtype, dtype)
     assert backend != "xla_blocked" or m * k * n >= RAGGED_DOT_BELOW_MKN, "would test the ragged_dot fallback"
     _check_against_reference(backend, case, m, k, n, sizes, dtype, tiling, seed=list(CASES).index(case))
 
@@ -143,7 +153,7 @@ def test_xla_blocked_ignores_rows_outside_the_groups():
     np.testing.assert_allclose(np.asarray(d_rhs), want_drhs, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["xla_blocked", "pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("backend", ["xla_blocked", "pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu"])
 def test_preferred_element_type_and_jax_grad(backend):
     """bf16 in, f32 out; jax.grad of a scalar loss matches the xla backend's gradients."""
     keys = jax.random.split(jax.random.key(1), 2)
@@ -201,32 +211,54 @@ def test_resolve_backend_and_errors():
         gmm(lhs, rhs, sizes, backend="pallas_gpu", tiling=(16, 48, 16))
     with pytest.raises(ValueError, match="unknown gmm tiling keys \\['bm'\\]"):
         gmm(lhs, rhs, sizes, backend="pallas_gpu", tiling={"bm": 16})
-    with pytest.raises(ValueError, match="valid only for backend 'pallas_gpu'"):
+    with pytest.raises(ValueError, match="num_warps is valid only for backends \\('pallas_gpu',\\)"):
         gmm(lhs, rhs, sizes, backend="pallas_tpu", tiling={"num_warps": 4})
-    with pytest.raises(ValueError, match="valid only for backend 'pallas_gpu'"):
+    with pytest.raises(ValueError, match="num_stages is valid only for backends \\('pallas_gpu', 'pallas_mosaic_gpu'\\)"):
         gmm(lhs, rhs, sizes, backend="xla_blocked", tiling={"num_stages": 2})
+    with pytest.raises(ValueError, match="num_sms is valid only for backends \\('pallas_mosaic_gpu',\\)"):
+        gmm(lhs, rhs, sizes, backend="pallas_gpu", tiling={"num_sms": 8})
     with pytest.raises(ValueError, match="tm=0 must be a positive int"):
         gmm(lhs, rhs, sizes, backend="xla_blocked", tiling=(0, 128, 128))
     with pytest.raises(ValueError, match="sum to 40, more than lhs's 32 rows"):
         gmm(lhs, rhs, jnp.array([20, 20], jnp.int32), backend="xla_blocked")
     with pytest.raises(ValueError, match="one dtype from"):
         gmm(lhs, rhs.astype(jnp.bfloat16), sizes, backend="pallas_tpu")
+    # Mosaic GPU: 16-bit inputs only (wgmma would run f32 as tf32), 64-multiple tiles, one warpgroup per program.
+    with pytest.raises(ValueError, match="'pallas_mosaic_gpu' needs lhs and rhs of one dtype from \\['bfloat16', 'float16'\\]"):
+        gmm(lhs, rhs, sizes, backend="pallas_mosaic_gpu")
+    half, half_rhs = lhs.astype(jnp.float16), rhs.astype(jnp.float16)
+    with pytest.raises(ValueError, match="tm=32 must be a multiple of 64"):
+        gmm(half, half_rhs, sizes, backend="pallas_mosaic_gpu", tiling=(32, 64, 64))
+    with pytest.raises(ValueError, match="num_warps is valid only for backends \\('pallas_gpu',\\)"):
+        gmm(half, half_rhs, sizes, backend="pallas_mosaic_gpu", tiling={"num_warps": 4})
+    with pytest.raises(ValueError, match="the \\(tm, tn\\) = \\(128, 256\\) f32 accumulator needs 256 registers"):
+        gmm(jnp.ones((256, 64), jnp.float16), jnp.ones((2, 64, 256), jnp.float16), sizes, backend="pallas_mosaic_gpu",
+            tiling=(128, 64, 256))
+    with pytest.raises(ValueError, match="num_sms=0 must be a positive int"):
+        gmm(half, half_rhs, sizes, backend="pallas_mosaic_gpu", tiling={"num_sms": 0})
 
 
 _TARGETS = {  # backend: (lowering platform, custom call in the lowered text, how a kernel's name appears)
     "pallas_tpu": ("tpu", "tpu_custom_call", 'kernel_name = "{}"'),
     "pallas_gpu": ("cuda", "__gpu$xla.gpu.triton", 'name = "{}"'),
+    "pallas_mosaic_gpu": ("cuda", "mosaic_gpu_v2", "{}"),  # the kernel's name is in the ops' locations
 }
 
 
 @pytest.mark.parametrize("backend,tiling", [
     ("pallas_tpu", None), ("pallas_tpu", (128, 128, 256)), ("pallas_tpu", (256, 384, 128)),
     ("pallas_gpu", None), ("pallas_gpu", (64, 64, 64)), ("pallas_gpu", {"tm": 128, "tk": 32, "num_warps": 4}),
+    ("pallas_mosaic_gpu", None), ("pallas_mosaic_gpu", (64, 128, 64)),
+    ("pallas_mosaic_gpu", {"tm": 64, "tk": 64, "tn": 256, "num_stages": 3}),
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_lower_for_their_hardware(backend, tiling, dtype, monkeypatch):
-    """Lowers forward + backward (gmm, transposed-rhs gmm, tgmm) for the real target; catches what interpret can't."""
+    """Lowers forward + backward (gmm, transposed-rhs gmm, tgmm) for the real target; catches what interpret can't.
+    Mosaic GPU's lowering also runs its layout inference and wgmma checks and sizes shared memory (a tiling that
+    needs more than an H100 has fails here). It takes float16 where the others take float32."""
     platform, custom_call, name = _TARGETS[backend]
+    if backend == "pallas_mosaic_gpu":
+        dtype = MOSAIC_DTYPE.get(dtype, dtype)
     verified = []
     if backend == "pallas_gpu":
         # Mosaic verifies its kernels while lowering; Pallas' Triton path only serializes them, so verify the Triton
@@ -245,11 +277,15 @@ def test_kernels_lower_for_their_hardware(backend, tiling, dtype, monkeypatch):
         out = gmm(lhs, rhs, group_sizes, backend=backend, tiling=tiling)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
-    args = (jax.ShapeDtypeStruct((1000, 768), dtype), jax.ShapeDtypeStruct((8, 768, 512), dtype),
+    # M=999: not a multiple of 8 (Mosaic GPU's TMA needs one; its wrapper pads), nor of any tile.
+    args = (jax.ShapeDtypeStruct((999, 768), dtype), jax.ShapeDtypeStruct((8, 768, 512), dtype),
             jax.ShapeDtypeStruct((8,), jnp.int32))
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert text.count(custom_call) == 3, "expected gmm, d_lhs gmm and tgmm kernels"
-    assert text.count(name.format("_gmm_kernel")) == 2 and text.count(name.format("_tgmm_kernel")) == 1
+    if backend == "pallas_mosaic_gpu":
+        assert name.format("_gmm_kernel") in text and name.format("_tgmm_kernel") in text
+    else:
+        assert text.count(name.format("_gmm_kernel")) == 2 and text.count(name.format("_tgmm_kernel")) == 1
     assert verified == ([True] * 3 if backend == "pallas_gpu" else [])
 
 
@@ -274,3 +310,57 @@ def test_xla_blocked_inside_shard_map():
     got, want = grad(lhs, rhs, "xla_blocked"), grad(lhs, rhs, "xla")
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_tiny_deepseek_v3_logits_match_with_every_backend():
+    """The MoE layer with each gmm backend (Pallas ones in interpret mode, `moe.gmm_interpret`) gives the logits of
+    the ragged_dot backend: float32 for all but pallas_mosaic_gpu, which takes 16-bit inputs and is compared with
+    ragged_dot in float16. Two layers: one dense, one MoE with 8 experts (top 3) and 2 shared."""
+    from flax import nnx
+
+    from r1jax.models import Transformer, get_preset
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 9)))
+
+    def logits(backend, dtype):
+        cfg = get_preset("tiny_deepseek_v3", num_layers=2, dtype=dtype).replace(
+            moe={"gmm_backend": backend, "gmm_interpret": True, "dispatch": "dropless"})
+        return np.asarray(Transformer(cfg, rngs=nnx.Rngs(0))(tokens).astype(jnp.float32))
+
+    want = logits("xla", "float32")
+    for backend in ("xla_blocked", "pallas_tpu", "pallas_gpu"):
+        np.testing.assert_allclose(logits(backend, "float32"), want, rtol=0, atol=1e-5, err_msg=backend)
+    want16 = logits("xla", "float16")
+    assert np.abs(want16 - want).max() > 0, "the float16 model must differ from float32 (else dtype was ignored)"
+    # float16 rounds at 2^-11 relative: a logit of ~0.6 has an ulp of ~5e-4.
+    np.testing.assert_allclose(logits("pallas_mosaic_gpu", "float16"), want16, rtol=0, atol=1e-3)
+
+
+def test_mosaic_gpu_lowers_inside_shard_map():
+    """Expert parallelism calls the kernels per shard under `jax.shard_map`: their outputs must vary over the
+    operands' mesh axes, or the custom VJP's gradients mistype (plgpu.kernel drops that from its out_type; the
+    wrapper restores it). Lowered for CUDA on an abstract 2 x 2 mesh, forward and both gradients, 178 rows a shard."""
+    mesh = jax.sharding.AbstractMesh((2, 2), ("data", "expert"))
+
+    def loss(lhs, rhs, sizes):
+        def local(lhs, rhs, sizes):
+            lhs, rhs = jax.lax.pcast(lhs, ("expert",), to="varying"), jax.lax.pcast(rhs, ("data",), to="varying")
+            return gmm(lhs, rhs, sizes[0], backend="pallas_mosaic_gpu")
+        out = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("expert"), P("expert")),
+                            out_specs=P("data", "expert"))(lhs, rhs, sizes)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    args = (jax.ShapeDtypeStruct((2 * 178, 64), jnp.bfloat16), jax.ShapeDtypeStruct((4, 64, 96), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2, 2), jnp.int32))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu_v2") == 3
+
+
+@pytest.mark.parametrize("module", ["r1jax.kernels.gmm", "r1jax.kernels.gmm_gpu", "r1jax.kernels.gmm_tpu",
+                                    "r1jax.kernels.gmm_mosaic_gpu"])
+def test_kernel_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0, result

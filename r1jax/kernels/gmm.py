@@ -11,6 +11,8 @@ Backends (`backend=`):
                 per group); hands tiny products (M*K*N < 2^19) to ragged_dot.
   "pallas_tpu"  Mosaic TPU kernels (gmm_tpu.py): scalar-prefetched tile->group metadata, f32 VMEM accumulator.
   "pallas_gpu"  Triton kernels (gmm_gpu.py): one program per (m-tile visit, n-tile), K loop inside the kernel.
+  "pallas_mosaic_gpu"  Hopper kernels through Pallas Mosaic GPU (gmm_mosaic_gpu.py): TMA copies pipelined into
+                wgmma, persistent programs, 16-bit inputs. Opt-in until it is measured on an H100/H200.
   "auto"        pallas_tpu on TPU, pallas_gpu on GPU, xla_blocked on CPU, xla elsewhere (see `resolve_backend`).
 
 The backward pass of every backend is d_lhs = gmm(d_out, rhs^T) and d_rhs = tgmm(lhs, d_out), where
@@ -39,9 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("xla", "xla_blocked", "pallas_tpu", "pallas_gpu")
-_PALLAS_BACKENDS = ("pallas_tpu", "pallas_gpu")
-_TILING_KEYS = ("tm", "tk", "tn", "num_warps", "num_stages")
+BACKENDS = ("xla", "xla_blocked", "pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu")
+_PALLAS_BACKENDS = ("pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu")
+_TILING_KEYS = ("tm", "tk", "tn", "num_warps", "num_stages", "num_sms")
+# Which backends take each launch setting (the rest of a Tiling is tm/tk/tn, which every tiled backend reads).
+_SETTING_BACKENDS = {"num_warps": ("pallas_gpu",), "num_stages": ("pallas_gpu", "pallas_mosaic_gpu"),
+                     "num_sms": ("pallas_mosaic_gpu",)}
 
 
 class Tiling(NamedTuple):
@@ -49,7 +54,9 @@ class Tiling(NamedTuple):
 
     In gmm(lhs_MK, rhs_GKN) tk is the contraction tile and tn the output-column tile; the backward d_lhs matmul
     (contracting over N) uses the same tiles with tk and tn swapped, and tgmm tiles its [K, N] output by (tk, tn)
-    while stepping over rows tm at a time. num_warps/num_stages are Triton launch settings (pallas_gpu only).
+    while stepping over rows tm at a time. num_warps (Triton) and num_stages (Triton; Mosaic GPU's pipeline depth)
+    are GPU launch settings; num_sms is the persistent Mosaic GPU kernels' program count (default: the GPU's
+    multiprocessors).
     """
 
     tm: int
@@ -57,6 +64,7 @@ class Tiling(NamedTuple):
     tn: int
     num_warps: int | None = None
     num_stages: int | None = None
+    num_sms: int | None = None
 
     def swapped(self) -> "Tiling":
         """Tiling of the transposed-rhs product that contracts over N (d_lhs = d_out @ rhs^T)."""
@@ -98,6 +106,9 @@ def backend_module(backend: str):
     if backend == "pallas_gpu":
         from r1jax.kernels import gmm_gpu
         return gmm_gpu
+    if backend == "pallas_mosaic_gpu":
+        from r1jax.kernels import gmm_mosaic_gpu
+        return gmm_mosaic_gpu
     raise ValueError(f"backend {backend!r} has no kernel module; those with one: {BACKENDS[1:]}")
 
 
@@ -121,9 +132,9 @@ def parse_tiling(tiling, default: Tiling, *, backend: str) -> Tiling:
         value = getattr(parsed, name)
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"gmm tiling {name}={value!r} must be a positive int")
-    if backend != "pallas_gpu" and (parsed.num_warps is not None or parsed.num_stages is not None):
-        raise ValueError(f"num_warps/num_stages are Triton settings, valid only for backend 'pallas_gpu'; "
-                         f"got them for {backend!r}")
+    for setting, backends in _SETTING_BACKENDS.items():
+        if getattr(parsed, setting) is not None and backend not in backends:
+            raise ValueError(f"gmm tiling {setting} is valid only for backends {backends}; got it for {backend!r}")
     return parsed._replace(tm=int(parsed.tm), tk=int(parsed.tk), tn=int(parsed.tn))
 
 
@@ -254,12 +265,14 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, *, backend="xla", tiling=None, interpret
     """Grouped matmul out_MN[rows of g] = lhs_MK[rows of g] @ rhs_GKN[g]; see the module docstring.
 
     Args:
-      lhs_MK: [M, K] rows sorted by group. Pallas backends need float32 or bfloat16 (and float16 on GPU) and the
-        same dtype as rhs; xla and xla_blocked take any float dtypes.
+      lhs_MK: [M, K] rows sorted by group. Pallas backends need one dtype for lhs and rhs: float32 or bfloat16
+        (pallas_tpu), float32/bfloat16/float16 (pallas_gpu), bfloat16/float16 (pallas_mosaic_gpu); xla and
+        xla_blocked take any float dtypes.
       rhs_GKN: [G, K, N] one matrix per group.
       group_sizes_G: [G] integer rows per group, summing to at most M (checked when concrete).
       backend: one of BACKENDS or "auto".
-      tiling: (tm, tk, tn) or a dict with keys tm/tk/tn (and num_warps/num_stages for pallas_gpu); None picks the
+      tiling: (tm, tk, tn) or a dict with keys tm/tk/tn (num_warps for pallas_gpu, num_stages for pallas_gpu and
+        pallas_mosaic_gpu, num_sms for pallas_mosaic_gpu); None picks the
         backend's default for the dtype. Tiles larger than a dimension are clamped to it. Ignored by "xla";
         "xla_blocked" uses only tm (its largest row tile) and ignores tk/tn.
       interpret: run a Pallas backend through the Pallas interpreter (any platform; slow). Ignored by "xla" and

@@ -82,6 +82,9 @@ class MoEConfig:
     # Execution knobs (not part of a checkpoint).
     gmm_backend: str = "auto"
     gmm_tiling: tuple[int, int, int] | None = None
+    # Run a Pallas gmm_backend through the Pallas interpreter (any platform, slow): checks a kernel inside the model
+    # on a CPU, e.g. that a tiny DeepSeek-V3 gives the same logits with each backend.
+    gmm_interpret: bool = False
     # Expert parallelism: "dropless" on one shard; "a2a" = all_to_all with fixed capacity; "ragged" = dropless
     # ragged_all_to_all (GPU/TPU only).
     dispatch: str = "auto"

@@ -75,7 +75,7 @@ def resolve_backend(name: str) -> str:
 
 
 def dropless_dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend="xla",
-                      tiling=None):
+                      tiling=None, interpret=False):
     """Routed experts on one shard: sort pairs by expert, grouped matmuls, unsort, weighted combine.
     Returns (out_TD, counts_E)."""
     T, k = experts_Tk.shape
@@ -84,7 +84,7 @@ def dropless_dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down
     order = jnp.argsort(flat, stable=True)
     rows = x_TD[order // k]
     counts = jnp.bincount(flat, length=E).astype(jnp.int32)
-    gmm = lambda lhs, rhs: kernels.gmm(lhs, rhs, counts, backend=backend, tiling=tiling)
+    gmm = lambda lhs, rhs: kernels.gmm(lhs, rhs, counts, backend=backend, tiling=tiling, interpret=interpret)
     h = jax.nn.silu(gmm(rows, w_gate_EDF)) * gmm(rows, w_up_EDF)
     y_sorted = gmm(h, w_down_EFD)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, k, -1)
@@ -138,8 +138,9 @@ class MoE(nnx.Module):
         mode = expert_parallel.resolve_dispatch(self.moe.dispatch, x_TD.shape[0], self.moe.num_experts)
         if mode == "dropless":
             out, _ = dropless_dispatch(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, backend=backend,
-                                       tiling=self.moe.gmm_tiling)
+                                       tiling=self.moe.gmm_tiling, interpret=self.moe.gmm_interpret)
             return out, jnp.zeros((), jnp.float32)
         return expert_parallel.dispatch(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, mode=mode,
                                         capacity_factor=self.moe.capacity_factor, valid_T=valid_T,
-                                        backend=backend, tiling=self.moe.gmm_tiling)
+                                        backend=backend, tiling=self.moe.gmm_tiling,
+                                        interpret=self.moe.gmm_interpret)

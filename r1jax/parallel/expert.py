@@ -119,7 +119,7 @@ def _vary(x, axes):
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _local_experts(x_RD, e_R, w_gate, w_up, w_down, *, f_axes, backend, tiling):
+def _local_experts(x_RD, e_R, w_gate, w_up, w_down, *, f_axes, backend, tiling, interpret):
     """SwiGLU of each row with its local expert e_R (rows with e_R == local experts are empty and give zeros)."""
     E_l = w_gate.shape[0]
     axes = tuple(sorted(frozenset().union(*(_varying(a) for a in (x_RD, w_gate, w_up, w_down)))))
@@ -127,7 +127,7 @@ def _local_experts(x_RD, e_R, w_gate, w_up, w_down, *, f_axes, backend, tiling):
     order = jnp.argsort(e_R, stable=True)
     sizes = jnp.bincount(e_R, length=E_l).astype(jnp.int32)  # empty rows (id E_l) are not counted: gmm zeros them
     rows = x_RD[order]
-    gmm = functools.partial(kernels.gmm, group_sizes_G=sizes, backend=backend, tiling=tiling)
+    gmm = functools.partial(kernels.gmm, group_sizes_G=sizes, backend=backend, tiling=tiling, interpret=interpret)
     h = jax.nn.silu(gmm(rows, w_gate)) * gmm(rows, w_up)
     y = gmm(h, w_down)[_inverse_permutation(order)]
     return jax.lax.psum(y, f_axes) if f_axes else y
@@ -141,7 +141,7 @@ def _combine(y_AD, weights_Tk, k_major: bool, dtype):
 
 
 def _a2a_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *, n, cap, axis, token_axes, f_axes,
-               backend, tiling):
+               backend, tiling, interpret):
     T, k = experts_Tk.shape
     D, E_l = x_TD.shape[1], w_gate.shape[0]
     # k-major assignment order: a = choice * T + token, so first choices claim buffer slots first.
@@ -161,7 +161,8 @@ def _a2a_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *, n
         e_recv = jax.lax.all_to_all(e_send, axis, 0, 0, tiled=True)
     else:
         x_recv, e_recv = x_send, e_send
-    y_recv = _local_experts(x_recv, e_recv, w_gate, w_up, w_down, f_axes=f_axes, backend=backend, tiling=tiling)
+    y_recv = _local_experts(x_recv, e_recv, w_gate, w_up, w_down, f_axes=f_axes, backend=backend, tiling=tiling,
+                            interpret=interpret)
     y_back = jax.lax.all_to_all(y_recv, axis, 0, 0, tiled=True) if n > 1 else y_recv
     y_A = jnp.where(keep_A[:, None], y_back[jnp.minimum(slot_A, n * cap - 1)], 0)
     dropped = jnp.sum(ok_A & ~keep_A).astype(jnp.float32)
@@ -186,7 +187,7 @@ def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outpu
 
 
 def _ragged_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *, n, axis, f_axes, exchange,
-                  backend, tiling):
+                  backend, tiling, interpret):
     T, k = experts_Tk.shape
     D, E_l = x_TD.shape[1], w_gate.shape[0]
     E = n * E_l
@@ -211,7 +212,8 @@ def _ragged_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *
     starts = jnp.cumsum(seg) - seg
     seg_R = jnp.cumsum(jnp.zeros((M,), jnp.int32).at[starts].add(1, mode="drop")) - 1
     e_R = jnp.where(jnp.arange(M) < seg.sum(), seg_R % E_l, E_l)
-    y_R = _local_experts(recv, e_R, w_gate, w_up, w_down, f_axes=f_axes, backend=backend, tiling=tiling)
+    y_R = _local_experts(recv, e_R, w_gate, w_up, w_down, f_axes=f_axes, backend=backend, tiling=tiling,
+                            interpret=interpret)
     back_offsets = (jnp.cumsum(sent_NN, axis=1) - sent_NN)[:, me]  # where source i keeps its rows for me
     y_sorted = exchange(y_R, _vary(jnp.zeros((T * k, D), x_TD.dtype), vary), jnp.cumsum(recv_sizes) - recv_sizes,
                         recv_sizes, back_offsets, send_sizes, axis_name=axis)
@@ -224,7 +226,8 @@ def _ragged_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *
 
 
 def dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, mode: str,
-             capacity_factor: float = 1.25, valid_T=None, backend: str = "xla", tiling=None, mesh=None, rules=None):
+             capacity_factor: float = 1.25, valid_T=None, backend: str = "xla", tiling=None, interpret=False,
+             mesh=None, rules=None):
     """Routed experts with expert parallelism over the mesh of the active axis_rules context (or `mesh`/`rules`).
     `mode` is "a2a" or "ragged" (see `resolve_dispatch`). Returns (out_TD, dropped): dropped is the number of
     valid token-expert assignments dropped for capacity over the whole batch (float32 scalar; 0 for "ragged")."""
@@ -236,7 +239,7 @@ def dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, 
     if mode not in ("a2a", "ragged"):
         raise ValueError(f"expert dispatch mode {mode!r}; valid: 'a2a', 'ragged' (resolve 'auto' with "
                          f"resolve_dispatch)")
-    common = dict(backend=backend, tiling=tiling)
+    common = dict(backend=backend, tiling=tiling, interpret=interpret)
     if mesh is None:  # one device: capacity semantics, no communication
         cap = capacity(T, k, 1, E, capacity_factor)
         return _a2a_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate_EDF, w_up_EDF, w_down_EFD, n=1, cap=cap,
