@@ -187,20 +187,12 @@ class Transformer(nnx.Module):
         otherwise fuses the cos and sin evaluation into (and repeats it in) every layer's rotation."""
         cfg = self.config
         B, L = tokens_BL.shape
-        if segment_ids_BL is not None:
-            valid_BL = segment_ids_BL > 0
-        elif attention_mask_BL is not None:
-            valid_BL = attention_mask_BL.astype(bool)
-        else:
-            valid_BL = jnp.ones((B, L), bool)
+        valid_BL = _valid_tokens(tokens_BL, segment_ids_BL, attention_mask_BL)
         if positions_BL is None and cos_sin is None:
             positions_BL = _default_positions(valid_BL, segment_ids_BL,
                                               None if cache is None else cache["next_pos"])
         if cache is None:
-            idx = jnp.arange(L)
-            mask_BLS = (idx[None, :, None] >= idx[None, None, :]) & valid_BL[:, None, :]
-            if segment_ids_BL is not None:
-                mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+            mask_BLS = _causal_mask(valid_BL, segment_ids_BL)
             cache_index, new_cache = None, None
         else:
             cache_index = cache["index"]
@@ -241,14 +233,10 @@ class Transformer(nnx.Module):
         if not cfg.mtp_num_layers:
             raise ValueError("this model has no MTP modules (mtp_num_layers=0)")
         B, L = tokens_BL.shape
-        valid_BL = (segment_ids_BL > 0) if segment_ids_BL is not None else (
-            attention_mask_BL.astype(bool) if attention_mask_BL is not None else jnp.ones((B, L), bool))
+        valid_BL = _valid_tokens(tokens_BL, segment_ids_BL, attention_mask_BL)
         if positions_BL is None:
             positions_BL = _default_positions(valid_BL, segment_ids_BL, None)
-        idx = jnp.arange(L)
-        mask_BLS = (idx[None, :, None] >= idx[None, None, :]) & valid_BL[:, None, :]
-        if segment_ids_BL is not None:
-            mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+        mask_BLS = _causal_mask(valid_BL, segment_ids_BL)
         cos_sin = self.rotary.cos_sin(positions_BL)
         graphdef, state = nnx.split(self.mtp)
         h, out = hidden_BLD, []
@@ -260,6 +248,24 @@ class Transformer(nnx.Module):
             h, _, _ = mod.block(hp, cos_sin, mask_BLS, valid_BL)
             out.append(self.head(mod.head_norm(h)))
         return jnp.stack(out)
+
+
+def _valid_tokens(tokens_BL, segment_ids_BL, attention_mask_BL):
+    """Real (True) vs padding tokens: segment id > 0 when packed, else the attention mask, else all real."""
+    if segment_ids_BL is not None:
+        return segment_ids_BL > 0
+    if attention_mask_BL is not None:
+        return attention_mask_BL.astype(bool)
+    return jnp.ones(tokens_BL.shape, bool)
+
+
+def _causal_mask(valid_BL, segment_ids_BL):
+    """[B, L, L] query i may attend key j: j <= i, j is a real token, and (packed rows) the same segment."""
+    idx = jnp.arange(valid_BL.shape[1])
+    mask_BLS = (idx[None, :, None] >= idx[None, None, :]) & valid_BL[:, None, :]
+    if segment_ids_BL is not None:
+        mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    return mask_BLS
 
 
 def _default_positions(valid_BL, segment_ids_BL, start_B):
