@@ -111,6 +111,14 @@ def _run_with_vjp(backend, tiling):
     return _RUNNERS[key]
 
 
+def test_mosaic_gpu_tgmm_tiles_k_by_64_when_tm_does_not_divide_it():
+    """tgmm tiles its [K, N] output (tm, tn) like gmm's; K=192 is not a multiple of tm=128, so it takes 64-row K
+    tiles instead of padding lhs to 256 columns. M=200 (padded to 256 for tgmm's 64-row steps, 200 is a multiple of
+    8), a group straddling three row chunks."""
+    _check_against_reference("pallas_mosaic_gpu", "k192_tm128", 200, 192, 64, [0, 120, 50], jnp.float16,
+                             {"tm": 128, "tk": 64, "tn": 64, "num_sms": 3}, seed=7)
+
+
 def test_xla_blocked_random_group_sizes():
     """Random partitions (empty groups, tiny and tile-sized groups, sums below M) through 16-row tiles: whole tiles,
     masked remainders, tiles clamped at M."""

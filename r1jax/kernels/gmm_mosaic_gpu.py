@@ -10,15 +10,17 @@ Both kernels are persistent: `num_sms` programs (one per multiprocessor) stride 
   its group's rows, with a ladder of power-of-2-row TMA stores (a TMA box has a static shape). The pseudo-group for
   rows past sum(group_sizes) stores zeros without a matmul. The last m-tile is loaded from row M - tm, so no load
   reaches past the array and M needs no padding. n-tiles vary fastest: programs running together share an lhs tile.
-- tgmm: items are (group, k-tile, n-tile) of the [G, K, N] output; each loops over its group's rows in tm-row
-  chunks aligned to tm (the first and last chunk are shared with the neighbouring groups and masked in shared
-  memory with a select, so rows of other groups, even NaN ones, contribute nothing). Empty groups store zeros.
+- tgmm: items are (group, k-tile, n-tile) of the [G, K, N] output, tiled (tm, tn) like gmm's output; each loops
+  over its group's rows in tk-row chunks aligned to tk (the first and last chunk are shared with the neighbouring
+  groups and masked in shared memory with a select, so rows of other groups, even NaN ones, contribute nothing).
+  Empty groups store zeros. (Its output tile is gmm's rather than (tk, tn): 128 x 128 reads 64 FLOP per byte of
+  operands, 64 x 128 only 43.)
 
 Tiles: tm, tk and tn are multiples of 64. tm is a warpgroup's wgmma rows; tk and tn are each an output tile in one
-of the three products of the VJP (gmm's output columns are tn, d_lhs's are tk, tgmm's output is (tk, tn)), and a
+of the three products of the VJP (gmm's output columns are tn, d_lhs's are tk, tgmm's output is (tm, tn)), and a
 64-element row of 16-bit values is one 128-byte swizzled TMA row. Dimensions that the tiles do not divide are
 zero-padded in XLA before the call (the contraction dim and the output columns; M to a multiple of 8, TMA's row
-tiling, and for tgmm to a multiple of tm): exact, but a copy, so prefer tile-friendly shapes (DeepSeek-V3's 7168 and
+tiling, and for tgmm to a multiple of tk): exact, but a copy, so prefer tile-friendly shapes (DeepSeek-V3's 7168 and
 2048, and token counts that are multiples of 8, need none). Inputs are
 bfloat16 or float16; Hopper's wgmma would run float32 as tf32, which is not what the f32 reference computes, so
 float32 goes to the Triton backend ("pallas_gpu").
@@ -76,9 +78,9 @@ def resolve_tiling(tiling: Tiling, *, m: int, k: int, n: int, dtype) -> Tiling:
     if sms is not None and (not isinstance(sms, int) or sms < 1):
         raise ValueError(f"pallas_mosaic_gpu num_sms={sms!r} must be a positive int")
     tm, tk, tn = (min(tile, _round_up(dim, _TILE)) for tile, dim in ((tiling.tm, m), (tiling.tk, k), (tiling.tn, n)))
-    # One warpgroup (128 threads) holds each f32 accumulator in registers: gmm's (tm, tn), d_lhs's (tm, tk) and
-    # tgmm's (tk, tn). A thread has at most 255.
-    for name, rows, cols in (("(tm, tn)", tm, tn), ("(tm, tk)", tm, tk), ("(tk, tn)", tk, tn)):
+    # One warpgroup (128 threads) holds each f32 accumulator in registers: gmm's and tgmm's (tm, tn), d_lhs's
+    # (tm, tk). A thread has at most 255.
+    for name, rows, cols in (("(tm, tn)", tm, tn), ("(tm, tk)", tm, tk)):
         if rows * cols // 128 > _MAX_ACC_REGISTERS:
             raise ValueError(f"pallas_mosaic_gpu tiling: the {name} = ({rows}, {cols}) f32 accumulator needs "
                              f"{rows * cols // 128} registers per thread of a warpgroup; at most "
@@ -292,13 +294,15 @@ def gmm(lhs_MC, rhs, group_sizes_G, *, tiling: Tiling, transpose_rhs: bool, out_
 @functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "interpret"))
 def tgmm(lhs_MK, dout_MN, group_sizes_G, *, tiling: Tiling, out_dtype, interpret: bool = False):
     """Per group g: lhs_MK[rows of g]^T @ dout_MN[rows of g] -> [G, K, N] (d rhs of gmm); empty groups give zeros,
-    rows past sum(group_sizes) are ignored."""
+    rows past sum(group_sizes) are ignored. Tiled as gmm tiles its product: (tm, tn) output tiles of [K, N] (the
+    gmm's output tile, so the same accumulator and shared memory fit), contracting tk rows per pipeline step."""
     (m, k), n, num_groups = lhs_MK.shape, dout_MN.shape[1], group_sizes_G.shape[0]
-    tm, tk, tn, stages = tiling.tm, tiling.tk, tiling.tn, tiling.num_stages
-    lhs_MK = _pad_to(_pad_to(lhs_MK, 0, tm), 1, tk)
-    dout_MN = _pad_to(_pad_to(dout_MN, 0, tm), 1, tn)
+    tr, tn, stages = tiling.tk, tiling.tn, tiling.num_stages
+    to_k = tiling.tm if k % tiling.tm == 0 or k % _TILE else _TILE  # rather smaller tiles than a padded copy of lhs
+    lhs_MK = _pad_to(_pad_to(lhs_MK, 0, tr), 1, to_k)
+    dout_MN = _pad_to(_pad_to(dout_MN, 0, tr), 1, tn)
     k_cols, n_cols = lhs_MK.shape[1], dout_MN.shape[1]
-    tiles_k, tiles_n = k_cols // tk, n_cols // tn
+    tiles_k, tiles_n = k_cols // to_k, n_cols // tn
     ends = jnp.minimum(jnp.cumsum(group_sizes_G.astype(jnp.int32)), m)  # as make_tile_visits: truncate at m
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
 
@@ -310,16 +314,16 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, *, tiling: Tiling, out_dtype, interpret
             k_i = jax.lax.div(jax.lax.rem(index, tiles_k * tiles_n), tiles_n)
             n_i = jax.lax.rem(index, tiles_n)
             start, end = offsets_gmem[group], offsets_gmem[group + 1]
-            first_chunk = jax.lax.div(start, tm)
-            num_chunks = jnp.where(end > start, jax.lax.div(end - 1, tm) - first_chunk + 1, 0)
+            first_chunk = jax.lax.div(start, tr)
+            num_chunks = jnp.where(end > start, jax.lax.div(end - 1, tr) - first_chunk + 1, 0)
 
             def acc_scope(acc_ref):
                 def step(idx, lhs_smem, dout_smem):
-                    row0 = (first_chunk + idx[0]) * tm
+                    row0 = (first_chunk + idx[0]) * tr
 
                     # Chunks shared with another group (or reaching past the last group's rows) keep this group's
                     # rows only; a select rather than a multiply, so NaN in other rows cannot leak in.
-                    @pl.when((row0 < start) | (row0 + tm > end))
+                    @pl.when((row0 < start) | (row0 + tr > end))
                     def _mask():
                         for ref in (lhs_smem, dout_smem):
                             rows = jax.lax.broadcasted_iota(jnp.int32, ref.shape, 0) + row0
@@ -334,20 +338,18 @@ def tgmm(lhs_MK, dout_MN, group_sizes_G, *, tiling: Tiling, out_dtype, interpret
                         step,
                         grid=(num_chunks,),
                         in_specs=[
-                            plgpu.BlockSpec((tm, tk), lambda r_i: (first_chunk + r_i, k_i), delay_release=1),
-                            plgpu.BlockSpec((tm, tn), lambda r_i: (first_chunk + r_i, n_i), delay_release=1),
+                            plgpu.BlockSpec((tr, to_k), lambda r_i: (first_chunk + r_i, k_i), delay_release=1),
+                            plgpu.BlockSpec((tr, tn), lambda r_i: (first_chunk + r_i, n_i), delay_release=1),
                         ],
                         max_concurrent_steps=stages,
                     )(lhs_gmem, dout_gmem)
 
                 return acc_ref[...]
 
-            acc = pl.run_scoped(acc_scope, plgpu.ACC((tk, tn)))
-
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((to_k, tn)))
             _store_tile(acc, out_gmem.dtype, lambda o_smem: plgpu.copy_smem_to_gmem(
-                o_smem, out_gmem.at[group, pl.ds(k_i * tk, tk), pl.ds(n_i * tn, tn)]))
+                o_smem, out_gmem.at[group, pl.ds(k_i * to_k, to_k), pl.ds(n_i * tn, tn)]))
 
     out_type = out_struct((num_groups, k_cols, n_cols), out_dtype, lhs_MK, dout_MN, group_sizes_G)
-    out = _kernel_call(_tgmm_kernel, out_type, tiling, interpret)(
-        offsets, lhs_MK, dout_MN)
+    out = _kernel_call(_tgmm_kernel, out_type, tiling, interpret)(offsets, lhs_MK, dout_MN)
     return out[:, :k, :n] if (k_cols, n_cols) != (k, n) else out
