@@ -330,9 +330,10 @@ def test_tiny_deepseek_v3_logits_match_with_every_backend():
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 9)))
 
-    def logits(backend, dtype):
+    def logits(backend, dtype, tiling=None):
         cfg = get_preset("tiny_deepseek_v3", num_layers=2, dtype=dtype).replace(
-            moe={"gmm_backend": backend, "gmm_interpret": True, "dispatch": "dropless"})
+            moe={"gmm_backend": backend, "gmm_interpret": True, "dispatch": "dropless", "gmm_tiling": tiling})
+        hash(cfg)  # the config is part of the model's static graph (jit keys on it)
         return np.asarray(Transformer(cfg, rngs=nnx.Rngs(0))(tokens).astype(jnp.float32))
 
     want = logits("xla", "float32")
@@ -341,7 +342,9 @@ def test_tiny_deepseek_v3_logits_match_with_every_backend():
     want16 = logits("xla", "float16")
     assert np.abs(want16 - want).max() > 0, "the float16 model must differ from float32 (else dtype was ignored)"
     # float16 rounds at 2^-11 relative: a logit of ~0.6 has an ulp of ~5e-4.
-    np.testing.assert_allclose(logits("pallas_mosaic_gpu", "float16"), want16, rtol=0, atol=1e-3)
+    # A dict tiling from the config (kept as a tuple of items) reaches the kernels: launch settings included.
+    mosaic = logits("pallas_mosaic_gpu", "float16", tiling={"tm": 64, "num_stages": 2, "num_sms": 2})
+    np.testing.assert_allclose(mosaic, want16, rtol=0, atol=1e-3)
 
 
 def test_mosaic_gpu_lowers_inside_shard_map():

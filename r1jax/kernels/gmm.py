@@ -113,11 +113,15 @@ def backend_module(backend: str):
 
 
 def parse_tiling(tiling, default: Tiling, *, backend: str) -> Tiling:
-    """Merges a user tiling ((tm, tk, tn), a dict with keys from _TILING_KEYS, or None) over `default`."""
+    """Merges a user tiling ((tm, tk, tn), a dict with keys from _TILING_KEYS or its items as a tuple of pairs, or
+    None) over `default`."""
     if tiling is None:
         return default
     if isinstance(tiling, Tiling):
         return tiling
+    if isinstance(tiling, (tuple, list)) and tiling and all(isinstance(p, (tuple, list)) and len(p) == 2
+                                                            for p in tiling):
+        tiling = dict(tiling)  # the hashable form model configs keep (MoEConfig.gmm_tiling)
     if isinstance(tiling, dict):
         unknown = sorted(set(tiling) - set(_TILING_KEYS))
         if unknown:

@@ -81,7 +81,9 @@ class MoEConfig:
     first_k_dense: int = 0
     # Execution knobs (not part of a checkpoint).
     gmm_backend: str = "auto"
-    gmm_tiling: tuple[int, int, int] | None = None
+    # (tm, tk, tn) or a dict of r1jax.kernels.Tiling fields (e.g. {"tm": 128, "num_stages": 3}); a dict is kept as a
+    # sorted tuple of its items, so the config stays hashable (it is part of the model's static graph).
+    gmm_tiling: tuple | dict | None = None
     # Run a Pallas gmm_backend through the Pallas interpreter (any platform, slow): checks a kernel inside the model
     # on a CPU, e.g. that a tiny DeepSeek-V3 gives the same logits with each backend.
     gmm_interpret: bool = False
@@ -95,6 +97,9 @@ class MoEConfig:
     aux_loss_coef: float = 0.0
 
     def __post_init__(self):
+        if isinstance(self.gmm_tiling, dict) or hasattr(self.gmm_tiling, "to_dict"):  # ml_collections ConfigDict
+            items = self.gmm_tiling.to_dict() if hasattr(self.gmm_tiling, "to_dict") else self.gmm_tiling
+            object.__setattr__(self, "gmm_tiling", tuple(sorted(items.items())))
         if self.scoring not in SCORING:
             raise ValueError(f"moe.scoring={self.scoring!r}; valid: {SCORING}")
         if self.num_experts % self.n_group:
