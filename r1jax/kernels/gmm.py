@@ -54,7 +54,7 @@ class Tiling(NamedTuple):
 
     In gmm(lhs_MK, rhs_GKN) tk is the contraction tile and tn the output-column tile; the backward d_lhs matmul
     (contracting over N) uses the same tiles with tk and tn swapped, and tgmm tiles its [K, N] output by (tk, tn)
-    while stepping over rows tm at a time. num_warps (Triton) and num_stages (Triton; Mosaic GPU's pipeline depth)
+    while stepping over rows tm at a time (pallas_mosaic_gpu: by (tm, tn), stepping tk rows). num_warps (Triton) and num_stages (Triton; Mosaic GPU's pipeline depth)
     are GPU launch settings; num_sms is the persistent Mosaic GPU kernels' program count (default: the GPU's
     multiprocessors).
     """
@@ -276,9 +276,9 @@ def gmm(lhs_MK, rhs_GKN, group_sizes_G, *, backend="xla", tiling=None, interpret
       group_sizes_G: [G] integer rows per group, summing to at most M (checked when concrete).
       backend: one of BACKENDS or "auto".
       tiling: (tm, tk, tn) or a dict with keys tm/tk/tn (num_warps for pallas_gpu, num_stages for pallas_gpu and
-        pallas_mosaic_gpu, num_sms for pallas_mosaic_gpu); None picks the
-        backend's default for the dtype. Tiles larger than a dimension are clamped to it. Ignored by "xla";
-        "xla_blocked" uses only tm (its largest row tile) and ignores tk/tn.
+        pallas_mosaic_gpu, num_sms for pallas_mosaic_gpu); None picks the backend's default for the dtype. Tiles
+        larger than a dimension are clamped to it. Ignored by "xla"; "xla_blocked" uses only tm (its largest row
+        tile) and ignores tk/tn.
       interpret: run a Pallas backend through the Pallas interpreter (any platform; slow). Ignored by "xla" and
         "xla_blocked".
       preferred_element_type: output dtype (accumulation is f32 in the kernels); default the inputs' dtype.
