@@ -31,11 +31,13 @@ Choices where the recipe is silent (or where r1jax differs), and why:
   - target: 32 A100-80GB GPUs (4 nodes x 8, the recipe's 16K/24K hardware; its 8K stage used one node),
     fully sharded (rules "fsdp", fsdp=32), as verl's FSDP workers do.
 
-The dry run lowers each stage's update and sampler for CUDA on an abstract 32-device mesh. Its memory estimate
-does not fit an 80 GB GPU (~0.5 TiB per GPU at 8K): verl trains with FlashAttention and dynamic micro-batches of
-32K tokens per GPU, while r1jax's attention is dense and its update has no gradient accumulation, so 16 rows of
-9K tokens per GPU keep their 9K x 9K attention scores and 152K-entry float32 logits. Those are what must change
-(or `minibatches` must grow) before this runs as is.
+The dry run lowers each stage's update and sampler for CUDA on an abstract 32-device mesh. verl trains with
+FlashAttention and dynamic micro-batches of 32K tokens per GPU; r1jax has no fused attention kernel, so the config
+turns on its memory knobs instead (same numbers, less memory): attention in 512-query blocks (no layer keeps a
+row's T x T scores), the output head 1,024 completion positions at a time (152K-entry float32 logits), and
+gradients accumulated over 8 / 16 / 32 micro-batches (2, 2 and 1 rows per GPU at a time). Without them the
+estimate was ~505 GiB per GPU at 8K; with them (2026-12-06) the peaks are ~14, ~40 and ~59 GiB of 80 for the 8K,
+16K and 24K stages, the last two set by the rollout's KV cache (2,048 rows of up to 25.6K slots, 64 per GPU).
 
 Variants: `:runlocal` runs the three stages on a tiny Qwen2-style model with synthetic arithmetic, the deepseek_r1
 template and a tokenizer trained for the run, in a few minutes on this CPU.
@@ -43,7 +45,9 @@ template and a tokenizer trained for the run, in a few minutes on this CPU.
 
 from r1jax.configs import base_config, eval_config, grpo_stage, hardware_config, parse_arg
 
-STAGES = (("grpo_8k", 8, 8192, 1040), ("grpo_16k", 16, 16384, 480), ("grpo_24k", 16, 24576, 250))
+# (stage, samples per prompt, response tokens, steps, micro-batches per update: 2, 2 and 1 rows per GPU at a time,
+# 18K-35K tokens, as verl's 32K-token dynamic micro-batches)
+STAGES = (("grpo_8k", 8, 8192, 1040, 8), ("grpo_16k", 16, 16384, 480, 16), ("grpo_24k", 16, 24576, 250, 32))
 
 
 def get_config(arg=None):
@@ -54,19 +58,22 @@ def get_config(arg=None):
     cfg.model.preset = "r1_distill_qwen_1_5b"
     cfg.model.hf_path = "/ckpt/DeepSeek-R1-Distill-Qwen-1.5B"   # set to your copy; a dry run does not read it
     cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat = "bfloat16", "float32", "full"
+    # Memory knobs (same numbers, less memory): attention in 512-query blocks, so no layer keeps a row's T x T
+    # scores; the output head 1,024 completion positions at a time; gradients accumulated over micro-batches.
+    cfg.model.overrides = dict(attention_q_block=512)
     cfg.tokenizer.kind = "path"
     cfg.tokenizer.path = "/ckpt/DeepSeek-R1-Distill-Qwen-1.5B"
     cfg.task.name = "math"
     cfg.task.template = "deepseek_r1"
     cfg.mesh.update(data=1, fsdp=-1, expert=1, tensor=1, rules="fsdp")
     cfg.hardware = hardware_config(platform="cuda", num_devices=32, memory_gib=80.0, name="32x A100 80GB (4 nodes)")
-    for name, group, length, steps in STAGES:
+    for name, group, length, steps, micro in STAGES:
         cfg[name] = grpo_stage(
             init="previous", steps=steps, batch_prompts=128, group_size=group, minibatches=2, mu=1,
             max_prompt_len=1024, max_new_tokens=length, temperature=0.6, top_p=1.0, lr=1e-6, warmup_steps=0,
             lr_schedule="constant", b2=0.99, grad_clip=1.0, loss_type="bnpo", beta=0.001, kl_estimator="k3",
             epsilon_low=0.2, log_every=1, eval_every=20, checkpoint_every=20, reward_workers=16,
-            reward_timeout_s=5.0)
+            reward_timeout_s=5.0, grad_accum=micro, logits_chunk=1024)
         cfg[name].rewards = dict(accuracy=1.0)
         cfg[name].eval = eval_config(num_problems=500, k=8, temperature=0.6, top_p=0.95, max_new_tokens=length,
                                      batch_size=128)
@@ -84,10 +91,10 @@ def get_config(arg=None):
         cfg.task.test = dict(n=8, seed=1, num_digits=1, num_ops=2)
         cfg.mesh.update(data=-1, fsdp=1)
         cfg.hardware = hardware_config()
-        for (name, group, _, _), length in zip(STAGES, (16, 24, 32)):
+        for (name, group, *_), length in zip(STAGES, (16, 24, 32)):
             cfg[name].update(steps=2, batch_prompts=4, group_size=group // 4, minibatches=1, max_prompt_len=64,
                              max_new_tokens=length, lr=1e-4, eval_every=0, checkpoint_every=1, reward_workers=1,
-                             reward_timeout_s=1.0)
+                             reward_timeout_s=1.0, grad_accum=1, logits_chunk=0)
             cfg[name].eval = eval_config(num_problems=8, k=2, max_new_tokens=length, batch_size=8)
     return cfg
 

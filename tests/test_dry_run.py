@@ -198,3 +198,31 @@ def test_runlocal_variants_train(name, tmp_path):
 
     result = run(_config(name, "runlocal"), tmp_path)
     assert not result["stopped"] and set(result["stages"]) == set(_config(name).stages.split(","))
+
+
+def test_activation_estimate_follows_the_memory_knobs():
+    """grad_accum divides the rows whose activations exist at once, logits_chunk the head's positions, and
+    attention_q_block removes the kept attention scores (one block's while a layer is recomputed)."""
+    from r1jax.models import get_preset
+    from r1jax.pipeline import dry_run as dr
+    from r1jax.pipeline.dry_run_estimates import activation_bytes, layer_bytes, query_block_fraction
+
+    mesh = dr.abstract_mesh({"data": 1, "fsdp": 2, "expert": 1, "tensor": 1})
+    mc = get_preset("tiny_qwen2", remat="full")
+    kw = dict(rows=8, length=512, logit_positions=256, head_copies=4, mesh=mesh, rules="fsdp")
+    base = activation_bytes(mc, **kw)
+    assert base["rows_per_device"] == 4 and base["mask"] == 4 * 512 * 512
+    accum = activation_bytes(mc, **kw, grad_accum=4)
+    assert accum["rows_per_device"] == 1
+    assert (accum["layers"], accum["head"], accum["mask"]) == (base["layers"] // 4, base["head"] // 4,
+                                                               base["mask"] // 4)
+    assert activation_bytes(mc, **kw, logits_chunk=64)["head"] == base["head"] // 4
+    assert activation_bytes(mc, **kw, logits_chunk=1024)["head"] == base["head"]  # a chunk past N is all of them
+
+    blocked = mc.replace(attention_q_block=128)
+    assert query_block_fraction(blocked, 512) == 0.25
+    assert query_block_fraction(blocked, 500) == 1.0 and query_block_fraction(blocked, 128) == 1.0  # runs dense
+    H, b = mc.num_heads / 1, 4  # tiny_qwen2 computes in float32; no tensor axis
+    for policy, kept in (("none", 0.75 * H * 512 * (8 + 2 * b)), ("dots", H * 512 * b), ("full", 0.0)):
+        dense = layer_bytes(mc, 512, False, policy, mesh, "fsdp")
+        assert dense - layer_bytes(blocked, 512, False, policy, mesh, "fsdp") == pytest.approx(kept), policy

@@ -37,9 +37,13 @@ use; the report gives these numbers per device:
                        product 4F (MoE: k routed copies of D and 4*F_expert, a2a buffers, shared experts, router
                        scores). working_layer is one layer's "none" set (recomputed during its backward; 0 for
                        "none"). Dimensions that the rules shard over 'tensor' (heads, mlp, vocab) count 1/t.
-                       Attention is dense (r1jax has no fused flash/splash kernel yet): the scores grow with
-                       T * S per row and dominate at long context. head = logit positions * V * 4 bytes * 4
-                       (GRPO: logits, log-softmax, its exp for the entropy, the logits' cotangent; SFT: 3).
+                       Attention has no fused flash/splash kernel yet: dense scores grow with T * S per row and
+                       dominate at long context, unless config.model.overrides.attention_q_block runs queries in
+                       blocks (no scores kept; one block's while a layer is recomputed). GRPO's grad_accum = m
+                       divides the rows (one micro-batch's activations at a time; the accumulated gradients add a
+                       params-sized "grad_accum" entry). head = logit positions (GRPO: logits_chunk of them at
+                       once) * V * 4 bytes * 4 (GRPO: logits, log-softmax, its exp for the entropy, the logits'
+                       cotangent; SFT: 3). mask = rows * T * T bytes of the boolean attention mask.
                        XLA's fusion and buffer reuse make the real number differ; treat it as an order of magnitude.
   rollout              the sampler's KV cache for B * G rows of P + N slots, and the prefill's attention scores.
 
@@ -275,6 +279,13 @@ def _shallow(mc: ModelConfig, dense: int, moe: int) -> ModelConfig:
 def lowered_flops(kind, mc, stage_cfg, mesh, rules, platform, shape) -> float:
     """FLOPs of the step with every layer counted: F = a + n_dense * f_dense + n_moe * f_moe, with a, f_dense, f_moe
     solved from shallow unrolled models (cost analysis counts a while-loop body once)."""
+    # The memory knobs loop too (micro-batches, logit chunks, query blocks) over the same arithmetic: count the step
+    # without them (their rematerialized attention blocks aside, the FLOPs are the same).
+    mc = mc.replace(attention_q_block=0)
+    stage_cfg = stage_cfg.copy_and_resolve_references()
+    for knob, off in (("grad_accum", 1), ("logits_chunk", 0)):
+        if knob in stage_cfg:
+            stage_cfg[knob] = off
     got = {}
     for d, m in _depth_variants(mc):
         s = _setup(_shallow(mc, d, m), stage_cfg, mesh, rules, 1)
@@ -366,14 +377,22 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
         mem["optimizer"] = tree_bytes(s.opt_state)
         mem["reference"] = mem["params"] if kind == "grpo" and cfg.beta != 0.0 else 0
         mem["rest"] = tree_bytes(s.rest)
+        accum = int(cfg.get("grad_accum", 1) or 1)
+        if shape["rows"] % accum:
+            raise ValueError(f"config.{name}.grad_accum={accum} does not divide the {shape['rows']} rows of an "
+                             f"update ({what})")
+        check_batch(shape["rows"] // accum, mesh, rules, f"{what} / grad_accum")
         act = activation_bytes(mc, rows=shape["rows"], length=shape["T"], logit_positions=logit_positions,
-                               head_copies=copies, mesh=mesh, rules=rules)
+                               head_copies=copies, mesh=mesh, rules=rules, grad_accum=accum,
+                               logits_chunk=int(cfg.get("logits_chunk", 0) or 0))
+        mem["grad_accum"] = mem["params"] if accum > 1 else 0  # the accumulated gradients beside one micro-batch's
         mem["activations"] = act["total"]
         lowered, seconds = _lower_step(train_kind, s, cfg, mesh, rules, platform, shape)
         del lowered
         step = {"status": "OK", "rows": shape["rows"], "length": shape["T"], "lower_s": round(seconds, 2),
                 "rows_per_device": act["rows_per_device"], "tokens_per_device": act["tokens_per_device"],
                 "activations_layers": act["layers"], "activations_head": act["head"],
+                "activations_mask": act["mask"], "grad_accum": accum,
                 "flops_model": model_flops(mc, counts, rows=shape["rows"], length=shape["T"],
                                            logit_positions=logit_positions)}
         if flops:
@@ -383,7 +402,7 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
             step["flops"] = lowered_flops(train_kind, mc, cfg, mesh, rules, platform, shape) + step["flops_gmm"]
             step["flops_s"] = round(time.perf_counter() - t0, 2)
         out["step"] = step
-        mem["train_total"] = sum(mem[k] for k in ("params", "grads", "optimizer", "reference", "rest",
+        mem["train_total"] = sum(mem[k] for k in ("params", "grads", "grad_accum", "optimizer", "reference", "rest",
                                                   "activations"))
     if samples and sampler:
         if kind == "grpo":
@@ -496,16 +515,19 @@ def format_report(report: dict, title: str = "") -> str:
         m = s["memory"]
         if "step" in s:
             st = s["step"]
-            lines.append("  per device  params " + _b(m["params"]) + " | grads " + _b(m["grads"]) + " | optimizer " +
+            accum = st.get("grad_accum", 1)
+            lines.append("  per device  params " + _b(m["params"]) + " | grads " + _b(m["grads"]) +
+                         (f" (+{_b(m['grad_accum'])} accumulated)" if accum > 1 else "") + " | optimizer " +
                          _b(m["optimizer"]) + " | reference " + _b(m["reference"]) + " | activations ~" +
                          _b(m["activations"]) + f" (layers {_b(st['activations_layers'])}, head "
-                         f"{_b(st['activations_head'])})")
+                         f"{_b(st['activations_head'])}, mask {_b(st['activations_mask'])})")
             fl = "FLOPs not counted"
             if "flops" in st:
                 fl = f"{st['flops']:.3e} FLOPs (cost analysis, all layers"
                 fl += f"; Pallas grouped matmuls {st['flops_gmm']:.2e} added)" if st["flops_gmm"] else ")"
+            micro = f" per micro-batch, {accum} micro-batches" if accum > 1 else ""
             lines.append(f"  train step  {st['rows']} rows x {st['length']} tokens ({st['rows_per_device']} rows per "
-                         f"device); lowered in {st['lower_s']:.1f} s; {fl}; model estimate "
+                         f"device{micro}); lowered in {st['lower_s']:.1f} s; {fl}; model estimate "
                          f"{st['flops_model']:.3e}")
         r = s.get("rollout")
         if r:

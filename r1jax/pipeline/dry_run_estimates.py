@@ -67,8 +67,17 @@ def axis_shards(mesh, rules, logical: str) -> int:
     return spec_size(mesh, logical_to_spec((logical,), rules, mesh)[0])
 
 
+def query_block_fraction(mc: ModelConfig, length: int) -> float:
+    """The share of a row's queries whose attention scores exist at once: attention_q_block / length where the model
+    runs its queries in blocks (`r1jax.models.attention.query_blocks`: block > 0 dividing a longer length), else 1."""
+    block = mc.attention_q_block
+    return block / length if block and length > block and length % block == 0 else 1.0
+
+
 def layer_bytes(mc: ModelConfig, S: int, moe: bool, policy: str, mesh, rules) -> float:
-    """Bytes per token that one layer keeps for its backward pass under `policy` (see r1jax.pipeline.dry_run's docstring)."""
+    """Bytes per token that one layer keeps for its backward pass under `policy` (see r1jax.pipeline.dry_run's
+    docstring). Attention in query blocks keeps no scores (each block is rematerialized); while one layer is
+    recomputed (policy "none" as the working set) one block's scores exist."""
     b = jnp.dtype(mc.dtype).itemsize
     t_h, t_kv, t_f = (axis_shards(mesh, rules, a) for a in ("heads", "kv_heads", "mlp"))
     t_e = axis_shards(mesh, rules, "exp_mlp")
@@ -76,6 +85,9 @@ def layer_bytes(mc: ModelConfig, S: int, moe: bool, policy: str, mesh, rules) ->
     if policy == "full":
         return D * b
     scores = H * S * ((8 + 2 * b) if policy == "none" else b)  # f32 masked scores + softmax, probs / einsum out
+    blocked = query_block_fraction(mc, S)
+    if blocked < 1:
+        scores = 0.0 if policy != "none" else scores * blocked
     if mc.mla is None:
         K, Q = mc.num_kv_heads / t_kv, mc.head_dim
         proj, pv = (H + 2 * K) * Q, H * Q
@@ -102,18 +114,22 @@ def layer_bytes(mc: ModelConfig, S: int, moe: bool, policy: str, mesh, rules) ->
 
 
 def activation_bytes(mc: ModelConfig, *, rows: int, length: int, logit_positions: int, head_copies: int, mesh,
-                     rules) -> dict:
-    """Per-device activation estimate of one training step (the formula: r1jax.pipeline.dry_run's docstring)."""
-    rows_dev = -(-rows // axis_shards(mesh, rules, "batch"))
+                     rules, grad_accum: int = 1, logits_chunk: int = 0) -> dict:
+    """Per-device activation estimate of one training step (the formula: r1jax.pipeline.dry_run's docstring).
+    With grad_accum = m the step runs m micro-batches of rows / m one after another, so one micro-batch's
+    activations exist at a time; with logits_chunk = c the output head runs c positions at a time."""
+    rows_dev = -(-rows // grad_accum // axis_shards(mesh, rules, "batch"))
     tokens = rows_dev * length
     stacks = [(mc.num_dense_layers, False), (mc.num_moe_layers, True)]
     saved = sum(n * layer_bytes(mc, length, moe, mc.remat, mesh, rules) for n, moe in stacks if n)
     working = 0.0 if mc.remat == "none" else max(layer_bytes(mc, length, moe, "none", mesh, rules)
                                                  for n, moe in stacks if n)
-    head = rows_dev * logit_positions * mc.vocab_size / axis_shards(mesh, rules, "vocab") * 4 * head_copies
+    positions = min(logits_chunk, logit_positions) if logits_chunk else logit_positions
+    head = rows_dev * positions * mc.vocab_size / axis_shards(mesh, rules, "vocab") * 4 * head_copies
     layers = tokens * (saved + working)
+    mask = rows_dev * length * length  # the [B, L, L] boolean attention mask, built once per forward pass
     return {"rows_per_device": rows_dev, "tokens_per_device": tokens, "layers": int(layers), "head": int(head),
-            "total": int(layers + head)}
+            "mask": int(mask), "total": int(layers + head + mask)}
 
 
 def gmm_flops(mc: ModelConfig, tokens: int) -> float:
