@@ -23,12 +23,14 @@ Choices, and why:
     fsdp=8 on TPU v5p-128 (64 chips, 95 GiB HBM each).
 
 The dry run lowers the update and the sampler for TPU on an abstract 64-device mesh: 1.9 GiB of parameters per
-chip. The update fits with r1jax's memory knobs (same numbers, less memory): attention in 1,024-query blocks, the
-output head 1,024 positions at a time and gradients accumulated over 64 micro-batches, so each chip holds one row
-of 33K tokens at a time: ~27 GiB of activations and ~38 GiB in all, where the dense defaults estimated ~6 TiB
-(2026-12-06). The rollout does not fit: its 8,192 x 33K KV cache is ~1 TiB per chip and its prefill scores
-~124 GiB. Sampling the rollout in several smaller batches (or more chips) is what remains before this runs at
-full length.
+chip. It fits with r1jax's memory knobs (2026-12-06 estimate: ~81 GiB per chip of 95, set by the rollout; the
+dense defaults estimated ~6 TiB):
+  - the update (same numbers, less memory): attention in 1,024-query blocks, the output head 1,024 positions at a
+    time and gradients accumulated over 64 micro-batches, so each chip holds one row of 33K tokens at a time:
+    ~27 GiB of activations, ~38 GiB in all;
+  - the rollout samples its 512 prompts 32 at a time (`rollout_prompts`, 16 sampler calls of 512 rows; other
+    random draws than one call, the same distribution): a 66 GiB KV cache and ~8 GiB of prefill scores per chip
+    instead of ~1 TiB and ~124 GiB.
 
 Variants: `:runlocal` runs the recipe on a tiny Qwen2-style model with synthetic arithmetic and a tokenizer trained
 for the run, with the same rules ("fsdp_tensor"), in about a minute on this CPU.
@@ -57,7 +59,8 @@ def get_config(arg=None):
         max_new_tokens=32768, temperature=1.0, top_p=1.0, lr=3e-6, warmup_steps=0, lr_schedule="constant",
         b2=0.99, grad_clip=1.0, weight_decay=0.0, loss_type="grpo", beta=0.001, kl_estimator="k3",
         epsilon_low=0.2, ref_update_every=25, log_every=1, eval_every=25, checkpoint_every=5, reward_workers=32,
-        reward_timeout_s=5.0, grad_accum=64, logits_chunk=1024)  # memory knobs: 1 row per chip at a time
+        reward_timeout_s=5.0, grad_accum=64, logits_chunk=1024,  # memory knobs: 1 row per chip at a time,
+        rollout_prompts=32)                                       # and 32 of the 512 prompts per sampler call
     cfg.grpo.rewards = dict(accuracy=1.0, format=1.0)
     cfg.grpo.eval = eval_config(num_problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=32768,
                                 batch_size=256)
@@ -78,7 +81,7 @@ def get_config(arg=None):
         cfg.hardware = hardware_config()
         cfg.grpo.update(init="scratch", steps=2, batch_prompts=8, group_size=4, minibatches=2, max_prompt_len=128,
                         max_new_tokens=24, lr=1e-4, ref_update_every=1, eval_every=0, checkpoint_every=1,
-                        reward_workers=1, reward_timeout_s=1.0, grad_accum=1, logits_chunk=0)
+                        reward_workers=1, reward_timeout_s=1.0, grad_accum=1, logits_chunk=0, rollout_prompts=0)
         cfg.grpo.eval = eval_config(num_problems=8, k=2, max_new_tokens=24, batch_size=8)
     return cfg
 

@@ -108,6 +108,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         mu=1,                       # optimization passes over each rollout batch (num_iterations)
         grad_accum=1,               # micro-batches per minibatch, gradients accumulated (memory, not semantics)
         logits_chunk=0,             # completion positions per output-head chunk (0: all at once)
+        rollout_prompts=0,          # prompts per sampler call, run one after another (0: all B at once); divides B
         minibatches=1,              # optimizer steps per pass (the batch is split into this many minibatches)
         old_logp="auto",            # auto: the sampler's log-probs with one update per rollout, else recompute
         loss_type="grpo",

@@ -272,3 +272,38 @@ def test_gradient_accumulation_and_chunked_logits_reproduce_the_full_batch_updat
     assert loss_b == pytest.approx(loss_a, abs=1e-6) and gn_b == pytest.approx(gn_a, rel=1e-5)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_rollout_in_prompt_chunks():
+    """rollout_prompts samples the batch's prompts a chunk at a time: chunk i is the single call on those prompts
+    with fold_in(rng, i) (same tokens, lengths, log-probs), greedy decoding gives the unchunked batch's tokens, and a
+    chunk that does not divide the batch is refused."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from r1jax.models import Transformer, get_preset
+    from r1jax.rl.rollout import sample_group, sample_groups_in_chunks
+
+    model = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
+    B, G, P = 4, 2, 6
+    rng = np.random.default_rng(0)
+    prompt_ids = jnp.asarray(rng.integers(3, 256, (B, P)), jnp.int32)
+    prompt_mask = jnp.asarray(np.arange(P)[None] >= np.array([[0], [2], [1], [3]]))  # left padding
+    prompt_ids = jnp.where(prompt_mask, prompt_ids, 0)
+    kw = dict(group_size=G, max_new_tokens=6, top_p=1.0, top_k=0, eos_ids=[2], pad_id=0)
+    key = jax.random.key(3)
+    chunked = sample_groups_in_chunks(model, prompt_ids, prompt_mask, chunk=2, rng=key, temperature=1.0, **kw)
+    assert [x.shape[0] for x in chunked] == [B * G] * 3
+    second = sample_group(model, prompt_ids[2:], prompt_mask[2:], rng=jax.random.fold_in(key, 1), temperature=1.0,
+                          **kw)
+    for got, want in zip(chunked, second):
+        np.testing.assert_array_equal(np.asarray(got[2 * G:]), np.asarray(want))
+    greedy = dict(rng=key, temperature=0.0, **kw)
+    whole = sample_groups_in_chunks(model, prompt_ids, prompt_mask, chunk=0, **greedy)
+    parts = sample_groups_in_chunks(model, prompt_ids, prompt_mask, chunk=1, **greedy)
+    np.testing.assert_array_equal(np.asarray(parts[0]), np.asarray(whole[0]))
+    np.testing.assert_array_equal(np.asarray(parts[1]), np.asarray(whole[1]))
+    with pytest.raises(ValueError, match="rollout_prompts=3 must divide the batch's 4 prompts"):
+        sample_groups_in_chunks(model, prompt_ids, prompt_mask, chunk=3, **greedy)

@@ -45,7 +45,8 @@ use; the report gives these numbers per device:
                        once) * V * 4 bytes * 4 (GRPO: logits, log-softmax, its exp for the entropy, the logits'
                        cotangent; SFT: 3). mask = rows * T * T bytes of the boolean attention mask.
                        XLA's fusion and buffer reuse make the real number differ; treat it as an order of magnitude.
-  rollout              the sampler's KV cache for B * G rows of P + N slots, and the prefill's attention scores.
+  rollout              the sampler's KV cache for B * G rows of P + N slots (rollout_prompts * G when a GRPO stage
+                       samples its B prompts in chunks), and the prefill's attention scores.
 
 FLOPs: `lowered.cost_analysis()` counts a while loop's body once, so a scanned layer stack counts one layer. The
 dry run lowers the same step for models of 1-2 layers per stack with the scan unrolled and extrapolates linearly
@@ -406,7 +407,12 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
                                                   "activations"))
     if samples and sampler:
         if kind == "grpo":
-            sp = dict(prompts=int(cfg.batch_prompts), P=int(cfg.max_prompt_len), N=int(cfg.max_new_tokens),
+            chunk = int(cfg.get("rollout_prompts", 0) or 0)
+            if chunk < 0 or (0 < chunk < cfg.batch_prompts and cfg.batch_prompts % chunk):
+                raise ValueError(f"config.{name}.rollout_prompts={chunk} must divide batch_prompts="
+                                 f"{cfg.batch_prompts} (or be 0: all at once)")
+            prompts = min(chunk, int(cfg.batch_prompts)) if chunk else int(cfg.batch_prompts)
+            sp = dict(prompts=prompts, P=int(cfg.max_prompt_len), N=int(cfg.max_new_tokens),
                       G=int(cfg.group_size), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         else:
             smp = cfg.get("samples", cfg) if kind != "evaluate" else cfg.eval

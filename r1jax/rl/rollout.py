@@ -35,6 +35,20 @@ def sample_group(model, prompt_ids_BP, prompt_mask_BP, *, group_size: int, max_n
     return tokens, lengths, logp
 
 
+def sample_groups_in_chunks(model, prompt_ids_BP, prompt_mask_BP, *, chunk: int, rng, **kw):
+    """`sample_group` over the B prompts `chunk` at a time, one call after another, concatenated on device: the
+    rollout's KV cache and prefill scores are a chunk's (memory), the samples are not the single call's (chunk i
+    draws from fold_in(rng, i)), their distribution is. chunk = 0 or >= B is the single call, rng unchanged."""
+    B = prompt_ids_BP.shape[0]
+    if chunk < 0 or (0 < chunk < B and B % chunk):
+        raise ValueError(f"rollout_prompts={chunk} must divide the batch's {B} prompts (or be 0: all at once)")
+    if not chunk or chunk >= B:
+        return sample_group(model, prompt_ids_BP, prompt_mask_BP, rng=rng, **kw)
+    parts = [sample_group(model, prompt_ids_BP[i:i + chunk], prompt_mask_BP[i:i + chunk],
+                          rng=jax.random.fold_in(rng, i // chunk), **kw) for i in range(0, B, chunk)]
+    return tuple(jnp.concatenate(xs, axis=0) for xs in zip(*parts))
+
+
 def score(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray, examples: Sequence[Mapping],
           weights: Mapping[str, float], *, timeout_s: float, num_workers: int, reward_kwargs=None):
     """Decodes completions and scores them: (totals_R, {component: values_R}, texts)."""
@@ -64,10 +78,10 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     examples = list(prompt_batch["examples"])
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     t0 = time.perf_counter()
-    tokens, lengths, logp = sample_group(
-        model, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), group_size=G, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
-        pad_id=tokenizer.pad_id or 0, rng=rng, mesh=mesh, rules=rules)
+    tokens, lengths, logp = sample_groups_in_chunks(
+        model, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), chunk=int(cfg.get("rollout_prompts", 0) or 0),
+        group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        top_k=cfg.top_k, eos_ids=eos, pad_id=tokenizer.pad_id or 0, rng=rng, mesh=mesh, rules=rules)
     device_out = {"tokens_RN": tokens, "lengths_R": lengths}
     tokens, lengths, logp = (np.asarray(x) for x in jax.device_get((tokens, lengths, logp)))
     t1 = time.perf_counter()
