@@ -40,8 +40,11 @@ Stages (both arms start from the same base checkpoint, `init="hf:<base>"`):
 
 Target hardware: TPU v5p-128 (64 chips, 95 GiB HBM each) with the "fsdp_tensor" rules, fsdp=8 x tensor=8 (40 query
 heads, 8 KV heads, 27,648 ffn and 152,064 vocab all divide by 8), as experiments/rl_qwen_32b.py. The dry run
-(tests/test_ablation.py) lowers every stage's step and sampler for TPU on an abstract 64-device mesh; its memory
-estimate does not fit at 32k tokens (r1jax's attention is dense; a fused attention kernel is needed first).
+(tests/test_ablation.py) lowers every stage's step and sampler for TPU on an abstract 64-device mesh. With the
+memory knobs set here (attention in 1,024-query blocks; one row per chip at a time through gradient accumulation;
+1,024-position logit chunks; the rollout sampled 32 prompts at a time, 16 at 64k) every stage's estimate fits
+(2026-12-06: peaks ~81, ~80, ~42 and ~35 GiB of 95 per chip for rl_32k, rl_64k, distill, compare; the dense
+defaults estimated TiBs).
 
 Variants: `base=PATH` (Qwen2.5-32B checkpoint, also the tokenizer), `traces=PATH` (the R1 traces JSONL), `runlocal`
 (the same stages on a tiny model with synthetic arithmetic, a generated corpus of worked solutions standing in
@@ -64,7 +67,8 @@ def _rl(steps: int, max_new_tokens: int, **kw):
         max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, lr=3e-6, warmup_steps=0,
         lr_schedule="constant", b2=0.99, grad_clip=1.0, weight_decay=0.0, loss_type="grpo", beta=0.001,
         kl_estimator="k3", epsilon_low=0.2, ref_update_every=25, log_every=1, eval_every=25, checkpoint_every=5,
-        reward_workers=32, reward_timeout_s=5.0, **kw)
+        reward_workers=32, reward_timeout_s=5.0,
+        grad_accum=64, logits_chunk=1024, rollout_prompts=32 if max_new_tokens <= 32768 else 16, **kw)
     cfg.rewards = dict(accuracy=1.0, format=1.0)
     cfg.eval = eval_config(num_problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=32768,
                            batch_size=256)
@@ -79,6 +83,7 @@ def get_config(arg=None):
     cfg.model.preset = "qwen2_5_32b"
     cfg.model.hf_path = opts.base  # a dry run does not read it
     cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat = "bfloat16", "float32", "full"
+    cfg.model.overrides = dict(attention_q_block=1024)  # memory knob: no layer keeps a row's T x T scores
     cfg.tokenizer.kind = "path"
     cfg.tokenizer.path = opts.base
     cfg.task.name = "math"
@@ -95,7 +100,7 @@ def get_config(arg=None):
         teacher="hf:/ckpt/DeepSeek-R1", init=f"hf:{opts.base}", data=f"jsonl:{opts.traces}", template="deepseek_r1",
         steps=25000, num_epochs=2, batch_size=64, max_len=32768, pack=False, lr=6e-5, warmup_steps=0,
         lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, log_every=10,
-        checkpoint_every=500, kd_weight=0.0)
+        checkpoint_every=500, kd_weight=0.0, grad_accum=8)  # memory knob: one 32K-token row per chip at a time
     cfg.distill.eval = eval_config(num_problems=0)  # compared below
 
     cfg.compare = evaluate_stage(datasets="aime,math500")
@@ -122,11 +127,12 @@ def get_config(arg=None):
         for name in ("rl_32k", "rl_64k"):
             cfg[name].update(steps=1, batch_prompts=4, group_size=4, minibatches=2, max_prompt_len=32,
                              max_new_tokens=16, ref_update_every=1, eval_every=0, checkpoint_every=1,
-                             reward_workers=1, reward_timeout_s=1.0)
+                             reward_workers=1, reward_timeout_s=1.0, grad_accum=1, logits_chunk=0,
+                             rollout_prompts=0)
             cfg[name].eval = eval_config(num_problems=0)
         cfg.rl_32k.init = "scratch"
         cfg.distill.update(init="scratch", template="", data="corpus:arith_reasoning", steps=2, num_epochs=1,
-                           batch_size=4, max_len=128, pack=True, log_every=1, checkpoint_every=1)
+                           batch_size=4, max_len=128, pack=True, log_every=1, checkpoint_every=1, grad_accum=1)
         cfg.distill.corpus = dict(n=64, seed=0, corrupt_prob=0.0, unformatted_prob=0.0, precedence_error_prob=0.0,
                                   template="", template_prob=1.0)  # stands in for the traces
         cfg.compare.models = {"rl": "stage:rl_64k", "distill": "stage:distill"}

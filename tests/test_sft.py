@@ -177,3 +177,39 @@ def test_stage_ends_when_a_finite_data_epoch_runs_out(tmp_path):
     summary = run(cfg, tmp_path)["stages"]["pretrain"]
     assert summary["data_exhausted"] is True and summary["steps"] == 3
     assert [r["step"] for r in read_metrics(tmp_path, "pretrain") if "loss" in r] == [1, 2, 3]
+
+
+def test_gradient_accumulation_reproduces_the_full_batch_step(examples):
+    """grad_accum=4 (micro-batches of 1 packed row, token-weighted) gives the one-batch step's loss, metrics and
+    gradients (an SGD step with lr 1: Adam's first step, g / |g|, would magnify rounding in near-zero gradients);
+    with a distillation teacher, whose weights every micro-batch shares, too."""
+    from functools import partial
+
+    import optax
+
+    from r1jax.sft.trainer import make_train_step
+    from r1jax.training import split_params
+
+    student, teacher = _model(seed=5), _model(seed=6)
+    batch = next(iter(sft_dataset(examples, TOK, batch_size=4, max_len=128, template="plain", pack=True,
+                                  shuffle=False)))
+    counts = batch["loss_mask"][:, 1:].sum(1)
+    assert len(set(counts.tolist())) > 1, "rows with different target counts, or equal weights would also pass"
+    t_graphdef, t_state = nnx.split(teacher)
+    for kd in ({}, {"teacher_graphdef": t_graphdef, "kd_weight": 0.5}):
+        dev = {k: jnp.asarray(v) for k, v in batch.items()}
+        if kd:
+            dev["teacher"] = t_state
+        results = []
+        for accum in (1, 4):
+            graphdef, params, rest = split_params(student)
+            opt = optax.sgd(1.0)
+            step = make_train_step(graphdef, opt, partial(sft_loss, **kd), grad_accum=accum)
+            results.append(step(jax.tree.map(jnp.copy, params), opt.init(params), rest, dev, False))
+        (p1, _, m1, _), (p4, _, m4, _) = results
+        for key in ("loss", "nll", "token_accuracy", "num_tokens", "grad_norm") + (("kd_kl",) if kd else ()):
+            np.testing.assert_allclose(float(m4[key]), float(m1[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+        for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="grad_accum=3 does not divide the batch's 4 rows"):
+        make_train_step(graphdef, opt, sft_loss, grad_accum=3)(params, opt.init(params), rest, dev, False)

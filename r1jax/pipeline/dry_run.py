@@ -245,7 +245,8 @@ def _lower_step(kind: str, s: _Setup, stage_cfg, mesh, rules, platform: str, sha
         else:
             from r1jax.sft.trainer import make_train_step, sft_loss
 
-            fn = make_train_step(s.graphdef, s.optimizer, partial(sft_loss, aux_loss_coef=coef))
+            fn = make_train_step(s.graphdef, s.optimizer, partial(sft_loss, aux_loss_coef=coef),
+                                 grad_accum=int(stage_cfg.get("grad_accum", 1) or 1))
             bs = logical_to_spec(("batch", None), rules, mesh)
             rows, L = shape["rows"], shape["L"]
             batch = {k: _sds((rows, L), jnp.int32, mesh, bs) for k in ("tokens", "loss_mask", "segment_ids",

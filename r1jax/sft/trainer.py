@@ -84,20 +84,58 @@ def _prefetch(ds):
     return prefetch(ds, prefetch_buffer_size=2) if prefetch is not None else ds
 
 
-def make_train_step(graphdef, optimizer, loss_fn):
-    """A jitted (params, opt_state, rest, batch, nan) -> (params, opt_state, metrics, aux) step that donates its
-    state. `loss_fn(model, batch) -> (loss, (metrics, aux))`."""
+# Batch entries shared by every micro-batch rather than split by rows (a distillation teacher's weights).
+_SHARED = ("teacher",)
 
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, rest, batch, inject_nan):
+
+def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1):
+    """A jitted (params, opt_state, rest, batch, nan) -> (params, opt_state, metrics, aux) step that donates its
+    state. `loss_fn(model, batch) -> (loss, (metrics, aux))`.
+
+    With grad_accum = m > 1 the batch's rows are split into m micro-batches whose gradients are accumulated (a scan)
+    before the one optimizer step, so one micro-batch's activations exist at a time. Each micro-batch counts by its
+    `metrics["num_tokens"]` (the loss's normalizer; equal shares without it), which reproduces a token-mean loss
+    over the whole batch exactly; a MoE aux loss is then a token-weighted mean of the micro-batches' own."""
+
+    def value_and_grad(params, rest, batch, inject_nan):
         def objective(p):
             loss, (metrics, aux) = loss_fn(nnx.merge(graphdef, p, rest), batch)
             return jnp.where(inject_nan, jnp.nan, loss), (metrics, aux)
 
-        (loss, (metrics, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return jax.value_and_grad(objective, has_aux=True)(params)
+
+    def accumulated(params, rest, batch, inject_nan):
+        shared = {k: v for k, v in batch.items() if k in _SHARED}
+        rows = {k: v for k, v in batch.items() if k not in _SHARED}
+        B = next(iter(rows.values())).shape[0]
+        if B % grad_accum:
+            raise ValueError(f"grad_accum={grad_accum} does not divide the batch's {B} rows")
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, B // grad_accum, *x.shape[1:]), rows)
+
+        def body(carry, mb):
+            (loss, (metrics, aux)), grads = value_and_grad(params, rest, {**mb, **shared}, inject_nan)
+            n = metrics["num_tokens"].astype(jnp.float32) if "num_tokens" in metrics else jnp.float32(1.0)
+            acc_g, acc_l, acc_n = carry
+            return (jax.tree.map(lambda s, g: s + n * g, acc_g, grads), acc_l + n * loss, acc_n + n), (metrics, aux, n)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss, n), (ms, auxs, ns) = jax.lax.scan(body, (zeros, jnp.float32(0.0), jnp.float32(0.0)), micro)
+        grads = jax.tree.map(lambda g: g / n, grads)
+        share = ns / n
+        metrics = {k: v.sum(0) if k == "num_tokens" else jnp.tensordot(share, v, axes=1) for k, v in ms.items()}
+        # Expert loads add up over micro-batches; the rest (losses, drop fractions) average by token share.
+        aux = {k: v.sum(0) if k == "moe_load" else jnp.tensordot(share, v, axes=1) for k, v in auxs.items()}
+        return (loss / n, (metrics, aux)), grads
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, rest, batch, inject_nan):
+        run = value_and_grad if grad_accum == 1 else accumulated
+        (loss, (metrics, aux)), grads = run(params, rest, batch, inject_nan)
         params, opt_state, ok, grad_norm = safe_update(optimizer, params, opt_state, grads, loss)
         return params, opt_state, {**metrics, "loss": loss, "grad_norm": grad_norm, "update_ok": ok}, aux
 
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum!r} must be a positive int (micro-batches per step)")
     return step
 
 
@@ -159,7 +197,7 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
     schedule = lr_schedule(cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                            min_lr_ratio=cfg.min_lr_ratio)
     loss_fn, teacher_state = _loss_fn(ctx, stage, cfg, teacher)
-    step_fn = make_train_step(graphdef, optimizer, loss_fn)
+    step_fn = make_train_step(graphdef, optimizer, loss_fn, grad_accum=int(cfg.get("grad_accum", 1) or 1))
     opt_state = training.init_opt_state(ctx, optimizer, params)
     ckpt = Checkpointer(ctx.stage_dir(stage) / "checkpoints", keep=cfg.keep_checkpoints)
     it = iter(ds)
