@@ -36,12 +36,15 @@ Choices where the paper is silent (or that r1jax makes differently), and why:
     x expert, so 512 chips is also the most an update of 512 rows can use).
 
 The dry run (tests/test_dry_run.py, or --dry_run) lowers the update and the sampler for TPU on an abstract
-512-device mesh. Per chip: 20.4 GiB of float32 parameters (5.5B: 1.3B of routed experts, 0.9B of other weights,
-and 3.3B of MLA up-projections, which have no embed dimension and no rule in the "expert" preset, so they are
-replicated), as much again for gradients and reference weights, twice that for AdamW. Its activation estimate says
-the recipe does not fit yet: r1jax's attention is dense (no fused flash/splash kernel), so a 33k-token row keeps
-128 heads x 33k x 33k attention scores per layer (~1.7 TiB per chip), and the rollout's 8,192 x 33k KV cache
-needs 35 GiB per chip. Those, not the config, are what has to change before this runs at full length.
+512-device mesh. Per chip (2026-12-06 estimate): 8.7 GiB of float32 parameters (routed experts 512 ways, the rest,
+MLA's up-projections included, 16 ways over fsdp), as much again for gradients and reference weights, twice that
+for AdamW: 44 GiB resident. The memory knobs set here (attention in 1,024-query blocks, the head 1,024 positions
+at a time, the rollout sampled 128 / 64 prompts per call) bring the update's activations from ~1.7 TiB to ~118 GiB
+(33k) and the rollout's KV cache from 35 to 9 GiB, but the recipe still does not fit: peaks ~162 GiB (33k) and
+~277 GiB (65k) of 95. What remains is one row per chip: the update cannot accumulate smaller micro-batches, and a
+33k-token row's working layer (one MoE layer recomputed in its backward pass) is ~85 GiB without sequence/context
+parallelism; and the sampler's prefill attends densely over all P + N cache slots (~50 GiB of scores for one
+prompt of 128 heads). Those, not the config, are what has to change before this runs at full length.
 
 Variants: `:runlocal` is the same two-stage recipe on a tiny DeepSeek-V3 (MLA, shared + routed experts, group-
 limited routing, 3 layers) with synthetic arithmetic and a tokenizer trained for the run: a few minutes on this
@@ -58,7 +61,8 @@ def get_config(arg=None):
     cfg.stages = "grpo_32k,grpo_64k"
     cfg.model.preset = "deepseek_v3"
     cfg.model.hf_path = "/ckpt/DeepSeek-V3-Base"   # set to your copy; a dry run does not read it
-    cfg.model.overrides = dict(mtp_num_layers=0, moe=dict(dispatch="ragged"))
+    # attention_q_block: a memory knob (no layer keeps a row's T x T scores; same numbers).
+    cfg.model.overrides = dict(mtp_num_layers=0, moe=dict(dispatch="ragged"), attention_q_block=1024)
     cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat = "bfloat16", "float32", "full"
     cfg.tokenizer.kind = "path"
     cfg.tokenizer.path = "/ckpt/DeepSeek-V3-Base"
@@ -72,8 +76,10 @@ def get_config(arg=None):
                   batch_prompts=512, group_size=16, minibatches=16, mu=1, max_prompt_len=1024,
                   ref_update_every=25, log_every=1, eval_every=25, checkpoint_every=5, reward_workers=32,
                   reward_timeout_s=5.0)
-    cfg.grpo_32k = grpo_stage(steps=512, max_new_tokens=32768, **common)
-    cfg.grpo_64k = grpo_stage(steps=138, max_new_tokens=65536, init="previous", **common)
+    # Memory knobs: the output head 1,024 positions at a time; the rollout sampled 128 (64) prompts per call.
+    cfg.grpo_32k = grpo_stage(steps=512, max_new_tokens=32768, logits_chunk=1024, rollout_prompts=128, **common)
+    cfg.grpo_64k = grpo_stage(steps=138, max_new_tokens=65536, init="previous", logits_chunk=1024,
+                              rollout_prompts=64, **common)
     for name in ("grpo_32k", "grpo_64k"):
         cfg[name].rewards = dict(accuracy=1.0, format=1.0)
         # R1 reports pass@1 from k samples at temperature 0.6 and top-p 0.95.

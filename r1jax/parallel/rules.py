@@ -59,8 +59,10 @@ PRESETS: dict[str, tuple[tuple[str, object], ...]] = {
         ("vocab", "tensor"),
         ("exp", "expert"),
     ),
-    # MoE expert parallelism: routed experts over expert, the rest FSDP over fsdp, batch over all.
-    "expert": (("batch", _BATCH), ("embed", "fsdp"), ("exp", "expert")),
+    # MoE expert parallelism: routed experts over expert, the rest FSDP over fsdp, batch over all. MLA's
+    # up-projections (q_lora / kv_lora x heads x head dim) have no embed dim: their low-rank dim goes over fsdp
+    # (in DeepSeek-V3 they are 3.3B parameters, replicated otherwise).
+    "expert": (("batch", _BATCH), ("embed", "fsdp"), ("exp", "expert"), ("q_lora", "fsdp"), ("kv_lora", "fsdp")),
 }
 
 
