@@ -164,6 +164,10 @@ def test_bad_stage_settings_are_named(tmp_path):
         run(cfg, tmp_path)
     with pytest.raises(ValueError, match="do not split into minibatches=3"):
         run(_config(minibatches=3), tmp_path / "b")
+    with pytest.raises(ValueError, match="grpo.grad_accum=3 must divide a minibatch's 8 rows"):
+        run(_config(grad_accum=3), tmp_path / "c")
+    with pytest.raises(ValueError, match="grpo.rollout_prompts=-1 must divide batch_prompts=2"):
+        run(_config(rollout_prompts=-1), tmp_path / "d")
 
 
 def test_sweep_expansion():

@@ -147,6 +147,14 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                          f"minibatches={cfg.minibatches}")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
+    # Memory knobs, checked before any model is loaded rather than at the first rollout or update.
+    accum, chunk = int(cfg.get("grad_accum", 1) or 1), int(cfg.get("rollout_prompts", 0) or 0)
+    if accum < 1 or (R // cfg.minibatches) % accum:
+        raise ValueError(f"config.{stage}.grad_accum={accum} must divide a minibatch's {R // cfg.minibatches} rows "
+                         f"(batch_prompts * group_size / minibatches)")
+    if chunk < 0 or (0 < chunk < cfg.batch_prompts and cfg.batch_prompts % chunk):
+        raise ValueError(f"config.{stage}.rollout_prompts={chunk} must divide batch_prompts={cfg.batch_prompts} "
+                         f"(or be 0: all at once)")
     examples = ctx.tasks[cfg.train_split]
     template = cfg.template or ctx.config.task.template
     ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=cfg.batch_prompts, group_size=cfg.group_size,
