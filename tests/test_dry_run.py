@@ -222,7 +222,8 @@ def test_activation_estimate_follows_the_memory_knobs():
 
     blocked = mc.replace(attention_q_block=128)
     assert query_block_fraction(blocked, 512) == 0.25
-    assert query_block_fraction(blocked, 500) == 1.0 and query_block_fraction(blocked, 128) == 1.0  # runs dense
+    assert query_block_fraction(blocked, 500) == 128 / 500  # 4 blocks, the last one padded
+    assert query_block_fraction(blocked, 128) == 1.0  # one block: runs dense
     H, b = mc.num_heads / 1, 4  # tiny_qwen2 computes in float32; no tensor axis
     for policy, kept in (("none", 0.75 * H * 512 * (8 + 2 * b)), ("dots", H * 512 * b), ("full", 0.0)):
         dense = layer_bytes(mc, 512, False, policy, mesh, "fsdp")

@@ -37,14 +37,18 @@ def softmax_attend(scores_BKGLS, mask_BLS, v_BSKV):
 def query_blocks(fn, block: int, mask_BLS, *q_BL_):
     """Applies `fn(mask_BbS, *q_Bb_) -> out_Bb_` to query blocks of `block` positions, one at a time and
     rematerialized in the backward pass, so only one block's [*, block, S] scores exist at once (memory O(L * block)
-    instead of O(L^2)); the result is identical to `fn(mask_BLS, *q_BL_)`. Used when L is a multiple of block."""
+    instead of O(L^2)); the result is identical to `fn(mask_BLS, *q_BL_)`. Used when L > block; a ragged last block
+    is padded with masked-out queries (e.g. GRPO's forward over P + N - 1 tokens), whose outputs are dropped."""
     L = mask_BLS.shape[1]
-    if not block or L <= block or L % block:
+    if not block or L <= block:
         return fn(mask_BLS, *q_BL_)
-    n = L // block
+    n = -(-L // block)
+    if n * block != L:
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, n * block - L)] + [(0, 0)] * (x.ndim - 2))
+        mask_BLS, q_BL_ = pad(mask_BLS), tuple(map(pad, q_BL_))
     split = lambda x: x.reshape(x.shape[0], n, block, *x.shape[2:]).swapaxes(0, 1)
     out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), (split(mask_BLS), *map(split, q_BL_)))
-    return out.swapaxes(0, 1).reshape(out.shape[1], L, *out.shape[3:])
+    return out.swapaxes(0, 1).reshape(out.shape[1], n * block, *out.shape[3:])[:, :L]
 
 
 def write_cache(buf, new, index, axis: int = 1):

@@ -69,9 +69,9 @@ def axis_shards(mesh, rules, logical: str) -> int:
 
 def query_block_fraction(mc: ModelConfig, length: int) -> float:
     """The share of a row's queries whose attention scores exist at once: attention_q_block / length where the model
-    runs its queries in blocks (`r1jax.models.attention.query_blocks`: block > 0 dividing a longer length), else 1."""
+    runs its queries in blocks (`r1jax.models.attention.query_blocks`: a block > 0 shorter than the row), else 1."""
     block = mc.attention_q_block
-    return block / length if block and length > block and length % block == 0 else 1.0
+    return block / length if block and length > block else 1.0
 
 
 def layer_bytes(mc: ModelConfig, S: int, moe: bool, policy: str, mesh, rules) -> float:
