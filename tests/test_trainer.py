@@ -168,6 +168,8 @@ def test_bad_stage_settings_are_named(tmp_path):
         run(_config(grad_accum=3), tmp_path / "c")
     with pytest.raises(ValueError, match="grpo.rollout_prompts=-1 must divide batch_prompts=2"):
         run(_config(rollout_prompts=-1), tmp_path / "d")
+    with pytest.raises(ValueError, match="grpo.logits_chunk=5 must divide max_new_tokens=12"):
+        run(_config(logits_chunk=5), tmp_path / "e")
 
 
 def test_sweep_expansion():

@@ -155,6 +155,9 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     if chunk < 0 or (0 < chunk < cfg.batch_prompts and cfg.batch_prompts % chunk):
         raise ValueError(f"config.{stage}.rollout_prompts={chunk} must divide batch_prompts={cfg.batch_prompts} "
                          f"(or be 0: all at once)")
+    logits_chunk, N = int(cfg.get("logits_chunk", 0) or 0), int(cfg.max_new_tokens)
+    if logits_chunk < 0 or (0 < logits_chunk < N and N % logits_chunk):
+        raise ValueError(f"config.{stage}.logits_chunk={logits_chunk} must divide max_new_tokens={N} (or be 0)")
     examples = ctx.tasks[cfg.train_split]
     template = cfg.template or ctx.config.task.template
     ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=cfg.batch_prompts, group_size=cfg.group_size,
