@@ -363,6 +363,12 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
     if train_kind is None and not samples:
         return {**out, "status": "skipped", "note": f"no dry run for stage kind {kind!r}"}
     validate_layout(mc, mesh, rules)
+    if kind == "grpo":  # (grad_accum, logits_chunk, prompts per sampler call), checked as the real run checks them
+        from r1jax.rl.trainer import grpo_memory_knobs
+
+        knobs = grpo_memory_knobs(cfg, name)
+    else:
+        knobs = None
     abstract = training.abstract_model(mc)
     counts = param_counts(mc, nnx.state(abstract, nnx.Param))
     out["params"] = counts
@@ -379,14 +385,17 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
         mem["optimizer"] = tree_bytes(s.opt_state)
         mem["reference"] = mem["params"] if kind == "grpo" and cfg.beta != 0.0 else 0
         mem["rest"] = tree_bytes(s.rest)
-        accum = int(cfg.get("grad_accum", 1) or 1)
-        if shape["rows"] % accum:
-            raise ValueError(f"config.{name}.grad_accum={accum} does not divide the {shape['rows']} rows of an "
-                             f"update ({what})")
+        if knobs:
+            accum, logits_chunk, _ = knobs
+        else:
+            accum, logits_chunk = int(cfg.get("grad_accum", 1) or 1), 0
+            if accum < 1 or shape["rows"] % accum:
+                raise ValueError(f"config.{name}.grad_accum={accum} must divide the {shape['rows']} rows of an "
+                                 f"update ({what})")
         check_batch(shape["rows"] // accum, mesh, rules, f"{what} / grad_accum")
         act = activation_bytes(mc, rows=shape["rows"], length=shape["T"], logit_positions=logit_positions,
                                head_copies=copies, mesh=mesh, rules=rules, grad_accum=accum,
-                               logits_chunk=int(cfg.get("logits_chunk", 0) or 0))
+                               logits_chunk=logits_chunk)
         mem["grad_accum"] = mem["params"] if accum > 1 else 0  # the accumulated gradients beside one micro-batch's
         mem["activations"] = act["total"]
         lowered, seconds = _lower_step(train_kind, s, cfg, mesh, rules, platform, shape)
@@ -408,12 +417,7 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
                                                   "activations"))
     if samples and sampler:
         if kind == "grpo":
-            chunk = int(cfg.get("rollout_prompts", 0) or 0)
-            if chunk < 0 or (0 < chunk < cfg.batch_prompts and cfg.batch_prompts % chunk):
-                raise ValueError(f"config.{name}.rollout_prompts={chunk} must divide batch_prompts="
-                                 f"{cfg.batch_prompts} (or be 0: all at once)")
-            prompts = min(chunk, int(cfg.batch_prompts)) if chunk else int(cfg.batch_prompts)
-            sp = dict(prompts=prompts, P=int(cfg.max_prompt_len), N=int(cfg.max_new_tokens),
+            sp = dict(prompts=int(knobs[2]), P=int(cfg.max_prompt_len), N=int(cfg.max_new_tokens),
                       G=int(cfg.group_size), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         else:
             smp = cfg.get("samples", cfg) if kind != "evaluate" else cfg.eval

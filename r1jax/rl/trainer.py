@@ -135,6 +135,23 @@ def _mean_metrics(ms: list[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
 
 
+def grpo_memory_knobs(cfg, stage: str) -> tuple[int, int, int]:
+    """(grad_accum, logits_chunk, prompts per sampler call) of GRPO stage `stage`, checked against its batch: the
+    real run checks them when the stage starts, the dry run when it sizes the update and the sampler."""
+    rows = cfg.batch_prompts * cfg.group_size // cfg.minibatches
+    accum, chunk = int(cfg.get("grad_accum", 1) or 1), int(cfg.get("rollout_prompts", 0) or 0)
+    if accum < 1 or rows % accum:
+        raise ValueError(f"config.{stage}.grad_accum={accum} must divide a minibatch's {rows} rows "
+                         f"(batch_prompts * group_size / minibatches)")
+    if chunk < 0 or (0 < chunk < cfg.batch_prompts and cfg.batch_prompts % chunk):
+        raise ValueError(f"config.{stage}.rollout_prompts={chunk} must divide batch_prompts={cfg.batch_prompts} "
+                         f"(or be 0: all at once)")
+    logits_chunk, N = int(cfg.get("logits_chunk", 0) or 0), int(cfg.max_new_tokens)
+    if logits_chunk < 0 or (0 < logits_chunk < N and N % logits_chunk):
+        raise ValueError(f"config.{stage}.logits_chunk={logits_chunk} must divide max_new_tokens={N} (or be 0)")
+    return accum, logits_chunk, min(chunk, cfg.batch_prompts) if chunk else cfg.batch_prompts
+
+
 def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
     """Runs (or resumes) a GRPO stage; returns its summary, or None when stopped by a signal."""
     from r1jax.data import rl_prompt_dataset
@@ -147,17 +164,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                          f"minibatches={cfg.minibatches}")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
-    # Memory knobs, checked before any model is loaded rather than at the first rollout or update.
-    accum, chunk = int(cfg.get("grad_accum", 1) or 1), int(cfg.get("rollout_prompts", 0) or 0)
-    if accum < 1 or (R // cfg.minibatches) % accum:
-        raise ValueError(f"config.{stage}.grad_accum={accum} must divide a minibatch's {R // cfg.minibatches} rows "
-                         f"(batch_prompts * group_size / minibatches)")
-    if chunk < 0 or (0 < chunk < cfg.batch_prompts and cfg.batch_prompts % chunk):
-        raise ValueError(f"config.{stage}.rollout_prompts={chunk} must divide batch_prompts={cfg.batch_prompts} "
-                         f"(or be 0: all at once)")
-    logits_chunk, N = int(cfg.get("logits_chunk", 0) or 0), int(cfg.max_new_tokens)
-    if logits_chunk < 0 or (0 < logits_chunk < N and N % logits_chunk):
-        raise ValueError(f"config.{stage}.logits_chunk={logits_chunk} must divide max_new_tokens={N} (or be 0)")
+    grpo_memory_knobs(cfg, stage)  # before any model is loaded rather than at the first rollout or update
     examples = ctx.tasks[cfg.train_split]
     template = cfg.template or ctx.config.task.template
     ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=cfg.batch_prompts, group_size=cfg.group_size,

@@ -96,6 +96,8 @@ def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1):
     before the one optimizer step, so one micro-batch's activations exist at a time. Each micro-batch counts by its
     `metrics["num_tokens"]` (the loss's normalizer; equal shares without it), which reproduces a token-mean loss
     over the whole batch exactly; a MoE aux loss is then a token-weighted mean of the micro-batches' own."""
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum!r} must be a positive int (micro-batches per step)")
 
     def value_and_grad(params, rest, batch, inject_nan):
         def objective(p):
@@ -134,8 +136,6 @@ def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1):
         params, opt_state, ok, grad_norm = safe_update(optimizer, params, opt_state, grads, loss)
         return params, opt_state, {**metrics, "loss": loss, "grad_norm": grad_norm, "update_ok": ok}, aux
 
-    if not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ValueError(f"grad_accum={grad_accum!r} must be a positive int (micro-batches per step)")
     return step
 
 
