@@ -43,8 +43,9 @@ at a time, the rollout sampled 128 / 64 prompts per call) bring the update's act
 (33k) and the rollout's KV cache from 35 to 9 GiB, but the recipe still does not fit: peaks ~162 GiB (33k) and
 ~277 GiB (65k) of 95. What remains is one row per chip: the update cannot accumulate smaller micro-batches, and a
 33k-token row's working layer (one MoE layer recomputed in its backward pass) is ~85 GiB without sequence/context
-parallelism; and the sampler's prefill attends densely over all P + N cache slots (~50 GiB of scores for one
-prompt of 128 heads). Those, not the config, are what has to change before this runs at full length.
+parallelism. That, not the config, is what has to change before this runs at full length. (The rollout fits: its
+prefill attends among the prompt's tokens only, ~1.5 GiB of scores, where attending over all P + N cache slots
+took ~50 GiB.)
 
 Variants: `:runlocal` is the same two-stage recipe on a tiny DeepSeek-V3 (MLA, shared + routed experts, group-
 limited routing, 3 layers) with synthetic arithmetic and a tokenizer trained for the run: a few minutes on this

@@ -208,18 +208,20 @@ def test_packed_rows_equal_separate_rows(name):
     np.testing.assert_allclose(out[5:12], np.asarray(model(b[None]))[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["cache_prefill", "fresh_prefill"])
 @pytest.mark.parametrize("name,slots,length,prefill", [("tiny_llama", 16, 10, 6), ("tiny_deepseek_v3", 16, 10, 6),
                                                         ("tiny_llama", 64, 40, 19)])
-def test_cached_decoding_equals_full_forward(name, slots, length, prefill):
-    """Prefill + one-token steps through the KV cache (absorbed MLA) give the full forward pass's logits. With 64
-    slots the GQA keys sit in two chunks of 32: the prefill ends mid-chunk, one-token steps cross into the second
-    chunk and a final 3-token write is unaligned."""
+def test_cached_decoding_equals_full_forward(name, slots, length, prefill, fresh):
+    """Prefill + one-token steps through the KV cache (absorbed MLA) give the full forward pass's logits, whether
+    the prefill attends over all cache slots or (`prefill=True`) only among its own tokens. With 64 slots the GQA
+    keys sit in two chunks of 32: the prefill ends mid-chunk, one-token steps cross into the second chunk and a
+    final 3-token write is unaligned."""
     model = _randomize(_model(name))
     tokens = _tokens(2, length, seed=4)
     mask = jnp.ones((2, length), bool).at[0, :3].set(False)  # row 0 left-padded
     full = np.asarray(model(tokens, attention_mask_BL=mask))
     cache = model.init_cache(2, slots)
-    out = model.forward(tokens[:, :prefill], attention_mask_BL=mask[:, :prefill], cache=cache)
+    out = model.forward(tokens[:, :prefill], attention_mask_BL=mask[:, :prefill], cache=cache, prefill=fresh)
     steps = [np.asarray(out.logits)]
     cache = out.cache
     t = prefill
@@ -231,6 +233,38 @@ def test_cached_decoding_equals_full_forward(name, slots, length, prefill):
     got = np.concatenate(steps, axis=1)
     valid = np.asarray(mask)
     np.testing.assert_allclose(got[valid], full[valid], atol=1e-4)
+
+
+def _intermediate_shapes(jaxpr):
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            yield tuple(getattr(v.aval, "shape", ()))
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            yield from _intermediate_shapes(sub)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_deepseek_v3"])
+def test_prefill_attends_only_over_its_tokens(name):
+    """A prefill into an empty cache of S slots builds no [L, S] scores: its L tokens attend over themselves
+    (MLA in the expanded form). Its logits equal an attend-over-all-slots prefill's at real tokens, and without
+    padding (whose queries see no key, so their outputs are arbitrary either way) so does the cache it writes."""
+    model = _randomize(_model(name))
+    L, S = 6, 48
+    tokens = _tokens(2, L, seed=5)
+    cache = model.init_cache(2, S)
+    for mask in (jnp.ones((2, L), bool), jnp.ones((2, L), bool).at[1, :2].set(False)):
+        def prefill(fresh, mask=mask):
+            return model.forward(tokens, attention_mask_BL=mask, cache=cache, prefill=fresh)
+
+        scores_LS = lambda jaxpr: [s for s in _intermediate_shapes(jaxpr) if s[-2:] == (L, S)]
+        assert scores_LS(jax.make_jaxpr(lambda: prefill(False))().jaxpr)  # the check can fail
+        assert not scores_LS(jax.make_jaxpr(lambda: prefill(True))().jaxpr)
+        fresh, full = prefill(True), prefill(False)
+        valid = np.asarray(mask)
+        np.testing.assert_allclose(np.asarray(fresh.logits)[valid], np.asarray(full.logits)[valid], atol=1e-5)
+        if valid.all():
+            for a, b in zip(jax.tree.leaves(fresh.cache), jax.tree.leaves(full.cache)):  # f32 rounding past layer 0
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 def test_forward_takes_precomputed_rotary():

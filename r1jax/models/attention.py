@@ -3,7 +3,10 @@
 Without a cache, `attention_q_block` > 0 processes queries in blocks (`query_blocks`) so a long sequence's scores
 never exist all at once. Masks are boolean [B, L, S] (query, key slot) built once per forward pass by the transformer: causal by slot index,
 restricted to valid (non-padding) keys and, for packed rows, to the query's own segment. With a KV cache the key
-slots are the cache's; a call writes its L new entries at slot `cache_index` and attends over the whole cache.
+slots are the cache's; a call writes its L new entries at slot `cache_index` and attends over the whole cache,
+except a `prefill` into an empty cache: its L tokens are the only keys, so it attends over them alone (mask
+[B, L, L]) with the cache-free code (query blocks, MLA's expanded keys) and only writes the cache, O(L^2) where
+attending over all S slots would be O(L * S).
 
 GQA caches values as [B, K, S, Q] and keys as [B, K, C, Q, c]: head-major, with the S = C * c slots cut into C
 chunks of c (`key_chunk`), so both attention products are per-(row, head, chunk) matmuls with at most 32 output
@@ -139,7 +142,7 @@ class Attention(nnx.Module):
         self.q_block = cfg.attention_q_block
         self.rotary = Rotary(cfg.rope, Q, cfg.max_position_embeddings)
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, prefill=False):
         dt = x_BLD.dtype
         q = project("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
         k = project("bld,dkq->blkq", x_BLD, cast(self.wk, dt))
@@ -155,13 +158,14 @@ class Attention(nnx.Module):
         if cache is not None:
             new_cache = {"k": write_key_cache(cache["k"], k, cache_index),
                          "v": write_cache(cache["v"], v.transpose(0, 2, 1, 3), cache_index, axis=2)}
-            kc, vc = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
-            out = cached_attention(q, kc, vc, mask_BLS, self.scale).reshape(B, L, H, Q)
-        else:
+        if cache is None or prefill:
             def attend(mask, q):
                 return softmax_attend(jnp.einsum("blkgq,bskq->bkgls", q, k) * self.scale, mask, v)
 
             out = query_blocks(attend, self.q_block, mask_BLS, q).reshape(B, L, H, Q)
+        else:
+            kc, vc = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
+            out = cached_attention(q, kc, vc, mask_BLS, self.scale).reshape(B, L, H, Q)
         out = project("blhq,hqd->bld", out, cast(self.wo, dt))
         if self.o_bias:
             out = out + cast(self.bo, dt)
@@ -216,7 +220,7 @@ class MLAttention(nnx.Module):
             qa = qa + cast(self.bq_a, dt)
         return project("blr,rhq->blhq", self.q_norm(qa), cast(self.wq_b, dt))
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None):
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, prefill=False):
         dt = x_BLD.dtype
         Qn, Qr, V, R = self.dims
         q = constrain(self._query(x_BLD), ("batch", "length", "heads", "kv"))
@@ -227,7 +231,12 @@ class MLAttention(nnx.Module):
         ckv = self.kv_norm(kv_a[..., :R])
         k_rope = self.rotary.apply(kv_a[..., None, R:], *cos_sin)[:, :, 0, :]
         wk_b, wv_b = cast(self.wk_b, dt), cast(self.wv_b, dt)
-        if cache is None:
+        new_cache = None
+        if cache is not None:
+            new_cache = update_layer_cache(cache, {"ckv": ckv, "krope": k_rope}, cache_index, self.CACHE_SLOT_AXES)
+        if cache is None or prefill:
+            # Expanded keys: per head Qn + Qr = 192 dims against the absorbed form's R + Qr = 576, the cheaper form
+            # whenever many queries share the keys (training, prefill).
             k_nope = project("bsr,rhq->bshq", ckv, wk_b)
             v = project("bsr,rhv->bshv", ckv, wv_b)
             def attend(mask, q_nope, q_rope):
@@ -239,9 +248,7 @@ class MLAttention(nnx.Module):
             out = query_blocks(attend, self.q_block, mask_BLS, q_nope, q_rope)
             B, L = x_BLD.shape[:2]
             out = out.reshape(B, L, -1, V)
-            new_cache = None
         else:
-            new_cache = update_layer_cache(cache, {"ckv": ckv, "krope": k_rope}, cache_index, self.CACHE_SLOT_AXES)
             ckv_all, kr_all = new_cache["ckv"].astype(dt), new_cache["krope"].astype(dt)
             q_lat = project("blhq,rhq->blhr", q_nope, wk_b)
             scores = (jnp.einsum("blhr,bsr->bhls", q_lat, ckv_all)

@@ -56,8 +56,8 @@ class DecoderLayer(nnx.Module):
                                                                      stack=stack, bias=cfg.mlp_bias)
         self.is_moe = moe
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, valid_BL, cache=None, cache_index=None):
-        h, new_cache = self.attn(self.ln1(x_BLD), cos_sin, mask_BLS, cache, cache_index)
+    def __call__(self, x_BLD, cos_sin, mask_BLS, valid_BL, cache=None, cache_index=None, prefill=False):
+        h, new_cache = self.attn(self.ln1(x_BLD), cos_sin, mask_BLS, cache, cache_index, prefill)
         x_BLD = x_BLD + h
         if self.is_moe:
             m, aux = self.mlp(self.ln2(x_BLD), valid_BL)
@@ -74,7 +74,7 @@ def split_layers(state) -> tuple:
 
 
 def run_stack(stack: DecoderLayer, x_BLD, cos_sin, mask_BLS, valid_BL, cache, cache_index, *, remat="none",
-              unroll=1, layers=None):
+              unroll=1, layers=None, prefill=False):
     """Runs the stacked layer over its leading axis: `jax.lax.scan` without a cache, so one layer body compiles per
     stack. With a cache (a tuple of per-layer buffers, see `Transformer.init_cache`) the layers run in a Python loop,
     each updating its own buffers in place; a scan could only carry one stacked buffer, which XLA:CPU copies whole
@@ -87,7 +87,7 @@ def run_stack(stack: DecoderLayer, x_BLD, cos_sin, mask_BLS, valid_BL, cache, ca
         new_cache, auxes = [], []
         for layer_state, layer_cache in zip(split_layers(state) if layers is None else layers, cache):
             layer = nnx.merge(graphdef, layer_state)
-            x_BLD, layer_cache, aux = layer(x_BLD, cos_sin, mask_BLS, valid_BL, layer_cache, cache_index)
+            x_BLD, layer_cache, aux = layer(x_BLD, cos_sin, mask_BLS, valid_BL, layer_cache, cache_index, prefill)
             new_cache.append(layer_cache)
             auxes.append(aux)
         return x_BLD, tuple(new_cache), jax.tree.map(lambda *a: jnp.stack(a), *auxes)
@@ -174,7 +174,7 @@ class Transformer(nnx.Module):
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None, cache=None,
                 logits_start: int | None = None, return_logits: bool = True, layers: dict | None = None,
-                cos_sin: tuple | None = None):
+                cos_sin: tuple | None = None, prefill: bool = False):
         """Full forward pass. `attention_mask_BL` marks real (1) vs padding (0) tokens; `segment_ids_BL` (> 0 real,
         0 padding) keeps packed examples from attending to each other. Positions default to 0, 1, ... per row
         (per segment when packed, counting only real tokens when padded, continuing the cache when decoding).
@@ -184,7 +184,10 @@ class Transformer(nnx.Module):
         `layers`: per-layer parameters from `layer_states()`, used with a cache instead of slicing the stacks.
         `cos_sin`: the rotary (cos, sin) [B, L, rope dim] of the positions, `rotary.cos_sin(positions_BL)`, given
         instead of positions: a decode loop carries the next step's from one step to the next, because XLA:CPU
-        otherwise fuses the cos and sin evaluation into (and repeats it in) every layer's rotation."""
+        otherwise fuses the cos and sin evaluation into (and repeats it in) every layer's rotation.
+        `prefill=True` (with an empty cache, e.g. fresh from `init_cache`): the tokens attend only among themselves,
+        as without a cache (O(L^2) scores, in `attention_q_block` blocks), and are written to the cache; the same
+        numbers as attending over all of the empty cache's slots, at a fraction of the memory and FLOPs."""
         cfg = self.config
         B, L = tokens_BL.shape
         valid_BL = _valid_tokens(tokens_BL, segment_ids_BL, attention_mask_BL)
@@ -197,8 +200,12 @@ class Transformer(nnx.Module):
         else:
             cache_index = cache["index"]
             kv_valid = write_cache(cache["valid"], valid_BL, cache_index)
-            slots = jnp.arange(kv_valid.shape[1])
-            mask_BLS = (slots[None, None, :] <= cache_index + jnp.arange(L)[None, :, None]) & kv_valid[:, None, :]
+            if prefill:
+                mask_BLS = _causal_mask(valid_BL, segment_ids_BL)
+            else:
+                slots = jnp.arange(kv_valid.shape[1])
+                mask_BLS = ((slots[None, None, :] <= cache_index + jnp.arange(L)[None, :, None])
+                            & kv_valid[:, None, :])
             new_cache = {"index": cache_index + L, "valid": kv_valid,
                          "next_pos": cache["next_pos"] + valid_BL.sum(1).astype(jnp.int32)}
         if cos_sin is None:
@@ -209,7 +216,8 @@ class Transformer(nnx.Module):
             x, stack_cache, stack_aux = run_stack(stack, x, cos_sin, mask_BLS, valid_BL,
                                                   None if cache is None else cache[name], cache_index,
                                                   remat=cfg.remat, unroll=cfg.scan_unroll,
-                                                  layers=None if layers is None else layers[name])
+                                                  layers=None if layers is None else layers[name],
+                                                  prefill=prefill)
             if cache is not None:
                 new_cache[name] = stack_cache
             if name == "moe":

@@ -330,7 +330,7 @@ def _lower_sampler(mc: ModelConfig, mesh, rules, platform: str, *, prompts: int,
                                   top_p), mesh=mesh, rules=rules).lower(lowering_platforms=(platform,))
     seconds = time.perf_counter() - t0
     cache = jax.eval_shape(lambda: abstract.init_cache(prompts * G, P + N))
-    sizes = sampler_bytes(mc, cache, prompts=prompts, P=P, N=N, mesh=mesh, rules=rules)
+    sizes = sampler_bytes(mc, cache, prompts=prompts, P=P, mesh=mesh, rules=rules)
     del lowered
     return {"status": "OK", "lower_s": round(seconds, 2), "rows": prompts * G, "slots": P + N,
             "lowered_layers": int(shallow.config.num_layers), **sizes}

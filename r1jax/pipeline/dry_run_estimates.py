@@ -156,12 +156,14 @@ def model_flops(mc: ModelConfig, counts: dict, *, rows: int, length: int, logit_
 
 
 
-def sampler_bytes(mc: ModelConfig, cache, *, prompts: int, P: int, N: int, mesh, rules) -> dict:
+def sampler_bytes(mc: ModelConfig, cache, *, prompts: int, P: int, mesh, rules) -> dict:
     """Per-device bytes of the sampler's KV cache (`cache`: abstract, for prompts * G rows of P + N slots) and of the
-    prefill's attention scores (float32 masked scores and softmax, probabilities in the compute dtype)."""
+    prefill's attention scores (float32 masked scores and softmax, probabilities in the compute dtype): the P prompt
+    tokens attend among themselves (`forward(prefill=True)`), one query block at a time."""
     kv = sum(local_bytes(x.shape, x.dtype, NamedSharding(mesh, logical_to_spec(CACHE_AXES[key], rules, mesh)))
              for key, x in buffers(cache))
     b = jnp.dtype(mc.dtype).itemsize
     rows_dev = -(-prompts // axis_shards(mesh, rules, "batch"))
     heads = mc.num_heads / axis_shards(mesh, rules, "heads")
-    return {"kv_cache_bytes": int(kv), "prefill_scores_bytes": int(rows_dev * heads * P * (P + N) * (8 + 2 * b))}
+    scores = rows_dev * heads * P * query_block_fraction(mc, P) * P * (8 + 2 * b)
+    return {"kv_cache_bytes": int(kv), "prefill_scores_bytes": int(scores)}

@@ -89,7 +89,8 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
     phases = decode_phases(N)
     layers = model.layer_states()
     cache = constrain_cache(model.init_cache(B, P + phases[0]))
-    out = model.forward(tokens_BP, attention_mask_BL=mask_BP, cache=cache, logits_start=-1, layers=layers)
+    out = model.forward(tokens_BP, attention_mask_BL=mask_BP, cache=cache, logits_start=-1, layers=layers,
+                        prefill=True)
     cache = constrain_cache(repeat_rows(out.cache, G))
     logits = constrain(jnp.repeat(out.logits[:, -1], G, axis=0), ("batch", "vocab"))
     R = B * G
