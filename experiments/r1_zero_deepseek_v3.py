@@ -37,15 +37,15 @@ Choices where the paper is silent (or that r1jax makes differently), and why:
 
 The dry run (tests/test_dry_run.py, or --dry_run) lowers the update and the sampler for TPU on an abstract
 512-device mesh. Per chip (2026-12-06 estimate): 8.7 GiB of float32 parameters (routed experts 512 ways, the rest,
-MLA's up-projections included, 16 ways over fsdp), as much again for gradients and reference weights, twice that
-for AdamW: 44 GiB resident. The memory knobs set here (attention in 1,024-query blocks, the head 1,024 positions
-at a time, the rollout sampled 128 / 64 prompts per call) bring the update's activations from ~1.7 TiB to ~118 GiB
-(33k) and the rollout's KV cache from 35 to 9 GiB, but the recipe still does not fit: peaks ~162 GiB (33k) and
-~277 GiB (65k) of 95. What remains is one row per chip: the update cannot accumulate smaller micro-batches, and a
-33k-token row's working layer (one MoE layer recomputed in its backward pass) is ~85 GiB without sequence/context
-parallelism. That, not the config, is what has to change before this runs at full length. (The rollout fits: its
-prefill attends among the prompt's tokens only, ~1.5 GiB of scores, where attending over all P + N cache slots
-took ~50 GiB.)
+MLA's up-projections included, 16 ways over fsdp), as much again for gradients, accumulated gradients and
+reference weights, twice that for AdamW: 52 GiB resident. Without the memory knobs set here the update's
+activations were ~1.7 TiB; with them the recipe fits: peaks ~64 GiB (33k) and ~75 GiB (65k) of 95.
+  - context parallelism over the expert axis (`mesh.context`) with grad_accum=16: 2,112 (4,160) tokens per chip
+    per micro-batch, where one whole row per chip (no context parallelism) peaked at ~162 GiB (33k);
+  - attention in 1,024-query blocks, the head 1,024 positions at a time;
+  - the rollout sampled 128 / 64 prompts per call (KV cache 35 -> 9 GiB); its prefill attends among the prompt's
+    tokens only (~1.5 GiB of scores, where attending over all P + N cache slots took ~50 GiB).
+Estimates, not measurements: no TPU has run this config.
 
 Variants: `:runlocal` is the same two-stage recipe on a tiny DeepSeek-V3 (MLA, shared + routed experts, group-
 limited routing, 3 layers) with synthetic arithmetic and a tokenizer trained for the run: a few minutes on this
@@ -69,7 +69,9 @@ def get_config(arg=None):
     cfg.tokenizer.path = "/ckpt/DeepSeek-V3-Base"
     cfg.task.name = "math"
     cfg.task.template = "r1_zero"
-    cfg.mesh.update(data=1, fsdp=16, expert=32, tensor=1, rules="expert")
+    # Updates split each row's positions over the expert axis (context parallelism): an update of 512 rows then runs
+    # as 16 micro-batches of 32 rows, 2 per fsdp group, each spread over its group's 32 chips.
+    cfg.mesh.update(data=1, fsdp=16, expert=32, tensor=1, rules="expert", context="expert")
     cfg.hardware = hardware_config(platform="tpu", num_devices=512, memory_gib=95.0, name="TPU v5p-1024 (512 chips)")
 
     common = dict(lr=3e-6, warmup_steps=0, lr_schedule="constant", b2=0.99, grad_clip=1.0, weight_decay=0.0,
@@ -77,9 +79,11 @@ def get_config(arg=None):
                   batch_prompts=512, group_size=16, minibatches=16, mu=1, max_prompt_len=1024,
                   ref_update_every=25, log_every=1, eval_every=25, checkpoint_every=5, reward_workers=32,
                   reward_timeout_s=5.0)
-    # Memory knobs: the output head 1,024 positions at a time; the rollout sampled 128 (64) prompts per call.
-    cfg.grpo_32k = grpo_stage(steps=512, max_new_tokens=32768, logits_chunk=1024, rollout_prompts=128, **common)
-    cfg.grpo_64k = grpo_stage(steps=138, max_new_tokens=65536, init="previous", logits_chunk=1024,
+    # Memory knobs: 16 micro-batches per update, the output head 1,024 positions at a time; the rollout sampled 128
+    # (64) prompts per call.
+    cfg.grpo_32k = grpo_stage(steps=512, max_new_tokens=32768, grad_accum=16, logits_chunk=1024,
+                              rollout_prompts=128, **common)
+    cfg.grpo_64k = grpo_stage(steps=138, max_new_tokens=65536, init="previous", grad_accum=16, logits_chunk=1024,
                               rollout_prompts=64, **common)
     for name in ("grpo_32k", "grpo_64k"):
         cfg[name].rewards = dict(accuracy=1.0, format=1.0)
@@ -102,7 +106,7 @@ def get_config(arg=None):
         for name, steps in (("grpo_32k", 2), ("grpo_64k", 1)):
             cfg[name].update(steps=steps, batch_prompts=8, group_size=4, minibatches=2, max_prompt_len=128,
                              max_new_tokens=24, lr=1e-4, ref_update_every=1, eval_every=0, checkpoint_every=1,
-                             reward_workers=1, reward_timeout_s=1.0)
+                             reward_workers=1, reward_timeout_s=1.0, grad_accum=2)
             cfg[name].eval = eval_config(num_problems=8, k=2, max_new_tokens=24, batch_size=8)
         cfg.grpo_64k.max_new_tokens = 32
     return cfg

@@ -281,8 +281,10 @@ def base_config() -> ml_collections.ConfigDict:
         test=ml_collections.ConfigDict(),    # kwargs for get_task(name, split="test", ...)
     ))
     # Mesh axis sizes (-1: the rest of the devices); dcn_* split an axis across slices / hosts (multi-slice pods).
+    # context: a batch mesh axis over which training steps split each row's positions (context parallelism,
+    # r1jax.parallel.context_rules), so an update may hold fewer rows than devices; sampling keeps `rules`.
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1,
-                                              dcn_expert=1, dcn_tensor=1, rules="fsdp"))
+                                              dcn_expert=1, dcn_tensor=1, rules="fsdp", context=""))
     cfg.hardware = hardware_config()
     return cfg
 

@@ -46,6 +46,14 @@ class RunContext:
     tasks: dict = dataclasses.field(default_factory=dict)  # split -> examples
     stage: str | None = None  # the stage this context was made for (its model_config is the stage's)
     started: float = 0.0      # perf_counter() when the stage started in this process (its summary's wall_s)
+    context: str = ""         # config.mesh.context: the mesh axis of context parallelism in training steps
+
+    @property
+    def train_rules(self):
+        """The rules of training steps (updates, log-probs): `rules` with context parallelism over `context`."""
+        from r1jax.parallel import context_rules
+
+        return context_rules(self.rules, self.context)
 
     def stage_dir(self, name: str) -> Path:
         return self.workdir / name

@@ -79,18 +79,24 @@ def _assert_close(got, ref):
     ("a2a", dict(data=2, expert=4), "expert"),
     ("ragged", dict(data=2, expert=4), "expert"),               # emulated exchange on CPU
     ("auto", dict(data=2, expert=2, tensor=2), "fsdp_tensor"),  # expert ffn split over tensor, psum'd
-])
+    # context parallelism: each row's positions over expert, rows over data; tokens reach the experts as they lie
+    ("a2a", dict(data=2, expert=4), parallel.context_rules("expert", "expert")),
+    ("ragged", dict(data=2, expert=4), parallel.context_rules("expert", "expert")),
+], ids=["a2a", "ragged", "auto_tensor", "a2a_context", "ragged_context"])
 def test_expert_parallel_matches_one_device(dispatch, shape, rules, reference):
     mesh = parallel.make_mesh(**shape)
     cfg = _cfg(capacity_factor=4.0, dispatch=dispatch)  # capacity >= expert shards: nothing can be dropped
     model = _init(cfg, mesh, rules)  # created sharded
     w_gate = model.moe.mlp.w_gate[...]
     tensor = "tensor" if rules == "fsdp_tensor" else None
+    context = not isinstance(rules, str)
     assert w_gate.sharding.spec == P(None, "expert", None, tensor)
     E, n = cfg.moe.num_experts, shape["expert"]
     assert {s.data.shape[1] for s in w_gate.addressable_shards} == {E // n}  # each device holds its experts only
     got = _step(model, _tokens(), mesh, rules)
     _assert_close(got, reference)
+    if context:
+        assert got[1].sharding.spec == P("data", "expert")  # logits [B, L, V]: rows over data, positions over expert
     assert got[3]["moe"]["mlp"]["w_gate"][...].sharding.spec[1] == "expert"  # gradients stay expert-sharded
 
 
@@ -199,12 +205,12 @@ def test_dispatch_choice_and_layout_errors():
     assert expert.resolve_dispatch("auto", 128, 8, mesh, "expert") == "a2a"
     assert expert.resolve_dispatch("auto", 12, 8, mesh, "expert") == "dropless"  # 12 tokens over 8 shards
     assert expert.resolve_dispatch("ragged", 128, 8, parallel.make_mesh(data=8), "expert") == "dropless"
-    with pytest.raises(ValueError, match=r"12 tokens .* do not split over the 8 batch shards"):
+    with pytest.raises(ValueError, match=r"12 tokens .* do not split over the 8 token shards"):
         expert.resolve_dispatch("a2a", 12, 8, mesh, "expert")
     with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the mesh's expert axis \(4\); "
                                          r"expert axis sizes that fit: \[1, 2, 3, 6\]"):
         expert.resolve_dispatch("a2a", 128, 6, mesh, "expert")
-    with pytest.raises(ValueError, match=r"batch' rule maps to \('data',\)"):
+    with pytest.raises(ValueError, match=r"'batch' and 'length' rules map to \('data',\)"):
         expert.resolve_dispatch("a2a", 128, 8, mesh, (("batch", "data"), ("exp", "expert")))
     with pytest.raises(ValueError, match=r"moe.dispatch='nope'; valid"):
         _cfg(dispatch="nope")

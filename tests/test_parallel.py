@@ -17,10 +17,10 @@ def _tokens(B=8, L=12, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (B, L)).astype(np.int32)
 
 
-def _model(name, seed=0):
+def _model(name, seed=0, **overrides):
     """A jit-initialized model with non-trivial norms and biases (eager init costs seconds per model on CPU)."""
     def make():
-        model = Transformer(get_preset(name), rngs=nnx.Rngs(seed))
+        model = Transformer(get_preset(name, **overrides), rngs=nnx.Rngs(seed))
         graphdef, state = nnx.split(model)
         leaves, treedef = jax.tree.flatten(state)
         keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -87,6 +87,45 @@ def test_dense_presets_shard_and_match_one_device(name, shape, rules):
         assert sharded.dense.mlp.w_up[...].sharding.spec == P(None, "fsdp", "tensor")
         assert sharded.lm_head[...].sharding.spec == P("fsdp", "tensor")
     np.testing.assert_allclose(_logits(sharded, tokens, mesh, rules), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,q_block", [(12, 0), (12, 4), (10, 4)])
+def test_context_parallel_matches_one_device(length, q_block):
+    """Context parallelism (positions over fsdp, rows over data) gives one device's logits and gradients, with
+    attention in query blocks too (blocks of 4 strided over the 4 position shards; 10 positions: a ragged last
+    block and an uneven split), and the logits come out split by position."""
+    model = _model("tiny_llama", attention_q_block=q_block)
+    tokens = _tokens(L=length)
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    rules = parallel.context_rules("fsdp", "fsdp")
+    assert parallel.logical_to_spec(("batch", "length", "embed"), rules, mesh) == P("data", "fsdp", None)
+    graphdef, state = nnx.split(model)
+
+    def loss(s, t):
+        logits = nnx.merge(graphdef, s)(t)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        return -jax.numpy.take_along_axis(logp, t[:, 1:, None], axis=-1).mean(), logits
+
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST)
+    (ref_loss, ref_logits), ref_grads = fn(state, tokens)
+    sharded = parallel.shard_model(model, mesh, rules)
+    with parallel.axis_rules(mesh, rules):
+        (got_loss, logits), grads = fn(nnx.state(sharded), parallel.shard_batch(tokens, mesh, rules))
+    if length % 4 == 0:  # an uneven split is padded by XLA, which then picks the output's layout itself
+        assert logits.sharding.spec == P("data", "fsdp")
+    np.testing.assert_allclose(got_loss, ref_loss, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+    for (path, g), (_, r) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g[...]), np.asarray(r[...]), atol=1e-5, err_msg=str(path))
+
+
+def test_context_rules_errors():
+    assert dict(parallel.context_rules("fsdp_tensor", None)) == dict(parallel.context_rules("fsdp_tensor", ""))
+    with pytest.raises(ValueError, match=r"context parallelism over 'tensor': the 'batch' rule maps to \('data', "
+                                         r"'fsdp', 'expert'\).*valid: \('data', 'fsdp', 'expert'\)"):
+        parallel.context_rules("fsdp", "tensor")
+    with pytest.raises(ValueError, match=r"already map 'length' to \('data',\)"):
+        parallel.context_rules((("batch", ("data", "fsdp")), ("length", "data")), "fsdp")
 
 
 def test_layouts_that_do_not_fit_say_what_would():

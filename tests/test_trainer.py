@@ -280,6 +280,66 @@ def test_gradient_accumulation_and_chunked_logits_reproduce_the_full_batch_updat
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_deepseek_v3"])
+def test_grpo_update_with_context_parallelism_equals_one_device(name):
+    """Under context parallelism (rows over data, each row's 16 positions over fsdp; tiny DeepSeek-V3's experts
+    dispatched by all-to-all over expert, tokens as they lie) the GRPO update with micro-batches and chunked logits
+    gives one device's log-probs, loss and new parameters."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from r1jax import parallel
+    from r1jax.configs import grpo_stage
+    from r1jax.models import Transformer, get_preset
+    from r1jax.rl.trainer import make_logp_fn, make_update_fn
+    from r1jax.training import split_params
+
+    moe = {"moe": {"first_k_dense": 0, "capacity_factor": 8.0, "gmm_backend": "xla"}} if name == "tiny_deepseek_v3" \
+        else {}
+    cfg_m = get_preset(name, num_layers=1, **moe)
+    model = Transformer(cfg_m, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    R, P, N = 8, 8, 8
+    tokens = rng.integers(3, 256, (R, P + N)).astype(np.int32)
+    completion_mask = np.arange(N)[None] < rng.integers(1, N + 1, R)[:, None]
+    batch = {"tokens": tokens, "mask": np.concatenate([np.arange(P)[None] >= rng.integers(0, 3, R)[:, None],
+                                                       completion_mask], 1),
+             "completion_mask": completion_mask, "advantages": rng.standard_normal(R).astype(np.float32)}
+    cfg = grpo_stage(beta=0.0, max_new_tokens=N, grad_accum=2, logits_chunk=4)
+    opt = optax.sgd(1.0)  # params move by exactly -grad: compares the gradients themselves
+    results = []
+    for mesh_shape, rules in ((None, None), (dict(data=2, fsdp=2, expert=2), parallel.context_rules("expert",
+                                                                                                    "fsdp"))):
+        if mesh_shape is None:
+            graphdef, params, rest = split_params(model)
+            dev = jax.tree.map(jnp.asarray, batch)
+            logp = make_logp_fn(graphdef, chunk=4)(params, rest, dev["tokens"], dev["mask"], P)
+            dev["old_logp"] = logp + 0.05
+            new, _, m, _ = make_update_fn(graphdef, opt, cfg, 0.0)(jax.tree.map(jnp.copy, params), opt.init(params),
+                                                                   rest, dev, False, P)
+        else:
+            mesh = parallel.make_mesh(**mesh_shape)
+            assert parallel.logical_to_spec(("batch", "length"), rules, mesh) == jax.sharding.PartitionSpec(
+                ("data", "expert"), "fsdp")
+            graphdef, params, rest = split_params(parallel.shard_model(model, mesh, rules))
+            dev = parallel.shard_batch(batch, mesh, rules)
+            with parallel.axis_rules(mesh, rules):
+                logp = make_logp_fn(graphdef, chunk=4)(params, rest, dev["tokens"], dev["mask"], P)
+                dev["old_logp"] = logp + 0.05
+                new, _, m, _ = make_update_fn(graphdef, opt, cfg, 0.0)(jax.tree.map(jnp.copy, params),
+                                                                       opt.init(params), rest, dev, False, P)
+        results.append((np.asarray(logp), float(m["loss"]), jax.tree.map(np.asarray, new)))
+    (logp_a, loss_a, new_a), (logp_b, loss_b, new_b) = results
+    # Padding (after a completion's end) is arbitrary: the all-to-all never sends it to an expert.
+    np.testing.assert_allclose(logp_b[completion_mask], logp_a[completion_mask], atol=1e-5)
+    assert loss_b == pytest.approx(loss_a, abs=1e-6)
+    for x, y in zip(jax.tree.leaves(new_a), jax.tree.leaves(new_b)):
+        np.testing.assert_allclose(y, x, atol=1e-6)
+
+
 def test_rollout_in_prompt_chunks():
     """rollout_prompts samples the batch's prompts a chunk at a time: chunk i is the single call on those prompts
     with fold_in(rng, i) (same tokens, lengths, log-probs), greedy decoding gives the unchunked batch's tokens, and a

@@ -37,11 +37,22 @@ def softmax_attend(scores_BKGLS, mask_BLS, v_BSKV):
     return jnp.einsum("bkgls,bskv->blkgv", probs, v_BSKV)
 
 
+def all_positions(x_BL_):
+    """Keys and values of every position on each device that holds some of the row's queries: with context
+    parallelism (rules mapping "length", `r1jax.parallel.rules.context_rules`) an all-gather over the positions'
+    axes, otherwise nothing. Other dims keep their batch / head sharding."""
+    names = {3: ("batch", None, None), 4: ("batch", None, "kv_heads", "kv")}[x_BL_.ndim]
+    return constrain(x_BL_, names)
+
+
 def query_blocks(fn, block: int, mask_BLS, *q_BL_):
     """Applies `fn(mask_BbS, *q_Bb_) -> out_Bb_` to query blocks of `block` positions, one at a time and
     rematerialized in the backward pass, so only one block's [*, block, S] scores exist at once (memory O(L * block)
     instead of O(L^2)); the result is identical to `fn(mask_BLS, *q_BL_)`. Used when L > block; a ragged last block
-    is padded with masked-out queries (e.g. GRPO's forward over P + N - 1 tokens), whose outputs are dropped."""
+    is padded with masked-out queries (e.g. GRPO's forward over P + N - 1 tokens), whose outputs are dropped.
+    Block i holds positions i, i + n, i + 2n, ... (n blocks), not a contiguous run: with context parallelism each
+    device's contiguous share of the positions then contributes to every block, so all devices work on each step
+    and a block's scores are split over them (a contiguous block would live on one device)."""
     L = mask_BLS.shape[1]
     if not block or L <= block:
         return fn(mask_BLS, *q_BL_)
@@ -49,9 +60,10 @@ def query_blocks(fn, block: int, mask_BLS, *q_BL_):
     if n * block != L:
         pad = lambda x: jnp.pad(x, [(0, 0), (0, n * block - L)] + [(0, 0)] * (x.ndim - 2))
         mask_BLS, q_BL_ = pad(mask_BLS), tuple(map(pad, q_BL_))
-    split = lambda x: x.reshape(x.shape[0], n, block, *x.shape[2:]).swapaxes(0, 1)
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], block, n, *x.shape[2:]), 2, 0)  # [n, B, block, ...]
     out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), (split(mask_BLS), *map(split, q_BL_)))
-    return out.swapaxes(0, 1).reshape(out.shape[1], n * block, *out.shape[3:])[:, :L]
+    out = jnp.moveaxis(out, 0, 2)
+    return out.reshape(out.shape[0], n * block, *out.shape[3:])[:, :L]
 
 
 def write_cache(buf, new, index, axis: int = 1):
@@ -159,6 +171,8 @@ class Attention(nnx.Module):
             new_cache = {"k": write_key_cache(cache["k"], k, cache_index),
                          "v": write_cache(cache["v"], v.transpose(0, 2, 1, 3), cache_index, axis=2)}
         if cache is None or prefill:
+            k, v = all_positions(k), all_positions(v)
+
             def attend(mask, q):
                 return softmax_attend(jnp.einsum("blkgq,bskq->bkgls", q, k) * self.scale, mask, v)
 
@@ -237,6 +251,8 @@ class MLAttention(nnx.Module):
         if cache is None or prefill:
             # Expanded keys: per head Qn + Qr = 192 dims against the absorbed form's R + Qr = 576, the cheaper form
             # whenever many queries share the keys (training, prefill).
+            # Under context parallelism the small latent is gathered, then expanded on every device.
+            ckv, k_rope = all_positions(ckv), all_positions(k_rope)
             k_nope = project("bsr,rhq->bshq", ckv, wk_b)
             v = project("bsr,rhv->bshv", ckv, wv_b)
             def attend(mask, q_nope, q_rope):

@@ -1,7 +1,8 @@
 """Expert parallelism: a MoE layer's routed experts split over the 'expert' mesh axis, tokens sent to them with
 all-to-all under `jax.shard_map`.
 
-Tokens are sharded over the batch mesh axes (which include 'expert'); expert weights over 'expert' (their ffn dim
+Tokens are sharded over the batch mesh axes (which include 'expert'), or over the batch and (context parallelism,
+`r1jax.parallel.rules.context_rules`) the positions' axes together; expert weights over 'expert' (their ffn dim
 may also be split over the axes 'exp_mlp' maps to, e.g. 'tensor', with a psum of the down projection). Each shard
 routes its own tokens (done before dispatch), then:
 
@@ -51,7 +52,10 @@ def _axes(entry) -> tuple[str, ...]:
 
 
 def _token_axes(mesh, rules) -> tuple[str, ...]:
-    return _axes(logical_to_spec(("batch",), rules, mesh)[0])
+    """Mesh axes of the flattened tokens T = B * L: the batch's, then (context parallelism) the positions'; the
+    row-major flattening keeps each device's tokens contiguous in that order."""
+    batch, length = logical_to_spec(("batch", "length"), rules, mesh)
+    return _axes(batch) + _axes(length)
 
 
 def resolve_dispatch(mode: str, num_tokens: int, num_experts: int, mesh=None, rules=None) -> str:
@@ -75,14 +79,14 @@ def resolve_dispatch(mode: str, num_tokens: int, num_experts: int, mesh=None, ru
     token_axes = _token_axes(mesh, rules)
     if n > 1 and EXPERT_AXIS not in token_axes:
         raise ValueError(f"moe.dispatch={mode!r} with expert={n} needs tokens sharded over the '{EXPERT_AXIS}' axis, "
-                         f"but the 'batch' rule maps to {token_axes}; use a preset whose batch includes "
+                         f"but the 'batch' and 'length' rules map to {token_axes}; use a preset whose batch includes "
                          f"'{EXPERT_AXIS}' (e.g. 'expert') or moe.dispatch='dropless'")
     shards = math.prod(mesh.shape[a] for a in token_axes)
     if num_tokens % shards:
         if mode == "auto":
             return "dropless"
         raise ValueError(f"moe.dispatch={mode!r}: {num_tokens} tokens (batch x length) do not split over the "
-                         f"{shards} batch shards {token_axes}; use a batch that is a multiple of {shards} or "
+                         f"{shards} token shards {token_axes}; use a batch that is a multiple of {shards} or "
                          f"moe.dispatch='auto' (falls back to dropless)")
     return "a2a" if mode == "auto" else mode
 

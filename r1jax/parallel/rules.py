@@ -89,6 +89,31 @@ def canonical_rules(rules) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
+def context_rules(rules, axis: str | None):
+    """The rules with context parallelism over mesh axis `axis`: each row's positions ("length") split over that
+    axis's devices, which the batch no longer uses. An update can then hold fewer rows than it has devices (e.g. one
+    33k-token row spread over 32 chips, grad_accum micro-batches below one row per chip); attention gathers a row's
+    keys over `axis` and the expert all-to-all takes the tokens as they lie. For training steps only: a decode step
+    has one position. `axis` None or "" returns the rules unchanged.
+
+    Example:
+        >>> context_rules("expert", "expert")[:2]
+        (('batch', ('data', 'fsdp')), ('embed', ('fsdp',)))
+    """
+    table = canonical_rules(rules)
+    if not axis:
+        return table
+    batch = dict(table).get("batch", ())
+    if axis not in batch:
+        raise ValueError(f"context parallelism over {axis!r}: the 'batch' rule maps to {batch}, and context "
+                         f"parallelism takes one of those axes for positions; valid: {batch}")
+    if dict(table).get("length"):
+        raise ValueError(f"context parallelism over {axis!r}: the rules already map 'length' to "
+                         f"{dict(table)['length']}; leave 'length' unmapped")
+    out = tuple((name, tuple(a for a in axes if a != axis) if name == "batch" else axes) for name, axes in table)
+    return tuple((n, a) for n, a in out if n != "length") + (("length", (axis,)),)
+
+
 def logical_to_spec(axes: Sequence[str | None], rules, mesh: jax.sharding.Mesh | None = None) -> PartitionSpec:
     """Maps logical dimension names to a PartitionSpec. A mesh axis is used at most once per spec (first wins);
     mesh axes missing from `mesh` or of size 1 are dropped."""

@@ -28,7 +28,8 @@ use; the report gives these numbers per device:
   reference            GRPO with beta != 0 keeps a frozen copy of the parameters.
   activations          an ESTIMATE of what the backward pass keeps, Korthikanti et al. (2022) style:
                          tokens_per_device * (L * saved_layer + working_layer) + head
-                       tokens_per_device = rows per update / batch shards * sequence length T. saved_layer is what
+                       tokens_per_device = rows per update / batch shards * sequence length T / cp, where cp is
+                       the context-parallel split of each row (config.mesh.context, 1 without). saved_layer is what
                        the remat policy (config.model.remat) keeps per layer and token: "full" keeps the layer input
                        (D values); "dots_no_batch" the outputs of the weight matmuls (q/k/v/o, gate/up/down);
                        "dots" those and the attention score / PV einsums; "none" every intermediate: norms 4D,
@@ -78,7 +79,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 from r1jax import configs, training
 from r1jax.models.config import ModelConfig, get_preset
 from r1jax.parallel.mesh import _fill
-from r1jax.parallel.rules import MESH_AXES, axis_rules, canonical_rules, logical_to_spec
+from r1jax.parallel.rules import MESH_AXES, axis_rules, canonical_rules, context_rules, logical_to_spec
 from r1jax.parallel.sharding import check_batch, shardings_for, validate_layout
 from r1jax.pipeline.dry_run_estimates import (activation_bytes, gmm_flops, model_flops, param_counts, sampler_bytes,
                                               tree_bytes)
@@ -355,6 +356,7 @@ def _stage_shape(kind: str, cfg) -> tuple[dict, int, int]:
 def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool, sampler: bool,
                strict: bool) -> dict:
     cfg = config[name]
+    train_rules = context_rules(rules, config.mesh.get("context", ""))  # training steps; the sampler keeps rules
     kind = cfg.kind
     mc, source = model_config(config, name, platform)
     out = {"kind": kind, "model": source, "dtype": mc.dtype, "param_dtype": mc.param_dtype, "remat": mc.remat}
@@ -392,13 +394,13 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
             if accum < 1 or shape["rows"] % accum:
                 raise ValueError(f"config.{name}.grad_accum={accum} must divide the {shape['rows']} rows of an "
                                  f"update ({what})")
-        check_batch(shape["rows"] // accum, mesh, rules, f"{what} / grad_accum")
+        check_batch(shape["rows"] // accum, mesh, train_rules, f"{what} / grad_accum")
         act = activation_bytes(mc, rows=shape["rows"], length=shape["T"], logit_positions=logit_positions,
-                               head_copies=copies, mesh=mesh, rules=rules, grad_accum=accum,
+                               head_copies=copies, mesh=mesh, rules=train_rules, grad_accum=accum,
                                logits_chunk=logits_chunk)
         mem["grad_accum"] = mem["params"] if accum > 1 else 0  # the accumulated gradients beside one micro-batch's
         mem["activations"] = act["total"]
-        lowered, seconds = _lower_step(train_kind, s, cfg, mesh, rules, platform, shape)
+        lowered, seconds = _lower_step(train_kind, s, cfg, mesh, train_rules, platform, shape)
         del lowered
         step = {"status": "OK", "rows": shape["rows"], "length": shape["T"], "lower_s": round(seconds, 2),
                 "rows_per_device": act["rows_per_device"], "tokens_per_device": act["tokens_per_device"],
@@ -408,9 +410,10 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
                                            logit_positions=logit_positions)}
         if flops:
             t0 = time.perf_counter()
-            tokens = shape["rows"] * (shape["T"] - (kind == "grpo"))  # GRPO's forward reads tokens[:, :-1]
+            tokens = shape["rows"] * (shape["T"] - (kind == "grpo"))  # GRPO's last position is padding: no expert
             step["flops_gmm"] = gmm_flops(mc, tokens)
-            step["flops"] = lowered_flops(train_kind, mc, cfg, mesh, rules, platform, shape) + step["flops_gmm"]
+            step["flops"] = (lowered_flops(train_kind, mc, cfg, mesh, train_rules, platform, shape)
+                             + step["flops_gmm"])
             step["flops_s"] = round(time.perf_counter() - t0, 2)
         out["step"] = step
         mem["train_total"] = sum(mem[k] for k in ("params", "grads", "grad_accum", "optimizer", "reference", "rest",
@@ -537,8 +540,8 @@ def format_report(report: dict, title: str = "") -> str:
                 fl = f"{st['flops']:.3e} FLOPs (cost analysis, all layers"
                 fl += f"; Pallas grouped matmuls {st['flops_gmm']:.2e} added)" if st["flops_gmm"] else ")"
             micro = f" per micro-batch, {accum} micro-batches" if accum > 1 else ""
-            lines.append(f"  train step  {st['rows']} rows x {st['length']} tokens ({st['rows_per_device']} rows per "
-                         f"device{micro}); lowered in {st['lower_s']:.1f} s; {fl}; model estimate "
+            lines.append(f"  train step  {st['rows']} rows x {st['length']} tokens ({st['rows_per_device']} rows, "
+                         f"{st['tokens_per_device']} tokens per device{micro}); lowered in {st['lower_s']:.1f} s; {fl}; model estimate "
                          f"{st['flops_model']:.3e}")
         r = s.get("rollout")
         if r:

@@ -113,21 +113,35 @@ def layer_bytes(mc: ModelConfig, S: int, moe: bool, policy: str, mesh, rules) ->
     return (4 * D + proj + rope + pv + D + mlp_all) * b + scores  # "none"
 
 
+def gathered_kv_bytes(mc: ModelConfig, mesh, rules) -> float:
+    """Bytes per position of one layer's keys and values as context-parallel attention gathers them: GQA's k and v;
+    MLA's latent and rope key, and the keys and values expanded from them on each device."""
+    b = jnp.dtype(mc.dtype).itemsize
+    if mc.mla is None:
+        return 2 * mc.num_kv_heads / axis_shards(mesh, rules, "kv_heads") * mc.head_dim * b
+    m, H = mc.mla, mc.num_heads / axis_shards(mesh, rules, "heads")
+    return (m.kv_lora_rank + m.qk_rope_head_dim + H * (m.qk_nope_head_dim + m.v_head_dim)) * b
+
+
 def activation_bytes(mc: ModelConfig, *, rows: int, length: int, logit_positions: int, head_copies: int, mesh,
                      rules, grad_accum: int = 1, logits_chunk: int = 0) -> dict:
     """Per-device activation estimate of one training step (the formula: r1jax.pipeline.dry_run's docstring).
     With grad_accum = m the step runs m micro-batches of rows / m one after another, so one micro-batch's
     activations exist at a time; with logits_chunk = c the output head runs c positions at a time."""
     rows_dev = -(-rows // grad_accum // axis_shards(mesh, rules, "batch"))
-    tokens = rows_dev * length
+    cp = axis_shards(mesh, rules, "length")  # context parallelism: a device holds 1/cp of each row's positions
+    tokens = rows_dev * -(-length // cp)
     stacks = [(mc.num_dense_layers, False), (mc.num_moe_layers, True)]
     saved = sum(n * layer_bytes(mc, length, moe, mc.remat, mesh, rules) for n, moe in stacks if n)
     working = 0.0 if mc.remat == "none" else max(layer_bytes(mc, length, moe, "none", mesh, rules)
                                                  for n, moe in stacks if n)
     positions = min(logits_chunk, logit_positions) if logits_chunk else logit_positions
-    head = rows_dev * positions * mc.vocab_size / axis_shards(mesh, rules, "vocab") * 4 * head_copies
-    layers = tokens * (saved + working)
-    mask = rows_dev * length * length  # the [B, L, L] boolean attention mask, built once per forward pass
+    head = rows_dev * positions / cp * mc.vocab_size / axis_shards(mesh, rules, "vocab") * 4 * head_copies
+    layers = tokens * (saved + working)  # per token: its layers' activations, its queries' scores over all keys
+    if cp > 1 and mc.remat != "none":
+        # The working layer's keys and values of the row's other positions, gathered from the other devices.
+        layers += rows_dev * (length - tokens / rows_dev) * gathered_kv_bytes(mc, mesh, rules)
+    mask = tokens * length  # the [B, L, L] boolean attention mask, built once per forward pass
     return {"rows_per_device": rows_dev, "tokens_per_device": tokens, "layers": int(layers), "head": int(head),
             "mask": int(mask), "total": int(layers + head + mask)}
 

@@ -141,10 +141,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training
     tokenizer = build_tokenizer(config, workdir, tasks)
     model_config = training.build_model_config(config, tokenizer)
     _record_config(config, workdir)
-    return training.RunContext(config=config, workdir=workdir, mesh=mesh, rules=config.mesh.rules,
-                               tokenizer=tokenizer, logger=MetricsLogger(workdir, progress=progress),
-                               model_config=model_config,
-                               stop=stop if stop is not None else training.StopFlag(), tasks=tasks)
+    ctx = training.RunContext(config=config, workdir=workdir, mesh=mesh, rules=config.mesh.rules,
+                              tokenizer=tokenizer, logger=MetricsLogger(workdir, progress=progress),
+                              model_config=model_config, stop=stop if stop is not None else training.StopFlag(),
+                              tasks=tasks, context=config.mesh.get("context", ""))
+    ctx.train_rules  # noqa: B018 - a bad config.mesh.context fails here, before any model is built
+    return ctx
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: training.StopFlag | None = None,

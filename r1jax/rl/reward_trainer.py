@@ -297,7 +297,7 @@ def run_reward_model_stage(ctx: training.RunContext, stage: str, cfg, previous: 
                 ckpt.wait()
                 return None
             batch = training.shard_batch(ctx, batch_at(step))
-            with axis_rules(ctx.mesh, ctx.rules):
+            with axis_rules(ctx.mesh, ctx.train_rules):
                 params, opt_state, metrics, _ = step_fn(params, opt_state, rest, batch, step + 1 in nan_at)
             step += 1
             m = training.to_float_dict(metrics)

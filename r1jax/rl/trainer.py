@@ -40,24 +40,31 @@ def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0):
     """Log-probs and entropies [R, N] of the completion tokens tokens[:, P:] (and the model's aux outputs).
 
     With `chunk` > 0 the output head and log-softmax run over `chunk` positions at a time under a rematerialized
-    scan, so the [R, N, V] float32 logits never exist at once (their memory dominates at long completions)."""
-    out = model.forward(tokens_RT[:, :-1], attention_mask_BL=mask_RT[:, :-1], return_logits=False)
-    h = out.hidden[:, prompt_len - 1:]
+    scan, so the [R, N, V] float32 logits never exist at once (their memory dominates at long completions).
+    The forward runs over all P + N positions, the last one as padding (it predicts nothing; padding is no key, no
+    expert load and not in the balance loss): the same numbers as P + N - 1 positions, in a length that context
+    parallelism and the expert all-to-all can split evenly."""
+    out = model.forward(tokens_RT, attention_mask_BL=mask_RT.astype(bool).at[:, -1].set(False),
+                        return_logits=False)
+    h = out.hidden[:, prompt_len - 1:-1]
     targets = tokens_RT[:, prompt_len:]
     R, N, D = h.shape
     if not chunk or N <= chunk:
         return (*token_logp_entropy(model.head(h), targets), out.aux)
     if N % chunk:
         raise ValueError(f"logits_chunk={chunk} must divide the completion length {N}")
-    h_CRnD = h.reshape(R, N // chunk, chunk, D).swapaxes(0, 1)
-    t_CRn = targets.reshape(R, N // chunk, chunk).swapaxes(0, 1)
+    # Chunk i holds positions i, i + n, i + 2n, ... (n chunks): under context parallelism every device then holds
+    # part of each chunk, where a contiguous chunk would sit on one device and the scan would gather the positions.
+    n = N // chunk
+    h_nRcD = jnp.moveaxis(h.reshape(R, chunk, n, D), 2, 0)
+    t_nRc = jnp.moveaxis(targets.reshape(R, chunk, n), 2, 0)
 
     @jax.checkpoint
     def one(_, xs):
         return None, token_logp_entropy(model.head(xs[0]), xs[1])
 
-    _, (logp, entropy) = jax.lax.scan(one, None, (h_CRnD, t_CRn))
-    return logp.swapaxes(0, 1).reshape(R, N), entropy.swapaxes(0, 1).reshape(R, N), out.aux
+    _, (logp, entropy) = jax.lax.scan(one, None, (h_nRcD, t_nRc))
+    return jnp.moveaxis(logp, 0, 2).reshape(R, N), jnp.moveaxis(entropy, 0, 2).reshape(R, N), out.aux
 
 
 def make_logp_fn(graphdef, chunk: int = 0):
@@ -227,7 +234,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
             dev = training.shard_batch(ctx, batch)
             t1 = time.perf_counter()
-            with axis_rules(ctx.mesh, ctx.rules):
+            with axis_rules(ctx.mesh, ctx.train_rules):
                 if old_from_sampler:
                     dev["old_logp"] = dev["sampler_logp"]
                 else:

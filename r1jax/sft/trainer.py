@@ -234,7 +234,7 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
             batch = training.shard_batch(ctx, raw)
             if teacher_state is not None:
                 batch["teacher"] = teacher_state
-            with axis_rules(ctx.mesh, ctx.rules):
+            with axis_rules(ctx.mesh, ctx.train_rules):
                 params, opt_state, metrics, aux = step_fn(params, opt_state, rest, batch, step + 1 in nan_at)
             rest = training.update_router_bias(ctx, rest, aux)
             step += 1
