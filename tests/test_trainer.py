@@ -170,6 +170,35 @@ def test_bad_stage_settings_are_named(tmp_path):
         run(_config(rollout_prompts=-1), tmp_path / "d")
     with pytest.raises(ValueError, match="grpo.logits_chunk=5 must divide max_new_tokens=12"):
         run(_config(logits_chunk=5), tmp_path / "e")
+    cfg = _config()
+    cfg.mesh.context = "tensor"
+    with pytest.raises(ValueError, match=r"context parallelism over 'tensor': the 'batch' rule maps to \('data', "
+                                         r"'fsdp', 'expert'\)"):
+        run(cfg, tmp_path / "f")
+
+
+def test_grpo_stage_with_context_parallelism(pretrained, tmp_path, monkeypatch):
+    """config.mesh.context reaches the GRPO stage's updates and only them (the rollout keeps the plain rules, so both
+    runs sample the same completions): its first update equals the same mesh's without context parallelism."""
+    from r1jax.parallel.rules import canonical_rules
+    from r1jax.rl import trainer
+
+    used = []
+    real = trainer.axis_rules
+    monkeypatch.setattr(trainer, "axis_rules", lambda mesh, rules: used.append(
+        dict(canonical_rules(rules)).get("length")) or real(mesh, rules))
+    out = {}
+    for context in ("", "fsdp"):
+        cfg = _config(steps=1, grad_accum=2)
+        cfg.mesh.update(data=2, fsdp=4, context=context)
+        result = run(cfg, _workdir(pretrained, tmp_path / (context or "plain")))
+        assert not result["stopped"]
+        out[context] = read_metrics(tmp_path / (context or "plain"))
+    # Each run's one step: the rollout under the plain rules, then the update under the training rules.
+    assert used == [None, None, None, ("fsdp",)], used
+    for key in ("reward", "completion_len", "loss", "grad_norm", "entropy"):
+        a, b = _by_step(out[""], "grpo", key)[1], _by_step(out["fsdp"], "grpo", key)[1]
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6), key
 
 
 def test_sweep_expansion():

@@ -49,7 +49,7 @@ def query_blocks(fn, block: int, mask_BLS, *q_BL_):
     """Applies `fn(mask_BbS, *q_Bb_) -> out_Bb_` to query blocks of `block` positions, one at a time and
     rematerialized in the backward pass, so only one block's [*, block, S] scores exist at once (memory O(L * block)
     instead of O(L^2)); the result is identical to `fn(mask_BLS, *q_BL_)`. Used when L > block; a ragged last block
-    is padded with masked-out queries (e.g. GRPO's forward over P + N - 1 tokens), whose outputs are dropped.
+    is padded with masked-out queries (e.g. 15 positions in blocks of 4), whose outputs are dropped.
     Block i holds positions i, i + n, i + 2n, ... (n blocks), not a contiguous run: with context parallelism each
     device's contiguous share of the positions then contributes to every block, so all devices work on each step
     and a block's scores are split over them (a contiguous block would live on one device)."""

@@ -541,8 +541,8 @@ def format_report(report: dict, title: str = "") -> str:
                 fl += f"; Pallas grouped matmuls {st['flops_gmm']:.2e} added)" if st["flops_gmm"] else ")"
             micro = f" per micro-batch, {accum} micro-batches" if accum > 1 else ""
             lines.append(f"  train step  {st['rows']} rows x {st['length']} tokens ({st['rows_per_device']} rows, "
-                         f"{st['tokens_per_device']} tokens per device{micro}); lowered in {st['lower_s']:.1f} s; {fl}; model estimate "
-                         f"{st['flops_model']:.3e}")
+                         f"{st['tokens_per_device']} tokens per device{micro}); lowered in {st['lower_s']:.1f} s; "
+                         f"{fl}; model estimate {st['flops_model']:.3e}")
         r = s.get("rollout")
         if r:
             lines.append(f"  rollout     sample_padded {r['rows']} rows x {r['slots']} slots lowered in "
