@@ -48,13 +48,10 @@ def _env(**extra):
     return env
 
 
-def test_two_processes_compute_the_same_loss_as_one(tmp_path):
-    """2 processes x 4 CPU devices (gloo collectives between them); the (data=2, expert=4) mesh is laid out as a
-    hybrid mesh with data parallelism across the processes (dcn_data=2), as on a multi-slice pod. Same loss and
-    gradient norm as one 8-device process."""
-    out = tmp_path / "result.json"
+def _two_processes(out, *extra):
+    """The selftest on 2 processes x 4 CPU devices (data parallel across them); process 0's result."""
     cmd = [str(LAUNCH / "local_multiprocess.sh"), "-d", "4", "2", sys.executable, "-m", "r1jax.parallel.selftest",
-           "--data", "1", "--dcn-data", "2", "--expert", "4", "--out", str(out)]
+           "--data", "1", "--dcn-data", "2", "--expert", "4", "--out", str(out), *extra]
     multi = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
     lines = [json.loads(line.split("] ", 1)[1]) for line in multi.stdout.splitlines() if '] {"loss"' in line]
@@ -62,7 +59,16 @@ def test_two_processes_compute_the_same_loss_as_one(tmp_path):
     assert all(r["process_count"] == 2 and r["device_count"] == 8 and r["local_device_count"] == 4 for r in lines)
     assert lines[0]["mesh"] == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
     assert lines[0]["loss"] == lines[1]["loss"]
-    multi_result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_two_processes_compute_the_same_loss_as_one(tmp_path):
+    """2 processes x 4 CPU devices (gloo collectives between them); the (data=2, expert=4) mesh is laid out as a
+    hybrid mesh with data parallelism across the processes (dcn_data=2), as on a multi-slice pod. Same loss and
+    gradient norm as one 8-device process, also with context parallelism (each row's positions over the 4 expert
+    devices of its process, the experts' all-to-all over the same devices)."""
+    multi_result = _two_processes(tmp_path / "result.json")
+    context_result = _two_processes(tmp_path / "context.json", "--context", "expert")
     single = subprocess.run([sys.executable, "-m", "r1jax.parallel.selftest", "--data", "2", "--expert", "4"],
                             env=_env(XLA_FLAGS="--xla_backend_optimization_level=0 "
                                                "--xla_force_host_platform_device_count=8"),
@@ -70,8 +76,9 @@ def test_two_processes_compute_the_same_loss_as_one(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     one = json.loads(single.stdout.strip().splitlines()[-1])
     assert one["process_count"] == 1 and one["device_count"] == 8
-    assert abs(multi_result["loss"] - one["loss"]) < 1e-5
-    assert abs(multi_result["grad_norm"] - one["grad_norm"]) < 1e-5 * one["grad_norm"]
+    for result in (multi_result, context_result):
+        assert abs(result["loss"] - one["loss"]) < 1e-5
+        assert abs(result["grad_norm"] - one["grad_norm"]) < 1e-5 * one["grad_norm"]
 
 
 def test_local_launcher_sets_env_and_fails_if_any_process_fails():

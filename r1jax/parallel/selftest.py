@@ -20,15 +20,17 @@ import numpy as np
 from flax import nnx
 
 from r1jax.parallel import mesh as mesh_lib
-from r1jax.parallel.rules import axis_rules
+from r1jax.parallel.rules import axis_rules, context_rules
 from r1jax.parallel.sharding import init_sharded, shard_batch, shard_model
 
 
 def run(data: int = 2, fsdp: int = 1, expert: int = 4, tensor: int = 1, *, dcn_data: int = 1, rules: str = "expert",
-        dispatch: str = "a2a", gmm_backend: str = "xla", batch: int = 8, length: int = 16, seed: int = 0) -> dict:
+        dispatch: str = "a2a", gmm_backend: str = "xla", batch: int = 8, length: int = 16, seed: int = 0,
+        context: str = "") -> dict:
     """Loss and gradient norm of a tiny DeepSeek-V3 (one dense, one MoE layer) on a (data, fsdp, expert, tensor)
     mesh over all devices of all processes (`dcn_data` > 1: data parallel across processes/slices, the rest within
-    each). Capacity is large enough that nothing is dropped."""
+    each). Capacity is large enough that nothing is dropped. `context`: the step runs with context parallelism over
+    that mesh axis (`context_rules`), the batch placed by `rules` as the trainers place it."""
     from r1jax.models import Transformer, get_preset  # models sit above parallel; import at use
 
     mesh = mesh_lib.make_mesh(data, fsdp, expert, tensor, dcn_data=dcn_data)
@@ -54,7 +56,7 @@ def run(data: int = 2, fsdp: int = 1, expert: int = 4, tensor: int = 1, *, dcn_d
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         return loss, norm
 
-    with axis_rules(mesh, rules):
+    with axis_rules(mesh, context_rules(rules, context)):
         loss, norm = step(model, tokens_dev)
     return {"loss": float(loss), "grad_norm": float(norm), "process_index": p, "process_count": count,
             "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
@@ -70,11 +72,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dispatch", default="a2a")
     ap.add_argument("--gmm-backend", default="xla", help="grouped matmul backend (xla = ragged_dot, runs everywhere)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", default="", help="mesh axis of context parallelism (default: none)")
     ap.add_argument("--out", help="process 0 writes its JSON result here")
     args = ap.parse_args(argv)
     info = mesh_lib.initialize()
     result = run(args.data, args.fsdp, args.expert, args.tensor, dcn_data=args.dcn_data, rules=args.rules,
-                 dispatch=args.dispatch, gmm_backend=args.gmm_backend, batch=args.batch)
+                 dispatch=args.dispatch, gmm_backend=args.gmm_backend, batch=args.batch, context=args.context)
     result["init"] = info["mode"]
     print(json.dumps(result), flush=True)
     if args.out and result["process_index"] == 0:
