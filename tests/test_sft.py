@@ -213,3 +213,42 @@ def test_gradient_accumulation_reproduces_the_full_batch_step(examples):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="grad_accum=3 does not divide the batch's 4 rows"):
         make_train_step(graphdef, opt, sft_loss, grad_accum=3)(params, opt.init(params), rest, dev, False)
+
+
+def test_packed_distillation_step_with_context_parallelism_equals_one_device(examples):
+    """The SFT / distillation step on packed rows with context parallelism (rows over data, each row's 128
+    positions over fsdp, segment-restricted attention and per-segment positions included) and micro-batches gives
+    one device's loss, metrics and update."""
+    from functools import partial
+
+    import optax
+
+    from r1jax import parallel
+    from r1jax.sft.trainer import make_train_step
+    from r1jax.training import split_params
+
+    student, teacher = _model(seed=5), _model(seed=6)
+    batch = next(iter(sft_dataset(examples, TOK, batch_size=4, max_len=128, template="plain", pack=True,
+                                  shuffle=False)))
+    assert (batch["segment_ids"].max(1) > 1).any(), "packed rows, or segments would not be exercised"
+    mesh, rules = parallel.make_mesh(data=2, fsdp=4), parallel.context_rules("fsdp", "fsdp")
+    opt = optax.sgd(1.0)
+    results = []
+    for sharded in (False, True):
+        s, t = (parallel.shard_model(m, mesh, rules) for m in (student, teacher)) if sharded else (student, teacher)
+        t_graphdef, t_state = nnx.split(t)
+        graphdef, params, rest = split_params(s)
+        step = make_train_step(graphdef, opt, partial(sft_loss, teacher_graphdef=t_graphdef, kd_weight=0.5),
+                               grad_accum=2)
+        if sharded:
+            dev = {**parallel.shard_batch(batch, mesh, rules), "teacher": t_state}
+            with parallel.axis_rules(mesh, rules):
+                results.append(step(jax.tree.map(jnp.copy, params), opt.init(params), rest, dev, False))
+        else:
+            dev = {**{k: jnp.asarray(v) for k, v in batch.items()}, "teacher": t_state}
+            results.append(step(jax.tree.map(jnp.copy, params), opt.init(params), rest, dev, False))
+    (p1, _, m1, _), (p2, _, m2, _) = results
+    for key in ("loss", "nll", "kd_kl", "token_accuracy", "num_tokens", "grad_norm"):
+        np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+    for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
