@@ -113,8 +113,10 @@ def model_spec(cfg: ml_collections.ConfigDict, stage: str | None = None) -> dict
     return spec
 
 
-def build_model_config(cfg: ml_collections.ConfigDict, tokenizer, stage: str | None = None) -> ModelConfig:
-    """The ModelConfig of `stage` (default: config.model's)."""
+def build_model_config(cfg: ml_collections.ConfigDict, tokenizer, stage: str | None = None,
+                       platform: str | None = None) -> ModelConfig:
+    """The ModelConfig of `stage` (default: config.model's), checked against the platform it will run on (default:
+    this process's devices')."""
     m = ml_collections.ConfigDict(model_spec(cfg, stage))
     base = read_config(m.hf_path) if m.hf_path else get_preset(m.preset)
     overrides = m.overrides.to_dict()
@@ -125,6 +127,10 @@ def build_model_config(cfg: ml_collections.ConfigDict, tokenizer, stage: str | N
     if tokenizer.vocab_size > mc.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                          f"{mc.vocab_size}; set config.model.overrides.vocab_size >= {tokenizer.vocab_size}")
+    platform = platform or jax.default_backend()
+    if mc.attention_impl == "splash" and platform != "tpu" and not mc.attention_interpret:
+        raise ValueError(f"config.model.overrides.attention_impl='splash' is a TPU kernel and this run's platform is "
+                         f"{platform!r}; use attention_impl='xla' (or attention_interpret=True, slow: for tests)")
     return mc
 
 

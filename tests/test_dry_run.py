@@ -225,6 +225,10 @@ def test_activation_estimate_follows_the_memory_knobs():
     assert query_block_fraction(blocked, 500) == 128 / 500  # 4 blocks, the last one padded
     assert query_block_fraction(blocked, 128) == 1.0  # one block: runs dense
     H, b = mc.num_heads / 1, 4  # tiny_qwen2 computes in float32; no tensor axis
+    fused = mc.replace(attention_impl="splash")
+    assert query_block_fraction(fused, 512) == 0.0
     for policy, kept in (("none", 0.75 * H * 512 * (8 + 2 * b)), ("dots", H * 512 * b), ("full", 0.0)):
         dense = layer_bytes(mc, 512, False, policy, mesh, "fsdp")
         assert dense - layer_bytes(blocked, 512, False, policy, mesh, "fsdp") == pytest.approx(kept), policy
+        no_scores = H * 512 * ((8 + 2 * b) if policy == "none" else b) if policy != "full" else 0.0
+        assert dense - layer_bytes(fused, 512, False, policy, mesh, "fsdp") == pytest.approx(no_scores), policy

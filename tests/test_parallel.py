@@ -170,3 +170,12 @@ def test_from_pretrained_with_mesh_reads_only_each_shard(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), b, err_msg=str(path))
         for shard in a.addressable_shards:  # each device holds exactly its slice
             np.testing.assert_array_equal(np.asarray(shard.data), b[shard.index], err_msg=str(path))
+
+
+def test_rules_docstring_examples():
+    import doctest
+
+    from r1jax.parallel import rules
+
+    result = doctest.testmod(rules)
+    assert result.attempted > 0 and result.failed == 0

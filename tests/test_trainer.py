@@ -190,6 +190,7 @@ def test_grpo_stage_with_context_parallelism(pretrained, tmp_path, monkeypatch):
     out = {}
     for context in ("", "fsdp"):
         cfg = _config(steps=1, grad_accum=2)
+        cfg.grpo.eval.num_problems = 0  # the update is under test, not the evaluation
         cfg.mesh.update(data=2, fsdp=4, context=context)
         result = run(cfg, _workdir(pretrained, tmp_path / (context or "plain")))
         assert not result["stopped"]

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from r1jax.kernels.splash import splash_attention
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import RMSNorm, Rotary, cast, make_param, yarn_softmax_scale
 from r1jax.models.projection import project
@@ -152,9 +153,10 @@ class Attention(nnx.Module):
         self.num_groups = H // K
         self.scale = Q ** -0.5
         self.q_block = cfg.attention_q_block
+        self.impl, self.interpret = cfg.attention_impl, cfg.attention_interpret
         self.rotary = Rotary(cfg.rope, Q, cfg.max_position_embeddings)
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, prefill=False):
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, prefill=False, segments_BL=None):
         dt = x_BLD.dtype
         q = project("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
         k = project("bld,dkq->blkq", x_BLD, cast(self.wk, dt))
@@ -170,7 +172,9 @@ class Attention(nnx.Module):
         if cache is not None:
             new_cache = {"k": write_key_cache(cache["k"], k, cache_index),
                          "v": write_cache(cache["v"], v.transpose(0, 2, 1, 3), cache_index, axis=2)}
-        if cache is None or prefill:
+        if (cache is None or prefill) and self.impl == "splash":
+            out = splash_attention(q * self.scale, k, v, segments_BL, interpret=self.interpret).reshape(B, L, H, Q)
+        elif cache is None or prefill:
             k, v = all_positions(k), all_positions(v)
 
             def attend(mask, q):
@@ -223,6 +227,7 @@ class MLAttention(nnx.Module):
         self.dims = (Qn, Qr, V, R)
         self.scale = m.qk_head_dim ** -0.5 * yarn_softmax_scale(cfg.rope)
         self.q_block = cfg.attention_q_block
+        self.impl, self.interpret = cfg.attention_impl, cfg.attention_interpret
         self.rotary = Rotary(cfg.rope, Qr, cfg.max_position_embeddings)
 
     def _query(self, x_BLD):
@@ -234,7 +239,7 @@ class MLAttention(nnx.Module):
             qa = qa + cast(self.bq_a, dt)
         return project("blr,rhq->blhq", self.q_norm(qa), cast(self.wq_b, dt))
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, prefill=False):
+    def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, prefill=False, segments_BL=None):
         dt = x_BLD.dtype
         Qn, Qr, V, R = self.dims
         q = constrain(self._query(x_BLD), ("batch", "length", "heads", "kv"))
@@ -255,6 +260,14 @@ class MLAttention(nnx.Module):
             ckv, k_rope = all_positions(ckv), all_positions(k_rope)
             k_nope = project("bsr,rhq->bshq", ckv, wk_b)
             v = project("bsr,rhv->bshv", ckv, wv_b)
+            if self.impl == "splash":  # per head: [nope | rope] keys, the rope part shared by every head
+                H = k_nope.shape[2]
+                k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_rope.shape[:2] + (H, Qr))], -1)
+                q = jnp.concatenate([q_nope, q_rope], -1)[:, :, :, None] * self.scale
+                out = splash_attention(q, k, v, segments_BL, heads_axis="heads", interpret=self.interpret)
+                out = out[:, :, :, 0]
+                return self._output(out, dt), new_cache
+
             def attend(mask, q_nope, q_rope):
                 scores = (jnp.einsum("blhq,bshq->bhls", q_nope, k_nope)
                           + jnp.einsum("blhq,bsq->bhls", q_rope, k_rope))
@@ -273,10 +286,11 @@ class MLAttention(nnx.Module):
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
             out_lat = jnp.einsum("bhls,bsr->blhr", probs, ckv_all)
             out = project("blhr,rhv->blhv", out_lat, wv_b)
-        out = project("blhv,hvd->bld", out, cast(self.wo, dt))
-        if self.o_bias:
-            out = out + cast(self.bo, dt)
-        return out, new_cache
+        return self._output(out, dt), new_cache
+
+    def _output(self, out_BLHV, dt):
+        out = project("blhv,hvd->bld", out_BLHV, cast(self.wo, dt))
+        return out + cast(self.bo, dt) if self.o_bias else out
 
     CACHE_SLOT_AXES = {"ckv": 1, "krope": 1}
 

@@ -122,6 +122,9 @@ class MoEConfig:
                              f"[1, topk_group * experts per group = {self.topk_group * per_group}]")
 
 
+ATTENTION_IMPLS = ("xla", "splash")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     family: str
@@ -153,6 +156,10 @@ class ModelConfig:
     scan_unroll: int = 1
     # Queries per attention block in training / prefill (0: all at once); bounds score memory at O(L * block).
     attention_q_block: int = 0
+    # Training / prefill attention: "xla" (einsums, any platform) or "splash" (TPU: jax's fused Pallas kernel,
+    # r1jax.kernels.splash; no scores in HBM, attention_q_block unused); attention_interpret runs it interpreted.
+    attention_impl: str = "xla"
+    attention_interpret: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -162,6 +169,8 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; valid: {DTYPES}")
         if self.remat not in REMAT:
             raise ValueError(f"remat={self.remat!r}; valid: {REMAT}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; valid: {ATTENTION_IMPLS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.family == "deepseek_v3" and self.mla is None:

@@ -56,8 +56,9 @@ class DecoderLayer(nnx.Module):
                                                                      stack=stack, bias=cfg.mlp_bias)
         self.is_moe = moe
 
-    def __call__(self, x_BLD, cos_sin, mask_BLS, valid_BL, cache=None, cache_index=None, prefill=False):
-        h, new_cache = self.attn(self.ln1(x_BLD), cos_sin, mask_BLS, cache, cache_index, prefill)
+    def __call__(self, x_BLD, cos_sin, mask_BLS, valid_BL, cache=None, cache_index=None, prefill=False,
+                 segments_BL=None):
+        h, new_cache = self.attn(self.ln1(x_BLD), cos_sin, mask_BLS, cache, cache_index, prefill, segments_BL)
         x_BLD = x_BLD + h
         if self.is_moe:
             m, aux = self.mlp(self.ln2(x_BLD), valid_BL)
@@ -74,7 +75,7 @@ def split_layers(state) -> tuple:
 
 
 def run_stack(stack: DecoderLayer, x_BLD, cos_sin, mask_BLS, valid_BL, cache, cache_index, *, remat="none",
-              unroll=1, layers=None, prefill=False):
+              unroll=1, layers=None, prefill=False, segments_BL=None):
     """Runs the stacked layer over its leading axis: `jax.lax.scan` without a cache, so one layer body compiles per
     stack. With a cache (a tuple of per-layer buffers, see `Transformer.init_cache`) the layers run in a Python loop,
     each updating its own buffers in place; a scan could only carry one stacked buffer, which XLA:CPU copies whole
@@ -87,14 +88,15 @@ def run_stack(stack: DecoderLayer, x_BLD, cos_sin, mask_BLS, valid_BL, cache, ca
         new_cache, auxes = [], []
         for layer_state, layer_cache in zip(split_layers(state) if layers is None else layers, cache):
             layer = nnx.merge(graphdef, layer_state)
-            x_BLD, layer_cache, aux = layer(x_BLD, cos_sin, mask_BLS, valid_BL, layer_cache, cache_index, prefill)
+            x_BLD, layer_cache, aux = layer(x_BLD, cos_sin, mask_BLS, valid_BL, layer_cache, cache_index, prefill,
+                                            segments_BL)
             new_cache.append(layer_cache)
             auxes.append(aux)
         return x_BLD, tuple(new_cache), jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
     def body(x, layer_state):
         layer = nnx.merge(graphdef, layer_state)
-        x, _, aux = layer(x, cos_sin, mask_BLS, valid_BL)
+        x, _, aux = layer(x, cos_sin, mask_BLS, valid_BL, segments_BL=segments_BL)
         return x, aux
 
     if remat != "none":
@@ -191,6 +193,7 @@ class Transformer(nnx.Module):
         cfg = self.config
         B, L = tokens_BL.shape
         valid_BL = _valid_tokens(tokens_BL, segment_ids_BL, attention_mask_BL)
+        segments_BL = _segments(valid_BL, segment_ids_BL)
         if positions_BL is None and cos_sin is None:
             positions_BL = _default_positions(valid_BL, segment_ids_BL,
                                               None if cache is None else cache["next_pos"])
@@ -217,7 +220,7 @@ class Transformer(nnx.Module):
                                                   None if cache is None else cache[name], cache_index,
                                                   remat=cfg.remat, unroll=cfg.scan_unroll,
                                                   layers=None if layers is None else layers[name],
-                                                  prefill=prefill)
+                                                  prefill=prefill, segments_BL=segments_BL)
             if cache is not None:
                 new_cache[name] = stack_cache
             if name == "moe":
@@ -245,6 +248,7 @@ class Transformer(nnx.Module):
         if positions_BL is None:
             positions_BL = _default_positions(valid_BL, segment_ids_BL, None)
         mask_BLS = _causal_mask(valid_BL, segment_ids_BL)
+        segments_BL = _segments(valid_BL, segment_ids_BL)
         cos_sin = self.rotary.cos_sin(positions_BL)
         graphdef, state = nnx.split(self.mtp)
         h, out = hidden_BLD, []
@@ -253,7 +257,7 @@ class Transformer(nnx.Module):
             shifted = jnp.concatenate([tokens_BL[:, k + 1:], jnp.zeros((B, k + 1), tokens_BL.dtype)], axis=1)
             e = mod.enorm(self.embed(shifted))
             hp = project("blc,cd->bld", jnp.concatenate([e, mod.hnorm(h)], -1), cast(mod.eh_proj, e.dtype))
-            h, _, _ = mod.block(hp, cos_sin, mask_BLS, valid_BL)
+            h, _, _ = mod.block(hp, cos_sin, mask_BLS, valid_BL, segments_BL=segments_BL)
             out.append(self.head(mod.head_norm(h)))
         return jnp.stack(out)
 
@@ -265,6 +269,12 @@ def _valid_tokens(tokens_BL, segment_ids_BL, attention_mask_BL):
     if attention_mask_BL is not None:
         return attention_mask_BL.astype(bool)
     return jnp.ones(tokens_BL.shape, bool)
+
+
+def _segments(valid_BL, segment_ids_BL):
+    """Segment ids for fused attention kernels, which mask by segment instead of a [B, L, L] mask: the packed ids,
+    else 1 for real tokens and 0 for padding."""
+    return segment_ids_BL if segment_ids_BL is not None else valid_BL.astype(jnp.int32)
 
 
 def _causal_mask(valid_BL, segment_ids_BL):

@@ -38,9 +38,9 @@ use; the report gives these numbers per device:
                        product 4F (MoE: k routed copies of D and 4*F_expert, a2a buffers, shared experts, router
                        scores). working_layer is one layer's "none" set (recomputed during its backward; 0 for
                        "none"). Dimensions that the rules shard over 'tensor' (heads, mlp, vocab) count 1/t.
-                       Attention has no fused flash/splash kernel yet: dense scores grow with T * S per row and
-                       dominate at long context, unless config.model.overrides.attention_q_block runs queries in
-                       blocks (no scores kept; one block's while a layer is recomputed). GRPO's grad_accum = m
+                       Dense attention scores grow with T * S per row and dominate at long context, unless
+                       config.model.overrides.attention_q_block runs queries in blocks (no scores kept; one block's
+                       while a layer is recomputed) or attention_impl="splash" (TPU) fuses them away. GRPO's grad_accum = m
                        divides the rows (one micro-batch's activations at a time; the accumulated gradients add a
                        params-sized "grad_accum" entry). head = logit positions (GRPO: logits_chunk of them at
                        once) * V * 4 bytes * 4 (GRPO: logits, log-softmax, its exp for the entropy, the logits'
@@ -176,7 +176,7 @@ def model_config(config, stage: str | None, platform: str) -> tuple[ModelConfig,
             cfg[name].model.hf_path = ""
     vocab = dict(spec.get("overrides") or {}).get("vocab_size") or get_preset(spec["preset"]).vocab_size
     tokenizer = types.SimpleNamespace(vocab_size=_vocab_stand_in(config, vocab))
-    mc = training.build_model_config(cfg, tokenizer, stage)
+    mc = training.build_model_config(cfg, tokenizer, stage, platform=platform)
     if mc.moe is not None and mc.moe.gmm_backend == "auto":  # what "auto" resolves to on the target's devices
         mc = mc.replace(moe={"gmm_backend": _GMM_AUTO[platform]})
     source = f"preset {spec['preset']!r}" + (f" (hf_path {spec['hf_path']!r} not read)" if spec["hf_path"] else "")
