@@ -80,9 +80,9 @@ def _assert_close(got, ref):
     ("ragged", dict(data=2, expert=4), "expert"),               # emulated exchange on CPU
     ("auto", dict(data=2, expert=2, tensor=2), "fsdp_tensor"),  # expert ffn split over tensor, psum'd
     # context parallelism: each row's positions over expert, rows over data; tokens reach the experts as they lie
-    ("a2a", dict(data=2, expert=4), parallel.context_rules("expert", "expert")),
+    # (a2a under context parallelism: test_trainer's GRPO update and test_multihost)
     ("ragged", dict(data=2, expert=4), parallel.context_rules("expert", "expert")),
-], ids=["a2a", "ragged", "auto_tensor", "a2a_context", "ragged_context"])
+], ids=["a2a", "ragged", "auto_tensor", "ragged_context"])
 def test_expert_parallel_matches_one_device(dispatch, shape, rules, reference):
     mesh = parallel.make_mesh(**shape)
     cfg = _cfg(capacity_factor=4.0, dispatch=dispatch)  # capacity >= expert shards: nothing can be dropped

@@ -310,7 +310,7 @@ def test_gradient_accumulation_and_chunked_logits_reproduce_the_full_batch_updat
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_deepseek_v3"])
+@pytest.mark.parametrize("name", ["tiny_deepseek_v3"])  # dense layers: test_parallel and the stage test below
 def test_grpo_update_with_context_parallelism_equals_one_device(name):
     """Under context parallelism (rows over data, each row's 16 positions over fsdp; tiny DeepSeek-V3's experts
     dispatched by all-to-all over expert, tokens as they lie) the GRPO update with micro-batches and chunked logits
