@@ -54,9 +54,9 @@ class Tiling(NamedTuple):
 
     In gmm(lhs_MK, rhs_GKN) tk is the contraction tile and tn the output-column tile; the backward d_lhs matmul
     (contracting over N) uses the same tiles with tk and tn swapped, and tgmm tiles its [K, N] output by (tk, tn)
-    while stepping over rows tm at a time (pallas_mosaic_gpu: by (tm, tn), stepping tk rows). num_warps (Triton) and num_stages (Triton; Mosaic GPU's pipeline depth)
-    are GPU launch settings; num_sms is the persistent Mosaic GPU kernels' program count (default: the GPU's
-    multiprocessors).
+    while stepping over rows tm at a time (pallas_mosaic_gpu: by (tm, tn), stepping tk rows). num_warps (Triton)
+    and num_stages (Triton; Mosaic GPU's pipeline depth) are GPU launch settings; num_sms is the persistent Mosaic
+    GPU kernels' program count (default: the GPU's multiprocessors).
     """
 
     tm: int
