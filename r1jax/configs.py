@@ -120,6 +120,8 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         importance_sampling_level="token",
         kl_estimator="k3",
         advantage_scale="group",
+        dynamic_sampling=False,     # DAPO: sample more prompts until every group in the batch has a reward signal
+        max_rollouts=3,             # with dynamic_sampling: rollouts per step at most (then signal-less groups fill)
         ref_update_every=0,         # refresh the reference weights every N steps (0: never)
         rewards=ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1}),
         reward_timeout_s=1.0,

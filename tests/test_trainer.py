@@ -202,6 +202,25 @@ def test_grpo_stage_with_context_parallelism(pretrained, tmp_path, monkeypatch):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6), key
 
 
+def test_grpo_stage_with_dynamic_sampling(pretrained, tmp_path):
+    """dynamic_sampling through the stage: with a reward no completion here can change (the overlong penalty of
+    12-token completions is 0), no group ever has a signal, so each step makes max_rollouts rollouts, fills the
+    whole batch with signal-less groups and, with beta 0, updates nothing. (Which groups are kept, and stopping
+    early: tests/test_dynamic_sampling.py.)"""
+    cfg = _config(steps=2, beta=0.0, dynamic_sampling=True, max_rollouts=3, rewards={"overlong": 1.0})
+    cfg.grpo.eval.num_problems = 0
+    run(cfg, _workdir(pretrained, tmp_path / "flat"))
+    flat = read_metrics(tmp_path / "flat")
+    assert _by_step(flat, "grpo", "rollouts") == {1: 3, 2: 3}
+    assert _by_step(flat, "grpo", "ds_filled_groups") == {1: 2, 2: 2}
+    assert _by_step(flat, "grpo", "frac_zero_std") == {1: 1.0, 2: 1.0}
+    assert _by_step(flat, "grpo", "grad_norm") == {1: 0.0, 2: 0.0}
+    assert _by_step(flat, "grpo", "generated_tokens")[1] >= 3 * 2 * 4  # three rollouts, >= 1 token per row
+
+    with pytest.raises(ValueError, match="dynamic_sampling needs group_size >= 2"):
+        run(_config(dynamic_sampling=True, group_size=1, batch_prompts=8), _workdir(pretrained, tmp_path / "g1"))
+
+
 def test_sweep_expansion():
     sys.path.insert(0, str(ROOT / "launch"))
     import sweep

@@ -2,7 +2,8 @@
 
 The batch holds, for R = B * G rows: `tokens` [R, P + N] (left-padded prompt, then the completion), `mask`
 [R, P + N] (real tokens), `completion_mask` [R, N] (tokens up to and including EOS), `sampler_logp` [R, N]
-(log-probs under the rollout policy at temperature 1) and `advantages` [R].
+(log-probs under the rollout policy at temperature 1), `advantages` [R] and the total `rewards` [R] (host only:
+dynamic sampling reads them; the trainer drops them before the update).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         "completion_mask": completion_mask,
         "sampler_logp": logp.astype(np.float32),
         "advantages": np.asarray(advantages, np.float32),
+        "rewards": np.asarray(totals, np.float32),
     }
     metrics = {
         "reward": float(np.nanmean(totals)) if np.isfinite(totals).any() else float("nan"),

@@ -1,11 +1,13 @@
 """The GRPO trainer: rollout -> rewards -> group advantages -> policy updates, on device, resumable.
 
 Per step: take B prompts from the data pipeline, sample G completions each with the current policy (one compiled
-sampling loop), score them on the host (parallel, time-bounded rewards), compute group advantages, then run `mu`
-passes of `minibatches` optimizer updates with the GRPO loss (r1jax.rl.grpo). The ratio's old log-probs are the
-sampler's when each rollout gets exactly one update (they are the rollout policy's), else recomputed once before the
-updates; the reference log-probs come from frozen reference weights (refreshed every `ref_update_every` steps, as R1
-did; never computed when beta = 0). One jit per phase (sampling, log-probs, update), state buffers donated.
+sampling loop), score them on the host (parallel, time-bounded rewards), compute group advantages (with
+`dynamic_sampling`, DAPO's over-sampling: more prompts until every group has a reward signal, see
+r1jax.rl.dynamic_sampling), then run `mu` passes of `minibatches` optimizer updates with the GRPO loss
+(r1jax.rl.grpo). The ratio's old log-probs are the sampler's when each rollout gets exactly one update (they are the
+rollout policy's), else recomputed once before the updates; the reference log-probs come from frozen reference
+weights (refreshed every `ref_update_every` steps, as R1 did; never computed when beta = 0). One jit per phase
+(sampling, log-probs, update), state buffers donated.
 
 Example (a tiny run; the experiment configs and `r1jax train` drive this through r1jax.pipeline):
     r1jax train --config experiments/r1_zero_arith.py --workdir /tmp/r1zero
@@ -25,7 +27,7 @@ from r1jax import training
 from r1jax.checkpoint import Checkpointer
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
-from r1jax.rl import grpo
+from r1jax.rl import dynamic_sampling, grpo
 from r1jax.rl.rollout import rollout
 
 
@@ -159,6 +161,24 @@ def grpo_memory_knobs(cfg, stage: str) -> tuple[int, int, int]:
     return accum, logits_chunk, min(chunk, cfg.batch_prompts) if chunk else cfg.batch_prompts
 
 
+def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, step: int) -> tuple[dict, dict]:
+    """One step's update batch and rollout metrics: one rollout of the next prompts, or with `dynamic_sampling`
+    as many as it takes (r1jax.rl.dynamic_sampling; rollout r > 0 samples with fold_in(rng, r))."""
+    def draw(r):
+        batch, metrics, _ = rollout(model, ctx.tokenizer, next(it), cfg, jax.random.fold_in(rng, r) if r else rng,
+                                    mesh=ctx.mesh, rules=ctx.rules, model_rewards=model_rewards, step=step)
+        return batch, metrics
+
+    if cfg.dynamic_sampling:
+        batch, metrics = dynamic_sampling.collect(
+            draw, batch_prompts=cfg.batch_prompts, group_size=cfg.group_size, max_rollouts=cfg.max_rollouts,
+            max_new_tokens=cfg.max_new_tokens, advantage_scale=cfg.advantage_scale, pad_id=ctx.tokenizer.pad_id or 0)
+    else:
+        batch, metrics = draw(0)
+    batch.pop("rewards")
+    return batch, metrics
+
+
 def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
     """Runs (or resumes) a GRPO stage; returns its summary, or None when stopped by a signal."""
     from r1jax.data import rl_prompt_dataset
@@ -171,6 +191,9 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                          f"minibatches={cfg.minibatches}")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
+    if cfg.dynamic_sampling and (cfg.group_size < 2 or cfg.max_rollouts < 1):
+        raise ValueError(f"config.{stage}.dynamic_sampling needs group_size >= 2 (got {cfg.group_size}) and "
+                         f"max_rollouts >= 1 (got {cfg.max_rollouts})")
     grpo_memory_knobs(cfg, stage)  # before any model is loaded rather than at the first rollout or update
     examples = ctx.tasks[cfg.train_split]
     template = cfg.template or ctx.config.task.template
@@ -226,11 +249,9 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
             t0 = time.perf_counter()
             if use_ref and cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
                 ref = training.tree_copy(params)
-            prompts = next(it)
             with axis_rules(ctx.mesh, ctx.rules):
-                batch, metrics, _ = rollout(current_model(), ctx.tokenizer, prompts, cfg,
-                                            jax.random.fold_in(key, step), mesh=ctx.mesh, rules=ctx.rules,
-                                            model_rewards=model_rewards, step=step)
+                batch, metrics = sample_batch(ctx, cfg, current_model(), it, jax.random.fold_in(key, step),
+                                              model_rewards, step)
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
             dev = training.shard_batch(ctx, batch)
             t1 = time.perf_counter()
