@@ -172,10 +172,11 @@ def test_from_pretrained_with_mesh_reads_only_each_shard(tmp_path, monkeypatch):
             np.testing.assert_array_equal(np.asarray(shard.data), b[shard.index], err_msg=str(path))
 
 
-def test_rules_docstring_examples():
+def test_rules_and_hosts_docstring_examples():
     import doctest
 
-    from r1jax.parallel import rules
+    from r1jax.parallel import hosts, rules
 
-    result = doctest.testmod(rules)
-    assert result.attempted > 0 and result.failed == 0
+    for module in (rules, hosts):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

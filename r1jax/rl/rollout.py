@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax.eval.run import decode_completions
+from r1jax.parallel import hosts
 from r1jax.rl.grpo import group_advantages
 from r1jax.rl.rewards import score_batch
 from r1jax.sampling import make_strategy, sample_padded
@@ -66,38 +67,60 @@ def _advantages(rewards_R, group_size, scale):
     return group_advantages(rewards_R, group_size, scale=scale, return_stats=True)
 
 
+def _widen(ids_BP, mask_BP, length: int, pad_id: int):
+    """Left-pads prompts to `length` columns (extra masked columns change no logit)."""
+    extra = length - ids_BP.shape[1]
+    if not extra:
+        return ids_BP, mask_BP
+    B = ids_BP.shape[0]
+    return (np.concatenate([np.full((B, extra), pad_id, ids_BP.dtype), ids_BP], 1),
+            np.concatenate([np.zeros((B, extra), bool), mask_BP], 1))
+
+
 def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rules=None, model_rewards=None,
             step: int = 0) -> tuple[dict, dict, list]:
     """Samples, scores and computes advantages for one batch from `rl_prompt_dataset` (rows already repeated G
     times; the sampler takes every G-th row and shares each prompt's prefill across its G samples).
 
     `model_rewards` (r1jax.rl.reward_model.ModelRewards): components active at `step` score the batch (reward
-    models on the sampler's device arrays in one call) and add weight * normalized score to the total."""
+    models on the sampler's device arrays in one call) and add weight * normalized score to the total.
+
+    Multi-process: `prompt_batch` is this process's share. The sampler runs on every process's prompts (a program
+    over the whole mesh takes the same inputs on every process), each process scores its own rows with the rule
+    rewards, and totals, advantages and metrics are over the whole batch; model rewards score the whole batch.
+    The returned batch holds this process's rows, for `shard_batch`."""
     G = cfg.group_size
+    pad = tokenizer.pad_id or 0
     prompt_ids = np.asarray(prompt_batch["prompt_ids"])[::G]
     prompt_mask = np.asarray(prompt_batch["prompt_mask"])[::G].astype(bool)
     examples = list(prompt_batch["examples"])
+    prompt_ids, prompt_mask = _widen(prompt_ids, prompt_mask, hosts.process_max(prompt_ids.shape[1]), pad)
+    all_ids, all_mask = hosts.concat(prompt_ids), hosts.concat(prompt_mask)
+    local = prompt_ids.shape[0] * G
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     t0 = time.perf_counter()
     tokens, lengths, logp = sample_groups_in_chunks(
-        model, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), chunk=int(cfg.get("rollout_prompts", 0) or 0),
+        model, jnp.asarray(all_ids), jnp.asarray(all_mask), chunk=int(cfg.get("rollout_prompts", 0) or 0),
         group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-        top_k=cfg.top_k, eos_ids=eos, pad_id=tokenizer.pad_id or 0, rng=rng, mesh=mesh, rules=rules)
+        top_k=cfg.top_k, eos_ids=eos, pad_id=pad, rng=rng, mesh=mesh, rules=rules)
     device_out = {"tokens_RN": tokens, "lengths_R": lengths}
-    tokens, lengths, logp = (np.asarray(x) for x in jax.device_get((tokens, lengths, logp)))
+    all_tokens, all_lengths, all_logp = (hosts.fetch(x) for x in (tokens, lengths, logp))
+    tokens, lengths, logp = (hosts.local_rows(x, local) for x in (all_tokens, all_lengths, all_logp))
     t1 = time.perf_counter()
     totals, parts, texts = score(tokenizer, tokens, lengths, examples, cfg.rewards.to_dict(),
                                  timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers)
+    totals, parts = hosts.concat(totals), {name: hosts.concat(v) for name, v in parts.items()}
     t2 = time.perf_counter()
     if model_rewards:
-        scored = model_rewards.score(step, group_size=G, prompt_ids_BP=prompt_ids, prompt_mask_BP=prompt_mask,
-                                     texts=texts, examples=examples, **device_out)
+        scored = model_rewards.score(step, group_size=G, prompt_ids_BP=all_ids, prompt_mask_BP=all_mask,
+                                     texts=hosts.concat_objects(texts), examples=hosts.concat_objects(examples),
+                                     **device_out)
         for name, (raw, contribution) in scored.items():
             totals = totals + contribution
             parts[name] = raw
     t3 = time.perf_counter()
     advantages, stats = _advantages(jnp.asarray(totals, jnp.float32), G, cfg.advantage_scale)
-    R, N = tokens.shape
+    N = tokens.shape[1]
     completion_mask = np.arange(N)[None, :] < lengths[:, None]
     full_prompt_ids = np.repeat(prompt_ids, G, axis=0)
     full_prompt_mask = np.repeat(prompt_mask, G, axis=0)
@@ -106,21 +129,21 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         "mask": np.concatenate([full_prompt_mask, completion_mask], axis=1),
         "completion_mask": completion_mask,
         "sampler_logp": logp.astype(np.float32),
-        "advantages": np.asarray(advantages, np.float32),
-        "rewards": np.asarray(totals, np.float32),
+        "advantages": hosts.local_rows(np.asarray(advantages, np.float32), local),
+        "rewards": hosts.local_rows(np.asarray(totals, np.float32), local),
     }
     metrics = {
         "reward": float(np.nanmean(totals)) if np.isfinite(totals).any() else float("nan"),
         "reward_std": float(np.nanstd(totals)) if np.isfinite(totals).any() else float("nan"),
         "frac_zero_std": float(stats["frac_reward_zero_std"]),
         "frac_reward_missing": float(stats["frac_reward_missing"]),
-        "completion_len": float(lengths.mean()),
-        "completion_len_max": int(lengths.max()),
-        "frac_truncated": float(np.mean(lengths >= cfg.max_new_tokens)),
+        "completion_len": float(all_lengths.mean()),
+        "completion_len_max": int(all_lengths.max()),
+        "frac_truncated": float(np.mean(all_lengths >= cfg.max_new_tokens)),
         "rollout_s": t1 - t0,
         "reward_s": t2 - t1,
         **({"model_reward_s": t3 - t2} if model_rewards else {}),
-        "generated_tokens": int(lengths.sum()),
+        "generated_tokens": int(all_lengths.sum()),
     }
     for name, values in parts.items():
         metrics[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")

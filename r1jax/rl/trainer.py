@@ -161,6 +161,15 @@ def grpo_memory_knobs(cfg, stage: str) -> tuple[int, int, int]:
     return accum, logits_chunk, min(chunk, cfg.batch_prompts) if chunk else cfg.batch_prompts
 
 
+def local_prompts(cfg, stage: str) -> int:
+    """This process's share of the step's `batch_prompts` (a global count, as the dry run sizes it)."""
+    pc = jax.process_count()
+    if cfg.batch_prompts % pc:
+        raise ValueError(f"config.{stage}.batch_prompts={cfg.batch_prompts} must divide over the run's {pc} processes "
+                         f"(each loads and scores its share of the prompts)")
+    return cfg.batch_prompts // pc
+
+
 def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, step: int) -> tuple[dict, dict]:
     """One step's update batch and rollout metrics: one rollout of the next prompts, or with `dynamic_sampling`
     as many as it takes (r1jax.rl.dynamic_sampling; rollout r > 0 samples with fold_in(rng, r))."""
@@ -171,7 +180,7 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
 
     if cfg.dynamic_sampling:
         batch, metrics = dynamic_sampling.collect(
-            draw, batch_prompts=cfg.batch_prompts, group_size=cfg.group_size, max_rollouts=cfg.max_rollouts,
+            draw, batch_prompts=cfg.batch_prompts // jax.process_count(), group_size=cfg.group_size, max_rollouts=cfg.max_rollouts,
             max_new_tokens=cfg.max_new_tokens, advantage_scale=cfg.advantage_scale, pad_id=ctx.tokenizer.pad_id or 0)
     else:
         batch, metrics = draw(0)
@@ -197,7 +206,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     grpo_memory_knobs(cfg, stage)  # before any model is loaded rather than at the first rollout or update
     examples = ctx.tasks[cfg.train_split]
     template = cfg.template or ctx.config.task.template
-    ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=cfg.batch_prompts, group_size=cfg.group_size,
+    ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=local_prompts(cfg, stage), group_size=cfg.group_size,
                            template=template, seed=ctx.config.seed, max_prompt_len=cfg.max_prompt_len,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
     from r1jax.rl.reward_trainer import build_model_rewards

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules, constrain
 from r1jax.sampling.cache import constrain_cache, grow, repeat_rows
 from r1jax.sampling.strategies import Strategy, make_strategy, select
@@ -135,7 +136,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, m
 
     temperature 0 is greedy. eos_id: an int, a list of ints, or None (never stop early). With a mesh, rows are
     sharded over the batch axes by `rules` (the model should already be sharded, e.g. by
-    `from_pretrained(..., mesh=mesh)`)."""
+    `from_pretrained(..., mesh=mesh)`). In a multi-process run every process passes the same prompts and seed and
+    gets every sample."""
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     if max_new_tokens < 1:
@@ -161,5 +163,5 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, m
                         jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                         jnp.int32(pad_id), jnp.asarray(eos, jnp.int32), num_samples=num_samples,
                         max_new_bucket=N, strategy=strategy, mesh=mesh, rules=rules if mesh is not None else None)
-    toks, lengths, logp, slogp = (np.asarray(x) for x in out)
+    toks, lengths, logp, slogp = (hosts.fetch(x) for x in out)
     return SamplingResult(toks[:, :max_new_tokens], lengths, logp[:, :max_new_tokens], slogp[:, :max_new_tokens])

@@ -24,11 +24,13 @@ from functools import partial
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from r1jax import training
 from r1jax.checkpoint import Checkpointer
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
+from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules
 
 log = logging.getLogger(__name__)
@@ -186,7 +188,11 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
 
     examples = sft_examples(ctx, stage, cfg) if examples is None else examples
     template = cfg.template or ctx.config.task.template
-    ds = sft_dataset(examples, ctx.tokenizer, batch_size=cfg.batch_size, max_len=cfg.max_len, template=template,
+    pc = jax.process_count()
+    if cfg.batch_size % pc:
+        raise ValueError(f"config.{stage}.batch_size={cfg.batch_size} must divide over the run's {pc} processes "
+                         f"(a global count: each process loads its share of the rows)")
+    ds = sft_dataset(examples, ctx.tokenizer, batch_size=cfg.batch_size // pc, max_len=cfg.max_len, template=template,
                      completion_key=cfg.completion_field, seed=ctx.config.seed, num_epochs=cfg.num_epochs,
                      pack=cfg.pack, too_long="truncate", shard_index=jax.process_index(),
                      shard_count=jax.process_count())
@@ -230,7 +236,7 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
                          step, cfg.steps)
                 exhausted = True
                 break
-            tokens += int((raw["segment_ids"] > 0).sum())
+            tokens += int(hosts.concat(np.array([(raw["segment_ids"] > 0).sum()])).sum())  # over all processes
             batch = training.shard_batch(ctx, raw)
             if teacher_state is not None:
                 batch["teacher"] = teacher_state

@@ -1,0 +1,83 @@
+"""Host-side values across the processes of a multi-process (multi-host) run.
+
+A jitted program over a mesh that spans processes runs on every process at once and takes, from each, the same
+value for every input that is not already a global `jax.Array`. The rollout's prompts come from each process's own
+data shard, and its outputs are global arrays that no single process can read, so the host code in between uses
+these helpers. With one process each one returns its input (or an empty list's worth of work): the single-process
+path does not change.
+
+Example (one process):
+    >>> import numpy as np
+    >>> from r1jax.parallel import hosts
+    >>> hosts.concat(np.arange(3)).tolist(), hosts.process_max(5), hosts.local_rows(np.arange(6), 6).tolist()
+    ([0, 1, 2], 5, [0, 1, 2, 3, 4, 5])
+    >>> hosts.concat_objects([{"id": 1}])
+    [{'id': 1}]
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import jax
+import numpy as np
+
+
+def _multi() -> bool:
+    return jax.process_count() > 1
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+    """[process_count, *x.shape]: every process's `x` (same shape and dtype on all), in process order."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=False))
+
+
+def process_max(x: int) -> int:
+    return int(np.max(_allgather(np.int64(x)))) if _multi() else int(x)
+
+
+def process_min(x: int) -> int:
+    return int(np.min(_allgather(np.int64(x)))) if _multi() else int(x)
+
+
+def concat(x) -> np.ndarray:
+    """Every process's rows of `x` concatenated along axis 0 in process order; the rows may differ in number
+    between processes, the other dimensions may not."""
+    x = np.asarray(x)
+    if not _multi():
+        return x
+    counts = _allgather(np.int64(x.shape[0]))
+    padded = np.zeros((int(counts.max()), *x.shape[1:]), x.dtype)
+    padded[:x.shape[0]] = x
+    parts = _allgather(padded)
+    return np.concatenate([p[:int(n)] for p, n in zip(parts, counts)], axis=0)
+
+
+def concat_objects(items: list) -> list:
+    """`concat` for a list of picklable objects (examples, texts); the processes are one job, so they trust each
+    other's pickles."""
+    if not _multi():
+        return list(items)
+    encoded = np.frombuffer(pickle.dumps(list(items)), np.uint8)
+    counts = _allgather(np.int64(encoded.size))
+    padded = np.zeros(int(counts.max()), np.uint8)
+    padded[:encoded.size] = encoded
+    parts = _allgather(padded)
+    return [item for p, n in zip(parts, counts) for item in pickle.loads(p[:int(n)].tobytes())]
+
+
+def local_rows(x_global, rows_per_process: int) -> np.ndarray:
+    """This process's block of a `concat`-ed array whose processes each gave `rows_per_process` rows."""
+    start = jax.process_index() * rows_per_process
+    return np.asarray(x_global)[start:start + rows_per_process]
+
+
+def fetch(x) -> np.ndarray:
+    """The full value of a `jax.Array` as numpy on every process, also when its shards live on other processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -1,0 +1,96 @@
+"""A GRPO rollout across processes, checked from inside: run by tests/test_multihost.py on 2 processes x 2 CPU
+devices (launch/local_multiprocess.sh). Each process loads its own prompts (its data shard, of another length
+bucket than the other process's); the sampler runs over the 4-device mesh. Checks, on every process:
+  - its rows are its own prompts' greedy samples (equal to sampling them alone on one local device),
+  - (sampled) its rows' rewards are its own completions' scores, and advantages are over the whole batch,
+  - metrics are the whole batch's, identical on every process,
+  - the batch assembles into global arrays (shard_batch),
+  - the host helpers: concat of unequal row counts, concat_objects, process_max.
+Prints one JSON line and exits 0, or fails an assertion."""
+
+import json
+
+from r1jax.parallel import initialize
+
+initialize()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from r1jax.configs import grpo_stage  # noqa: E402
+from r1jax.data import ByteTokenizer, get_task, rl_prompt_dataset  # noqa: E402
+from r1jax.models import Transformer, get_preset  # noqa: E402
+from r1jax.parallel import hosts, make_mesh, shard_batch, shard_model  # noqa: E402
+from r1jax.rl.grpo import group_advantages  # noqa: E402
+from r1jax.rl.rewards import register_reward  # noqa: E402
+from r1jax.rl.rollout import rollout, score  # noqa: E402
+from r1jax.sampling import generate  # noqa: E402
+
+pid, pc = jax.process_index(), jax.process_count()
+assert pc == 2 and jax.device_count() == 4, (pc, jax.device_count())
+
+# host helpers
+assert hosts.concat(np.arange(pid + 1)).tolist() == [0, 0, 1]
+assert hosts.concat_objects([{"p": pid}] * (pid + 1)) == [{"p": 0}, {"p": 1}, {"p": 1}]
+assert hosts.process_max(pid + 7) == 8 and hosts.process_min(pid + 7) == 7
+
+tok = ByteTokenizer()
+G, N, B = 2, 8, 2
+# Process 1's problems are longer, so its prompts land in a wider bucket than process 0's.
+task = get_task("arithmetic", n=B, seed=pid, num_digits=1 + 2 * pid, num_ops=(1 + pid, 1 + pid))
+prompts = next(iter(rl_prompt_dataset(task, tok, batch_size=B, group_size=G, template="plain", shuffle=False,
+                                      max_prompt_len=64)))
+config = get_preset("tiny_qwen2")
+mesh = make_mesh(data=-1)
+model = shard_model(Transformer(config, rngs=nnx.Rngs(0)), mesh, "fsdp")
+
+
+@register_reward("test_checksum")
+def checksum(completion, example, **_):
+    """A reward that varies between a random model's completions (accuracy and format are all 0 here)."""
+    return float(sum(completion.encode()) % 3)
+
+
+widths = hosts.concat(np.array([prompts["prompt_ids"].shape[1]]))
+assert widths[0] < widths[1], widths
+cfg = grpo_stage(group_size=G, max_new_tokens=N, temperature=0.0, reward_workers=1,
+                 rewards={"accuracy": 1.0, "test_checksum": 1.0})
+batch, metrics, texts = rollout(model, tok, prompts, cfg, jax.random.key(0), mesh=mesh, rules="fsdp")
+assert batch["tokens"].shape[0] == B * G
+
+# Its own prompts' greedy samples, on one local device.
+local = Transformer(config, rngs=nnx.Rngs(0))
+own = [list(ids[m.astype(bool)]) for ids, m in zip(prompts["prompt_ids"][::G], prompts["prompt_mask"][::G])]
+alone = generate(local, own, num_samples=G, max_new_tokens=N, temperature=0.0, eos_id=tok.eos_id, pad_id=0)
+lengths = batch["completion_mask"].sum(1)
+np.testing.assert_array_equal(lengths, alone.lengths)
+for row in range(B * G):
+    np.testing.assert_array_equal(batch["tokens"][row, -N:][:lengths[row]], alone.tokens[row, :lengths[row]])
+
+# Sampled (temperature 1): its own rewards; advantages over the whole batch.
+cfg.temperature = 1.0
+batch, metrics, texts = rollout(model, tok, prompts, cfg, jax.random.key(1), mesh=mesh, rules="fsdp")
+lengths = batch["completion_mask"].sum(1)
+totals, _, own_texts = score(tok, batch["tokens"][:, -N:], lengths, prompts["examples"], cfg.rewards.to_dict(),
+                             timeout_s=1.0, num_workers=1)
+assert own_texts == texts
+np.testing.assert_allclose(batch["rewards"], totals, rtol=1e-6)
+all_rewards = hosts.concat(batch["rewards"])
+all_advantages = hosts.concat(batch["advantages"])
+np.testing.assert_allclose(all_advantages, np.asarray(group_advantages(all_rewards, G)), rtol=1e-5, atol=1e-6)
+assert np.ptp(all_advantages) > 0, all_rewards
+
+# Whole-batch metrics, the same on both processes.
+all_lengths = hosts.concat(lengths)
+assert metrics["completion_len"] == float(all_lengths.mean()) and metrics["generated_tokens"] == all_lengths.sum()
+assert np.isclose(metrics["reward"], float(np.mean(all_rewards)))
+gathered = hosts.concat(np.array([[metrics["reward"], metrics["completion_len"]]]))
+assert (gathered[0] == gathered[1]).all(), gathered
+
+# Process 1's prompts are wider: both padded to the same columns, and the batch assembles.
+assert hosts.concat(np.array([batch["tokens"].shape[1]])).tolist() == [batch["tokens"].shape[1]] * 2
+placed = shard_batch({k: batch[k] for k in ("tokens", "mask", "advantages")}, mesh, "fsdp")
+assert placed["tokens"].shape == (pc * B * G, batch["tokens"].shape[1])
+print(json.dumps({"process_index": pid, "rollout": "ok", "prompt_columns": int(batch["tokens"].shape[1] - N),
+                  "reward": metrics["reward"]}))
