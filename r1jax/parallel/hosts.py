@@ -68,6 +68,14 @@ def concat_objects(items: list) -> list:
     return [item for p, n in zip(parts, counts) for item in pickle.loads(p[:int(n)].tobytes())]
 
 
+def barrier(name: str) -> None:
+    """Waits until every process gets here (after process 0 wrote files the others read next)."""
+    if _multi():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def local_rows(x_global, rows_per_process: int) -> np.ndarray:
     """This process's block of a `concat`-ed array whose processes each gave `rows_per_process` rows."""
     start = jax.process_index() * rows_per_process

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from r1jax import training
@@ -75,10 +76,12 @@ def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str 
             done = training.stage_summary(ctx, spec[6:])
             entry.update({k: done[k] for k in ("wall_s", "steps", "tokens") if k in done})
         ctx.logger.write(stage, 0, {f"{label}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})
-        cache.write_text(json.dumps(entry, indent=2))
+        if jax.process_index() == 0:
+            cache.write_text(json.dumps(entry, indent=2))
         results[label] = entry
-    write_report(ctx.workdir, cfg.output, results, title=f"{stage}: {', '.join(sets)} "
-                 f"(k={cfg.eval.k}, temperature {cfg.eval.temperature}, top-p {cfg.eval.top_p})")
+    if jax.process_index() == 0:
+        write_report(ctx.workdir, cfg.output, results, title=f"{stage}: {', '.join(sets)} "
+                     f"(k={cfg.eval.k}, temperature {cfg.eval.temperature}, top-p {cfg.eval.top_p})")
     summary = {"results": results}
     training.write_done(ctx, stage, summary)
     return summary

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from r1jax.data.io import read_sft_jsonl, write_jsonl
+from r1jax.parallel import hosts
 from r1jax.rl.rewards import chain_of_thought, language_shares, score_batch
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,7 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
     if jax.process_index() == 0:
         out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2))
         write_jsonl(out, rows)
+    hosts.barrier(f"{stage} data")  # a distill stage reads `out` next, on every process
     log.info("stage %r: kept %d of %d samples (%s), %d rows with the mix", stage, len(kept), len(records),
              dict(rejected), len(rows))
     return summary

@@ -23,6 +23,7 @@ import ml_collections
 
 from r1jax import configs, training
 from r1jax.logging import MetricsLogger
+from r1jax.parallel import hosts
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +109,9 @@ def build_tokenizer(config, workdir: Path, tasks):
         if jax.process_index() == 0:
             train_sentencepiece(tokenizer_texts(config, tasks), tk.vocab_size, path,
                                 split_by_whitespace=tk.split_by_whitespace, max_piece_length=tk.max_piece_length)
-        _sync("tokenizer")
+        hosts.barrier("tokenizer")
         return load_tokenizer(path)
     raise ValueError(f"config.tokenizer.kind={tk.kind!r}; valid: spm_train, path, byte")
-
-
-def _sync(name: str):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _record_config(config, workdir: Path):
@@ -173,6 +167,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
                 if summary is None:
                     return {"stages": summaries, "stopped": True, "stopped_in": name}
                 summaries[name] = summary
+                # Process 0 alone writes DONE and data files (rejection, distillation): every process sees them
+                # before the next stage reads them.
+                hosts.barrier(f"stage {name}")
             # A reward model is no policy: "previous" passes over it as over stages that only write data.
             if training.final_dir(ctx, name).exists() and config[name].kind != "reward_model":
                 previous = name

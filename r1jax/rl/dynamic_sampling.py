@@ -31,11 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax.parallel import hosts
 from r1jax.rl.grpo import group_advantages
+from r1jax.rl.rollout import left_pad_columns
 
 # Per-rollout metrics that add up over the rollouts of a step; `completion_len_max` takes the max, the rest
 # (means and fractions over each rollout's equally many rows) average.
@@ -49,25 +50,10 @@ def signal_groups(advantages_R, group_size: int) -> np.ndarray:
     return np.any(adv != 0, axis=1)
 
 
-def global_min(x: int) -> int:
-    """The minimum of `x` over all processes (x itself on one process)."""
-    if jax.process_count() == 1:
-        return int(x)
-    from jax.experimental import multihost_utils
-
-    return int(np.min(multihost_utils.process_allgather(np.int32(x))))
-
-
 def _left_pad(batch: dict, prompt_len: int, completion_len: int, pad_id: int) -> dict:
-    """Widens the prompt part of `tokens`/`mask` [R, P + N] to `prompt_len` on the left (prompts are left-padded:
-    extra masked columns change no logit)."""
-    extra = prompt_len - (batch["tokens"].shape[1] - completion_len)
-    if extra == 0:
-        return batch
-    R = batch["tokens"].shape[0]
-    return {**batch,
-            "tokens": np.concatenate([np.full((R, extra), pad_id, batch["tokens"].dtype), batch["tokens"]], 1),
-            "mask": np.concatenate([np.zeros((R, extra), batch["mask"].dtype), batch["mask"]], 1)}
+    """Widens the prompt part of `tokens`/`mask` [R, P + N] to `prompt_len` columns."""
+    tokens, mask = left_pad_columns(batch["tokens"], batch["mask"], prompt_len + completion_len, pad_id)
+    return {**batch, "tokens": tokens, "mask": mask}
 
 
 def _combine(metrics: list[dict]) -> dict:
@@ -86,7 +72,7 @@ def _combine(metrics: list[dict]) -> dict:
 
 def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, group_size: int, max_rollouts: int,
             max_new_tokens: int, advantage_scale: str = "group", pad_id: int = 0,
-            agree: Callable[[int], int] = global_min) -> tuple[dict, dict]:
+            agree: Callable[[int], int] = hosts.process_min) -> tuple[dict, dict]:
     """Calls `draw(r)` for rollouts r = 0, 1, ... until every process holds `batch_prompts` groups with a signal or
     `max_rollouts` rollouts were made; returns (the update batch of batch_prompts * group_size rows, metrics).
 

@@ -67,8 +67,9 @@ def _advantages(rewards_R, group_size, scale):
     return group_advantages(rewards_R, group_size, scale=scale, return_stats=True)
 
 
-def _widen(ids_BP, mask_BP, length: int, pad_id: int):
-    """Left-pads prompts to `length` columns (extra masked columns change no logit)."""
+def left_pad_columns(ids_BP, mask_BP, length: int, pad_id: int):
+    """Left-pads rows of left-padded tokens and their mask to `length` columns (extra masked columns on the left
+    change no logit)."""
     extra = length - ids_BP.shape[1]
     if not extra:
         return ids_BP, mask_BP
@@ -94,7 +95,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     prompt_ids = np.asarray(prompt_batch["prompt_ids"])[::G]
     prompt_mask = np.asarray(prompt_batch["prompt_mask"])[::G].astype(bool)
     examples = list(prompt_batch["examples"])
-    prompt_ids, prompt_mask = _widen(prompt_ids, prompt_mask, hosts.process_max(prompt_ids.shape[1]), pad)
+    prompt_ids, prompt_mask = left_pad_columns(prompt_ids, prompt_mask, hosts.process_max(prompt_ids.shape[1]), pad)
     all_ids, all_mask = hosts.concat(prompt_ids), hosts.concat(prompt_mask)
     local = prompt_ids.shape[0] * G
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
