@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from r1jax.data.io import read_sft_jsonl, write_jsonl
@@ -243,14 +244,16 @@ def sample_chunk(model, tokenizer, examples: Sequence[Mapping], cfg, template: s
 
 
 def _check_fingerprint(path: Path, fingerprint: dict):
-    if path.exists():
+    existed = path.exists()
+    hosts.barrier(f"checked {path}")  # every process decides before process 0 writes it
+    if existed:
         old = json.loads(path.read_text())
         if old != fingerprint:
             diff = {k: (old.get(k), fingerprint.get(k)) for k in set(old) | set(fingerprint)
                     if old.get(k) != fingerprint.get(k)}
             raise ValueError(f"{path.parent} holds samples made with other settings ({{key: (then, now)}}: {diff}); "
                              f"delete {path.parent} to sample again")
-    else:
+    elif jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
 
@@ -262,8 +265,6 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
     `model_fn()` loads the sampling model, only when a chunk is missing; so does `judge_fn()` the judge (when
     cfg.judge.model is set). Returns the data summary (also written to `out` with suffix .summary.json), or None
     when stopped by a signal."""
-    import jax
-
     seed = ctx.config.seed
     template = cfg.template or ctx.config.task.template
     examples = prompt_examples(cfg, ctx.tasks, seed)

@@ -180,8 +180,9 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
 
     if cfg.dynamic_sampling:
         batch, metrics = dynamic_sampling.collect(
-            draw, batch_prompts=cfg.batch_prompts // jax.process_count(), group_size=cfg.group_size, max_rollouts=cfg.max_rollouts,
-            max_new_tokens=cfg.max_new_tokens, advantage_scale=cfg.advantage_scale, pad_id=ctx.tokenizer.pad_id or 0)
+            draw, batch_prompts=cfg.batch_prompts // jax.process_count(), group_size=cfg.group_size,
+            max_rollouts=cfg.max_rollouts, max_new_tokens=cfg.max_new_tokens, advantage_scale=cfg.advantage_scale,
+            pad_id=ctx.tokenizer.pad_id or 0)
     else:
         batch, metrics = draw(0)
     batch.pop("rewards")
@@ -206,8 +207,9 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     grpo_memory_knobs(cfg, stage)  # before any model is loaded rather than at the first rollout or update
     examples = ctx.tasks[cfg.train_split]
     template = cfg.template or ctx.config.task.template
-    ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=local_prompts(cfg, stage), group_size=cfg.group_size,
-                           template=template, seed=ctx.config.seed, max_prompt_len=cfg.max_prompt_len,
+    ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=local_prompts(cfg, stage),
+                           group_size=cfg.group_size, template=template, seed=ctx.config.seed,
+                           max_prompt_len=cfg.max_prompt_len,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
     from r1jax.rl.reward_trainer import build_model_rewards
 
