@@ -5,7 +5,8 @@ bucket than the other process's); the sampler runs over the 4-device mesh. Check
   - (sampled) its rows' rewards are its own completions' scores, and advantages are over the whole batch,
   - metrics are the whole batch's, identical on every process,
   - the batch assembles into global arrays (shard_batch),
-  - the host helpers: concat of unequal row counts, concat_objects, process_max.
+  - the host helpers: concat of unequal row counts, concat_objects, process_max,
+  - evaluation: every process samples every problem and scores its share; pass@1 is over all rows.
 Prints one JSON line and exits 0, or fails an assertion."""
 
 import json
@@ -92,5 +93,17 @@ assert (gathered[0] == gathered[1]).all(), gathered
 assert hosts.concat(np.array([batch["tokens"].shape[1]])).tolist() == [batch["tokens"].shape[1]] * 2
 placed = shard_batch({k: batch[k] for k in ("tokens", "mask", "advantages")}, mesh, "fsdp")
 assert placed["tokens"].shape == (pc * B * G, batch["tokens"].shape[1])
+# Evaluation: every process samples every problem, each scores its share; the metrics are all rows'.
+from r1jax.eval.run import decode_completions, encode_prompts, evaluate  # noqa: E402
+from r1jax.rl.rewards import score_batch  # noqa: E402
+
+problems = get_task("arithmetic", n=6, seed=5)  # the same on both processes
+ev = evaluate(model, tok, problems, k=2, template="plain", temperature=1.0, max_new_tokens=N, seed=3, mesh=mesh,
+              rules="fsdp", reward="test_checksum")
+out = generate(model, encode_prompts(tok, problems, "plain"), num_samples=2, max_new_tokens=N, temperature=1.0,
+               top_p=0.95, eos_id=tok.eos_id, pad_id=0, seed=3, mesh=mesh, rules="fsdp")
+_, parts = score_batch(decode_completions(tok, out.tokens, out.lengths), [p for p in problems for _ in range(2)],
+                       {"test_checksum": 1.0}, timeout_s=1.0)
+assert ev["pass@1"] == float(np.mean(parts["test_checksum"] > 0.5)) and 0 < ev["pass@1"] < 1, ev
 print(json.dumps({"process_index": pid, "rollout": "ok", "prompt_columns": int(batch["tokens"].shape[1] - N),
                   "reward": metrics["reward"]}))

@@ -20,6 +20,7 @@ import numpy as np
 
 from r1jax.data.templates import render
 from r1jax.eval.metrics import summarize
+from r1jax.parallel import hosts
 from r1jax.rl.rewards import score_batch
 from r1jax.rl.rewards_math import extract_final_answer
 from r1jax.sampling import generate
@@ -68,7 +69,9 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         completions += decode_completions(tokenizer, out.tokens, out.lengths)[: n_real * k]
         lengths += out.lengths[: n_real * k].tolist()
     rows = [ex for ex in examples for _ in range(k)]
-    _, parts = score_batch(completions, rows, {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
+    lo, hi = hosts.share(len(completions))  # every process holds every sample; each scores its share
+    _, parts = score_batch(completions[lo:hi], rows[lo:hi], {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
+    parts = {name: hosts.concat(values) for name, values in parts.items()}
     correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) > 0.5
     answers = [extract_final_answer(c) for c in completions]
     metrics = summarize(correct, [answers[p * k:(p + 1) * k] for p in range(len(examples))])

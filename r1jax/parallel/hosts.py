@@ -11,8 +11,8 @@ Example (one process):
     >>> from r1jax.parallel import hosts
     >>> hosts.concat(np.arange(3)).tolist(), hosts.process_max(5), hosts.local_rows(np.arange(6), 6).tolist()
     ([0, 1, 2], 5, [0, 1, 2, 3, 4, 5])
-    >>> hosts.concat_objects([{"id": 1}])
-    [{'id': 1}]
+    >>> hosts.concat_objects([{"id": 1}]), hosts.share(10)
+    ([{'id': 1}], (0, 10))
 """
 
 from __future__ import annotations
@@ -66,6 +66,13 @@ def concat_objects(items: list) -> list:
     padded[:encoded.size] = encoded
     parts = _allgather(padded)
     return [item for p, n in zip(parts, counts) for item in pickle.loads(p[:int(n)].tobytes())]
+
+
+def share(n: int) -> tuple[int, int]:
+    """(lo, hi): this process's contiguous share of n items of work done once per job (e.g. scoring completions
+    that every process holds), to `concat` afterwards."""
+    pid, pc = jax.process_index(), jax.process_count()
+    return n * pid // pc, n * (pid + 1) // pc
 
 
 def barrier(name: str) -> None:

@@ -72,8 +72,10 @@ def score_samples(completions: Sequence[str], examples: Sequence[Mapping], num_t
     weights = {"format": 1.0}
     if cfg.require_correct:
         weights["accuracy"] = 1.0
-    _, parts = score_batch(list(completions), list(examples), weights, timeout_s=cfg.reward_timeout_s,
-                           num_workers=cfg.reward_workers, num_tokens=[int(n) for n in num_tokens])
+    lo, hi = hosts.share(len(completions))  # every process holds every sample; each scores its share
+    _, parts = score_batch(list(completions[lo:hi]), list(examples[lo:hi]), weights, timeout_s=cfg.reward_timeout_s,
+                           num_workers=cfg.reward_workers, num_tokens=[int(n) for n in num_tokens[lo:hi]])
+    parts = {name: hosts.concat(values) for name, values in parts.items()}
     judged = judge(list(completions), list(examples))[0] if judge is not None else None
     index: dict[int, int] = {}
     out = []
