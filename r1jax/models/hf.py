@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 from r1jax.models.config import ModelConfig
 from r1jax.models.hf_mapping import Source, config_from_hf, config_to_hf, is_ignored, param_sources
 from r1jax.models.transformer import Transformer
+from r1jax.parallel import hosts
 from r1jax.parallel.rules import logical_to_spec
 
 _FP8_BLOCK = 128
@@ -293,13 +294,6 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, *, mesh=None, rules
 # saving
 
 
-def _host_array(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def hf_tensors(model: Transformer, dtype=None, sources: dict | None = None) -> dict[str, np.ndarray]:
     """The model's parameters as checkpoint tensors (name -> numpy array in the hub layout); `sources` maps the
     parameter paths of a module other than `Transformer` (e.g. a reward model)."""
@@ -310,7 +304,7 @@ def hf_tensors(model: Transformer, dtype=None, sources: dict | None = None) -> d
     for path, var in nnx.to_flat_state(state):
         key = tuple(str(k) for k in path)
         src = sources[key]
-        value = _host_array(var[...])
+        value = hosts.fetch(var[...])
         if dtype is not None:
             value = value.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
         inv = np.argsort(src.perm) if src.perm is not None else None

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from r1jax.parallel import hosts
+
 NORMALIZE = ("none", "batch", "group")
 KINDS = ("reward_model", "judge")
 NORM_EPS = 1e-6
@@ -206,7 +208,7 @@ class RewardModelComponent:
         self.graphdef, self.state = nnx.split(rm)
 
     def score(self, *, prompt_ids_BP, prompt_mask_BP, tokens_RN, lengths_R, group_size, **_) -> np.ndarray:
-        return np.asarray(jax.device_get(score_completions(
+        return np.asarray(hosts.fetch(score_completions(
             self.graphdef, self.state, jnp.asarray(prompt_ids_BP), jnp.asarray(prompt_mask_BP), tokens_RN,
             lengths_R, group_size=group_size, micro=int(self.spec.options.get("micro_batch", 0)))), np.float64)
 

@@ -27,6 +27,7 @@ from r1jax.checkpoint import Checkpointer, load_params, save_params
 from r1jax.models import (RewardModel, from_pretrained, is_reward_checkpoint, reward_from_pretrained,
                           reward_model_from_lm, save_reward_pretrained)
 from r1jax.optim import lr_schedule, optimizer_from_config
+from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules
 from r1jax.rl.judge import Judge, JudgeComponent
 from r1jax.rl.reward_model import (ModelRewards, RewardModelComponent, bradley_terry_loss, pair_loss,
@@ -192,14 +193,6 @@ def encode_pairs(tokenizer, rows, *, template: str, max_len: int, too_long: str 
     return out, dropped
 
 
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def evaluate_pairs(ctx, model, arrays: dict, batch_size: int) -> dict:
     """Held-out eval/pairwise_accuracy, eval/margin and eval/loss over every pair (the last batch padded with
     repeats of its first pair, which are then dropped)."""
@@ -215,7 +208,7 @@ def evaluate_pairs(ctx, model, arrays: dict, batch_size: int) -> dict:
         dev = training.shard_batch(ctx, {"tokens": tokens[pi * per:(pi + 1) * per],
                                          "mask": mask[pi * per:(pi + 1) * per]})
         with axis_rules(ctx.mesh, ctx.rules):
-            scores = _host(score_rows(graphdef, state, dev["tokens"], dev["mask"]))
+            scores = hosts.fetch(score_rows(graphdef, state, dev["tokens"], dev["mask"]))
         diffs.append((scores[:batch_size] - scores[batch_size:])[: min(batch_size, n - start)])
     d = np.concatenate(diffs).astype(np.float64)
     return {"eval/pairwise_accuracy": float(np.mean(d > 0)), "eval/margin": float(np.mean(d)),
