@@ -6,7 +6,8 @@ bucket than the other process's); the sampler runs over the 4-device mesh. Check
   - metrics are the whole batch's, identical on every process,
   - the batch assembles into global arrays (shard_batch),
   - the host helpers: concat of unequal row counts, concat_objects, process_max,
-  - evaluation: every process samples every problem and scores its share; pass@1 is over all rows.
+  - evaluation: every process samples every problem and scores its share; pass@1 is over all rows,
+  - an LLM judge on every process's texts gives the verdicts it gives on one local device.
 Prints one JSON line and exits 0, or fails an assertion."""
 
 import json
@@ -105,5 +106,13 @@ out = generate(model, encode_prompts(tok, problems, "plain"), num_samples=2, max
 _, parts = score_batch(decode_completions(tok, out.tokens, out.lengths), [p for p in problems for _ in range(2)],
                        {"test_checksum": 1.0}, timeout_s=1.0)
 assert ev["pass@1"] == float(np.mean(parts["test_checksum"] > 0.5)) and 0 < ev["pass@1"] < 1, ev
+# An LLM judge (a model reward) on the whole batch's texts: the same verdicts as judging them on one local device.
+from r1jax.rl.judge import Judge  # noqa: E402
+
+all_texts, all_examples = hosts.concat_objects(texts), hosts.concat_objects(prompts["examples"])
+assert len(all_texts) == len(all_examples) == pc * B * G
+spread = Judge(model, tok, max_new_tokens=3, mesh=mesh, rules="fsdp")(all_texts, all_examples)[1]["outputs"]
+alone = Judge(local, tok, max_new_tokens=3)(all_texts, all_examples)[1]["outputs"]
+assert spread == alone and all(isinstance(o, str) for o in spread), (spread, alone)
 print(json.dumps({"process_index": pid, "rollout": "ok", "prompt_columns": int(batch["tokens"].shape[1] - N),
                   "reward": metrics["reward"]}))
