@@ -124,6 +124,8 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         max_rollouts=3,             # with dynamic_sampling: rollouts per step at most (then signal-less groups fill)
         ref_update_every=0,         # refresh the reference weights every N steps (0: never)
         rewards=ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1}),
+        # Keyword arguments of the rule rewards, {name: {arg: value}}, e.g. {"overlong": {"max_len": 8192}}.
+        reward_kwargs=ml_collections.ConfigDict(),
         reward_timeout_s=1.0,
         reward_workers=4,
         template="",

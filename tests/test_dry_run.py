@@ -18,7 +18,7 @@ from r1jax.pipeline.dry_run import GiB, check_hardware, dry_run, format_report, 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.py"))
 # Ours: full-scale configs whose :runlocal variant must run on this CPU.
-OURS = ["grpo_qwen2_5_1_5b_gsm8k", "deepscaler_1_5b", "r1_zero_deepseek_v3", "rl_qwen_32b"]
+OURS = ["grpo_qwen2_5_1_5b_gsm8k", "deepscaler_1_5b", "r1_zero_deepseek_v3", "rl_qwen_32b", "dapo_qwen2_5_32b"]
 
 
 def _load(path: Path):

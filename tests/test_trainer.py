@@ -422,3 +422,27 @@ def test_rollout_in_prompt_chunks():
     np.testing.assert_array_equal(np.asarray(parts[1]), np.asarray(whole[1]))
     with pytest.raises(ValueError, match="rollout_prompts=3 must divide the batch's 4 prompts"):
         sample_groups_in_chunks(model, prompt_ids, prompt_mask, chunk=3, **greedy)
+
+
+def test_rollout_passes_the_reward_options():
+    """config.<stage>.reward_kwargs reaches the rule rewards: with the overlong penalty's cache as long as its limit
+    N, a completion of n tokens scores -n / N (the default limit, 20,480 tokens, would score 0)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from r1jax.configs import grpo_stage
+    from r1jax.data import ByteTokenizer, get_task, rl_prompt_dataset
+    from r1jax.models import Transformer, get_preset
+    from r1jax.rl.rollout import rollout
+
+    tok = ByteTokenizer()
+    prompts = next(iter(rl_prompt_dataset(get_task("arithmetic", n=2), tok, batch_size=2, group_size=2,
+                                          template="plain", max_prompt_len=64)))
+    cfg = grpo_stage(group_size=2, max_new_tokens=6, reward_workers=1, rewards={"overlong": 1.0},
+                     reward_kwargs={"overlong": {"max_len": 6, "cache_len": 6}})
+    batch, _, _ = rollout(Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), tok, prompts, cfg,
+                          jax.random.key(0))
+    lengths = batch["completion_mask"].sum(1)
+    assert lengths.min() > 0
+    np.testing.assert_allclose(batch["rewards"], -lengths / 6, rtol=1e-6)

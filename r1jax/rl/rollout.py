@@ -108,8 +108,10 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     all_tokens, all_lengths, all_logp = (hosts.fetch(x) for x in (tokens, lengths, logp))
     tokens, lengths, logp = (hosts.local_rows(x, local) for x in (all_tokens, all_lengths, all_logp))
     t1 = time.perf_counter()
+    kwargs = cfg.get("reward_kwargs")
     totals, parts, texts = score(tokenizer, tokens, lengths, examples, cfg.rewards.to_dict(),
-                                 timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers)
+                                 timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers,
+                                 reward_kwargs=kwargs.to_dict() if kwargs else None)
     totals, parts = hosts.concat(totals), {name: hosts.concat(v) for name, v in parts.items()}
     t2 = time.perf_counter()
     if model_rewards:
