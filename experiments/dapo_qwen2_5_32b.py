@@ -36,7 +36,8 @@ Variants: `:runlocal` runs the same recipe on a tiny Qwen2-style model with synt
 on this CPU.
 """
 
-from r1jax.configs import base_config, eval_config, evaluate_stage, grpo_stage, hardware_config, parse_arg
+from r1jax.configs import (base_config, eval_config, evaluate_stage, grpo_stage, hardware_config, parse_arg,
+                           runlocal)
 
 
 def get_config(arg=None):
@@ -70,19 +71,7 @@ def get_config(arg=None):
                                    batch_size=8)
 
     if opts.runlocal:
-        cfg.model.preset = "tiny_qwen2"
-        cfg.model.hf_path = ""
-        cfg.model.overrides = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                                   num_kv_heads=2, head_dim=16, tie_word_embeddings=False,
-                                   max_position_embeddings=256)
-        cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat = "float32", "float32", "full"
-        cfg.tokenizer.update(kind="spm_train", path="", vocab_size=512, split_by_whitespace=False,
-                             max_piece_length=64)
-        cfg.task.name = "arithmetic"
-        cfg.task.train = dict(n=256, seed=0, num_digits=1, num_ops=2)
-        cfg.task.test = dict(n=8, seed=1, num_digits=1, num_ops=2)
-        cfg.mesh.update(data=-1, fsdp=1, tensor=1)
-        cfg.hardware = hardware_config()
+        runlocal(cfg)  # tiny model, trained tokenizer, arithmetic, this machine
         cfg.grpo.update(init="scratch", steps=2, batch_prompts=8, group_size=4, minibatches=2, max_prompt_len=128,
                         max_new_tokens=24, lr=1e-4, warmup_steps=1, max_rollouts=2, eval_every=0,
                         checkpoint_every=1, reward_workers=1, reward_timeout_s=1.0, grad_accum=1, logits_chunk=0,

@@ -307,6 +307,25 @@ def hardware_config(**kw) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(d)
 
 
+def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The part of a full-scale config's `:runlocal` variant that is not the recipe: a tiny Qwen2-style model (d 64,
+    2 layers, float32), a sentencepiece tokenizer trained for the run, synthetic one-digit arithmetic, every device
+    of this machine on the data axis. The config keeps its stages, rules and hyperparameters; shrink the stages'
+    sizes yourself. Returns `cfg`, changed in place."""
+    cfg.model.preset = "tiny_qwen2"
+    cfg.model.hf_path = ""
+    cfg.model.overrides = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                               head_dim=16, tie_word_embeddings=False, max_position_embeddings=256)
+    cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat = "float32", "float32", "full"
+    cfg.tokenizer.update(kind="spm_train", path="", vocab_size=512, split_by_whitespace=False, max_piece_length=64)
+    cfg.task.name = "arithmetic"
+    cfg.task.train = dict(n=256, seed=0, num_digits=1, num_ops=2)
+    cfg.task.test = dict(n=8, seed=1, num_digits=1, num_ops=2)
+    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+    cfg.hardware = hardware_config()
+    return cfg
+
+
 def validate(cfg: ml_collections.ConfigDict) -> list[str]:
     """Stage names in order, after checking that each exists and has a known kind."""
     names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
