@@ -29,6 +29,7 @@ from r1jax.checkpoint import load_params, save_params
 from r1jax.logging import MetricsLogger
 from r1jax.models import Transformer, from_pretrained, get_preset, read_config, save_pretrained
 from r1jax.models.config import ModelConfig
+from r1jax.parallel import hosts
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -283,7 +284,11 @@ def split_params(model: Transformer):
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT (preemption); training loops save a checkpoint and return when it is set."""
+    """Set by SIGTERM/SIGINT (preemption); training loops save a checkpoint and return when it is set.
+
+    In a multi-process run it is true on every process once any process got the signal: each check is a small
+    collective, so the processes stop at the same step (signals arrive at different moments; one process saving a
+    checkpoint, a collective, while another samples the next step would wait forever)."""
 
     def __init__(self):
         self._event = threading.Event()
@@ -301,7 +306,7 @@ class StopFlag:
         self._event.set()
 
     def __bool__(self) -> bool:
-        return self._event.is_set()
+        return hosts.process_max(int(self._event.is_set())) > 0
 
 
 class NonFiniteError(RuntimeError):

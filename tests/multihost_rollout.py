@@ -7,7 +7,8 @@ bucket than the other process's); the sampler runs over the 4-device mesh. Check
   - the batch assembles into global arrays (shard_batch),
   - the host helpers: concat of unequal row counts, concat_objects, process_max,
   - evaluation: every process samples every problem and scores its share; pass@1 is over all rows,
-  - an LLM judge on every process's texts gives the verdicts it gives on one local device.
+  - an LLM judge on every process's texts gives the verdicts it gives on one local device,
+  - a stop signal that reaches one process stops every process at the same step.
 Prints one JSON line and exits 0, or fails an assertion."""
 
 import json
@@ -114,5 +115,19 @@ assert len(all_texts) == len(all_examples) == pc * B * G
 spread = Judge(model, tok, max_new_tokens=3, mesh=mesh, rules="fsdp")(all_texts, all_examples)[1]["outputs"]
 alone = Judge(local, tok, max_new_tokens=3)(all_texts, all_examples)[1]["outputs"]
 assert spread == alone and all(isinstance(o, str) for o in spread), (spread, alone)
+# A stop signal that reaches one process stops both at the same check (each check is a collective).
+import signal  # noqa: E402
+
+from r1jax.training import StopFlag  # noqa: E402
+
+flag, stopped_at = StopFlag(), None
+for i in range(6):
+    if pid == 1 and i == 3:
+        flag._handle(signal.SIGTERM, None)  # process 1 alone is signalled
+    if flag:
+        stopped_at = i
+        break
+    hosts.concat(np.array([i]))  # a collective per step, as a training step has
+assert stopped_at == 3, stopped_at
 print(json.dumps({"process_index": pid, "rollout": "ok", "prompt_columns": int(batch["tokens"].shape[1] - N),
                   "reward": metrics["reward"]}))
