@@ -198,6 +198,8 @@ def _eval_examples(spec: str):
 
 
 def cmd_eval(argv):
+    import jax
+
     from r1jax.eval import evaluate
 
     if not FLAGS.model or not FLAGS.data:
@@ -209,7 +211,7 @@ def cmd_eval(argv):
     m = evaluate(model, tok, examples, k=FLAGS.k, template=FLAGS.template, temperature=FLAGS.temperature,
                  top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     print(json.dumps(m, indent=2))
-    if FLAGS.out:
+    if FLAGS.out and jax.process_index() == 0:  # every process holds the same metrics
         Path(FLAGS.out).write_text(json.dumps(m, indent=2))
     return 0
 

@@ -1,6 +1,7 @@
 """The training stack end to end on a tiny config: the command, resume, SIGTERM, non-finite skips, sweeps,
 config errors."""
 
+import json
 import os
 import shutil
 import signal
@@ -69,6 +70,8 @@ class StopAfter:
 
 
 def test_train_command_runs_both_stages(tmp_path):
+    """`r1jax train` runs both stages (and only reports them the second time), then `plot`, `sample` and `eval`
+    on what it trained."""
     r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.steps=3")
     assert r.returncode == 0, r.stderr[-3000:]
     records = read_metrics(tmp_path)
@@ -87,6 +90,16 @@ def test_train_command_runs_both_stages(tmp_path):
     assert again.returncode == 0 and len(read_metrics(tmp_path)) == len(records)
     plot = _cli("plot", str(tmp_path))
     assert plot.returncode == 0 and (tmp_path / "curves.png").stat().st_size > 1000
+    # The trained stage through `r1jax sample` and `r1jax eval`.
+    model = str(tmp_path / "grpo")
+    sample = _cli("sample", "--model", model, "--prompt", "What is 2 + 3?", "--num_samples", "2",
+                  "--max_new_tokens", "8", "--template", "plain")
+    assert sample.returncode == 0 and sample.stdout.count("--- sample") == 2, sample.stderr[-3000:]
+    ev = _cli("eval", "--model", model, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max_new_tokens", "8",
+              "--template", "plain", "--out", str(tmp_path / "eval.json"))
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    m = json.loads((tmp_path / "eval.json").read_text())
+    assert m["num_problems"] == 3 and m["k"] == 2 and 0 <= m["pass@1"] <= 1
 
 
 def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path):
