@@ -21,8 +21,9 @@ steps R1-Zero-Qwen-32B took (47). Its changes to GRPO, and the keys that set the
     changes no advantage.
 Also from the paper: no KL term (beta 0), AdamW lr 1e-6 with a linear warm-up over 20 rollout steps, 512 prompts x
 16 responses per rollout and mini-batches of 512 responses (16 updates per rollout), evaluation at temperature 1.0
-and top-p 0.7, 32 samples per AIME problem. Weight decay 0.1 and Adam's b2 0.999 as verl's DAPO scripts set them. No format reward (DAPO's template asks for "Answer: ..." on the last
-line; r1jax's accuracy extracts the final answer either way).
+and top-p 0.7, 32 samples per AIME problem. Weight decay 0.1 and Adam's b2 0.999 as verl's DAPO scripts set them.
+No format reward (DAPO's template asks for "Answer: ..." on the last line; r1jax's accuracy extracts the final
+answer either way).
 Choices, and why:
   - data: DAPO-Math-17k is not in ../shared/data; the MATH train set stands in (task `math`) until you pass yours;
     the periodic evaluation is MATH-500 (k=4), the final `compare` stage AIME 2024 with 32 samples;
