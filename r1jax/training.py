@@ -283,6 +283,16 @@ def split_params(model: Transformer):
 # stopping
 
 
+def process_share(count: int, key: str, what: str) -> int:
+    """This process's share of a global count from the config (`key`, e.g. "config.grpo.batch_prompts"): each
+    process loads `count / process_count` of `what`; a count that does not divide is refused."""
+    pc = jax.process_count()
+    if count % pc:
+        raise ValueError(f"{key}={count} must divide over the run's {pc} processes (each loads its share of the "
+                         f"{what})")
+    return count // pc
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT (preemption); training loops save a checkpoint and return when it is set.
 

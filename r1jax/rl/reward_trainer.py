@@ -198,15 +198,14 @@ def evaluate_pairs(ctx, model, arrays: dict, batch_size: int) -> dict:
     repeats of its first pair, which are then dropped)."""
     graphdef, state = nnx.split(model)
     n, diffs = len(arrays["chosen"]), []
-    pc, pi = jax.process_count(), jax.process_index()
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
         tokens = np.concatenate([arrays["chosen"][idx], arrays["rejected"][idx]])
         mask = np.concatenate([arrays["chosen_mask"][idx], arrays["rejected_mask"][idx]])
-        per = len(tokens) // pc  # each process passes its share of the rows
-        dev = training.shard_batch(ctx, {"tokens": tokens[pi * per:(pi + 1) * per],
-                                         "mask": mask[pi * per:(pi + 1) * per]})
+        per = len(tokens) // jax.process_count()  # each process passes its share of the rows
+        dev = training.shard_batch(ctx, {"tokens": hosts.local_rows(tokens, per),
+                                         "mask": hosts.local_rows(mask, per)})
         with axis_rules(ctx.mesh, ctx.rules):
             scores = hosts.fetch(score_rows(graphdef, state, dev["tokens"], dev["mask"]))
         diffs.append((scores[:batch_size] - scores[batch_size:])[: min(batch_size, n - start)])
@@ -229,10 +228,9 @@ def run_reward_model_stage(ctx: training.RunContext, stage: str, cfg, previous: 
                                         too_long=cfg.too_long, where=f"config.{stage}.eval_data")
                            if eval_rows else (None, 0))
     n = len(data["chosen"])
-    pc, pi = jax.process_count(), jax.process_index()
-    if cfg.batch_size % pc or cfg.batch_size > n:
-        raise ValueError(f"config.{stage}.batch_size={cfg.batch_size} must divide over {pc} processes and be at most "
-                         f"the {n} training pairs")
+    per_process = training.process_share(cfg.batch_size, f"config.{stage}.batch_size", "pairs")
+    if cfg.batch_size > n:
+        raise ValueError(f"config.{stage}.batch_size={cfg.batch_size} must be at most the {n} training pairs")
     model = init_reward_model(ctx, cfg.init, previous, ctx.config.seed)
     graphdef, params, rest = training.split_params(model)
     optimizer = optimizer_from_config(cfg, cfg.steps)
@@ -262,7 +260,7 @@ def run_reward_model_stage(ctx: training.RunContext, stage: str, cfg, previous: 
                 perm_cache.clear()
                 perm_cache[epoch] = np.random.default_rng([ctx.config.seed, epoch]).permutation(n)
             idx.append(perm_cache[epoch][pos])
-        idx = np.asarray(idx)[pi * (B // pc):(pi + 1) * (B // pc)]
+        idx = hosts.local_rows(np.asarray(idx), per_process)
         keys = ("chosen", "chosen_mask", "rejected", "rejected_mask") + (("margin",) if use_margin else ())
         return {k: data[k][idx] for k in keys}
 

@@ -161,18 +161,11 @@ def grpo_memory_knobs(cfg, stage: str) -> tuple[int, int, int]:
     return accum, logits_chunk, min(chunk, cfg.batch_prompts) if chunk else cfg.batch_prompts
 
 
-def local_prompts(cfg, stage: str) -> int:
-    """This process's share of the step's `batch_prompts` (a global count, as the dry run sizes it)."""
-    pc = jax.process_count()
-    if cfg.batch_prompts % pc:
-        raise ValueError(f"config.{stage}.batch_prompts={cfg.batch_prompts} must divide over the run's {pc} processes "
-                         f"(each loads and scores its share of the prompts)")
-    return cfg.batch_prompts // pc
-
-
-def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, step: int) -> tuple[dict, dict]:
-    """One step's update batch and rollout metrics: one rollout of the next prompts, or with `dynamic_sampling`
-    as many as it takes (r1jax.rl.dynamic_sampling; rollout r > 0 samples with fold_in(rng, r))."""
+def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, step: int,
+                 prompts: int) -> tuple[dict, dict]:
+    """One step's update batch (this process's `prompts` groups) and rollout metrics: one rollout of the next
+    prompts, or with `dynamic_sampling` as many as it takes (r1jax.rl.dynamic_sampling; rollout r > 0 samples with
+    fold_in(rng, r))."""
     def draw(r):
         batch, metrics, _ = rollout(model, ctx.tokenizer, next(it), cfg, jax.random.fold_in(rng, r) if r else rng,
                                     mesh=ctx.mesh, rules=ctx.rules, model_rewards=model_rewards, step=step)
@@ -180,7 +173,7 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
 
     if cfg.dynamic_sampling:
         batch, metrics = dynamic_sampling.collect(
-            draw, batch_prompts=cfg.batch_prompts // jax.process_count(), group_size=cfg.group_size,
+            draw, batch_prompts=prompts, group_size=cfg.group_size,
             max_rollouts=cfg.max_rollouts, max_new_tokens=cfg.max_new_tokens, advantage_scale=cfg.advantage_scale,
             pad_id=ctx.tokenizer.pad_id or 0)
     else:
@@ -207,7 +200,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     grpo_memory_knobs(cfg, stage)  # before any model is loaded rather than at the first rollout or update
     examples = ctx.tasks[cfg.train_split]
     template = cfg.template or ctx.config.task.template
-    ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=local_prompts(cfg, stage),
+    prompts = training.process_share(cfg.batch_prompts, f"config.{stage}.batch_prompts", "prompts")
+    ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=prompts,
                            group_size=cfg.group_size, template=template, seed=ctx.config.seed,
                            max_prompt_len=cfg.max_prompt_len,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -262,7 +256,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 ref = training.tree_copy(params)
             with axis_rules(ctx.mesh, ctx.rules):
                 batch, metrics = sample_batch(ctx, cfg, current_model(), it, jax.random.fold_in(key, step),
-                                              model_rewards, step)
+                                              model_rewards, step, prompts)
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
             dev = training.shard_batch(ctx, batch)
             t1 = time.perf_counter()

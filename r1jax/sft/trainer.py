@@ -188,11 +188,8 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
 
     examples = sft_examples(ctx, stage, cfg) if examples is None else examples
     template = cfg.template or ctx.config.task.template
-    pc = jax.process_count()
-    if cfg.batch_size % pc:
-        raise ValueError(f"config.{stage}.batch_size={cfg.batch_size} must divide over the run's {pc} processes "
-                         f"(a global count: each process loads its share of the rows)")
-    ds = sft_dataset(examples, ctx.tokenizer, batch_size=cfg.batch_size // pc, max_len=cfg.max_len, template=template,
+    rows = training.process_share(cfg.batch_size, f"config.{stage}.batch_size", "rows")
+    ds = sft_dataset(examples, ctx.tokenizer, batch_size=rows, max_len=cfg.max_len, template=template,
                      completion_key=cfg.completion_field, seed=ctx.config.seed, num_epochs=cfg.num_epochs,
                      pack=cfg.pack, too_long="truncate", shard_index=jax.process_index(),
                      shard_count=jax.process_count())
