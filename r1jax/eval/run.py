@@ -47,6 +47,16 @@ def decode_completions(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray) 
     return out
 
 
+def score_once(completions: Sequence[str], examples: Sequence[Mapping], weights: Mapping[str, float], *,
+               num_tokens: Sequence[int] | None = None, **kw):
+    """`score_batch` when every process holds every completion: each scores its share, and every process gets
+    all of them back (one process: `score_batch`)."""
+    lo, hi = hosts.share(len(completions))
+    totals, parts = score_batch(list(completions[lo:hi]), list(examples[lo:hi]), weights,
+                                num_tokens=None if num_tokens is None else list(num_tokens[lo:hi]), **kw)
+    return hosts.concat_scores(totals, parts)
+
+
 def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, template: str = "r1_zero",
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, batch_size: int = 64,
              seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", timeout_s: float = 1.0,
@@ -69,9 +79,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         completions += decode_completions(tokenizer, out.tokens, out.lengths)[: n_real * k]
         lengths += out.lengths[: n_real * k].tolist()
     rows = [ex for ex in examples for _ in range(k)]
-    lo, hi = hosts.share(len(completions))  # every process holds every sample; each scores its share
-    _, parts = score_batch(completions[lo:hi], rows[lo:hi], {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
-    parts = {name: hosts.concat(values) for name, values in parts.items()}
+    _, parts = score_once(completions, rows, {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
     correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) > 0.5
     answers = [extract_final_answer(c) for c in completions]
     metrics = summarize(correct, [answers[p * k:(p + 1) * k] for p in range(len(examples))])

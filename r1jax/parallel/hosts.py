@@ -55,6 +55,14 @@ def concat(x) -> np.ndarray:
     return np.concatenate([p[:int(n)] for p, n in zip(parts, counts)], axis=0)
 
 
+def concat_scores(totals, parts: dict) -> tuple[np.ndarray, dict]:
+    """`concat` of a score vector and a {name: vector} of its components (same rows), in one collective."""
+    names = list(parts)
+    table = concat(np.column_stack([np.asarray(totals, np.float64)] +
+                                   [np.asarray(parts[n], np.float64) for n in names]))
+    return table[:, 0], {n: table[:, i + 1] for i, n in enumerate(names)}
+
+
 def concat_objects(items: list) -> list:
     """`concat` for a list of picklable objects (examples, texts); the processes are one job, so they trust each
     other's pickles."""

@@ -39,7 +39,7 @@ import numpy as np
 
 from r1jax.data.io import read_sft_jsonl, write_jsonl
 from r1jax.parallel import hosts
-from r1jax.rl.rewards import chain_of_thought, language_shares, score_batch
+from r1jax.rl.rewards import chain_of_thought, language_shares
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ def score_samples(completions: Sequence[str], examples: Sequence[Mapping], num_t
     weights = {"format": 1.0}
     if cfg.require_correct:
         weights["accuracy"] = 1.0
-    lo, hi = hosts.share(len(completions))  # every process holds every sample; each scores its share
-    _, parts = score_batch(list(completions[lo:hi]), list(examples[lo:hi]), weights, timeout_s=cfg.reward_timeout_s,
-                           num_workers=cfg.reward_workers, num_tokens=[int(n) for n in num_tokens[lo:hi]])
-    parts = {name: hosts.concat(values) for name, values in parts.items()}
+    from r1jax.eval.run import score_once
+
+    _, parts = score_once(completions, examples, weights, timeout_s=cfg.reward_timeout_s,
+                          num_workers=cfg.reward_workers, num_tokens=[int(n) for n in num_tokens])
     judged = judge(list(completions), list(examples))[0] if judge is not None else None
     index: dict[int, int] = {}
     out = []

@@ -112,7 +112,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     totals, parts, texts = score(tokenizer, tokens, lengths, examples, cfg.rewards.to_dict(),
                                  timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers,
                                  reward_kwargs=kwargs.to_dict() if kwargs else None)
-    totals, parts = hosts.concat(totals), {name: hosts.concat(v) for name, v in parts.items()}
+    totals, parts = hosts.concat_scores(totals, parts)
     t2 = time.perf_counter()
     if model_rewards:
         scored = model_rewards.score(step, group_size=G, prompt_ids_BP=all_ids, prompt_mask_BP=all_mask,
