@@ -8,7 +8,9 @@
     r1jax plot    DIR [--out FILE.png]
 
 `--model` is a Hugging Face checkpoint directory, or a stage directory of a workdir (WORKDIR/<stage>, whose
-weights are read with the run's config and tokenizer). Re-running `train` with the same workdir resumes.
+weights are read with the run's config and tokenizer). `sample` and `eval` run on a mesh over every device (of every
+process): `--mesh data=-1` (the default for a checkpoint: weights replicated, rows split), `--mesh fsdp=-1` or
+`--mesh data=2,tensor=4` for a model one device cannot hold, with `--rules` choosing the sharding preset. Re-running `train` with the same workdir resumes.
 `train --dry_run` checks the config for its `config.hardware` on this machine instead (r1jax.pipeline.dry_run:
 abstract mesh, shardings, lowering for the target platform, memory per device; no files, no weights) and writes
 WORKDIR/dry_run.json when --workdir is given.
@@ -17,6 +19,7 @@ WORKDIR/dry_run.json when --workdir is given.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +33,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, stage outputs).")
 flags.DEFINE_string("model", None, "HF checkpoint directory or WORKDIR/<stage> (sample, eval).")
-flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory (default: the model's or the run's).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory, or 'byte' (default: the model's or the run's).")
 flags.DEFINE_string("prompt", None, "Prompt text (sample).")
 flags.DEFINE_string("template", "r1_zero", "Prompt template (sample, eval): plain, r1_zero, qwen2.5, deepseek_r1.")
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt (sample).")
@@ -48,6 +51,11 @@ flags.DEFINE_bool("to_hf", False, "convert: r1jax stage weights -> Hugging Face.
 flags.DEFINE_string("from_hf", None, "convert: Hugging Face checkpoint -> r1jax parameters.")
 flags.DEFINE_string("stage", None, "convert: the stage of --workdir to export.")
 flags.DEFINE_string("out", None, "Output path (convert, plot, eval results JSON).")
+flags.DEFINE_string("mesh", "", "sample, eval: the device mesh, e.g. 'data=-1' (default for a Hugging Face checkpoint: "
+                    "every device data parallel, the weights replicated), 'fsdp=-1' or 'data=2,tensor=4' for a model "
+                    "one device cannot hold; default for WORKDIR/<stage>: the run's config.mesh.")
+flags.DEFINE_string("rules", "", "sample, eval: the sharding rules preset (fsdp, fsdp_tensor, expert); default: fsdp, "
+                    "or the run's for WORKDIR/<stage>.")
 flags.DEFINE_bool("dry_run", False, "train: check the config for config.hardware without running it (no weights).")
 
 
@@ -137,15 +145,36 @@ def _dry_run(cfg):
     return 0 if report["ok"] else 1
 
 
-def _load_model_and_tokenizer(path: str):
-    """An HF checkpoint dir (tokenizer from --tokenizer or the dir), or WORKDIR/<stage> of an r1jax run."""
-    from r1jax.data import load_tokenizer
+def _rules_flag() -> str | None:
+    from r1jax.parallel import PRESETS
+
+    if FLAGS.rules and FLAGS.rules not in PRESETS:
+        raise UsageError(f"--rules {FLAGS.rules}: unknown preset; valid: {', '.join(sorted(PRESETS))}")
+    return FLAGS.rules or None
+
+
+def _mesh_flag(default: str):
+    """--mesh (or `default`) as a mesh over every device; a bad one is a usage error."""
+    from r1jax.parallel import make_mesh, parse_mesh
+
+    try:
+        return make_mesh(**parse_mesh(FLAGS.mesh or default))
+    except ValueError as e:
+        raise UsageError(f"--mesh: {e}") from None
+
+
+def _load_model_and_tokenizer(path: str, *, sharded: bool = False):
+    """An HF checkpoint dir (tokenizer from --tokenizer or the dir), or WORKDIR/<stage> of an r1jax run
+    -> (model, tokenizer, mesh, rules). `sharded`: the model on --mesh by --rules (sample, eval); else one device
+    (HF) or the run's mesh (stage)."""
+    from r1jax.data import ByteTokenizer, load_tokenizer
     from r1jax.models import from_pretrained
 
     path = Path(path)
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
-        tok = load_tokenizer(FLAGS.tokenizer or path)
-        return from_pretrained(path, dtype=FLAGS.dtype), tok
+        tok = ByteTokenizer() if FLAGS.tokenizer == "byte" else load_tokenizer(FLAGS.tokenizer or path)
+        mesh, rules = (_mesh_flag("data=-1"), _rules_flag() or "fsdp") if sharded else (None, "fsdp")
+        return from_pretrained(path, dtype=FLAGS.dtype, mesh=mesh, rules=rules), tok, mesh, rules
     if (path / "final").exists() and (path.parent / "config.json").exists():
         import ml_collections
 
@@ -153,8 +182,9 @@ def _load_model_and_tokenizer(path: str):
         from r1jax.pipeline.stages import setup
 
         cfg = ml_collections.ConfigDict(json.loads((path.parent / "config.json").read_text()))
-        ctx = setup(cfg, path.parent)
-        return training.load_final(ctx, path.name), ctx.tokenizer
+        mesh = _mesh_flag("") if sharded and FLAGS.mesh else None
+        ctx = setup(cfg, path.parent, mesh=mesh, rules=_rules_flag() if sharded else None)
+        return training.load_final(ctx, path.name), ctx.tokenizer, ctx.mesh, ctx.rules
     raise UsageError(f"--model {path}: neither a Hugging Face checkpoint (config.json + safetensors) nor a finished "
                      f"stage directory WORKDIR/<stage> with final/")
 
@@ -166,12 +196,12 @@ def cmd_sample(argv):
 
     if not FLAGS.model or FLAGS.prompt is None:
         raise UsageError("sample needs --model DIR and --prompt TEXT")
-    model, tok = _load_model_and_tokenizer(FLAGS.model)
+    model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model, sharded=True)
     ex = {"prompt": FLAGS.prompt}
     prompts = encode_prompts(tok, [ex], FLAGS.template)
     out = generate(model, prompts, num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
                    temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, eos_id=tok.eos_id,
-                   pad_id=tok.pad_id or 0, seed=FLAGS.seed)
+                   pad_id=tok.pad_id or 0, seed=FLAGS.seed, mesh=mesh, rules=rules)
     print(render(FLAGS.template, ex))
     for i, text in enumerate(decode_completions(tok, out.tokens, out.lengths)):
         print(f"--- sample {i} ({out.lengths[i]} tokens)\n{text}")
@@ -204,12 +234,14 @@ def cmd_eval(argv):
 
     if not FLAGS.model or not FLAGS.data:
         raise UsageError("eval needs --model DIR and --data FILE|TASK")
-    model, tok = _load_model_and_tokenizer(FLAGS.model)
+    model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model, sharded=True)
     examples = _eval_examples(FLAGS.data)
     if FLAGS.limit:
         examples = examples[: FLAGS.limit]
     m = evaluate(model, tok, examples, k=FLAGS.k, template=FLAGS.template, temperature=FLAGS.temperature,
-                 top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+                 top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                 mesh=mesh, rules=rules)
+    m["mesh"] = dict(mesh.shape)
     print(json.dumps(m, indent=2))
     if FLAGS.out and jax.process_index() == 0:  # every process holds the same metrics
         Path(FLAGS.out).write_text(json.dumps(m, indent=2))
@@ -232,11 +264,31 @@ def cmd_convert(argv):
     if FLAGS.to_hf:
         if not (FLAGS.workdir and FLAGS.stage and FLAGS.out):
             raise UsageError("convert --to_hf needs --workdir DIR --stage NAME --out DIR")
-        model, _ = _load_model_and_tokenizer(str(Path(FLAGS.workdir) / FLAGS.stage))
+        model, *_ = _load_model_and_tokenizer(str(Path(FLAGS.workdir) / FLAGS.stage))
         save_pretrained(model, FLAGS.out)
-        print(f"wrote a Hugging Face checkpoint to {FLAGS.out}")
+        cfg = json.loads((Path(FLAGS.workdir) / "config.json").read_text())
+        files = tokenizer_files(cfg["tokenizer"], Path(FLAGS.workdir))
+        for f in files:
+            shutil.copy2(f, Path(FLAGS.out) / f.name)
+        print(f"wrote a Hugging Face checkpoint to {FLAGS.out}" + (
+            f" with the run's {', '.join(f.name for f in files)}" if files else
+            " (the run's tokenizer is the byte tokenizer: pass --tokenizer byte to r1jax sample / eval)"))
         return 0
     raise UsageError("convert needs --to_hf or --from_hf DIR")
+
+
+def tokenizer_files(tokenizer_cfg: dict, workdir: Path) -> list[Path]:
+    """The files of a run's tokenizer (config.tokenizer), for an export to carry; [] for the byte tokenizer."""
+    kind = tokenizer_cfg["kind"]
+    if kind == "spm_train":
+        return [workdir / "tokenizer.model"]
+    if kind == "path":
+        path = Path(tokenizer_cfg["path"])
+        folder = path if path.is_dir() else path.parent
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model") if path.is_dir() else \
+            (path.name, *(("tokenizer_config.json",) if path.suffix == ".json" else ()))
+        return [folder / n for n in names if (folder / n).is_file()]
+    return []
 
 
 def cmd_plot(argv):

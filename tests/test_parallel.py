@@ -57,6 +57,18 @@ def test_make_mesh_sizes_and_errors():
         parallel.make_mesh(data=8, dcn_data=2)  # one process: one DCN granule
 
 
+def test_parse_mesh_and_errors():
+    assert parallel.parse_mesh("") == {}
+    assert parallel.parse_mesh("data=2, fsdp=-1,dcn_data=2") == {"data": 2, "fsdp": -1, "dcn_data": 2}
+    with pytest.raises(ValueError, match=r"unknown axis 'model'; valid: data, fsdp, expert, tensor, dcn_data"):
+        parallel.parse_mesh("model=2")
+    for bad in ("data", "data=two", "data=0", "data=-2"):
+        with pytest.raises(ValueError, match=r"needs a size, a positive int or -1"):
+            parallel.parse_mesh(bad)
+    with pytest.raises(ValueError, match=r"data is given twice"):
+        parallel.parse_mesh("data=2,data=4")
+
+
 def test_batch_sharding_and_errors():
     mesh = parallel.make_mesh(data=2, expert=4)
     assert parallel.batch_spec(mesh, "expert", 3) == P(("data", "expert"), None, None)

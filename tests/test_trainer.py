@@ -92,14 +92,42 @@ def test_train_command_runs_both_stages(tmp_path):
     assert plot.returncode == 0 and (tmp_path / "curves.png").stat().st_size > 1000
     # The trained stage through `r1jax sample` and `r1jax eval`.
     model = str(tmp_path / "grpo")
-    sample = _cli("sample", "--model", model, "--prompt", "What is 2 + 3?", "--num_samples", "2",
-                  "--max_new_tokens", "8", "--template", "plain")
+    # `sample` on its Hugging Face export (every device data parallel by default); greedy, so both samples agree.
+    hf = _cli("convert", "--to_hf", "--workdir", str(tmp_path), "--stage", "grpo", "--out", str(tmp_path / "hf"))
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    assert "pass --tokenizer byte" in hf.stdout
+    sample = _cli("sample", "--model", str(tmp_path / "hf"), "--tokenizer", "byte",
+                  "--prompt", "What is 2 + 3?", "--num_samples", "2", "--max_new_tokens", "8", "--template", "plain",
+                  "--temperature", "0")
     assert sample.returncode == 0 and sample.stdout.count("--- sample") == 2, sample.stderr[-3000:]
-    ev = _cli("eval", "--model", model, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max_new_tokens", "8",
-              "--template", "plain", "--out", str(tmp_path / "eval.json"))
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    m = json.loads((tmp_path / "eval.json").read_text())
-    assert m["num_problems"] == 3 and m["k"] == 2 and 0 <= m["pass@1"] <= 1
+    first, second = sample.stdout.split("--- sample")[1:]
+    assert first.split("\n", 1)[1] == second.split("\n", 1)[1]
+    evals = {}
+    for mesh in ("data=2", "fsdp=2"):  # the run's mesh is data=2 by default (-1); fsdp shards the weights instead
+        out = tmp_path / f"eval_{mesh}.json"
+        ev = _cli("eval", "--model", model, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max_new_tokens",
+                  "8", "--template", "plain", "--temperature", "0", "--mesh", mesh, "--out", str(out))
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        evals[mesh] = json.loads(out.read_text())
+    a, b = evals.values()
+    assert a["num_problems"] == 3 and a["k"] == 2 and 0 <= a["pass@1"] <= 1
+    assert a.pop("mesh")["data"] == 2 and b.pop("mesh")["fsdp"] == 2
+    assert a == b  # greedy: the same completions on either layout
+    bad = _cli("eval", "--model", model, "--data", "arithmetic", "--mesh", "data=3")
+    assert bad.returncode == 2 and "--mesh: device mesh data=3" in bad.stderr, bad.stderr[-3000:]
+
+
+def test_hf_export_carries_the_run_tokenizer_files(tmp_path):
+    from r1jax.cli import tokenizer_files
+
+    (tmp_path / "tok").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (tmp_path / "tok" / name).write_text("{}")
+    assert tokenizer_files({"kind": "spm_train"}, tmp_path) == [tmp_path / "tokenizer.model"]
+    both = [tmp_path / "tok" / "tokenizer.json", tmp_path / "tok" / "tokenizer_config.json"]
+    assert tokenizer_files({"kind": "path", "path": str(tmp_path / "tok")}, tmp_path) == both
+    assert tokenizer_files({"kind": "path", "path": str(both[0])}, tmp_path) == both
+    assert tokenizer_files({"kind": "byte"}, tmp_path) == []
 
 
 def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path):

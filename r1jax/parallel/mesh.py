@@ -116,6 +116,31 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
     return jax.sharding.Mesh(grid, MESH_AXES)
 
 
+MESH_KEYS = (*MESH_AXES, *(f"dcn_{a}" for a in MESH_AXES))
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """The `make_mesh` keyword arguments written as 'data=2,fsdp=-1' (command lines); '' -> {}.
+
+    >>> parse_mesh("data=2, tensor=-1")
+    {'data': 2, 'tensor': -1}
+    """
+    sizes = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if key not in MESH_KEYS:
+            raise ValueError(f"mesh {spec!r}: unknown axis {key!r}; valid: {', '.join(MESH_KEYS)}")
+        if key in sizes:
+            raise ValueError(f"mesh {spec!r}: {key} is given twice")
+        try:
+            sizes[key] = int(value) if eq else None
+        except ValueError:
+            sizes[key] = None
+        if sizes[key] is None or (sizes[key] < 1 and sizes[key] != -1):
+            raise ValueError(f"mesh {spec!r}: {item!r} needs a size, a positive int or -1 (the rest), as {key}=4")
+    return sizes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # multi-host initialization
 

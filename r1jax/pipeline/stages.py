@@ -124,18 +124,20 @@ def _record_config(config, workdir: Path):
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training.StopFlag | None = None, *,
-          progress: bool = False):
+          progress: bool = False, mesh=None, rules=None):
+    """The run's context. `mesh` / `rules` replace config.mesh's (e.g. evaluating a finished run on other
+    hardware) without changing the recorded config."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     from r1jax.parallel import initialize
 
     initialize()  # idempotent; the command already called it before touching devices
-    mesh = training.make_run_mesh(config.mesh)
+    mesh = mesh if mesh is not None else training.make_run_mesh(config.mesh)
     tasks = load_tasks(config)
     tokenizer = build_tokenizer(config, workdir, tasks)
     model_config = training.build_model_config(config, tokenizer)
     _record_config(config, workdir)
-    ctx = training.RunContext(config=config, workdir=workdir, mesh=mesh, rules=config.mesh.rules,
+    ctx = training.RunContext(config=config, workdir=workdir, mesh=mesh, rules=rules or config.mesh.rules,
                               tokenizer=tokenizer, logger=MetricsLogger(workdir, progress=progress),
                               model_config=model_config, stop=stop if stop is not None else training.StopFlag(),
                               tasks=tasks, context=config.mesh.get("context", ""))
