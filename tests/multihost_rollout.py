@@ -5,7 +5,8 @@ bucket than the other process's); the sampler runs over the 4-device mesh. Check
   - (sampled) its rows' rewards are its own completions' scores, and advantages are over the whole batch,
   - metrics are the whole batch's, identical on every process,
   - the batch assembles into global arrays (shard_batch),
-  - the host helpers: concat of unequal row counts, concat_objects, process_max,
+  - the host helpers: concat of unequal row counts, concat_objects, process_max, and process_rows: its own
+    sampled rows from its own devices, and the right rows by a fetch when the layout is not process-major,
   - evaluation: every process samples every problem and scores its share; pass@1 is over all rows,
   - an LLM judge on every process's texts gives the verdicts it gives on one local device,
   - a stop signal that reaches one process stops every process at the same step.
@@ -95,6 +96,26 @@ assert (gathered[0] == gathered[1]).all(), gathered
 assert hosts.concat(np.array([batch["tokens"].shape[1]])).tolist() == [batch["tokens"].shape[1]] * 2
 placed = shard_batch({k: batch[k] for k in ("tokens", "mask", "advantages")}, mesh, "fsdp")
 assert placed["tokens"].shape == (pc * B * G, batch["tokens"].shape[1])
+# Each process reads its own rows from its own devices when the sampler's rows lie process-major (the mesh
+# above), and fetches the whole array otherwise (devices in the other process order; columns split).
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from r1jax.rl.rollout import sample_group  # noqa: E402
+
+all_ids, all_mask = (hosts.concat(x) for x in
+                     (prompts["prompt_ids"][::G][:, -8:], prompts["prompt_mask"][::G][:, -8:].astype(bool)))
+sampled = sample_group(model, all_ids, all_mask, group_size=G, max_new_tokens=N, temperature=1.0, top_p=1.0,
+                       top_k=0, eos_ids=[tok.eos_id], pad_id=0, rng=jax.random.key(2), mesh=mesh, rules="fsdp")
+rows = B * G
+whole = hosts.fetch(sampled[0])
+assert hosts.holds_process_rows(sampled[0], rows) and hosts.holds_process_rows(sampled[2], rows)
+np.testing.assert_array_equal(hosts.process_rows(sampled[0], rows), whole[pid * rows:(pid + 1) * rows])
+values = np.arange(pc * rows * 4, dtype=np.float32).reshape(pc * rows, 4)
+swapped = jax.sharding.Mesh(np.asarray(jax.devices())[[2, 3, 0, 1]], ("x",))
+for mesh_, spec in ((swapped, PartitionSpec("x")), (make_mesh(data=-1), PartitionSpec(None, "data"))):
+    spread_ = jax.make_array_from_callback(values.shape, NamedSharding(mesh_, spec), lambda i: values[i])
+    assert not hosts.holds_process_rows(spread_, rows)
+    np.testing.assert_array_equal(hosts.process_rows(spread_, rows), values[pid * rows:(pid + 1) * rows])
 # Evaluation: every process samples every problem, each scores its share; the metrics are all rows'.
 from r1jax.eval.run import decode_completions, encode_prompts, evaluate  # noqa: E402
 from r1jax.rl.rewards import score_batch  # noqa: E402

@@ -97,6 +97,62 @@ def local_rows(x_global, rows_per_process: int) -> np.ndarray:
     return np.asarray(x_global)[start:start + rows_per_process]
 
 
+def _row_span(index, n: int) -> tuple[int, int]:
+    rows = index[0]
+    return rows.start or 0, n if rows.stop is None else rows.stop
+
+
+def _whole_rows(index, shape) -> bool:
+    """Whether a shard's index covers every dimension after the first completely."""
+    return all((s.start or 0) == 0 and (s.stop is None or s.stop == d) for s, d in zip(index[1:], shape[1:]))
+
+
+def _span_covers(spans, lo: int, hi: int) -> bool:
+    at = lo
+    for start, stop in sorted(spans):
+        if start > at:
+            return False
+        at = max(at, stop)
+        if at >= hi:
+            return True
+    return at >= hi
+
+
+def holds_process_rows(x: jax.Array, rows_per_process: int) -> bool:
+    """Whether every process's own devices hold whole the rows [p * n, (p + 1) * n) of process p. Decided from
+    the sharding alone, so every process gets the same answer without a collective."""
+    if not isinstance(x, jax.Array) or x.ndim == 0:
+        return False
+    spans: dict[int, list] = {}
+    for device, index in x.sharding.devices_indices_map(x.shape).items():
+        if _whole_rows(index, x.shape):
+            spans.setdefault(device.process_index, []).append(_row_span(index, x.shape[0]))
+    n = rows_per_process
+    return all(_span_covers(spans.get(p, []), p * n, (p + 1) * n) for p in range(jax.process_count()))
+
+
+def process_rows(x, rows_per_process: int) -> np.ndarray:
+    """This process's block of rows [p * n, (p + 1) * n) of `x` (a `jax.Array` or numpy) as numpy: read from its
+    own shards when they hold them (a sampler's rows lie process-major over a mesh whose batch axes follow the
+    processes), else the whole array is fetched (a collective every process then takes, since the choice depends
+    on the sharding only). One process: the rows of the whole value."""
+    lo, hi = jax.process_index() * rows_per_process, (jax.process_index() + 1) * rows_per_process
+    if not _multi() or not isinstance(x, jax.Array) or not holds_process_rows(x, rows_per_process):
+        return fetch(x)[lo:hi]
+    out = np.empty((hi - lo, *x.shape[1:]), x.dtype)
+    filled = np.zeros(hi - lo, bool)
+    for shard in x.addressable_shards:
+        if not _whole_rows(shard.index, x.shape):
+            continue
+        start, stop = _row_span(shard.index, x.shape[0])
+        a, b = max(start, lo), min(stop, hi)
+        if a < b and not filled[a - lo:b - lo].all():
+            out[a - lo:b - lo] = np.asarray(shard.data[a - start:b - start])
+            filled[a - lo:b - lo] = True
+    assert filled.all(), "holds_process_rows promised this process's rows"
+    return out
+
+
 def fetch(x) -> np.ndarray:
     """The full value of a `jax.Array` as numpy on every process, also when its shards live on other processes."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -89,7 +89,8 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     Multi-process: `prompt_batch` is this process's share. The sampler runs on every process's prompts (a program
     over the whole mesh takes the same inputs on every process), each process scores its own rows with the rule
     rewards, and totals, advantages and metrics are over the whole batch; model rewards score the whole batch.
-    The returned batch holds this process's rows, for `shard_batch`."""
+    The returned batch holds this process's rows, for `shard_batch`: each process reads its rows' tokens and
+    log-probs from its own devices when the sampler's output lies process-major (`hosts.process_rows`)."""
     G = cfg.group_size
     pad = tokenizer.pad_id or 0
     prompt_ids = np.asarray(prompt_batch["prompt_ids"])[::G]
@@ -105,8 +106,11 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         top_k=cfg.top_k, eos_ids=eos, pad_id=pad, rng=rng, mesh=mesh, rules=rules)
     device_out = {"tokens_RN": tokens, "lengths_R": lengths}
-    all_tokens, all_lengths, all_logp = (hosts.fetch(x) for x in (tokens, lengths, logp))
-    tokens, lengths, logp = (hosts.local_rows(x, local) for x in (all_tokens, all_lengths, all_logp))
+    # Each process reads only its own rows of the big arrays (from its shards when they hold them); the lengths,
+    # one number per row, come whole for the metrics.
+    tokens, logp = hosts.process_rows(tokens, local), hosts.process_rows(logp, local)
+    all_lengths = hosts.fetch(lengths)
+    lengths = hosts.local_rows(all_lengths, local)
     t1 = time.perf_counter()
     kwargs = cfg.get("reward_kwargs")
     totals, parts, texts = score(tokenizer, tokens, lengths, examples, cfg.rewards.to_dict(),
