@@ -56,6 +56,8 @@ flags.DEFINE_string("mesh", "", "sample, eval: the device mesh, e.g. 'data=-1' (
                     "one device cannot hold; default for WORKDIR/<stage>: the run's config.mesh.")
 flags.DEFINE_string("rules", "", "sample, eval: the sharding rules preset (fsdp, fsdp_tensor, expert); default: fsdp, "
                     "or the run's for WORKDIR/<stage>.")
+flags.DEFINE_string("samples_out", None, "eval: also write every completion to this JSONL file (problem, prompt, "
+                    "reference, completion, extracted answer, correct, num_tokens).")
 flags.DEFINE_bool("dry_run", False, "train: check the config for config.hardware without running it (no weights).")
 
 
@@ -240,11 +242,15 @@ def cmd_eval(argv):
         examples = examples[: FLAGS.limit]
     m = evaluate(model, tok, examples, k=FLAGS.k, template=FLAGS.template, temperature=FLAGS.temperature,
                  top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                 mesh=mesh, rules=rules)
+                 mesh=mesh, rules=rules, return_samples=bool(FLAGS.samples_out))
     m["mesh"] = dict(mesh.shape)
+    samples = m.pop("samples", [])
     print(json.dumps(m, indent=2))
-    if FLAGS.out and jax.process_index() == 0:  # every process holds the same metrics
-        Path(FLAGS.out).write_text(json.dumps(m, indent=2))
+    if jax.process_index() == 0:  # every process holds the same metrics and samples
+        if FLAGS.out:
+            Path(FLAGS.out).write_text(json.dumps(m, indent=2))
+        if FLAGS.samples_out:
+            Path(FLAGS.samples_out).write_text("".join(json.dumps(row) + "\n" for row in samples))
     return 0
 
 

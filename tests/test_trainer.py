@@ -106,10 +106,17 @@ def test_train_command_runs_both_stages(tmp_path):
     for mesh in ("data=2", "fsdp=2"):  # the run's mesh is data=2 by default (-1); fsdp shards the weights instead
         out = tmp_path / f"eval_{mesh}.json"
         ev = _cli("eval", "--model", model, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max_new_tokens",
-                  "8", "--template", "plain", "--temperature", "0", "--mesh", mesh, "--out", str(out))
+                  "8", "--template", "plain", "--temperature", "0", "--mesh", mesh, "--out", str(out),
+                  "--samples_out", str(out.with_suffix(".jsonl")))
         assert ev.returncode == 0, ev.stderr[-3000:]
         evals[mesh] = json.loads(out.read_text())
     a, b = evals.values()
+    rows = [json.loads(line) for line in (tmp_path / "eval_data=2.jsonl").read_text().splitlines()]
+    assert [r["problem"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    assert rows[0]["completion"] == rows[1]["completion"]  # greedy
+    assert sum(r["correct"] for r in rows) / 6 == a["pass@1"]
+    assert all(0 < r["num_tokens"] <= 8 and r["reference"] is not None for r in rows)
+    assert (tmp_path / "eval_fsdp=2.jsonl").read_text() == (tmp_path / "eval_data=2.jsonl").read_text()
     assert a["num_problems"] == 3 and a["k"] == 2 and 0 <= a["pass@1"] <= 1
     assert a.pop("mesh")["data"] == 2 and b.pop("mesh")["fsdp"] == 2
     assert a == b  # greedy: the same completions on either layout

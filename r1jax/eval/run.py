@@ -62,6 +62,8 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
              seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", timeout_s: float = 1.0,
              return_samples: bool = False) -> dict:
     """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95); correctness by the `reward` rule.
+    `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion, answer,
+    correct, num_tokens}, a problem's k samples consecutive).
 
     Prompts go through the sampler in batches of `batch_size` problems; the last batch is padded with repeats
     of its first problem so every batch compiles to the same shapes."""
@@ -87,6 +89,8 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
     metrics["answer_rate"] = float(np.mean([a is not None and a.strip() != "" for a in answers]))
     metrics["completion_len"] = float(np.mean(lengths))
     if return_samples:
-        metrics["samples"] = [{"prompt": ex.get("prompt"), "completion": c, "correct": bool(ok)}
-                              for ex, c, ok in zip(rows, completions, correct.reshape(-1))]
+        metrics["samples"] = [
+            {"problem": i // k, "prompt": ex.get("prompt"), "reference": ex.get("answer"), "completion": c,
+             "answer": a, "correct": bool(ok), "num_tokens": int(n)}
+            for i, (ex, c, a, ok, n) in enumerate(zip(rows, completions, answers, correct.reshape(-1), lengths))]
     return metrics
