@@ -51,8 +51,8 @@ Variants: `base=PATH` (Qwen2.5-32B checkpoint, also the tokenizer), `traces=PATH
 for the traces: a smoke test of the plumbing in about a minute on this CPU).
 """
 
-from r1jax.configs import (base_config, distill_stage, eval_config, evaluate_stage, grpo_stage, hardware_config,
-                           parse_arg)
+from r1jax.configs import (base_config, compact_sampling, distill_stage, eval_config, evaluate_stage, grpo_stage,
+                           hardware_config, parse_arg)
 
 # The paper's Table 6 in the keys of WORKDIR/results.json (cons@k with k = 64): what this ablation reproduces.
 PAPER_TARGETS = {
@@ -110,6 +110,8 @@ def get_config(arg=None):
     # 4 problems x 64 samples per sampler call: a 256-row KV cache of 33k slots (~33 GiB per chip).
     cfg.compare.eval = eval_config(num_problems=500, k=64, temperature=0.6, top_p=0.95, max_new_tokens=32768,
                                    batch_size=4)
+
+    compact_sampling(cfg, 3)  # generations end unevenly: the decode loop continues on the unfinished rows
 
     if opts.runlocal:
         cfg.model.preset = "tiny_qwen2"

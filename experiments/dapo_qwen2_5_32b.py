@@ -37,8 +37,8 @@ Variants: `:runlocal` runs the same recipe on a tiny Qwen2-style model with synt
 on this CPU.
 """
 
-from r1jax.configs import (base_config, eval_config, evaluate_stage, grpo_stage, hardware_config, parse_arg,
-                           runlocal)
+from r1jax.configs import (base_config, compact_sampling, eval_config, evaluate_stage, grpo_stage, hardware_config,
+                           parse_arg, runlocal)
 
 
 def get_config(arg=None):
@@ -70,6 +70,8 @@ def get_config(arg=None):
     # 8 problems x 32 samples per sampler call: 256 rows, as in the periodic evaluation.
     cfg.compare.eval = eval_config(num_problems=30, k=32, temperature=1.0, top_p=0.7, max_new_tokens=20480,
                                    batch_size=8)
+
+    compact_sampling(cfg, 3)  # generations end unevenly: the decode loop continues on the unfinished rows
 
     if opts.runlocal:
         runlocal(cfg)  # tiny model, trained tokenizer, arithmetic, this machine

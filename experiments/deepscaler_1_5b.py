@@ -43,7 +43,7 @@ Variants: `:runlocal` runs the three stages on a tiny Qwen2-style model with syn
 template and a tokenizer trained for the run, in a few minutes on this CPU.
 """
 
-from r1jax.configs import base_config, eval_config, grpo_stage, hardware_config, parse_arg
+from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg
 
 # (stage, samples per prompt, response tokens, steps, micro-batches per update: 2, 2 and 1 rows per GPU at a time,
 # 18K-35K tokens, as verl's 32K-token dynamic micro-batches)
@@ -77,6 +77,8 @@ def get_config(arg=None):
         cfg[name].rewards = dict(accuracy=1.0)
         cfg[name].eval = eval_config(num_problems=500, k=8, temperature=0.6, top_p=0.95, max_new_tokens=length,
                                      batch_size=128)
+
+    compact_sampling(cfg, 3)  # generations end unevenly: the decode loop continues on the unfinished rows
 
     if opts.runlocal:
         cfg.model.preset = "tiny_qwen2"

@@ -36,7 +36,7 @@ Variants: `:runlocal` trains a tiny Qwen2-style model from scratch for a few GRP
 `:template=r1_zero` swaps the chat template for the R1-Zero prompt.
 """
 
-from r1jax.configs import base_config, eval_config, grpo_stage, hardware_config, parse_arg
+from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg
 
 
 def get_config(arg=None):
@@ -61,6 +61,8 @@ def get_config(arg=None):
     cfg.grpo.rewards = dict(accuracy=1.0, format=1.0)
     cfg.grpo.eval = eval_config(num_problems=1319, k=4, temperature=0.6, top_p=0.95, max_new_tokens=1024,
                                 batch_size=128)
+
+    compact_sampling(cfg, 3)  # generations end unevenly: the decode loop continues on the unfinished rows
 
     if opts.runlocal:
         cfg.model.preset = "tiny_qwen2"

@@ -52,7 +52,7 @@ limited routing, 3 layers) with synthetic arithmetic and a tokenizer trained for
 CPU.
 """
 
-from r1jax.configs import base_config, eval_config, grpo_stage, hardware_config, parse_arg
+from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg
 
 
 def get_config(arg=None):
@@ -90,6 +90,8 @@ def get_config(arg=None):
         # R1 reports pass@1 from k samples at temperature 0.6 and top-p 0.95.
         cfg[name].eval = eval_config(num_problems=500, k=4, temperature=0.6, top_p=0.95,
                                      max_new_tokens=cfg[name].max_new_tokens, batch_size=256)
+
+    compact_sampling(cfg, 3)  # generations end unevenly: the decode loop continues on the unfinished rows
 
     if opts.runlocal:
         cfg.model.preset = "tiny_deepseek_v3"

@@ -36,7 +36,7 @@ Variants: `:runlocal` runs the recipe on a tiny Qwen2-style model with synthetic
 for the run, with the same rules ("fsdp_tensor"), in about a minute on this CPU.
 """
 
-from r1jax.configs import base_config, eval_config, grpo_stage, hardware_config, parse_arg, runlocal
+from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg, runlocal
 
 
 def get_config(arg=None):
@@ -64,6 +64,8 @@ def get_config(arg=None):
     cfg.grpo.rewards = dict(accuracy=1.0, format=1.0)
     cfg.grpo.eval = eval_config(num_problems=500, k=4, temperature=0.6, top_p=0.95, max_new_tokens=32768,
                                 batch_size=256)
+
+    compact_sampling(cfg, 3)  # generations end unevenly: the decode loop continues on the unfinished rows
 
     if opts.runlocal:
         runlocal(cfg)  # tiny model, trained tokenizer, arithmetic, this machine

@@ -56,6 +56,8 @@ flags.DEFINE_string("mesh", "", "sample, eval: the device mesh, e.g. 'data=-1' (
                     "one device cannot hold; default for WORKDIR/<stage>: the run's config.mesh.")
 flags.DEFINE_string("rules", "", "sample, eval: the sharding rules preset (fsdp, fsdp_tensor, expert); default: fsdp, "
                     "or the run's for WORKDIR/<stage>.")
+flags.DEFINE_integer("compact", 3, "sample, eval: the decode loop continues on the unfinished rows, halving up to "
+                     "this many times as rows end (the same samples; 0: off).")
 flags.DEFINE_string("samples_out", None, "eval: also write every completion to this JSONL file (problem, prompt, "
                     "reference, completion, extracted answer, correct, num_tokens).")
 flags.DEFINE_bool("dry_run", False, "train: check the config for config.hardware without running it (no weights).")
@@ -203,7 +205,7 @@ def cmd_sample(argv):
     prompts = encode_prompts(tok, [ex], FLAGS.template)
     out = generate(model, prompts, num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
                    temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, eos_id=tok.eos_id,
-                   pad_id=tok.pad_id or 0, seed=FLAGS.seed, mesh=mesh, rules=rules)
+                   pad_id=tok.pad_id or 0, seed=FLAGS.seed, mesh=mesh, rules=rules, compact=FLAGS.compact)
     print(render(FLAGS.template, ex))
     for i, text in enumerate(decode_completions(tok, out.tokens, out.lengths)):
         print(f"--- sample {i} ({out.lengths[i]} tokens)\n{text}")
@@ -242,7 +244,7 @@ def cmd_eval(argv):
         examples = examples[: FLAGS.limit]
     m = evaluate(model, tok, examples, k=FLAGS.k, template=FLAGS.template, temperature=FLAGS.temperature,
                  top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                 mesh=mesh, rules=rules, return_samples=bool(FLAGS.samples_out))
+                 mesh=mesh, rules=rules, return_samples=bool(FLAGS.samples_out), compact=FLAGS.compact)
     m["mesh"] = dict(mesh.shape)
     samples = m.pop("samples", [])
     print(json.dumps(m, indent=2))

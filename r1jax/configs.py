@@ -64,9 +64,10 @@ def _common(kind: str, **kw) -> dict:
 
 def eval_config(**kw) -> ml_collections.ConfigDict:
     """Held-out evaluation: the first `num_problems` problems of `split` (0: the stage does not evaluate), k samples
-    each at `temperature` / `top_p`, correct by the `reward` rule."""
+    each at `temperature` / `top_p`, correct by the `reward` rule. `compact`: the sampler's compaction levels
+    (r1jax.sampling.sample_padded: the decode loop continues on the unfinished rows only; same samples)."""
     d = dict(num_problems=200, k=4, temperature=0.6, top_p=0.95, max_new_tokens=256, batch_size=64,
-             reward="accuracy", template="", split="test")
+             reward="accuracy", template="", split="test", compact=0)
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
@@ -110,6 +111,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         grad_accum=1,               # micro-batches per minibatch, gradients accumulated (memory, not semantics)
         logits_chunk=0,             # completion positions per output-head chunk (0: all at once)
         rollout_prompts=0,          # prompts per sampler call, run one after another (0: all B at once); divides B
+        rollout_compact=0,          # the sampler halves its rows up to this many times as they finish (same samples)
         minibatches=1,              # optimizer steps per pass (the batch is split into this many minibatches)
         old_logp="auto",            # auto: the sampler's log-probs with one update per rollout, else recompute
         loss_type="grpo",
@@ -189,6 +191,7 @@ def sampling_config(**kw) -> ml_collections.ConfigDict:
         split="train",
         num_prompts=0,              # 0: every prompt
         k=4,                        # samples per prompt
+        compact=0,                  # sampler compaction levels (see grpo_stage's rollout_compact)
         temperature=0.6,
         top_p=0.95,
         top_k=0,
@@ -323,6 +326,23 @@ def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg.task.test = dict(n=8, seed=1, num_digits=1, num_ops=2)
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
     cfg.hardware = hardware_config()
+    return cfg
+
+
+def compact_sampling(cfg: ml_collections.ConfigDict, levels: int) -> ml_collections.ConfigDict:
+    """Sampler compaction for every sampling stage of `cfg`: GRPO rollouts (`rollout_compact`), evaluations
+    (`eval.compact`) and rejection/distillation samples (`compact`, `samples.compact`). Long generations end unevenly, and the
+    decode loop then continues on the unfinished rows only, halving up to `levels` times (the same samples; 1.9x
+    on a long tail in benchmarks/RESULTS.md). Returns `cfg`, changed in place."""
+    for name in validate(cfg):
+        stage = cfg[name]
+        if stage.kind == "grpo":
+            stage.rollout_compact = levels
+        if stage.kind == "rejection":
+            stage.compact = levels
+        for sub in ("eval", "samples"):
+            if sub in stage and "compact" in stage[sub]:
+                stage[sub].compact = levels
     return cfg
 
 

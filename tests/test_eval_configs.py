@@ -69,6 +69,46 @@ def test_validate_names_stages():
         configs.validate(cfg)
 
 
+def test_compact_sampling_reaches_every_sampling_stage():
+    cfg = configs.base_config()
+    cfg.stages = "sft,grpo,rejection,distill,compare"
+    cfg.sft, cfg.grpo = configs.sft_stage(), configs.grpo_stage()
+    cfg.rejection, cfg.distill = configs.rejection_stage(), configs.distill_stage()
+    cfg.compare = configs.evaluate_stage()
+    assert cfg.grpo.rollout_compact == 0 and cfg.grpo.eval.compact == 0 and cfg.rejection.compact == 0
+    configs.compact_sampling(cfg, 3)
+    assert cfg.grpo.rollout_compact == 3 and cfg.rejection.compact == 3 and cfg.distill.samples.compact == 3
+    assert all(cfg[name].eval.compact == 3 for name in ("sft", "grpo", "distill", "compare"))
+    assert "rollout_compact" not in cfg.sft and "compact" not in cfg.sft
+
+
+def test_rollout_and_evaluation_pass_compaction_to_the_sampler(monkeypatch):
+    """rollout_compact reaches the rollout's sampler and eval.compact the evaluation's (both give the same samples
+    as without, tested in test_sampling)."""
+    import jax
+    from flax import nnx
+
+    from r1jax.data import ByteTokenizer, get_task, rl_prompt_dataset
+    from r1jax.eval import run as eval_run
+    from r1jax.models import Transformer, get_preset
+    from r1jax.rl import rollout as rollout_module
+
+    seen = []
+    real_sample, real_generate = rollout_module.sample_padded, eval_run.generate
+    monkeypatch.setattr(rollout_module, "sample_padded", lambda *a, **kw: seen.append(("rollout", kw["compact"]))
+                        or real_sample(*a, **kw))
+    monkeypatch.setattr(eval_run, "generate", lambda *a, **kw: seen.append(("eval", kw["compact"]))
+                        or real_generate(*a, **kw))
+    model, tok = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), ByteTokenizer()
+    task = get_task("arithmetic", n=2, seed=0)
+    cfg = configs.grpo_stage(group_size=2, max_new_tokens=4, reward_workers=1, rollout_compact=2)
+    batch = next(iter(rl_prompt_dataset(task, tok, batch_size=2, group_size=2, template="plain", shuffle=False,
+                                        max_prompt_len=64)))
+    rollout_module.rollout(model, tok, batch, cfg, jax.random.key(0))
+    eval_run.evaluate(model, tok, task, k=2, max_new_tokens=4, template="plain", compact=1)
+    assert seen == [("rollout", 2), ("eval", 1)]
+
+
 def test_arithmetic_solutions():
     assert arithmetic_solution("7 - 2 * 8") == (["2 * 8 = 16", "7 - 16 = -9"], -9)
     assert left_to_right_solution("7 - 2 * 8") == (["7 - 2 = 5", "5 * 8 = 40"], 40)

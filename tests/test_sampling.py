@@ -11,7 +11,7 @@ from r1jax.models.attention import unchunk_keys
 from r1jax.sampling import generate, make_strategy, sample_padded, sampling_distribution, select
 from r1jax.sampling import sampler as sampler_module
 from r1jax.sampling.cache import CACHE_AXES, buffers, grow
-from r1jax.sampling.sampler import decode_phases
+from r1jax.sampling.sampler import compaction_levels, decode_phases
 from r1jax.sampling.strategies import argmax, inverse_cdf_sample, top_p_keep
 
 
@@ -106,6 +106,65 @@ def test_phased_decoding_equals_one_phase(name, monkeypatch):
     np.testing.assert_array_equal(phased.tokens, single.tokens)
     np.testing.assert_allclose(phased.logprobs, single.logprobs, atol=1e-4)
     np.testing.assert_allclose(phased.sampling_logprobs, single.sampling_logprobs, atol=1e-4)
+
+
+def test_compaction_levels():
+    assert compaction_levels(32, 3) == (32, 16, 8, 4) and compaction_levels(32, 0) == (32,)
+    assert compaction_levels(32, 3, shards=8) == (32, 16, 8)  # each level splits over the 8 batch shards
+    assert compaction_levels(12, 5) == (12, 6, 3)
+    with pytest.raises(ValueError, match="compact=-1 must be >= 0"):
+        compaction_levels(8, -1)
+    # 3 rows do not split over 4 batch shards: sampled without compaction, as on one device.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+    model = _model()
+    kw = dict(num_samples=1, max_new_tokens=5, temperature=0.0)
+    np.testing.assert_array_equal(generate(model, PROMPTS, compact=2, mesh=mesh, **kw).tokens,
+                                  generate(model, PROMPTS, **kw).tokens)
+
+
+def _long_tail(model, stop_div, **kw):
+    """Samples whose lengths spread out: 1/stop_div of the vocabulary ends a row."""
+    eos = list(range(3, 3 + model.config.vocab_size // stop_div))
+    prompts = [[1 + i, 2, 3 + i % 5][: 1 + i % 3] for i in range(8)]
+    return generate(model, prompts, num_samples=4, temperature=1.0, eos_id=eos, seed=3, **kw)
+
+
+@pytest.mark.parametrize("name,new,stop_div,compact,sharded", [("tiny_qwen2", 70, 30, 3, True),
+                                                               ("tiny_deepseek_v3", 40, 12, 1, False)])
+def test_compaction_gives_the_same_samples(name, new, stop_div, compact, sharded):
+    """Continuing on the unfinished rows only (compact=3: 32 -> 16 -> 8 -> 4 rows) samples the same tokens as the
+    whole batch, log-probs within the sampler's 1e-4 (other batch shapes round differently); on one device and with
+    the batch over 8 devices. 70 new tokens decode in three phases on a growing cache (compaction in the last), 40
+    in one; DeepSeek-V3 checks the MLA cache (its compiles are slow, so one level on one device)."""
+    model = _model(name)
+    base = _long_tail(model, stop_div, max_new_tokens=new)
+    # A tail to compact: rows still running in the last phase (from step 64 of 128, or from the start) after half
+    # the rows have ended.
+    phases = decode_phases(128 if new > 64 else 64)
+    start = phases[-2] if len(phases) > 1 else 0
+    assert base.lengths.max() > max(start, np.median(base.lengths)), base.lengths
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+    for kw in (dict(), dict(mesh=mesh, rules="fsdp"))[:1 + sharded]:
+        out = _long_tail(model, stop_div, max_new_tokens=new, compact=compact, **kw)
+        np.testing.assert_array_equal(out.tokens, base.tokens)
+        np.testing.assert_array_equal(out.lengths, base.lengths)
+        np.testing.assert_allclose(out.logprobs, base.logprobs, atol=1e-4)
+        np.testing.assert_allclose(out.sampling_logprobs, base.sampling_logprobs, atol=1e-4)
+
+
+def test_compaction_keeps_rows_on_their_devices():
+    """With the batch over 8 devices, compaction gathers and scatters within each device's rows: the compiled
+    sampler has no all-gather (a gather by global row index made GSPMD gather whole arrays)."""
+    from r1jax.parallel import make_mesh, shard_model
+
+    mesh = make_mesh(data=8)
+    graphdef, state = nnx.split(shard_model(Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), mesh, "fsdp"))
+    tokens = jnp.ones((8, 16), jnp.int32)
+    hlo = sample_padded.lower(graphdef, state, tokens, tokens > 0, jax.random.key(0), jnp.int32(40), jnp.float32(1.0),
+                              jnp.float32(1.0), jnp.int32(0), jnp.asarray([5, 6], jnp.int32), num_samples=4,
+                              max_new_bucket=64, strategy=make_strategy(1.0), mesh=mesh, rules="fsdp",
+                              compact=2).compile().as_text()
+    assert "all-gather(" not in hlo and "all-to-all(" not in hlo
 
 
 def test_eos_pad_and_lengths_with_mixed_prompt_lengths():

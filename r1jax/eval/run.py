@@ -60,7 +60,7 @@ def score_once(completions: Sequence[str], examples: Sequence[Mapping], weights:
 def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, template: str = "r1_zero",
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, batch_size: int = 64,
              seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", timeout_s: float = 1.0,
-             return_samples: bool = False) -> dict:
+             return_samples: bool = False, compact: int = 0) -> dict:
     """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95); correctness by the `reward` rule.
     `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion, answer,
     correct, num_tokens}, a problem's k samples consecutive).
@@ -77,7 +77,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         chunk = chunk + [chunk[0]] * (batch_size - n_real) if len(prompts) > batch_size else chunk
         out = generate(model, chunk, num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
-                       seed=seed + start, mesh=mesh, rules=rules)
+                       seed=seed + start, mesh=mesh, rules=rules, compact=compact)
         completions += decode_completions(tokenizer, out.tokens, out.lengths)[: n_real * k]
         lengths += out.lengths[: n_real * k].tolist()
     rows = [ex for ex in examples for _ in range(k)]

@@ -232,7 +232,8 @@ def sample_chunk(model, tokenizer, examples: Sequence[Mapping], cfg, template: s
     prompts = prompts + [prompts[0]] * (cfg.batch_size - n_real)
     out = generate(model, prompts, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id or 0, seed=seed, mesh=mesh, rules=rules)
+                   pad_id=tokenizer.pad_id or 0, seed=seed, mesh=mesh, rules=rules,
+                   compact=int(cfg.get("compact", 0)))
     R = n_real * cfg.k
     tokens, lengths = out.tokens[:R], out.lengths[:R]
     texts = decode_completions(tokenizer, tokens, lengths)

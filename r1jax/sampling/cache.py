@@ -53,6 +53,30 @@ def repeat_rows(cache: dict, times: int) -> dict:
     return _map(cache, rep)
 
 
+def take_local(x, order_Sn):
+    """Rows of `x` picked within each of S equal blocks of its leading axis: block s gives rows order_Sn[s]
+    (indices into the block). With the batch sharded over S devices the blocks are the shards, so no row leaves its
+    device (a gather with global indices would make GSPMD move every row to every device)."""
+    S, n = order_Sn.shape
+    blocks = x.reshape(S, x.shape[0] // S, *x.shape[1:])
+    return jax.vmap(lambda b, r: b[r])(blocks, order_Sn).reshape(S * n, *x.shape[1:])
+
+
+def put_local(x, order_Sn, values, column=None):
+    """`x` with the rows `take_local(x, order_Sn)` would pick set to `values` (at `column` only, if given)."""
+    S, n = order_Sn.shape
+    blocks = x.reshape(S, x.shape[0] // S, *x.shape[1:])
+    vals = values.reshape(S, n, *values.shape[1:])
+    at = (lambda b, r, v: b.at[r].set(v)) if column is None else (lambda b, r, v: b.at[r, column].set(v))
+    return jax.vmap(at)(blocks, order_Sn, vals).reshape(x.shape)
+
+
+def take_rows(cache: dict, order_Sn) -> dict:
+    """The cache of the rows `take_local` picks (every buffer has its batch axis first)."""
+    assert all(axes[0] == "batch" for axes in CACHE_AXES.values())
+    return _map(cache, lambda name, x: take_local(x, order_Sn))
+
+
 def constrain_cache(cache: dict) -> dict:
     """Sharding constraints on every cache buffer (batch over the data axes) under an active axis_rules context."""
     return _map(cache, lambda name, x: constrain(x, CACHE_AXES[name]))

@@ -28,7 +28,7 @@ from flax import nnx
 
 from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules, constrain
-from r1jax.sampling.cache import constrain_cache, grow, repeat_rows
+from r1jax.sampling.cache import constrain_cache, grow, put_local, repeat_rows, take_local, take_rows
 from r1jax.sampling.strategies import Strategy, make_strategy, select
 
 log = logging.getLogger(__name__)
@@ -70,21 +70,45 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
     return tokens, mask
 
 
-@partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_bucket", "strategy", "mesh", "rules"))
+def compaction_levels(rows: int, levels: int, shards: int = 1) -> tuple[int, ...]:
+    """Row counts of the decode loop's compaction levels: `rows`, then halved up to `levels` times while the half
+    still splits over the `shards` batch shards."""
+    if levels < 0:
+        raise ValueError(f"compact={levels} must be >= 0 (0: no compaction)")
+    out = [rows]
+    while len(out) <= levels and out[-1] % 2 == 0 and (out[-1] // 2) % shards == 0:
+        out.append(out[-1] // 2)
+    return tuple(out)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_bucket", "strategy", "mesh", "rules",
+                                   "compact"))
 def sample_padded(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id, eos_ids_E,
-                  *, num_samples: int, max_new_bucket: int, strategy: Strategy, mesh=None, rules=None):
+                  *, num_samples: int, max_new_bucket: int, strategy: Strategy, mesh=None, rules=None,
+                  compact: int = 0):
     """The compiled sampler on left-padded prompts. Returns device arrays (tokens, lengths, logprobs,
-    sampling_logprobs), each with B * num_samples rows and max_new_bucket columns."""
+    sampling_logprobs), each with B * num_samples rows and max_new_bucket columns.
+
+    compact: in the last decode phase, once at most half the rows are unfinished, the loop continues on those rows
+    only (their caches gathered), halving up to `compact` times. Each row's tokens are the same as without it (the
+    sampler draws every row's random number whichever rows are computed; log-probs may differ by float rounding),
+    and each level is one more compiled loop body. Rows that do not split evenly over the batch shards are not
+    compacted (each shard keeps its rows on its devices only when every shard has as many)."""
+    R = tokens_BP.shape[0] * num_samples
     if mesh is not None:
+        from r1jax.parallel.sharding import batch_shards
+
+        shards = batch_shards(mesh, rules)
+        levels, shards = (compaction_levels(R, compact, shards), shards) if R % shards == 0 else ((R,), 1)
         with axis_rules(mesh, rules):
             return _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id,
-                           eos_ids_E, num_samples, max_new_bucket, strategy)
+                           eos_ids_E, num_samples, max_new_bucket, strategy, levels, shards)
     return _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id, eos_ids_E,
-                   num_samples, max_new_bucket, strategy)
+                   num_samples, max_new_bucket, strategy, compaction_levels(R, compact), 1)
 
 
 def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id, eos_ids_E,
-            G, N, strategy):
+            G, N, strategy, levels, shards):
     model = nnx.merge(graphdef, state)
     B, P = tokens_BP.shape
     phases = decode_phases(N)
@@ -98,46 +122,83 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
     # Each step's rotary cos/sin arrive in the carry, computed at the end of the step before: as a loop input they
     # are one buffer, where computed inside the step XLA:CPU re-evaluates them in every layer's q and k rotation.
     rope = lambda next_pos_R: model.rotary.cos_sin(next_pos_R[:, None])
+    # The outputs (tokens ... lengths) always have all R rows; the model's state (cache, logits, cos_sin) has the
+    # rows of the current compaction level: `rows` [shards, n] indexes each batch shard's block of R / shards rows,
+    # so gathers and scatters between the two stay within a shard (on its devices).
     carry = dict(
         step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, rng=rng, cos_sin=rope(cache["next_pos"]),
+        rows=jnp.tile(jnp.arange(R // shards, dtype=jnp.int32), (shards, 1)),
         tokens=jnp.full((R, N), pad_id, jnp.int32), logp=jnp.zeros((R, N), jnp.float32),
         slogp=jnp.zeros((R, N), jnp.float32), done=jnp.zeros((R,), bool), lengths=jnp.zeros((R,), jnp.int32))
 
     def body(c):
+        rows, full = c["rows"], c["rows"].size == R
         rng, sub = jax.random.split(c["rng"])
-        tok, logp, slogp = select(c["logits"], sub, strategy, temperature, top_p)
-        done = c["done"]
+        u = jax.random.uniform(sub, (R, 1), jnp.float32)
+        tok, logp, slogp = select(c["logits"], sub, strategy, temperature, top_p, u if full else take_local(u, rows))
+        done = c["done"] if full else take_local(c["done"], rows)
         tok = jnp.where(done, pad_id, tok)
-        put = lambda buf, v: jax.lax.dynamic_update_slice(buf, v[:, None].astype(buf.dtype), (0, c["step"]))
         is_eos = jnp.any(tok[:, None] == eos_ids_E[None, :], axis=-1) if eos_ids_E.shape[0] else False
         # Finished rows get position next_pos here, not the default next_pos - 1: they are masked out and their
         # outputs discarded, so it does not matter.
         step_out = model.forward(tok[:, None], attention_mask_BL=~done[:, None], cache=c["cache"],
                                  logits_start=-1, layers=layers, cos_sin=c["cos_sin"])
+        if full:
+            put = lambda buf, v: jax.lax.dynamic_update_slice(buf, v[:, None].astype(buf.dtype), (0, c["step"]))
+            new_done, lengths = done | is_eos, c["lengths"] + (~done).astype(jnp.int32)
+        else:
+            put = lambda buf, v: put_local(buf, rows, v.astype(buf.dtype), c["step"])
+            new_done = put_local(c["done"], rows, done | is_eos)
+            lengths = put_local(c["lengths"], rows, take_local(c["lengths"], rows) + (~done).astype(jnp.int32))
         return dict(step=c["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, -1], rng=rng,
-                    cos_sin=rope(step_out.cache["next_pos"]),
+                    cos_sin=rope(step_out.cache["next_pos"]), rows=rows,
                     tokens=put(c["tokens"], tok), logp=put(c["logp"], jnp.where(done, 0.0, logp)),
-                    slogp=put(c["slogp"], jnp.where(done, 0.0, slogp)), done=done | (~done & is_eos),
-                    lengths=c["lengths"] + (~done).astype(jnp.int32))
+                    slogp=put(c["slogp"], jnp.where(done, 0.0, slogp)), done=new_done, lengths=lengths)
+
+    def compact_to(c, n):
+        """n rows of the current level, n / shards from each batch shard, its unfinished rows first (a stable
+        order)."""
+        order = jnp.argsort(take_local(c["done"], c["rows"]).reshape(shards, -1), axis=1, stable=True)
+        order = order[:, :n // shards]
+        take = lambda x: take_local(x, order)
+        return dict(c, rows=jnp.take_along_axis(c["rows"], order, axis=1),
+                    cache=constrain_cache(take_rows(c["cache"], order)),
+                    logits=constrain(take(c["logits"]), ("batch", "vocab")),
+                    cos_sin=tuple(take(x) for x in c["cos_sin"]))
 
     c = carry
     for i, end in enumerate(phases):
         if i:
             c = dict(c, cache=constrain_cache(grow(c["cache"], P + end)))
         limit = jnp.minimum(max_new_tokens, end)
-        c = jax.lax.while_loop(lambda c, limit=limit: (c["step"] < limit) & ~jnp.all(c["done"]), body, c)
+        # Compaction only in the last phase: a loop there ends when every row is done, at the last step, or when
+        # every batch shard has at most its part of the next level's rows unfinished, and in each case continuing on
+        # those rows loses nothing.
+        steps = levels if i == len(phases) - 1 else levels[:1]
+        for j, n in enumerate(steps):
+            if j:
+                c = compact_to(c, n)
+            nxt = steps[j + 1] if j + 1 < len(steps) else 0
+
+            def cond(c, limit=limit, nxt=nxt):
+                go = (c["step"] < limit) & ~jnp.all(c["done"])
+                # Every unfinished row of a shard is among its current rows.
+                unfinished = jnp.sum(~c["done"].reshape(shards, -1), axis=1)
+                return go & (jnp.max(unfinished) > nxt // shards) if nxt else go
+            c = jax.lax.while_loop(cond, body, c)
     return c["tokens"], c["lengths"], c["logp"], c["slogp"]
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_id=None, pad_id: int = 0,
-             seed: int = 0, mesh=None, rules="fsdp", min_prompt_bucket: int = 16) -> SamplingResult:
+             seed: int = 0, mesh=None, rules="fsdp", min_prompt_bucket: int = 16, compact: int = 0) -> SamplingResult:
     """Samples `num_samples` completions of up to `max_new_tokens` for each prompt (lists of token ids).
 
     temperature 0 is greedy. eos_id: an int, a list of ints, or None (never stop early). With a mesh, rows are
     sharded over the batch axes by `rules` (the model should already be sharded, e.g. by
     `from_pretrained(..., mesh=mesh)`). In a multi-process run every process passes the same prompts and seed and
-    gets every sample."""
+    gets every sample. compact: halve the rows the decode loop computes up to this many times as rows finish
+    (`sample_padded`); the same tokens, for one compiled loop body more per level."""
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     if max_new_tokens < 1:
@@ -162,6 +223,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, m
     out = sample_padded(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(seed),
                         jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                         jnp.int32(pad_id), jnp.asarray(eos, jnp.int32), num_samples=num_samples,
-                        max_new_bucket=N, strategy=strategy, mesh=mesh, rules=rules if mesh is not None else None)
+                        max_new_bucket=N, strategy=strategy, mesh=mesh, rules=rules if mesh is not None else None,
+                        compact=compact)
     toks, lengths, logp, slogp = (hosts.fetch(x) for x in out)
     return SamplingResult(toks[:, :max_new_tokens], lengths, logp[:, :max_new_tokens], slogp[:, :max_new_tokens])

@@ -102,12 +102,14 @@ def argmax(x_BV):
 _BLOCK = 128
 
 
-def inverse_cdf_sample(logits_BV, rng):
+def inverse_cdf_sample(logits_BV, rng, u_B1=None):
     """One token per row from softmax(logits_BV) (-inf entries excluded), with one uniform number per row: the first
     index whose cumulative mass exceeds u * total. Exact up to float rounding, and several times cheaper on a CPU than
     Gumbel-max, which draws a random number per vocabulary entry. The cumulative sum is two-level (block sums, then
     within the chosen block of 128): a full cumsum over 8,192 entries costs ~8 ms for 128 rows on a 2-core CPU, the
-    two levels under 1. Returns (tokens_B, log-probability_B)."""
+    two levels under 1. `u_B1`: the uniform numbers to use instead of drawing them from `rng` (the sampler draws
+    them for every row of the batch, so a row's token does not depend on which rows share its call). Returns
+    (tokens_B, log-probability_B)."""
     B, V = logits_BV.shape
     m = jnp.max(logits_BV, axis=-1, keepdims=True)
     e = jnp.exp(logits_BV - m)
@@ -116,7 +118,7 @@ def inverse_cdf_sample(logits_BV, rng):
     block_sum = jnp.sum(blocks, axis=-1)
     block_cum = jnp.cumsum(block_sum, axis=-1)
     z = block_cum[:, -1:]
-    u = jax.random.uniform(rng, (B, 1), jnp.float32) * z
+    u = (jax.random.uniform(rng, (B, 1), jnp.float32) if u_B1 is None else u_B1) * z
     # Rounding can leave u at or past the last cumulative sum: fall back to the last block / token with mass.
     blk = jnp.minimum(_first_index(block_cum > u), _last_index(block_sum > 0))
     inner = jnp.take_along_axis(blocks, blk[:, None, None], axis=1)[:, 0]
@@ -127,14 +129,15 @@ def inverse_cdf_sample(logits_BV, rng):
     return tokens, logp
 
 
-def select(logits_BV, rng, strategy: Strategy, temperature, top_p):
-    """Returns (tokens_B int32, logprob_B under the model at T=1, sampling_logprob_B)."""
+def select(logits_BV, rng, strategy: Strategy, temperature, top_p, u_B1=None):
+    """Returns (tokens_B int32, logprob_B under the model at T=1, sampling_logprob_B). `u_B1`: see
+    `inverse_cdf_sample`."""
     logits_BV = logits_BV.astype(jnp.float32)
     if strategy.greedy:
         tokens = argmax(logits_BV)
         sampled_logp = jnp.zeros(tokens.shape, jnp.float32)
     else:
-        tokens, sampled_logp = inverse_cdf_sample(truncate(logits_BV / temperature, strategy, top_p), rng)
+        tokens, sampled_logp = inverse_cdf_sample(truncate(logits_BV / temperature, strategy, top_p), rng, u_B1)
     picked = jnp.take_along_axis(logits_BV, tokens[:, None], axis=-1)[:, 0]
     logp = picked - jax.nn.logsumexp(logits_BV, axis=-1)
     return tokens, logp, sampled_logp
