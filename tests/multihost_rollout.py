@@ -6,7 +6,8 @@ bucket than the other process's); the sampler runs over the 4-device mesh. Check
   - metrics are the whole batch's, identical on every process,
   - the batch assembles into global arrays (shard_batch),
   - the host helpers: concat of unequal row counts, concat_objects, process_max, and process_rows: its own
-    sampled rows from its own devices, and the right rows by a fetch when the layout is not process-major,
+    sampled rows from its own devices (also with compaction, which samples the same rows), and the right rows by
+    a fetch when the layout is not process-major,
   - evaluation: every process samples every problem and scores its share; pass@1 is over all rows,
   - an LLM judge on every process's texts gives the verdicts it gives on one local device,
   - a stop signal that reaches one process stops every process at the same step.
@@ -110,6 +111,14 @@ rows = B * G
 whole = hosts.fetch(sampled[0])
 assert hosts.holds_process_rows(sampled[0], rows) and hosts.holds_process_rows(sampled[2], rows)
 np.testing.assert_array_equal(hosts.process_rows(sampled[0], rows), whole[pid * rows:(pid + 1) * rows])
+# Compaction (most rows end early here) samples the same rows and leaves them on their processes' devices.
+tail = dict(group_size=G, max_new_tokens=N, temperature=1.0, top_p=1.0, top_k=0, pad_id=0, rng=jax.random.key(4),
+            eos_ids=list(range(3, 3 + config.vocab_size // 4)), mesh=mesh, rules="fsdp")
+plain, compacted = (sample_group(model, all_ids, all_mask, compact=c, **tail) for c in (0, 2))
+assert np.median(hosts.fetch(plain[1])) < N, hosts.fetch(plain[1])
+for a, b in zip(plain, compacted):
+    assert hosts.holds_process_rows(b, rows)
+    np.testing.assert_allclose(hosts.process_rows(b, rows), hosts.process_rows(a, rows), atol=1e-4)
 values = np.arange(pc * rows * 4, dtype=np.float32).reshape(pc * rows, 4)
 swapped = jax.sharding.Mesh(np.asarray(jax.devices())[[2, 3, 0, 1]], ("x",))
 for mesh_, spec in ((swapped, PartitionSpec("x")), (make_mesh(data=-1), PartitionSpec(None, "data"))):
