@@ -10,7 +10,8 @@
 `--model` is a Hugging Face checkpoint directory, or a stage directory of a workdir (WORKDIR/<stage>, whose
 weights are read with the run's config and tokenizer). `sample` and `eval` run on a mesh over every device (of every
 process): `--mesh data=-1` (the default for a checkpoint: weights replicated, rows split), `--mesh fsdp=-1` or
-`--mesh data=2,tensor=4` for a model one device cannot hold, with `--rules` choosing the sharding preset. Re-running `train` with the same workdir resumes.
+`--mesh data=2,tensor=4` for a model one device cannot hold, with `--rules` choosing the sharding preset.
+Re-running `train` with the same workdir resumes.
 `train --dry_run` checks the config for its `config.hardware` on this machine instead (r1jax.pipeline.dry_run:
 abstract mesh, shardings, lowering for the target platform, memory per device; no files, no weights) and writes
 WORKDIR/dry_run.json when --workdir is given.
@@ -54,8 +55,8 @@ flags.DEFINE_string("out", None, "Output path (convert, plot, eval results JSON)
 flags.DEFINE_string("mesh", "", "sample, eval: the device mesh, e.g. 'data=-1' (default for a Hugging Face checkpoint: "
                     "every device data parallel, the weights replicated), 'fsdp=-1' or 'data=2,tensor=4' for a model "
                     "one device cannot hold; default for WORKDIR/<stage>: the run's config.mesh.")
-flags.DEFINE_string("rules", "", "sample, eval: the sharding rules preset (fsdp, fsdp_tensor, expert); default: fsdp, "
-                    "or the run's for WORKDIR/<stage>.")
+flags.DEFINE_string("rules", "", "sample, eval: the sharding rules preset (fsdp, fsdp_tensor, expert, data); default: "
+                    "fsdp_tensor when --mesh has tensor > 1, else fsdp; the run's for WORKDIR/<stage>.")
 flags.DEFINE_integer("compact", 3, "sample, eval: the decode loop continues on the unfinished rows, halving up to "
                      "this many times as rows end (the same samples; 0: off).")
 flags.DEFINE_string("samples_out", None, "eval: also write every completion to this JSONL file (problem, prompt, "
@@ -177,8 +178,16 @@ def _load_model_and_tokenizer(path: str, *, sharded: bool = False):
     path = Path(path)
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
         tok = ByteTokenizer() if FLAGS.tokenizer == "byte" else load_tokenizer(FLAGS.tokenizer or path)
-        mesh, rules = (_mesh_flag("data=-1"), _rules_flag() or "fsdp") if sharded else (None, "fsdp")
-        return from_pretrained(path, dtype=FLAGS.dtype, mesh=mesh, rules=rules), tok, mesh, rules
+        mesh, rules = (_mesh_flag("data=-1"), _rules_flag()) if sharded else (None, "fsdp")
+        if rules is None:  # a tensor axis is only worth its devices with rules that split the heads and MLPs over it
+            rules = "fsdp_tensor" if mesh is not None and mesh.shape["tensor"] > 1 else "fsdp"
+        try:
+            model = from_pretrained(path, dtype=FLAGS.dtype, mesh=mesh, rules=rules)
+        except ValueError as e:
+            if "does not fit the mesh" not in str(e):
+                raise
+            raise UsageError(f"--mesh / --rules: {e}") from None
+        return model, tok, mesh, rules
     if (path / "final").exists() and (path.parent / "config.json").exists():
         import ml_collections
 

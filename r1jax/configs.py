@@ -331,9 +331,9 @@ def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def compact_sampling(cfg: ml_collections.ConfigDict, levels: int) -> ml_collections.ConfigDict:
     """Sampler compaction for every sampling stage of `cfg`: GRPO rollouts (`rollout_compact`), evaluations
-    (`eval.compact`) and rejection/distillation samples (`compact`, `samples.compact`). Long generations end unevenly, and the
-    decode loop then continues on the unfinished rows only, halving up to `levels` times (the same samples; 1.9x
-    on a long tail in benchmarks/RESULTS.md). Returns `cfg`, changed in place."""
+    (`eval.compact`) and rejection/distillation samples (`compact`, `samples.compact`). Long generations end
+    unevenly, and the decode loop then continues on the unfinished rows only, halving up to `levels` times (the
+    same samples; 1.75-1.9x on a long tail in benchmarks/RESULTS.md). Returns `cfg`, changed in place."""
     for name in validate(cfg):
         stage = cfg[name]
         if stage.kind == "grpo":

@@ -122,6 +122,11 @@ def test_train_command_runs_both_stages(tmp_path):
     assert a == b  # greedy: the same completions on either layout
     bad = _cli("eval", "--model", model, "--data", "arithmetic", "--mesh", "data=3")
     assert bad.returncode == 2 and "--mesh: device mesh data=3" in bad.stderr, bad.stderr[-3000:]
+    # A tensor axis brings the fsdp_tensor rules, and this model's single KV head cannot split over it: said before
+    # any weight is read.
+    bad = _cli("sample", "--model", str(tmp_path / "hf"), "--tokenizer", "byte", "--prompt", "1", "--mesh", "tensor=2")
+    assert bad.returncode == 2 and "num_kv_heads=1 is not divisible by its 'kv_heads' mesh axes tensor=2" in \
+        bad.stderr, bad.stderr[-3000:]
 
 
 def test_hf_export_carries_the_run_tokenizer_files(tmp_path):

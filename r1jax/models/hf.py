@@ -32,6 +32,7 @@ from r1jax.models.config import ModelConfig
 from r1jax.models.hf_mapping import Source, config_from_hf, config_to_hf, is_ignored, param_sources
 from r1jax.models.transformer import Transformer
 from r1jax.parallel import hosts
+from r1jax.parallel.sharding import validate_layout
 from r1jax.parallel.rules import logical_to_spec
 
 _FP8_BLOCK = 128
@@ -269,6 +270,8 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, *, mesh=None, rules
     if sources is None:
         sources = param_sources(cfg, fused_experts=uses_fused_experts(reader))
     _validate(reader, sources, cfg, strict)
+    if mesh is not None:  # before reading anything: a dimension the mesh cannot split is named, with sizes that fit
+        validate_layout(cfg, mesh, rules)
     abstract = nnx.eval_shape(module_fn or (lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)

@@ -27,6 +27,6 @@ from r1jax.parallel.sharding import (batch_sharding, batch_shards, batch_spec, c
 __all__ = [
     "DISPATCH_MODES", "PRESETS", "axis_rules", "batch_sharding", "batch_shards", "batch_spec", "bias_delta",
     "capacity", "check_batch", "hosts", "constrain", "context_rules", "dispatch", "distributed_config", "init_sharded",
-    "initialize", "logical_to_spec", "make_mesh", "moe_metrics", "parse_mesh", "resolve_dispatch", "shard_batch", "shard_model",
-    "shard_state", "shardings_for", "update_router_bias", "validate_layout",
+    "initialize", "logical_to_spec", "make_mesh", "moe_metrics", "parse_mesh", "resolve_dispatch", "shard_batch",
+    "shard_model", "shard_state", "shardings_for", "update_router_bias", "validate_layout",
 ]
