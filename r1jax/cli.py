@@ -60,7 +60,8 @@ flags.DEFINE_string("rules", "", "sample, eval: the sharding rules preset (fsdp,
 flags.DEFINE_integer("compact", 3, "sample, eval: the decode loop continues on the unfinished rows, halving up to "
                      "this many times as rows end (the same samples; 0: off).")
 flags.DEFINE_string("samples_out", None, "eval: also write every completion to this JSONL file (problem, prompt, "
-                    "reference, completion, extracted answer, correct, num_tokens).")
+                    "reference, completion, extracted answer, correct, num_tokens). With it or --out, sampled batches "
+                    "are kept in <file>.progress.jsonl until the end, and an interrupted eval run again resumes.")
 flags.DEFINE_bool("dry_run", False, "train: check the config for config.hardware without running it (no weights).")
 
 
@@ -251,9 +252,19 @@ def cmd_eval(argv):
     examples = _eval_examples(FLAGS.data)
     if FLAGS.limit:
         examples = examples[: FLAGS.limit]
-    m = evaluate(model, tok, examples, k=FLAGS.k, template=FLAGS.template, temperature=FLAGS.temperature,
-                 top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-                 mesh=mesh, rules=rules, return_samples=bool(FLAGS.samples_out), compact=FLAGS.compact)
+    # Sampled batches are kept beside the output, so an interrupted evaluation run again resumes.
+    out = FLAGS.samples_out or FLAGS.out
+    progress = Path(f"{out}.progress.jsonl") if out else None
+    meta = {"model": str(Path(FLAGS.model).resolve()), "dtype": FLAGS.dtype}
+    try:
+        m = evaluate(model, tok, examples, k=FLAGS.k, template=FLAGS.template, temperature=FLAGS.temperature,
+                     top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
+                     seed=FLAGS.seed, mesh=mesh, rules=rules, return_samples=bool(FLAGS.samples_out),
+                     compact=FLAGS.compact, progress=progress, progress_meta=meta)
+    except ValueError as e:
+        if "progress of an evaluation" not in str(e):
+            raise
+        raise UsageError(str(e)) from None
     m["mesh"] = dict(mesh.shape)
     samples = m.pop("samples", [])
     print(json.dumps(m, indent=2))
@@ -262,6 +273,8 @@ def cmd_eval(argv):
             Path(FLAGS.out).write_text(json.dumps(m, indent=2))
         if FLAGS.samples_out:
             Path(FLAGS.samples_out).write_text("".join(json.dumps(row) + "\n" for row in samples))
+        if progress is not None:
+            progress.unlink(missing_ok=True)
     return 0
 
 

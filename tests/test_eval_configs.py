@@ -109,6 +109,42 @@ def test_rollout_and_evaluation_pass_compaction_to_the_sampler(monkeypatch):
     assert seen == [("rollout", 2), ("eval", 1)]
 
 
+def test_interrupted_evaluation_resumes_from_its_progress_file(tmp_path, monkeypatch):
+    """An evaluation keeps each sampled batch in its progress file; run again after an interruption it samples only
+    the missing batches (a batch cut off mid-write is sampled again) and gives the uninterrupted metrics. Other
+    settings are refused, naming them."""
+    from flax import nnx
+
+    from r1jax.data import ByteTokenizer, get_task
+    from r1jax.eval import run as eval_run
+    from r1jax.models import Transformer, get_preset
+
+    model, tok = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), ByteTokenizer()
+    problems = get_task("arithmetic", n=7, seed=0)  # batches of 2: 4 batches, the last one short
+    kw = dict(k=2, max_new_tokens=6, template="plain", temperature=1.0, batch_size=2, return_samples=True)
+    whole = eval_run.evaluate(model, tok, problems, **kw)
+    path, calls, real = tmp_path / "p.jsonl", [], eval_run.generate
+
+    def interrupted(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(k["seed"])
+        return real(*a, **k)
+    monkeypatch.setattr(eval_run, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eval_run.evaluate(model, tok, problems, progress=path, progress_meta={"model": "m"}, **kw)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4  # the header and three batches
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])  # the third cut off mid-write
+    calls.clear()
+    resumed = eval_run.evaluate(model, tok, problems, progress=path, progress_meta={"model": "m"}, **kw)
+    assert calls == [4, 6]  # the cut-off batch (problems 4-5) and the last one (problem 6)
+    assert resumed == whole
+    with pytest.raises(ValueError, match=r"other settings \(differs in \['model', 'temperature'\]\)"):
+        eval_run.evaluate(model, tok, problems, progress=path, progress_meta={"model": "other"},
+                          **{**kw, "temperature": 0.5})
+
+
 def test_arithmetic_solutions():
     assert arithmetic_solution("7 - 2 * 8") == (["2 * 8 = 16", "7 - 16 = -9"], -9)
     assert left_to_right_solution("7 - 2 * 8") == (["7 - 2 = 5", "5 * 8 = 40"], 40)

@@ -111,6 +111,7 @@ def test_train_command_runs_both_stages(tmp_path):
         assert ev.returncode == 0, ev.stderr[-3000:]
         evals[mesh] = json.loads(out.read_text())
     a, b = evals.values()
+    assert not list(tmp_path.glob("*.progress.jsonl"))  # kept only until the evaluation ends
     rows = [json.loads(line) for line in (tmp_path / "eval_data=2.jsonl").read_text().splitlines()]
     assert [r["problem"] for r in rows] == [0, 0, 1, 1, 2, 2]
     assert rows[0]["completion"] == rows[1]["completion"]  # greedy

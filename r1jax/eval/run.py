@@ -14,8 +14,14 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import jax
 import numpy as np
 
 from r1jax.data.templates import render
@@ -24,6 +30,8 @@ from r1jax.parallel import hosts
 from r1jax.rl.rewards import score_batch
 from r1jax.rl.rewards_math import extract_final_answer
 from r1jax.sampling import generate
+
+log = logging.getLogger(__name__)
 
 
 def encode_prompts(tokenizer, examples, template: str) -> list[list[int]]:
@@ -57,29 +65,93 @@ def score_once(completions: Sequence[str], examples: Sequence[Mapping], weights:
     return hosts.concat_scores(totals, parts)
 
 
+def _fingerprint(prompts, **settings) -> dict:
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+    return {"prompts": len(prompts), "prompts_sha256": digest, **settings}
+
+
+def _read_progress(path: Path, fingerprint: dict) -> dict[int, tuple[list, list]]:
+    """{batch start: (completions, lengths)} already sampled by an interrupted run with the same settings. A last
+    line cut off by the interruption is dropped (that batch is sampled again)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        head = json.loads(lines[0])["fingerprint"] if lines else None
+    except (ValueError, KeyError, TypeError):
+        head = None
+    if head != fingerprint:
+        diff = sorted(k for k in set(fingerprint) | set(head or {}) if (head or {}).get(k) != fingerprint.get(k))
+        raise ValueError(f"{path}: progress of an evaluation with other settings (differs in {diff}); restore them, "
+                         f"or delete the file to start over")
+    done = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+            done[int(rec["start"])] = (list(rec["completions"]), [int(n) for n in rec["lengths"]])
+        except (ValueError, KeyError, TypeError):
+            break
+    return done
+
+
+def _append_progress(path: Path, record: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, template: str = "r1_zero",
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, batch_size: int = 64,
              seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", timeout_s: float = 1.0,
-             return_samples: bool = False, compact: int = 0) -> dict:
+             return_samples: bool = False, compact: int = 0, progress: str | Path | None = None,
+             progress_meta: Mapping | None = None) -> dict:
     """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95); correctness by the `reward` rule.
     `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion, answer,
     correct, num_tokens}, a problem's k samples consecutive).
 
     Prompts go through the sampler in batches of `batch_size` problems; the last batch is padded with repeats
-    of its first problem so every batch compiles to the same shapes."""
+    of its first problem so every batch compiles to the same shapes. Batch i samples with seed + its first problem's
+    index, so a batch's samples do not depend on the others.
+
+    `progress`: a JSONL file that keeps each sampled batch (process 0 appends it). An evaluation interrupted and
+    run again with the same prompts, settings and `progress_meta` (e.g. the model's path) samples only the batches
+    it does not hold; other settings are an error naming them. The caller deletes the file when done."""
     if not examples:
         raise ValueError("evaluate needs at least one example")
     prompts = encode_prompts(tokenizer, examples, template)
+    done, path = {}, None
+    if progress is not None:
+        path = Path(progress)
+        fingerprint = _fingerprint(prompts, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, seed=seed, **dict(progress_meta or {}))
+        done = _read_progress(path, fingerprint)
+        if done:
+            log.warning("%s: resuming an interrupted evaluation, %d of %d batches already sampled", path, len(done),
+                        -(-len(prompts) // batch_size))
+        hosts.barrier("eval_progress_read")  # every process has read it before process 0 rewrites it
+        if jax.process_index() == 0:  # header and whole records only, so appends never follow a cut-off line
+            path.write_text("".join(json.dumps(r) + "\n" for r in [{"fingerprint": fingerprint}] + [
+                {"start": s, "completions": c, "lengths": n} for s, (c, n) in sorted(done.items())]))
     completions, lengths = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         n_real = len(chunk)
+        if start in done and len(done[start][0]) == n_real * k:
+            completions += done[start][0]
+            lengths += done[start][1]
+            continue
         chunk = chunk + [chunk[0]] * (batch_size - n_real) if len(prompts) > batch_size else chunk
         out = generate(model, chunk, num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
                        seed=seed + start, mesh=mesh, rules=rules, compact=compact)
-        completions += decode_completions(tokenizer, out.tokens, out.lengths)[: n_real * k]
-        lengths += out.lengths[: n_real * k].tolist()
+        texts, ns = decode_completions(tokenizer, out.tokens, out.lengths)[: n_real * k], out.lengths[: n_real * k]
+        completions += texts
+        lengths += ns.tolist()
+        if path is not None:
+            _append_progress(path, {"start": start, "completions": texts, "lengths": ns.tolist()})
     rows = [ex for ex in examples for _ in range(k)]
     _, parts = score_once(completions, rows, {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
     correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) > 0.5
