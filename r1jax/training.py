@@ -348,16 +348,16 @@ def eval_examples(ctx: RunContext, eval_cfg) -> list:
     return examples[: eval_cfg.num_problems]  # 0: no evaluation (configs.eval_config)
 
 
-def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int) -> dict:
+def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int, **progress) -> dict:
     """pass@1 / pass@k / cons@k (and format rate, completion length) of `model` on `examples` with the eval
-    settings `eval_cfg` (r1jax.configs.eval_config)."""
+    settings `eval_cfg` (r1jax.configs.eval_config). `progress` / `progress_meta`: see r1jax.eval.evaluate."""
     from r1jax.eval import evaluate
 
     return evaluate(model, ctx.tokenizer, examples, k=eval_cfg.k,
                     template=eval_cfg.template or ctx.config.task.template, temperature=eval_cfg.temperature,
                     top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens,
                     batch_size=min(eval_cfg.batch_size, len(examples)), seed=seed, mesh=ctx.mesh, rules=ctx.rules,
-                    reward=eval_cfg.reward, compact=int(eval_cfg.get("compact", 0)))
+                    reward=eval_cfg.reward, compact=int(eval_cfg.get("compact", 0)), **progress)
 
 
 def run_eval(ctx: RunContext, model, stage_cfg, stage: str, step: int, seed: int) -> dict:

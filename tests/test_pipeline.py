@@ -213,8 +213,12 @@ def test_student_cannot_start_from_a_teacher_of_another_size(three_stages, tmp_p
         run(cfg, _copy(three_stages[0], tmp_path / "w"))
 
 
-def test_distill_into_a_smaller_student_and_compare(three_stages, tmp_path):
+def test_distill_into_a_smaller_student_and_compare(three_stages, tmp_path, monkeypatch):
+    from r1jax.eval import run as eval_run
+
     tmp_path = _copy(three_stages[0], tmp_path / "w")
+    kept, append = [], eval_run._append_progress
+    monkeypatch.setattr(eval_run, "_append_progress", lambda path, rec: kept.append(path.name) or append(path, rec))
     out = run(_config(), tmp_path)
     d = out["stages"]["distill"]
     assert d["teacher"] == "stage:sft" and d["data"]["model"] == "stage:sft" and d["steps"] == 2
@@ -236,6 +240,10 @@ def test_distill_into_a_smaller_student_and_compare(three_stages, tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| model | pass@1 | cons@k |" in table and "`stage:distill`" in table
     assert (tmp_path / "results.png").stat().st_size > 1000
+    # Each model's sampled batches were kept while it was evaluated, and removed with its results written.
+    assert {"eval_teacher_test.progress.jsonl", "eval_student_test.progress.jsonl"} <= set(kept)
+    assert sorted(p.name for p in (tmp_path / "compare").iterdir() if "eval_" in p.name) == [
+        "eval_student.json", "eval_teacher.json"]
 
 
 def test_r1_recipe_config_wiring():

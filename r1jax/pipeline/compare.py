@@ -69,8 +69,12 @@ def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str 
         model = training.load_model(ctx, spec, previous)
         ev = ml_collections.ConfigDict(cfg.eval.to_dict())
         ev.template = cfg.templates.get(label) or ev.template or ctx.config.task.template
-        per_dataset = {name: {k: v for k, v in training.evaluate_model(ctx, model, ev, ex, ctx.config.seed)
-                              .items() if isinstance(v, (int, float))} for name, ex in sets.items()}
+        # Each dataset's sampled batches are kept until the model's results are written: a stage interrupted in a
+        # long evaluation resumes it.
+        progress = {name: ctx.stage_dir(stage) / f"eval_{label}_{name}.progress.jsonl" for name in sets}
+        per_dataset = {name: {k: v for k, v in training.evaluate_model(
+            ctx, model, ev, ex, ctx.config.seed, progress=progress[name], progress_meta={"model": spec}).items()
+            if isinstance(v, (int, float))} for name, ex in sets.items()}
         entry = {**_flatten(per_dataset), "model": spec, "template": ev.template}
         if spec.startswith("stage:"):
             done = training.stage_summary(ctx, spec[6:])
@@ -78,6 +82,8 @@ def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str 
         ctx.logger.write(stage, 0, {f"{label}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})
         if jax.process_index() == 0:
             cache.write_text(json.dumps(entry, indent=2))
+            for path in progress.values():
+                path.unlink(missing_ok=True)
         results[label] = entry
     if jax.process_index() == 0:
         write_report(ctx.workdir, cfg.output, results, title=f"{stage}: {', '.join(sets)} "
