@@ -8,7 +8,8 @@ bucket than the other process's); the sampler runs over the 4-device mesh. Check
   - the host helpers: concat of unequal row counts, concat_objects, process_max, and process_rows: its own
     sampled rows from its own devices (also with compaction, which samples the same rows), and the right rows by
     a fetch when the layout is not process-major,
-  - evaluation: every process samples every problem and scores its share; pass@1 is over all rows,
+  - evaluation: every process samples every problem and scores its share; pass@1 is over all rows; a resumed
+    evaluation follows process 0's progress file,
   - an LLM judge on every process's texts gives the verdicts it gives on one local device,
   - a stop signal that reaches one process stops every process at the same step.
 Prints one JSON line and exits 0, or fails an assertion."""
@@ -137,6 +138,24 @@ out = generate(model, encode_prompts(tok, problems, "plain"), num_samples=2, max
 _, parts = score_batch(decode_completions(tok, out.tokens, out.lengths), [p for p in problems for _ in range(2)],
                        {"test_checksum": 1.0}, timeout_s=1.0)
 assert ev["pass@1"] == float(np.mean(parts["test_checksum"] > 0.5)) and 0 < ev["pass@1"] < 1, ev
+# Resuming from a progress file that only process 0 sees (each process names its own file here, as on disks that
+# are not shared): every process follows process 0, skips the batch it holds and samples the rest with it.
+import os  # noqa: E402
+import tempfile  # noqa: E402
+
+base = os.path.join(tempfile.gettempdir(), "r1jax_mp_" + os.environ["R1JAX_COORDINATOR_ADDRESS"].replace(":", "_"))
+own = f"{base}_{pid}.jsonl"
+kw = dict(k=2, template="plain", temperature=1.0, max_new_tokens=N, seed=3, mesh=mesh, rules="fsdp",
+          reward="test_checksum", batch_size=2)
+full = evaluate(model, tok, problems, progress=own, **kw)
+assert os.path.exists(own) == (pid == 0)
+if pid == 0:
+    lines = open(own).read().splitlines()
+    open(own, "w").write("\n".join(lines[:2]) + "\n")  # the header and the first of 3 batches
+resumed = evaluate(model, tok, problems, progress=own, **kw)
+assert resumed == full, (resumed, full)
+if pid == 0:
+    os.remove(own)
 # An LLM judge (a model reward) on the whole batch's texts: the same verdicts as judging them on one local device.
 from r1jax.rl.judge import Judge  # noqa: E402
 

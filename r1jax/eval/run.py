@@ -127,11 +127,20 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         path = Path(progress)
         fingerprint = _fingerprint(prompts, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, seed=seed, **dict(progress_meta or {}))
-        done = _read_progress(path, fingerprint)
+        # Process 0's reading decides for every process (each skips the same batches, or each raises): the others
+        # may not see the file, and a process that sampled alone would wait in the sampler's collectives.
+        read = None
+        if jax.process_index() == 0:
+            try:
+                read = (_read_progress(path, fingerprint), None)
+            except ValueError as e:
+                read = ({}, str(e))
+        done, error = read if jax.process_count() == 1 else hosts.concat_objects([read] if read else [])[0]
+        if error:
+            raise ValueError(error)
         if done:
             log.warning("%s: resuming an interrupted evaluation, %d of %d batches already sampled", path, len(done),
                         -(-len(prompts) // batch_size))
-        hosts.barrier("eval_progress_read")  # every process has read it before process 0 rewrites it
         if jax.process_index() == 0:  # header and whole records only, so appends never follow a cut-off line
             path.write_text("".join(json.dumps(r) + "\n" for r in [{"fingerprint": fingerprint}] + [
                 {"start": s, "completions": c, "lengths": n} for s, (c, n) in sorted(done.items())]))
