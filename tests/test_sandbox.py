@@ -181,7 +181,9 @@ def test_code_tests_in_batch():
     t = time.monotonic()
     totals, parts = score_batch(comps, [{"tests": TESTS[:3]}] * 3, {"code_tests": 1.0}, timeout_s=0.5, num_workers=2)
     assert parts["code_tests"].tolist() == [1.0, 0.0, 0.0]
-    assert time.monotonic() - t < 6.0
+    # The endless loop was killed at its timeout (the bound is loose: on a loaded 2-core machine the three
+    # sandboxed runs took 6.1 s once).
+    assert time.monotonic() - t < 20.0
 
 
 def test_refuses_root_without_isolation(monkeypatch):
