@@ -94,6 +94,11 @@ def _read_progress(path: Path, fingerprint: dict) -> dict[int, tuple[list, list]
     return done
 
 
+def _record(start: int, completions: list, lengths: list) -> dict:
+    """One sampled batch as a progress-file line (`_read_progress` reads it back)."""
+    return {"start": start, "completions": completions, "lengths": lengths}
+
+
 def _append_progress(path: Path, record: dict) -> None:
     if jax.process_index() != 0:
         return
@@ -135,7 +140,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
                 read = (_read_progress(path, fingerprint), None)
             except ValueError as e:
                 read = ({}, str(e))
-        done, error = read if jax.process_count() == 1 else hosts.concat_objects([read] if read else [])[0]
+        done, error = hosts.concat_objects([read] if read is not None else [])[0]
         if error:
             raise ValueError(error)
         if done:
@@ -143,7 +148,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
                         -(-len(prompts) // batch_size))
         if jax.process_index() == 0:  # header and whole records only, so appends never follow a cut-off line
             path.write_text("".join(json.dumps(r) + "\n" for r in [{"fingerprint": fingerprint}] + [
-                {"start": s, "completions": c, "lengths": n} for s, (c, n) in sorted(done.items())]))
+                _record(s, c, n) for s, (c, n) in sorted(done.items())]))
     completions, lengths = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -160,7 +165,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         completions += texts
         lengths += ns.tolist()
         if path is not None:
-            _append_progress(path, {"start": start, "completions": texts, "lengths": ns.tolist()})
+            _append_progress(path, _record(start, texts, ns.tolist()))
     rows = [ex for ex in examples for _ in range(k)]
     _, parts = score_once(completions, rows, {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
     correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) > 0.5

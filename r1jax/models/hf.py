@@ -32,8 +32,8 @@ from r1jax.models.config import ModelConfig
 from r1jax.models.hf_mapping import Source, config_from_hf, config_to_hf, is_ignored, param_sources
 from r1jax.models.transformer import Transformer
 from r1jax.parallel import hosts
-from r1jax.parallel.sharding import validate_layout
 from r1jax.parallel.rules import logical_to_spec
+from r1jax.parallel.sharding import validate_layout
 
 _FP8_BLOCK = 128
 
