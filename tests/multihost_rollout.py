@@ -10,6 +10,7 @@ bucket than the other process's); the sampler runs over the 4-device mesh. Check
     a fetch when the layout is not process-major,
   - evaluation: every process samples every problem and scores its share; pass@1 is over all rows; a resumed
     evaluation follows process 0's progress file,
+  - a Hugging Face export of a model split over both processes equals the local model's (process 0 writes),
   - an LLM judge on every process's texts gives the verdicts it gives on one local device,
   - a stop signal that reaches one process stops every process at the same step.
 Prints one JSON line and exits 0, or fails an assertion."""
@@ -156,6 +157,23 @@ resumed = evaluate(model, tok, problems, progress=own, **kw)
 assert resumed == full, (resumed, full)
 if pid == 0:
     os.remove(own)
+# A Hugging Face export of a model split over both processes (fsdp over 4 devices): every process reads each
+# file's tensors (a collective), process 0 writes them, and the files equal the local model's export.
+from r1jax.models import save_pretrained  # noqa: E402
+
+split = shard_model(Transformer(config, rngs=nnx.Rngs(0)), make_mesh(fsdp=-1), "fsdp")
+assert not split.embed.embedding[...].is_fully_addressable
+save_pretrained(split, base + "_hf_mesh", max_shard_bytes=100_000)
+if pid == 0:
+    save_pretrained(local, base + "_hf_local", max_shard_bytes=100_000)
+    names = sorted(os.listdir(base + "_hf_local"))
+    assert len(names) > 3 and names == sorted(os.listdir(base + "_hf_mesh")), names
+    for name in names:
+        a, b = (open(os.path.join(base + d, name), "rb").read() for d in ("_hf_local", "_hf_mesh"))
+        assert a == b, name
+    import shutil  # noqa: E402
+
+    shutil.rmtree(base + "_hf_local"), shutil.rmtree(base + "_hf_mesh")
 # An LLM judge (a model reward) on the whole batch's texts: the same verdicts as judging them on one local device.
 from r1jax.rl.judge import Judge  # noqa: E402
 

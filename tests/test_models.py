@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from r1jax.models import hf
 from r1jax.models import (CheckpointError, Transformer, config_from_hf, config_to_hf, from_pretrained, get_preset,
                           save_pretrained)
 from r1jax.models.config import ModelConfig
@@ -52,6 +53,26 @@ def test_sharded_checkpoint_with_index(tmp_path):
     loaded = from_pretrained(tmp_path, dtype="float32")
     t = _tokens()
     np.testing.assert_array_equal(np.asarray(model(t)), np.asarray(loaded(t)))
+
+
+def test_save_pretrained_reads_each_file_just_before_writing_it(tmp_path, monkeypatch):
+    """The host holds one file's tensors at a time: a file's tensors are read (sliced, cast and fetched) only after
+    the previous file is written, so a 32B export does not need the model twice over in host memory."""
+    model = _randomize(_model("tiny_deepseek_v3", mtp_num_layers=1))
+    read, written = [], []
+    real_get, real_save = hf.CheckpointTensors.__getitem__, hf.save_file
+    monkeypatch.setattr(hf.CheckpointTensors, "__getitem__", lambda self, n: (read.append(n), real_get(self, n))[1])
+    monkeypatch.setattr(hf, "save_file", lambda t, f, **kw: (written.append((len(read), list(t))), real_save(t, f,
+                                                                                                              **kw))[1])
+    save_pretrained(model, tmp_path, dtype="bfloat16", max_shard_bytes=20_000)
+    assert len(written) > 5
+    done = []
+    for n_read, names in written:
+        done += names
+        assert sorted(read[:n_read]) == sorted(done)
+    assert sorted(done) == sorted(read) == sorted(hf.hf_tensors(model, "bfloat16"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in hf.hf_tensors(model, "bfloat16").values())
 
 
 def test_bfloat16_checkpoint_and_compute(tmp_path):

@@ -184,6 +184,18 @@ def test_from_pretrained_with_mesh_reads_only_each_shard(tmp_path, monkeypatch):
             np.testing.assert_array_equal(np.asarray(shard.data), b[shard.index], err_msg=str(path))
 
 
+def test_save_pretrained_from_a_sharded_model_writes_the_same_files(tmp_path):
+    model = _model("tiny_deepseek_v3")
+    save_pretrained(model, tmp_path / "one", dtype="bfloat16", max_shard_bytes=50_000)
+    sharded = from_pretrained(tmp_path / "one", dtype="float32", mesh=parallel.make_mesh(fsdp=2, expert=2, tensor=2),
+                              rules="fsdp_tensor")
+    save_pretrained(sharded, tmp_path / "mesh", dtype="bfloat16", max_shard_bytes=50_000)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(files) > 3 and files == sorted(p.name for p in (tmp_path / "mesh").iterdir())
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "mesh" / name).read_bytes(), name
+
+
 def test_rules_and_hosts_docstring_examples():
     import doctest
 

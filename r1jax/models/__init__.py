@@ -15,8 +15,8 @@ Reward models (a scalar head on the last token; transformers' *ForSequenceClassi
 """
 
 from r1jax.models.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig, get_preset, PRESETS
-from r1jax.models.hf import (CheckpointError, CheckpointReader, from_pretrained, hf_tensors, param_count,
-                             read_config, save_pretrained)
+from r1jax.models.hf import (CheckpointError, CheckpointReader, CheckpointTensors, from_pretrained, hf_tensors,
+                             param_count, read_config, save_pretrained)
 from r1jax.models.hf_mapping import config_from_hf, config_to_hf
 from r1jax.models.projection import PROJECTION, project
 from r1jax.models.reward import (RewardModel, is_reward_checkpoint, last_token_index, reward_from_pretrained,
@@ -24,8 +24,8 @@ from r1jax.models.reward import (RewardModel, is_reward_checkpoint, last_token_i
 from r1jax.models.transformer import ModelOutput, Transformer
 
 __all__ = [
-    "CheckpointError", "CheckpointReader", "MLAConfig", "ModelConfig", "ModelOutput", "MoEConfig", "PRESETS",
-    "RewardModel", "RopeConfig", "Transformer", "is_reward_checkpoint", "last_token_index", "reward_from_pretrained",
+    "CheckpointError", "CheckpointReader", "CheckpointTensors", "MLAConfig", "ModelConfig", "ModelOutput", "MoEConfig",
+    "PRESETS", "RewardModel", "RopeConfig", "Transformer", "is_reward_checkpoint", "last_token_index", "reward_from_pretrained",
     "reward_model_from_lm", "save_reward_pretrained", "config_from_hf", "config_to_hf", "from_pretrained", "get_preset",
     "hf_tensors", "param_count", "read_config", "save_pretrained", "PROJECTION", "project",
 ]

@@ -16,8 +16,10 @@ safetensors files (only the layers, experts and rows it holds), so no host holds
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -297,81 +299,123 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, *, mesh=None, rules
 # saving
 
 
-def hf_tensors(model: Transformer, dtype=None, sources: dict | None = None) -> dict[str, np.ndarray]:
-    """The model's parameters as checkpoint tensors (name -> numpy array in the hub layout); `sources` maps the
-    parameter paths of a module other than `Transformer` (e.g. a reward model)."""
-    cfg = model.config
-    sources = param_sources(cfg) if sources is None else sources
-    _, state = nnx.split(model)
-    buffers: dict[str, np.ndarray] = {}
-    for path, var in nnx.to_flat_state(state):
-        key = tuple(str(k) for k in path)
-        src = sources[key]
-        value = hosts.fetch(var[...])
-        if dtype is not None:
-            value = value.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
-        inv = np.argsort(src.perm) if src.perm is not None else None
-        for cell in np.ndindex(src.names.shape):
-            name = src.names[cell]
-            block = value[cell]
-            if inv is not None:
-                block = block.transpose(inv)
-            buf = buffers.get(name)
+class CheckpointTensors(Mapping):
+    """A module's parameters as checkpoint tensors (name -> numpy array in the hub layout), each computed when it is
+    read: one parameter cell is sliced and cast on its devices, then fetched. A checkpoint written from this holds
+    one file's tensors on the host at a time, not the model twice over. `sources` maps the parameter paths of a
+    module other than `Transformer` (e.g. a reward model). On a mesh that spans processes every read is a
+    collective: every process reads the same names in the same order (`write_checkpoint` does)."""
+
+    def __init__(self, model, dtype: str | None = None, sources: dict | None = None):
+        cfg = model.config
+        sources = param_sources(cfg) if sources is None else sources
+        self._dtype = None if dtype is None else jnp.dtype(dtype)
+        _, state = nnx.split(model)
+        self._values = {tuple(str(k) for k in path): var[...] for path, var in nnx.to_flat_state(state)}
+        self._pieces: dict[str, list[tuple[tuple, tuple, Source]]] = {}
+        self._src: dict[str, Source] = {}
+        for key, value in self._values.items():
+            src = sources[key]
+            for cell in np.ndindex(src.names.shape):
+                self._pieces.setdefault(src.names[cell], []).append((key, cell, src))
+                self._src[src.names[cell]] = src
+        self._alias: dict[str, str] = {}
+        if cfg.mtp_num_layers:  # the hub layout repeats the shared embedding and head in each MTP module
+            head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+            for k in range(cfg.mtp_num_layers):
+                self._alias[f"model.layers.{cfg.num_layers + k}.embed_tokens.weight"] = "model.embed_tokens.weight"
+                self._alias[f"model.layers.{cfg.num_layers + k}.shared_head.head.weight"] = head
+        self.collective = any(isinstance(v, jax.Array) and not v.is_fully_addressable for v in self._values.values())
+
+    def __iter__(self):
+        return iter([*self._pieces, *self._alias])
+
+    def __len__(self):
+        return len(self._pieces) + len(self._alias)
+
+    def __contains__(self, name):
+        return name in self._pieces or name in self._alias
+
+    def nbytes(self, name: str) -> int:
+        """The tensor's size in the checkpoint, without computing it."""
+        name = self._alias.get(name, name)
+        key = self._pieces[name][0][0]
+        dtype = self._dtype or self._values[key].dtype
+        return math.prod(self._src[name].hf_shape) * jnp.dtype(dtype).itemsize
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        name = self._alias.get(name, name)
+        src, buf = self._src[name], None
+        for key, cell, piece in self._pieces[name]:
+            value = self._values[key]
+            block = hosts.fetch(_take_cell(value, np.asarray(cell, np.int32), self._dtype or value.dtype))
+            if piece.perm is not None:
+                block = block.transpose(np.argsort(piece.perm))
+            if piece.select is None and len(self._pieces[name]) == 1:
+                return np.ascontiguousarray(block.reshape(src.hf_shape))
             if buf is None:
-                buf = buffers[name] = np.zeros(src.view_shape, dtype=block.dtype)
-            if src.select is not None:
-                buf[src.select] = block
-            else:
-                buf[...] = block
-    out = {}
-    for src in sources.values():
-        for name in src.names.reshape(-1):
-            out[name] = np.ascontiguousarray(buffers[name].reshape(src.hf_shape))
-    if cfg.mtp_num_layers:  # the hub layout repeats the shared embedding and head in each MTP module
-        head = out["model.embed_tokens.weight"] if cfg.tie_word_embeddings else out["lm_head.weight"]
-        for k in range(cfg.mtp_num_layers):
-            out[f"model.layers.{cfg.num_layers + k}.embed_tokens.weight"] = out["model.embed_tokens.weight"]
-            out[f"model.layers.{cfg.num_layers + k}.shared_head.head.weight"] = head
-    return out
+                buf = np.zeros(src.view_shape, dtype=block.dtype)
+            buf[piece.select if piece.select is not None else ...] = block
+        return np.ascontiguousarray(buf.reshape(src.hf_shape))
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _take_cell(value, cell, dtype):
+    """value[cell] cast to dtype, on value's devices (the cell index is traced: one compile per parameter shape)."""
+    return value[tuple(cell)].astype(dtype) if cell.shape[0] else value.astype(dtype)
+
+
+def hf_tensors(model: Transformer, dtype=None, sources: dict | None = None) -> dict[str, np.ndarray]:
+    """Every checkpoint tensor at once (`CheckpointTensors` computes them one at a time)."""
+    return dict(CheckpointTensors(model, dtype, sources))
 
 
 def save_pretrained(model: Transformer, path: str | Path, *, dtype: str | None = None,
                     max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes config.json and safetensors (sharded with an index past `max_shard_bytes`) that transformers loads."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = hf_tensors(model, dtype)
+    """Writes config.json and safetensors (sharded with an index past `max_shard_bytes`) that transformers loads.
+    The host holds one file's tensors at a time; on a mesh over several processes every process calls this and
+    process 0 writes."""
     hf_cfg = config_to_hf(model.config)
     if dtype is not None:
         hf_cfg["torch_dtype"] = dtype
-    write_checkpoint(path, tensors, hf_cfg, max_shard_bytes=max_shard_bytes)
+    write_checkpoint(path, CheckpointTensors(model, dtype), hf_cfg, max_shard_bytes=max_shard_bytes)
 
 
-def write_checkpoint(path: str | Path, tensors: dict[str, np.ndarray], hf_cfg: dict, *,
+def write_checkpoint(path: str | Path, tensors: Mapping[str, np.ndarray], hf_cfg: dict, *,
                      max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes `tensors` as (sharded) safetensors and `hf_cfg` as config.json (process 0 only)."""
+    """Writes `tensors` as (sharded) safetensors and `hf_cfg` as config.json (process 0 writes). Files are filled
+    in name order and each file's tensors are read just before it is written, so a `CheckpointTensors` costs one
+    file of host memory."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() != 0:
-        return
-    shards, current, size = [], {}, 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].nbytes
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensors[name]
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+    if isinstance(tensors, CheckpointTensors):
+        nbytes = tensors.nbytes
+        if jax.process_index() != 0 and not tensors.collective:
+            return
     else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        nbytes = lambda name: tensors[name].nbytes  # noqa: E731
+    writer = jax.process_index() == 0
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], [], 0
+    for name in sorted(tensors):
+        if current and size + nbytes(name) > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes(name)
+    shards.append(current)
+    fnames = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, names in zip(fnames, shards):
+        shard = {n: tensors[n] for n in names}  # on every process: a collective read for a multi-process mesh
+        if writer:
             save_file(shard, str(path / fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-        total = int(sum(t.nbytes for t in tensors.values()))
+        del shard
+    if not writer:
+        return
+    if len(shards) > 1:
+        weight_map = {n: f for f, names in zip(fnames, shards) for n in names}
+        total = int(sum(nbytes(n) for names in shards for n in names))
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2))

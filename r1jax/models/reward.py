@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax.models.config import ModelConfig
-from r1jax.models.hf import (CheckpointError, CheckpointReader, hf_tensors, load_weights, read_config,
+from r1jax.models.hf import (CheckpointError, CheckpointReader, CheckpointTensors, load_weights, read_config,
                              uses_fused_experts, write_checkpoint)
 from r1jax.models.hf_mapping import MODEL_TYPES, Source, config_to_hf, param_sources
 from r1jax.models.layers import cast, make_param
@@ -157,9 +157,9 @@ def save_reward_pretrained(rm: RewardModel, path: str | Path, *, dtype: str | No
     transformers reads the score at the last token that is not pad_token_id: set the model config's pad_token_id
     to the tokenizer's pad id (one that never ends a scored sequence)."""
     cfg = rm.config
-    tensors = hf_tensors(rm, dtype, sources=reward_sources(cfg))
     hf_cfg = reward_config_to_hf(cfg)
     if dtype is not None:
         hf_cfg["torch_dtype"] = dtype
-    write_checkpoint(path, tensors, hf_cfg, max_shard_bytes=max_shard_bytes)
+    write_checkpoint(path, CheckpointTensors(rm, dtype, sources=reward_sources(cfg)), hf_cfg,
+                     max_shard_bytes=max_shard_bytes)
 
