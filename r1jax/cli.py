@@ -52,11 +52,12 @@ flags.DEFINE_bool("to_hf", False, "convert: r1jax stage weights -> Hugging Face.
 flags.DEFINE_string("from_hf", None, "convert: Hugging Face checkpoint -> r1jax parameters.")
 flags.DEFINE_string("stage", None, "convert: the stage of --workdir to export.")
 flags.DEFINE_string("out", None, "Output path (convert, plot, eval results JSON).")
-flags.DEFINE_string("mesh", "", "sample, eval: the device mesh, e.g. 'data=-1' (default for a Hugging Face checkpoint: "
-                    "every device data parallel, the weights replicated), 'fsdp=-1' or 'data=2,tensor=4' for a model "
-                    "one device cannot hold; default for WORKDIR/<stage>: the run's config.mesh.")
-flags.DEFINE_string("rules", "", "sample, eval: the sharding rules preset (fsdp, fsdp_tensor, expert, data); default: "
-                    "fsdp_tensor when --mesh has tensor > 1, else fsdp; the run's for WORKDIR/<stage>.")
+flags.DEFINE_string("mesh", "", "sample, eval, convert: the device mesh, e.g. 'data=-1' (default for sampling a "
+                    "Hugging Face checkpoint: every device data parallel, the weights replicated), 'fsdp=-1' (default "
+                    "for convert --from_hf) or 'data=2,tensor=4' for a model one device cannot hold; default for "
+                    "WORKDIR/<stage>: the run's config.mesh.")
+flags.DEFINE_string("rules", "", "sample, eval, convert: the sharding rules preset (fsdp, fsdp_tensor, expert, data); "
+                    "default: fsdp_tensor when --mesh has tensor > 1, else fsdp; the run's for WORKDIR/<stage>.")
 flags.DEFINE_integer("compact", 3, "sample, eval: the decode loop continues on the unfinished rows, halving up to "
                      "this many times as rows end (the same samples; 0: off).")
 flags.DEFINE_string("samples_out", None, "eval: also write every completion to this JSONL file (problem, prompt, "
@@ -169,26 +170,36 @@ def _mesh_flag(default: str):
         raise UsageError(f"--mesh: {e}") from None
 
 
-def _load_model_and_tokenizer(path: str, *, sharded: bool = False):
-    """An HF checkpoint dir (tokenizer from --tokenizer or the dir), or WORKDIR/<stage> of an r1jax run
-    -> (model, tokenizer, mesh, rules). `sharded`: the model on --mesh by --rules (sample, eval); else one device
-    (HF) or the run's mesh (stage)."""
-    from r1jax.data import ByteTokenizer, load_tokenizer
+def _mesh_and_rules(default_mesh: str):
+    """--mesh (or `default_mesh`) and --rules; without --rules, a tensor axis gets the rules that split the heads and
+    MLPs over it (with plain fsdp rules its devices would hold replicated weights)."""
+    mesh = _mesh_flag(default_mesh)
+    return mesh, _rules_flag() or ("fsdp_tensor" if mesh.shape["tensor"] > 1 else "fsdp")
+
+
+def _from_pretrained(path, mesh, rules):
+    """from_pretrained, with a layout the mesh cannot split as a usage error (checked before any weight is read)."""
     from r1jax.models import from_pretrained
+    from r1jax.parallel import LayoutError
+
+    try:
+        return from_pretrained(path, dtype=FLAGS.dtype, mesh=mesh, rules=rules)
+    except LayoutError as e:
+        raise UsageError(f"--mesh / --rules: {e}") from None
+
+
+def _load_model_and_tokenizer(path: str):
+    """An HF checkpoint dir (tokenizer from --tokenizer or the dir), or WORKDIR/<stage> of an r1jax run
+    -> (model, tokenizer, mesh, rules), the model on --mesh by --rules (defaults: data=-1 for a checkpoint, the
+    run's mesh and rules for a stage)."""
+    from r1jax.data import ByteTokenizer, load_tokenizer
+    from r1jax.parallel import LayoutError
 
     path = Path(path)
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
         tok = ByteTokenizer() if FLAGS.tokenizer == "byte" else load_tokenizer(FLAGS.tokenizer or path)
-        mesh, rules = (_mesh_flag("data=-1"), _rules_flag()) if sharded else (None, "fsdp")
-        if rules is None:  # a tensor axis is only worth its devices with rules that split the heads and MLPs over it
-            rules = "fsdp_tensor" if mesh is not None and mesh.shape["tensor"] > 1 else "fsdp"
-        try:
-            model = from_pretrained(path, dtype=FLAGS.dtype, mesh=mesh, rules=rules)
-        except ValueError as e:
-            if "does not fit the mesh" not in str(e):
-                raise
-            raise UsageError(f"--mesh / --rules: {e}") from None
-        return model, tok, mesh, rules
+        mesh, rules = _mesh_and_rules("data=-1")
+        return _from_pretrained(path, mesh, rules), tok, mesh, rules
     if (path / "final").exists() and (path.parent / "config.json").exists():
         import ml_collections
 
@@ -196,9 +207,11 @@ def _load_model_and_tokenizer(path: str, *, sharded: bool = False):
         from r1jax.pipeline.stages import setup
 
         cfg = ml_collections.ConfigDict(json.loads((path.parent / "config.json").read_text()))
-        mesh = _mesh_flag("") if sharded and FLAGS.mesh else None
-        ctx = setup(cfg, path.parent, mesh=mesh, rules=_rules_flag() if sharded else None)
-        return training.load_final(ctx, path.name), ctx.tokenizer, ctx.mesh, ctx.rules
+        ctx = setup(cfg, path.parent, mesh=_mesh_flag("") if FLAGS.mesh else None, rules=_rules_flag())
+        try:
+            return training.load_final(ctx, path.name), ctx.tokenizer, ctx.mesh, ctx.rules
+        except LayoutError as e:
+            raise UsageError(f"--mesh / --rules: {e}") from None
     raise UsageError(f"--model {path}: neither a Hugging Face checkpoint (config.json + safetensors) nor a finished "
                      f"stage directory WORKDIR/<stage> with final/")
 
@@ -210,7 +223,7 @@ def cmd_sample(argv):
 
     if not FLAGS.model or FLAGS.prompt is None:
         raise UsageError("sample needs --model DIR and --prompt TEXT")
-    model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model, sharded=True)
+    model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
     ex = {"prompt": FLAGS.prompt}
     prompts = encode_prompts(tok, [ex], FLAGS.template)
     out = generate(model, prompts, num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
@@ -244,11 +257,11 @@ def _eval_examples(spec: str):
 def cmd_eval(argv):
     import jax
 
-    from r1jax.eval import evaluate
+    from r1jax.eval import ProgressMismatch, evaluate
 
     if not FLAGS.model or not FLAGS.data:
         raise UsageError("eval needs --model DIR and --data FILE|TASK")
-    model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model, sharded=True)
+    model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
     examples = _eval_examples(FLAGS.data)
     if FLAGS.limit:
         examples = examples[: FLAGS.limit]
@@ -261,9 +274,7 @@ def cmd_eval(argv):
                      top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                      seed=FLAGS.seed, mesh=mesh, rules=rules, return_samples=bool(FLAGS.samples_out),
                      compact=FLAGS.compact, progress=progress, progress_meta=meta)
-    except ValueError as e:
-        if "progress of an evaluation" not in str(e):
-            raise
+    except ProgressMismatch as e:
         raise UsageError(str(e)) from None
     m["mesh"] = dict(mesh.shape)
     samples = m.pop("samples", [])
@@ -280,14 +291,15 @@ def cmd_eval(argv):
 
 def cmd_convert(argv):
     from r1jax.checkpoint import save_params
-    from r1jax.models import from_pretrained, save_pretrained
+    from r1jax.models import save_pretrained
 
     if FLAGS.from_hf:
         if not FLAGS.out:
             raise UsageError("convert --from_hf DIR needs --out DIR")
         from flax import nnx
 
-        model = from_pretrained(FLAGS.from_hf, dtype=FLAGS.dtype)
+        # Split over every device by default: each reads only its shard, so a model no device holds converts.
+        model = _from_pretrained(FLAGS.from_hf, *_mesh_and_rules("fsdp=-1"))
         save_params(FLAGS.out, nnx.state(model))
         print(f"wrote r1jax parameters to {FLAGS.out} (use init='r1jax:{FLAGS.out}' with a matching config.model)")
         return 0
@@ -295,7 +307,7 @@ def cmd_convert(argv):
         if not (FLAGS.workdir and FLAGS.stage and FLAGS.out):
             raise UsageError("convert --to_hf needs --workdir DIR --stage NAME --out DIR")
         model, *_ = _load_model_and_tokenizer(str(Path(FLAGS.workdir) / FLAGS.stage))
-        save_pretrained(model, FLAGS.out)
+        save_pretrained(model, FLAGS.out)  # one file's tensors on the host at a time
         cfg = json.loads((Path(FLAGS.workdir) / "config.json").read_text())
         files = tokenizer_files(cfg["tokenizer"], Path(FLAGS.workdir))
         for f in files:

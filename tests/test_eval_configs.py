@@ -140,9 +140,12 @@ def test_interrupted_evaluation_resumes_from_its_progress_file(tmp_path, monkeyp
     resumed = eval_run.evaluate(model, tok, problems, progress=path, progress_meta={"model": "m"}, **kw)
     assert calls == [4, 6]  # the cut-off batch (problems 4-5) and the last one (problem 6)
     assert resumed == whole
-    with pytest.raises(ValueError, match=r"other settings \(differs in \['model', 'temperature'\]\)"):
+    with pytest.raises(eval_run.ProgressMismatch, match=r"other settings \(differs in \['model', 'temperature'\]\)"):
         eval_run.evaluate(model, tok, problems, progress=path, progress_meta={"model": "other"},
                           **{**kw, "temperature": 0.5})
+    path.write_bytes(b"\xff\xfe" + bytes(range(256)))  # not text: a mismatch too, not a decoding traceback
+    with pytest.raises(eval_run.ProgressMismatch, match=r"differs in \['batch_size', 'k',"):
+        eval_run.evaluate(model, tok, problems, progress=path, progress_meta={"model": "m"}, **kw)
 
 
 def test_arithmetic_solutions():

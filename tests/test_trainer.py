@@ -102,6 +102,19 @@ def test_train_command_runs_both_stages(tmp_path):
     assert sample.returncode == 0 and sample.stdout.count("--- sample") == 2, sample.stderr[-3000:]
     first, second = sample.stdout.split("--- sample")[1:]
     assert first.split("\n", 1)[1] == second.split("\n", 1)[1]
+    # ... and back into r1jax parameters, split over both devices by default (fsdp=-1): the same values.
+    conv = _cli("convert", "--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "params"))
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    import numpy as np
+    from flax import nnx
+
+    from r1jax.checkpoint import load_params
+    from r1jax.models import from_pretrained
+
+    exported = nnx.state(from_pretrained(tmp_path / "hf", dtype="float32"))
+    for (path, a), (_, b) in zip(nnx.to_flat_state(load_params(tmp_path / "params", exported)),
+                                 nnx.to_flat_state(exported)):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
     evals = {}
     for mesh in ("data=2", "fsdp=2"):  # the run's mesh is data=2 by default (-1); fsdp shards the weights instead
         out = tmp_path / f"eval_{mesh}.json"
@@ -123,6 +136,9 @@ def test_train_command_runs_both_stages(tmp_path):
     assert a == b  # greedy: the same completions on either layout
     bad = _cli("eval", "--model", model, "--data", "arithmetic", "--mesh", "data=3")
     assert bad.returncode == 2 and "--mesh: device mesh data=3" in bad.stderr, bad.stderr[-3000:]
+    bad = _cli("eval", "--model", model, "--data", "arithmetic", "--mesh", "tensor=2", "--rules", "fsdp_tensor")
+    assert bad.returncode == 2 and "--mesh / --rules: parameter dense.attn.bk (2, 1, 16) dim 1 ('kv_heads', size 1) " \
+        "does not split over mesh axes tensor = 2" in bad.stderr, bad.stderr[-3000:]
     # A tensor axis brings the fsdp_tensor rules, and this model's single KV head cannot split over it: said before
     # any weight is read.
     bad = _cli("sample", "--model", str(tmp_path / "hf"), "--tokenizer", "byte", "--prompt", "1", "--mesh", "tensor=2")

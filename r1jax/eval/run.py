@@ -65,6 +65,10 @@ def score_once(completions: Sequence[str], examples: Sequence[Mapping], weights:
     return hosts.concat_scores(totals, parts)
 
 
+class ProgressMismatch(ValueError):
+    """A progress file left by an evaluation with other prompts or settings than this one."""
+
+
 def _fingerprint(prompts, **settings) -> dict:
     digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
     return {"prompts": len(prompts), "prompts_sha256": digest, **settings}
@@ -75,15 +79,15 @@ def _read_progress(path: Path, fingerprint: dict) -> dict[int, tuple[list, list]
     line cut off by the interruption is dropped (that batch is sampled again)."""
     if not path.exists():
         return {}
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()
     try:
         head = json.loads(lines[0])["fingerprint"] if lines else None
     except (ValueError, KeyError, TypeError):
         head = None
     if head != fingerprint:
         diff = sorted(k for k in set(fingerprint) | set(head or {}) if (head or {}).get(k) != fingerprint.get(k))
-        raise ValueError(f"{path}: progress of an evaluation with other settings (differs in {diff}); restore them, "
-                         f"or delete the file to start over")
+        raise ProgressMismatch(f"{path}: progress of an evaluation with other settings (differs in {diff}); restore "
+                               f"them, or delete the file to start over")
     done = {}
     for line in lines[1:]:
         try:
@@ -138,11 +142,11 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         if jax.process_index() == 0:
             try:
                 read = (_read_progress(path, fingerprint), None)
-            except ValueError as e:
-                read = ({}, str(e))
+            except (ValueError, OSError) as e:  # raised on every process below, or the others would wait
+                read = ({}, e)
         done, error = hosts.concat_objects([read] if read is not None else [])[0]
-        if error:
-            raise ValueError(error)
+        if error is not None:
+            raise error
         if done:
             log.warning("%s: resuming an interrupted evaluation, %d of %d batches already sampled", path, len(done),
                         -(-len(prompts) // batch_size))

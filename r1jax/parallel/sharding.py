@@ -50,8 +50,12 @@ def _config_dims(cfg) -> dict[str, tuple[str, int]]:
     return dims
 
 
+class LayoutError(ValueError):
+    """A model dimension that does not split over the mesh axes its sharding rules give it."""
+
+
 def validate_layout(cfg, mesh, rules) -> None:
-    """Raises ValueError when a model dimension does not split over the mesh axes the rules give it, naming the
+    """Raises LayoutError when a model dimension does not split over the mesh axes the rules give it, naming the
     config field and the mesh sizes that would fit (e.g. experts not divisible by the 'expert' axis)."""
     table = dict(canonical_rules(rules))
     problems = []
@@ -66,7 +70,7 @@ def validate_layout(cfg, mesh, rules) -> None:
             problems.append(f"{field}={size} is not divisible by its '{logical}' mesh axes {sizes} = {shards}; "
                             f"sizes that fit: {fit or 'none (drop the ' + repr(logical) + ' rule)'}")
     if problems:
-        raise ValueError("model layout does not fit the mesh " + str(dict(mesh.shape)) + ": " + "; ".join(problems))
+        raise LayoutError("model layout does not fit the mesh " + str(dict(mesh.shape)) + ": " + "; ".join(problems))
 
 
 def _state_of(state_or_model):
@@ -77,7 +81,7 @@ def _state_of(state_or_model):
 
 def shardings_for(state_or_model, mesh, rules):
     """A State (same tree as `nnx.state(model)` or the given State) of NamedShardings from each variable's logical
-    `axes` metadata; variables without axes are replicated. Raises ValueError naming the parameter when a dimension
+    `axes` metadata; variables without axes are replicated. Raises LayoutError naming the parameter when a dimension
     does not divide its mesh axes."""
     state, cfg = _state_of(state_or_model)
     if cfg is not None:
@@ -91,7 +95,7 @@ def shardings_for(state_or_model, mesh, rules):
             shards = spec_size(mesh, entry)
             if n % shards:
                 name = ".".join(str(p) for p in path)
-                raise ValueError(f"parameter {name} {tuple(shape)} dim {dim} ('{axes[dim]}', size {n}) does not split "
+                raise LayoutError(f"parameter {name} {tuple(shape)} dim {dim} ('{axes[dim]}', size {n}) does not split "
                                  f"over mesh axes {entry} = {shards} shards; sizes that fit: {_fits(n, shards)}")
         sharding = NamedSharding(mesh, spec)
         flat.append((path, var.replace(sharding) if hasattr(var, "replace") else sharding))
