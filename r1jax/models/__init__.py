@@ -25,7 +25,8 @@ from r1jax.models.transformer import ModelOutput, Transformer
 
 __all__ = [
     "CheckpointError", "CheckpointReader", "CheckpointTensors", "MLAConfig", "ModelConfig", "ModelOutput", "MoEConfig",
-    "PRESETS", "RewardModel", "RopeConfig", "Transformer", "is_reward_checkpoint", "last_token_index", "reward_from_pretrained",
-    "reward_model_from_lm", "save_reward_pretrained", "config_from_hf", "config_to_hf", "from_pretrained", "get_preset",
-    "hf_tensors", "param_count", "read_config", "save_pretrained", "PROJECTION", "project",
+    "PRESETS", "RewardModel", "RopeConfig", "Transformer", "is_reward_checkpoint", "last_token_index",
+    "reward_from_pretrained", "reward_model_from_lm", "save_reward_pretrained", "config_from_hf", "config_to_hf",
+    "from_pretrained", "get_preset", "hf_tensors", "param_count", "read_config", "save_pretrained", "PROJECTION",
+    "project",
 ]
