@@ -43,10 +43,13 @@ flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
 flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("data", None, "Eval data: a GSM8K/MATH/AIME/AMC file, or a task name (gsm8k, math500, aime...).")
+flags.DEFINE_string("data", None, "Eval data: a GSM8K/MATH/AIME/AMC file, your own problems (JSON lines or a JSON "
+                    "array: prompt/problem/question with answer and/or tests), or a task name (gsm8k, math500, ...).")
 flags.DEFINE_integer("k", 4, "Samples per problem (eval).")
 flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0 = all).")
 flags.DEFINE_integer("batch_size", 32, "Problems per sampler batch (eval).")
+flags.DEFINE_string("reward", "accuracy", "eval: the rule that judges a sample (accuracy: the final answer; "
+                    "code_tests: the program passes every test of the problem's `tests`).")
 flags.DEFINE_string("dtype", "float32", "Compute dtype for loaded models.")
 flags.DEFINE_bool("to_hf", False, "convert: r1jax stage weights -> Hugging Face.")
 flags.DEFINE_string("from_hf", None, "convert: Hugging Face checkpoint -> r1jax parameters.")
@@ -236,19 +239,13 @@ def cmd_sample(argv):
 
 
 def _eval_examples(spec: str):
-    from r1jax.data import get_task, list_tasks, load_aime, load_amc, load_gsm8k, load_math
+    from r1jax.data import get_task, list_tasks, load_problem_file
 
-    p = Path(spec)
-    if p.exists():
-        if p.suffix == ".jsonl":
-            return load_gsm8k(p)
-        rows = json.loads(p.read_text())
-        first = rows[0] if rows else {}
-        if "solution" in first:
-            return load_aime(p)
-        if "problem" in first and isinstance(first.get("answer"), (int, float)):
-            return load_amc(p)
-        return load_math(p)
+    if Path(spec).exists():
+        try:
+            return load_problem_file(spec)
+        except ValueError as e:
+            raise UsageError(f"--data {spec}: {e}") from None
     if spec in list_tasks():
         return get_task(spec, split="test")
     raise UsageError(f"--data {spec}: not a file and not a task ({list_tasks()})")
@@ -257,14 +254,18 @@ def _eval_examples(spec: str):
 def cmd_eval(argv):
     import jax
 
-    from r1jax.eval import ProgressMismatch, evaluate
+    from r1jax.eval import ProgressMismatch, check_reward, evaluate
 
     if not FLAGS.model or not FLAGS.data:
         raise UsageError("eval needs --model DIR and --data FILE|TASK")
-    model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
-    examples = _eval_examples(FLAGS.data)
+    examples = _eval_examples(FLAGS.data)  # bad data or a reward it cannot judge: said before the model loads
     if FLAGS.limit:
         examples = examples[: FLAGS.limit]
+    try:
+        check_reward(FLAGS.reward, examples)
+    except ValueError as e:
+        raise UsageError(f"--reward {FLAGS.reward}: {e}") from None
+    model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
     # Sampled batches are kept beside the output, so an interrupted evaluation run again resumes.
     out = FLAGS.samples_out or FLAGS.out
     progress = Path(f"{out}.progress.jsonl") if out else None
@@ -272,7 +273,8 @@ def cmd_eval(argv):
     try:
         m = evaluate(model, tok, examples, k=FLAGS.k, template=FLAGS.template, temperature=FLAGS.temperature,
                      top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
-                     seed=FLAGS.seed, mesh=mesh, rules=rules, return_samples=bool(FLAGS.samples_out),
+                     seed=FLAGS.seed, mesh=mesh, rules=rules, reward=FLAGS.reward,
+                     return_samples=bool(FLAGS.samples_out),
                      compact=FLAGS.compact, progress=progress, progress_meta=meta)
     except ProgressMismatch as e:
         raise UsageError(str(e)) from None

@@ -21,6 +21,8 @@ from r1jax.data import (
     load_amc,
     load_gsm8k,
     load_math,
+    load_problem_file,
+    load_problems,
     split_of,
 )
 
@@ -281,3 +283,62 @@ def test_registry():
         get_task("gsm8k", split="dev")
     with pytest.raises(FileNotFoundError, match="gsm8k_train.jsonl"):
         get_task("gsm8k", data_dir="/nonexistent")
+
+
+# --- your own problems ------------------------------------------------------------------------------
+
+CODE = {"question": "Print the sum of two numbers.", "tests": json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]}),
+        "difficulty": "easy"}
+
+
+def test_own_problems_keep_answers_tests_and_extra_fields(tmp_path):
+    rows = [{"prompt": "What is 2 + 3?", "answer": 5, "lang": "en"}, {"problem": "Half of 3?", "answer": 1.5},
+            CODE, {"problem": "Add.", "answer": "7", "tests": ["assert add(3, 4) == 7"]}]
+    p = _write(tmp_path, "own.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    data = load_problems(p)
+    assert [ex["prompt"] for ex in data] == ["What is 2 + 3?", "Half of 3?", CODE["question"], "Add."]
+    assert [ex.get("answer") for ex in data] == ["5", "1.5", None, "7"]
+    assert data[0]["lang"] == "en" and data[2]["difficulty"] == "easy" and data[0]["task"] == "problems"
+    assert data[2]["tests"] == [{"input": "1 2\n", "output": "3\n"}]  # APPS-style, from a JSON string
+    assert data[3]["tests"] == ["assert add(3, 4) == 7"]
+    assert "question" not in data[2] and "problem" not in data[1]
+    assert get_task("problems", path=p, limit=2) == data[:2]
+    assert load_problems(_write(tmp_path, "q.json", json.dumps([{"q": "x?", "gold": "1"}])), prompt_field="q",
+                         answer_field="gold")[0]["answer"] == "1"
+    with pytest.raises(ValueError, match=r"task 'problems' reads your own file: give its path "
+                                         r"\(config.task.test.path=FILE"):
+        get_task("problems", split="test")
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"text": "q", "answer": "1"}, r"own\.jsonl:1: no problem text: expected a field 'prompt' or 'problem' or "
+                                   r"'question' \(has \['answer', 'text'\]\)"),
+    ({"prompt": "q"}, r"own\.jsonl:1: needs a gold 'answer' or code 'tests'"),
+    ({"prompt": "  ", "answer": "1"}, r"field 'prompt' is '  ', expected non-empty text"),
+    ({"prompt": "q", "answer": True}, r"field 'answer' is True, expected a non-empty string or a number"),
+    ({"prompt": "q", "answer": " "}, r"field 'answer' is empty"),
+    ({"prompt": "q", "tests": "[{'input'"}, r"field 'tests' is a string but not JSON"),
+    ({"prompt": "q", "tests": []}, r"field 'tests': tests must be a non-empty list"),
+    ({"prompt": "q", "tests": [{"input": "1"}]}, r"field 'tests': tests\[0\] = .* is neither an assert string"),
+    ({"prompt": "q", "tests": {"inputs": ["1"], "outputs": []}}, r"tests has 1 inputs but 0 outputs"),
+])
+def test_own_problems_errors_name_the_row(tmp_path, row, match):
+    p = _write(tmp_path, "own.jsonl", json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=match):
+        load_problems(p)
+    with pytest.warns(UserWarning, match="skipped 1 invalid rows"):
+        assert load_problems(_write(tmp_path, "two.jsonl", json.dumps(row) + "\n" + json.dumps(CODE) + "\n"),
+                             on_invalid="skip")[0]["prompt"] == CODE["question"]
+
+
+def test_problem_files_are_told_apart_by_their_fields(tmp_path):
+    for rel, task, first in [("eval/gsm8k_test.jsonl", "gsm8k", "Janet"), ("eval/math.json", "math", "Convert"),
+                             ("eval/aime.json", "aime", "Every morning"), ("eval/amc.json", "amc", "$\\frac{m}{n}$")]:
+        data = load_problem_file(DATA / rel)
+        assert data[0]["task"] == task and data[0]["prompt"].startswith(first), (rel, data[0])
+    math_jsonl = _write(tmp_path, "m.jsonl", json.dumps({"problem": "p", "answer": "\\frac12"}) + "\n")
+    assert load_problem_file(math_jsonl)[0]["task"] == "math"  # a MATH-format JSONL is not read as GSM8K
+    own = _write(tmp_path, "own.json", json.dumps([{"question": "q", "answer": "4"}, CODE]))
+    assert [ex["task"] for ex in load_problem_file(own)] == ["problems", "problems"]
+    with pytest.raises(ValueError, match=r"own\.jsonl:1: record is list"):
+        load_problem_file(_write(tmp_path, "own.jsonl", "[1]\n"))

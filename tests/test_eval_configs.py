@@ -38,7 +38,7 @@ def test_summarize():
 
 
 @pytest.mark.parametrize("module", ["r1jax.configs", "r1jax.optim", "r1jax.eval.metrics", "r1jax.data.corpora",
-                                    "r1jax.logging", "r1jax.data.io"])
+                                    "r1jax.logging", "r1jax.data.io", "r1jax.data.problems"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
@@ -161,3 +161,31 @@ def test_arithmetic_solutions():
     assert 0.4 < wrong < 0.6 and 0.15 < plain < 0.35 and 0.4 < templated < 0.6
     right = [r for r in corpus if not r["left_to_right"] and r["formatted"]]
     assert right[0]["completion"] == "<think> 2 * 8 = 16, 7 - 16 = -9 </think> <answer> -9 </answer>"
+
+
+def test_code_evaluation_counts_a_sample_correct_when_every_test_passes(monkeypatch):
+    """With the code_tests rule a sample is correct only when its program passes all of the problem's tests (a
+    program passing 2 of 3 scores 0.67 and is not); a reward the problems lack fields for is refused before any
+    sampling."""
+    from types import SimpleNamespace
+
+    from r1jax.data import ByteTokenizer, get_task
+    from r1jax.eval import run as eval_run
+
+    tests = [{"input": f"{a} {b}\n", "output": f"{a + b}\n"} for a, b in ((1, 2), (3, 4), (5, 5))]
+    problems = [{"prompt": "Add two numbers.", "tests": tests}, {"prompt": "Add them again.", "tests": tests}]
+    good = "<answer>\n```python\na, b = map(int, input().split())\nprint(a + b)\n```\n</answer>"
+    wrong_on_5 = good.replace("print(a + b)", "print(a + b if a != 5 else 0)")
+    texts = [good, wrong_on_5, good, "no program"]
+    monkeypatch.setattr(eval_run, "generate", lambda *a, **kw: SimpleNamespace(tokens=None, lengths=np.full(4, 9)))
+    monkeypatch.setattr(eval_run, "decode_completions", lambda *a: texts)
+    m = eval_run.evaluate(None, ByteTokenizer(), problems, k=2, template="plain", reward="code_tests",
+                          return_samples=True, timeout_s=5.0)
+    assert [s["correct"] for s in m["samples"]] == [True, False, True, False]
+    assert m["pass@1"] == 0.5 and m["pass@k"] == 1.0
+    monkeypatch.setattr(eval_run, "generate", lambda *a, **kw: pytest.fail("sampled before checking the reward"))
+    with pytest.raises(ValueError, match=r"reward 'code_tests' reads the problems' \['tests'\]; 2 of 2 problems lack "
+                                         r"them \(the first: problem 0, which has \['answer', 'expression',"):
+        eval_run.evaluate(None, ByteTokenizer(), get_task("arithmetic", n=2), reward="code_tests")
+    with pytest.raises(ValueError, match=r"unknown reward 'acuracy'"):
+        eval_run.evaluate(None, ByteTokenizer(), problems, reward="acuracy")

@@ -186,6 +186,18 @@ def test_code_tests_in_batch():
     assert time.monotonic() - t < 20.0
 
 
+def test_verifiable_reward_checks_each_problem_by_its_own_rule():
+    """Mixed math and code prompts in one batch: code problems by their tests, the others by their answers."""
+    rows = [{"tests": TESTS[:3]}, {"tests": TESTS[:3]}, {"answer": "42"}, {"answer": "42"}]
+    comps = [completion(ADD), completion(ADD.replace("a + b", "a + b if a != 10 else 0")),
+             "<think>6*7</think><answer>42</answer>", "<answer>41</answer>"]
+    totals, parts = score_batch(comps, rows, {"verifiable": 1.0}, num_workers=2)
+    assert parts["verifiable"].round(3).tolist() == [1.0, 0.667, 1.0, 0.0]
+    with pytest.raises(ValueError, match=r"reward 'verifiable' needs example\['answer'\] or example\['tests'\]; "
+                                         r"the example has \['prompt'\]"):
+        score_batch(["x"], [{"prompt": "p"}], {"verifiable": 1.0})
+
+
 def test_refuses_root_without_isolation(monkeypatch):
     fake = dict(REPORT, root=True, drop_privileges=False, fork_bomb_contained=False, nproc_binds=False)
     monkeypatch.setattr(sandbox, "isolation_report", lambda python=None: fake)

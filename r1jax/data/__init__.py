@@ -15,6 +15,7 @@ from r1jax.data.pipeline import (
     sft_dataset,
     tokenize_sft_example,
 )
+from r1jax.data.problems import load_problem_file, load_problems, normalize_tests
 from r1jax.data.tasks import (
     Example,
     InexactDivisionError,
@@ -60,7 +61,8 @@ __all__ = [
     "THINK_START", "Tokenizer", "bucket_length", "countdown_prompt", "default_buckets",
     "default_data_dir", "evaluate_expression", "generate_arithmetic", "generate_countdown",
     "generate_multiplication", "get_task", "list_tasks", "list_templates", "load_aime", "load_amc",
-    "load_gsm8k", "load_math", "load_tokenizer", "pad_sequences", "register_task", "register_template",
+    "load_gsm8k", "load_math", "load_problem_file", "load_problems", "load_tokenizer", "normalize_tests",
+    "pad_sequences", "register_task", "register_template",
     "render", "rl_prompt_dataset", "sft_dataset", "split_of", "tokenize_sft_example",
     "train_sentencepiece",
 ]

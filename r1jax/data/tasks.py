@@ -506,7 +506,7 @@ def get_task(name: str, **kwargs) -> list[Example]:
 def _file_task(loader, files: dict[str, str], default_split: str):
     def build(*, split: str = default_split, path: str | os.PathLike | None = None,
               data_dir: str | os.PathLike | None = None, **kwargs) -> list[Example]:
-        if path is None:
+        if not path:  # None or "" (a config's placeholder): the split's file in the data directory
             if split not in files:
                 raise ValueError(f"split={split!r}; valid: {sorted(files)} (or pass path=)")
             path = Path(data_dir) if data_dir is not None else default_data_dir()

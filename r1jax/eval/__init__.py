@@ -7,7 +7,7 @@ Example:
 """
 
 from r1jax.eval.metrics import answer_key, majority_vote, pass_at_k, summarize
-from r1jax.eval.run import ProgressMismatch, decode_completions, encode_prompts, evaluate
+from r1jax.eval.run import ProgressMismatch, check_reward, decode_completions, encode_prompts, evaluate
 
-__all__ = ["ProgressMismatch", "answer_key", "decode_completions", "encode_prompts", "evaluate", "majority_vote",
-           "pass_at_k", "summarize"]
+__all__ = ["ProgressMismatch", "answer_key", "check_reward", "decode_completions", "encode_prompts", "evaluate",
+           "majority_vote", "pass_at_k", "summarize"]

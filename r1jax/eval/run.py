@@ -27,7 +27,7 @@ import numpy as np
 from r1jax.data.templates import render
 from r1jax.eval.metrics import summarize
 from r1jax.parallel import hosts
-from r1jax.rl.rewards import score_batch
+from r1jax.rl.rewards import get_reward, score_batch
 from r1jax.rl.rewards_math import extract_final_answer
 from r1jax.sampling import generate
 
@@ -112,12 +112,30 @@ def _append_progress(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def check_reward(reward: str, examples: Sequence[Mapping]) -> None:
+    """Raises ValueError, before anything is sampled, when `reward` is not registered or some problems lack the
+    fields it reads (e.g. `code_tests` needs each problem's `tests`)."""
+    fn = get_reward(reward)
+    lacking = [i for i, ex in enumerate(examples) if any(f not in ex for f in fn.required_fields)]
+    if lacking:
+        first = lacking[0]
+        raise ValueError(f"reward {reward!r} reads the problems' {list(fn.required_fields)}; {len(lacking)} of "
+                         f"{len(examples)} problems lack them (the first: problem {first}, which has "
+                         f"{sorted(examples[first])})")
+    for i, ex in enumerate(examples):  # an empty completion reaches each problem's data checks (cheaply)
+        try:
+            fn("", ex)
+        except ValueError as e:
+            raise ValueError(f"problem {i}: {e}") from None
+
+
 def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, template: str = "r1_zero",
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, batch_size: int = 64,
-             seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", timeout_s: float = 1.0,
-             return_samples: bool = False, compact: int = 0, progress: str | Path | None = None,
-             progress_meta: Mapping | None = None) -> dict:
-    """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95); correctness by the `reward` rule.
+             seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", solved_at: float = 1.0,
+             timeout_s: float = 1.0, return_samples: bool = False, compact: int = 0,
+             progress: str | Path | None = None, progress_meta: Mapping | None = None) -> dict:
+    """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95); a sample is correct when its `reward`
+    rule scores at least `solved_at` (1.0: accuracy's right answer; with `code_tests`, every test passed).
     `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion, answer,
     correct, num_tokens}, a problem's k samples consecutive).
 
@@ -130,6 +148,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
     it does not hold; other settings are an error naming them. The caller deletes the file when done."""
     if not examples:
         raise ValueError("evaluate needs at least one example")
+    check_reward(reward, examples)
     prompts = encode_prompts(tokenizer, examples, template)
     done, path = {}, None
     if progress is not None:
@@ -172,7 +191,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
             _append_progress(path, _record(start, texts, ns.tolist()))
     rows = [ex for ex in examples for _ in range(k)]
     _, parts = score_once(completions, rows, {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
-    correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) > 0.5
+    correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) >= solved_at  # NaN: the checker failed
     answers = [extract_final_answer(c) for c in completions]
     metrics = summarize(correct, [answers[p * k:(p + 1) * k] for p in range(len(examples))])
     metrics["format_rate"] = float(np.nanmean(parts["format"]))

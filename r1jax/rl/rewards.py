@@ -13,6 +13,7 @@ Built-in rewards and the example fields they read:
 | `overlong`             | `num_tokens` (or the kwarg)         | DAPO soft overlong penalty in [-1, 0]              |
 | `countdown`            | `numbers`, `target`                 | 1/0: expression over numbers equals target         |
 | `code_tests`           | `tests`                             | fraction of tests passed in the sandbox (`sandbox`)|
+| `verifiable`           | `tests`, else `answer`              | code_tests if the problem has tests, else accuracy |
 | `polite_closing`       | -                                   | 1/0: ends with a polite closing sentence           |
 | `polite_correct`       | `answer`                            | 1/0: accuracy and polite_closing                   |
 
@@ -309,6 +310,26 @@ def code_tests(completion: str, example: Mapping, *, timeout_s: float = 1.0, mem
     limits = sandbox.SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
     return sandbox.code_tests_score(completion, _field(example, "tests", "code_tests"), timeout_s=timeout_s,
                                     limits=limits)
+
+
+def _has_tests(example) -> bool:
+    if not isinstance(example, Mapping) or ("tests" not in example and "answer" not in example):
+        have = sorted(example) if isinstance(example, Mapping) else type(example).__name__
+        raise ValueError(f"reward 'verifiable' needs example['answer'] or example['tests']; the example has {have}")
+    return "tests" in example
+
+
+def _verifiable_quick(completion: str, example: Mapping, **_) -> float | None:
+    return None if _has_tests(example) else _accuracy_quick(completion, example)
+
+
+@register_reward("verifiable", blocking=True, quick=_verifiable_quick)
+def verifiable(completion: str, example: Mapping, *, timeout_s: float = 1.0, memory_mb: int = 1024) -> float:
+    """A problem's own rule, for data that mixes domains (R1's RL prompts: math, code, STEM, logic): `code_tests`
+    when the example has `tests` (the fraction passed; all of them: 1.0), else `accuracy` against its `answer`."""
+    if _has_tests(example):
+        return code_tests(completion, example, timeout_s=timeout_s, memory_mb=memory_mb)
+    return accuracy(completion, example, timeout_s=timeout_s)
 
 
 # ------------------------------------------------------------------------------------------------ politeness

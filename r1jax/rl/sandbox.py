@@ -62,7 +62,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+
+from r1jax.data.problems import normalize_tests
 
 MAX_CODE_CHARS = 64_000
 _CLONE_NEWNET = 0x40000000
@@ -277,24 +279,6 @@ def extract_code(completion: str) -> str | None:
     if end < 0 or end - fence.end() > MAX_CODE_CHARS:
         return None
     return region[fence.end() : end]
-
-
-def normalize_tests(tests) -> list[dict | str]:
-    """Validate `tests`: a list whose items are `{"input": str, "output": str}` (stdin/stdout) or assert-style
-    code strings; an APPS-style `{"inputs": [...], "outputs": [...]}` mapping is also accepted."""
-    if isinstance(tests, Mapping) and "inputs" in tests and "outputs" in tests:
-        if len(tests["inputs"]) != len(tests["outputs"]):
-            raise ValueError(f"tests has {len(tests['inputs'])} inputs but {len(tests['outputs'])} outputs")
-        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
-    if isinstance(tests, (str, bytes)) or not isinstance(tests, Sequence) or not tests:
-        raise ValueError("tests must be a non-empty list of {'input', 'output'} dicts or assert strings; "
-                         f"got {tests!r:.200}")
-    for i, t in enumerate(tests):
-        ok = isinstance(t, str) or (isinstance(t, Mapping) and isinstance(t.get("input"), str)
-                                    and isinstance(t.get("output"), str))
-        if not ok:
-            raise ValueError(f"tests[{i}] = {t!r:.200} is neither an assert string nor {{'input': str, 'output': str}}")
-    return list(tests)
 
 
 def _lines(s: str) -> list[str]:
