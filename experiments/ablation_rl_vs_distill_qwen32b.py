@@ -52,7 +52,7 @@ for the traces: a smoke test of the plumbing in about a minute on this CPU).
 """
 
 from r1jax.configs import (base_config, compact_sampling, distill_stage, eval_config, evaluate_stage, grpo_stage,
-                           hardware_config, parse_arg)
+                           hardware_config, parse_arg, task_files)
 
 # The paper's Table 6 in the keys of WORKDIR/results.json (cons@k with k = 64): what this ablation reproduces.
 PAPER_TARGETS = {
@@ -88,6 +88,9 @@ def get_config(arg=None):
     cfg.tokenizer.path = opts.base
     cfg.task.name = "math"
     cfg.task.template = "r1_zero"
+    # --config.task.{train,test}.path=FILE: your own files (task "problems": any prompt/answer rows). The MATH
+    # train file has 4 rows without an answer: dropped, with a warning.
+    task_files(cfg, on_invalid="skip")
     cfg.mesh.update(data=1, fsdp=8, expert=1, tensor=8, rules="fsdp_tensor")
     cfg.hardware = hardware_config(platform="tpu", num_devices=64, memory_gib=95.0, name="TPU v5p-128 (64 chips)")
 

@@ -3,7 +3,8 @@
     r1jax train --config experiments/dapo_qwen2_5_32b.py --workdir /tmp/dry --dry_run                 # any machine
     launch/tpu_pod.sh my-v5p-128 us-east5-a -- python -m r1jax.cli train --config experiments/dapo_qwen2_5_32b.py \\
         --workdir gs://bucket/dapo32b --config.model.hf_path=/ckpt/Qwen2.5-32B \\
-        --config.tokenizer.path=/ckpt/Qwen2.5-32B --config.task.name=jsonl --config.task.train.path=/data/dapo17k.jsonl
+        --config.tokenizer.path=/ckpt/Qwen2.5-32B --config.task.name=problems \\
+        --config.task.train.path=/data/dapo17k.jsonl --config.task.test.path=/data/aime2024.json
     r1jax train --config experiments/dapo_qwen2_5_32b.py:runlocal --workdir /tmp/dapo_local             # this CPU
 
 DAPO (Yu et al., 2025, arXiv:2503.14476) reaches 50 on AIME 2024 (avg@32) from Qwen2.5-32B-Base in about half the
@@ -38,7 +39,7 @@ on this CPU.
 """
 
 from r1jax.configs import (base_config, compact_sampling, eval_config, evaluate_stage, grpo_stage, hardware_config,
-                           parse_arg, runlocal)
+                           parse_arg, runlocal, task_files)
 
 
 def get_config(arg=None):
@@ -54,6 +55,9 @@ def get_config(arg=None):
     cfg.tokenizer.path = "/ckpt/Qwen2.5-32B"
     cfg.task.name = "math"
     cfg.task.template = "r1_zero"
+    # --config.task.{train,test}.path=FILE: your own files (task "problems": any prompt/answer rows). The MATH
+    # train file has 4 rows without an answer: dropped, with a warning.
+    task_files(cfg, on_invalid="skip")
     cfg.mesh.update(data=1, fsdp=8, expert=1, tensor=8, rules="fsdp_tensor")
     cfg.hardware = hardware_config(platform="tpu", num_devices=64, memory_gib=95.0, name="TPU v5p-128 (64 chips)")
     cfg.grpo = grpo_stage(

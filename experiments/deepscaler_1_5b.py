@@ -43,7 +43,7 @@ Variants: `:runlocal` runs the three stages on a tiny Qwen2-style model with syn
 template and a tokenizer trained for the run, in a few minutes on this CPU.
 """
 
-from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg
+from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg, task_files
 
 # (stage, samples per prompt, response tokens, steps, micro-batches per update: 2, 2 and 1 rows per GPU at a time,
 # 18K-35K tokens, as verl's 32K-token dynamic micro-batches)
@@ -65,6 +65,9 @@ def get_config(arg=None):
     cfg.tokenizer.path = "/ckpt/DeepSeek-R1-Distill-Qwen-1.5B"
     cfg.task.name = "math"
     cfg.task.template = "deepseek_r1"
+    # --config.task.{train,test}.path=FILE: your own files (task "problems": any prompt/answer rows). The MATH
+    # train file has 4 rows without an answer: dropped, with a warning.
+    task_files(cfg, on_invalid="skip")
     cfg.mesh.update(data=1, fsdp=-1, expert=1, tensor=1, rules="fsdp")
     cfg.hardware = hardware_config(platform="cuda", num_devices=32, memory_gib=80.0, name="32x A100 80GB (4 nodes)")
     for name, group, length, steps, micro in STAGES:

@@ -36,7 +36,7 @@ Variants: `:runlocal` trains a tiny Qwen2-style model from scratch for a few GRP
 `:template=r1_zero` swaps the chat template for the R1-Zero prompt.
 """
 
-from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg
+from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg, task_files
 
 
 def get_config(arg=None):
@@ -51,6 +51,7 @@ def get_config(arg=None):
     cfg.tokenizer.path = "/ckpt/Qwen2.5-1.5B-Instruct"
     cfg.task.name = "gsm8k"
     cfg.task.template = opts.template
+    task_files(cfg)  # --config.task.{train,test}.path=FILE: your own files (task "problems": any rows)
     cfg.mesh.update(data=1, fsdp=-1, expert=1, tensor=1, rules="fsdp")
     cfg.hardware = hardware_config(platform="cuda", num_devices=8, memory_gib=80.0, name="8x H100 80GB")
     cfg.grpo = grpo_stage(

@@ -52,7 +52,7 @@ limited routing, 3 layers) with synthetic arithmetic and a tokenizer trained for
 CPU.
 """
 
-from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg
+from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg, task_files
 
 
 def get_config(arg=None):
@@ -69,6 +69,9 @@ def get_config(arg=None):
     cfg.tokenizer.path = "/ckpt/DeepSeek-V3-Base"
     cfg.task.name = "math"
     cfg.task.template = "r1_zero"
+    # --config.task.{train,test}.path=FILE: your own files (task "problems": any prompt/answer rows). The MATH
+    # train file has 4 rows without an answer: dropped, with a warning.
+    task_files(cfg, on_invalid="skip")
     # Updates split each row's positions over the expert axis (context parallelism): an update of 512 rows then runs
     # as 16 micro-batches of 32 rows, 2 per fsdp group, each spread over its group's 32 chips.
     cfg.mesh.update(data=1, fsdp=16, expert=32, tensor=1, rules="expert", context="expert")

@@ -36,7 +36,8 @@ Variants: `:runlocal` runs the recipe on a tiny Qwen2-style model with synthetic
 for the run, with the same rules ("fsdp_tensor"), in about a minute on this CPU.
 """
 
-from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg, runlocal
+from r1jax.configs import (base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg, runlocal,
+                           task_files)
 
 
 def get_config(arg=None):
@@ -52,6 +53,9 @@ def get_config(arg=None):
     cfg.tokenizer.path = "/ckpt/Qwen2.5-32B"
     cfg.task.name = "math"
     cfg.task.template = "r1_zero"
+    # --config.task.{train,test}.path=FILE: your own files (task "problems": any prompt/answer rows). The MATH
+    # train file has 4 rows without an answer: dropped, with a warning.
+    task_files(cfg, on_invalid="skip")
     cfg.mesh.update(data=1, fsdp=8, expert=1, tensor=8, rules="fsdp_tensor")
     cfg.hardware = hardware_config(platform="tpu", num_devices=64, memory_gib=95.0, name="TPU v5p-128 (64 chips)")
     cfg.grpo = grpo_stage(

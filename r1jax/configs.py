@@ -329,6 +329,17 @@ def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
+def task_files(cfg: ml_collections.ConfigDict, on_invalid: str = "raise") -> ml_collections.ConfigDict:
+    """Gives a file task's `cfg.task.train` and `cfg.task.test` the keys `path` ("" = the task's own file in the data
+    directory) and `on_invalid` ("raise", or "skip": drop rows without a usable problem or answer, with a warning),
+    so a run reads other files from the command line: `--config.task.train.path=/data/train.json` with the same task
+    (e.g. MATH-format rows for `math`), or `--config.task.name=problems` with both paths for any rows with a problem
+    and a gold answer and/or code tests (r1jax.data.load_problems). Returns `cfg`, changed in place."""
+    for split in ("train", "test"):
+        cfg.task[split] = ml_collections.ConfigDict({"path": "", "on_invalid": on_invalid, **cfg.task[split].to_dict()})
+    return cfg
+
+
 def compact_sampling(cfg: ml_collections.ConfigDict, levels: int) -> ml_collections.ConfigDict:
     """Sampler compaction for every sampling stage of `cfg`: GRPO rollouts (`rollout_compact`), evaluations
     (`eval.compact`) and rejection/distillation samples (`compact`, `samples.compact`). Long generations end

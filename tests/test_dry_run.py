@@ -44,6 +44,30 @@ def test_full_scale_configs_are_found():
     assert {p.stem for p in FULL_SCALE} >= set(OURS)
 
 
+@pytest.mark.parametrize("path", FULL_SCALE, ids=[p.stem for p in FULL_SCALE])
+def test_full_scale_tasks_load_and_take_other_files(path, tmp_path):
+    """A full-scale experiment's own task loads from the shared data as configured (MATH's train file has rows
+    without an answer, which the math experiments drop with a warning), and `--config.task.{train,test}.path`
+    are keys it has, so a run reads the user's files instead."""
+    import warnings
+
+    from r1jax.cli import check_overrides
+    from r1jax.pipeline.stages import load_tasks
+
+    cfg = _load(path).get_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        tasks = load_tasks(cfg)
+    assert len(tasks["train"]) > 1000 and len(tasks["test"]) > 100, {k: len(v) for k, v in tasks.items()}
+    rows = [{"question": "What is 1 + 1?", "answer": "2"}, {"problem": "Sum the input.", "tests": ["assert 1"]}]
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check_overrides(["--config", str(path), "--config.task.name=problems", f"--config.task.train.path={own}",
+                     f"--config.task.test.path={own}", "--config.task.train.on_invalid=skip"])
+    cfg.task.name, cfg.task.train.path, cfg.task.test.path = "problems", str(own), str(own)
+    assert [ex["prompt"] for ex in load_tasks(cfg)["train"]] == ["What is 1 + 1?", "Sum the input."]
+
+
 @functools.lru_cache(maxsize=None)
 def _full_report(path: Path) -> dict:
     cfg = _load(path).get_config()
