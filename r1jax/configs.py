@@ -182,10 +182,11 @@ def reward_model_stage(**kw) -> ml_collections.ConfigDict:
 def sampling_config(**kw) -> ml_collections.ConfigDict:
     """Sample k completions per prompt, keep the good ones: rejection sampling and distillation data.
 
-    Kept: correct (the accuracy reward), well formatted (the format reward), language-consistent (share of the
-    chain of thought's words in the target language; a chain of thought without words passes), finished within
-    the length limit, and not a duplicate of another kept sample for the same prompt. Non-reasoning rows from
-    `mix_data` are then added so that they make up `mix_ratio` of the written data (R1: 200k of 800k = 0.25)."""
+    Kept: correct (by `correct_reward`: the accuracy rule, or every code test passed), well formatted (the format
+    reward), language-consistent (share of the chain of thought's words in the target language; a chain of thought
+    without words passes), finished within the length limit, and not a duplicate of another kept sample for the
+    same prompt. Non-reasoning rows from `mix_data` are then added so that they make up `mix_ratio` of the written
+    data (R1: 200k of 800k = 0.25)."""
     d = dict(
         prompts="task",             # "task" (the task's `split` examples) or "jsonl:PATH" (rows with prompt, answer)
         split="train",
@@ -199,6 +200,7 @@ def sampling_config(**kw) -> ml_collections.ConfigDict:
         batch_size=64,              # prompts per sampler call (and per resumable chunk)
         template="",                # "" : config.task.template
         require_correct=True,
+        correct_reward="accuracy",  # require_correct's rule: accuracy, code_tests (every test) or verifiable
         require_format=True,
         min_language_consistency=0.0,  # 0: off; R1 drops chains of thought that mix languages
         language="en",              # target language unless the example has a "language" field

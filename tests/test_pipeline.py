@@ -71,6 +71,32 @@ def test_rejection_filter_on_crafted_completions():
     assert [r["example"] for r in kept] == [0, 1] and rejected["per_prompt_cap"] == 1
 
 
+def test_rejection_filter_on_code_problems():
+    """correct_reward="verifiable": a code problem's sample is kept only when its program passes every test, a math
+    problem's by its answer; prompts the rule cannot check are refused before sampling."""
+    from r1jax.pipeline.rejection import prompt_examples
+
+    add = {"prompt": "Print the sum of two numbers.", "tests": [{"input": "1 2", "output": "3"},
+                                                               {"input": "5 5", "output": "10"}]}
+    ex = {"prompt": "What is 2 + 3 * 4?", "answer": "14"}
+    program = ("<think> read, add </think> <answer>\n```python\na, b = map(int, input().split())\nprint({})\n```\n"
+               "</answer>")
+    cases = [(program.format("a + b"), add, None), (program.format("a + b if a < 5 else 0"), add, "incorrect"),
+             (GOOD, ex, None), (GOOD.replace("14 </answer>", "15 </answer>"), ex, "incorrect")]
+    cfg = sampling_config(max_new_tokens=40, correct_reward="verifiable", reward_workers=1)
+    records = score_samples([c[0] for c in cases], [c[1] for c in cases], [20] * 4, [True] * 4, cfg)
+    assert [r["rewards"]["verifiable"] for r in records] == [1.0, 0.5, 1.0, 0.0]
+    kept, rejected = select_samples(records, cfg)
+    assert [r["completion"] for r in kept] == [c[0] for c in cases if c[2] is None] and rejected["incorrect"] == 2
+    tests_only = sampling_config(correct_reward="code_tests")
+    assert prompt_examples(tests_only, {"train": [add]}, 0) == [add]
+    with pytest.raises(ValueError, match=r"require_correct \(correct_reward='code_tests'\): reward 'code_tests' reads "
+                                         r"the problems' \['tests'\]; 1 of 2 problems lack them"):
+        prompt_examples(tests_only, {"train": [add, ex]}, 0)
+    with pytest.raises(ValueError, match=r"problem 0: accuracy needs a non-empty gold answer"):
+        prompt_examples(sampling_config(), {"train": [{"prompt": "p", "answer": " "}]}, 0)
+
+
 def test_language_consistency_of_the_filter():
     assert language_consistency(GOOD, "en") == 1.0  # no words: nothing mixed (the reward would say 0.0)
     assert language_consistency("<think> add 2 and 2 </think>", "en") == 1.0

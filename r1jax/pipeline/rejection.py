@@ -59,6 +59,12 @@ def language_consistency(completion: str, target: str) -> float:
     return counts.get(target, 0) / total if total else 1.0
 
 
+def correct_reward(cfg) -> str:
+    """The rule `require_correct` applies: accuracy (the final answer), code_tests (every test passed) or
+    verifiable (each problem's own: tests when it has them, else its answer)."""
+    return cfg.get("correct_reward", "accuracy")
+
+
 def judge_enabled(cfg) -> bool:
     judge = cfg.get("judge")
     return judge is not None and bool(judge.get("model"))
@@ -67,11 +73,11 @@ def judge_enabled(cfg) -> bool:
 def score_samples(completions: Sequence[str], examples: Sequence[Mapping], num_tokens: Sequence[int],
                   finished: Sequence[bool], cfg, *, judge=None) -> list[dict]:
     """One record per completion: {"example" (index into the distinct examples, by identity), "completion",
-    "num_tokens", "finished", "rewards": {"accuracy", "format", "language_consistency"} (+ "judge": the
-    r1jax.rl.judge.Judge's score, when one is given)}."""
+    "num_tokens", "finished", "rewards": {<correct_reward> (with require_correct), "format",
+    "language_consistency"} (+ "judge": the r1jax.rl.judge.Judge's score, when one is given)}."""
     weights = {"format": 1.0}
     if cfg.require_correct:
-        weights["accuracy"] = 1.0
+        weights[correct_reward(cfg)] = 1.0
     from r1jax.eval.run import score_once
 
     _, parts = score_once(completions, examples, weights, timeout_s=cfg.reward_timeout_s,
@@ -102,8 +108,8 @@ def rejection_reason(record: Mapping, cfg, max_tokens: int) -> str | None:
         return "too_long"
     if cfg.require_format and not r.get("format", 0.0) > 0.5:
         return "unformatted"
-    if cfg.require_correct and not r.get("accuracy", 0.0) > 0.5:  # NaN (the checker failed) is not correct
-        return "incorrect"
+    if cfg.require_correct and not r.get(correct_reward(cfg), 0.0) >= 1.0:  # NaN (the checker failed) is not
+        return "incorrect"                                                  # correct; code: every test passed
     if "judge" in r and not r["judge"] >= cfg.get("judge_min_score", 0.5):
         return "judge"
     if cfg.min_language_consistency and not r["language_consistency"] >= cfg.min_language_consistency:
@@ -203,11 +209,13 @@ def prompt_examples(cfg, tasks: Mapping[str, list], seed: int) -> list[dict]:
                 raise ValueError(f"{path}:{i + 1}: a prompt row needs 'prompt' or 'messages'; has {sorted(ex)}")
     else:
         raise ValueError(f"prompts={cfg.prompts!r}; valid: task, jsonl:PATH")
-    if cfg.require_correct:
-        missing = [i for i, ex in enumerate(examples) if not str(ex.get("answer", "")).strip()]
-        if missing:
-            raise ValueError(f"require_correct needs each prompt's 'answer'; {len(missing)} of {len(examples)} "
-                             f"lack one (e.g. row {missing[0]})")
+    if cfg.require_correct:  # every prompt must be checkable by the rule, before anything is sampled
+        from r1jax.eval.run import check_reward
+
+        try:
+            check_reward(correct_reward(cfg), examples)
+        except ValueError as e:
+            raise ValueError(f"require_correct (correct_reward={correct_reward(cfg)!r}): {e}") from None
     if cfg.num_prompts and cfg.num_prompts < len(examples):
         idx = sorted(random.Random(seed).sample(range(len(examples)), cfg.num_prompts))
         examples = [examples[i] for i in idx]
@@ -274,6 +282,8 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
     samples_dir = ctx.stage_dir(stage) / "samples"
     fingerprint = {k: cfg[k] for k in _FINGERPRINT_KEYS} | {"model": model_name, "model_step": model_step,
                                                             "seed": seed, "run_template": template}
+    if cfg.require_correct and correct_reward(cfg) != "accuracy":  # chunks hold that rule's scores
+        fingerprint["correct_reward"] = correct_reward(cfg)
     if judge_enabled(cfg):  # judged chunks hold the judge's scores
         if judge_fn is None:
             raise ValueError(f"stage {stage!r}: judge.model={cfg.judge.model!r} is set but no judge loader was given")
@@ -300,7 +310,7 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
             if jax.process_index() == 0:
                 write_jsonl(path, recs)
             ctx.logger.write(f"{stage}.samples", c + 1, {  # a distill stage logs its SFT steps as `stage`
-                "sample_accuracy": float(np.nanmean([r["rewards"].get("accuracy", np.nan) for r in recs]))
+                "sample_accuracy": float(np.nanmean([r["rewards"].get(correct_reward(cfg), np.nan) for r in recs]))
                 if cfg.require_correct else float("nan"),
                 "sample_format": float(np.mean([r["rewards"]["format"] for r in recs])),
                 "completion_len": float(np.mean([r["num_tokens"] for r in recs]))})
@@ -317,7 +327,7 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
             "temperature": cfg.temperature, "rewards": rec["rewards"], "num_tokens": rec["num_tokens"]}})
     extra = [_clean(r, ("source", "provenance")) for r in mix_rows(cfg, template)]
     rows, mix_info = mix_in(rows, extra, cfg.mix_ratio, seed)
-    accuracy = [r["rewards"]["accuracy"] for r in records if "accuracy" in r["rewards"]]
+    accuracy = [r["rewards"][correct_reward(cfg)] for r in records if correct_reward(cfg) in r["rewards"]]
     summary = {"prompts": len(examples), "samples": len(records), "kept": len(kept),
                "acceptance_rate": len(kept) / max(len(records), 1),
                "prompts_with_kept": len({r["example"] for r in kept}),
