@@ -290,3 +290,25 @@ def test_r1_recipe_config_wiring():
         assert "language_consistency" in cfg.reasoning_rl.rewards and cfg.sft_data.mix_ratio == 0.25
         assert cfg.distill.teacher == "stage:rl_all" and cfg.distill.init == "stage:student_base"
         assert training.model_spec(cfg, "distill")["overrides"]["num_layers"] < cfg.model.overrides.num_layers
+
+
+def test_recipe_stage_settings_are_checked_before_any_stage_runs(tmp_path):
+    """Rejection, distillation and evaluate settings the config shows are wrong stop the run before its first stage
+    (pretraining here) does any work."""
+    cases = [
+        (lambda c: c.samples.update(prompts="csv:/x"), r"config.samples.prompts='csv:/x'; valid: task, jsonl:PATH"),
+        (lambda c: c.samples.update(require_correct=True, correct_reward="tests"),
+         r"config.samples.correct_reward: unknown reward 'tests'"),
+        (lambda c: c.samples.update(mix_ratio=1.0), r"config.samples.mix_ratio=1.0 must be in \[0, 1\)"),
+        (lambda c: c.distill.update(kd_weight=2.0), r"config.distill: kd_weight=2.0 must be in \[0, 1\]"),
+        (lambda c: c.distill.samples.update(prompts="x"), r"config.distill.samples.prompts='x'"),
+        (lambda c: c.compare.update(datasets="test,math5000"),
+         r"config.compare.datasets names \['math5000'\]: neither 'test'"),
+        (lambda c: c.compare.eval.update(reward="acc"), r"config.compare.eval.reward: unknown reward 'acc'"),
+    ]
+    for i, (mutate, match) in enumerate(cases):
+        cfg = _config()
+        mutate(cfg)
+        with pytest.raises(ValueError, match=match):
+            run(cfg, tmp_path / str(i))
+        assert not (tmp_path / str(i)).exists()

@@ -370,3 +370,15 @@ def test_reward_model_toy_config_variants():
     only = _load_config(ROOT / "experiments" / "reward_model_toy.py", "rm_only,grpo_steps=5")
     assert only.grpo.rewards.accuracy == 0.0 and only.grpo.model_rewards.rm.normalize == "none"
     assert only.grpo.steps == 5
+
+
+def test_reward_model_settings_are_checked_before_any_stage_runs(tmp_path):
+    for i, (key, value, match) in enumerate([
+            ("data", "csv:/x", r"config.rm.data='csv:/x'; valid: jsonl:PATH, pairs:NAME"),
+            ("eval_data", "/x.jsonl", r"config.rm.eval_data='/x.jsonl'; valid: '' or jsonl:PATH"),
+            ("eval_fraction", 1.0, r"config.rm.eval_fraction=1.0 must be in \[0, 1\)")]):
+        cfg = _load_config(CONFIG, "stages=pretrain+rm")
+        cfg.rm[key] = value
+        with pytest.raises(ValueError, match=match):
+            run(cfg, tmp_path / str(i))
+        assert not (tmp_path / str(i)).exists()

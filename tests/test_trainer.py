@@ -227,19 +227,33 @@ def test_unknown_config_key_lists_valid_keys(tmp_path):
     assert r.returncode != 0 and "unknown config variant option 'nope'" in r.stderr
 
 
-def test_bad_stage_settings_are_named(tmp_path):
+def test_bad_stage_settings_are_named_before_any_stage_runs(tmp_path):
+    """A bad setting of the last stage is refused before the first stage runs (or the tokenizer trains): the
+    workdir stays empty."""
     cfg = _config()
     cfg.stages = "pretrain,rl"
     with pytest.raises(ValueError, match="no 'rl' sub-config"):
         run(cfg, tmp_path)
-    with pytest.raises(ValueError, match="do not split into minibatches=3"):
-        run(_config(minibatches=3), tmp_path / "b")
-    with pytest.raises(ValueError, match="grpo.grad_accum=3 must divide a minibatch's 8 rows"):
-        run(_config(grad_accum=3), tmp_path / "c")
-    with pytest.raises(ValueError, match="grpo.rollout_prompts=-1 must divide batch_prompts=2"):
-        run(_config(rollout_prompts=-1), tmp_path / "d")
-    with pytest.raises(ValueError, match="grpo.logits_chunk=5 must divide max_new_tokens=12"):
-        run(_config(logits_chunk=5), tmp_path / "e")
+    cases = {"b": (dict(minibatches=3), "do not split into minibatches=3"),
+             "c": (dict(grad_accum=3), "grpo.grad_accum=3 must divide a minibatch's 8 rows"),
+             "d": (dict(rollout_prompts=-1), "grpo.rollout_prompts=-1 must divide batch_prompts=2"),
+             "e": (dict(logits_chunk=5), "grpo.logits_chunk=5 must divide max_new_tokens=12"),
+             "g": (dict(rewards={"acuracy": 1.0}), r"config.grpo: unknown reward 'acuracy'; registered rewards"),
+             "h": (dict(rewards={}), r"config.grpo: no rewards"),
+             "i": (dict(old_logp="cached"), r"grpo.old_logp='cached'; valid: auto, sampler, recompute")}
+    for sub, (grpo, match) in cases.items():
+        with pytest.raises(ValueError, match=match):
+            run(_config(**grpo), tmp_path / sub)
+        assert not any((tmp_path / sub).glob("*/")), sub  # no stage directory, no tokenizer
+    cfg = _config()
+    cfg.pretrain.data = "corpora:arith"
+    with pytest.raises(ValueError, match=r"config.pretrain.data='corpora:arith'; valid: task, corpus:NAME"):
+        run(cfg, tmp_path / "j")
+    cfg = _config()
+    cfg.pretrain.grad_accum = 3
+    with pytest.raises(ValueError, match=r"config.pretrain.grad_accum=3 must be a positive int that divides "
+                                         r"batch_size=8"):
+        run(cfg, tmp_path / "k")
     cfg = _config()
     cfg.mesh.context = "tensor"
     with pytest.raises(ValueError, match=r"context parallelism over 'tensor': the 'batch' rule maps to \('data', "

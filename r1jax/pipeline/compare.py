@@ -46,8 +46,11 @@ def _flatten(per_dataset: dict[str, dict]) -> dict:
     return {f"{d}/{k}": v for d, m in per_dataset.items() for k, v in m.items()}
 
 
-@register_stage_kind("evaluate")
-def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
+def check_evaluate_stage(stage: str, cfg) -> None:
+    """The evaluate stage's settings that the config alone shows are wrong (checked before a run starts)."""
+    from r1jax.data import list_tasks
+    from r1jax.rl.rewards import get_reward
+
     if not cfg.models:
         raise ValueError(f"config.{stage}.models is empty; map labels to models, e.g. "
                          f"{{'base': 'stage:pretrain', 'rl': 'stage:grpo'}}")
@@ -55,6 +58,22 @@ def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str 
     if unknown:
         raise ValueError(f"config.{stage}.templates names {sorted(unknown)}, which are not among the models "
                          f"{sorted(cfg.models)}")
+    names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+    if not names:
+        raise ValueError(f"config.{stage}.datasets is empty; e.g. 'test' or 'aime,math500'")
+    bad = [n for n in names if n != "test" and n not in list_tasks()]
+    if bad:
+        raise ValueError(f"config.{stage}.datasets names {bad}: neither 'test' (the run's task) nor a task "
+                         f"({list_tasks()})")
+    try:
+        get_reward(cfg.eval.reward)
+    except ValueError as e:
+        raise ValueError(f"config.{stage}.eval.reward: {e}") from None
+
+
+@register_stage_kind("evaluate", check=check_evaluate_stage)
+def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
+    check_evaluate_stage(stage, cfg)
     labels = [x.strip() for x in cfg.order.split(",") if x.strip()] or sorted(cfg.models)  # checked by validate
     sets = datasets(ctx, cfg)
     results = {}

@@ -26,9 +26,9 @@ from __future__ import annotations
 from r1jax import training
 from r1jax.data.io import read_sft_jsonl
 from r1jax.pipeline import compare  # noqa: F401  (registers the "evaluate" stage kind)
-from r1jax.pipeline.rejection import generate_dataset
+from r1jax.pipeline.rejection import check_sampling, generate_dataset
 from r1jax.pipeline.stages import register_stage_kind
-from r1jax.sft.trainer import run_sft_stage, sft_examples
+from r1jax.sft.trainer import check_sft_stage, run_sft_stage, sft_examples
 
 
 def _sampler(ctx: training.RunContext, spec: str, previous: str | None, *, mc=None):
@@ -50,7 +50,13 @@ def _judge_fn(ctx, stage: str, cfg, previous: str | None, prefix: str = ""):
     return lambda: make_judge(ctx, judge, previous, f"config.{stage}.{prefix}judge")
 
 
-@register_stage_kind("rejection")
+def _check_distill(stage: str, cfg) -> None:
+    check_sft_stage(stage, cfg)
+    if cfg.data == "teacher":
+        check_sampling(f"{stage}.samples", cfg.samples)
+
+
+@register_stage_kind("rejection", check=check_sampling)
 def run_rejection_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
     load, name = _sampler(ctx, cfg.init, previous)
     summary = generate_dataset(ctx, stage, cfg, load, name, ctx.stage_dir(stage) / "data.jsonl",
@@ -61,7 +67,7 @@ def run_rejection_stage(ctx: training.RunContext, stage: str, cfg, previous: str
     return summary
 
 
-@register_stage_kind("distill")
+@register_stage_kind("distill", check=_check_distill)
 def run_distill_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
     teacher_spec = training.resolve_init(cfg.teacher, previous)
     if teacher_spec == "base":

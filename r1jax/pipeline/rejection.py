@@ -65,6 +65,24 @@ def correct_reward(cfg) -> str:
     return cfg.get("correct_reward", "accuracy")
 
 
+def check_sampling(where: str, cfg) -> None:
+    """Sampling settings (r1jax.configs.sampling_config) that the config alone shows are wrong: checked before a
+    run starts."""
+    from r1jax.rl.rewards import get_reward
+
+    if cfg.prompts != "task" and not cfg.prompts.startswith("jsonl:"):
+        raise ValueError(f"config.{where}.prompts={cfg.prompts!r}; valid: task, jsonl:PATH")
+    if cfg.require_correct:
+        try:
+            get_reward(correct_reward(cfg))
+        except ValueError as e:
+            raise ValueError(f"config.{where}.correct_reward: {e}") from None
+    if not 0.0 <= cfg.mix_ratio < 1.0:
+        raise ValueError(f"config.{where}.mix_ratio={cfg.mix_ratio} must be in [0, 1)")
+    if cfg.mix_data and not cfg.mix_data.startswith(("jsonl:", "task:")):
+        raise ValueError(f"config.{where}.mix_data={cfg.mix_data!r}; valid: '', jsonl:PATH, task:NAME")
+
+
 def judge_enabled(cfg) -> bool:
     judge = cfg.get("judge")
     return judge is not None and bool(judge.get("model"))

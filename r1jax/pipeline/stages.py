@@ -28,24 +28,30 @@ from r1jax.parallel import hosts
 log = logging.getLogger(__name__)
 
 STAGE_RUNNERS: dict[str, Callable] = {}
+STAGE_CHECKS: dict[str, Callable] = {}
 
 
-def register_stage_kind(kind: str):
-    """Decorator: `fn(ctx, stage_name, stage_config, previous_stage_name) -> summary dict | None (stopped)`."""
+def register_stage_kind(kind: str, *, check: Callable | None = None):
+    """Decorator: `fn(ctx, stage_name, stage_config, previous_stage_name) -> summary dict | None (stopped)`.
+    `check(stage_name, stage_config)` raises ValueError for settings that the config alone shows are wrong; `run`
+    calls every stage's check before running any stage, so a bad setting in the last stage costs no earlier work."""
     def deco(fn):
         STAGE_RUNNERS[kind] = fn
+        if check is not None:
+            STAGE_CHECKS[kind] = check
         return fn
     return deco
 
 
 def _builtin_runners():
-    from r1jax.rl.reward_trainer import run_reward_model_stage
-    from r1jax.rl.trainer import run_grpo_stage
-    from r1jax.sft.trainer import run_sft_stage
+    from r1jax.rl.reward_trainer import check_reward_model_stage, run_reward_model_stage
+    from r1jax.rl.trainer import check_grpo_stage, run_grpo_stage
+    from r1jax.sft.trainer import check_sft_stage, run_sft_stage
 
-    STAGE_RUNNERS.setdefault("sft", run_sft_stage)
-    STAGE_RUNNERS.setdefault("grpo", run_grpo_stage)
-    STAGE_RUNNERS.setdefault("reward_model", run_reward_model_stage)
+    for kind, runner, check in (("sft", run_sft_stage, check_sft_stage), ("grpo", run_grpo_stage, check_grpo_stage),
+                                ("reward_model", run_reward_model_stage, check_reward_model_stage)):
+        STAGE_RUNNERS.setdefault(kind, runner)
+        STAGE_CHECKS.setdefault(kind, check)
     import importlib.util
 
     if importlib.util.find_spec("r1jax.pipeline.r1") is not None:  # recipe stages (rejection sampling, distill)
@@ -155,6 +161,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
         if config[name].kind not in STAGE_RUNNERS:
             raise ValueError(f"config.{name}.kind={config[name].kind!r} has no runner; registered: "
                              f"{sorted(STAGE_RUNNERS)}")
+    for name in names:  # every stage's settings, before any stage runs (or the tokenizer trains)
+        if config[name].kind in STAGE_CHECKS:
+            STAGE_CHECKS[config[name].kind](name, config[name])
     ctx = setup(config, workdir, stop, progress=progress)
     summaries, previous = {}, None
     try:

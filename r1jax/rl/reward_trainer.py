@@ -218,6 +218,16 @@ def evaluate_pairs(ctx, model, arrays: dict, batch_size: int) -> dict:
 # the stage
 
 
+def check_reward_model_stage(stage: str, cfg) -> None:
+    """The reward-model settings that the config alone shows are wrong (checked before a run starts)."""
+    if not cfg.data.startswith(("jsonl:", "pairs:")):
+        raise ValueError(f"config.{stage}.data={cfg.data!r}; valid: jsonl:PATH, pairs:NAME")
+    if cfg.eval_data and not cfg.eval_data.startswith("jsonl:"):
+        raise ValueError(f"config.{stage}.eval_data={cfg.eval_data!r}; valid: '' or jsonl:PATH")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ValueError(f"config.{stage}.eval_fraction={cfg.eval_fraction} must be in [0, 1)")
+
+
 def run_reward_model_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
     """Runs (or resumes) a reward_model stage; returns its summary, or None when stopped by a signal."""
     template = cfg.template or ctx.config.task.template

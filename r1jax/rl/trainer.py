@@ -182,9 +182,9 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
     return batch, metrics
 
 
-def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
-    """Runs (or resumes) a GRPO stage; returns its summary, or None when stopped by a signal."""
-    from r1jax.data import rl_prompt_dataset
+def check_grpo_stage(stage: str, cfg) -> None:
+    """The GRPO settings that the config alone shows are wrong (r1jax.pipeline.stages checks them before a run)."""
+    from r1jax.rl.rewards import get_reward
 
     if cfg.mu < 1 or cfg.minibatches < 1:
         raise ValueError(f"config.{stage}: mu={cfg.mu} and minibatches={cfg.minibatches} must be >= 1")
@@ -197,7 +197,22 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     if cfg.dynamic_sampling and (cfg.group_size < 2 or cfg.max_rollouts < 1):
         raise ValueError(f"config.{stage}.dynamic_sampling needs group_size >= 2 (got {cfg.group_size}) and "
                          f"max_rollouts >= 1 (got {cfg.max_rollouts})")
-    grpo_memory_knobs(cfg, stage)  # before any model is loaded rather than at the first rollout or update
+    grpo_memory_knobs(cfg, stage)
+    if not cfg.rewards and not cfg.get("model_rewards"):
+        raise ValueError(f"config.{stage}: no rewards; set rewards (rule rewards) and/or model_rewards")
+    for name in [*cfg.rewards, *([cfg.eval.reward] if "eval" in cfg else [])]:
+        try:
+            get_reward(name)
+        except ValueError as e:
+            raise ValueError(f"config.{stage}: {e}") from None
+
+
+def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
+    """Runs (or resumes) a GRPO stage; returns its summary, or None when stopped by a signal."""
+    from r1jax.data import rl_prompt_dataset
+
+    check_grpo_stage(stage, cfg)  # also when called directly, not through r1jax.pipeline.stages.run
+    R = cfg.batch_prompts * cfg.group_size  # rows of an update batch, over all processes
     examples = ctx.tasks[cfg.train_split]
     template = cfg.template or ctx.config.task.template
     prompts = training.process_share(cfg.batch_prompts, f"config.{stage}.batch_prompts", "prompts")

@@ -141,6 +141,23 @@ def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1):
     return step
 
 
+_DATA_SOURCES = ("task", "corpus:NAME", "jsonl:PATH", "stage:NAME")
+
+
+def check_sft_stage(stage: str, cfg) -> None:
+    """The SFT / distillation settings that the config alone shows are wrong (checked before a run starts)."""
+    valid = (*_DATA_SOURCES, "teacher") if cfg.kind == "distill" else _DATA_SOURCES
+    if not any(cfg.data == v if ":" not in v else cfg.data.startswith(v.split(":")[0] + ":") for v in valid):
+        raise ValueError(f"config.{stage}.data={cfg.data!r}; valid: {', '.join(valid)}")
+    accum, B = cfg.get("grad_accum", 1), cfg.batch_size
+    if not isinstance(accum, int) or accum < 1 or B % accum:
+        raise ValueError(f"config.{stage}.grad_accum={accum!r} must be a positive int that divides batch_size={B}")
+    kd_weight = float(cfg.get("kd_weight", 0.0))
+    if kd_weight and not (0.0 < kd_weight <= 1.0 and cfg.kd_temperature > 0):
+        raise ValueError(f"config.{stage}: kd_weight={kd_weight} must be in [0, 1] and kd_temperature="
+                         f"{cfg.kd_temperature} > 0")
+
+
 def sft_examples(ctx: training.RunContext, stage: str, cfg) -> list[dict]:
     """The stage's training examples from `cfg.data` (see r1jax.configs.sft_stage)."""
     from r1jax.data.corpora import get_corpus
@@ -158,7 +175,7 @@ def sft_examples(ctx: training.RunContext, stage: str, cfg) -> list[dict]:
         if not path.exists():
             raise FileNotFoundError(f"stage {stage!r} reads {path}, which stage {src[6:]!r} has not written")
         return read_sft_jsonl(path)
-    raise ValueError(f"config.{stage}.data={src!r}; valid: task, corpus:NAME, jsonl:PATH, stage:NAME")
+    raise ValueError(f"config.{stage}.data={src!r}; valid: {', '.join(_DATA_SOURCES)}")
 
 
 def _loss_fn(ctx: training.RunContext, stage: str, cfg, teacher):
