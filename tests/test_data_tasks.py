@@ -292,13 +292,13 @@ CODE = {"question": "Print the sum of two numbers.", "tests": json.dumps({"input
 
 
 def test_own_problems_keep_answers_tests_and_extra_fields(tmp_path):
-    rows = [{"prompt": "What is 2 + 3?", "answer": 5, "lang": "en"}, {"problem": "Half of 3?", "answer": 1.5},
+    rows = [{"prompt": "What is 2 + 3?", "answer": 5, "language": "en"}, {"problem": "Half of 3?", "answer": 1.5},
             CODE, {"problem": "Add.", "answer": "7", "tests": ["assert add(3, 4) == 7"]}]
     p = _write(tmp_path, "own.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     data = load_problems(p)
     assert [ex["prompt"] for ex in data] == ["What is 2 + 3?", "Half of 3?", CODE["question"], "Add."]
     assert [ex.get("answer") for ex in data] == ["5", "1.5", None, "7"]
-    assert data[0]["lang"] == "en" and data[2]["difficulty"] == "easy" and data[0]["task"] == "problems"
+    assert data[0]["language"] == "en" and data[2]["difficulty"] == "easy" and data[0]["task"] == "problems"
     assert data[2]["tests"] == [{"input": "1 2\n", "output": "3\n"}]  # APPS-style, from a JSON string
     assert data[3]["tests"] == ["assert add(3, 4) == 7"]
     assert "question" not in data[2] and "problem" not in data[1]

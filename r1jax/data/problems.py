@@ -2,7 +2,8 @@
 
 A row needs the problem text (`prompt`, `problem` or `question`) and a gold `answer` (for the accuracy reward),
 `tests` (for the `code_tests` reward: the program in the completion's last ```python block is run on each), or
-both. Other fields are kept on the example (e.g. `lang` for language consistency, a difficulty to filter by).
+both. Other fields are kept on the example (e.g. `language` for the language-consistency reward, a difficulty to
+filter by).
 `tests` is a list of `{"input": stdin, "output": expected stdout}` dicts and/or assert-style strings, an
 APPS-style `{"inputs": [...], "outputs": [...]}` mapping, or either as a JSON string (as APPS and TACO store them).
 
