@@ -68,6 +68,15 @@ def test_full_scale_tasks_load_and_take_other_files(path, tmp_path):
     assert [ex["prompt"] for ex in load_tasks(cfg)["train"]] == ["What is 1 + 1?", "Sum the input."]
 
 
+def test_dry_run_reports_stage_settings_a_run_would_refuse():
+    cfg = _config("rl_qwen_32b")
+    cfg.grpo.rewards = {"acuracy": 1.0}
+    report = dry_run(cfg, flops=False, sampler=False)
+    assert not report["ok"] and "config.grpo: unknown reward 'acuracy'" in report["error"], report
+    with pytest.raises(ValueError, match="unknown reward 'acuracy'"):
+        dry_run(cfg, flops=False, sampler=False, strict=True)
+
+
 @functools.lru_cache(maxsize=None)
 def _full_report(path: Path) -> dict:
     cfg = _load(path).get_config()

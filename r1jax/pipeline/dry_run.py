@@ -477,6 +477,9 @@ def dry_run(config: ml_collections.ConfigDict, *, stages: list[str] | None = Non
               "rules": config.mesh.rules if isinstance(config.mesh.rules, str) else str(config.mesh.rules),
               "stages": {}}
     try:
+        from r1jax.pipeline.stages import check_stages
+
+        check_stages(config, names)  # the settings a real run refuses before its first stage
         sizes = mesh_sizes(config, n)
         rules = canonical_rules(config.mesh.rules)
     except ValueError as e:

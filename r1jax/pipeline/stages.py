@@ -58,6 +58,16 @@ def _builtin_runners():
         importlib.import_module("r1jax.pipeline.r1")
 
 
+def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = None) -> None:
+    """Raises ValueError for the first stage setting that the config alone shows is wrong (each kind's `check`);
+    `run` and dry runs call it before anything else."""
+    _builtin_runners()
+    for name in names or configs.validate(config):
+        check = STAGE_CHECKS.get(config[name].kind)
+        if check is not None:
+            check(name, config[name])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # setup
 
@@ -161,9 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
         if config[name].kind not in STAGE_RUNNERS:
             raise ValueError(f"config.{name}.kind={config[name].kind!r} has no runner; registered: "
                              f"{sorted(STAGE_RUNNERS)}")
-    for name in names:  # every stage's settings, before any stage runs (or the tokenizer trains)
-        if config[name].kind in STAGE_CHECKS:
-            STAGE_CHECKS[config[name].kind](name, config[name])
+    check_stages(config, names)  # before any stage runs (or the tokenizer trains)
     ctx = setup(config, workdir, stop, progress=progress)
     summaries, previous = {}, None
     try:
