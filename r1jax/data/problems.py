@@ -26,8 +26,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from r1jax.data.tasks import (Example, _iter_records, _load_records, load_aime, load_amc, load_gsm8k, load_math,
-                              register_task)
+from r1jax.data.tasks import (Example, _iter_records, _load_records, answer_text, load_aime, load_amc, load_gsm8k,
+                              load_math, register_task)
 
 PROMPT_FIELDS = ("prompt", "problem", "question")
 
@@ -53,9 +53,7 @@ def normalize_tests(tests) -> list[dict | str]:
 def _gold(value, where: str, field: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"{where}: field {field!r} is {value!r:.100}, expected a non-empty string or a number")
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    value = str(value).strip()
+    value = answer_text(value)
     if not value:
         raise ValueError(f"{where}: field {field!r} is empty")
     return value

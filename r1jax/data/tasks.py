@@ -435,14 +435,16 @@ def load_gsm8k(path: str | os.PathLike, *, on_invalid: str = "raise", limit: int
                          convert=_gsm8k_convert, on_invalid=on_invalid, limit=limit)
 
 
-def _problem_convert(rec: dict, where: str) -> Example:
-    answer = rec["answer"]
+def answer_text(answer: str | int | float) -> str:
+    """A gold answer as the string rewards compare: text stripped, numbers as written; AMC stores integer answers
+    as floats (142.0), whose gold string is the integer ("142")."""
     if isinstance(answer, float):
-        # AMC stores integer answers as floats (142.0); the gold string is the integer.
-        answer = str(int(answer)) if answer.is_integer() else repr(answer)
-    elif isinstance(answer, int):
-        answer = str(answer)
-    return {"prompt": rec["problem"], "answer": answer.strip(), **_extras(rec, "problem", "answer")}
+        return str(int(answer)) if answer.is_integer() else repr(answer)
+    return str(answer).strip()
+
+
+def _problem_convert(rec: dict, where: str) -> Example:
+    return {"prompt": rec["problem"], "answer": answer_text(rec["answer"]), **_extras(rec, "problem", "answer")}
 
 
 def load_math(path: str | os.PathLike, *, task: str = "math", on_invalid: str = "raise",

@@ -183,9 +183,6 @@ def _loss_fn(ctx: training.RunContext, stage: str, cfg, teacher):
     kd_weight = float(cfg.get("kd_weight", 0.0))
     if teacher is None or kd_weight == 0.0:
         return partial(sft_loss, aux_loss_coef=coef), None
-    if not 0.0 < kd_weight <= 1.0 or cfg.kd_temperature <= 0:
-        raise ValueError(f"config.{stage}: kd_weight={kd_weight} must be in [0, 1] and kd_temperature="
-                         f"{cfg.kd_temperature} > 0")
     v_s, v_t, v_tok = ctx.model_config.vocab_size, teacher.config.vocab_size, ctx.tokenizer.vocab_size
     if v_s != v_t and v_tok > min(v_s, v_t):
         raise ValueError(f"config.{stage}: logit distillation needs a shared vocabulary; the student has {v_s} "
@@ -203,6 +200,7 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
     `summary_extra` goes into the stage's summary (DONE)."""
     from r1jax.data import sft_dataset
 
+    check_sft_stage(stage, cfg)  # also when called directly, not through r1jax.pipeline.stages.run (kd_weight range)
     examples = sft_examples(ctx, stage, cfg) if examples is None else examples
     template = cfg.template or ctx.config.task.template
     rows = training.process_share(cfg.batch_size, f"config.{stage}.batch_size", "rows")
