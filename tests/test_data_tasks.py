@@ -310,7 +310,31 @@ def test_own_problems_keep_answers_tests_and_extra_fields(tmp_path):
         get_task("problems", split="test")
 
 
+def test_own_problems_with_call_based_tests(tmp_path):
+    apps = {"question": "Add two numbers.",
+            "tests": json.dumps({"fn_name": "add", "inputs": [[1, 2]], "outputs": [[3]]})}
+    lcb = {"question": "Sum the first k.", "metadata": json.dumps({"func_name": "sumK"}), "platform": "leetcode",
+           "tests": json.dumps([{"input": "[3, 1, 2]\n2", "output": "4", "testtype": "functional"}])}
+    lcb_stdin = {"question": "Echo.", "metadata": "{}",
+                 "tests": [{"input": "1\n", "output": "1\n", "testtype": "stdin"}]}
+    named = {"question": "Negate.", "fn_name": "neg", "metadata": {"func_name": "other"},
+             "tests": [{"input": "1", "output": "-1", "testtype": "functional"}]}
+    p = _write(tmp_path, "code.jsonl", "".join(json.dumps(r) + "\n" for r in (apps, lcb, lcb_stdin, named)))
+    data = load_problems(p)
+    assert data[0]["tests"] == [{"fn_name": "add", "args": [1, 2], "expected": [3]}]
+    assert data[1]["tests"] == [{"fn_name": "sumK", "args": [[3, 1, 2], 2], "expected": 4}]
+    assert data[1]["metadata"] == lcb["metadata"] and data[1]["platform"] == "leetcode"  # other fields stay
+    assert data[2]["tests"] == lcb_stdin["tests"]  # a stdin test stays one, whatever the metadata
+    assert data[3]["tests"] == [{"fn_name": "neg", "args": [1], "expected": -1}]  # the row's fn_name comes first
+
+
 @pytest.mark.parametrize("row,match", [
+    ({"prompt": "q", "tests": [{"input": "1", "output": "1", "testtype": "functional"}], "metadata": "not json"},
+     r"own\.jsonl:1: field 'tests': tests\[0\] is a functional test but names no function"),
+    ({"prompt": "q", "fn_name": "f", "tests": [{"input": "[1,", "output": "1", "testtype": "functional"}]},
+     r"own\.jsonl:1: field 'tests': tests\[0\]: functional input line 1 '\[1,' is not a JSON value"),
+    ({"prompt": "q", "tests": json.dumps({"fn_name": "f", "inputs": ["1 2"], "outputs": ["3"]})},
+     r"field 'tests': tests\['inputs'\]\[0\] = '1 2' is not a list of arguments"),
     ({"text": "q", "answer": "1"}, r"own\.jsonl:1: no problem text: expected a field 'prompt' or 'problem' or "
                                    r"'question' \(has \['answer', 'text'\]\)"),
     ({"prompt": "q"}, r"own\.jsonl:1: needs a gold 'answer' or code 'tests'"),

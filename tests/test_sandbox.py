@@ -4,9 +4,10 @@ import time
 
 import pytest
 
+from r1jax.data.problems import normalize_tests
 from r1jax.rl import sandbox
 from r1jax.rl.rewards import code_tests, score_batch
-from r1jax.rl.sandbox import SandboxLimits, extract_code, isolation_report, run_python
+from r1jax.rl.sandbox import SandboxLimits, code_tests_score, extract_code, isolation_report, run_python, run_test
 
 REPORT = isolation_report()
 needs_drop = pytest.mark.skipif(not REPORT["drop_privileges"],
@@ -203,3 +204,84 @@ def test_refuses_root_without_isolation(monkeypatch):
     monkeypatch.setattr(sandbox, "isolation_report", lambda python=None: fake)
     with pytest.raises(RuntimeError, match="fork bomb could not be contained"):
         run_python("print(1)", "", LIMITS)
+
+
+# --- call-based ("functional") tests ---------------------------------------------------------------------------
+
+def test_normalize_call_tests_accepted_forms():
+    apps = {"fn_name": "add", "inputs": [[1, 2], [[1], [2]]], "outputs": [[3], [[1, 2]]]}
+    assert normalize_tests(apps) == [{"fn_name": "add", "args": [1, 2], "expected": [3]},
+                                     {"fn_name": "add", "args": [[1], [2]], "expected": [[1, 2]]}]
+    # the argument names the function when the mapping does not; the mapping's own fn_name wins
+    assert normalize_tests({"inputs": [[1]], "outputs": [1]}, fn_name="g")[0]["fn_name"] == "g"
+    assert normalize_tests(apps, fn_name="g")[0]["fn_name"] == "add"
+    lcb = [{"input": "[2, 1, 3]\n\n\"ab\"\n", "output": "{\"a\": null}", "testtype": "functional"},
+           {"input": "", "output": "true", "testtype": "functional", "fn_name": "own"},
+           {"input": "1 2\n", "output": "3\n", "testtype": "stdin"}, "assert f(1) == 1"]
+    assert normalize_tests(lcb, fn_name="f") == [
+        {"fn_name": "f", "args": [[2, 1, 3], "ab"], "expected": {"a": None}},
+        {"fn_name": "own", "args": [], "expected": True}, lcb[2], lcb[3]]
+    # already normalized (tuples become the lists JSON gives back), and normalizing again changes nothing
+    done = normalize_tests([{"fn_name": "f", "args": [(1, 2)], "expected": (3, 4)}])
+    assert done == [{"fn_name": "f", "args": [[1, 2]], "expected": [3, 4]}] and normalize_tests(done) == done
+    assert normalize_tests([{"args": [1], "expected": 1}], fn_name="f") == [{"fn_name": "f", "args": [1],
+                                                                             "expected": 1}]
+
+
+@pytest.mark.parametrize("tests,kwargs,match", [
+    ({"fn_name": "f", "inputs": [[1], "2"], "outputs": [1, 2]}, {},
+     r"tests\['inputs'\]\[1\] = '2' is not a list of arguments \(a call-based test, fn_name='f'"),
+    ({"fn_name": "f", "inputs": [[1]], "outputs": []}, {}, r"tests has 1 inputs but 0 outputs"),
+    ([{"input": "1", "output": "1"}, {"input": "1", "output": "1", "testtype": "functional"}], {},
+     r"tests\[1\] is a functional test but names no function: give it an 'fn_name' key or pass fn_name="),
+    ([{"input": "1\n[1,", "output": "1", "testtype": "functional"}], {"fn_name": "f"},
+     r"tests\[0\]: functional input line 2 '\[1,' is not a JSON value"),
+    ([{"input": "1", "output": "yes", "testtype": "functional"}], {"fn_name": "f"},
+     r"tests\[0\]: functional output 'yes' is not a JSON value"),
+    ([{"input": ["1"], "output": "1", "testtype": "functional"}], {"fn_name": "f"},
+     r"tests\[0\] = .* is a functional test; expected 'input' \(one JSON value per line"),
+    ([{"input": "1", "output": "1", "testtype": "call"}], {}, r"tests\[0\] has testtype 'call'; valid: 'stdin', "),
+    ([{"fn_name": "f", "args": [1]}], {}, r"tests\[0\] = .* is a call test without 'expected'"),
+    ([{"fn_name": "f", "args": 1, "expected": 1}], {}, r"tests\[0\]: args 1 is not a list"),
+    ([{"fn_name": "f", "args": [], "expected": {1}}], {}, r"tests\[0\] expected = \{1\} is not a JSON value"),
+    ([{"fn_name": "f()", "args": [], "expected": 1}], {}, r"tests\[0\]: fn_name 'f\(\)' is not a function name"),
+    ([{"args": [], "expected": 1}], {}, r"tests\[0\]: fn_name None is not a function name"),
+    ([{"input": 1, "output": "1"}], {}, r"tests\[0\] = .* is neither an assert string"),
+])
+def test_normalize_call_tests_errors(tests, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        normalize_tests(tests, **kwargs)
+
+
+def call(code: str, args: list, expected, fn_name: str = "f") -> bool:
+    return run_test(code, {"fn_name": fn_name, "args": args, "expected": expected}, LIMITS)
+
+
+def test_call_tests_pass_and_fail():
+    prog = "def f(xs, k):\n    return sorted(xs)[:k]\n\nif __name__ == '__main__':\n    raise SystemExit(1)"
+    assert call(prog, [[3, 1, 2], 2], [1, 2])
+    assert not call(prog, [[3, 1, 2], 2], [1, 3])
+    # LeetCode style, annotated with typing names it does not import (as LeetCode's starter code is)
+    sol = "class Solution:\n    def f(self, xs: List[int]) -> Optional[int]:\n        return max(xs)\n"
+    assert call(sol, [[3, 7, 2]], 7)
+    assert call("class Solution:\n    pass\n\ndef f():\n    return 4", [], 4)  # a Solution without f: top-level f
+    assert call("def f(a):\n    return a * 2", [3], [6])  # APPS: the return value wrapped in a list
+    assert call("def f():\n    return (1, 2.0)", [], [1, 2])  # a tuple compares as its JSON list; 2.0 == 2
+
+
+def test_call_tests_are_not_fooled():
+    junk = "import sys\nprint('[1, 2]')\nsys.stdout.write('3')\ndef f():\n    print(5, end='')\n    return 4"
+    assert call(junk, [], 4)
+    assert not call(junk, [], 5) and not call(junk, [], 54)  # what the program printed is not its return value
+    assert not call("def g():\n    return 4", [], 4)  # no function f
+    assert not call("class Solution:\n    def g(self):\n        return 4", [], 4)
+    assert not call("def f():\n    return {4}", [], [4])  # a set: JSON cannot encode it
+    exits = "import atexit, os\natexit.register(os._exit, 3)\ndef f():\n    return 4"
+    assert not call(exits, [], 4)  # the right value, printed, but a non-zero exit
+
+
+def test_code_tests_score_mixes_stdin_assert_and_call_tests():
+    tests = [TESTS[0], "assert add(2, 3) == 5", {"fn_name": "add", "args": [2, 3], "expected": 5},
+             {"fn_name": "add", "args": [1, 1], "expected": 3}]
+    assert code_tests_score(completion(ADD), tests) == 0.75
+    assert code_tests_score(completion(ADD.replace("a + b", "a * b")), tests) == 0.0

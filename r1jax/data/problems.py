@@ -7,6 +7,16 @@ filter by).
 `tests` is a list of `{"input": stdin, "output": expected stdout}` dicts and/or assert-style strings, an
 APPS-style `{"inputs": [...], "outputs": [...]}` mapping, or either as a JSON string (as APPS and TACO store them).
 
+Call-based ("functional") tests call one function of the program and compare its return value; they normalize
+to `{"fn_name": name, "args": [arguments], "expected": JSON value}` (dicts already in that form are accepted):
+- APPS / TACO: the mapping has `"fn_name"`, and each `inputs[i]` is the JSON list of arguments (`outputs[i]` is
+  usually the return value wrapped in a list; the sandbox accepts either, as APPS's own checker does);
+- LiveCodeBench: per-test `{"input": one JSON value per line (one line per argument), "output": JSON value,
+  "testtype": "functional"}` dicts (a `"testtype": "stdin"` dict is a stdin/stdout test), with the function's
+  name in the problem's `metadata` (a dict or a JSON string) as `func_name`.
+A row's `fn_name` field, else its metadata's `func_name`, names the function for tests that do not name it
+themselves. The program may define it at top level or as a method of a LeetCode-style `class Solution`.
+
 As an experiment's task: `cfg.task.name = "problems"`, `cfg.task.train.path = "/data/train.jsonl"`,
 `cfg.task.test.path = "/data/test.jsonl"`; `r1jax eval --data FILE` reads such files too.
 
@@ -32,22 +42,101 @@ from r1jax.data.tasks import (Example, _iter_records, _load_records, answer_text
 PROMPT_FIELDS = ("prompt", "problem", "question")
 
 
-def normalize_tests(tests) -> list[dict | str]:
-    """Validate `tests`: a list whose items are `{"input": str, "output": str}` (stdin/stdout) or assert-style
-    code strings; an APPS-style `{"inputs": [...], "outputs": [...]}` mapping is also accepted."""
+def _fn_name(name, where: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{where}: fn_name {name!r:.100} is not a function name (a Python identifier)")
+    return name
+
+
+def _json_value(value, where: str):
+    # The program's return value reaches the parent through JSON, so the expected value is compared in that form
+    # too (tuples as lists, dict keys as strings); the arguments reach the program through a JSON file.
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{where} = {value!r:.100} is not a JSON value ({e})") from None
+
+
+def _call_test(name, args, expected, where: str) -> dict:
+    if not isinstance(args, list):
+        raise ValueError(f"{where}: args {args!r:.100} is not a list of the function's arguments")
+    return {"fn_name": _fn_name(name, where), "args": _json_value(args, f"{where} args"),
+            "expected": _json_value(expected, f"{where} expected")}
+
+
+def _functional_test(t: Mapping, i: int, fn_name: str | None) -> dict:
+    """A LiveCodeBench functional test: `input` has one JSON value per line (one line per argument)."""
+    name = t.get("fn_name") or fn_name
+    if not name:
+        raise ValueError(f"tests[{i}] is a functional test but names no function: give it an 'fn_name' key or pass "
+                         "fn_name= (load_problems reads a row's 'fn_name' field or its metadata's 'func_name')")
+    inp, out = t.get("input"), t.get("output")
+    if not isinstance(inp, str) or not isinstance(out, str):
+        raise ValueError(f"tests[{i}] = {t!r:.200} is a functional test; expected 'input' (one JSON value per line, "
+                         "one line per argument) and 'output' (a JSON value) strings")
+    args = []
+    for n, line in enumerate(inp.split("\n"), 1):
+        if line.strip():
+            try:
+                args.append(json.loads(line))
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"tests[{i}]: functional input line {n} {line!r:.100} is not a JSON value "
+                                 f"({getattr(e, 'msg', e)})") from None
+    try:
+        expected = json.loads(out)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"tests[{i}]: functional output {out!r:.100} is not a JSON value "
+                         f"({getattr(e, 'msg', e)})") from None
+    return _call_test(name, args, expected, f"tests[{i}]")
+
+
+_TESTTYPES = ("stdin", "functional")
+
+
+def normalize_tests(tests, fn_name: str | None = None) -> list[dict | str]:
+    """Validate `tests` (see the module docstring) and return a list whose items are `{"input": str, "output": str}`
+    (stdin/stdout) dicts, assert-style code strings, or call tests `{"fn_name": str, "args": list, "expected":
+    JSON value}`. Accepted: a list of those, LiveCodeBench `"testtype"` dicts among them, or an APPS-style
+    `{"inputs": [...], "outputs": [...]}` mapping (call-based when it has an `"fn_name"`). `fn_name` names the
+    function for call-based tests that do not name it themselves. Normalized tests normalize to themselves."""
     if isinstance(tests, Mapping) and "inputs" in tests and "outputs" in tests:
-        if len(tests["inputs"]) != len(tests["outputs"]):
-            raise ValueError(f"tests has {len(tests['inputs'])} inputs but {len(tests['outputs'])} outputs")
-        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
+        inputs, outputs = tests["inputs"], tests["outputs"]
+        if len(inputs) != len(outputs):
+            raise ValueError(f"tests has {len(inputs)} inputs but {len(outputs)} outputs")
+        name = tests.get("fn_name") or fn_name
+        if name:
+            for i, args in enumerate(inputs):
+                if not isinstance(args, list):
+                    raise ValueError(f"tests['inputs'][{i}] = {args!r:.100} is not a list of arguments (a call-based "
+                                     f"test, fn_name={name!r}, takes each input as the JSON list of the arguments)")
+            tests = [_call_test(name, a, o, f"tests['inputs'][{i}]") for i, (a, o) in enumerate(zip(inputs, outputs))]
+        else:
+            tests = [{"input": i, "output": o} for i, o in zip(inputs, outputs)]
     if isinstance(tests, (str, bytes)) or not isinstance(tests, Sequence) or not tests:
-        raise ValueError("tests must be a non-empty list of {'input', 'output'} dicts or assert strings; "
+        raise ValueError("tests must be a non-empty list of {'input', 'output'} dicts, assert strings or call tests; "
                          f"got {tests!r:.200}")
+    out = []
     for i, t in enumerate(tests):
+        if isinstance(t, Mapping):
+            kind = t.get("testtype")
+            if kind is not None and kind not in _TESTTYPES:
+                raise ValueError(f"tests[{i}] has testtype {kind!r}; valid: {', '.join(map(repr, _TESTTYPES))}")
+            if kind == "functional":
+                out.append(_functional_test(t, i, fn_name))
+                continue
+            if kind is None and "args" in t:
+                if "expected" not in t:
+                    raise ValueError(f"tests[{i}] = {t!r:.200} is a call test without 'expected'; a call test is "
+                                     "{'fn_name': str, 'args': list, 'expected': JSON value}")
+                out.append(_call_test(t.get("fn_name") or fn_name, t["args"], t["expected"], f"tests[{i}]"))
+                continue
         ok = isinstance(t, str) or (isinstance(t, Mapping) and isinstance(t.get("input"), str)
                                     and isinstance(t.get("output"), str))
         if not ok:
-            raise ValueError(f"tests[{i}] = {t!r:.200} is neither an assert string nor {{'input': str, 'output': str}}")
-    return list(tests)
+            raise ValueError(f"tests[{i}] = {t!r:.200} is neither an assert string, {{'input': str, 'output': str}} "
+                             "nor a call test {'fn_name': str, 'args': list, 'expected': JSON value}")
+        out.append(t)
+    return out
 
 
 def _gold(value, where: str, field: str) -> str:
@@ -57,6 +146,22 @@ def _gold(value, where: str, field: str) -> str:
     if not value:
         raise ValueError(f"{where}: field {field!r} is empty")
     return value
+
+
+def _row_fn_name(rec: Mapping) -> str | None:
+    """The function call-based tests call: the row's `fn_name`, else LiveCodeBench's `metadata["func_name"]`
+    (metadata may be a JSON string). Metadata that is not such a dict is someone else's free-form field: ignored."""
+    if rec.get("fn_name"):
+        return rec["fn_name"]
+    meta = rec.get("metadata")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            return None
+    if isinstance(meta, Mapping) and meta.get("func_name"):
+        return meta["func_name"]
+    return None
 
 
 def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_field: str | None = None,
@@ -88,7 +193,7 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: field {tests_field!r} is a string but not JSON ({e.msg})") from None
             try:
-                ex["tests"] = normalize_tests(tests)
+                ex["tests"] = normalize_tests(tests, fn_name=_row_fn_name(rec))
             except ValueError as e:
                 raise ValueError(f"{where}: field {tests_field!r}: {e}") from None
         if "answer" not in ex and "tests" not in ex:

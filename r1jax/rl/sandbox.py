@@ -26,6 +26,11 @@ at all: the count is per user and the trainer's own threads already count).
 Network: where the kernel lets us (root, CAP_SYS_ADMIN), the child gets an empty network namespace
 (`unshare(CLONE_NEWNET)`, ~10 ms): no network, not even loopback.
 
+Tests (normalized by `r1jax.data.problems.normalize_tests`; each runs in a fresh process, see `run_test`):
+stdin/stdout pairs, assert-style strings, and call-based tests `{"fn_name", "args", "expected"}` (APPS / TACO
+`fn_name` problems, LiveCodeBench functional tests), which call the program's top-level function or the method of
+its LeetCode-style `class Solution` with the arguments and compare the JSON of the return value.
+
 What it does NOT isolate (be careful what else runs on the machine):
 - no filesystem jail: the program can read every file its uid can read (world-readable files: /etc, the
   datasets, source trees) and write wherever its uid may (world-writable /tmp, /dev/shm: files left there are
@@ -35,7 +40,8 @@ What it does NOT isolate (be careful what else runs on the machine):
 - no network namespace where unshare is refused (non-root, unprivileged containers): it has full network;
 - no seccomp syscall filter, no cgroup (memory is capped per process by RLIMIT_AS, times `max_procs`);
 - `tests` stay in the parent, but an assert-style test's code and its pass marker are in the program's own
-  file, so a program that reads its own source can fake a pass. Treat the score as a reward, not a proof.
+  file, so a program that reads its own source can fake a pass (a call test's expected value stays in the parent;
+  its arguments are in a file the program can read). Treat the score as a reward, not a proof.
 
 Example:
     >>> from r1jax.rl.sandbox import code_tests_score
@@ -43,12 +49,16 @@ Example:
     >>> completion = f"<answer>```python\\n{prog}\\n```</answer>"
     >>> code_tests_score(completion, [{"input": "1 2\\n", "output": "3\\n"}, "assert add(2, 2) == 5"])
     0.5
+    >>> lib = "<answer>```python\\ndef add(a, b):\\n    return a + b\\n```</answer>"  # no top-level input()
+    >>> code_tests_score(lib, [{"fn_name": "add", "args": [[1], [2]], "expected": [1, 2]}, "assert add(2, 2) == 4"])
+    1.0
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import math
 import os
 import re
@@ -296,17 +306,56 @@ del _runpy
 print("\\n{nonce}")
 """
 
+# A fixed program: the function name, arguments and nonce come from call.json, so no test data becomes code.
+# LeetCode's starter code (which LiveCodeBench prompts give) annotates with List, Optional, ... without importing
+# them, as LeetCode's own judge predefines them: the typing names are predefined here too.
+_CALL_HARNESS = """import json as _json, runpy as _runpy, sys as _sys, typing as _typing
+with open("call.json", encoding="utf-8") as _f:
+    _call = _json.load(_f)
+_stdout = _sys.stdout  # the program may rebind sys.stdout; the result still goes to the real one
+_ns = _runpy.run_path("prog.py", init_globals={_k: getattr(_typing, _k) for _k in _typing.__all__},
+                      run_name="solution")
+_name, _cls = _call["fn_name"], _ns.get("Solution")
+_fn = getattr(_cls(), _name) if isinstance(_cls, type) and hasattr(_cls, _name) else _ns[_name]
+_result = _json.dumps(_fn(*_call["args"]))
+_stdout.write("\\n" + _call["nonce"] + "\\n" + _result + "\\n")
+_stdout.flush()
+"""
+
+
+def _call_result_matches(stdout: str, nonce: str, expected) -> bool:
+    lines = stdout.split("\n")
+    if nonce not in lines:
+        return False
+    last = len(lines) - 1 - lines[::-1].index(nonce)  # whatever the program printed before cannot pose as the result
+    try:
+        result = json.loads("\n".join(lines[last + 1 :]))
+        # APPS stores a call-based test's return value wrapped in a list, and its checker accepts either form.
+        return result == expected or (isinstance(expected, list) and len(expected) > 0 and result == expected[0])
+    except (ValueError, RecursionError):  # not JSON, an int past the digit limit, nesting past the recursion limit
+        return False
+
 
 def run_test(code: str, test: dict | str, limits: SandboxLimits) -> bool:
-    """One test, in a fresh process. A stdin/stdout test passes if the program exits 0 and its stdout equals
-    `output` line by line (trailing whitespace and trailing blank lines ignored). An assert-style test loads the
-    program as a module named "solution" (so its `if __name__ == "__main__":` block does not run; stdin is
-    empty), runs the assert string in its namespace, and passes if that reaches its end-of-test marker."""
+    """One normalized test (`normalize_tests`), in a fresh process. A stdin/stdout test passes if the program exits
+    0 and its stdout equals `output` line by line (trailing whitespace and trailing blank lines ignored). An
+    assert-style test loads the program as a module named "solution" (so its `if __name__ == "__main__":` block
+    does not run; stdin is empty), runs the assert string in its namespace, and passes if that reaches its
+    end-of-test marker. A call test `{"fn_name", "args", "expected"}` loads the program the same way, calls
+    `Solution().<fn_name>` if it defines a class `Solution` with that attribute, else its top-level `<fn_name>`,
+    with `*args` (read from a JSON file), and passes if the program exits 0 and the JSON of the return value (so
+    tuples compare as lists) equals `expected`, or `expected[0]` (APPS's outputs wrapped in a list). A missing
+    function or a return value JSON cannot encode (a set, say) fails the test."""
     if isinstance(test, str):
         nonce = secrets.token_hex(16)
         harness = _ASSERT_HARNESS.format(test=test, nonce=nonce)
         res = run_python(code, "", limits, files={"main.py": harness})
         return res.returncode == 0 and res.stdout.rstrip().endswith(nonce)
+    if "args" in test:
+        nonce = secrets.token_hex(16)
+        call = json.dumps({"fn_name": test["fn_name"], "args": test["args"], "nonce": nonce})
+        res = run_python(code, "", limits, files={"main.py": _CALL_HARNESS, "call.json": call})
+        return res.returncode == 0 and _call_result_matches(res.stdout, nonce, test["expected"])
     res = run_python(code, test["input"], limits)
     return res.returncode == 0 and _lines(res.stdout) == _lines(test["output"])
 
