@@ -36,7 +36,9 @@ flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl,
 flags.DEFINE_string("model", None, "HF checkpoint directory or WORKDIR/<stage> (sample, eval).")
 flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory, or 'byte' (default: the model's or the run's).")
 flags.DEFINE_string("prompt", None, "Prompt text (sample).")
-flags.DEFINE_string("template", "r1_zero", "Prompt template (sample, eval): plain, r1_zero, qwen2.5, deepseek_r1.")
+flags.DEFINE_string("template", "r1_zero", "Prompt template (sample, eval): plain, r1_zero, qwen2.5, deepseek_r1, "
+                    "hf (the chat template of --tokenizer, else of --model), or hf:PATH (a checkpoint's or a "
+                    ".jinja file's).")
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt (sample).")
 flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate (sample, eval).")
 flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")
@@ -219,6 +221,24 @@ def _load_model_and_tokenizer(path: str):
                      f"stage directory WORKDIR/<stage> with final/")
 
 
+def _template_flag() -> str:
+    """--template, checked before the model loads; 'hf' is the chat template of --tokenizer (its directory), else of
+    --model."""
+    from r1jax.data import check_template
+
+    template = FLAGS.template
+    if template == "hf":
+        source = Path(FLAGS.tokenizer) if FLAGS.tokenizer and FLAGS.tokenizer != "byte" else Path(FLAGS.model)
+        template = f"hf:{source.parent if source.is_file() else source}"
+    try:
+        check_template(template)
+    except KeyError as e:
+        raise UsageError(f"--template {FLAGS.template}: {e.args[0]}") from None
+    except ValueError as e:
+        raise UsageError(f"--template {FLAGS.template}: {e}") from None
+    return template
+
+
 def cmd_sample(argv):
     from r1jax.data import render
     from r1jax.eval import decode_completions, encode_prompts
@@ -226,13 +246,14 @@ def cmd_sample(argv):
 
     if not FLAGS.model or FLAGS.prompt is None:
         raise UsageError("sample needs --model DIR and --prompt TEXT")
+    template = _template_flag()
     model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
     ex = {"prompt": FLAGS.prompt}
-    prompts = encode_prompts(tok, [ex], FLAGS.template)
+    prompts = encode_prompts(tok, [ex], template)
     out = generate(model, prompts, num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
                    temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, eos_id=tok.eos_id,
                    pad_id=tok.pad_id or 0, seed=FLAGS.seed, mesh=mesh, rules=rules, compact=FLAGS.compact)
-    print(render(FLAGS.template, ex))
+    print(render(template, ex))
     for i, text in enumerate(decode_completions(tok, out.tokens, out.lengths)):
         print(f"--- sample {i} ({out.lengths[i]} tokens)\n{text}")
     return 0
@@ -265,13 +286,14 @@ def cmd_eval(argv):
         check_reward(FLAGS.reward, examples)
     except ValueError as e:
         raise UsageError(f"--reward {FLAGS.reward}: {e}") from None
+    template = _template_flag()
     model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
     # Sampled batches are kept beside the output, so an interrupted evaluation run again resumes.
     out = FLAGS.samples_out or FLAGS.out
     progress = Path(f"{out}.progress.jsonl") if out else None
     meta = {"model": str(Path(FLAGS.model).resolve()), "dtype": FLAGS.dtype}
     try:
-        m = evaluate(model, tok, examples, k=FLAGS.k, template=FLAGS.template, temperature=FLAGS.temperature,
+        m = evaluate(model, tok, examples, k=FLAGS.k, template=template, temperature=FLAGS.temperature,
                      top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                      seed=FLAGS.seed, mesh=mesh, rules=rules, reward=FLAGS.reward,
                      return_samples=bool(FLAGS.samples_out),

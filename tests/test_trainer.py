@@ -102,6 +102,13 @@ def test_train_command_runs_both_stages(tmp_path):
     assert sample.returncode == 0 and sample.stdout.count("--- sample") == 2, sample.stderr[-3000:]
     first, second = sample.stdout.split("--- sample")[1:]
     assert first.split("\n", 1)[1] == second.split("\n", 1)[1]
+    # --template hf: the checkpoint's own chat template; a checkpoint without one is refused before it loads.
+    bad = _cli("sample", "--model", str(tmp_path / "hf"), "--tokenizer", "byte", "--prompt", "1", "--template", "hf")
+    assert bad.returncode == 2 and "neither chat_template.jinja nor tokenizer_config.json" in bad.stderr, bad.stderr
+    (tmp_path / "hf" / "chat_template.jinja").write_text("Q: {{ messages[-1].content }}\nA:")
+    chat = _cli("sample", "--model", str(tmp_path / "hf"), "--tokenizer", "byte", "--prompt", "What is 2 + 3?",
+                "--num_samples", "1", "--max_new_tokens", "4", "--template", "hf")
+    assert chat.returncode == 0 and chat.stdout.startswith("Q: What is 2 + 3?\nA:\n--- sample 0"), chat.stderr[-3000:]
     # ... and back into r1jax parameters, split over both devices by default (fsdp=-1): the same values.
     conv = _cli("convert", "--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "params"))
     assert conv.returncode == 0, conv.stderr[-3000:]
@@ -240,7 +247,9 @@ def test_bad_stage_settings_are_named_before_any_stage_runs(tmp_path):
              "e": (dict(logits_chunk=5), "grpo.logits_chunk=5 must divide max_new_tokens=12"),
              "g": (dict(rewards={"acuracy": 1.0}), r"config.grpo: unknown reward 'acuracy'; registered rewards"),
              "h": (dict(rewards={}), r"config.grpo: no rewards"),
-             "i": (dict(old_logp="cached"), r"grpo.old_logp='cached'; valid: auto, sampler, recompute")}
+             "i": (dict(old_logp="cached"), r"grpo.old_logp='cached'; valid: auto, sampler, recompute"),
+             "l": (dict(template="qwen"), r"config.grpo.template: unknown template 'qwen'; valid: .*hf:PATH"),
+             "m": (dict(template=f"hf:{tmp_path}"), r"config.grpo.template: .*neither chat_template.jinja nor")}
     for sub, (grpo, match) in cases.items():
         with pytest.raises(ValueError, match=match):
             run(_config(**grpo), tmp_path / sub)
@@ -254,6 +263,10 @@ def test_bad_stage_settings_are_named_before_any_stage_runs(tmp_path):
     with pytest.raises(ValueError, match=r"config.pretrain.grad_accum=3 must be a positive int that divides "
                                          r"batch_size=8"):
         run(cfg, tmp_path / "k")
+    cfg = _config()
+    cfg.grpo.eval.template = "r1-zero"
+    with pytest.raises(ValueError, match=r"config.grpo.eval.template: unknown template 'r1-zero'"):
+        run(cfg, tmp_path / "n")
     cfg = _config()
     cfg.mesh.context = "tensor"
     with pytest.raises(ValueError, match=r"context parallelism over 'tensor': the 'batch' rule maps to \('data', "

@@ -1,8 +1,11 @@
-"""Prompt templates: the R1-Zero template and the chat formats of Qwen2.5 and DeepSeek-R1.
+"""Prompt templates: the R1-Zero template, the chat formats of Qwen2.5 and DeepSeek-R1, and any checkpoint's own.
 
 ``render(name, x)`` takes an example dict (its ``prompt`` becomes the user turn) or a list of chat
 messages (``{"role": "system" | "user" | "assistant", "content": str}``) and returns the text the model
 sees; with ``add_generation_prompt`` (the default) the text ends where the model's response begins.
+Template ``"hf:PATH"`` is the Jinja chat template of a checkpoint or tokenizer directory (or its
+``chat_template.jinja`` / ``tokenizer_config.json``), rendered as transformers renders it
+(``r1jax.data.chat_template``).
 
 Example:
     >>> from r1jax.data import render
@@ -15,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 Message = Mapping[str, str]
@@ -130,14 +134,35 @@ register_template("qwen2.5", _qwen25)
 register_template("deepseek_r1", _deepseek_r1)
 
 
+HF_PREFIX = "hf:"
+
+
+def _template_fn(template: str, read: bool = True) -> Callable[[list[Message], bool], str] | None:
+    if isinstance(template, str) and template.startswith(HF_PREFIX) and template[len(HF_PREFIX):]:
+        if not read:
+            return None
+        from r1jax.data.chat_template import cached_chat_template
+
+        chat = cached_chat_template(str(Path(template[len(HF_PREFIX):]).expanduser().resolve()))
+        return lambda msgs, add_generation_prompt: chat.render(msgs, add_generation_prompt=add_generation_prompt)
+    if template not in _TEMPLATES:
+        raise KeyError(f"unknown template {template!r}; valid: {list_templates()}, or 'hf:PATH' (the chat "
+                       "template of a checkpoint or tokenizer directory)")
+    return _TEMPLATES[template]
+
+
+def check_template(template: str, *, read: bool = True) -> None:
+    """Raises KeyError for an unknown template name and ChatTemplateError (a ValueError) for an `hf:PATH` whose
+    chat template cannot be read or compiled (`read=False`: the name's form only), before any prompt is rendered."""
+    _template_fn(template, read)
+
+
 def render(template: str, x: Mapping[str, Any] | Sequence[Message], *, system: str | None = None,
            add_generation_prompt: bool = True) -> str:
     """Renders an example (its ``prompt``) or chat messages with the template named ``template``.
 
     Templates: 'plain' (the prompt as is), 'r1_zero' (DeepSeek-R1 paper Table 1), 'qwen2.5'
     (Qwen2.5-Instruct ChatML with its default system prompt), 'deepseek_r1' (DeepSeek-R1 and
-    R1-Distill; the response starts with "<think>\\n").
+    R1-Distill; the response starts with "<think>\\n"), 'hf:PATH' (a checkpoint's own chat template).
     """
-    if template not in _TEMPLATES:
-        raise KeyError(f"unknown template {template!r}; valid: {list_templates()}")
-    return _TEMPLATES[template](_messages(x, system), add_generation_prompt)
+    return _template_fn(template)(_messages(x, system), add_generation_prompt)

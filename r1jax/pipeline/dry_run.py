@@ -479,7 +479,7 @@ def dry_run(config: ml_collections.ConfigDict, *, stages: list[str] | None = Non
     try:
         from r1jax.pipeline.stages import check_stages
 
-        check_stages(config, names)  # the settings a real run refuses before its first stage
+        check_stages(config, names, read_files=False)  # the settings a real run refuses before its first stage
         sizes = mesh_sizes(config, n)
         rules = canonical_rules(config.mesh.rules)
     except ValueError as e:

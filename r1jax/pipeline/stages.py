@@ -58,14 +58,45 @@ def _builtin_runners():
         importlib.import_module("r1jax.pipeline.r1")
 
 
-def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = None) -> None:
+def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = None, *, read_files: bool = True) -> None:
     """Raises ValueError for the first stage setting that the config alone shows is wrong (each kind's `check`);
-    `run` and dry runs call it before anything else."""
+    `run` and dry runs call it before anything else. A dry run (`read_files=False`, any machine) does not read the
+    checkpoints' chat templates that `hf:PATH` templates name."""
     _builtin_runners()
-    for name in names or configs.validate(config):
+    names = names or configs.validate(config)
+    _check_templates([("task.template", config.task.template)]
+                     + [(f"{name}.{key}", t) for name in names for key, t in prompt_templates(config[name])],
+                     read_files)
+    for name in names:
         check = STAGE_CHECKS.get(config[name].kind)
         if check is not None:
             check(name, config[name])
+
+
+def prompt_templates(stage: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(key, template) for every prompt template a stage config names ("" = the task's). Judges' `template`s
+    (model_rewards, rejection's judge) are question formats of another kind and are checked by their stages."""
+    found = []
+    for sub in ("", "eval", "corpus", "samples"):
+        node = stage.get(sub) if sub else stage
+        if isinstance(node, ml_collections.ConfigDict) and isinstance(node.get("template"), str) and node.template:
+            found.append((f"{sub}.template" if sub else "template", node.template))
+    templates = stage.get("templates")
+    if isinstance(templates, ml_collections.ConfigDict):  # an evaluate stage's per-model templates
+        found += [(f"templates.{label}", t) for label, t in templates.items() if t]
+    return found
+
+
+def _check_templates(named: list[tuple[str, str]], read_files: bool) -> None:
+    from r1jax.data import check_template
+
+    for key, template in named:
+        try:
+            check_template(template, read=read_files)
+        except KeyError as e:
+            raise ValueError(f"config.{key}: {e.args[0]}") from None
+        except ValueError as e:
+            raise ValueError(f"config.{key}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
