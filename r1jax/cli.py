@@ -202,7 +202,9 @@ def _load_model_and_tokenizer(path: str):
 
     path = Path(path)
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
-        tok = ByteTokenizer() if FLAGS.tokenizer == "byte" else load_tokenizer(FLAGS.tokenizer or path)
+        # The checkpoint's own ids: the <think>/<answer> tags read as the text its tokenizer makes of them.
+        tok = ByteTokenizer() if FLAGS.tokenizer == "byte" else load_tokenizer(FLAGS.tokenizer or path,
+                                                                                add_markers=False)
         mesh, rules = _mesh_and_rules("data=-1")
         return _from_pretrained(path, mesh, rules), tok, mesh, rules
     if (path / "final").exists() and (path.parent / "config.json").exists():

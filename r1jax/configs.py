@@ -281,7 +281,10 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=512,
         split_by_whitespace=True,   # spm_train: False lets pieces span words (templates compress to few tokens)
         max_piece_length=16,
-        add_markers=True,           # path: add <think>/<answer> markers the tokenizer lacks (as new ids)
+        # path: add the <think>/<answer> markers the tokenizer lacks as new ids. Off: a pretrained model never saw
+        # such ids (their embedding rows are untrained padding, or past the vocabulary), and it reads the tags as
+        # the text its own tokenizer makes of them, as transformers and TRL tokenize them.
+        add_markers=False,
     ))
     cfg.task = ml_collections.ConfigDict(dict(
         name="arithmetic",

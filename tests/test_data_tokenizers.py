@@ -210,3 +210,28 @@ def test_byte_tokenizer_without_bos_errors():
     tok.bos_id = None
     with pytest.raises(ValueError, match="add_bos=True but this tokenizer has no bos_id"):
         tok.encode("x", add_bos=True)
+
+
+def test_run_tokenizer_from_a_checkpoint_keeps_its_ids(texts, tmp_path):
+    """A run on a checkpoint's tokenizer (kind "path") reads the <think>/<answer> tags as the text its tokenizer
+    makes of them, as transformers does (new ids would be untrained embedding rows); a run resumed with the other
+    add_markers setting is refused, since its ids would change."""
+    from r1jax.configs import base_config
+    from r1jax.pipeline.stages import build_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    path = build_hf_json(texts[:300], tmp_path / "tok" / "tokenizer.json", with_markers=False)
+    raw = HFTok.from_file(str(path))
+    cfg = base_config()
+    cfg.tokenizer.update(kind="path", path=str(path.parent))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    tok = build_tokenizer(cfg, workdir, tasks=None)
+    text = render("r1_zero", {"prompt": "1 + 2"})
+    assert tok.vocab_size == raw.get_vocab_size(with_added_tokens=True)
+    assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids
+    (workdir / "config.json").write_text(json.dumps({"tokenizer": {"kind": "path", "add_markers": True}}))
+    with pytest.raises(ValueError, match="records tokenizer.add_markers=True.*--config.tokenizer.add_markers=True"):
+        build_tokenizer(cfg, workdir, tasks=None)
+    cfg.tokenizer.add_markers = True
+    assert build_tokenizer(cfg, workdir, tasks=None).added_markers == MARKERS

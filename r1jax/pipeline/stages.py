@@ -148,6 +148,7 @@ def build_tokenizer(config, workdir: Path, tasks):
     if tk.kind == "path":
         if not tk.path:
             raise ValueError("config.tokenizer.kind='path' needs config.tokenizer.path")
+        _check_same_ids(tk, workdir)
         return load_tokenizer(tk.path, add_markers=tk.add_markers)
     if tk.kind == "spm_train":
         path = workdir / "tokenizer.model"
@@ -159,6 +160,22 @@ def build_tokenizer(config, workdir: Path, tasks):
         hosts.barrier("tokenizer")
         return load_tokenizer(path)
     raise ValueError(f"config.tokenizer.kind={tk.kind!r}; valid: spm_train, path, byte")
+
+
+def _check_same_ids(tk, workdir: Path) -> None:
+    """A resumed run must keep the token ids it trained with: add_markers changes them (its default changed from
+    True to False in December 2026), so a run that recorded the other setting is refused, naming the fix."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    try:
+        recorded = json.loads(path.read_text()).get("tokenizer", {})
+    except (OSError, ValueError):
+        return  # _record_config warns about a config.json it cannot compare
+    was = recorded.get("add_markers", True) if recorded.get("kind") == "path" else None
+    if was is not None and bool(was) != bool(tk.add_markers):
+        raise ValueError(f"{path} records tokenizer.add_markers={was}, which gave this run's token ids; resume with "
+                         f"--config.tokenizer.add_markers={was} (or start a new workdir)")
 
 
 def _record_config(config, workdir: Path):
