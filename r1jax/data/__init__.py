@@ -8,6 +8,7 @@ Example:
     True
 """
 from r1jax.data.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from r1jax.data.code_benchmarks import code_prompt, load_apps, load_livecodebench
 from r1jax.data.pipeline import (
     bucket_length,
     default_buckets,
@@ -59,14 +60,11 @@ from r1jax.data.tokenizers import (
 
 __all__ = [
     "ANSWER_END", "ANSWER_START", "BOXED_INSTRUCTION", "ByteTokenizer", "ChatTemplate", "ChatTemplateError",
-    "Example", "HFTokenizer",
-    "InexactDivisionError", "MARKERS", "R1_ZERO_TEMPLATE", "SentencePieceTokenizer", "THINK_END",
-    "THINK_START", "Tokenizer", "bucket_length", "check_template", "countdown_prompt", "default_buckets",
-    "default_data_dir", "evaluate_expression", "generate_arithmetic", "generate_countdown",
-    "generate_multiplication", "get_task", "list_tasks", "list_templates", "load_aime", "load_amc",
-    "load_chat_template", "load_gsm8k", "load_math", "load_problem_file", "load_problems", "load_tokenizer",
-    "normalize_tests",
-    "pad_sequences", "register_task", "register_template",
-    "render", "rl_prompt_dataset", "sft_dataset", "split_of", "tokenize_sft_example",
-    "train_sentencepiece",
+    "Example", "HFTokenizer", "InexactDivisionError", "MARKERS", "R1_ZERO_TEMPLATE", "SentencePieceTokenizer",
+    "THINK_END", "THINK_START", "Tokenizer", "bucket_length", "check_template", "code_prompt", "countdown_prompt",
+    "default_buckets", "default_data_dir", "evaluate_expression", "generate_arithmetic", "generate_countdown",
+    "generate_multiplication", "get_task", "list_tasks", "list_templates", "load_aime", "load_amc", "load_apps",
+    "load_chat_template", "load_gsm8k", "load_livecodebench", "load_math", "load_problem_file", "load_problems",
+    "load_tokenizer", "normalize_tests", "pad_sequences", "register_task", "register_template", "render",
+    "rl_prompt_dataset", "sft_dataset", "split_of", "tokenize_sft_example", "train_sentencepiece",
 ]

@@ -204,13 +204,20 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
 
 
 def load_problem_file(path: str | os.PathLike, **kwargs) -> list[Example]:
-    """A GSM8K, MATH, AIME or AMC file, or your own problems (`load_problems`), told apart by the first record's
-    fields: GSM8K has `question` and an `answer` with '#### final'; AIME has `problem`, `solution` and `answer`;
-    AMC a numeric `answer`; MATH `problem` and a string `answer`."""
+    """A GSM8K, MATH, AIME, AMC, LiveCodeBench or APPS/TACO file, or your own problems (`load_problems`), told
+    apart by the first record's fields: GSM8K has `question` and an `answer` with '#### final'; AIME has `problem`,
+    `solution` and `answer`; AMC a numeric `answer`; MATH `problem` and a string `answer`; LiveCodeBench
+    `question_content`; APPS / TACO `question` and `input_output`."""
+    from r1jax.data.code_benchmarks import load_apps, load_livecodebench
+
     path = Path(path)
     first = next(iter(_iter_records(path)), (0, None))[1]
     if not isinstance(first, dict):
         return load_problems(path, **kwargs)  # the row's error names its line
+    if "question_content" in first:
+        return load_livecodebench(path, **kwargs)
+    if "question" in first and "input_output" in first:
+        return load_apps(path, **kwargs)
     answer = first.get("answer")
     if set(first) >= {"question", "answer"} and isinstance(answer, str) and "####" in answer:
         return load_gsm8k(path, **kwargs)

@@ -376,7 +376,7 @@ def _iter_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _load_records(path: str | os.PathLike, *, task: str, fields: dict[str, type | tuple[type, ...]],
-                  convert: Callable[[dict, str], Example], on_invalid: str,
+                  convert: Callable[[dict, str], Example | None], on_invalid: str,
                   limit: int | None) -> list[Example]:
     if on_invalid not in ("raise", "skip"):
         raise ValueError(f"on_invalid={on_invalid!r}; valid: 'raise', 'skip'")
@@ -401,6 +401,8 @@ def _load_records(path: str | os.PathLike, *, task: str, fields: dict[str, type 
             if on_invalid == "raise":
                 raise ValueError(f"{e}; pass on_invalid='skip' to drop such rows with a warning") from None
             skipped.append(str(e))
+            continue
+        if ex is None:  # left out by the loader's own option (a date window), not an invalid row
             continue
         out.append({"id": f"{task}/{path.name}:{lineno}", "task": task, **ex})
         if limit is not None and len(out) >= limit:
