@@ -19,7 +19,9 @@ WORKDIR/dry_run.json when --workdir is given.
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -75,6 +77,9 @@ class UsageError(ValueError):
     pass
 
 
+_ADDED_KEYS: list[tuple[str, str]] = []  # check_overrides' new-key overrides, applied once the config is loaded
+
+
 def _config_key_paths(cfg, prefix="config") -> dict[str, object]:
     out = {}
     for k in cfg.keys():
@@ -86,16 +91,29 @@ def _config_key_paths(cfg, prefix="config") -> dict[str, object]:
     return out
 
 
-def check_overrides(argv: list[str]) -> None:
+# Config dicts whose keys are names the user picks: rule-reward weights, reward options, model-config fields and
+# task options. `--config.<dict>.<new key>=value` adds the key (ml_collections refuses keys a config lacks), so a
+# reward can join a run, or a sweep, from the command line. The stage checks and the model / task builders still
+# refuse names that mean nothing (an unregistered reward, an unknown ModelConfig field).
+OPEN_DICTS = tuple(re.compile(p) for p in (
+    r"config\.[^.]+\.rewards\.[^.]+",
+    r"config\.[^.]+\.reward_kwargs\.[^.]+\.[^.]+",
+    r"config\.(?:[^.]+\.)?model\.overrides\.[^.]+(?:\.[^.]+)?",
+    r"config\.task\.(?:train|test)\.[^.]+",
+))
+
+
+def check_overrides(argv: list[str]) -> list[tuple[str, str]]:
     """Rejects `--config.a.b=...` naming a key the config does not have, listing the valid keys at that level
-    (ml_collections would reject it too, but without saying what is valid)."""
+    (ml_collections would reject it too, but without saying what is valid). Returns the overrides that add a key
+    to an OPEN_DICTS dict, as (argument, raw value): ml_collections cannot apply them, `add_config_keys` does."""
     cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if cfg_arg is None and "--config" in argv:
         i = argv.index("--config")
         cfg_arg = argv[i + 1] if i + 1 < len(argv) else None
-    overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    overrides = [a for a in argv if a.startswith("--config.")]
     if not overrides or cfg_arg is None:
-        return
+        return []
     from ml_collections.config_flags import config_flags as cf
 
     path, _, variant = cfg_arg.partition(":")
@@ -104,14 +122,46 @@ def check_overrides(argv: list[str]) -> None:
     module = cf._LoadConfigModule(f"{path}_check", path)
     cfg = module.get_config(variant) if variant else module.get_config()
     keys = _config_key_paths(cfg)
-    for name in overrides:
-        if name not in keys:
-            parent = name.rsplit(".", 1)[0]
-            while parent not in keys and parent != "config":
-                parent = parent.rsplit(".", 1)[0]
-            level = cfg if parent == "config" else keys[parent]
-            valid = sorted(level.keys()) if hasattr(level, "keys") else []
-            raise UsageError(f"--{name}: unknown config key; valid keys under {parent}: {', '.join(valid)}")
+    added = []
+    for arg in overrides:
+        name = arg[2:].split("=", 1)[0]
+        if name in keys:
+            continue
+        parent = name.rsplit(".", 1)[0]
+        while parent not in keys and parent != "config":
+            parent = parent.rsplit(".", 1)[0]
+        level = cfg if parent == "config" else keys[parent]
+        if any(p.fullmatch(name) for p in OPEN_DICTS) and (level is cfg or hasattr(level, "keys")):
+            if "=" not in arg:
+                raise UsageError(f"--{name}: a new key takes its value after '=' (--{name}=VALUE)")
+            added.append((arg, arg.split("=", 1)[1]))
+            continue
+        valid = sorted(level.keys()) if hasattr(level, "keys") else []
+        raise UsageError(f"--{name}: unknown config key; valid keys under {parent}: {', '.join(valid)}")
+    return added
+
+
+def _literal(raw: str):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare word is a string, as ml_collections reads a str field
+
+
+def add_config_keys(cfg, added: list[tuple[str, str]]) -> None:
+    """Applies check_overrides' new-key overrides to the loaded config (values read as Python literals, else as
+    strings), creating the nested dict a `reward_kwargs.<reward>.<arg>` or `overrides.<sub>.<field>` needs."""
+    import ml_collections
+
+    with cfg.unlocked():
+        for arg, raw in added:
+            *parents, key = arg[2:].split("=", 1)[0].split(".")[1:]
+            node = cfg
+            for p in parents:
+                if p not in node:
+                    node[p] = ml_collections.ConfigDict()
+                node = node[p]
+            node[key] = _literal(raw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,6 +173,8 @@ def cmd_train(argv):
     from r1jax.training import StopFlag
 
     cfg = _CONFIG.value
+    if cfg is not None and _ADDED_KEYS:
+        add_config_keys(cfg, _ADDED_KEYS)
     if cfg is not None and FLAGS.dry_run:
         return _dry_run(cfg)
     if cfg is None or not FLAGS.workdir:
@@ -253,7 +305,7 @@ def cmd_sample(argv):
     ex = {"prompt": FLAGS.prompt}
     prompts = encode_prompts(tok, [ex], template)
     out = generate(model, prompts, num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
-                   temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, eos_id=tok.eos_id,
+                   temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, eos_id=tok.stop_ids,
                    pad_id=tok.pad_id or 0, seed=FLAGS.seed, mesh=mesh, rules=rules, compact=FLAGS.compact)
     print(render(template, ex))
     for i, text in enumerate(decode_completions(tok, out.tokens, out.lengths)):
@@ -395,12 +447,16 @@ def run(argv: list[str] | None = None):
         print(f"r1jax: expected a command, one of {COMMANDS}", file=sys.stderr)
         sys.exit(2)
     try:
-        check_overrides(argv[2:])
+        added = check_overrides(argv[2:])
     except (UsageError, ValueError) as e:
         print(f"r1jax {argv[1]}: {e}", file=sys.stderr)
         sys.exit(2)
+    _ADDED_KEYS[:] = added
+    rest = [a for a in argv[2:] if a not in {arg for arg, _ in added}]
+    if added:  # config_flags also reads the override names from sys.argv
+        sys.argv = [argv[0], argv[1], *rest]
     # absl parses flags from argv[1:]; keep the command as a positional argument.
-    app.run(_main, argv=[argv[0], argv[1], *argv[2:]], flags_parser=_parse_flags)
+    app.run(_main, argv=[argv[0], argv[1], *rest], flags_parser=_parse_flags)
 
 
 def _parse_flags(argv):

@@ -235,3 +235,27 @@ def test_run_tokenizer_from_a_checkpoint_keeps_its_ids(texts, tmp_path):
         build_tokenizer(cfg, workdir, tasks=None)
     cfg.tokenizer.add_markers = True
     assert build_tokenizer(cfg, workdir, tasks=None).added_markers == MARKERS
+
+
+def test_checkpoint_generation_config_adds_stop_ids(texts, tmp_path):
+    """Instruct checkpoints end a turn with ids besides the tokenizer's eos (generation_config.json's eos_token_id,
+    where transformers' generate stops): completions end at any of them, and decoding drops the one that ended it."""
+    import numpy as np
+
+    from r1jax.eval import decode_completions
+
+    build_hf_json(texts[:300], tmp_path / "tokenizer.json", with_markers=False)
+    assert load_tokenizer(tmp_path).stop_ids == (2,)  # eos "</s>" from tokenizer_config.json
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eos_id == 2 and tok.stop_ids == (2, 0)
+    ids = tok.encode("1 + 2")
+    rows = np.asarray([ids + [0, 5], ids + [2, 5], ids + [5, 5]])
+    assert decode_completions(tok, rows, np.asarray([len(ids) + 1] * 3)) == ["1 + 2", "1 + 2", tok.decode(ids + [5])]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**6}))
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id=1000000 is not an id or a list of ids "
+                                         r"below the tokenizer's vocab_size"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="generation_config.json: not a JSON object"):
+        load_tokenizer(tmp_path)

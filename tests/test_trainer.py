@@ -71,12 +71,17 @@ class StopAfter:
 
 def test_train_command_runs_both_stages(tmp_path):
     """`r1jax train` runs both stages (and only reports them the second time), then `plot`, `sample` and `eval`
-    on what it trained."""
-    r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.steps=3")
+    on what it trained. A reward the config lacks joins from the command line, with its options."""
+    added = ("--config.grpo.rewards.overlong=0.5", "--config.grpo.reward_kwargs.overlong.max_len=6",
+             "--config.grpo.reward_kwargs.overlong.cache_len=4")
+    r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.steps=3", *added)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "config.json").read_text())["grpo"]["reward_kwargs"] == {"overlong": {"max_len": 6,
+                                                                                          "cache_len": 4}}
     records = read_metrics(tmp_path)
     grpo = [x for x in records if x["stage"] == "grpo" and "reward" in x]
     assert [x["step"] for x in grpo] == [1, 2, 3]
+    assert any(x["reward/overlong"] < 0 for x in grpo)  # completions past 2 tokens are penalized
     for key in ("reward", "reward/accuracy", "reward/format", "reward_std", "frac_zero_std", "kl", "clip_frac",
                 "entropy", "completion_len", "loss", "lr", "grad_norm", "tokens_per_s", "step_s"):
         assert key in grpo[-1], key
@@ -86,7 +91,7 @@ def test_train_command_runs_both_stages(tmp_path):
     assert (tmp_path / "tensorboard" / "grpo").is_dir()
     assert "grpo:" in r.stdout
     # A second run finds both stages done and only reports them.
-    again = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.steps=3")
+    again = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.steps=3", *added)
     assert again.returncode == 0 and len(read_metrics(tmp_path)) == len(records)
     plot = _cli("plot", str(tmp_path))
     assert plot.returncode == 0 and (tmp_path / "curves.png").stat().st_size > 1000
@@ -228,6 +233,12 @@ def test_unknown_config_key_lists_valid_keys(tmp_path):
     r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.learning_rate=1")
     assert r.returncode == 2
     assert "--config.grpo.learning_rate: unknown config key" in r.stderr and "beta" in r.stderr
+    # A reward or a model field joins as a new key (the stage checks refuse names nothing registered); a new key
+    # anywhere else is still unknown.
+    r = _cli("train", "--config", CONFIG, "--dry_run", "--config.grpo.rewards.langauge_consistency=0.1")
+    assert r.returncode != 0 and "unknown reward 'langauge_consistency'" in r.stdout + r.stderr, r.stderr[-2000:]
+    r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.eval.rewards=1")
+    assert r.returncode == 2 and "--config.grpo.eval.rewards: unknown config key" in r.stderr
     r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.beta=abc")
     assert r.returncode != 0 and "beta" in r.stderr
     r = _cli("train", "--config", f"{CONFIG}:nope=1", "--workdir", str(tmp_path))

@@ -40,10 +40,19 @@ class Tokenizer(abc.ABC):
     eos_id: int | None
     pad_id: int | None
     added_markers: tuple[str, ...] = ()
+    extra_stop_ids: tuple[int, ...] = ()  # end-of-turn ids besides eos_id (a checkpoint's generation_config.json)
 
     @property
     @abc.abstractmethod
     def vocab_size(self) -> int: ...
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a completion: eos_id, then `extra_stop_ids`. Instruct checkpoints end turns with a
+        token that need not be the tokenizer's eos (Llama 3 Instruct: <|eot_id|>; Qwen2.5-Instruct also stops at
+        <|endoftext|>), and transformers' generate stops at every id of generation_config.json's eos_token_id."""
+        ids = ([self.eos_id] if self.eos_id is not None else []) + list(self.extra_stop_ids)
+        return tuple(dict.fromkeys(ids))
 
     @abc.abstractmethod
     def _encode(self, texts: list[str]) -> list[list[int]]: ...
@@ -305,11 +314,25 @@ def _config_token(config: dict, key: str) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _generation_stop_ids(config_path: Path, vocab_size: int) -> tuple[int, ...]:
+    try:
+        eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_path}: not a JSON object ({e})") from None
+    ids = [] if eos is None else [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+                                            for i in ids):
+        raise ValueError(f"{config_path}: eos_token_id={eos!r} is not an id or a list of ids below the "
+                         f"tokenizer's vocab_size={vocab_size}")
+    return tuple(ids)
+
+
 def load_tokenizer(path: str | os.PathLike, *, add_markers: bool = True, bos_token: str | None = None,
                    eos_token: str | None = None, pad_token: str | None = None) -> Tokenizer:
     """A tokenizer from a ``tokenizer.json`` or ``.model`` file, or a directory holding one
     (tokenizer.json preferred). For tokenizer.json, bos/eos/pad come from the arguments, else from a
-    ``tokenizer_config.json`` beside it; sentencepiece models carry their own."""
+    ``tokenizer_config.json`` beside it; sentencepiece models carry their own. A ``generation_config.json``
+    beside it adds its ``eos_token_id`` ids to ``stop_ids``."""
     path = Path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
@@ -324,7 +347,7 @@ def load_tokenizer(path: str | os.PathLike, *, add_markers: bool = True, bos_tok
         if any(t is not None for t in (bos_token, eos_token, pad_token)):
             raise ValueError(f"{path}: bos/eos/pad tokens are fixed inside sentencepiece models; "
                              "do not pass bos_token/eos_token/pad_token")
-        return SentencePieceTokenizer(path, add_markers=add_markers)
+        return _with_generation_config(SentencePieceTokenizer(path, add_markers=add_markers), path)
     if path.suffix != ".json":
         raise ValueError(f"{path}: unknown tokenizer file type {path.suffix!r}; valid: .json "
                          "(Hugging Face tokenizer.json), .model (sentencepiece)")
@@ -341,7 +364,14 @@ def load_tokenizer(path: str | os.PathLike, *, add_markers: bool = True, bos_tok
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    return HFTokenizer(tok, add_markers=add_markers, path=str(path),
-                       bos_token=bos_token or _config_token(config, "bos_token"),
-                       eos_token=eos_token or _config_token(config, "eos_token"),
-                       pad_token=pad_token or _config_token(config, "pad_token"))
+    return _with_generation_config(HFTokenizer(tok, add_markers=add_markers, path=str(path),
+                                               bos_token=bos_token or _config_token(config, "bos_token"),
+                                               eos_token=eos_token or _config_token(config, "eos_token"),
+                                               pad_token=pad_token or _config_token(config, "pad_token")), path)
+
+
+def _with_generation_config(tok: Tokenizer, path: Path) -> Tokenizer:
+    config_path = path.with_name("generation_config.json")
+    if config_path.is_file():
+        tok.extra_stop_ids = _generation_stop_ids(config_path, tok.vocab_size)
+    return tok

@@ -46,10 +46,10 @@ def encode_prompts(tokenizer, examples, template: str) -> list[list[int]]:
 
 def decode_completions(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray) -> list[str]:
     out = []
-    eos = tokenizer.eos_id
+    stop = set(tokenizer.stop_ids)
     for row, n in zip(tokens_RN, lengths_R):
         ids = [int(t) for t in row[: int(n)]]
-        if ids and eos is not None and ids[-1] == eos:
+        if ids and ids[-1] in stop:
             ids = ids[:-1]
         out.append(tokenizer.decode(ids))
     return out
@@ -182,7 +182,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
             continue
         chunk = chunk + [chunk[0]] * (batch_size - n_real) if len(prompts) > batch_size else chunk
         out = generate(model, chunk, num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
+                       top_p=top_p, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id or 0,
                        seed=seed + start, mesh=mesh, rules=rules, compact=compact)
         texts, ns = decode_completions(tokenizer, out.tokens, out.lengths)[: n_real * k], out.lengths[: n_real * k]
         completions += texts

@@ -257,14 +257,14 @@ def sample_chunk(model, tokenizer, examples: Sequence[Mapping], cfg, template: s
     n_real = len(prompts)
     prompts = prompts + [prompts[0]] * (cfg.batch_size - n_real)
     out = generate(model, prompts, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_id=tokenizer.eos_id,
+                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_id=tokenizer.stop_ids,
                    pad_id=tokenizer.pad_id or 0, seed=seed, mesh=mesh, rules=rules,
                    compact=int(cfg.get("compact", 0)))
     R = n_real * cfg.k
     tokens, lengths = out.tokens[:R], out.lengths[:R]
     texts = decode_completions(tokenizer, tokens, lengths)
-    eos = tokenizer.eos_id
-    finished = [n > 0 and eos is not None and int(row[n - 1]) == eos for row, n in zip(tokens, lengths)]
+    stop = set(tokenizer.stop_ids)
+    finished = [n > 0 and int(row[n - 1]) in stop for row, n in zip(tokens, lengths)]
     rows = [ex for ex in examples for _ in range(cfg.k)]
     records = score_samples(texts, rows, lengths.tolist(), finished, cfg, judge=judge)
     for i, rec in enumerate(records):

@@ -150,7 +150,7 @@ class Judge:
             chunk = [ids[i] for i in idx]
             chunk += [chunk[0]] * (step - len(chunk))  # same shapes for every call
             res = generate(self.model, chunk, max_new_tokens=self.max_new_tokens, temperature=0.0,
-                           eos_id=tk.eos_id, pad_id=tk.pad_id or 0, mesh=self.mesh,
+                           eos_id=tk.stop_ids, pad_id=tk.pad_id or 0, mesh=self.mesh,
                            rules=self.rules or "fsdp", min_prompt_bucket=16)
             for i, text in zip(idx, decode_completions(tk, res.tokens, res.lengths)):
                 outs[i] = text
