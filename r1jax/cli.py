@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -370,6 +369,7 @@ def cmd_eval(argv):
 def cmd_convert(argv):
     from r1jax.checkpoint import save_params
     from r1jax.models import save_pretrained
+    from r1jax.training import copy_tokenizer_files
 
     if FLAGS.from_hf:
         if not FLAGS.out:
@@ -387,28 +387,12 @@ def cmd_convert(argv):
         model, *_ = _load_model_and_tokenizer(str(Path(FLAGS.workdir) / FLAGS.stage))
         save_pretrained(model, FLAGS.out)  # one file's tensors on the host at a time
         cfg = json.loads((Path(FLAGS.workdir) / "config.json").read_text())
-        files = tokenizer_files(cfg["tokenizer"], Path(FLAGS.workdir))
-        for f in files:
-            shutil.copy2(f, Path(FLAGS.out) / f.name)
+        files = copy_tokenizer_files(cfg["tokenizer"], Path(FLAGS.workdir), Path(FLAGS.out))
         print(f"wrote a Hugging Face checkpoint to {FLAGS.out}" + (
             f" with the run's {', '.join(f.name for f in files)}" if files else
             " (the run's tokenizer is the byte tokenizer: pass --tokenizer byte to r1jax sample / eval)"))
         return 0
     raise UsageError("convert needs --to_hf or --from_hf DIR")
-
-
-def tokenizer_files(tokenizer_cfg: dict, workdir: Path) -> list[Path]:
-    """The files of a run's tokenizer (config.tokenizer), for an export to carry; [] for the byte tokenizer."""
-    kind = tokenizer_cfg["kind"]
-    if kind == "spm_train":
-        return [workdir / "tokenizer.model"]
-    if kind == "path":
-        path = Path(tokenizer_cfg["path"])
-        folder = path if path.is_dir() else path.parent
-        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model") if path.is_dir() else \
-            (path.name, *(("tokenizer_config.json",) if path.suffix == ".json" else ()))
-        return [folder / n for n in names if (folder / n).is_file()]
-    return []
 
 
 def cmd_plot(argv):

@@ -237,13 +237,44 @@ def load_final(ctx: RunContext, stage: str, mc: ModelConfig | None = None) -> Tr
     return _load_params_into(ctx, path, mc or ctx.model_config_for(stage))
 
 
+# What a Hugging Face export needs besides the weights for transformers (and r1jax) to read it as the run did:
+# the tokenizer with its special tokens, the chat template, and generation_config.json's stop ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+def tokenizer_files(tokenizer_cfg, workdir: Path) -> list[Path]:
+    """The files of a run's tokenizer (config.tokenizer) that an export carries; [] for the byte tokenizer."""
+    kind = tokenizer_cfg["kind"]
+    if kind == "spm_train":
+        return [Path(workdir) / "tokenizer.model"]
+    if kind == "path":
+        path = Path(tokenizer_cfg["path"])
+        folder, names = (path, TOKENIZER_FILES) if path.is_dir() else (path.parent, (path.name, *TOKENIZER_FILES))
+        return [folder / n for n in dict.fromkeys(names) if (folder / n).is_file()]
+    return []
+
+
+def copy_tokenizer_files(tokenizer_cfg, workdir: Path, out: Path) -> list[Path]:
+    """Copies tokenizer_files into the export `out` (process 0); returns the files."""
+    import shutil
+
+    files = tokenizer_files(tokenizer_cfg, workdir)
+    if jax.process_index() == 0:
+        for f in files:
+            shutil.copy2(f, Path(out) / f.name)
+    return files
+
+
 def finish_stage(ctx: RunContext, stage: str, model: Transformer, summary: dict, *, save_hf: bool = False):
-    """Writes the stage's final weights (and optionally a Hugging Face copy), then the DONE marker."""
+    """Writes the stage's final weights (and optionally a Hugging Face copy with the run's tokenizer files), then
+    the DONE marker."""
     out = final_dir(ctx, stage)
     if not out.exists():
         save_params(out, nnx.state(model))
     if save_hf:
         save_pretrained(model, ctx.stage_dir(stage) / "hf")
+        copy_tokenizer_files(ctx.config.tokenizer, ctx.workdir, ctx.stage_dir(stage) / "hf")
     write_done(ctx, stage, summary)
 
 

@@ -252,3 +252,47 @@ def test_packed_distillation_step_with_context_parallelism_equals_one_device(exa
         np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=1e-5, atol=1e-6, err_msg=key)
     for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_save_hf_export_carries_the_tokenizer_files(tmp_path):
+    """A stage with save_hf=True writes an export that transformers reads as the run did: the weights plus the run's
+    tokenizer, chat template and generation_config.json (its stop ids)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from r1jax.data import load_tokenizer, render
+    from r1jax.pipeline.stages import run
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    hf = HFTok(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator([f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<eot>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                               "eos_token": "</s>", "pad_token": "<pad>"}))
+    (tok_dir / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}<eot>{% endfor %}")
+    (tok_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+    spec = importlib.util.spec_from_file_location("tiny_r1zero", Path(__file__).parent / "configs" / "tiny_r1zero.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.stages = "pretrain"
+    cfg.tokenizer.update(kind="path", path=str(tok_dir))
+    cfg.model.overrides.vocab_size = 320
+    cfg.pretrain.update(steps=1, save_hf=True)
+    run(cfg, tmp_path / "run")
+    export = tmp_path / "run" / "pretrain" / "hf"
+    assert sorted(p.name for p in export.iterdir() if not p.name.endswith(".safetensors")) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert load_tokenizer(export).stop_ids == (2, 3)
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(export))
+    msgs = [{"role": "user", "content": "1 + 2"}]
+    assert ref.apply_chat_template(msgs, tokenize=False) == render(f"hf:{export}", msgs) == "1 + 2<eot>"

@@ -159,15 +159,17 @@ def test_train_command_runs_both_stages(tmp_path):
 
 
 def test_hf_export_carries_the_run_tokenizer_files(tmp_path):
-    from r1jax.cli import tokenizer_files
+    from r1jax.training import tokenizer_files
 
     (tmp_path / "tok").mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "chat_template.jinja",
+                 "generation_config.json", "config.json"):
         (tmp_path / "tok" / name).write_text("{}")
     assert tokenizer_files({"kind": "spm_train"}, tmp_path) == [tmp_path / "tokenizer.model"]
-    both = [tmp_path / "tok" / "tokenizer.json", tmp_path / "tok" / "tokenizer_config.json"]
-    assert tokenizer_files({"kind": "path", "path": str(tmp_path / "tok")}, tmp_path) == both
-    assert tokenizer_files({"kind": "path", "path": str(both[0])}, tmp_path) == both
+    files = [tmp_path / "tok" / n for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                            "generation_config.json")]
+    assert tokenizer_files({"kind": "path", "path": str(tmp_path / "tok")}, tmp_path) == files
+    assert tokenizer_files({"kind": "path", "path": str(files[0])}, tmp_path) == files
     assert tokenizer_files({"kind": "byte"}, tmp_path) == []
 
 

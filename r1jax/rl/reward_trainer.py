@@ -323,6 +323,7 @@ def run_reward_model_stage(ctx: training.RunContext, stage: str, cfg, previous: 
             save_params(out, nnx.state(model))
         if cfg.save_hf:
             save_reward_pretrained(model, ctx.stage_dir(stage) / "hf")
+            training.copy_tokenizer_files(ctx.config.tokenizer, ctx.workdir, ctx.stage_dir(stage) / "hf")
         training.write_done(ctx, stage, summary)
         return summary
     finally:
