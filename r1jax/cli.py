@@ -46,8 +46,9 @@ flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
 flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("data", None, "Eval data: a GSM8K/MATH/AIME/AMC file, your own problems (JSON lines or a JSON "
-                    "array: prompt/problem/question with answer and/or tests), or a task name (gsm8k, math500, ...).")
+flags.DEFINE_string("data", None, "Eval data: a GSM8K/MATH/AIME/AMC/LiveCodeBench/APPS file, your own problems (JSON "
+                    "lines or a JSON array: prompt/problem/question with answer and/or tests), or a task name (gsm8k, "
+                    "math500, ...) with options after a colon (livecodebench:path=FILE,start_date=2024-08-01).")
 flags.DEFINE_integer("k", 4, "Samples per problem (eval).")
 flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0 = all).")
 flags.DEFINE_integer("batch_size", 32, "Problems per sampler batch (eval).")
@@ -140,11 +141,22 @@ def check_overrides(argv: list[str]) -> list[tuple[str, str]]:
     return added
 
 
-def _literal(raw: str):
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw  # a bare word is a string, as ml_collections reads a str field
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def parse_value(raw: str):
+    """A command-line value for a key without a declared type: a number, True/False/None (any case), or a
+    bracketed / quoted Python literal; anything else is the string itself (so 2024-12-31 is a date string, not
+    the arithmetic literal_eval would make of it)."""
+    s = raw.strip()
+    if s.lower() in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[s.lower()]
+    if _NUMBER.fullmatch(s) or s[:1] in ("[", "{", "(", "'", '"'):
+        try:
+            return ast.literal_eval(s)
+        except (ValueError, SyntaxError):
+            pass
+    return raw
 
 
 def add_config_keys(cfg, added: list[tuple[str, str]]) -> None:
@@ -160,7 +172,7 @@ def add_config_keys(cfg, added: list[tuple[str, str]]) -> None:
                 if p not in node:
                     node[p] = ml_collections.ConfigDict()
                 node = node[p]
-            node[key] = _literal(raw)
+            node[key] = parse_value(raw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,9 +332,20 @@ def _eval_examples(spec: str):
             return load_problem_file(spec)
         except ValueError as e:
             raise UsageError(f"--data {spec}: {e}") from None
-    if spec in list_tasks():
-        return get_task(spec, split="test")
-    raise UsageError(f"--data {spec}: not a file and not a task ({list_tasks()})")
+    name, _, opts = spec.partition(":")
+    if name in list_tasks():
+        kwargs = {}
+        for item in filter(None, opts.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise UsageError(f"--data {spec}: task options are KEY=VALUE pairs separated by commas, got {item!r}")
+            kwargs[key.strip()] = parse_value(value)
+        try:
+            return get_task(name, split="test", **kwargs)
+        except (TypeError, ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--data {spec}: {e}") from None
+    raise UsageError(f"--data {spec}: not a file and not a task ({list_tasks()}; options after a colon, e.g. "
+                     "livecodebench:path=FILE,start_date=2024-08-01,end_date=2025-01-31)")
 
 
 def cmd_eval(argv):

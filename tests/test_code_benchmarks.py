@@ -126,3 +126,26 @@ def test_apps_and_taco_rows(tmp_path):
     with pytest.warns(UserWarning):
         assert load_problem_file(path, on_invalid="skip") == [stdin, call]
     assert [ex["problem_id"] for ex in get_task("apps", path=str(path), on_invalid="skip", limit=1)] == [0]
+
+
+def test_eval_data_takes_task_options(tmp_path):
+    """`r1jax eval --data TASK:KEY=VALUE,...`: a task with options (R1's LiveCodeBench window); values typed as on
+    the command line elsewhere (numbers and booleans; a date or a path stays a string)."""
+    from r1jax.cli import UsageError, _eval_examples, parse_value
+
+    assert [parse_value(v) for v in ("0.1", "8192", "1e-3", "True", "false", "[1, 2]", "'x'")] == [
+        0.1, 8192, 1e-3, True, False, [1, 2], "x"]
+    assert [parse_value(v) for v in ("2024-12-31", "/data/lcb.jsonl", "xla", "3-1")] == [
+        "2024-12-31", "/data/lcb.jsonl", "xla", "3-1"]  # no arithmetic on dates
+    path = _write(tmp_path / "lcb.jsonl", lcb_rows())
+    picked = _eval_examples(f"livecodebench:path={path},start_date=2024-08-01,end_date=2025-01-31")
+    assert [ex["question_id"] for ex in picked] == ["3001"]
+    assert len(_eval_examples("arithmetic:n=5,seed=3")) == 5
+    with pytest.raises(UsageError, match="task options are KEY=VALUE pairs"):
+        _eval_examples("arithmetic:n")
+    with pytest.raises(UsageError, match="--data arithmetic:bogus=1: .*bogus"):
+        _eval_examples("arithmetic:bogus=1")
+    with pytest.raises(UsageError, match="start_date=2025-02-01 is after end_date=2025-01-31"):
+        _eval_examples(f"livecodebench:path={path},start_date=2025-02-01,end_date=2025-01-31")
+    with pytest.raises(UsageError, match="not a file and not a task"):
+        _eval_examples("livecodebenchh:path=x")
