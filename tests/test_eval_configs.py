@@ -183,6 +183,9 @@ def test_code_evaluation_counts_a_sample_correct_when_every_test_passes(monkeypa
                           return_samples=True, timeout_s=5.0)
     assert [s["correct"] for s in m["samples"]] == [True, False, True, False]
     assert m["pass@1"] == 0.5 and m["pass@k"] == 1.0
+    # cons@k votes on programs: the most common program of each problem (first on a tie) is the correct one.
+    assert m["cons@k"] == 1.0 and m["answer_rate"] == 0.75
+    assert m["samples"][0]["answer"] == "a, b = map(int, input().split())\nprint(a + b)\n"
     monkeypatch.setattr(eval_run, "generate", lambda *a, **kw: pytest.fail("sampled before checking the reward"))
     with pytest.raises(ValueError, match=r"reward 'code_tests' reads the problems' \['tests'\]; 2 of 2 problems lack "
                                          r"them \(the first: problem 0, which has \['answer', 'expression',"):

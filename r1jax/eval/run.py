@@ -29,6 +29,7 @@ from r1jax.eval.metrics import summarize
 from r1jax.parallel import hosts
 from r1jax.rl.rewards import get_reward, score_batch
 from r1jax.rl.rewards_math import extract_final_answer
+from r1jax.rl.sandbox import extract_code
 from r1jax.sampling import generate
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,14 @@ def encode_prompts(tokenizer, examples, template: str) -> list[list[int]]:
             ids = [tokenizer.bos_id] + ids
         prompts.append(ids)
     return prompts
+
+
+def vote_answer(completion: str, example: Mapping, reward: str) -> str | None:
+    """What cons@k votes on: the extracted final answer, or for a problem its tests judge (code_tests, or verifiable
+    on a problem with tests) the program, so identical programs (whitespace aside) vote together."""
+    if reward == "code_tests" or (reward == "verifiable" and example.get("tests")):
+        return extract_code(completion)
+    return extract_final_answer(completion)
 
 
 def decode_completions(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray) -> list[str]:
@@ -135,8 +144,8 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
              timeout_s: float = 1.0, return_samples: bool = False, compact: int = 0,
              progress: str | Path | None = None, progress_meta: Mapping | None = None) -> dict:
     """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95); a sample is correct when its `reward`
-    rule scores at least `solved_at` (1.0: accuracy's right answer; with `code_tests`, every test passed).
-    `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion, answer,
+    rule scores at least `solved_at` (1.0: accuracy's right answer; with `code_tests`, every test passed). cons@k
+    votes on `vote_answer`: the final answer, or the program where tests judge. `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion, answer,
     correct, num_tokens}, a problem's k samples consecutive).
 
     Prompts go through the sampler in batches of `batch_size` problems; the last batch is padded with repeats
@@ -192,7 +201,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
     rows = [ex for ex in examples for _ in range(k)]
     _, parts = score_once(completions, rows, {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
     correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) >= solved_at  # NaN: the checker failed
-    answers = [extract_final_answer(c) for c in completions]
+    answers = [vote_answer(c, ex, reward) for c, ex in zip(completions, rows)]
     metrics = summarize(correct, [answers[p * k:(p + 1) * k] for p in range(len(examples))])
     metrics["format_rate"] = float(np.nanmean(parts["format"]))
     metrics["answer_rate"] = float(np.mean([a is not None and a.strip() != "" for a in answers]))
