@@ -254,10 +254,12 @@ def evaluate_stage(**kw) -> ml_collections.ConfigDict:
     `models` maps a label to a model: "stage:NAME", "hf:PATH" or "r1jax:PATH" (architecture of this stage's
     `model`); `templates` optionally maps a label to its prompt template (default eval.template, else the task's);
     `order`: comma-separated labels, the order of the results (default: sorted, as a ConfigDict keeps its keys).
-    `datasets`: comma-separated "test" (the task's test split) and/or task names (e.g. "aime,math500")."""
+    `datasets`: comma-separated "test" (the task's test split) and/or task names (e.g. "aime,math500");
+    `dataset_options` maps a task name to its options, e.g. {"livecodebench": {"path": FILE, "start_date":
+    "2024-08-01", "end_date": "2025-01-31"}} (eval.reward "verifiable" judges math by answer and code by tests)."""
     cfg = ml_collections.ConfigDict(dict(kind="evaluate", models=ml_collections.ConfigDict(), order="",
                                          templates=ml_collections.ConfigDict(), datasets="test", output="results",
-                                         model=stage_model()))
+                                         dataset_options=ml_collections.ConfigDict(), model=stage_model()))
     cfg.eval = eval_config()
     cfg.update(kw)
     return cfg

@@ -149,3 +149,18 @@ def test_eval_data_takes_task_options(tmp_path):
         _eval_examples(f"livecodebench:path={path},start_date=2025-02-01,end_date=2025-01-31")
     with pytest.raises(UsageError, match="not a file and not a task"):
         _eval_examples("livecodebenchh:path=x")
+
+
+def test_evaluate_stage_reads_dataset_options(tmp_path):
+    """An evaluate stage's `dataset_options` reach the task (a LiveCodeBench file and window)."""
+    from types import SimpleNamespace
+
+    from r1jax.configs import eval_config, evaluate_stage
+    from r1jax.pipeline.compare import datasets
+
+    path = _write(tmp_path / "lcb.jsonl", lcb_rows())
+    cfg = evaluate_stage(datasets="test,livecodebench", eval=eval_config(num_problems=5))
+    cfg.dataset_options = {"livecodebench": {"path": str(path), "start_date": "2025-01-01"}}
+    ctx = SimpleNamespace(tasks={"test": [{"prompt": "1 + 1", "answer": "2"}]}, stage="compare")
+    sets = datasets(ctx, cfg)
+    assert [ex["question_id"] for ex in sets["livecodebench"]] == ["abc001_a"] and len(sets["test"]) == 1

@@ -305,6 +305,8 @@ def test_recipe_stage_settings_are_checked_before_any_stage_runs(tmp_path):
         (lambda c: c.compare.update(datasets="test,math5000"),
          r"config.compare.datasets names \['math5000'\]: neither 'test'"),
         (lambda c: c.compare.eval.update(reward="acc"), r"config.compare.eval.reward: unknown reward 'acc'"),
+        (lambda c: c.compare.update(dataset_options={"aime": {"path": "/x"}}),
+         r"config.compare.dataset_options has options for \['aime'\], which are not among the datasets \[\]"),
     ]
     for i, (mutate, match) in enumerate(cases):
         cfg = _config()

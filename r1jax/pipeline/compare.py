@@ -24,13 +24,15 @@ TABLE_METRICS = ("pass@1", "cons@k", "pass@k", "format_rate", "completion_len")
 
 
 def datasets(ctx: training.RunContext, cfg) -> dict[str, list]:
-    """{name: examples}: "test" is the run's task test split, any other name a registered task's test split;
-    each cut to its first eval.num_problems."""
+    """{name: examples}: "test" is the run's task test split, any other name a registered task's test split (with
+    its `dataset_options`, e.g. a LiveCodeBench file and date window); each cut to its first eval.num_problems."""
     from r1jax.data import get_task
 
     out = {}
+    options = cfg.get("dataset_options") or {}
     for name in [d.strip() for d in cfg.datasets.split(",") if d.strip()]:
-        examples = ctx.tasks.get("test", []) if name == "test" else get_task(name, split="test")
+        kwargs = options[name].to_dict() if name in options else {}
+        examples = ctx.tasks.get("test", []) if name == "test" else get_task(name, split="test", **kwargs)
         out[name] = list(examples[:cfg.eval.num_problems])
         if not out[name]:
             raise ValueError(f"config.{ctx.stage}: dataset {name!r} gives no problems (it has {len(examples)}; "
@@ -63,6 +65,10 @@ def check_evaluate_stage(stage: str, cfg) -> None:
     if bad:
         raise ValueError(f"config.{stage}.datasets names {bad}: neither 'test' (the run's task) nor a task "
                          f"({list_tasks()})")
+    stray = sorted(set(cfg.get("dataset_options") or {}) - (set(names) - {"test"}))
+    if stray:
+        raise ValueError(f"config.{stage}.dataset_options has options for {stray}, which are not among the "
+                         f"datasets {[n for n in names if n != 'test']} (the run's 'test' split takes config.task's)")
     try:
         get_reward(cfg.eval.reward)
     except ValueError as e:
