@@ -34,9 +34,9 @@ Stages (both arms start from the same base checkpoint, `init="hf:<base>"`):
   distillation appendix (verify against your copy): 2 epochs (the paper: 2-3) at batch 64, learning rate 6e-5 for
   the 32B student with cosine decay to a tenth, sequences up to 32,768 tokens. 800k rows x 2 epochs / 64 =
   25,000 steps; the stage ends early if a smaller trace file runs out (num_epochs=2).
-- `compare`: the base and both arms on AIME 2024 and MATH-500 (and LiveCodeBench with `lcb=`) with the same sampling
-  (k=64 at temperature 0.6, top-p 0.95, 32,768 tokens; the RL arm and the base with the R1-Zero template, the
-  distilled model with its training template) -> WORKDIR/results.json / .md / .png.
+- `compare`: the base and both arms on AIME 2024 and MATH-500 (and GPQA / LiveCodeBench with `gpqa=` / `lcb=`) with
+  the same sampling (k=64 at temperature 0.6, top-p 0.95, 32,768 tokens; the RL arm and the base with the R1-Zero
+  template, the distilled model with its training template) -> WORKDIR/results.json / .md / .png.
 
 Target hardware: TPU v5p-128 (64 chips, 95 GiB HBM each) with the "fsdp_tensor" rules, fsdp=8 x tensor=8 (40 query
 heads, 8 KV heads, 27,648 ffn and 152,064 vocab all divide by 8), as experiments/rl_qwen_32b.py. The dry run
@@ -46,11 +46,11 @@ memory knobs set here (attention in 1,024-query blocks; one row per chip at a ti
 (2026-12-06: peaks ~81, ~80, ~42 and ~35 GiB of 95 per chip for rl_32k, rl_64k, distill, compare; the dense
 defaults estimated TiBs).
 
-Variants: `base=PATH` (Qwen2.5-32B checkpoint, also the tokenizer), `traces=PATH` (the R1 traces JSONL), `lcb=PATH`
-(LiveCodeBench's code_generation_lite JSONL: `compare` adds its 2024-08 .. 2025-01 problems, the table's last
-column, judged by their tests through the `verifiable` reward), `runlocal`
-(the same stages on a tiny model with synthetic arithmetic, a generated corpus of worked solutions standing in
-for the traces: a smoke test of the plumbing in about a minute on this CPU).
+Variants: `base=PATH` (Qwen2.5-32B checkpoint, also the tokenizer), `traces=PATH` (the R1 traces JSONL), `gpqa=PATH`
+(GPQA Diamond's CSV) and `lcb=PATH` (LiveCodeBench's code_generation_lite JSONL: its 2024-08 .. 2025-01 problems):
+`compare` adds the table's GPQA and LiveCodeBench columns, judged by letter and by tests through the `verifiable`
+reward; `runlocal` (the same stages on a tiny model with synthetic arithmetic, a generated corpus of worked
+solutions standing in for the traces: a smoke test of the plumbing in about a minute on this CPU).
 """
 
 from r1jax.configs import (base_config, compact_sampling, distill_stage, eval_config, evaluate_stage, grpo_stage,
@@ -58,8 +58,9 @@ from r1jax.configs import (base_config, compact_sampling, distill_stage, eval_co
 
 # The paper's Table 6 in the keys of WORKDIR/results.json (cons@k with k = 64): what this ablation reproduces.
 PAPER_TARGETS = {
-    "rl": {"aime/pass@1": 0.470, "aime/cons@k": 0.600, "math500/pass@1": 0.916, "livecodebench/pass@1": 0.402},
-    "distill": {"aime/pass@1": 0.726, "aime/cons@k": 0.833, "math500/pass@1": 0.943,
+    "rl": {"aime/pass@1": 0.470, "aime/cons@k": 0.600, "math500/pass@1": 0.916, "gpqa/pass@1": 0.550,
+           "livecodebench/pass@1": 0.402},
+    "distill": {"aime/pass@1": 0.726, "aime/cons@k": 0.833, "math500/pass@1": 0.943, "gpqa/pass@1": 0.621,
                 "livecodebench/pass@1": 0.572},
 }
 
@@ -79,7 +80,7 @@ def _rl(steps: int, max_new_tokens: int, **kw):
 
 
 def get_config(arg=None):
-    opts = parse_arg(arg, runlocal=False, base="/ckpt/Qwen2.5-32B", traces="/data/r1_800k.jsonl", lcb="")
+    opts = parse_arg(arg, runlocal=False, base="/ckpt/Qwen2.5-32B", traces="/data/r1_800k.jsonl", gpqa="", lcb="")
     cfg = base_config()
     cfg.seed = 0
     cfg.stages = "rl_32k,rl_64k,distill,compare"
@@ -116,10 +117,14 @@ def get_config(arg=None):
     # 4 problems x 64 samples per sampler call: a 256-row KV cache of 33k slots (~33 GiB per chip).
     cfg.compare.eval = eval_config(num_problems=500, k=64, temperature=0.6, top_p=0.95, max_new_tokens=32768,
                                    batch_size=4)
-    if opts.lcb:  # LiveCodeBench in R1's window; "verifiable" judges math by answer and code by tests
-        cfg.compare.datasets = "aime,math500,livecodebench"
-        cfg.compare.dataset_options = {"livecodebench": dict(path=opts.lcb, start_date="2024-08-01",
-                                                             end_date="2025-01-31")}
+    # Table 6's other columns, from files you provide (GPQA is gated, LiveCodeBench large): "verifiable" judges
+    # math by answer, GPQA by letter and code by tests.
+    extra = {"gpqa": dict(path=opts.gpqa)} if opts.gpqa else {}
+    if opts.lcb:  # R1's window
+        extra["livecodebench"] = dict(path=opts.lcb, start_date="2024-08-01", end_date="2025-01-31")
+    if extra:
+        cfg.compare.datasets = ",".join(["aime", "math500", *extra])
+        cfg.compare.dataset_options = extra
         cfg.compare.eval.reward = "verifiable"
 
     compact_sampling(cfg, 3)  # generations end unevenly: the decode loop continues on the unfinished rows

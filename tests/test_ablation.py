@@ -51,8 +51,9 @@ def test_qwen32b_ablation_config():
     variant = mod.get_config("base=/m/q32,traces=/d/t.jsonl")
     assert variant.distill.data == "jsonl:/d/t.jsonl" and variant.compare.models.base == "hf:/m/q32"
     # lcb=: LiveCodeBench joins the comparison in R1's date window, every dataset judged by its own rule.
-    lcb = mod.get_config("lcb=/d/lcb.jsonl").compare
-    assert lcb.datasets == "aime,math500,livecodebench" and lcb.eval.reward == "verifiable"
+    assert mod.get_config("gpqa=/d/gpqa_diamond.csv").compare.datasets == "aime,math500,gpqa"
+    lcb = mod.get_config("gpqa=/d/g.csv,lcb=/d/lcb.jsonl").compare
+    assert lcb.datasets == "aime,math500,gpqa,livecodebench" and lcb.eval.reward == "verifiable"
     assert lcb.dataset_options.livecodebench.to_dict() == {"path": "/d/lcb.jsonl", "start_date": "2024-08-01",
                                                            "end_date": "2025-01-31"}
 

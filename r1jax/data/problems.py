@@ -204,16 +204,23 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
 
 
 def load_problem_file(path: str | os.PathLike, **kwargs) -> list[Example]:
-    """A GSM8K, MATH, AIME, AMC, LiveCodeBench or APPS/TACO file, or your own problems (`load_problems`), told
-    apart by the first record's fields: GSM8K has `question` and an `answer` with '#### final'; AIME has `problem`,
-    `solution` and `answer`; AMC a numeric `answer`; MATH `problem` and a string `answer`; LiveCodeBench
-    `question_content`; APPS / TACO `question` and `input_output`."""
+    """A GSM8K, MATH, AIME, AMC, LiveCodeBench, APPS/TACO or GPQA file, or your own problems (`load_problems`),
+    told apart by the first record's fields: GSM8K has `question` and an `answer` with '#### final'; AIME has
+    `problem`, `solution` and `answer`; AMC a numeric `answer`; MATH `problem` and a string `answer`; LiveCodeBench
+    `question_content`; APPS / TACO `question` and `input_output`; GPQA is a .csv or has its `Question`,
+    `Correct Answer` and `Incorrect Answer 1-3`."""
     from r1jax.data.code_benchmarks import load_apps, load_livecodebench
+    from r1jax.data.gpqa import FIELDS as GPQA_FIELDS
+    from r1jax.data.gpqa import load_gpqa
 
     path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return load_gpqa(path, **kwargs)
     first = next(iter(_iter_records(path)), (0, None))[1]
     if not isinstance(first, dict):
         return load_problems(path, **kwargs)  # the row's error names its line
+    if set(GPQA_FIELDS) <= set(first):
+        return load_gpqa(path, **kwargs)
     if "question_content" in first:
         return load_livecodebench(path, **kwargs)
     if "question" in first and "input_output" in first:

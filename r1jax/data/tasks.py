@@ -25,7 +25,7 @@ import re
 import warnings
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 Example = dict[str, Any]
 
@@ -377,13 +377,13 @@ def _iter_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _load_records(path: str | os.PathLike, *, task: str, fields: dict[str, type | tuple[type, ...]],
                   convert: Callable[[dict, str], Example | None], on_invalid: str,
-                  limit: int | None) -> list[Example]:
+                  limit: int | None, records: Iterable[tuple[int, Any]] | None = None) -> list[Example]:
     if on_invalid not in ("raise", "skip"):
         raise ValueError(f"on_invalid={on_invalid!r}; valid: 'raise', 'skip'")
     path = Path(path)
     out: list[Example] = []
     skipped: list[str] = []
-    for lineno, rec in _iter_records(path):
+    for lineno, rec in _iter_records(path) if records is None else records:  # records: (line, row) of other formats
         where = f"{path}:{lineno}"
         try:
             if not isinstance(rec, dict):

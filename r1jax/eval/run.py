@@ -27,7 +27,7 @@ import numpy as np
 from r1jax.data.templates import render
 from r1jax.eval.metrics import summarize
 from r1jax.parallel import hosts
-from r1jax.rl.rewards import get_reward, score_batch
+from r1jax.rl.rewards import extract_choice, get_reward, score_batch
 from r1jax.rl.rewards_math import extract_final_answer
 from r1jax.rl.sandbox import extract_code
 from r1jax.sampling import generate
@@ -46,10 +46,13 @@ def encode_prompts(tokenizer, examples, template: str) -> list[list[int]]:
 
 
 def vote_answer(completion: str, example: Mapping, reward: str) -> str | None:
-    """What cons@k votes on: the extracted final answer, or for a problem its tests judge (code_tests, or verifiable
-    on a problem with tests) the program, so identical programs (whitespace aside) vote together."""
+    """What cons@k votes on: the extracted final answer; for a problem its tests judge (code_tests, or verifiable
+    on a problem with tests) the program, so identical programs (whitespace aside) vote together; for a
+    multiple-choice problem (multiple_choice, or verifiable on one with choices) the letter."""
     if reward == "code_tests" or (reward == "verifiable" and example.get("tests")):
         return extract_code(completion)
+    if reward == "multiple_choice" or (reward == "verifiable" and example.get("choices")):
+        return extract_choice(completion)
     return extract_final_answer(completion)
 
 
@@ -145,7 +148,8 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
              progress: str | Path | None = None, progress_meta: Mapping | None = None) -> dict:
     """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95); a sample is correct when its `reward`
     rule scores at least `solved_at` (1.0: accuracy's right answer; with `code_tests`, every test passed). cons@k
-    votes on `vote_answer`: the final answer, or the program where tests judge. `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion, answer,
+    votes on `vote_answer`: the final answer, the program where tests judge, the letter of a multiple choice.
+    `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion, answer,
     correct, num_tokens}, a problem's k samples consecutive).
 
     Prompts go through the sampler in batches of `batch_size` problems; the last batch is padded with repeats

@@ -13,7 +13,8 @@ Built-in rewards and the example fields they read:
 | `overlong`             | `num_tokens` (or the kwarg)         | DAPO soft overlong penalty in [-1, 0]              |
 | `countdown`            | `numbers`, `target`                 | 1/0: expression over numbers equals target         |
 | `code_tests`           | `tests`                             | fraction of tests passed in the sandbox (`sandbox`)|
-| `verifiable`           | `tests`, else `answer`              | code_tests if the problem has tests, else accuracy |
+| `multiple_choice`      | `answer` (a letter A-D)             | 1/0: `Answer: X` (simple-evals) is the gold letter |
+| `verifiable`           | `tests`, else `answer`              | code_tests / multiple_choice (`choices`) / accuracy|
 | `polite_closing`       | -                                   | 1/0: ends with a polite closing sentence           |
 | `polite_correct`       | `answer`                            | 1/0: accuracy and polite_closing                   |
 
@@ -312,6 +313,36 @@ def code_tests(completion: str, example: Mapping, *, timeout_s: float = 1.0, mem
                                     limits=limits)
 
 
+# ------------------------------------------------------------------------------------------------ multiple choice
+# openai/simple-evals' multiple-choice answer pattern (GPQA), matched as it matches: the first occurrence, the
+# letter as written (a lowercase "answer: b" is not "B").
+CHOICE_PATTERN = re.compile(r"(?i)Answer[ \t]*:[ \t]*\$?([A-D])\$?")
+_LONE_LETTER = re.compile(r"[ \t\n]*\(?([A-D])\)?[ \t\n.]*")
+
+
+def extract_choice(completion: str) -> str | None:
+    """The answer letter of a multiple-choice completion: simple-evals' `Answer: X` in the response after the
+    reasoning (`</think>`; what a reasoning model's API returns as the answer), else a letter alone in the final
+    `<answer>` block or `\\boxed{}` (the R1-Zero template's answer). None if there is none."""
+    think = completion.rfind("</think>")
+    response = completion[think + 8:] if think >= 0 else completion
+    match = CHOICE_PATTERN.search(response)
+    if match:
+        return match.group(1)
+    final = rewards_math.extract_final_answer(response)
+    lone = _LONE_LETTER.fullmatch(final) if final and len(final) < 16 else None
+    return lone.group(1) if lone else None
+
+
+@register_reward("multiple_choice", fields=("answer",))
+def multiple_choice(completion: str, example: Mapping) -> float:
+    """1/0: the completion's answer letter (`extract_choice`) is `example["answer"]` (GPQA: r1jax.data.load_gpqa)."""
+    gold = _field(example, "answer", "multiple_choice")
+    if not isinstance(gold, str) or gold not in ("A", "B", "C", "D"):
+        raise ValueError(f"multiple_choice needs a gold letter A-D in example['answer']; got {gold!r:.100}")
+    return float(extract_choice(completion) == gold)
+
+
 def _has_tests(example) -> bool:
     if not isinstance(example, Mapping) or ("tests" not in example and "answer" not in example):
         have = sorted(example) if isinstance(example, Mapping) else type(example).__name__
@@ -320,15 +351,20 @@ def _has_tests(example) -> bool:
 
 
 def _verifiable_quick(completion: str, example: Mapping, **_) -> float | None:
-    return None if _has_tests(example) else _accuracy_quick(completion, example)
+    if _has_tests(example):
+        return None
+    return multiple_choice(completion, example) if "choices" in example else _accuracy_quick(completion, example)
 
 
 @register_reward("verifiable", blocking=True, quick=_verifiable_quick)
 def verifiable(completion: str, example: Mapping, *, timeout_s: float = 1.0, memory_mb: int = 1024) -> float:
     """A problem's own rule, for data that mixes domains (R1's RL prompts: math, code, STEM, logic): `code_tests`
-    when the example has `tests` (the fraction passed; all of them: 1.0), else `accuracy` against its `answer`."""
+    when the example has `tests` (the fraction passed; all of them: 1.0), `multiple_choice` when it has `choices`
+    (GPQA), else `accuracy` against its `answer`."""
     if _has_tests(example):
         return code_tests(completion, example, timeout_s=timeout_s, memory_mb=memory_mb)
+    if "choices" in example:
+        return multiple_choice(completion, example)
     return accuracy(completion, example, timeout_s=timeout_s)
 
 
