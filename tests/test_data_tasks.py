@@ -305,7 +305,7 @@ def test_own_problems_keep_answers_tests_and_extra_fields(tmp_path):
     assert get_task("problems", path=p, limit=2) == data[:2]
     assert load_problems(_write(tmp_path, "q.json", json.dumps([{"q": "x?", "gold": "1"}])), prompt_field="q",
                          answer_field="gold")[0]["answer"] == "1"
-    with pytest.raises(ValueError, match=r"task 'problems' reads your own file: give its path "
+    with pytest.raises(ValueError, match=r"task 'problems' reads a file you provide: give its path "
                                          r"\(config.task.test.path=FILE"):
         get_task("problems", split="test")
 

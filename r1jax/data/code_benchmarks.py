@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Mapping
 
 from r1jax.data.problems import normalize_tests
-from r1jax.data.tasks import Example, _load_records, register_task
+from r1jax.data.tasks import Example, _load_records, register_file_task
 
 # LiveCodeBench's generic code-generation prompt (lcb_runner/prompts/code_generation.py), without a system turn.
 FORMAT_WITH_STARTER_CODE = ("You will use the following starter code to write the solution to the problem and "
@@ -165,19 +165,5 @@ def load_apps(path: str | os.PathLike, *, on_invalid: str = "raise", limit: int 
                          limit=limit)
 
 
-def _needs_path(task: str, split: str, path) -> None:
-    if not path:
-        raise ValueError(f"task {task!r} reads a file you provide: give its path (config.task.{split}.path=FILE, "
-                         f"or get_task({task!r}, path=FILE))")
-
-
-@register_task("livecodebench")
-def _livecodebench_task(*, split: str = "test", path: str | os.PathLike | None = None, **kwargs) -> list[Example]:
-    _needs_path("livecodebench", split, path)
-    return load_livecodebench(path, **kwargs)
-
-
-@register_task("apps")
-def _apps_task(*, split: str = "train", path: str | os.PathLike | None = None, **kwargs) -> list[Example]:
-    _needs_path("apps", split, path)
-    return load_apps(path, **kwargs)
+register_file_task("livecodebench", load_livecodebench)
+register_file_task("apps", load_apps, default_split="train")

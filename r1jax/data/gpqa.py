@@ -27,7 +27,7 @@ import os
 import random
 from pathlib import Path
 
-from r1jax.data.tasks import Example, _iter_records, _load_records, register_task
+from r1jax.data.tasks import Example, _iter_records, _load_records, register_file_task
 
 LETTERS = "ABCD"
 FIELDS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
@@ -82,9 +82,4 @@ def load_gpqa(path: str | os.PathLike, *, seed: int = 0, on_invalid: str = "rais
                          on_invalid=on_invalid, limit=limit, records=with_permutations(records))
 
 
-@register_task("gpqa")
-def _gpqa_task(*, split: str = "test", path: str | os.PathLike | None = None, **kwargs) -> list[Example]:
-    if not path:
-        raise ValueError(f"task 'gpqa' reads a file you provide (GPQA is gated): give its path "
-                         f"(config.task.{split}.path=FILE, or get_task('gpqa', path=FILE))")
-    return load_gpqa(path, **kwargs)
+register_file_task("gpqa", load_gpqa)

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from r1jax.data.tasks import (Example, _iter_records, _load_records, answer_text, load_aime, load_amc, load_gsm8k,
-                              load_math, register_task)
+                              load_math, register_file_task)
 
 PROMPT_FIELDS = ("prompt", "problem", "question")
 
@@ -237,9 +237,4 @@ def load_problem_file(path: str | os.PathLike, **kwargs) -> list[Example]:
     return load_problems(path, **kwargs)
 
 
-@register_task("problems")
-def _problems_task(*, split: str = "train", path: str | os.PathLike | None = None, **kwargs) -> list[Example]:
-    if not path:
-        raise ValueError(f"task 'problems' reads your own file: give its path (config.task.{split}.path=FILE, "
-                         f"or get_task('problems', path=FILE))")
-    return load_problems(path, **kwargs)
+register_file_task("problems", load_problems, default_split="train")

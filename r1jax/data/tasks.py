@@ -496,6 +496,19 @@ def register_task(name: str):
     return deco
 
 
+def register_file_task(name: str, load: Callable[..., list[Example]], *, default_split: str = "test") -> None:
+    """Registers task `name` for data the user provides: `get_task(name, path=FILE, **options)` calls
+    `load(FILE, **options)` (config.task.<split>.path=FILE in an experiment); without a path it says so."""
+
+    def task(*, split: str = default_split, path: str | os.PathLike | None = None, **kwargs) -> list[Example]:
+        if not path:
+            raise ValueError(f"task {name!r} reads a file you provide: give its path (config.task.{split}.path=FILE, "
+                             f"or get_task({name!r}, path=FILE))")
+        return load(path, **kwargs)
+
+    register_task(name)(task)
+
+
 def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
