@@ -161,8 +161,8 @@ def parse_value(raw: str):
 
 
 def add_config_keys(cfg, added: list[tuple[str, str]]) -> None:
-    """Applies check_overrides' new-key overrides to the loaded config (values read as Python literals, else as
-    strings), creating the nested dict a `reward_kwargs.<reward>.<arg>` or `overrides.<sub>.<field>` needs."""
+    """Applies check_overrides' new-key overrides to the loaded config (values typed by `parse_value`), creating
+    the nested dict a `reward_kwargs.<reward>.<arg>` or `overrides.<sub>.<field>` needs."""
     import ml_collections
 
     with cfg.unlocked():

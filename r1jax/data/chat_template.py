@@ -21,7 +21,6 @@ Example:
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -180,8 +179,3 @@ def load_chat_template(path: str | os.PathLike) -> ChatTemplate:
     tokens = {k: _token_text(config.get(k)) for k in SPECIAL_TOKENS}
     return ChatTemplate(source, special_tokens=tokens, path=str(path))
 
-
-@functools.lru_cache(maxsize=16)
-def cached_chat_template(path: str) -> ChatTemplate:
-    """`load_chat_template`, once per path (prompts are rendered one example at a time)."""
-    return load_chat_template(path)

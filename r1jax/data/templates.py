@@ -18,6 +18,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -137,13 +138,19 @@ register_template("deepseek_r1", _deepseek_r1)
 HF_PREFIX = "hf:"
 
 
+@functools.lru_cache(maxsize=16)
+def _hf_template(template: str):
+    # Once per template string: prompts are rendered one example at a time, datasets have millions.
+    from r1jax.data.chat_template import load_chat_template
+
+    return load_chat_template(Path(template[len(HF_PREFIX):]).expanduser())
+
+
 def _template_fn(template: str, read: bool = True) -> Callable[[list[Message], bool], str] | None:
     if isinstance(template, str) and template.startswith(HF_PREFIX) and template[len(HF_PREFIX):]:
         if not read:
             return None
-        from r1jax.data.chat_template import cached_chat_template
-
-        chat = cached_chat_template(str(Path(template[len(HF_PREFIX):]).expanduser().resolve()))
+        chat = _hf_template(template)
         return lambda msgs, add_generation_prompt: chat.render(msgs, add_generation_prompt=add_generation_prompt)
     if template not in _TEMPLATES:
         raise KeyError(f"unknown template {template!r}; valid: {list_templates()}, or 'hf:PATH' (the chat "
