@@ -99,7 +99,7 @@ OPEN_DICTS = tuple(re.compile(p) for p in (
     r"config\.[^.]+\.rewards\.[^.]+",
     r"config\.[^.]+\.reward_kwargs\.[^.]+\.[^.]+",
     r"config\.(?:[^.]+\.)?model\.overrides\.[^.]+(?:\.[^.]+)?",
-    r"config\.task\.(?:train|test)\.[^.]+",
+    r"config\.task\.(?:train|test)(?:\.[^.]+)+",  # a mixture's parts nest: task.train.parts.<label>.<option>
     r"config\.[^.]+\.dataset_options\.[^.]+\.[^.]+",
 ))
 

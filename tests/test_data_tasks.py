@@ -366,3 +366,44 @@ def test_problem_files_are_told_apart_by_their_fields(tmp_path):
     assert [ex["task"] for ex in load_problem_file(own)] == ["problems", "problems"]
     with pytest.raises(ValueError, match=r"own\.jsonl:1: record is list"):
         load_problem_file(_write(tmp_path, "own.jsonl", "[1]\n"))
+
+
+def test_mixture_task(tmp_path):
+    """A mixture loads each part as its task, tags and shuffles them; a config's nested parts reach it, and the
+    command line may add parts."""
+    from r1jax.cli import add_config_keys, check_overrides
+    from r1jax.configs import base_config
+    from r1jax.pipeline.stages import load_tasks
+
+    own = _write(tmp_path, "own.jsonl", "".join(json.dumps(r) + "\n" for r in (
+        {"question": "Print 1.", "tests": [{"input": "", "output": "1"}]}, {"problem": "1 + 1?", "answer": 2})))
+    parts = {"arithmetic": {"n": 4, "seed": 1}, "code": {"task": "problems", "path": str(own)}}
+    mix = get_task("mixture", parts=parts, seed=3)
+    assert sorted(ex["source"] for ex in mix) == ["arithmetic"] * 4 + ["code"] * 2
+    assert mix != get_task("mixture", parts=parts, seed=4) and mix == get_task("mixture", parts=parts, seed=3)
+    assert len({ex["id"] for ex in mix}) == 6 and all(ex["id"].startswith(ex["source"] + "/") for ex in mix)
+    twice = get_task("mixture", parts={"a": {"task": "arithmetic", "n": 2}, "b": {"task": "arithmetic", "n": 2}})
+    assert len({ex["id"] for ex in twice}) == 4  # one task in two parts keeps distinct ids
+    with pytest.raises(ValueError, match="task 'mixture' needs parts"):
+        get_task("mixture")
+    with pytest.raises(ValueError, match=r"mixture part 'mat': 'mat' is not a task to mix; valid: \['aime'"):
+        get_task("mixture", parts={"mat": {}})
+    with pytest.raises(ValueError, match=r"mixture part 'code' \(task 'problems'\): task 'problems' reads a file"):
+        get_task("mixture", parts={"code": {"task": "problems"}})
+    cfg = base_config()
+    cfg.task.name = "mixture"
+    cfg.task.train = {"parts": parts, "seed": 3}
+    cfg.task.test = {"parts": {"arithmetic": {"n": 2}}}
+    tasks = load_tasks(cfg)
+    assert tasks["train"] == mix and len(tasks["test"]) == 2
+    # A part joins from the command line: nested new keys under task.train.
+    config = tmp_path / "exp.py"
+    config.write_text("from r1jax.configs import base_config\n\ndef get_config():\n    cfg = base_config()\n"
+                      "    cfg.task.name = 'mixture'\n    cfg.task.train = {'parts': {'arithmetic': {'n': 4}}}\n"
+                      "    return cfg\n")
+    added = check_overrides(["--config", str(config), f"--config.task.train.parts.code.path={own}",
+                             "--config.task.train.parts.code.task=problems"])
+    cfg = base_config()
+    cfg.task.train = {"parts": {"arithmetic": {"n": 4}}}
+    add_config_keys(cfg, added)
+    assert cfg.task.train.parts.code.to_dict() == {"path": str(own), "task": "problems"}
