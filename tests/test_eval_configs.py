@@ -192,3 +192,32 @@ def test_code_evaluation_counts_a_sample_correct_when_every_test_passes(monkeypa
         eval_run.evaluate(None, ByteTokenizer(), get_task("arithmetic", n=2), reward="code_tests")
     with pytest.raises(ValueError, match=r"unknown reward 'acuracy'"):
         eval_run.evaluate(None, ByteTokenizer(), problems, reward="acuracy")
+
+
+def test_mixture_metrics_by_source(monkeypatch):
+    """A mixture's parts get their own numbers: pass@1 per source in an evaluation, reward per source in a rollout
+    (and dynamic sampling combines rollouts that drew different sources)."""
+    from types import SimpleNamespace
+
+    from r1jax.data import ByteTokenizer
+    from r1jax.eval import run as eval_run
+    from r1jax.rl.dynamic_sampling import _combine
+    from r1jax.rl.rollout import reward_by_source
+
+    problems = [{"prompt": "1+1", "answer": "2", "source": "math"}, {"prompt": "2+2", "answer": "4", "source": "math"},
+                {"prompt": "3+3", "answer": "6", "source": "logic"}]
+    texts = ["<answer>2</answer>", "<answer>5</answer>", "<answer>4</answer>", "<answer>4</answer>",
+             "<answer>6</answer>", "<answer>1</answer>"]
+    monkeypatch.setattr(eval_run, "generate", lambda *a, **kw: SimpleNamespace(tokens=None, lengths=np.full(6, 9)))
+    monkeypatch.setattr(eval_run, "decode_completions", lambda *a: texts)
+    m = eval_run.evaluate(None, ByteTokenizer(), problems, k=2, template="plain")
+    assert m["pass@1"] == pytest.approx(4 / 6)
+    assert (m["by_source/math/pass@1"], m["by_source/logic/pass@1"]) == (0.75, 0.5)
+    assert m["by_source/math/num_problems"] == 2
+    totals = np.asarray([1.0, 0.0, 1.0, 1.0, np.nan, 0.0])  # 3 prompts x G=2
+    by_source = reward_by_source(totals, ["math", "code", "math"], 2)
+    assert by_source["reward_by_source/code"] == 1.0  # rows 2-3
+    assert by_source["reward_by_source/math"] == pytest.approx(1 / 3)  # rows 0-1 and 4-5, the NaN left out
+    assert reward_by_source(totals, [None, None, None], 2) == {}
+    combined = _combine([{"reward": 1.0, "reward_by_source/math": 1.0}, {"reward": 0.0, "reward_by_source/code": 0.5}])
+    assert combined == {"reward": 0.5, "reward_by_source/math": 1.0, "reward_by_source/code": 0.5}

@@ -206,7 +206,13 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
     _, parts = score_once(completions, rows, {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
     correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) >= solved_at  # NaN: the checker failed
     answers = [vote_answer(c, ex, reward) for c, ex in zip(completions, rows)]
-    metrics = summarize(correct, [answers[p * k:(p + 1) * k] for p in range(len(examples))])
+    answers_PK = [answers[p * k:(p + 1) * k] for p in range(len(examples))]
+    metrics = summarize(correct, answers_PK)
+    sources = [ex.get("source") for ex in examples]
+    for source in sorted({str(s) for s in sources if s is not None}):  # a mixture's parts, each on its own
+        idx = [p for p, s in enumerate(sources) if s is not None and str(s) == source]
+        part = summarize(correct[idx], [answers_PK[p] for p in idx])
+        metrics.update({f"by_source/{source}/{key}": part[key] for key in ("pass@1", "cons@k", "num_problems")})
     metrics["format_rate"] = float(np.nanmean(parts["format"]))
     metrics["answer_rate"] = float(np.mean([a is not None and a.strip() != "" for a in answers]))
     metrics["completion_len"] = float(np.mean(lengths))

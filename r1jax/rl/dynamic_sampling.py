@@ -58,8 +58,8 @@ def _left_pad(batch: dict, prompt_len: int, completion_len: int, pad_id: int) ->
 
 def _combine(metrics: list[dict]) -> dict:
     out = {}
-    for k in metrics[0]:
-        values = [m[k] for m in metrics]
+    for k in dict.fromkeys(k for m in metrics for k in m):  # a rollout may lack a key (a source it did not draw)
+        values = [m[k] for m in metrics if k in m]
         if k in _SUMMED:
             out[k] = sum(values)
         elif k == "completion_len_max":

@@ -156,4 +156,18 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     }
     for name, values in parts.items():
         metrics[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    metrics.update(reward_by_source(totals, hosts.concat_objects([ex.get("source") for ex in examples]), G))
     return batch, metrics, texts
+
+
+def reward_by_source(totals_R: np.ndarray, sources_B: list, group_size: int) -> dict[str, float]:
+    """{"reward_by_source/<source>": mean total reward} over the rows of each prompt source (a mixture's parts),
+    so a mixed run shows which domain its reward comes from; {} when no prompt has a source."""
+    if all(s is None for s in sources_B):
+        return {}
+    rows = np.repeat(np.asarray([str(s) for s in sources_B], object), group_size)
+    out = {}
+    for source in sorted({str(s) for s in sources_B if s is not None}):
+        values = totals_R[rows == source]
+        out[f"reward_by_source/{source}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return out
