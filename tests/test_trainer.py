@@ -287,6 +287,32 @@ def test_bad_stage_settings_are_named_before_any_stage_runs(tmp_path):
         run(cfg, tmp_path / "f")
 
 
+def test_data_a_later_stage_cannot_use_is_named_before_the_first_stage_runs(tmp_path):
+    """After setup, a GRPO stage that runs after another checks its prompts and reward fields before the first
+    stage starts: pretraining does not run for a GRPO stage that would then refuse its data."""
+    from r1jax.data.pipeline import prompt_token_ids
+    from r1jax.pipeline.stages import setup
+
+    cfg = _config()
+    ctx = setup(cfg, tmp_path / "probe")
+    longest = max(map(len, prompt_token_ids(ctx.tokenizer, ctx.tasks["train"], cfg.task.template)))
+    cases = {"a": (dict(max_prompt_len=longest - 1), rf"config.grpo: \d+ of {len(ctx.tasks['train'])} train prompts "
+                   rf"are longer than max_prompt_len={longest - 1} tokens \(the longest has {longest}"),
+             "b": (dict(rewards={"code_tests": 1.0}), r"config.grpo.rewards: train example 0: reward 'code_tests' "
+                                                       r"needs example\['tests'\]"),
+             "c": (dict(reward_kwargs={"overlong": {"max_len": 4}}, rewards={"overlong": 1.0}),
+                   r"config.grpo.rewards: train example 0: overlong needs ints 0 < cache_len <= max_len")}
+    for sub, (grpo, match) in cases.items():
+        with pytest.raises(ValueError, match=match):
+            run(_config(**grpo), tmp_path / sub)
+        assert not (tmp_path / sub / "pretrain").exists(), sub
+    cfg = _config()
+    cfg.grpo.eval.reward = "code_tests"
+    with pytest.raises(ValueError, match=r"config.grpo.eval: test reward 'code_tests' reads the problems' \['tests'\]"):
+        run(cfg, tmp_path / "d")
+    assert not (tmp_path / "d" / "pretrain").exists()
+
+
 def test_grpo_stage_with_context_parallelism(pretrained, tmp_path, monkeypatch):
     """config.mesh.context reaches the GRPO stage's updates and only them (the rollout keeps the plain rules, so both
     runs sample the same completions): its first update equals the same mesh's without context parallelism."""

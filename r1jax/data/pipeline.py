@@ -99,6 +99,13 @@ def _encode_prompt(tokenizer: Tokenizer, text: str, add_bos: bool | None) -> lis
     return ids
 
 
+def prompt_token_ids(tokenizer: Tokenizer, examples: Sequence[Example], template: str,
+                     add_bos: bool | None = None) -> list[list[int]]:
+    """Each example's prompt as the sampler sees it: rendered with `template`, tokenized, BOS added when the
+    vocabulary has one and the template did not write it (add_bos=None)."""
+    return [_encode_prompt(tokenizer, render(template, ex), add_bos) for ex in examples]
+
+
 def _check(name: str, value: str, valid: Sequence[str]) -> None:
     if value not in valid:
         raise ValueError(f"{name}={value!r}; valid: {tuple(valid)}")
@@ -156,8 +163,7 @@ def rl_prompt_dataset(examples: Sequence[Example], tokenizer: Tokenizer, *, batc
         raise ValueError(f"buckets {buckets} go beyond max_prompt_len={max_prompt_len}")
     pad = _pad_id(tokenizer, pad_id)
     examples = list(examples)
-    texts = [render(template, ex) for ex in examples]
-    token_ids = [_encode_prompt(tokenizer, t, add_bos) for t in texts]
+    token_ids = prompt_token_ids(tokenizer, examples, template, add_bos)
     keep = [i for i, ids in enumerate(token_ids) if len(ids) <= max_prompt_len]
     if len(keep) < len(examples):
         first = next(i for i, ids in enumerate(token_ids) if len(ids) > max_prompt_len)

@@ -29,29 +29,35 @@ log = logging.getLogger(__name__)
 
 STAGE_RUNNERS: dict[str, Callable] = {}
 STAGE_CHECKS: dict[str, Callable] = {}
+STAGE_DATA_CHECKS: dict[str, Callable] = {}
 
 
-def register_stage_kind(kind: str, *, check: Callable | None = None):
+def register_stage_kind(kind: str, *, check: Callable | None = None, check_data: Callable | None = None):
     """Decorator: `fn(ctx, stage_name, stage_config, previous_stage_name) -> summary dict | None (stopped)`.
     `check(stage_name, stage_config)` raises ValueError for settings that the config alone shows are wrong; `run`
-    calls every stage's check before running any stage, so a bad setting in the last stage costs no earlier work."""
+    calls every stage's check before running any stage, so a bad setting in the last stage costs no earlier work.
+    `check_data(ctx, stage_name, stage_config)` does the same for what the loaded tasks and tokenizer show (run
+    calls it after setup for each stage that would start after another)."""
     def deco(fn):
         STAGE_RUNNERS[kind] = fn
         if check is not None:
             STAGE_CHECKS[kind] = check
+        if check_data is not None:
+            STAGE_DATA_CHECKS[kind] = check_data
         return fn
     return deco
 
 
 def _builtin_runners():
     from r1jax.rl.reward_trainer import check_reward_model_stage, run_reward_model_stage
-    from r1jax.rl.trainer import check_grpo_stage, run_grpo_stage
+    from r1jax.rl.trainer import check_grpo_data, check_grpo_stage, run_grpo_stage
     from r1jax.sft.trainer import check_sft_stage, run_sft_stage
 
     for kind, runner, check in (("sft", run_sft_stage, check_sft_stage), ("grpo", run_grpo_stage, check_grpo_stage),
                                 ("reward_model", run_reward_model_stage, check_reward_model_stage)):
         STAGE_RUNNERS.setdefault(kind, runner)
         STAGE_CHECKS.setdefault(kind, check)
+    STAGE_DATA_CHECKS.setdefault("grpo", check_grpo_data)
     import importlib.util
 
     if importlib.util.find_spec("r1jax.pipeline.r1") is not None:  # recipe stages (rejection sampling, distill)
@@ -221,6 +227,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
                              f"{sorted(STAGE_RUNNERS)}")
     check_stages(config, names)  # before any stage runs (or the tokenizer trains)
     ctx = setup(config, workdir, stop, progress=progress)
+    pending = [n for n in names if not (ctx.stage_dir(n) / "DONE").exists()]
+    for name in pending[1:]:  # the first pending stage meets its own data as it starts, no later
+        check = STAGE_DATA_CHECKS.get(config[name].kind)
+        if check is not None:
+            check(ctx.for_stage(name), name, config[name])
     summaries, previous = {}, None
     try:
         for name in names:

@@ -422,6 +422,31 @@ def score(completion: str, example: Mapping, weights: Mapping[str, float], *, ti
     return float(totals[0]), {k: float(v[0]) for k, v in parts.items()}
 
 
+def check_examples(examples: Sequence[Mapping], names: Sequence[str], *, reward_kwargs: Mapping | None = None,
+                   timeout_s: float = 1.0, num_tokens: bool = False, where: Callable[[int], str] | None = None) -> None:
+    """Scores every distinct example with an empty completion under each reward in `names`, so that data a reward
+    cannot judge (a missing field, a bad gold answer) or bad options raise ValueError now, not NaNs mid-run.
+    `num_tokens`: the caller will pass completion lengths (the `overlong` reward reads them). `where(i)` names
+    example i in the error (e.g. its split and index)."""
+    fns = {n: get_reward(n) for n in names}
+    kwargs = {n: _kwargs_for(n, reward_kwargs or {}, {"timeout_s": timeout_s}) for n in names}
+    seen = set()
+    for i, ex in enumerate(examples):
+        if id(ex) in seen:
+            continue
+        seen.add(id(ex))
+        try:
+            for n, fn in fns.items():
+                for f in fn.required_fields:
+                    _field(ex, f, n)
+                extra = {"num_tokens": 0} if "num_tokens" in fn.accepted_kwargs and num_tokens else {}
+                fn("", ex, **kwargs[n], **extra)
+        except ValueError as e:
+            if where is None:
+                raise
+            raise ValueError(f"{where(i)}: {e}") from None
+
+
 def score_batch(completions: Sequence[str], examples: Sequence[Mapping], weights: Mapping[str, float], *,
                 timeout_s: float = 1.0, num_workers: int | None = None, num_tokens: Sequence[int] | None = None,
                 reward_kwargs: Mapping[str, Mapping] | None = None):
@@ -451,17 +476,8 @@ def score_batch(completions: Sequence[str], examples: Sequence[Mapping], weights
             raise ValueError(f"reward_kwargs names {name!r}, which is not among the weighted rewards {sorted(weights)}")
     names = list(weights)
     kwargs = {n: _kwargs_for(n, reward_kwargs, {"timeout_s": timeout_s}) for n in names}
-    # Configuration and data errors must surface now, loudly, not as NaNs: dry-run every distinct example.
-    seen = set()
-    for i, ex in enumerate(examples):
-        if id(ex) in seen:
-            continue
-        seen.add(id(ex))
-        for n in names:
-            for f in REWARDS[n].required_fields:
-                _field(ex, f, n)
-            extra = {"num_tokens": 0} if "num_tokens" in REWARDS[n].accepted_kwargs and num_tokens is not None else {}
-            REWARDS[n]("", ex, **kwargs[n], **extra)
+    # Configuration and data errors must surface now, loudly, not as NaNs.
+    check_examples(examples, names, reward_kwargs=reward_kwargs, timeout_s=timeout_s, num_tokens=num_tokens is not None)
 
     parts = {n: np.zeros(B, np.float64) for n in names}
     lengths = None if num_tokens is None else [int(t) for t in num_tokens]

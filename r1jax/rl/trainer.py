@@ -207,6 +207,35 @@ def check_grpo_stage(stage: str, cfg) -> None:
             raise ValueError(f"config.{stage}: {e}") from None
 
 
+def check_grpo_data(ctx: training.RunContext, stage: str, cfg) -> None:
+    """What the run's data shows is wrong for the stage: prompts longer than max_prompt_len, and examples that a
+    rule reward (or the evaluation's reward) cannot judge. r1jax.pipeline.stages.run checks it after setup for
+    every stage that would start after another, so a bad prompt set costs no earlier stage's hours."""
+    from r1jax.data.pipeline import prompt_token_ids
+    from r1jax.eval import check_reward
+    from r1jax.rl.rewards import check_examples
+
+    examples = ctx.tasks[cfg.train_split]
+    if not examples:
+        raise ValueError(f"config.{stage}: the task's {cfg.train_split!r} split has no examples")
+    lengths = [len(ids) for ids in prompt_token_ids(ctx.tokenizer, examples, cfg.template or ctx.config.task.template)]
+    long = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_len]
+    if long:
+        raise ValueError(f"config.{stage}: {len(long)} of {len(examples)} {cfg.train_split} prompts are longer than "
+                         f"max_prompt_len={cfg.max_prompt_len} tokens (the longest has {max(lengths)}; the first, "
+                         f"example {long[0]}, has {lengths[long[0]]}); raise max_prompt_len or leave them out of "
+                         "the data")
+    kwargs = cfg.get("reward_kwargs")
+    check_examples(examples, list(cfg.rewards), reward_kwargs=kwargs.to_dict() if kwargs else None,
+                   timeout_s=cfg.reward_timeout_s, num_tokens=True,
+                   where=lambda i: f"config.{stage}.rewards: {cfg.train_split} example {i}")
+    if "eval" in cfg and cfg.eval.num_problems:
+        try:
+            check_reward(cfg.eval.reward, ctx.tasks[cfg.eval.split][:cfg.eval.num_problems])
+        except ValueError as e:
+            raise ValueError(f"config.{stage}.eval: {cfg.eval.split} {e}") from None
+
+
 def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
     """Runs (or resumes) a GRPO stage; returns its summary, or None when stopped by a signal."""
     from r1jax.data import rl_prompt_dataset
