@@ -27,7 +27,7 @@ import numpy as np
 from r1jax.data.templates import render
 from r1jax.eval.metrics import summarize
 from r1jax.parallel import hosts
-from r1jax.rl.rewards import extract_choice, get_reward, score_batch
+from r1jax.rl.rewards import check_examples, extract_choice, get_reward, score_batch
 from r1jax.rl.rewards_math import extract_final_answer
 from r1jax.rl.sandbox import extract_code
 from r1jax.sampling import generate
@@ -134,11 +134,7 @@ def check_reward(reward: str, examples: Sequence[Mapping]) -> None:
         raise ValueError(f"reward {reward!r} reads the problems' {list(fn.required_fields)}; {len(lacking)} of "
                          f"{len(examples)} problems lack them (the first: problem {first}, which has "
                          f"{sorted(examples[first])})")
-    for i, ex in enumerate(examples):  # an empty completion reaches each problem's data checks (cheaply)
-        try:
-            fn("", ex)
-        except ValueError as e:
-            raise ValueError(f"problem {i}: {e}") from None
+    check_examples(examples, [reward], where=lambda i: f"problem {i}")  # each problem's own data checks
 
 
 def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, template: str = "r1_zero",
