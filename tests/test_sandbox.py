@@ -7,7 +7,8 @@ import pytest
 from r1jax.data.problems import normalize_tests
 from r1jax.rl import sandbox
 from r1jax.rl.rewards import code_tests, score_batch
-from r1jax.rl.sandbox import SandboxLimits, code_tests_score, extract_code, isolation_report, run_python, run_test
+from r1jax.rl.sandbox import (SandboxLimits, code_tests_score, extract_code, isolation_report, run_python, run_test,
+                              stdout_matches)
 
 REPORT = isolation_report()
 needs_drop = pytest.mark.skipif(not REPORT["drop_privileges"],
@@ -79,6 +80,15 @@ def test_cheating_exit_does_not_pass_asserts():
 def test_output_comparison_and_apps_style_tests():
     prog = "n = int(input())\nfor i in range(n):\n    print(i, end='  \\n')\nprint()"
     assert code_tests(completion(prog), {"tests": {"inputs": ["2\n", "0"], "outputs": ["0\n1\n", ""]}}) == 1.0
+
+
+@pytest.mark.parametrize("stdout, expected, ok", [
+    ("1.0\n", "1", True), ("2.50 3\r\n", "2.5 3", True), ("1e2", "100", True),  # numbers compare as numbers
+    ("  a b  \n\n", "a b", True), ("0\n1  \n", "0\n1\n", True), ("", "", True),  # stripped lines
+    ("1.1", "1", False), ("abc", "abd", False), ("1\n2", "1", False), ("1 2", "1", False), ("nan", "NaN", False),
+])
+def test_stdout_rule_is_livecodebench_s(stdout, expected, ok):
+    assert stdout_matches(stdout, expected) is ok
 
 
 def test_extract_code_rules():

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import decimal
 import json
 import math
 import os
@@ -291,11 +292,25 @@ def extract_code(completion: str) -> str | None:
     return region[fence.end() : end]
 
 
-def _lines(s: str) -> list[str]:
-    out = [line.rstrip() for line in s.replace("\r\n", "\n").split("\n")]
-    while out and not out[-1]:
-        out.pop()
-    return out
+def _decimals(line: str) -> list[decimal.Decimal] | None:
+    try:
+        return [decimal.Decimal(token) for token in line.split()]
+    except (decimal.InvalidOperation, ValueError):
+        return None
+
+
+def stdout_matches(stdout: str, expected: str) -> bool:
+    """LiveCodeBench's stdin/stdout rule: the outputs, stripped, have as many lines, and each pair of lines is equal
+    after stripping or, token by token, as decimal numbers ("1.0" is "1", "2.50 3" is "2.5 3")."""
+    got = stdout.replace("\r\n", "\n").strip().split("\n")
+    want = expected.replace("\r\n", "\n").strip().split("\n")
+    if len(got) != len(want):
+        return False
+    for a, b in zip(got, want):
+        a, b = a.strip(), b.strip()
+        if a != b and (_decimals(a) is None or _decimals(a) != _decimals(b)):
+            return False
+    return True
 
 
 _ASSERT_HARNESS = """import runpy as _runpy
@@ -338,7 +353,7 @@ def _call_result_matches(stdout: str, nonce: str, expected) -> bool:
 
 def run_test(code: str, test: dict | str, limits: SandboxLimits) -> bool:
     """One normalized test (`normalize_tests`), in a fresh process. A stdin/stdout test passes if the program exits
-    0 and its stdout equals `output` line by line (trailing whitespace and trailing blank lines ignored). An
+    0 and its stdout matches `output` (`stdout_matches`: line by line, stripped, numbers compared as such). An
     assert-style test loads the program as a module named "solution" (so its `if __name__ == "__main__":` block
     does not run; stdin is empty), runs the assert string in its namespace, and passes if that reaches its
     end-of-test marker. A call test `{"fn_name", "args", "expected"}` loads the program the same way, calls
@@ -357,7 +372,7 @@ def run_test(code: str, test: dict | str, limits: SandboxLimits) -> bool:
         res = run_python(code, "", limits, files={"main.py": _CALL_HARNESS, "call.json": call})
         return res.returncode == 0 and _call_result_matches(res.stdout, nonce, test["expected"])
     res = run_python(code, test["input"], limits)
-    return res.returncode == 0 and _lines(res.stdout) == _lines(test["output"])
+    return res.returncode == 0 and stdout_matches(res.stdout, test["output"])
 
 
 def code_tests_score(completion: str, tests, *, timeout_s: float = 1.0, limits: SandboxLimits | None = None) -> float:
