@@ -315,11 +315,13 @@ def test_model_first_token_distribution_chi_square():
 
 def test_prompt_buckets_bound_recompiles():
     model = _model()
-    before = sample_padded._cache_size()
+    # Start from an empty cache: an earlier test in this worker may already have compiled these shapes (which
+    # ones ran before depends on how xdist shares out the tests).
+    sample_padded.clear_cache()
     for prompt_len in (2, 7, 13):
         generate(model, [[1] * prompt_len, [2, 3]], max_new_tokens=5, temperature=0.0)
     generate(model, [[1] * 4, [2, 3]], max_new_tokens=9, temperature=0.0)  # same buckets (16, 16)
-    assert sample_padded._cache_size() - before == 1
+    assert sample_padded._cache_size() == 1
 
 
 def test_sharded_sampling_matches_single_device():
