@@ -38,7 +38,7 @@ import pickle
 import zlib
 from collections.abc import Mapping
 
-from r1jax.data.problems import normalize_tests
+from r1jax.data.problems import _row_fn_name, normalize_tests
 from r1jax.data.tasks import Example, _load_records, register_file_task
 
 # LiveCodeBench's generic code-generation prompt (lcb_runner/prompts/code_generation.py), without a system turn.
@@ -97,15 +97,6 @@ def _date(value, what: str) -> datetime.date | None:
         raise ValueError(f"{what}={value!r} is not a date (YYYY-MM-DD)") from None
 
 
-def _fn_name(metadata) -> str | None:
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata) if metadata.strip() else {}
-        except json.JSONDecodeError:
-            return None
-    return metadata.get("func_name") if isinstance(metadata, Mapping) else None
-
-
 def load_livecodebench(path: str | os.PathLike, *, start_date: str | None = None, end_date: str | None = None,
                        on_invalid: str = "raise", limit: int | None = None) -> list[Example]:
     """LiveCodeBench code-generation problems (see the module docstring), those whose `contest_date` lies in
@@ -125,7 +116,7 @@ def load_livecodebench(path: str | os.PathLike, *, start_date: str | None = None
             if rec.get(field) not in (None, ""):
                 tests += decode_lcb_tests(rec[field], f"{where}: {field}")
         try:
-            tests = normalize_tests(tests, fn_name=_fn_name(rec.get("metadata")))
+            tests = normalize_tests(tests, fn_name=_row_fn_name(rec))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         keep = ("question_id", "question_title", "platform", "difficulty", "contest_id", "contest_date")
