@@ -57,6 +57,16 @@ def majority_vote(answers: Sequence[str | None], correct: Sequence[bool]) -> boo
     return bool(correct[first[best]])
 
 
+def group_by_source(sources: Sequence) -> dict[str, list[int]]:
+    """{source: indices of the items from it} for the items that have a source (a mixture's parts), sources
+    sorted; {} when none has one."""
+    groups: dict[str, list[int]] = {}
+    for i, source in enumerate(sources):
+        if source is not None:
+            groups.setdefault(str(source), []).append(i)
+    return dict(sorted(groups.items()))
+
+
 def summarize(correct_PK: np.ndarray, answers_PK: Sequence[Sequence[str | None]]) -> dict[str, float]:
     """pass@1, pass@k and cons@k over P problems with k samples each."""
     correct_PK = np.asarray(correct_PK, bool)

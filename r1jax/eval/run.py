@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from r1jax.data.templates import render
-from r1jax.eval.metrics import summarize
+from r1jax.eval.metrics import group_by_source, summarize
 from r1jax.parallel import hosts
 from r1jax.rl.rewards import check_examples, extract_choice, get_reward, score_batch
 from r1jax.rl.rewards_math import extract_final_answer
@@ -204,9 +204,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
     answers = [vote_answer(c, ex, reward) for c, ex in zip(completions, rows)]
     answers_PK = [answers[p * k:(p + 1) * k] for p in range(len(examples))]
     metrics = summarize(correct, answers_PK)
-    sources = [ex.get("source") for ex in examples]
-    for source in sorted({str(s) for s in sources if s is not None}):  # a mixture's parts, each on its own
-        idx = [p for p, s in enumerate(sources) if s is not None and str(s) == source]
+    for source, idx in group_by_source([ex.get("source") for ex in examples]).items():  # a mixture's parts
         part = summarize(correct[idx], [answers_PK[p] for p in idx])
         metrics.update({f"by_source/{source}/{key}": part[key] for key in ("pass@1", "cons@k", "num_problems")})
     metrics["format_rate"] = float(np.nanmean(parts["format"]))

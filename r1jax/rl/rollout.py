@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from r1jax.eval.metrics import group_by_source
 from r1jax.eval.run import decode_completions
 from r1jax.parallel import hosts
 from r1jax.rl.grpo import group_advantages
@@ -163,11 +164,8 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
 def reward_by_source(totals_R: np.ndarray, sources_B: list, group_size: int) -> dict[str, float]:
     """{"reward_by_source/<source>": mean total reward} over the rows of each prompt source (a mixture's parts),
     so a mixed run shows which domain its reward comes from; {} when no prompt has a source."""
-    if all(s is None for s in sources_B):
-        return {}
-    rows = np.repeat(np.asarray([str(s) for s in sources_B], object), group_size)
     out = {}
-    for source in sorted({str(s) for s in sources_B if s is not None}):
-        values = totals_R[rows == source]
+    for source, prompts in group_by_source(sources_B).items():
+        values = np.asarray(totals_R).reshape(-1, group_size)[prompts]  # the prompts' groups of rows
         out[f"reward_by_source/{source}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     return out
