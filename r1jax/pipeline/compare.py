@@ -30,7 +30,7 @@ def datasets(ctx: training.RunContext, cfg) -> dict[str, list]:
 
     out = {}
     options = cfg.get("dataset_options") or {}
-    for name in [d.strip() for d in cfg.datasets.split(",") if d.strip()]:
+    for name in dataset_names(cfg):
         kwargs = options[name].to_dict() if name in options else {}
         examples = ctx.tasks.get("test", []) if name == "test" else get_task(name, split="test", **kwargs)
         out[name] = list(examples[:cfg.eval.num_problems])
@@ -46,6 +46,11 @@ def _flatten(per_dataset: dict[str, dict]) -> dict:
     return {f"{d}/{k}": v for d, m in per_dataset.items() for k, v in m.items()}
 
 
+def dataset_names(cfg) -> list[str]:
+    """The names in `cfg.datasets` ("test,aime" -> ["test", "aime"])."""
+    return [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+
+
 def check_evaluate_stage(stage: str, cfg) -> None:
     """The evaluate stage's settings that the config alone shows are wrong (checked before a run starts)."""
     from r1jax.data import list_tasks
@@ -58,7 +63,7 @@ def check_evaluate_stage(stage: str, cfg) -> None:
     if unknown:
         raise ValueError(f"config.{stage}.templates names {sorted(unknown)}, which are not among the models "
                          f"{sorted(cfg.models)}")
-    names = [d.strip() for d in cfg.datasets.split(",") if d.strip()]
+    names = dataset_names(cfg)
     if not names:
         raise ValueError(f"config.{stage}.datasets is empty; e.g. 'test' or 'aime,math500'")
     bad = [n for n in names if n != "test" and n not in list_tasks()]
