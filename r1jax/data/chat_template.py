@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from r1jax.data.tokenizers import _config_token, read_json_object
+
 # transformers passes the tokenizer's special tokens that are set; an unset one is undefined in the template.
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TEMPLATE_FILE = "chat_template.jinja"
@@ -125,19 +127,11 @@ class ChatTemplate:
         return f"ChatTemplate(path={self.path!r}, {len(self.source)} chars)"
 
 
-def _token_text(value) -> str | None:
-    # tokenizer_config.json writes a special token as its text or as an AddedToken dict.
-    return value.get("content") if isinstance(value, Mapping) else value
-
-
 def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ChatTemplateError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(config, dict):
-        raise ChatTemplateError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+        return read_json_object(path)
+    except ValueError as e:
+        raise ChatTemplateError(str(e)) from None
 
 
 def _config_template(config: dict, where: Path) -> str:
@@ -176,6 +170,6 @@ def load_chat_template(path: str | os.PathLike) -> ChatTemplate:
         source = path.read_text(encoding="utf-8")
         beside = path.with_name(CONFIG_FILE)
         config = _read_config(beside) if beside.is_file() else {}
-    tokens = {k: _token_text(config.get(k)) for k in SPECIAL_TOKENS}
+    tokens = {k: _config_token(config, k) for k in SPECIAL_TOKENS}
     return ChatTemplate(source, special_tokens=tokens, path=str(path))
 

@@ -314,11 +314,20 @@ def _config_token(config: dict, key: str) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _generation_stop_ids(config_path: Path, vocab_size: int) -> tuple[int, ...]:
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file that holds an object (tokenizer_config.json, generation_config.json); errors name
+    the file, and the line of a syntax error."""
     try:
-        eos = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{config_path}: not a JSON object ({e})") from None
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object (it holds a {type(value).__name__})")
+    return value
+
+
+def _generation_stop_ids(config_path: Path, vocab_size: int) -> tuple[int, ...]:
+    eos = read_json_object(config_path).get("eos_token_id")
     ids = [] if eos is None else [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
                                             for i in ids):
@@ -358,12 +367,7 @@ def load_tokenizer(path: str | os.PathLike, *, add_markers: bool = True, bos_tok
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise ValueError(f"{path}: not a valid Hugging Face tokenizer.json ({e})") from None
     config_path = path.with_name("tokenizer_config.json")
-    config = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = read_json_object(config_path) if config_path.is_file() else {}
     return _with_generation_config(HFTokenizer(tok, add_markers=add_markers, path=str(path),
                                                bos_token=bos_token or _config_token(config, "bos_token"),
                                                eos_token=eos_token or _config_token(config, "eos_token"),
