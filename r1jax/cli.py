@@ -77,7 +77,7 @@ class UsageError(ValueError):
     pass
 
 
-_ADDED_KEYS: list[tuple[str, str]] = []  # check_overrides' new-key overrides, applied once the config is loaded
+_ADDED_KEYS: list[str] = []  # check_overrides' new-key overrides, applied once the config is loaded
 
 
 def _config_key_paths(cfg, prefix="config") -> dict[str, object]:
@@ -104,10 +104,11 @@ OPEN_DICTS = tuple(re.compile(p) for p in (
 ))
 
 
-def check_overrides(argv: list[str]) -> list[tuple[str, str]]:
+def check_overrides(argv: list[str]) -> list[str]:
     """Rejects `--config.a.b=...` naming a key the config does not have, listing the valid keys at that level
     (ml_collections would reject it too, but without saying what is valid). Returns the overrides that add a key
-    to an OPEN_DICTS dict, as (argument, raw value): ml_collections cannot apply them, `add_config_keys` does."""
+    to an OPEN_DICTS dict (`--config.a.b=VALUE` arguments): ml_collections cannot apply them, `add_config_keys`
+    does."""
     cfg_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if cfg_arg is None and "--config" in argv:
         i = argv.index("--config")
@@ -135,7 +136,7 @@ def check_overrides(argv: list[str]) -> list[tuple[str, str]]:
         if any(p.fullmatch(name) for p in OPEN_DICTS) and (level is cfg or hasattr(level, "keys")):
             if "=" not in arg:
                 raise UsageError(f"--{name}: a new key takes its value after '=' (--{name}=VALUE)")
-            added.append((arg, arg.split("=", 1)[1]))
+            added.append(arg)
             continue
         valid = sorted(level.keys()) if hasattr(level, "keys") else []
         raise UsageError(f"--{name}: unknown config key; valid keys under {parent}: {', '.join(valid)}")
@@ -160,14 +161,15 @@ def parse_value(raw: str):
     return raw
 
 
-def add_config_keys(cfg, added: list[tuple[str, str]]) -> None:
+def add_config_keys(cfg, added: list[str]) -> None:
     """Applies check_overrides' new-key overrides to the loaded config (values typed by `parse_value`), creating
     the nested dict a `reward_kwargs.<reward>.<arg>` or `overrides.<sub>.<field>` needs."""
     import ml_collections
 
     with cfg.unlocked():
-        for arg, raw in added:
-            *parents, key = arg[2:].split("=", 1)[0].split(".")[1:]
+        for arg in added:
+            name, raw = arg[2:].split("=", 1)
+            *parents, key = name.split(".")[1:]
             node = cfg
             for p in parents:
                 if p not in node:
@@ -460,7 +462,7 @@ def run(argv: list[str] | None = None):
         print(f"r1jax {argv[1]}: {e}", file=sys.stderr)
         sys.exit(2)
     _ADDED_KEYS[:] = added
-    rest = [a for a in argv[2:] if a not in {arg for arg, _ in added}]
+    rest = [a for a in argv[2:] if a not in added]
     if added:  # config_flags also reads the override names from sys.argv
         sys.argv = [argv[0], argv[1], *rest]
     # absl parses flags from argv[1:]; keep the command as a positional argument.
