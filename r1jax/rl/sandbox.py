@@ -308,8 +308,10 @@ def stdout_matches(stdout: str, expected: str) -> bool:
         return False
     for a, b in zip(got, want):
         a, b = a.strip(), b.strip()
-        if a != b and (_decimals(a) is None or _decimals(a) != _decimals(b)):
-            return False
+        if a != b:
+            numbers = _decimals(a)
+            if numbers is None or numbers != _decimals(b):
+                return False
     return True
 
 
