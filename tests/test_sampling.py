@@ -313,15 +313,22 @@ def test_model_first_token_distribution_chi_square():
     assert stat < _CHI2_999[dof]
 
 
-def test_prompt_buckets_bound_recompiles():
+def test_prompt_buckets_bound_recompiles(monkeypatch):
+    """Prompts and generation lengths in one bucket reach the compiled sampler with one compile key (argument
+    shapes and static settings). The keys are counted, not jax's in-memory cache entries: in some xdist workers that
+    cache did not grow at all, whatever ran before, so its size said nothing about recompiles."""
     model = _model()
-    # Start from an empty cache: an earlier test in this worker may already have compiled these shapes (which
-    # ones ran before depends on how xdist shares out the tests).
-    sample_padded.clear_cache()
+    keys, real = [], sampler_module.sample_padded
+
+    def record(graphdef, state, tokens, mask, *args, **static):
+        keys.append((tokens.shape, mask.shape, tuple(sorted((k, repr(v)) for k, v in static.items()))))
+        return real(graphdef, state, tokens, mask, *args, **static)
+
+    monkeypatch.setattr(sampler_module, "sample_padded", record)
     for prompt_len in (2, 7, 13):
         generate(model, [[1] * prompt_len, [2, 3]], max_new_tokens=5, temperature=0.0)
     generate(model, [[1] * 4, [2, 3]], max_new_tokens=9, temperature=0.0)  # same buckets (16, 16)
-    assert sample_padded._cache_size() == 1
+    assert len(keys) == 4 and len(set(keys)) == 1, set(keys)
 
 
 def test_sharded_sampling_matches_single_device():
