@@ -121,7 +121,30 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         delta=config_dict.placeholder(float),
         importance_sampling_level="token",
         kl_estimator="k3",
+        kl_bias_correction=False,   # DeepSeek-V3.2: the KL term times the ratio (TRL's use_bias_correction_kl)
         advantage_scale="group",
+        # Loss variants (r1jax.rl.grpo_variants; loss_type cispo / sapo / vespo / luspo pick their surrogates).
+        sapo_temperature_pos=1.0,
+        sapo_temperature_neg=1.05,
+        vespo_k_pos=2.0,
+        vespo_lambda_pos=3.0,
+        vespo_k_neg=3.0,
+        vespo_lambda_neg=2.0,
+        off_policy_mask_threshold=config_dict.placeholder(float),  # DeepSeek-V3.2's off-policy sequence mask
+        top_entropy_quantile=1.0,   # keep the policy term on this top fraction of tokens by entropy (0.2: 80/20)
+        entropy_coef=0.0,           # entropy bonus: loss -= coef * mean entropy of those tokens
+        adaptive_entropy=False,     # Skywork-OR1: coef += / -= entropy_coef_delta below / above entropy_target
+        entropy_target=0.2,
+        entropy_coef_delta=0.005,
+        entropy_coef_min=0.0,
+        entropy_coef_max=1.0,
+        # Importance weights pi_old / pi_sampler when the sampler's numbers differ from the trainer's (bf16 decode,
+        # other kernels): none | token_truncate | token_mask | sequence_truncate | sequence_mask. Recomputes the
+        # old log-probs even with one update per rollout.
+        sampler_correction="none",
+        sampler_correction_min=config_dict.placeholder(float),
+        sampler_correction_max=3.0,
+        mask_truncated_completions=False,  # DAPO: completions cut at max_new_tokens get no loss
         dynamic_sampling=False,     # DAPO: sample more prompts until every group in the batch has a reward signal
         max_rollouts=3,             # with dynamic_sampling: rollouts per step at most (then signal-less groups fill)
         ref_update_every=0,         # refresh the reference weights every N steps (0: never)

@@ -258,24 +258,39 @@ def test_loss_matches_numpy_reference(loss_type):
 
 
 # ------------------------------------------------------------------------------------------- TRL itself
-def trl_compute_loss(logp, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_high, delta, level):
+def trl_compute_loss(logp, old, ref, adv, mask, *, loss_type, beta, eps_low, eps_high, delta, level, entropy=None,
+                     is_ratio=None, sampler=None, **args):
     """Runs TRL's own `GRPOTrainer._compute_loss` on given tensors: the model forward is replaced by a function
-    returning `logp` as a leaf, so autograd gives TRL's gradient with respect to the per-token log-probs."""
+    returning `logp` (and `entropy`) as leaves, so autograd gives TRL's gradient with respect to the per-token
+    log-probs (and entropies). `is_ratio`: the sampler importance weights TRL computes at generation (turns its vLLM
+    correction on); `sampler`: the sampler's log-probs; `args`: further GRPOConfig fields (top_entropy_quantile,
+    off_policy_mask_threshold, entropy_coef, use_bias_correction_kl, sapo_*, vespo_*).
+    Returns (value, d value / d logp, d value / d entropy or None, metrics)."""
     torch = pytest.importorskip("torch")
     GRPOTrainer = pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer
     B, T = logp.shape
     logp_t = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    ent_t = torch.zeros(B, T, dtype=torch.float64) if entropy is None else torch.tensor(
+        entropy, dtype=torch.float64, requires_grad=True)
     ns = types.SimpleNamespace
+    entropy_coef = args.pop("entropy_coef", 0.0)
     fake_trainer = ns(
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
-        loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_low if eps_high is None else eps_high,
-        args=ns(delta=delta, use_bias_correction_kl=False, steps_per_generation=1), use_vllm=False,
-        vllm_importance_sampling_correction=False, model=ns(training=True), current_gradient_accumulation_steps=1,
-        accelerator=ns(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x),
-        _entropy_bonus_enabled=False, aux_loss_enabled=False, max_completion_length=MAX_LEN,
-        _metrics={"train": collections.defaultdict(list)},
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logp_t, torch.zeros(B, T, dtype=torch.float64), None),
+        top_entropy_quantile=args.pop("top_entropy_quantile", 1.0),
+        off_policy_mask_threshold=args.pop("off_policy_mask_threshold", None), importance_sampling_level=level,
+        beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_low if eps_high is None else eps_high,
+        args=ns(delta=delta, use_bias_correction_kl=args.pop("use_bias_correction_kl", False),
+                steps_per_generation=1, **args),
+        use_vllm=is_ratio is not None, vllm_importance_sampling_correction=is_ratio is not None,
+        model=ns(training=True), current_gradient_accumulation_steps=1,
+        accelerator=ns(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x, sync_gradients=True,
+                       pad_across_processes=lambda x, dim, pad_index: x),
+        _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef, use_adaptive_entropy=False,
+        aux_loss_enabled=False, max_completion_length=MAX_LEN, _metrics={"train": collections.defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp_t, ent_t, None),
     )
+    fake_trainer.get_high_entropy_mask = functools.partial(GRPOTrainer.get_high_entropy_mask, fake_trainer)
+    fake_trainer.get_off_policy_mask, fake_trainer.get_gamma_weights = (GRPOTrainer.get_off_policy_mask,
+                                                                        GRPOTrainer.get_gamma_weights)
     mask_t = torch.tensor(mask, dtype=torch.long)
     inputs = dict(
         prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
@@ -283,10 +298,15 @@ def trl_compute_loss(logp, old, ref, adv, mask, *, loss_type, beta, eps_low, eps
         advantages=torch.tensor(adv, dtype=torch.float64),
         old_per_token_logps=torch.tensor(old, dtype=torch.float64),
         ref_per_token_logps=torch.tensor(ref, dtype=torch.float64), num_items_in_batch=mask_t.sum())
+    if is_ratio is not None:
+        inputs["importance_sampling_ratio"] = torch.tensor(is_ratio, dtype=torch.float64)
+    if sampler is not None:
+        inputs["sampling_per_token_logps"] = torch.tensor(sampler, dtype=torch.float64)
     value = GRPOTrainer._compute_loss(fake_trainer, None, inputs)
     value.backward()
     metrics = {k: v[-1] for k, v in fake_trainer._metrics["train"].items() if k != "entropy"}
-    return value.item(), logp_t.grad.numpy(), metrics
+    ent_grad = None if entropy is None else (np.zeros((B, T)) if ent_t.grad is None else ent_t.grad.numpy())
+    return value.item(), logp_t.grad.numpy(), ent_grad, metrics
 
 
 def test_loss_matches_trl_compute_loss():
@@ -297,8 +317,8 @@ def test_loss_matches_trl_compute_loss():
         (value, m), grad = fn(*map(jnp.asarray, data), loss_type=loss_type, beta=beta, epsilon_low=eps_low,
                               epsilon_high=eps_high, delta=delta, importance_sampling_level=level,
                               max_completion_length=MAX_LEN)
-        want, want_grad, want_m = trl_compute_loss(*data, loss_type=loss_type, beta=beta, eps_low=eps_low,
-                                                   eps_high=eps_high, delta=delta, level=level)
+        want, want_grad, _, want_m = trl_compute_loss(*data, loss_type=loss_type, beta=beta, eps_low=eps_low,
+                                                      eps_high=eps_high, delta=delta, level=level)
         msg = f"{loss_type} {level} eps=({eps_low}, {eps_high}) delta={delta} beta={beta}"
         np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-6, err_msg=msg)
         np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6, err_msg=msg)

@@ -424,7 +424,7 @@ def test_grpo_update_moves_log_probs_along_the_advantages():
     assert delta[adv > 0].mean() > delta[adv < 0].mean()
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo"])
 def test_gradient_accumulation_and_chunked_logits_reproduce_the_full_batch_update(loss_type):
     import jax
     import jax.numpy as jnp
@@ -447,7 +447,7 @@ def test_gradient_accumulation_and_chunked_logits_reproduce_the_full_batch_updat
     batch = {"tokens": tokens, "mask": jnp.concatenate([jnp.ones((R, P), bool), completion_mask], 1),
              "completion_mask": jnp.asarray(completion_mask),
              "advantages": jnp.asarray(rng.standard_normal(R), jnp.float32)}
-    base = dict(beta=0.0, max_new_tokens=N, loss_type=loss_type)
+    base = dict(beta=0.0, max_new_tokens=N, loss_type=loss_type, epsilon_high=5.0 if loss_type == "cispo" else None)
     logp_full = make_logp_fn(graphdef)(params, rest, tokens, batch["mask"], P)
     logp_chunk = make_logp_fn(graphdef, chunk=4)(params, rest, tokens, batch["mask"], P)
     np.testing.assert_allclose(logp_chunk, logp_full, atol=1e-5)
@@ -463,6 +463,109 @@ def test_gradient_accumulation_and_chunked_logits_reproduce_the_full_batch_updat
     assert loss_b == pytest.approx(loss_a, abs=1e-6) and gn_b == pytest.approx(gn_a, rel=1e-5)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_grpo_stage_with_loss_variants(pretrained, tmp_path):
+    """CISPO with sampler importance weights, the off-policy mask, high-entropy tokens and adaptive entropy control
+    through the stage. The sampler and the trainer compute the same f32 model here, so the weights are 1 up to float
+    rounding; the controller applies no bonus before its first measurement (entropy +inf), then coef + delta while the
+    entropy stays below the target; a resumed run restores the controller's state."""
+    opts = dict(steps=3, loss_type="cispo", epsilon_high=5.0, sampler_correction="token_truncate",
+                off_policy_mask_threshold=0.1, top_entropy_quantile=0.2, adaptive_entropy=True, entropy_coef=0.01,
+                entropy_target=100.0, entropy_coef_delta=0.005, rewards={"overlong": 1.0})
+    cfg = _config(**opts)
+    cfg.grpo.eval.num_problems = 0
+    run(cfg, _workdir(pretrained, tmp_path / "full"))
+    records = read_metrics(tmp_path / "full")
+    assert _by_step(records, "grpo", "entropy_coef") == pytest.approx({1: 0.0, 2: 0.015, 3: 0.02})
+    for step, w in _by_step(records, "grpo", "sampler/is_ratio_mean").items():
+        assert w == pytest.approx(1.0, abs=1e-4), step
+    assert max(_by_step(records, "grpo", "sampler/logp_diff_max").values()) < 1e-3
+    assert set(_by_step(records, "grpo", "off_policy/frac_masked").values()) == {0.0}
+    kept = _by_step(records, "grpo", "entropy/frac_tokens_kept")
+    assert all(0.15 < x < 0.35 for x in kept.values()), kept
+    assert "cispo_clip_ratio" in records[-1] and "clip_frac" not in records[-1]
+    # No group has a reward signal (the overlong penalty of 12-token completions is 0), so the update is the entropy
+    # bonus alone: nothing at step 1, then loss = -coef * the selected tokens' mean entropy, which moves the weights.
+    assert set(_by_step(records, "grpo", "frac_zero_std").values()) == {1.0}
+    grad_norm, loss = _by_step(records, "grpo", "grad_norm"), _by_step(records, "grpo", "loss")
+    assert grad_norm[1] == 0.0 and grad_norm[2] > 0
+    selected = _by_step(records, "grpo", "entropy/selected_mean")
+    assert loss[2] == pytest.approx(-0.015 * selected[2], rel=1e-5)
+    # Stopped after step 2 and resumed: the controller continues from its saved state.
+    cfg = _config(**opts)
+    cfg.grpo.eval.num_problems = 0
+    cfg.grpo.checkpoint_every = 1
+    run(cfg, _workdir(pretrained, tmp_path / "resumed"), stop=StopAfter(2))
+    run(cfg, tmp_path / "resumed")
+    resumed = read_metrics(tmp_path / "resumed")
+    assert _by_step(resumed, "grpo", "entropy_coef") == pytest.approx({1: 0.0, 2: 0.015, 3: 0.02})
+
+
+def test_loss_variant_settings_are_checked_before_the_run(tmp_path):
+    cases = {"a": (dict(loss_type="cispo"), r"config.grpo: loss_type 'cispo' caps .* set epsilon_high"),
+             "b": (dict(sampler_correction="tis"), r"config.grpo: unknown sampler_correction 'tis'"),
+             "c": (dict(sampler_correction="token_mask", old_logp="sampler"),
+                   r"config.grpo: sampler_correction='token_mask' .* old_logp='sampler'"),
+             "d": (dict(top_entropy_quantile=2.0), r"config.grpo: top_entropy_quantile=2.0 must be in \[0, 1\]"),
+             "e": (dict(adaptive_entropy=True, entropy_coef_min=0.5, entropy_coef_max=0.1),
+                   r"config.grpo: adaptive_entropy needs"),
+             "f": (dict(loss_type="sapo", delta=2.0), r"config.grpo: delta=2.0 .* 'sapo'")}
+    for sub, (grpo, match) in cases.items():
+        with pytest.raises(ValueError, match=match):
+            run(_config(**grpo), tmp_path / sub)
+        assert not any((tmp_path / sub).glob("*/")), sub
+
+
+def test_adaptive_entropy_coefficient_follows_trl():
+    """next_entropy_coef / applied_entropy_coef against TRL 1.16's controller (GRPOTrainer._compute_loss), replayed
+    on a sequence of measured entropies."""
+    from r1jax.configs import grpo_stage
+    from r1jax.rl.trainer import applied_entropy_coef, next_entropy_coef
+
+    cfg = grpo_stage(adaptive_entropy=True, entropy_coef=0.02, entropy_target=1.0, entropy_coef_delta=0.01,
+                     entropy_coef_min=0.0, entropy_coef_max=0.035)
+    coef, last, trl_coef, trl_last = 0.02, float("inf"), 0.02, float("inf")
+    for entropy in (1.5, 0.9, 0.8, 0.7, 0.95, 2.0, 3.0, 3.0, 3.0, 0.5):
+        applied = applied_entropy_coef(cfg, coef, last)
+        trl_applied = trl_coef if trl_last <= 1.0 else 0.0  # TRL: apply_coef
+        assert applied == pytest.approx(trl_applied)
+        coef, last = next_entropy_coef(cfg, coef, entropy), entropy
+        trl_coef = min(trl_coef + 0.01, 0.035) if entropy <= 1.0 else max(trl_coef - 0.01, 0.0)
+        trl_last = entropy
+        assert coef == pytest.approx(trl_coef)
+    assert applied_entropy_coef(grpo_stage(entropy_coef=0.03), 0.5, float("inf")) == 0.03  # static: always
+
+
+def test_mask_truncated_completions():
+    """DAPO's overlong filtering: rows that used all N tokens without a stop token get no loss, rows that ended
+    with a stop token (also at exactly N) keep theirs, and every row keeps its attention mask."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from r1jax.configs import grpo_stage
+    from r1jax.data import ByteTokenizer, get_task, rl_prompt_dataset
+    from r1jax.models import Transformer, get_preset
+    from r1jax.rl.rollout import rollout, truncated_rows
+
+    tokens = np.array([[5, 6, 7], [5, 2, 0], [5, 6, 2], [5, 6, 9]])
+    np.testing.assert_array_equal(truncated_rows(tokens, np.array([3, 2, 3, 3]), [2, 9]), [True, False, False, False])
+    tok = ByteTokenizer()
+    prompts = next(iter(rl_prompt_dataset(get_task("arithmetic", n=2), tok, batch_size=2, group_size=4,
+                                          template="plain", max_prompt_len=64)))
+    model = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
+    out = {}
+    for flag in (False, True):
+        cfg = grpo_stage(group_size=4, max_new_tokens=4, reward_workers=1, rewards={"overlong": 1.0},
+                         mask_truncated_completions=flag)
+        out[flag], _, _ = rollout(model, tok, prompts, cfg, jax.random.key(0))
+    lengths = out[False]["completion_mask"].sum(1)
+    cut = truncated_rows(out[False]["tokens"][:, -4:], lengths, tok.stop_ids)
+    assert cut.any()  # an untrained model rarely stops within 4 tokens
+    np.testing.assert_array_equal(out[True]["completion_mask"], out[False]["completion_mask"] & ~cut[:, None])
+    np.testing.assert_array_equal(out[True]["mask"], out[False]["mask"])
+    np.testing.assert_array_equal(out[True]["advantages"], out[False]["advantages"])
 
 
 @pytest.mark.parametrize("name", ["tiny_deepseek_v3"])  # dense layers: test_parallel and the stage test below

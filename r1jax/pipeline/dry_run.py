@@ -231,6 +231,10 @@ def _grpo_batch(cfg, mesh, rules, rows: int, P: int, N: int) -> dict:
                  old_logp=_sds((rows, N), jnp.float32, mesh, bs))
     if cfg.beta != 0.0:
         batch["ref_logp"] = _sds((rows, N), jnp.float32, mesh, bs)
+    from r1jax.rl.trainer import old_logp_source
+
+    if old_logp_source(cfg)[1]:
+        batch["sampler_logp"] = _sds((rows, N), jnp.float32, mesh, bs)
     return batch
 
 

@@ -39,6 +39,15 @@ Loss, `loss(...)`, minimised, so L = -J. Per valid token:
     "dr_grpo"  L = sum_i sum_t l_{i,t} / (B * L_max)       Dr. GRPO; L_max = max_completion_length (required)
     "dapo"     L = sum_i sum_t l_{i,t} / sum_i |o_i|       DAPO token-level loss; the token count is global across
                                                            data-parallel shards (psum over `axis_name`)
+    "luspo"    L = 1/B sum_i sum_t l_{i,t}                 LUSPO (meant with importance_sampling_level="sequence")
+    "cispo", "vespo"  aggregate as dapo and "sapo" as grpo, with their own per-token policy terms in place of the
+               clipped one (r1jax.rl.grpo_variants: MiniMax-M1's CISPO caps the ratio at epsilon_high and keeps
+               the gradient, SAPO gates it softly, VESPO weighs each sequence by a gamma function of its ratio).
+  Further terms (r1jax.rl.grpo_variants has the formulas): `off_policy_mask_threshold` drops negative-advantage
+  sequences that drifted from the sampler (DeepSeek-V3.2), `top_entropy_quantile` keeps the policy term on the
+  highest-entropy tokens only, `entropy_coef` subtracts coef x their mean entropy, `sampler_correction` weighs tokens
+  or sequences by pi_old / pi_sampler when the sampler's numbers differ from the trainer's (truncated or masked
+  importance sampling), and `kl_bias_correction` multiplies D by the ratio (DeepSeek-V3.2's unbiased KL estimate).
   A row with no valid tokens adds 0 to the numerators and never divides by zero (counts are clamped to >= 1).
   Under plain jit on globally shaped arrays every count is already global; under `jax.shard_map` pass `axis_name`
   and the loss and metrics come out equal on every shard and equal to the single-device values (bnpo excepted, as
@@ -58,7 +67,10 @@ TRL's own `_compute_loss`), with these deliberate differences:
   - masked positions are replaced, not multiplied, by 0: NaN/inf garbage after EOS changes nothing (TRL: 0*inf=NaN).
   - old_logp_BT and ref_logp_BT are constants (stop_gradient); old_logp_BT=None means stop_gradient(logp_BT).
   - delta must exceed 1 + eps_high (INTELLECT-2's condition; TRL only recommends it) and eps >= 0, else ValueError.
-  - k1 and k2 are extras (TRL has k3 only); TRL's use_bias_correction_kl, cispo/sapo/vespo/luspo are not here.
+  - k1 and k2 are extras (TRL has k3 only). kl_bias_correction (TRL's use_bias_correction_kl) defaults to False
+    here, to DeepSeekMath's estimator; TRL 1.16 defaults to True.
+  - cispo needs epsilon_high (TRL would cap the weight at its default 0.2); delta is refused for the surrogates
+    without a clipped ratio (TRL ignores it there).
   - dapo's count is the tokens of the batch passed in (psum'ed over axis_name); TRL's `num_items_in_batch` spans
     the whole generation batch across gradient-accumulation steps: pass the whole generation batch for equality.
   - advantages of all-equal groups are exactly 0 (TRL can leave rounding residue ~ulp/1e-4), and
@@ -93,24 +105,30 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from r1jax.rl import grpo_variants as variants
+from r1jax.rl.grpo_variants import MAX_LOG_RATIO, count as _count, psum as _psum
+
 SCALES = ("group", "batch", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-# Beyond 20 nats a ratio is meaningless anyway, and exp(20) ~ 4.9e8 keeps every product far from f32 overflow.
-MAX_LOG_RATIO = 20.0
 ADVANTAGE_EPS = 1e-4  # TRL's std + 1e-4
 
 # loss_type -> aggregation fn(x_BT, valid_BT, *, max_completion_length, axis_name) -> scalar. x_BT is already 0 on
 # invalid tokens. Registered below; users add variants with `register_loss_type`.
 LOSS_TYPES: dict[str, Callable] = {}
+# loss_type -> its per-token policy term, one of grpo_variants.SURROGATES ("clip": PPO's clipped ratio).
+SURROGATE_OF: dict[str, str] = {}
 
 
-def register_loss_type(name: str):
-    """Decorator registering `fn(x_BT, valid_BT, *, max_completion_length, axis_name) -> scalar` as a loss_type."""
+def register_loss_type(name: str, surrogate: str = "clip"):
+    """Decorator registering `fn(x_BT, valid_BT, *, max_completion_length, axis_name) -> scalar` as a loss_type
+    that aggregates the per-token term `surrogate` (one of grpo_variants.SURROGATES)."""
+    _check_choice("surrogate", surrogate, variants.SURROGATES)
+
     def decorate(fn):
         if name in LOSS_TYPES:
             raise ValueError(f"loss_type {name!r} is already registered; registered: {sorted(LOSS_TYPES)}")
-        LOSS_TYPES[name] = fn
+        LOSS_TYPES[name], SURROGATE_OF[name] = fn, surrogate
         return fn
     return decorate
 
@@ -120,17 +138,8 @@ def _check_choice(what, value, valid):
         raise ValueError(f"unknown {what} {value!r}; valid: {sorted(valid)}")
 
 
-def _psum(x, axis_name):
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
 def _pmean(x, axis_name):
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
-def _count(valid, axis=None):
-    # Counts in int32 so that they stay exact past 2^24 tokens; f32 only for the division.
-    return jnp.sum(valid, axis=axis, dtype=jnp.int32).astype(jnp.float32)
 
 
 @register_loss_type("grpo")
@@ -163,6 +172,20 @@ def _aggregate_dr_grpo(x_BT, valid_BT, *, max_completion_length, axis_name):
 def _aggregate_dapo(x_BT, valid_BT, *, max_completion_length, axis_name):
     del max_completion_length
     return _psum(x_BT.sum(), axis_name) / jnp.maximum(_psum(_count(valid_BT), axis_name), 1.0)
+
+
+# Aggregations that divide by the batch's valid tokens: micro-batches of a batch weigh by their token counts.
+TOKEN_MEAN_AGGREGATIONS = (_aggregate_bnpo, _aggregate_dapo)
+register_loss_type("cispo", surrogate="cispo")(_aggregate_dapo)
+register_loss_type("vespo", surrogate="vespo")(_aggregate_dapo)
+register_loss_type("sapo", surrogate="sapo")(_aggregate_grpo)
+
+
+@register_loss_type("luspo")
+def _aggregate_luspo(x_BT, valid_BT, *, max_completion_length, axis_name):
+    del valid_BT, max_completion_length
+    # LUSPO: each sequence's summed (not averaged) term, so a sequence weighs by its length.
+    return _pmean(x_BT.sum(-1).mean(), axis_name)
 
 
 def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return_stats: bool = False):
@@ -247,21 +270,36 @@ def _masked_extreme(x, valid, axis_name, kind):
 def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type: str = "grpo",
          beta: float = 0.04, epsilon_low: float = 0.2, epsilon_high: float | None = None,
          delta: float | None = None, importance_sampling_level: str = "token", kl_estimator: str = "k3",
-         max_completion_length: int | None = None, axis_name=None):
+         max_completion_length: int | None = None, axis_name=None, sampler_logp_BT=None, entropy_BT=None,
+         sampler_correction: str = "none", sampler_correction_min: float | None = None,
+         sampler_correction_max: float | None = None, off_policy_mask_threshold: float | None = None,
+         top_entropy_quantile: float = 1.0, entropy_coef=0.0, kl_bias_correction: bool = False,
+         sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0,
+         vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
     """GRPO-family policy loss (see the module docstring). Returns (loss, metrics), f32 scalars.
 
     logp_BT: log pi_theta of the sampled tokens (differentiated); old_logp_BT: log pi_theta_old (None: one update
     per rollout, stop_gradient(logp_BT)); ref_logp_BT: log pi_ref (may be None when beta == 0); advantages_B: one
     per row; mask_BT: nonzero on valid tokens. Any float dtype; computed in f32. axis_name: the data-parallel mesh
-    axis when called inside `jax.shard_map` on per-shard rows.
+    axis when called inside `jax.shard_map` on per-shard rows. sampler_logp_BT: the sampler's log-probs when the
+    old ones were recomputed (sampler_correction, and the off-policy mask's behaviour policy; default old_logp_BT);
+    entropy_BT: per-token entropies of pi_theta (top_entropy_quantile < 1, the entropy bonus; differentiated).
+    entropy_coef may be a traced scalar (an adaptive coefficient does not recompile).
     """
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    surrogate = SURROGATE_OF[loss_type]
     eps_low = float(epsilon_low)
     eps_high = eps_low if epsilon_high is None else float(epsilon_high)
     if eps_low < 0 or eps_high < 0:
         raise ValueError(f"epsilon_low={epsilon_low!r} and epsilon_high={epsilon_high!r} must be >= 0")
+    if surrogate == "cispo" and epsilon_high is None:
+        raise ValueError("loss_type 'cispo' caps the importance weight at epsilon_high (MiniMax-M1 / ScaleRL's "
+                         "eps_max; ScaleRL uses 5.0): set epsilon_high")
+    if delta is not None and surrogate != "clip":
+        raise ValueError(f"delta={delta!r} caps the clipped surrogate's ratio; loss_type {loss_type!r} has none: "
+                         "pass delta=None")
     if delta is not None and not delta > 1.0 + eps_high:
         raise ValueError(f"delta={delta!r} must exceed 1 + epsilon_high = {1.0 + eps_high} (INTELLECT-2's "
                          f"two-sided clip caps only ratios above the clip range); or pass delta=None")
@@ -269,10 +307,27 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
         raise ValueError(f"beta={beta!r} must be >= 0")
     if beta != 0 and ref_logp_BT is None:
         raise ValueError(f"beta={beta!r} needs ref_logp_BT; pass it, or beta=0 to drop the KL term")
+    variants.check_sampler_correction(sampler_correction, sampler_correction_min, sampler_correction_max)
+    if sampler_correction != "none" and (sampler_logp_BT is None or old_logp_BT is None):
+        raise ValueError(f"sampler_correction={sampler_correction!r} weighs by pi_old / pi_sampler: pass both "
+                         "old_logp_BT (recomputed by the trainer) and sampler_logp_BT")
+    if surrogate == "vespo" and sampler_correction.startswith("sequence"):
+        raise ValueError(f"loss_type 'vespo' folds token-level sampler weights into its sequence weight; "
+                         f"sampler_correction={sampler_correction!r} is not one: use token_truncate or token_mask")
+    if not 0.0 <= top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile={top_entropy_quantile!r} must be in [0, 1] (1 keeps every token)")
+    if off_policy_mask_threshold is not None and not off_policy_mask_threshold >= 0:
+        raise ValueError(f"off_policy_mask_threshold={off_policy_mask_threshold!r} must be >= 0 (a KL in nats) "
+                         "or None")
+    bonus = not (isinstance(entropy_coef, numbers.Real) and entropy_coef == 0)
+    if (bonus or top_entropy_quantile < 1.0) and entropy_BT is None:
+        raise ValueError("top_entropy_quantile < 1 and entropy_coef != 0 need the per-token entropies: pass "
+                         "entropy_BT")
     if jnp.ndim(logp_BT) != 2:
         raise ValueError(f"logp_BT must be 2-D (B, T), got shape {jnp.shape(logp_BT)}")
     shape = tuple(logp_BT.shape)
-    for name, x in (("old_logp_BT", old_logp_BT), ("ref_logp_BT", ref_logp_BT), ("mask_BT", mask_BT)):
+    for name, x in (("old_logp_BT", old_logp_BT), ("ref_logp_BT", ref_logp_BT), ("mask_BT", mask_BT),
+                    ("sampler_logp_BT", sampler_logp_BT), ("entropy_BT", entropy_BT)):
         if x is not None and tuple(jnp.shape(x)) != shape:
             raise ValueError(f"{name} has shape {tuple(jnp.shape(x))} but logp_BT has shape {shape}")
     if tuple(jnp.shape(advantages_B)) != shape[:1]:
@@ -289,6 +344,7 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
 
     logp = clean(logp_BT, grad=True)
     old_logp = jax.lax.stop_gradient(logp) if old_logp_BT is None else clean(old_logp_BT, grad=False)
+    behaviour = old_logp if sampler_logp_BT is None else clean(sampler_logp_BT, grad=False)
     adv_B1 = jnp.asarray(advantages_B).astype(jnp.float32)[:, None]
     log_ratio_BT = jnp.clip(logp - old_logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)
 
@@ -300,9 +356,53 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
         log_weight = log_ratio_BT  # (B, T)
         unit_valid = valid_BT
     ratio = jnp.exp(log_weight)
-    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    capped = ratio if delta is None else jnp.minimum(ratio, delta)
-    pg_BT = jnp.broadcast_to(-jnp.minimum(capped * adv_B1, clipped * adv_B1), shape)
+    sampler_w = None
+    if sampler_correction != "none":
+        sampler_w = variants.sampler_weights(old_logp, behaviour, valid_BT, sampler_correction,
+                                             sampler_correction_min, sampler_correction_max)
+
+    metrics = {}
+    capped = ratio
+    if surrogate == "clip":
+        clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+        capped = ratio if delta is None else jnp.minimum(ratio, delta)
+        pg = -jnp.minimum(capped * adv_B1, clipped * adv_B1)
+    elif surrogate == "cispo":
+        pg = variants.cispo(ratio, logp, adv_B1, eps_max=eps_high)
+        metrics["cispo_clip_ratio"] = _masked_mean(
+            jnp.broadcast_to((ratio > eps_high) & (adv_B1 > 0), ratio.shape).astype(jnp.float32),
+            jnp.broadcast_to(unit_valid, ratio.shape), axis_name)
+    elif surrogate == "sapo":
+        pg = variants.sapo(ratio, adv_B1, temperature_pos=sapo_temperature_pos,
+                           temperature_neg=sapo_temperature_neg)
+    else:
+        log_sampler = None if sampler_w is None else jnp.log(sampler_w)
+        phi_B1 = variants.vespo_weights(log_ratio_BT, valid_BT, adv_B1, log_sampler, k_pos=vespo_k_pos,
+                                        lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
+        pg = -phi_B1 * adv_B1 * logp
+        metrics["vespo/phi_seq_mean"] = _masked_mean(phi_B1, _count(valid_BT, -1)[:, None] > 0, axis_name)
+    pg_BT = jnp.broadcast_to(pg, shape)
+    if off_policy_mask_threshold is not None:
+        keep_B1 = variants.off_policy_keep(logp, behaviour, valid_BT, adv_B1, off_policy_mask_threshold)
+        pg_BT = pg_BT * keep_B1
+        metrics["off_policy/frac_masked"] = _masked_mean(1.0 - keep_B1, _count(valid_BT, -1)[:, None] > 0,
+                                                         axis_name)
+    policy_valid = valid_BT
+    if top_entropy_quantile < 1.0:
+        policy_valid = variants.high_entropy_tokens(entropy_BT, valid_BT, top_entropy_quantile, axis_name)
+        pg_BT = pg_BT * policy_valid
+        metrics["entropy/frac_tokens_kept"] = _masked_mean(policy_valid.astype(jnp.float32), valid_BT, axis_name)
+    if sampler_w is not None and surrogate != "vespo":  # VESPO already folded the weights into phi
+        pg_BT = pg_BT * sampler_w
+    if sampler_w is not None:
+        sw_valid = valid_BT if sampler_correction.startswith("token") else _count(valid_BT, -1)[:, None] > 0
+        metrics["sampler/is_ratio_mean"] = _masked_mean(sampler_w, sw_valid, axis_name)
+        metrics["sampler/is_ratio_min"] = _masked_extreme(sampler_w, sw_valid, axis_name, "min")
+        metrics["sampler/is_ratio_max"] = _masked_extreme(sampler_w, sw_valid, axis_name, "max")
+    if sampler_logp_BT is not None:
+        gap = jnp.abs(old_logp - behaviour)
+        metrics["sampler/logp_diff_mean"] = _masked_mean(gap, valid_BT, axis_name)
+        metrics["sampler/logp_diff_max"] = _masked_extreme(gap, valid_BT, axis_name, "max")
     pg_BT = jnp.where(valid_BT, pg_BT, 0.0)
 
     def aggregate(x_BT):
@@ -311,24 +411,37 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
 
     pg_loss = aggregate(pg_BT)
     total = pg_loss
-    metrics = {}
     if ref_logp_BT is not None:
-        kl_BT = jnp.where(valid_BT, _kl(logp, clean(ref_logp_BT, grad=False), kl_estimator), 0.0)
+        kl_BT = _kl(logp, clean(ref_logp_BT, grad=False), kl_estimator)
+        if kl_bias_correction:  # DeepSeek-V3.2: rho * D, the unbiased gradient of KL[pi_theta || pi_ref] off-policy
+            kl_BT = kl_BT * ratio
+        kl_BT = jnp.where(valid_BT, kl_BT, 0.0)
         if beta != 0:
             total = pg_loss + beta * aggregate(kl_BT)
         metrics["kl"] = _masked_mean(kl_BT, valid_BT, axis_name)
+    if entropy_BT is not None:
+        entropy = jnp.where(valid_BT, jnp.asarray(entropy_BT).astype(jnp.float32), 0.0)
+        metrics["entropy"] = _masked_mean(entropy, valid_BT, axis_name)
+        # The bonus is the mean entropy of the tokens the policy term acts on, whatever the loss_type (as TRL).
+        selected = _psum(jnp.where(policy_valid, entropy, 0.0).sum(), axis_name)
+        selected = selected / jnp.maximum(_psum(_count(policy_valid), axis_name), 1.0)
+        if top_entropy_quantile < 1.0:
+            metrics["entropy/selected_mean"] = selected
+        if bonus:
+            total = total - entropy_coef * selected
 
     unit_valid = jnp.broadcast_to(unit_valid, ratio.shape)
-    low = (capped < 1.0 - eps_low) & (adv_B1 < 0)
-    high = (capped > 1.0 + eps_high) & (adv_B1 > 0)
-    for name, flag in (("low", low), ("high", high), ("region", low | high)):
-        metrics[f"clip_ratio/{name}_mean"] = _masked_mean(flag.astype(jnp.float32), unit_valid, axis_name)
-    # TRL's low_min / high_max: extremes over sequences of each sequence's clipped fraction.
-    seq_valid_B = _count(valid_BT, -1) > 0
-    for name, flag, kind in (("low", low, "min"), ("high", high, "max")):
-        per_seq_B = (jnp.where(unit_valid, flag, False).sum(-1, dtype=jnp.int32)
-                     / jnp.maximum(_count(unit_valid, -1), 1.0))
-        metrics[f"clip_ratio/{name}_{kind}"] = _masked_extreme(per_seq_B, seq_valid_B, axis_name, kind)
+    if surrogate == "clip":
+        low = (capped < 1.0 - eps_low) & (adv_B1 < 0)
+        high = (capped > 1.0 + eps_high) & (adv_B1 > 0)
+        for name, flag in (("low", low), ("high", high), ("region", low | high)):
+            metrics[f"clip_ratio/{name}_mean"] = _masked_mean(flag.astype(jnp.float32), unit_valid, axis_name)
+        # TRL's low_min / high_max: extremes over sequences of each sequence's clipped fraction.
+        seq_valid_B = _count(valid_BT, -1) > 0
+        for name, flag, kind in (("low", low, "min"), ("high", high, "max")):
+            per_seq_B = (jnp.where(unit_valid, flag, False).sum(-1, dtype=jnp.int32)
+                         / jnp.maximum(_count(unit_valid, -1), 1.0))
+            metrics[f"clip_ratio/{name}_{kind}"] = _masked_extreme(per_seq_B, seq_valid_B, axis_name, kind)
     metrics["ratio/mean"] = _masked_mean(ratio, unit_valid, axis_name)
     metrics["ratio/min"] = _masked_extreme(ratio, unit_valid, axis_name, "min")
     metrics["ratio/max"] = _masked_extreme(ratio, unit_valid, axis_name, "max")

@@ -80,6 +80,13 @@ def left_pad_columns(ids_BP, mask_BP, length: int, pad_id: int):
             np.concatenate([np.zeros((B, extra), bool), mask_BP], 1))
 
 
+def truncated_rows(tokens_RN, lengths_R, stop_ids) -> np.ndarray:
+    """Rows the sampler cut off at its length limit: all N tokens used and the last one is no stop token."""
+    tokens_RN, lengths_R = np.asarray(tokens_RN), np.asarray(lengths_R)
+    N = tokens_RN.shape[1]
+    return (lengths_R >= N) & ~np.isin(tokens_RN[:, N - 1], list(stop_ids))
+
+
 def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rules=None, model_rewards=None,
             step: int = 0) -> tuple[dict, dict, list]:
     """Samples, scores and computes advantages for one batch from `rl_prompt_dataset` (rows already repeated G
@@ -134,10 +141,15 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     completion_mask = np.arange(N)[None, :] < lengths[:, None]
     full_prompt_ids = np.repeat(prompt_ids, G, axis=0)
     full_prompt_mask = np.repeat(prompt_mask, G, axis=0)
+    loss_mask = completion_mask
+    if cfg.get("mask_truncated_completions", False):
+        # DAPO's overlong filtering: a completion cut off at the limit (no stop token) gets no loss; it still counts
+        # in its group's advantages and keeps its tokens as attention context.
+        loss_mask = completion_mask & ~truncated_rows(tokens, lengths, eos)[:, None]
     batch = {
         "tokens": np.concatenate([full_prompt_ids, tokens], axis=1).astype(np.int32),
         "mask": np.concatenate([full_prompt_mask, completion_mask], axis=1),
-        "completion_mask": completion_mask,
+        "completion_mask": loss_mask,
         "sampler_logp": logp.astype(np.float32),
         "advantages": hosts.local_rows(np.asarray(advantages, np.float32), local),
         "rewards": hosts.local_rows(np.asarray(totals, np.float32), local),

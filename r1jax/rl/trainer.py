@@ -76,13 +76,52 @@ def make_logp_fn(graphdef, chunk: int = 0):
     return logp_fn
 
 
+# GRPO config keys passed to r1jax.rl.grpo.loss under the same names, with their defaults for older configs.
+LOSS_OPTIONS = dict(sampler_correction="none", sampler_correction_min=None, sampler_correction_max=None,
+                    off_policy_mask_threshold=None, top_entropy_quantile=1.0, kl_bias_correction=False,
+                    sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                    vespo_k_neg=3.0, vespo_lambda_neg=2.0)
+
+
 def loss_kwargs(cfg) -> dict:
     return dict(loss_type=cfg.loss_type, beta=cfg.beta, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
                 delta=cfg.delta, importance_sampling_level=cfg.importance_sampling_level,
-                kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_new_tokens)
+                kl_estimator=cfg.kl_estimator, max_completion_length=cfg.max_new_tokens,
+                **{k: cfg.get(k, v) for k, v in LOSS_OPTIONS.items()})
 
 
-_TOKEN_MEAN_LOSSES = ("bnpo", "dapo")
+def entropy_bonus(cfg) -> bool:
+    """Whether the GRPO loss subtracts an entropy bonus (its coefficient is then an argument of the update)."""
+    return bool(cfg.get("entropy_coef", 0.0)) or bool(cfg.get("adaptive_entropy", False))
+
+
+def next_entropy_coef(cfg, coef: float, entropy: float) -> float:
+    """Skywork-OR1's adaptive entropy control (TRL's use_adaptive_entropy): after each optimizer step the
+    coefficient rises by entropy_coef_delta while the measured entropy is at or below entropy_target, else falls,
+    within [entropy_coef_min, entropy_coef_max]; it only applies while the last measurement was at or below the
+    target (`applied_entropy_coef`)."""
+    if entropy <= cfg.entropy_target:
+        return min(coef + cfg.entropy_coef_delta, cfg.entropy_coef_max)
+    return max(coef - cfg.entropy_coef_delta, cfg.entropy_coef_min)
+
+
+def applied_entropy_coef(cfg, coef: float, last_entropy: float) -> float:
+    if not cfg.get("adaptive_entropy", False):
+        return float(cfg.get("entropy_coef", 0.0))
+    return coef if last_entropy <= cfg.entropy_target else 0.0
+
+
+
+
+def old_logp_source(cfg) -> tuple[bool, bool]:
+    """(the old log-probs are the sampler's, the update batch also carries the sampler's log-probs). The sampler's
+    serve as the old ones when each rollout gets one update (they are the rollout policy's), unless
+    sampler_correction weighs by their ratio to the trainer's; the loss reads them next to recomputed old ones for
+    sampler_correction and the off-policy mask's behaviour policy."""
+    correct = cfg.get("sampler_correction", "none") != "none"
+    one_update = cfg.mu * cfg.minibatches == 1
+    from_sampler = cfg.old_logp == "sampler" or (cfg.old_logp == "auto" and one_update and not correct)
+    return from_sampler, not from_sampler and (correct or cfg.get("off_policy_mask_threshold") is not None)
 
 
 def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
@@ -93,30 +132,29 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
     kw = loss_kwargs(cfg)
     accum = int(cfg.get("grad_accum", 1) or 1)
     chunk = int(cfg.get("logits_chunk", 0) or 0)
+    bonus = entropy_bonus(cfg)  # static: without a bonus no gradient flows through the entropies
 
-    def objective(p, rest, batch, prompt_len):
+    def objective(p, rest, batch, prompt_len, entropy_coef):
         logp, entropy, aux = completion_logp(nnx.merge(graphdef, p, rest), batch["tokens"], batch["mask"],
                                              prompt_len, chunk)
-        mask = batch["completion_mask"]
-        value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"], mask,
-                                   **kw)
-        n = jnp.maximum(mask.sum(), 1)
-        metrics = {**metrics, "entropy": jnp.sum(jnp.where(mask, entropy, 0.0)) / n}
+        value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"],
+                                   batch["completion_mask"], sampler_logp_BT=batch.get("sampler_logp"),
+                                   entropy_BT=entropy, entropy_coef=entropy_coef if bonus else 0.0, **kw)
         if aux_loss_coef and "moe_aux_loss" in aux:
             value = value + aux_loss_coef * jnp.sum(aux["moe_aux_loss"])
         return value, (metrics, aux)
 
     @partial(jax.jit, static_argnames=("prompt_len",), donate_argnums=(0, 1))
-    def update(params, opt_state, rest, batch, inject_nan, prompt_len):
+    def update(params, opt_state, rest, batch, inject_nan, prompt_len, entropy_coef=0.0):
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if accum == 1:
-            (value, (metrics, aux)), grads = grad_fn(params, rest, batch, prompt_len)
+            (value, (metrics, aux)), grads = grad_fn(params, rest, batch, prompt_len, entropy_coef)
         else:
             R = batch["tokens"].shape[0]
             if R % accum:
                 raise ValueError(f"grad_accum={accum} does not divide the {R} rows of a minibatch")
             micro = jax.tree.map(lambda x: x.reshape(accum, R // accum, *x.shape[1:]), batch)
-            if cfg.loss_type in _TOKEN_MEAN_LOSSES:
+            if grpo.LOSS_TYPES[cfg.loss_type] in grpo.TOKEN_MEAN_AGGREGATIONS:
                 counts = micro["completion_mask"].reshape(accum, -1).sum(1).astype(jnp.float32)
                 weights = counts / jnp.maximum(counts.sum(), 1.0)
             else:
@@ -124,7 +162,7 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
 
             def body(acc, xs):
                 mb, w = xs
-                (v, (m, a)), g = grad_fn(params, rest, mb, prompt_len)
+                (v, (m, a)), g = grad_fn(params, rest, mb, prompt_len, entropy_coef)
                 acc_g, acc_v = acc
                 return (jax.tree.map(lambda s, x: s + w * x, acc_g, g), acc_v + w * v), (m, a)
 
@@ -142,6 +180,17 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
 
 def _mean_metrics(ms: list[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+
+
+# Update metrics logged under shorter names; every other metric of the loss is logged under its own name.
+_LOGGED_AS = {"clip_ratio/region_mean": "clip_frac", "clip_ratio/low_mean": "clip_frac_low",
+              "clip_ratio/high_mean": "clip_frac_high", "ratio/max": "ratio_max", "ratio/min": "ratio_min"}
+_NOT_LOGGED = ("ratio/mean", "clip_ratio/low_min", "clip_ratio/high_max", "num_tokens")
+
+
+def update_metrics(m: dict) -> dict:
+    """A step's mean update metrics under their log names."""
+    return {_LOGGED_AS.get(k, k): v for k, v in m.items() if k not in _NOT_LOGGED}
 
 
 def grpo_memory_knobs(cfg, stage: str) -> tuple[int, int, int]:
@@ -194,6 +243,7 @@ def check_grpo_stage(stage: str, cfg) -> None:
                          f"minibatches={cfg.minibatches}")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
+    check_loss_options(stage, cfg)
     if cfg.dynamic_sampling and (cfg.group_size < 2 or cfg.max_rollouts < 1):
         raise ValueError(f"config.{stage}.dynamic_sampling needs group_size >= 2 (got {cfg.group_size}) and "
                          f"max_rollouts >= 1 (got {cfg.max_rollouts})")
@@ -205,6 +255,26 @@ def check_grpo_stage(stage: str, cfg) -> None:
             get_reward(name)
         except ValueError as e:
             raise ValueError(f"config.{stage}: {e}") from None
+
+
+def check_loss_options(stage: str, cfg) -> None:
+    """The loss settings, checked by r1jax.rl.grpo.loss itself on a one-token batch (so the messages are the loss's,
+    naming the config keys, which carry the loss's argument names)."""
+    correction = cfg.get("sampler_correction", "none")
+    if cfg.old_logp == "sampler" and correction != "none":
+        raise ValueError(f"config.{stage}: sampler_correction={correction!r} weighs by pi_old / pi_sampler, which "
+                         "old_logp='sampler' makes 1; set old_logp='auto' or 'recompute'")
+    if cfg.get("adaptive_entropy", False) and not (
+            cfg.entropy_coef_delta >= 0 and 0 <= cfg.entropy_coef_min <= cfg.entropy_coef_max):
+        raise ValueError(f"config.{stage}: adaptive_entropy needs entropy_coef_delta >= 0 and 0 <= entropy_coef_min "
+                         f"<= entropy_coef_max (got {cfg.entropy_coef_delta}, {cfg.entropy_coef_min}, "
+                         f"{cfg.entropy_coef_max})")
+    z = jnp.zeros((1, 1), jnp.float32)
+    try:
+        grpo.loss(z, z, z, jnp.zeros((1,)), jnp.ones((1, 1)), sampler_logp_BT=z, entropy_BT=z,
+                  entropy_coef=float(cfg.get("entropy_coef", 0.0)), **loss_kwargs(cfg))
+    except ValueError as e:
+        raise ValueError(f"config.{stage}: {e}") from None
 
 
 def check_grpo_data(ctx: training.RunContext, stage: str, cfg) -> None:
@@ -275,14 +345,17 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
         ref = state.get("ref")
         it.set_state(meta["data"])
     nonfinite, skipped = int(meta.get("nonfinite", 0)), int(meta.get("skipped", 0))
+    # Adaptive entropy control's state; the last entropy starts at inf, so no bonus before a measurement (as TRL).
+    entropy_coef = float(meta.get("entropy_coef", cfg.get("entropy_coef", 0.0)))
+    last_entropy = float(meta.get("last_entropy", float("inf")))
     nan_at = training.nan_steps(cfg.debug_nan_steps)
-    one_update = cfg.mu * cfg.minibatches == 1
-    old_from_sampler = cfg.old_logp == "sampler" or (cfg.old_logp == "auto" and one_update)
+    old_from_sampler, keep_sampler_logp = old_logp_source(cfg)
     key = jax.random.key(ctx.config.seed)
 
     def save(at):
         st = {"params": params, "opt_state": opt_state, "rest": rest, **({"ref": ref} if use_ref else {})}
-        ckpt.save(at, st, {"data": it.get_state(), "nonfinite": nonfinite, "skipped": skipped})
+        ckpt.save(at, st, {"data": it.get_state(), "nonfinite": nonfinite, "skipped": skipped,
+                           "entropy_coef": entropy_coef, "last_entropy": last_entropy})
 
     def current_model():
         return nnx.merge(graphdef, params, rest)
@@ -311,26 +384,33 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                     dev["old_logp"] = logp_fn(params, rest, dev["tokens"], dev["mask"], P)
                 if use_ref:
                     dev["ref_logp"] = logp_fn(ref, rest, dev["tokens"], dev["mask"], P)
-                dev.pop("sampler_logp")
+                if not keep_sampler_logp:
+                    dev.pop("sampler_logp")
                 step_metrics = []
                 rows = R // cfg.minibatches
                 for _ in range(cfg.mu):
                     for mb in range(cfg.minibatches):
                         sub = jax.tree.map(lambda x: x[mb * rows:(mb + 1) * rows], dev) if cfg.minibatches > 1 \
                             else dev
-                        params, opt_state, m, aux = update(params, opt_state, rest, sub, step + 1 in nan_at, P)
+                        coef = applied_entropy_coef(cfg, entropy_coef, last_entropy)
+                        params, opt_state, m, aux = update(params, opt_state, rest, sub, step + 1 in nan_at, P,
+                                                           jnp.float32(coef))
                         rest = training.update_router_bias(ctx, rest, aux)
-                        step_metrics.append(training.to_float_dict(m))
+                        m = training.to_float_dict(m)
+                        if entropy_bonus(cfg):
+                            m["entropy_coef"] = coef
+                        if cfg.get("adaptive_entropy", False):
+                            last_entropy = m.get("entropy/selected_mean", m["entropy"])
+                            entropy_coef = next_entropy_coef(cfg, entropy_coef, last_entropy)
+                        step_metrics.append(m)
             step += 1
             oks = [bool(m.pop("update_ok")) for m in step_metrics]
             nonfinite, skipped = training.count_updates(oks, nonfinite, skipped, stage=stage, step=step,
                                                         max_nonfinite=cfg.max_nonfinite)
             t2 = time.perf_counter()
             m = _mean_metrics(step_metrics)
+            metrics.update(update_metrics(m))
             metrics.update(
-                loss=m["loss"], grad_norm=m["grad_norm"], entropy=m["entropy"], pg_loss=m["pg_loss"],
-                clip_frac=m["clip_ratio/region_mean"], clip_frac_low=m["clip_ratio/low_mean"],
-                clip_frac_high=m["clip_ratio/high_mean"], ratio_max=m["ratio/max"], ratio_min=m["ratio/min"],
                 kl=m.get("kl", 0.0), lr=float(schedule(max(step * cfg.mu * cfg.minibatches - 1, 0))),
                 skipped_updates=skipped, train_s=t2 - t1, step_s=t2 - t0,
                 tokens_per_s=metrics["generated_tokens"] / (t2 - t0))
