@@ -112,7 +112,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         logits_chunk=0,             # completion positions per output-head chunk (0: all at once)
         rollout_prompts=0,          # prompts per sampler call, run one after another (0: all B at once); divides B
         rollout_compact=0,          # the sampler halves its rows up to this many times as they finish (same samples)
-        minibatches=1,              # optimizer steps per pass (the batch is split into this many minibatches)
+        minibatches=1,              # optimizer steps per pass; minibatch k of m holds rows k, k + m, ...
         old_logp="auto",            # auto: the sampler's log-probs with one update per rollout, else recompute
         loss_type="grpo",
         beta=0.04,

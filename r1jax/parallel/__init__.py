@@ -22,11 +22,13 @@ from r1jax.parallel.expert import DISPATCH_MODES, capacity, dispatch, resolve_di
 from r1jax.parallel.mesh import distributed_config, initialize, make_mesh, parse_mesh
 from r1jax.parallel.rules import PRESETS, axis_rules, constrain, context_rules, logical_to_spec
 from r1jax.parallel.sharding import (LayoutError, batch_sharding, batch_shards, batch_spec, check_batch, init_sharded,
-                                     shard_batch, shard_model, shard_state, shardings_for, validate_layout)
+                                     merge_rows, shard_batch, shard_model, shard_state, shardings_for, split_rows,
+                                     validate_layout)
 
 __all__ = [
     "DISPATCH_MODES", "LayoutError", "PRESETS", "axis_rules", "batch_sharding", "batch_shards", "batch_spec",
     "bias_delta", "capacity", "check_batch", "hosts", "constrain", "context_rules", "dispatch", "distributed_config",
-    "init_sharded", "initialize", "logical_to_spec", "make_mesh", "moe_metrics", "parse_mesh", "resolve_dispatch",
-    "shard_batch", "shard_model", "shard_state", "shardings_for", "update_router_bias", "validate_layout",
+    "init_sharded", "initialize", "logical_to_spec", "make_mesh", "merge_rows", "moe_metrics", "parse_mesh",
+    "resolve_dispatch", "shard_batch", "shard_model", "shard_state", "shardings_for", "split_rows",
+    "update_router_bias", "validate_layout",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -183,3 +184,25 @@ def shard_batch(batch, mesh, rules):
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
     return jax.tree.map(put, batch)
+
+
+def split_rows(x, parts: int):
+    """[R, ...] -> [parts, R / parts, ...], part k holding rows k, k + parts, k + 2 parts, ...: for micro-batches
+    (gradient accumulation, chunked scoring). A batch lies over its devices in contiguous shares of rows, and each
+    share splits into the parts locally, so a scan over the parts moves no data between devices; contiguous parts
+    would each lie on a few devices, and XLA gathers and permutes activations to spread them (measured on 8 CPU
+    devices: a GRPO update with 4 micro-batches all-gathered its hidden states and logits).
+    Example: rows 0..5 in 2 parts are [0, 2, 4] and [1, 3, 5].
+        >>> split_rows(jnp.arange(6), 2).tolist()
+        [[0, 2, 4], [1, 3, 5]]
+    """
+    R = x.shape[0]
+    if R % parts:
+        raise ValueError(f"{parts} parts do not divide the {R} rows")
+    return jnp.swapaxes(x.reshape(R // parts, parts, *x.shape[1:]), 0, 1)
+
+
+def merge_rows(x_parts):
+    """The inverse of `split_rows`: [parts, R / parts, ...] -> [R, ...] in the original row order."""
+    parts, per = x_parts.shape[:2]
+    return jnp.swapaxes(x_parts, 0, 1).reshape(parts * per, *x_parts.shape[2:])

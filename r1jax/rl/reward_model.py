@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax.parallel import hosts
+from r1jax.parallel.sharding import merge_rows, split_rows
 
 NORMALIZE = ("none", "batch", "group")
 KINDS = ("reward_model", "judge")
@@ -83,8 +84,8 @@ def _micro(fn, micro: int, *xs):
         return fn(*xs)
     if R % micro:
         raise ValueError(f"micro_batch={micro} must divide the {R} scored rows")
-    chunks = [x.reshape(R // micro, micro, *x.shape[1:]) for x in xs]
-    return jax.lax.map(lambda c: fn(*c), tuple(chunks)).reshape(R)
+    chunks = [split_rows(x, R // micro) for x in xs]
+    return merge_rows(jax.lax.map(lambda c: fn(*c), tuple(chunks)))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "micro"))

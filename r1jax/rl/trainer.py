@@ -27,6 +27,7 @@ from r1jax import training
 from r1jax.checkpoint import Checkpointer
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
+from r1jax.parallel.sharding import split_rows
 from r1jax.rl import dynamic_sampling, grpo
 from r1jax.rl.rollout import rollout
 
@@ -153,7 +154,7 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
             R = batch["tokens"].shape[0]
             if R % accum:
                 raise ValueError(f"grad_accum={accum} does not divide the {R} rows of a minibatch")
-            micro = jax.tree.map(lambda x: x.reshape(accum, R // accum, *x.shape[1:]), batch)
+            micro = jax.tree.map(lambda x: split_rows(x, accum), batch)
             if grpo.LOSS_TYPES[cfg.loss_type] in grpo.TOKEN_MEAN_AGGREGATIONS:
                 counts = micro["completion_mask"].reshape(accum, -1).sum(1).astype(jnp.float32)
                 weights = counts / jnp.maximum(counts.sum(), 1.0)
@@ -176,6 +177,11 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
         return params, opt_state, {**metrics, "loss": value, "grad_norm": grad_norm, "update_ok": ok}, aux
 
     return update
+
+
+@partial(jax.jit, static_argnums=1)
+def _split_minibatches(batch, minibatches: int):
+    return jax.tree.map(lambda x: split_rows(x, minibatches), batch)
 
 
 def _mean_metrics(ms: list[dict]) -> dict:
@@ -311,7 +317,6 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     from r1jax.data import rl_prompt_dataset
 
     check_grpo_stage(stage, cfg)  # also when called directly, not through r1jax.pipeline.stages.run
-    R = cfg.batch_prompts * cfg.group_size  # rows of an update batch, over all processes
     examples = ctx.tasks[cfg.train_split]
     template = cfg.template or ctx.config.task.template
     prompts = training.process_share(cfg.batch_prompts, f"config.{stage}.batch_prompts", "prompts")
@@ -387,11 +392,12 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 if not keep_sampler_logp:
                     dev.pop("sampler_logp")
                 step_metrics = []
-                rows = R // cfg.minibatches
+                # Minibatch k holds rows k, k + m, ...: each device keeps its own rows (contiguous minibatches
+                # were sliced out of the sharded batch replicated on every device).
+                parts = _split_minibatches(dev, cfg.minibatches) if cfg.minibatches > 1 else None
                 for _ in range(cfg.mu):
                     for mb in range(cfg.minibatches):
-                        sub = jax.tree.map(lambda x: x[mb * rows:(mb + 1) * rows], dev) if cfg.minibatches > 1 \
-                            else dev
+                        sub = jax.tree.map(lambda x: x[mb], parts) if parts is not None else dev
                         coef = applied_entropy_coef(cfg, entropy_coef, last_entropy)
                         params, opt_state, m, aux = update(params, opt_state, rest, sub, step + 1 in nan_at, P,
                                                            jnp.float32(coef))

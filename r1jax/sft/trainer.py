@@ -32,6 +32,7 @@ from r1jax.checkpoint import Checkpointer
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules
+from r1jax.parallel.sharding import split_rows
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1):
         B = next(iter(rows.values())).shape[0]
         if B % grad_accum:
             raise ValueError(f"grad_accum={grad_accum} does not divide the batch's {B} rows")
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, B // grad_accum, *x.shape[1:]), rows)
+        micro = jax.tree.map(lambda x: split_rows(x, grad_accum), rows)
 
         def body(carry, mb):
             (loss, (metrics, aux)), grads = value_and_grad(params, rest, {**mb, **shared}, inject_nan)
