@@ -114,6 +114,11 @@ def model_spec(cfg: ml_collections.ConfigDict, stage: str | None = None) -> dict
     return spec
 
 
+# Fused attention kernels: the hardware they compile for and its jax platform names (elsewhere they only run
+# interpreted). jax names CUDA and ROCm devices "gpu".
+_KERNEL_PLATFORMS = {"splash": ("TPU", ("tpu",)), "flash_gpu": ("GPU", ("gpu", "cuda"))}
+
+
 def build_model_config(cfg: ml_collections.ConfigDict, tokenizer, stage: str | None = None,
                        platform: str | None = None) -> ModelConfig:
     """The ModelConfig of `stage` (default: config.model's), checked against the platform it will run on (default:
@@ -129,9 +134,11 @@ def build_model_config(cfg: ml_collections.ConfigDict, tokenizer, stage: str | N
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                          f"{mc.vocab_size}; set config.model.overrides.vocab_size >= {tokenizer.vocab_size}")
     platform = platform or jax.default_backend()
-    if mc.attention_impl == "splash" and platform != "tpu" and not mc.attention_interpret:
-        raise ValueError(f"config.model.overrides.attention_impl='splash' is a TPU kernel and this run's platform is "
-                         f"{platform!r}; use attention_impl='xla' (or attention_interpret=True, slow: for tests)")
+    kind, platforms = _KERNEL_PLATFORMS.get(mc.attention_impl, (None, ()))
+    if kind and platform not in platforms and not mc.attention_interpret:
+        raise ValueError(f"config.model.overrides.attention_impl={mc.attention_impl!r} is a {kind} kernel and this "
+                         f"run's platform is {platform!r}; use attention_impl='xla' (or attention_interpret=True, "
+                         f"slow: for tests)")
     return mc
 
 

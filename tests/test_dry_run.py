@@ -260,6 +260,8 @@ def test_activation_estimate_follows_the_memory_knobs():
     H, b = mc.num_heads / 1, 4  # tiny_qwen2 computes in float32; no tensor axis
     fused = mc.replace(attention_impl="splash")
     assert query_block_fraction(fused, 512) == 0.0
+    flash = mc.replace(attention_impl="flash_gpu")  # the GPU kernel keeps no scores or mask either
+    assert query_block_fraction(flash, 512) == 0.0 and activation_bytes(flash, **kw)["mask"] == 0
     for policy, kept in (("none", 0.75 * H * 512 * (8 + 2 * b)), ("dots", H * 512 * b), ("full", 0.0)):
         dense = layer_bytes(mc, 512, False, policy, mesh, "fsdp")
         assert dense - layer_bytes(blocked, 512, False, policy, mesh, "fsdp") == pytest.approx(kept), policy

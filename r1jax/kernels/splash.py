@@ -28,9 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec as P
 
-from r1jax.parallel.rules import current, logical_to_spec
+from r1jax.kernels.attention_sharding import per_shard
 
 BLOCK = 128  # splash's default tile on both sequence dims; lengths are padded to a multiple of it
 
@@ -70,14 +69,4 @@ def splash_attention(q_BLKGQ, k_BSKQ, v_BSKV, segments_BL, *, heads_axis: str = 
     v [B, L, K, V] -> [B, L, K, G, V], restricted to equal `segments_BL` (see the module docstring).
     `heads_axis`: the logical name the rules shard K by ("kv_heads" for GQA, "heads" for MLA's per-head keys)."""
     fn = functools.partial(_local, block=block, interpret=interpret)
-    mesh, rules = current()
-    if mesh is None:
-        return fn(q_BLKGQ, k_BSKQ, v_BSKV, segments_BL)
-    batch, length, heads = logical_to_spec(("batch", "length", heads_axis), rules, mesh)
-    if length is not None:
-        raise ValueError(f"attention_impl='splash' cannot split a row's positions over devices (the rules map "
-                         f"'length' to {length}: context parallelism); use attention_impl='xla' with "
-                         f"mesh.context, or no context parallelism")
-    q_spec, kv_spec = P(batch, None, heads, None, None), P(batch, None, heads, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(batch, None)), out_specs=q_spec,
-                         check_vma=False)(q_BLKGQ, k_BSKQ, v_BSKV, segments_BL)
+    return per_shard(fn, q_BLKGQ, k_BSKQ, v_BSKV, segments_BL, impl="splash", heads_axis=heads_axis)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from r1jax.kernels.flash_gpu import flash_attention
 from r1jax.kernels.splash import splash_attention
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import RMSNorm, Rotary, cast, make_param, yarn_softmax_scale
@@ -29,6 +30,9 @@ from r1jax.models.projection import project
 from r1jax.parallel.rules import constrain
 
 _NEG = float(jnp.finfo(jnp.float32).min)
+# Fused training / prefill attention by attention_impl: one contract (scaled q [B, L, K, G, Q], k, v, segments),
+# no scores in HBM; "xla" is the einsum path below.
+FUSED_ATTENTION = {"splash": splash_attention, "flash_gpu": flash_attention}
 
 
 def softmax_attend(scores_BKGLS, mask_BLS, v_BSKV):
@@ -172,8 +176,9 @@ class Attention(nnx.Module):
         if cache is not None:
             new_cache = {"k": write_key_cache(cache["k"], k, cache_index),
                          "v": write_cache(cache["v"], v.transpose(0, 2, 1, 3), cache_index, axis=2)}
-        if (cache is None or prefill) and self.impl == "splash":
-            out = splash_attention(q * self.scale, k, v, segments_BL, interpret=self.interpret).reshape(B, L, H, Q)
+        fused = FUSED_ATTENTION.get(self.impl)
+        if (cache is None or prefill) and fused:
+            out = fused(q * self.scale, k, v, segments_BL, interpret=self.interpret).reshape(B, L, H, Q)
         elif cache is None or prefill:
             k, v = all_positions(k), all_positions(v)
 
@@ -260,11 +265,12 @@ class MLAttention(nnx.Module):
             ckv, k_rope = all_positions(ckv), all_positions(k_rope)
             k_nope = project("bsr,rhq->bshq", ckv, wk_b)
             v = project("bsr,rhv->bshv", ckv, wv_b)
-            if self.impl == "splash":  # per head: [nope | rope] keys, the rope part shared by every head
+            fused = FUSED_ATTENTION.get(self.impl)
+            if fused:  # per head: [nope | rope] keys, the rope part shared by every head
                 H = k_nope.shape[2]
                 k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_rope.shape[:2] + (H, Qr))], -1)
                 q = jnp.concatenate([q_nope, q_rope], -1)[:, :, :, None] * self.scale
-                out = splash_attention(q, k, v, segments_BL, heads_axis="heads", interpret=self.interpret)
+                out = fused(q, k, v, segments_BL, heads_axis="heads", interpret=self.interpret)
                 out = out[:, :, :, 0]
                 return self._output(out, dt), new_cache
 

@@ -122,7 +122,7 @@ class MoEConfig:
                              f"[1, topk_group * experts per group = {self.topk_group * per_group}]")
 
 
-ATTENTION_IMPLS = ("xla", "splash")
+ATTENTION_IMPLS = ("xla", "splash", "flash_gpu")
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,9 @@ class ModelConfig:
     scan_unroll: int = 1
     # Queries per attention block in training / prefill (0: all at once); bounds score memory at O(L * block).
     attention_q_block: int = 0
-    # Training / prefill attention: "xla" (einsums, any platform) or "splash" (TPU: jax's fused Pallas kernel,
-    # r1jax.kernels.splash; no scores in HBM, attention_q_block unused); attention_interpret runs it interpreted.
+    # Training / prefill attention: "xla" (einsums, any platform), "splash" (TPU: jax's fused Pallas kernel,
+    # r1jax.kernels.splash) or "flash_gpu" (GPU: our fused Pallas Triton kernel, r1jax.kernels.flash_gpu); the fused
+    # ones keep no scores in HBM and leave attention_q_block unused. attention_interpret runs them interpreted.
     attention_impl: str = "xla"
     attention_interpret: bool = False
 

@@ -40,12 +40,13 @@ use; the report gives these numbers per device:
                        "none"). Dimensions that the rules shard over 'tensor' (heads, mlp, vocab) count 1/t.
                        Dense attention scores grow with T * S per row and dominate at long context, unless
                        config.model.overrides.attention_q_block runs queries in blocks (no scores kept; one block's
-                       while a layer is recomputed) or attention_impl="splash" (TPU) fuses them away.
+                       while a layer is recomputed) or a fused attention_impl ("splash" on TPU, "flash_gpu" on GPU)
+                       removes them.
                        grad_accum = m divides the rows (one micro-batch's activations at a time; the accumulated
                        gradients add a params-sized "grad_accum" entry). head = logit positions (GRPO: logits_chunk
                        of them at once) * V * 4 bytes * 4 (GRPO: logits, log-softmax, its exp for the entropy, the
                        logits' cotangent; SFT: 3). mask = tokens_per_device * T bytes of the boolean attention mask
-                       (none with splash). With context parallelism the working layer adds the keys and values
+                       (none with a fused kernel). With context parallelism the working layer adds the keys and values
                        gathered from the row's other positions.
                        XLA's fusion and buffer reuse make the real number differ; treat it as an order of magnitude.
   rollout              the sampler's KV cache for B * G rows of P + N slots (rollout_prompts * G when a GRPO stage

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from r1jax.models.attention import FUSED_ATTENTION
 from r1jax.models.config import ModelConfig
 from r1jax.parallel.rules import logical_to_spec
 from r1jax.parallel.sharding import spec_size
@@ -70,8 +71,8 @@ def axis_shards(mesh, rules, logical: str) -> int:
 def query_block_fraction(mc: ModelConfig, length: int) -> float:
     """The share of a row's queries whose attention scores exist at once: attention_q_block / length where the model
     runs its queries in blocks (`r1jax.models.attention.query_blocks`: a block > 0 shorter than the row), else 1;
-    0 with the fused splash kernel, whose scores only exist as on-chip tiles."""
-    if mc.attention_impl == "splash":
+    0 with a fused kernel (splash, flash_gpu), whose scores only exist as on-chip tiles."""
+    if mc.attention_impl in FUSED_ATTENTION:
         return 0.0
     block = mc.attention_q_block
     return block / length if block and length > block else 1.0
@@ -144,8 +145,8 @@ def activation_bytes(mc: ModelConfig, *, rows: int, length: int, logit_positions
     if cp > 1 and mc.remat != "none":
         # The working layer's keys and values of the row's other positions, gathered from the other devices.
         layers += rows_dev * (length - tokens / rows_dev) * gathered_kv_bytes(mc, mesh, rules)
-    # The [B, L, L] boolean attention mask, built once per forward pass (unused, so never built, under splash).
-    mask = 0 if mc.attention_impl == "splash" else tokens * length
+    # The [B, L, L] boolean attention mask, built once per forward pass (unused, so never built, by fused kernels).
+    mask = 0 if mc.attention_impl in FUSED_ATTENTION else tokens * length
     return {"rows_per_device": rows_dev, "tokens_per_device": tokens, "layers": int(layers), "head": int(head),
             "mask": int(mask), "total": int(layers + head + mask)}
 
