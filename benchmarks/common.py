@@ -77,3 +77,29 @@ def machine() -> str:
         cpu = platform.processor()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{os.cpu_count()} CPUs ({cpu}), load {load:.1f}"
+
+
+def time_paired(call, baseline, *, iters: int, warmup: int = 2) -> tuple[float, float]:
+    """Fastest seconds per call of `call` and of `baseline` (each a (jitted fn, args); compile excluded), timed
+    alternately: on a machine shared with other jobs the load drifts, and alternating gives both the same load; the
+    fastest of the iters is the least disturbed (the median mostly measures the other jobs when they oversubscribe
+    the cores).
+    Each case is paired with its own dense baseline rather than all cases round-robin, because a huge call (ragged_dot
+    on CPU) right before a small one slows the small one (measured 2x: freed memory is refaulted)."""
+    import jax
+
+    for fn, args in (call, baseline):
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times = ([], [])
+    for _ in range(iters):
+        for (fn, args), samples in zip((call, baseline), times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            samples.append(time.perf_counter() - start)
+    return min(times[0]), min(times[1])
+
+
+def relative_error(got, want) -> float:
+    got, want = (np.asarray(np.asarray(x, np.float32), np.float64) for x in (got, want))
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))

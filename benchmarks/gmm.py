@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from r1jax.kernels import BACKENDS, gmm
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import relative_error, time_paired  # noqa: E402
 
 
 def group_sizes(kind: str, m: int, g: int) -> np.ndarray:
@@ -44,25 +48,6 @@ def group_sizes(kind: str, m: int, g: int) -> np.ndarray:
     return sizes
 
 
-def time_paired(call, baseline, *, iters: int, warmup: int = 2) -> tuple[float, float]:
-    """Fastest seconds per call of `call` and of `baseline` (each a (jitted fn, args); compile excluded), timed
-    alternately: on a machine shared with other jobs the load drifts, and alternating gives both the same load; the
-    fastest of the iters is the least disturbed (the median mostly measures the other jobs when they oversubscribe
-    the cores).
-    Each case is paired with its own dense baseline rather than all cases round-robin, because a huge call (ragged_dot
-    on CPU) right before a small one slows the small one (measured 2x: freed memory is refaulted)."""
-    for fn, args in (call, baseline):
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    times = ([], [])
-    for _ in range(iters):
-        for (fn, args), samples in zip((call, baseline), times):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            samples.append(time.perf_counter() - start)
-    return min(times[0]), min(times[1])
-
-
 def available_backends() -> list[str]:
     platform = jax.default_backend()
     if platform == "tpu":
@@ -70,11 +55,6 @@ def available_backends() -> list[str]:
     if platform == "gpu":
         return ["xla", "pallas_gpu", "pallas_mosaic_gpu"]
     return ["xla", "xla_blocked"]
-
-
-def relative_error(got, want) -> float:
-    got, want = (np.asarray(x.astype(jnp.float32), np.float64) for x in (got, want))
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 # Small ragged shapes (as in tests/test_gmm.py): empty groups, tiles straddling groups, M/K/N off the tiles, rows
