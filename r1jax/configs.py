@@ -110,6 +110,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         mu=1,                       # optimization passes over each rollout batch (num_iterations)
         grad_accum=1,               # micro-batches per minibatch, gradients accumulated (memory, not semantics)
         logits_chunk=0,             # completion positions per output-head chunk (0: all at once)
+        pack_rows=False,            # updates run over the rows' real tokens packed into bins (r1jax.rl.packing)
         rollout_prompts=0,          # prompts per sampler call, run one after another (0: all B at once); divides B
         rollout_compact=0,          # the sampler halves its rows up to this many times as they finish (same samples)
         minibatches=1,              # optimizer steps per pass; minibatch k of m holds rows k, k + m, ...

@@ -338,6 +338,34 @@ def test_grpo_stage_with_context_parallelism(pretrained, tmp_path, monkeypatch):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6), key
 
 
+def test_grpo_stage_with_packed_rows(pretrained, tmp_path):
+    """pack_rows through the stage on 2 x 4 devices: with context parallelism over fsdp and 2 micro-batches (each of
+    the update's 2 batch shards packs its 2 rows of each micro-batch), and without (8 batch shards, one row each,
+    one micro-batch; 2 micro-batches would not split into whole rows per shard: refused by name). The first update
+    (its reference log-probs packed too) equals the padded one's."""
+    out = {}
+    for pack, context, accum in ((False, "", 2), (True, "fsdp", 2), (True, "", 1)):
+        cfg = _config(steps=1, grad_accum=accum, pack_rows=pack)
+        cfg.grpo.eval.num_problems = 0
+        cfg.mesh.update(data=2, fsdp=4, context=context)
+        name = f"{pack}{context}"
+        assert not run(cfg, _workdir(pretrained, tmp_path / name))["stopped"]
+        out[name] = read_metrics(tmp_path / name)
+    for name in ("Truefsdp", "True"):
+        for key in ("reward", "completion_len", "loss", "grad_norm", "entropy", "kl"):
+            a, b = _by_step(out["False"], "grpo", key)[1], _by_step(out[name], "grpo", key)[1]
+            assert b == pytest.approx(a, rel=1e-5, abs=1e-6), (name, key)
+    # Rows of this toy fill more than half a bin, so 2 rows need 2 bins (tests/test_packing.py shows savings).
+    assert _by_step(out["Truefsdp"], "grpo", "pack_bins_per_unit")[1] <= 2
+    assert _by_step(out["Truefsdp"], "grpo", "pack_token_ratio")[1] <= 1.0
+    assert "pack_token_ratio" not in out["False"][-1]
+    cfg = _config(steps=1, grad_accum=2, pack_rows=True)
+    cfg.mesh.update(data=2, fsdp=4)
+    with pytest.raises(ValueError, match=r"config.grpo.pack_rows: 8 rows do not split into minibatches x "
+                                         r"grad_accum x batch shards = 1 x 2 x 8"):
+        run(cfg, _workdir(pretrained, tmp_path / "refused"))
+
+
 def test_grpo_stage_with_dynamic_sampling(pretrained, tmp_path):
     """dynamic_sampling through the stage: with a reward no completion here can change (the overlong penalty of
     12-token completions is 0), no group ever has a signal, so each step makes max_rollouts rollouts, fills the

@@ -26,9 +26,11 @@ from flax import nnx
 from r1jax import training
 from r1jax.checkpoint import Checkpointer
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
+from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules
 from r1jax.parallel.sharding import split_rows
-from r1jax.rl import dynamic_sampling, grpo
+from r1jax.rl import dynamic_sampling, grpo, packing
+from r1jax.rl.packing import gather_hidden
 from r1jax.rl.rollout import rollout
 
 
@@ -39,17 +41,24 @@ def token_logp_entropy(logits_RNV, targets_RN):
     return logp, entropy
 
 
-def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0):
+def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0, packed: dict | None = None,
+                    pack_shards: int = 1, pack_parts: int = 1):
     """Log-probs and entropies [R, N] of the completion tokens tokens[:, P:] (and the model's aux outputs).
 
     With `chunk` > 0 the output head and log-softmax run over `chunk` positions at a time under a rematerialized
     scan, so the [R, N, V] float32 logits never exist at once (their memory dominates at long completions).
     The forward runs over all P + N positions, the last one as padding (it predicts nothing; padding is no key, no
     expert load and not in the balance loss): the same numbers as P + N - 1 positions, in a length that context
-    parallelism and the expert all-to-all can split evenly."""
-    out = model.forward(tokens_RT, attention_mask_BL=mask_RT.astype(bool).at[:, -1].set(False),
-                        return_logits=False)
-    h = out.hidden[:, prompt_len - 1:-1]
+    parallelism and the expert all-to-all can split evenly. With `packed` (bin_tokens, bin_segments, gather_idx of
+    r1jax.rl.packing, packed over `pack_shards` batch shards, `pack_parts` units per shard) it runs over the bins
+    instead and gathers the hidden states that predict the completion tokens."""
+    if packed is None:
+        out = model.forward(tokens_RT, attention_mask_BL=mask_RT.astype(bool).at[:, -1].set(False),
+                            return_logits=False)
+        h = out.hidden[:, prompt_len - 1:-1]
+    else:
+        out = model.forward(packed["bin_tokens"], segment_ids_BL=packed["bin_segments"], return_logits=False)
+        h = gather_hidden(out.hidden, packed["gather_idx"], pack_shards, pack_parts)
     targets = tokens_RT[:, prompt_len:]
     R, N, D = h.shape
     if not chunk or N <= chunk:
@@ -70,10 +79,21 @@ def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0):
     return jnp.moveaxis(logp, 0, 2).reshape(R, N), jnp.moveaxis(entropy, 0, 2).reshape(R, N), out.aux
 
 
-def make_logp_fn(graphdef, chunk: int = 0):
+PACKED_KEYS = ("bin_tokens", "bin_segments", "gather_idx")
+
+
+def packed_arrays(batch) -> dict | None:
+    """The packing arrays of an update batch (r1jax.rl.packing), or None when its rows are not packed."""
+    return {k: batch[k] for k in PACKED_KEYS} if "gather_idx" in batch else None
+
+
+def make_logp_fn(graphdef, chunk: int = 0, pack_shards: int = 1, pack_parts: int = 1):
+    """Jitted log-probs of a whole update batch; a packed one holds `pack_parts` (minibatches x grad_accum) units
+    per batch shard."""
     @partial(jax.jit, static_argnames=("prompt_len",))
-    def logp_fn(params, rest, tokens_RT, mask_RT, prompt_len):
-        return completion_logp(nnx.merge(graphdef, params, rest), tokens_RT, mask_RT, prompt_len, chunk)[0]
+    def logp_fn(params, rest, tokens_RT, mask_RT, prompt_len, packed=None):
+        return completion_logp(nnx.merge(graphdef, params, rest), tokens_RT, mask_RT, prompt_len, chunk, packed,
+                               pack_shards, pack_parts)[0]
     return logp_fn
 
 
@@ -112,8 +132,6 @@ def applied_entropy_coef(cfg, coef: float, last_entropy: float) -> float:
     return coef if last_entropy <= cfg.entropy_target else 0.0
 
 
-
-
 def old_logp_source(cfg) -> tuple[bool, bool]:
     """(the old log-probs are the sampler's, the update batch also carries the sampler's log-probs). The sampler's
     serve as the old ones when each rollout gets one update (they are the rollout policy's), unless
@@ -125,11 +143,12 @@ def old_logp_source(cfg) -> tuple[bool, bool]:
     return from_sampler, not from_sampler and (correct or cfg.get("off_policy_mask_threshold") is not None)
 
 
-def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
+def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: int = 1):
     """The jitted GRPO update on one (mini)batch. With `cfg.grad_accum` = m > 1 the rows are split into m
     micro-batches whose gradients are accumulated (a scan) before the one optimizer step; each micro-batch's loss is
     weighted by its share of the batch's rows (grpo, dr_grpo) or valid tokens (bnpo, dapo), which reproduces the
-    full-batch loss exactly."""
+    full-batch loss exactly. A batch with packed rows (r1jax.rl.packing, over `pack_shards` batch shards) runs its
+    forward over the bins."""
     kw = loss_kwargs(cfg)
     accum = int(cfg.get("grad_accum", 1) or 1)
     chunk = int(cfg.get("logits_chunk", 0) or 0)
@@ -137,7 +156,7 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
 
     def objective(p, rest, batch, prompt_len, entropy_coef):
         logp, entropy, aux = completion_logp(nnx.merge(graphdef, p, rest), batch["tokens"], batch["mask"],
-                                             prompt_len, chunk)
+                                             prompt_len, chunk, packed_arrays(batch), pack_shards)
         value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"],
                                    batch["completion_mask"], sampler_logp_BT=batch.get("sampler_logp"),
                                    entropy_BT=entropy, entropy_coef=entropy_coef if bonus else 0.0, **kw)
@@ -177,6 +196,37 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float):
         return params, opt_state, {**metrics, "loss": value, "grad_norm": grad_norm, "update_ok": ok}, aux
 
     return update
+
+
+def pack_plan(ctx: training.RunContext, stage: str, cfg, prompts: int) -> dict:
+    """How a GRPO stage packs its update rows (config.<stage>.pack_rows): into units of minibatch x micro-batch x
+    batch shard (the update's batch shards, `ctx.train_rules`), each process packing the shards it holds."""
+    from r1jax.parallel import batch_shards
+
+    shards = batch_shards(ctx.mesh, ctx.train_rules)
+    procs = jax.process_count()
+    if shards % procs:
+        raise ValueError(f"config.{stage}.pack_rows: the update's {shards} batch shards do not split over the "
+                         f"{procs} processes (each process packs the rows of its own shards); turn pack_rows off")
+    plan = dict(shards=shards, local_shards=shards // procs, minibatches=cfg.minibatches,
+                grad_accum=int(cfg.get("grad_accum", 1) or 1), rows=prompts * cfg.group_size)
+    try:
+        units = packing.unit_rows(plan["rows"], minibatches=plan["minibatches"], grad_accum=plan["grad_accum"],
+                                  shards=plan["local_shards"])
+    except ValueError as e:
+        raise ValueError(f"config.{stage}.{e}") from None
+    return {**plan, "rows_per_unit": units.shape[1]}
+
+
+def pack_rows(batch: dict, prompt_len: int, plan: dict) -> dict:
+    """Adds the packed bins and gather indices to a rollout batch (this process's rows, numpy); returns metrics:
+    the bins per unit (agreed over processes, rounded to a bucket) and the packed tokens' share of the padded ones."""
+    split = dict(minibatches=plan["minibatches"], grad_accum=plan["grad_accum"], shards=plan["local_shards"])
+    bin_len = batch["tokens"].shape[1]
+    needed = hosts.process_max(packing.bins_needed(batch, prompt_len, bin_len=bin_len, **split))
+    bins = packing.bucket_bins(needed, plan["rows_per_unit"])
+    batch.update(packing.pack_batch(batch, prompt_len, bins=bins, bin_len=bin_len, **split))
+    return {"pack_bins_per_unit": bins, "pack_token_ratio": batch["bin_tokens"].size / batch["tokens"].size}
 
 
 @partial(jax.jit, static_argnums=1)
@@ -335,8 +385,11 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     schedule = lr_schedule(cfg.lr, total_steps=cfg.steps * cfg.mu * cfg.minibatches, warmup_steps=cfg.warmup_steps,
                            schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
     coef = ctx.model_config.moe.aux_loss_coef if ctx.model_config.moe else 0.0
-    update = make_update_fn(graphdef, optimizer, cfg, coef)
-    logp_fn = make_logp_fn(graphdef, int(cfg.get("logits_chunk", 0) or 0))
+    pack = pack_plan(ctx, stage, cfg, prompts) if cfg.get("pack_rows", False) else None
+    pack_shards = pack["shards"] if pack else 1
+    update = make_update_fn(graphdef, optimizer, cfg, coef, pack_shards)
+    logp_fn = make_logp_fn(graphdef, int(cfg.get("logits_chunk", 0) or 0), pack_shards,
+                           pack["minibatches"] * pack["grad_accum"] if pack else 1)
     opt_state = training.init_opt_state(ctx, optimizer, params)
     use_ref = cfg.beta != 0.0
     ref = training.tree_copy(params) if use_ref else None
@@ -380,15 +433,17 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 batch, metrics = sample_batch(ctx, cfg, current_model(), it, jax.random.fold_in(key, step),
                                               model_rewards, step, prompts)
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
+            if pack:
+                metrics.update(pack_rows(batch, P, pack))
             dev = training.shard_batch(ctx, batch)
             t1 = time.perf_counter()
             with axis_rules(ctx.mesh, ctx.train_rules):
                 if old_from_sampler:
                     dev["old_logp"] = dev["sampler_logp"]
                 else:
-                    dev["old_logp"] = logp_fn(params, rest, dev["tokens"], dev["mask"], P)
+                    dev["old_logp"] = logp_fn(params, rest, dev["tokens"], dev["mask"], P, packed_arrays(dev))
                 if use_ref:
-                    dev["ref_logp"] = logp_fn(ref, rest, dev["tokens"], dev["mask"], P)
+                    dev["ref_logp"] = logp_fn(ref, rest, dev["tokens"], dev["mask"], P, packed_arrays(dev))
                 if not keep_sampler_logp:
                     dev.pop("sampler_logp")
                 step_metrics = []
