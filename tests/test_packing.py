@@ -63,8 +63,8 @@ def rollout_batch(R, P, N, seed=0, vocab=256):
             "advantages": rng.standard_normal(R).astype(np.float32)}
 
 
-def pack(batch, P, **split):
-    bin_len = batch["tokens"].shape[1]
+def pack(batch, P, multiple=1, **split):
+    bin_len = -(-batch["tokens"].shape[1] // multiple) * multiple
     bins = packing.bins_needed(batch, P, bin_len=bin_len, **split)
     return {**batch, **packing.pack_batch(batch, P, bins=bins, bin_len=bin_len, **split)}
 
@@ -78,7 +78,7 @@ def test_packed_log_probs_and_update_equal_the_padded_ones(name):
     graphdef, params, rest = split_params(model)
     R, P, N = 12, 6, 16
     batch = rollout_batch(R, P, N)
-    packed = pack(batch, P, grad_accum=2)
+    packed = pack(batch, P, multiple=4, grad_accum=2)  # bins of 24: the output head's chunks of 4 divide them
     assert packed["bin_tokens"].size < batch["tokens"].size
     dev, dev_packed = (jax.tree.map(jnp.asarray, b) for b in (batch, packed))
     want = make_logp_fn(graphdef, chunk=4)(params, rest, dev["tokens"], dev["mask"], P)
@@ -123,4 +123,4 @@ def test_packed_update_on_8_devices_gathers_locally():
     for a, b in zip(jax.tree.leaves(want[0]), jax.tree.leaves(got[0])):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6)
     with pytest.raises(ValueError, match="pack_rows: 10 bins and 32 rows must split over the 4 batch shards"):
-        packing.gather_hidden(jnp.zeros((10, 4, 2)), jnp.zeros((32, 3), jnp.int32), 4)
+        packing.gather_positions(jnp.zeros((10, 4, 2)), jnp.zeros((32, 3), jnp.int32), 4)

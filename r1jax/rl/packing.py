@@ -4,14 +4,15 @@ A rollout row is a left-padded prompt and a right-padded completion, P + N slots
 padding (R1-style completions end anywhere below the limit). The update's forward passes only need each row's real
 tokens but the last (it predicts nothing): packing them end to end into bins of `bin_len` tokens, each row a segment
 of its own (attention stays within it, positions restart at 0), does the same arithmetic on fewer tokens. The loss
-keeps the row layout: `gather_idx` [R, N] says where in the bins the hidden state that predicts each completion
-token lies, so log-probs, masks and advantages are exactly the unpacked ones (tests/test_packing.py compares loss and
-gradients).
+keeps the row layout: the output head runs on the bins' positions (against `bin_targets`, each position's next token)
+and `gather_idx` [R, N] says where in the bins each completion token's log-prob lies, so log-probs, masks and
+advantages are exactly the unpacked ones (tests/test_packing.py compares loss and gradients), and the head skips the
+completions' padding too.
 
 Bins are packed per unit, a unit being the rows that one batch shard holds of one micro-batch of one minibatch (rows
 are split strided, `r1jax.parallel.split_rows`): every unit gets the same number of bins, laid out so that the same
 splits give each unit its own bins on its own device, and `gather_idx` points into the unit's bins only. The update
-then gathers per shard (`gather_hidden`), without moving activations between devices.
+then gathers per shard (`gather_positions`), without moving activations between devices.
 
 Example:
     >>> import numpy as np
@@ -20,7 +21,9 @@ Example:
     >>> packed = pack_batch({"tokens": tokens, "mask": mask}, 2, bins=1, bin_len=8)
     >>> packed["bin_tokens"].tolist(), packed["bin_segments"].tolist()
     ([[8, 9, 1, 2, 5, 6, 0, 0]], [[1, 1, 1, 1, 2, 2, 0, 0]])
-    >>> packed["gather_idx"].tolist()                                  # the hidden state predicting each token
+    >>> packed["bin_targets"].tolist()                                 # each position's next token in its row
+    [[9, 1, 2, 3, 6, 7, 0, 0]]
+    >>> packed["gather_idx"].tolist()                                  # where each completion token's log-prob is
     [[4, 5, 0], [1, 2, 3]]
 """
 
@@ -84,7 +87,8 @@ def bucket_bins(needed: int, rows_per_unit: int, buckets: int = BIN_BUCKETS) -> 
 
 def pack_batch(batch, prompt_len: int, *, bins: int, bin_len: int, minibatches: int = 1, grad_accum: int = 1,
                shards: int = 1) -> dict:
-    """`bin_tokens`, `bin_segments` [units * bins, bin_len] and `gather_idx` [R, N] for an update batch (numpy:
+    """`bin_tokens`, `bin_segments`, `bin_targets` (each position's next token in its row) [units * bins, bin_len]
+    and `gather_idx` [R, N] for an update batch (numpy:
     `tokens` [R, P + N], `mask` [R, P + N] of real tokens, P = prompt_len) packed `bins` bins per unit. Bin b of
     unit (k, a, d) is row ((d * bins + b) * grad_accum + a) * minibatches + k of the bin arrays, the layout the
     trainer's splits turn into unit order."""
@@ -97,7 +101,7 @@ def pack_batch(batch, prompt_len: int, *, bins: int, bin_len: int, minibatches: 
         raise ValueError(f"pack_rows: row {orphan[0]} has a completion but no prompt token to predict its first")
     units = unit_rows(R, minibatches=minibatches, grad_accum=grad_accum, shards=shards)
     bin_tokens = np.zeros((units.size // units.shape[1] * bins, bin_len), np.int32)
-    bin_segments = np.zeros_like(bin_tokens)
+    bin_segments, bin_targets = np.zeros_like(bin_tokens), np.zeros_like(bin_tokens)
     gather_idx = np.zeros((R, N), np.int32)
     for u, rows in enumerate(units):
         k, a, d = np.unravel_index(u, (minibatches, grad_accum, shards))
@@ -111,31 +115,33 @@ def pack_batch(batch, prompt_len: int, *, bins: int, bin_len: int, minibatches: 
             for segment, i in enumerate(members, 1):
                 r = rows[i]
                 n = lengths[r]
-                bin_tokens[out, start:start + n] = tokens[r][mask[r]][:n]
+                sequence = tokens[r][mask[r]]
+                bin_tokens[out, start:start + n] = sequence[:n]
+                bin_targets[out, start:start + n] = sequence[1:n + 1]
                 bin_segments[out, start:start + n] = segment
                 # Completion token t is predicted by the input after the prompt's last real token plus t.
                 first = b * bin_len + start + prompt_real[r] - 1
                 completion = int(mask[r, prompt_len:].sum())
                 gather_idx[r, :completion] = first + np.arange(completion)
                 start += n
-    return {"bin_tokens": bin_tokens, "bin_segments": bin_segments, "gather_idx": gather_idx}
+    return {"bin_tokens": bin_tokens, "bin_segments": bin_segments, "bin_targets": bin_targets,
+            "gather_idx": gather_idx}
 
 
-def gather_hidden(hidden_BLD, gather_idx_RN, shards: int, parts: int = 1):
-    """[R, N, D] hidden states at `gather_idx` (positions within each unit's bins, `pack_batch`), gathered per unit
-    as a batched gather over the batch shards, which XLA keeps on each device. `parts`: how many (minibatch,
-    micro-batch) units each shard's rows still hold (1 inside the update, which gets one unit per shard; minibatches
-    x grad_accum for log-probs of the whole batch)."""
-    B, L, D = hidden_BLD.shape
+def gather_positions(x_BL_, gather_idx_RN, shards: int, parts: int = 1):
+    """[R, N, ...] values of the bins' positions at `gather_idx` (positions within each unit's bins, `pack_batch`):
+    log-probs [B, L] or hidden states [B, L, D] of the bins, gathered per unit as a batched gather over the batch
+    shards, which XLA keeps on each device. `parts`: how many (minibatch, micro-batch) units each shard's rows still
+    hold (1 inside the update, which gets one unit per shard; minibatches x grad_accum for the whole batch)."""
+    B, L, rest = x_BL_.shape[0], x_BL_.shape[1], x_BL_.shape[2:]
     R, N = gather_idx_RN.shape
     if B % (shards * parts) or R % (shards * parts):
         raise ValueError(f"pack_rows: {B} bins and {R} rows must split over the {shards} batch shards x {parts} "
                          f"units")
     # Bin ((d * bins + b) * parts + u) and row ((d * per + i) * parts + u) belong to unit u of shard d.
-    h = hidden_BLD.reshape(shards, B // (shards * parts), parts, L, D).transpose(0, 2, 1, 3, 4)
-    h = h.reshape(shards, parts, -1, D)
-    idx = gather_idx_RN.reshape(shards, R // (shards * parts), parts, N).transpose(0, 2, 1, 3)
-    idx = idx.reshape(shards, parts, -1)
-    out = jax.vmap(jax.vmap(lambda h_, i_: jnp.take(h_, i_, axis=0)))(h, idx)  # [shards, parts, per * N, D]
-    out = out.reshape(shards, parts, R // (shards * parts), N, D).transpose(0, 2, 1, 3, 4)
-    return out.reshape(R, N, D)
+    x = x_BL_.reshape(shards, B // (shards * parts), parts, L, *rest)
+    x = jnp.moveaxis(x, 2, 1).reshape(shards, parts, -1, *rest)
+    idx = jnp.moveaxis(gather_idx_RN.reshape(shards, R // (shards * parts), parts, N), 2, 1)
+    out = jax.vmap(jax.vmap(lambda x_, i_: jnp.take(x_, i_, axis=0)))(x, idx.reshape(shards, parts, -1))
+    out = out.reshape(shards, parts, R // (shards * parts), N, *rest)
+    return jnp.moveaxis(out, 2, 1).reshape(R, N, *rest)

@@ -30,7 +30,7 @@ from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules
 from r1jax.parallel.sharding import split_rows
 from r1jax.rl import dynamic_sampling, grpo, packing
-from r1jax.rl.packing import gather_hidden
+from r1jax.rl.packing import gather_positions
 from r1jax.rl.rollout import rollout
 
 
@@ -41,45 +41,51 @@ def token_logp_entropy(logits_RNV, targets_RN):
     return logp, entropy
 
 
-def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0, packed: dict | None = None,
-                    pack_shards: int = 1, pack_parts: int = 1):
-    """Log-probs and entropies [R, N] of the completion tokens tokens[:, P:] (and the model's aux outputs).
-
-    With `chunk` > 0 the output head and log-softmax run over `chunk` positions at a time under a rematerialized
-    scan, so the [R, N, V] float32 logits never exist at once (their memory dominates at long completions).
-    The forward runs over all P + N positions, the last one as padding (it predicts nothing; padding is no key, no
-    expert load and not in the balance loss): the same numbers as P + N - 1 positions, in a length that context
-    parallelism and the expert all-to-all can split evenly. With `packed` (bin_tokens, bin_segments, gather_idx of
-    r1jax.rl.packing, packed over `pack_shards` batch shards, `pack_parts` units per shard) it runs over the bins
-    instead and gathers the hidden states that predict the completion tokens."""
-    if packed is None:
-        out = model.forward(tokens_RT, attention_mask_BL=mask_RT.astype(bool).at[:, -1].set(False),
-                            return_logits=False)
-        h = out.hidden[:, prompt_len - 1:-1]
-    else:
-        out = model.forward(packed["bin_tokens"], segment_ids_BL=packed["bin_segments"], return_logits=False)
-        h = gather_hidden(out.hidden, packed["gather_idx"], pack_shards, pack_parts)
-    targets = tokens_RT[:, prompt_len:]
-    R, N, D = h.shape
-    if not chunk or N <= chunk:
-        return (*token_logp_entropy(model.head(h), targets), out.aux)
-    if N % chunk:
-        raise ValueError(f"logits_chunk={chunk} must divide the completion length {N}")
+def head_logp_entropy(model, h_BLD, targets_BL, chunk: int = 0):
+    """Log-probs of `targets_BL` and entropies [B, L] from hidden states. With `chunk` > 0 the output head and
+    log-softmax run over `chunk` positions at a time under a rematerialized scan, so the [B, L, V] float32 logits
+    never exist at once (their memory dominates at long completions)."""
+    B, L, D = h_BLD.shape
+    if not chunk or L <= chunk:
+        return token_logp_entropy(model.head(h_BLD), targets_BL)
+    if L % chunk:
+        raise ValueError(f"logits_chunk={chunk} must divide the {L} positions the output head runs on")
     # Chunk i holds positions i, i + n, i + 2n, ... (n chunks): under context parallelism every device then holds
     # part of each chunk, where a contiguous chunk would sit on one device and the scan would gather the positions.
-    n = N // chunk
-    h_nRcD = jnp.moveaxis(h.reshape(R, chunk, n, D), 2, 0)
-    t_nRc = jnp.moveaxis(targets.reshape(R, chunk, n), 2, 0)
+    n = L // chunk
+    h_nBcD = jnp.moveaxis(h_BLD.reshape(B, chunk, n, D), 2, 0)
+    t_nBc = jnp.moveaxis(targets_BL.reshape(B, chunk, n), 2, 0)
 
     @jax.checkpoint
     def one(_, xs):
         return None, token_logp_entropy(model.head(xs[0]), xs[1])
 
-    _, (logp, entropy) = jax.lax.scan(one, None, (h_nRcD, t_nRc))
-    return jnp.moveaxis(logp, 0, 2).reshape(R, N), jnp.moveaxis(entropy, 0, 2).reshape(R, N), out.aux
+    _, (logp, entropy) = jax.lax.scan(one, None, (h_nBcD, t_nBc))
+    return jnp.moveaxis(logp, 0, 2).reshape(B, L), jnp.moveaxis(entropy, 0, 2).reshape(B, L)
 
 
-PACKED_KEYS = ("bin_tokens", "bin_segments", "gather_idx")
+def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0, packed: dict | None = None,
+                    pack_shards: int = 1, pack_parts: int = 1):
+    """Log-probs and entropies [R, N] of the completion tokens tokens[:, P:] (and the model's aux outputs), the
+    output head chunked over `chunk` positions (`head_logp_entropy`).
+
+    The forward runs over all P + N positions, the last one as padding (it predicts nothing; padding is no key, no
+    expert load and not in the balance loss): the same numbers as P + N - 1 positions, in a length that context
+    parallelism and the expert all-to-all can split evenly. With `packed` (the arrays of r1jax.rl.packing, packed
+    over `pack_shards` batch shards, `pack_parts` units per shard) the forward and the head run over the bins, and
+    the completion tokens' values are gathered from them."""
+    if packed is None:
+        out = model.forward(tokens_RT, attention_mask_BL=mask_RT.astype(bool).at[:, -1].set(False),
+                            return_logits=False)
+        return (*head_logp_entropy(model, out.hidden[:, prompt_len - 1:-1], tokens_RT[:, prompt_len:], chunk),
+                out.aux)
+    out = model.forward(packed["bin_tokens"], segment_ids_BL=packed["bin_segments"], return_logits=False)
+    logp, entropy = head_logp_entropy(model, out.hidden, packed["bin_targets"], chunk)
+    return (*(gather_positions(x, packed["gather_idx"], pack_shards, pack_parts) for x in (logp, entropy)),
+            out.aux)
+
+
+PACKED_KEYS = ("bin_tokens", "bin_segments", "bin_targets", "gather_idx")
 
 
 def packed_arrays(batch) -> dict | None:
@@ -209,7 +215,8 @@ def pack_plan(ctx: training.RunContext, stage: str, cfg, prompts: int) -> dict:
         raise ValueError(f"config.{stage}.pack_rows: the update's {shards} batch shards do not split over the "
                          f"{procs} processes (each process packs the rows of its own shards); turn pack_rows off")
     plan = dict(shards=shards, local_shards=shards // procs, minibatches=cfg.minibatches,
-                grad_accum=int(cfg.get("grad_accum", 1) or 1), rows=prompts * cfg.group_size)
+                grad_accum=int(cfg.get("grad_accum", 1) or 1), rows=prompts * cfg.group_size,
+                chunk=int(cfg.get("logits_chunk", 0) or 0) or 1)
     try:
         units = packing.unit_rows(plan["rows"], minibatches=plan["minibatches"], grad_accum=plan["grad_accum"],
                                   shards=plan["local_shards"])
@@ -222,7 +229,7 @@ def pack_rows(batch: dict, prompt_len: int, plan: dict) -> dict:
     """Adds the packed bins and gather indices to a rollout batch (this process's rows, numpy); returns metrics:
     the bins per unit (agreed over processes, rounded to a bucket) and the packed tokens' share of the padded ones."""
     split = dict(minibatches=plan["minibatches"], grad_accum=plan["grad_accum"], shards=plan["local_shards"])
-    bin_len = batch["tokens"].shape[1]
+    bin_len = -(-batch["tokens"].shape[1] // plan["chunk"]) * plan["chunk"]  # the output head's chunks divide it
     needed = hosts.process_max(packing.bins_needed(batch, prompt_len, bin_len=bin_len, **split))
     bins = packing.bucket_bins(needed, plan["rows_per_unit"])
     batch.update(packing.pack_batch(batch, prompt_len, bins=bins, bin_len=bin_len, **split))
