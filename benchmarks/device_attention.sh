@@ -6,19 +6,14 @@
 # xla, flash_gpu and jax's cuDNN flash attention (the peer) at the Qwen2.5-32B (GQA, L 8192) and DeepSeek-V3 (MLA
 # 192/128, L 4096) per-device shapes, forward and forward + backward, then a few flash_gpu tilings. About 3-5
 # minutes; each step has its own time limit. The log goes to $OUT (or /tmp) as attention_device.txt.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_common.sh"
 log="${OUT:-/tmp}/attention_device.txt"
-bench() { timeout "$1" python3 benchmarks/attention.py "${@:2}"; echo "exit $? for: ${*:2}"; }
 {
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
-  python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
-  bench 240 --check --iters 10
+  device_info
+  bench 240 attention.py --check --iters 10
   # Tilings (block_q rows = positions x G query heads, block_k keys, warps, stages); defaults are in the run above.
-  bench 60 --impls flash_gpu --shapes gqa --block_q 128 --block_k 128 --num_warps 8 --num_stages 2 --iters 10
-  bench 60 --impls flash_gpu --shapes gqa --block_q 64 --block_k 64 --num_warps 4 --num_stages 3 --iters 10
-  bench 60 --impls flash_gpu --shapes mla --block_q 128 --block_k 32 --num_warps 8 --num_stages 2 --iters 10
-  bench 60 --impls flash_gpu --shapes mla --block_q 64 --block_k 64 --num_warps 8 --num_stages 2 --iters 10
+  bench 60 attention.py --impls flash_gpu --shapes gqa --block_q 128 --block_k 128 --num_warps 8 --num_stages 2 --iters 10
+  bench 60 attention.py --impls flash_gpu --shapes gqa --block_q 64 --block_k 64 --num_warps 4 --num_stages 3 --iters 10
+  bench 60 attention.py --impls flash_gpu --shapes mla --block_q 128 --block_k 32 --num_warps 8 --num_stages 2 --iters 10
+  bench 60 attention.py --impls flash_gpu --shapes mla --block_q 64 --block_k 64 --num_warps 8 --num_stages 2 --iters 10
 } 2>&1 | tee "$log"

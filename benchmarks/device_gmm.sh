@@ -6,20 +6,15 @@
 # pallas_gpu (Triton) and pallas_mosaic_gpu against dense at the DeepSeek-V3 expert shape (M=16384, K=7168, N=2048,
 # G=32, bf16), then a few tilings of the two Pallas backends, forward + backward, skewed groups included. Each step
 # has its own time limit; about 5-8 minutes in all. The log goes to $OUT (or /tmp) as gmm_device.txt.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_common.sh"
 log="${OUT:-/tmp}/gmm_device.txt"
-bench() { timeout "$1" python3 benchmarks/gmm.py "${@:2}"; echo "exit $? for: ${*:2}"; }
 {
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
-  python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
-  bench 300 --check --iters 20
+  device_info
+  bench 300 gmm.py --check --iters 20
   # Tilings: (tm, tk, tn) and pipeline stages. Mosaic's shared memory must fit 227 KiB (its lowering says if not).
-  bench 60 --backends pallas_mosaic_gpu --tiling 64,64,256 --stages 3 --iters 10  # a 128 x 256 f32 accumulator would spill
-  bench 60 --backends pallas_mosaic_gpu --tiling 64,64,128 --stages 6 --iters 10
-  bench 60 --backends pallas_mosaic_gpu --tiling 128,128,128 --stages 2 --iters 10
-  bench 60 --backends pallas_gpu --tiling 128,64,256 --stages 3 --iters 10
-  bench 60 --backends pallas_gpu --tiling 64,64,128 --stages 4 --iters 10
+  bench 60 gmm.py --backends pallas_mosaic_gpu --tiling 64,64,256 --stages 3 --iters 10  # a 128 x 256 f32 accumulator would spill
+  bench 60 gmm.py --backends pallas_mosaic_gpu --tiling 64,64,128 --stages 6 --iters 10
+  bench 60 gmm.py --backends pallas_mosaic_gpu --tiling 128,128,128 --stages 2 --iters 10
+  bench 60 gmm.py --backends pallas_gpu --tiling 128,64,256 --stages 3 --iters 10
+  bench 60 gmm.py --backends pallas_gpu --tiling 64,64,128 --stages 4 --iters 10
 } 2>&1 | tee "$log"
