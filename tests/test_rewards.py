@@ -268,6 +268,21 @@ def test_countdown(expr, expected):
     assert not os.path.exists("/tmp/r1jax_pwned_by_reward")
 
 
+def test_verifiable_judges_countdown_by_its_rule():
+    """A countdown problem (which also carries one solution as `answer`) is judged by `countdown` under
+    `verifiable`: another equation reaching the target counts, in mixtures too; without `answer` it still works."""
+    from r1jax.rl.rewards import score_batch
+
+    example = {**CD, "answer": "25 * 8 / 5 - 3"}
+    other = ans("(8 - 5) * 3 + 25 + 3")  # reuses 3: wrong
+    right = ans("-3 + 8 * 25 / 5")
+    for ex in (example, CD):
+        _, parts = score_batch([right, other, ans("25 * 8 / 5 - 3")], [ex] * 3, {"verifiable": 1.0})
+        assert parts["verifiable"].tolist() == [1.0, 0.0, 1.0], ex
+    with pytest.raises(ValueError, match=r"needs example\['answer'\], example\['tests'\] or"):
+        score_batch([right], [{"numbers": [1, 2]}], {"verifiable": 1.0})
+
+
 def test_countdown_details():
     assert countdown("\\boxed{25 * 8 / 5 - 3}", CD) == 1.0
     assert countdown(ans("25 + 8"), {"numbers": [25, 8, 1], "target": 33}) == 0.0  # 1 missing

@@ -343,28 +343,42 @@ def multiple_choice(completion: str, example: Mapping) -> float:
     return float(extract_choice(completion) == gold)
 
 
+def _is_countdown(example: Mapping) -> bool:
+    # Countdown problems also carry one solution as `answer`, but any equation reaching the target is right.
+    return "numbers" in example and "target" in example
+
+
 def _has_tests(example) -> bool:
-    if not isinstance(example, Mapping) or ("tests" not in example and "answer" not in example):
+    if not isinstance(example, Mapping) or ("tests" not in example and "answer" not in example
+                                            and not _is_countdown(example)):
         have = sorted(example) if isinstance(example, Mapping) else type(example).__name__
-        raise ValueError(f"reward 'verifiable' needs example['answer'] or example['tests']; the example has {have}")
+        raise ValueError(f"reward 'verifiable' needs example['answer'], example['tests'] or example['numbers'] and "
+                         f"['target'] (countdown); the example has {have}")
     return "tests" in example
 
 
 def _verifiable_quick(completion: str, example: Mapping, **_) -> float | None:
     if _has_tests(example):
         return None
-    return multiple_choice(completion, example) if "choices" in example else _accuracy_quick(completion, example)
+    if "choices" in example:
+        return multiple_choice(completion, example)
+    if _is_countdown(example):
+        return countdown(completion, example)
+    return _accuracy_quick(completion, example)
 
 
 @register_reward("verifiable", blocking=True, quick=_verifiable_quick)
 def verifiable(completion: str, example: Mapping, *, timeout_s: float = 1.0, memory_mb: int = 1024) -> float:
     """A problem's own rule, for data that mixes domains (R1's RL prompts: math, code, STEM, logic): `code_tests`
     when the example has `tests` (the fraction passed; all of them: 1.0), `multiple_choice` when it has `choices`
-    (GPQA), else `accuracy` against its `answer`."""
+    (GPQA), `countdown` when it has `numbers` and `target` (any equation reaching the target), else `accuracy`
+    against its `answer`."""
     if _has_tests(example):
         return code_tests(completion, example, timeout_s=timeout_s, memory_mb=memory_mb)
     if "choices" in example:
         return multiple_choice(completion, example)
+    if _is_countdown(example):
+        return countdown(completion, example)
     return accuracy(completion, example, timeout_s=timeout_s)
 
 
