@@ -128,6 +128,41 @@ def pack_batch(batch, prompt_len: int, *, bins: int, bin_len: int, minibatches: 
             "gather_idx": gather_idx}
 
 
+def pack_plan(mesh, train_rules, stage: str, cfg, prompts: int) -> dict:
+    """How a GRPO stage packs its update rows (config.<stage>.pack_rows): into units of minibatch x micro-batch x
+    batch shard (the update's batch shards under `train_rules`), each process packing the shards it holds."""
+    from r1jax.parallel import batch_shards
+
+    shards = batch_shards(mesh, train_rules)
+    procs = jax.process_count()
+    if shards % procs:
+        raise ValueError(f"config.{stage}.pack_rows: the update's {shards} batch shards do not split over the "
+                         f"{procs} processes (each process packs the rows of its own shards); turn pack_rows off")
+    out = dict(shards=shards, local_shards=shards // procs, minibatches=cfg.minibatches,
+               grad_accum=int(cfg.get("grad_accum", 1) or 1), rows=prompts * cfg.group_size,
+               chunk=int(cfg.get("logits_chunk", 0) or 0) or 1)
+    try:
+        units = unit_rows(out["rows"], minibatches=out["minibatches"], grad_accum=out["grad_accum"],
+                          shards=out["local_shards"])
+    except ValueError as e:
+        raise ValueError(f"config.{stage}.{e}") from None
+    return {**out, "rows_per_unit": units.shape[1]}
+
+
+def pack_rollout(batch: dict, prompt_len: int, plan: dict) -> dict:
+    """Adds the packed bins and gather indices to a rollout batch (this process's rows, numpy) as `plan` says;
+    returns metrics: the bins per unit (agreed over processes, rounded to a bucket) and the packed tokens' share of
+    the padded ones."""
+    from r1jax.parallel import hosts
+
+    split = dict(minibatches=plan["minibatches"], grad_accum=plan["grad_accum"], shards=plan["local_shards"])
+    bin_len = -(-batch["tokens"].shape[1] // plan["chunk"]) * plan["chunk"]  # the output head's chunks divide it
+    needed = hosts.process_max(bins_needed(batch, prompt_len, bin_len=bin_len, **split))
+    bins = bucket_bins(needed, plan["rows_per_unit"])
+    batch.update(pack_batch(batch, prompt_len, bins=bins, bin_len=bin_len, **split))
+    return {"pack_bins_per_unit": bins, "pack_token_ratio": batch["bin_tokens"].size / batch["tokens"].size}
+
+
 def gather_positions(x_BL_, gather_idx_RN, shards: int, parts: int = 1):
     """[R, N, ...] values of the bins' positions at `gather_idx` (positions within each unit's bins, `pack_batch`):
     log-probs [B, L] or hidden states [B, L, D] of the bins, gathered per unit as a batched gather over the batch

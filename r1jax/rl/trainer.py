@@ -26,7 +26,6 @@ from flax import nnx
 from r1jax import training
 from r1jax.checkpoint import Checkpointer
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
-from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules
 from r1jax.parallel.sharding import split_rows
 from r1jax.rl import dynamic_sampling, grpo, packing
@@ -204,38 +203,6 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
     return update
 
 
-def pack_plan(ctx: training.RunContext, stage: str, cfg, prompts: int) -> dict:
-    """How a GRPO stage packs its update rows (config.<stage>.pack_rows): into units of minibatch x micro-batch x
-    batch shard (the update's batch shards, `ctx.train_rules`), each process packing the shards it holds."""
-    from r1jax.parallel import batch_shards
-
-    shards = batch_shards(ctx.mesh, ctx.train_rules)
-    procs = jax.process_count()
-    if shards % procs:
-        raise ValueError(f"config.{stage}.pack_rows: the update's {shards} batch shards do not split over the "
-                         f"{procs} processes (each process packs the rows of its own shards); turn pack_rows off")
-    plan = dict(shards=shards, local_shards=shards // procs, minibatches=cfg.minibatches,
-                grad_accum=int(cfg.get("grad_accum", 1) or 1), rows=prompts * cfg.group_size,
-                chunk=int(cfg.get("logits_chunk", 0) or 0) or 1)
-    try:
-        units = packing.unit_rows(plan["rows"], minibatches=plan["minibatches"], grad_accum=plan["grad_accum"],
-                                  shards=plan["local_shards"])
-    except ValueError as e:
-        raise ValueError(f"config.{stage}.{e}") from None
-    return {**plan, "rows_per_unit": units.shape[1]}
-
-
-def pack_rows(batch: dict, prompt_len: int, plan: dict) -> dict:
-    """Adds the packed bins and gather indices to a rollout batch (this process's rows, numpy); returns metrics:
-    the bins per unit (agreed over processes, rounded to a bucket) and the packed tokens' share of the padded ones."""
-    split = dict(minibatches=plan["minibatches"], grad_accum=plan["grad_accum"], shards=plan["local_shards"])
-    bin_len = -(-batch["tokens"].shape[1] // plan["chunk"]) * plan["chunk"]  # the output head's chunks divide it
-    needed = hosts.process_max(packing.bins_needed(batch, prompt_len, bin_len=bin_len, **split))
-    bins = packing.bucket_bins(needed, plan["rows_per_unit"])
-    batch.update(packing.pack_batch(batch, prompt_len, bins=bins, bin_len=bin_len, **split))
-    return {"pack_bins_per_unit": bins, "pack_token_ratio": batch["bin_tokens"].size / batch["tokens"].size}
-
-
 @partial(jax.jit, static_argnums=1)
 def _split_minibatches(batch, minibatches: int):
     return jax.tree.map(lambda x: split_rows(x, minibatches), batch)
@@ -392,7 +359,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     schedule = lr_schedule(cfg.lr, total_steps=cfg.steps * cfg.mu * cfg.minibatches, warmup_steps=cfg.warmup_steps,
                            schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio)
     coef = ctx.model_config.moe.aux_loss_coef if ctx.model_config.moe else 0.0
-    pack = pack_plan(ctx, stage, cfg, prompts) if cfg.get("pack_rows", False) else None
+    pack = (packing.pack_plan(ctx.mesh, ctx.train_rules, stage, cfg, prompts) if cfg.get("pack_rows", False)
+            else None)
     pack_shards = pack["shards"] if pack else 1
     update = make_update_fn(graphdef, optimizer, cfg, coef, pack_shards)
     logp_fn = make_logp_fn(graphdef, int(cfg.get("logits_chunk", 0) or 0), pack_shards,
@@ -441,7 +409,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                                               model_rewards, step, prompts)
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
             if pack:
-                metrics.update(pack_rows(batch, P, pack))
+                metrics.update(packing.pack_rollout(batch, P, pack))
             dev = training.shard_batch(ctx, batch)
             t1 = time.perf_counter()
             with axis_rules(ctx.mesh, ctx.train_rules):
