@@ -132,7 +132,9 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         vespo_k_neg=3.0,
         vespo_lambda_neg=2.0,
         off_policy_mask_threshold=config_dict.placeholder(float),  # DeepSeek-V3.2's off-policy sequence mask
-        top_entropy_quantile=1.0,   # keep the policy term on this top fraction of tokens by entropy (0.2: 80/20)
+        # Keep the policy term on this top fraction of tokens by entropy (0.2: the 80/20 paper). Its threshold, like
+        # the entropy bonus's mean, is taken per micro-batch (as TRL does per accumulation step).
+        top_entropy_quantile=1.0,
         entropy_coef=0.0,           # entropy bonus: loss -= coef * mean entropy of those tokens
         adaptive_entropy=False,     # Skywork-OR1: coef += / -= entropy_coef_delta below / above entropy_target
         entropy_target=0.2,

@@ -288,8 +288,8 @@ def test_bad_stage_settings_are_named_before_any_stage_runs(tmp_path):
 
 
 def test_data_a_later_stage_cannot_use_is_named_before_the_first_stage_runs(tmp_path):
-    """After setup, a GRPO stage that runs after another checks its prompts and reward fields before the first
-    stage starts: pretraining does not run for a GRPO stage that would then refuse its data."""
+    """After setup, a GRPO stage that runs after another checks its prompts, reward fields and packing units before
+    the first stage starts: pretraining does not run for a GRPO stage that would then refuse its data or mesh."""
     from r1jax.data.pipeline import prompt_token_ids
     from r1jax.pipeline.stages import setup
 
@@ -301,7 +301,9 @@ def test_data_a_later_stage_cannot_use_is_named_before_the_first_stage_runs(tmp_
              "b": (dict(rewards={"code_tests": 1.0}), r"config.grpo.rewards: train example 0: reward 'code_tests' "
                                                        r"needs example\['tests'\]"),
              "c": (dict(reward_kwargs={"overlong": {"max_len": 4}}, rewards={"overlong": 1.0}),
-                   r"config.grpo.rewards: train example 0: overlong needs ints 0 < cache_len <= max_len")}
+                   r"config.grpo.rewards: train example 0: overlong needs ints 0 < cache_len <= max_len"),
+             "e": (dict(pack_rows=True, grad_accum=2), r"config.grpo.pack_rows: 8 rows do not split into "
+                                                       r"minibatches x grad_accum x batch shards = 1 x 2 x 8")}
     for sub, (grpo, match) in cases.items():
         with pytest.raises(ValueError, match=match):
             run(_config(**grpo), tmp_path / sub)

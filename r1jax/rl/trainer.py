@@ -308,13 +308,16 @@ def check_loss_options(stage: str, cfg) -> None:
 
 
 def check_grpo_data(ctx: training.RunContext, stage: str, cfg) -> None:
-    """What the run's data shows is wrong for the stage: prompts longer than max_prompt_len, and examples that a
-    rule reward (or the evaluation's reward) cannot judge. r1jax.pipeline.stages.run checks it after setup for
+    """What the run's data and mesh show is wrong for the stage: prompts longer than max_prompt_len, examples that a
+    rule reward (or the evaluation's reward) cannot judge, and pack_rows units that the mesh does not allow. r1jax.pipeline.stages.run checks it after setup for
     every stage that would start after another, so a bad prompt set costs no earlier stage's hours."""
     from r1jax.data.pipeline import prompt_token_ids
     from r1jax.eval import check_reward
     from r1jax.rl.rewards import check_examples
 
+    if cfg.get("pack_rows", False):  # the update's units need the mesh: known after setup
+        packing.pack_plan(ctx.mesh, ctx.train_rules, stage, cfg,
+                          training.process_share(cfg.batch_prompts, f"config.{stage}.batch_prompts", "prompts"))
     examples = ctx.tasks[cfg.train_split]
     if not examples:
         raise ValueError(f"config.{stage}: the task's {cfg.train_split!r} split has no examples")
