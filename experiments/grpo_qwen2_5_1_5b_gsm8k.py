@@ -58,7 +58,10 @@ def get_config(arg=None):
         init="base", steps=467, batch_prompts=16, group_size=8, minibatches=1, mu=1, max_prompt_len=512,
         max_new_tokens=1024, temperature=1.0, top_p=1.0, lr=1e-6, warmup_steps=47, lr_schedule="cosine",
         min_lr_ratio=0.1, b2=0.99, grad_clip=1.0, weight_decay=0.0, loss_type="grpo", beta=0.04,
-        kl_estimator="k3", epsilon_low=0.2, log_every=1, eval_every=50, checkpoint_every=50, reward_workers=8)
+        kl_estimator="k3", epsilon_low=0.2, log_every=1, eval_every=50, checkpoint_every=50, reward_workers=8,
+        # Each device's 16 rows packed into bins of P + N: GSM8K answers use a fraction of the 1,024 new tokens, so
+        # the update computes a fraction of the padded positions (same loss and gradients; r1jax.rl.packing).
+        pack_rows=True)
     cfg.grpo.rewards = dict(accuracy=1.0, format=1.0)
     cfg.grpo.eval = eval_config(num_problems=1319, k=4, temperature=0.6, top_p=0.95, max_new_tokens=1024,
                                 batch_size=128)
