@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+BIN_KEYS = ("bin_tokens", "bin_segments", "bin_targets")  # [bins, bin_len] arrays: laid out by the update's shards
 BIN_BUCKETS = 8  # bin counts are rounded up to one of this many sizes: at most this many compiled update shapes
 
 
@@ -150,15 +151,18 @@ def pack_plan(mesh, train_rules, stage: str, cfg, prompts: int) -> dict:
 
 
 def pack_rollout(batch: dict, prompt_len: int, plan: dict) -> dict:
-    """Adds the packed bins and gather indices to a rollout batch (this process's rows, numpy) as `plan` says;
-    returns metrics: the bins per unit (agreed over processes, rounded to a bucket) and the packed tokens' share of
-    the padded ones."""
+    """Adds the packed bins and gather indices to a rollout batch (this process's rows, numpy) as `plan` says,
+    unless every row needs a bin of its own (then the update runs on the padded rows); returns metrics: the bins per
+    unit (agreed over processes, rounded to a bucket) and the packed tokens' share of the padded ones."""
     from r1jax.parallel import hosts
 
     split = dict(minibatches=plan["minibatches"], grad_accum=plan["grad_accum"], shards=plan["local_shards"])
     bin_len = -(-batch["tokens"].shape[1] // plan["chunk"]) * plan["chunk"]  # the output head's chunks divide it
     needed = hosts.process_max(bins_needed(batch, prompt_len, bin_len=bin_len, **split))
     bins = bucket_bins(needed, plan["rows_per_unit"])
+    if bins == plan["rows_per_unit"]:
+        # A bin per row saves nothing, and the head would run on the prompts' positions too: the padded update.
+        return {"pack_bins_per_unit": bins, "pack_token_ratio": 1.0}
     batch.update(pack_batch(batch, prompt_len, bins=bins, bin_len=bin_len, **split))
     return {"pack_bins_per_unit": bins, "pack_token_ratio": batch["bin_tokens"].size / batch["tokens"].size}
 

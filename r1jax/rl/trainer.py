@@ -27,7 +27,7 @@ from r1jax import training
 from r1jax.checkpoint import Checkpointer
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
-from r1jax.parallel.sharding import split_rows
+from r1jax.parallel.sharding import shard_batch, split_rows
 from r1jax.rl import dynamic_sampling, grpo, packing
 from r1jax.rl.packing import gather_positions
 from r1jax.rl.rollout import rollout
@@ -84,7 +84,7 @@ def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0, 
             out.aux)
 
 
-PACKED_KEYS = ("bin_tokens", "bin_segments", "bin_targets", "gather_idx")
+PACKED_KEYS = (*packing.BIN_KEYS, "gather_idx")
 
 
 def packed_arrays(batch) -> dict | None:
@@ -411,9 +411,13 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 batch, metrics = sample_batch(ctx, cfg, current_model(), it, jax.random.fold_in(key, step),
                                               model_rewards, step, prompts)
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
+            bins = {}
             if pack:
                 metrics.update(packing.pack_rollout(batch, P, pack))
+                bins = {k: batch.pop(k) for k in packing.BIN_KEYS if k in batch}
             dev = training.shard_batch(ctx, batch)
+            if bins:  # laid out for the update's batch shards (fewer than the rollout's under context parallelism)
+                dev.update(shard_batch(bins, ctx.mesh, ctx.train_rules))
             t1 = time.perf_counter()
             with axis_rules(ctx.mesh, ctx.train_rules):
                 if old_from_sampler:
