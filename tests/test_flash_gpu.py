@@ -1,7 +1,8 @@
 """attention_impl="flash_gpu" (our Pallas Triton FlashAttention-2 kernels): in interpret mode outputs and gradients
 equal a masked-softmax reference (GQA, MLA-like head dims, lengths off the tile, packed rows with padding, f32 and
-bf16) and tiny models equal their XLA attention; forward and backward lower to Triton for CUDA on this CPU, alone, in
-a model and under shard_map; the layouts and settings it cannot run are refused by name."""
+bf16) and tiny models equal their XLA attention; the loops skip the tiles other segments hold and no tile with a
+visible pair; forward and backward lower to Triton for CUDA on this CPU, alone, in a model and under shard_map; the
+layouts and settings it cannot run are refused by name."""
 
 import functools
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from r1jax import parallel
-from r1jax.kernels.flash_gpu import default_launch, flash_attention
+from r1jax.kernels.flash_gpu import (_first_row_tile, _key_tiles_through, _loop_bounds, default_launch,
+                                     flash_attention, make_plan)
 from r1jax.testing.attention import assert_matches_xla, lowered_model_grad, model_pair, run_model_config
 
 TRITON = "__gpu$xla.gpu.triton"  # the custom call of a Pallas Triton kernel
@@ -60,16 +62,16 @@ def _outputs_and_grads(q, k, v, segments, do, *, block_q=None, block_k=None, ref
     return (out, *vjp(do))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_kernel_matches_reference(case):
-    L, K, G, Q, V, dtype, block_q, block_k = CASES[case]
-    B = 2
-    rng = np.random.default_rng(list(CASES).index(case))  # numpy: jax.random compiles per shape, eagerly
+def _assert_matches_reference(case, segments, seed, *, every_row=False):
+    """Outputs and gradients of CASES-style `case` on rows `segments` [B, L] equal the reference. The loss is of real
+    tokens only, and outputs are compared there (padding queries' outputs are arbitrary, see the kernel's docstring),
+    unless `every_row`: then of every token."""
+    L, K, G, Q, V, dtype, block_q, block_k = case
+    B = segments.shape[0]
+    rng = np.random.default_rng(seed)  # numpy: jax.random compiles per shape, eagerly
     q = rng.standard_normal((B, L, K, G, Q)) * Q ** -0.5  # pre-scaled, as the models pass it
     k, v = rng.standard_normal((B, L, K, Q)), rng.standard_normal((B, L, K, V))
-    segments = _segments(L)
-    real = np.asarray(segments > 0)
-    # The loss of real tokens only: padding queries' outputs are arbitrary (see the kernel's docstring).
+    real = np.ones(segments.shape, bool) if every_row else np.asarray(segments > 0)
     do = rng.standard_normal((B, L, K, G, V)) * real[:, :, None, None, None]
     q, k, v, do = (jnp.asarray(x, dtype) for x in (q, k, v, do))
     got = _outputs_and_grads(q, k, v, segments, do, block_q=block_q, block_k=block_k)
@@ -86,6 +88,92 @@ def test_kernel_matches_reference(case):
         # those roundings with a 2x margin (measured: up to 7.2e-3, in dq and dk).
         tol = 1e-5 if dtype == jnp.float32 else 2.0 ** -6
         np.testing.assert_allclose(g, w, rtol=0, atol=tol * scale, err_msg=f"{case}/{name}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference(case):
+    L = CASES[case][0]
+    _assert_matches_reference(CASES[case], _segments(L), list(CASES).index(case))
+
+
+def _runs(*runs):
+    """A row of segment ids from (id, length) runs."""
+    return sum(([i] * n for i, n in runs), [])
+
+
+# Rows of 40 whose segment edges fall inside tiles of 16 keys (and of 16 rows, 5 1/3 positions at G = 3).
+SKIP_ROWS = jnp.asarray([
+    _runs((1, 7), (2, 13), (3, 11), (0, 9)),  # a packed bin
+    _runs((0, 13), (1, 27)),                   # left-padded unpacked row
+    _runs((1, 21), (0, 19)),                   # right-padded unpacked row
+    _runs((0, 5), (1, 26), (0, 9)),            # left-padded prompt, right-padded completion: padding twice
+    _runs((1, 6), (2, 18), (1, 9), (0, 7)),    # an id that recurs: the mask is by id, so the loops are too
+])
+
+
+@pytest.mark.parametrize("case", [(40, 2, 3, 24, 24, jnp.float32, 16, 16),  # GQA
+                                  (40, 2, 1, 24, 16, jnp.float32, 16, 16)],  # MLA-like
+                         ids=["gqa", "mla"])
+def test_skipping_keeps_every_visible_pair(case):
+    """Segments whose edges fall inside tiles: outputs and gradients at every token, padding too (whose outputs the
+    contract leaves arbitrary) equal the reference, so the loops dropped no visible pair."""
+    _assert_matches_reference(case, SKIP_ROWS, 11, every_row=True)
+
+
+_jit_loop_bounds = jax.jit(_loop_bounds, static_argnums=0)  # one compile per shape, not one per op
+
+
+def _visited_tiles(plan, segments):
+    """[B, row tiles, key tiles] bool: the (row tile, key tile) pairs the forward and dq loops visit, and those the
+    dk/dv loops visit, from the kernels' own bounds."""
+    key_from, row_until = (np.asarray(x)[:, :, None] for x in _jit_loop_bounds(plan, segments))
+    i, j = np.arange(plan.row_tiles)[:, None], np.arange(plan.key_tiles)[None, :]
+    by_rows = (key_from <= j) & (j < np.asarray(_key_tiles_through(plan, i)))
+    by_keys = (np.asarray(_first_row_tile(plan, j)) <= i) & (i < row_until.transpose(0, 2, 1))
+    return by_rows, by_keys
+
+
+def _visible_tiles(plan, segments):
+    """[B, row tiles, key tiles] bool: the tile pairs holding a pair the mask shows (the reference's)."""
+    segments = np.asarray(segments)
+    B, L = segments.shape
+    pos = np.arange(plan.row_tiles * plan.block_q) // plan.groups  # rows past L see nothing: drop them below
+    seg_rows = np.where(pos < L, segments[:, np.minimum(pos, L - 1)], -1)
+    keys = np.arange(plan.key_tiles * plan.block_k)
+    seg_keys = np.where(keys < L, segments[:, np.minimum(keys, L - 1)], -2)
+    visible = (pos[:, None] >= keys[None, :]) & (seg_rows[:, :, None] == seg_keys[:, None, :])
+    return visible.reshape(B, plan.row_tiles, plan.block_q, plan.key_tiles, plan.block_k).any(axis=(2, 4))
+
+
+def test_loops_skip_other_segments_tiles():
+    """A bin of 4 equal segments visits 4x the tiles of one segment alone, about 4x fewer than one causal row of its
+    length, both in the forward and dq loops (by row tile) and in the dk/dv loops (by key tile). On random rows
+    (contiguous runs, recurring ids, padding at both ends) the loops visit every tile pair holding a visible pair,
+    and where each id is one run nothing else."""
+    def visited(G, segments, block_q=32, block_k=16):
+        plan = make_plan((1, segments.shape[1], 1, G, 16), 16, block_q=block_q, block_k=block_k)
+        return [int(x.sum()) for x in _visited_tiles(plan, segments)]
+
+    bin_of_4 = jnp.asarray([_runs((1, 256), (2, 256), (3, 256), (4, 256))])
+    one = visited(2, jnp.ones((1, 256), jnp.int32))
+    assert visited(2, bin_of_4) == [4 * n for n in one] == [544, 544]  # 4 x 16 * 17 / 2 tiles of 32 rows, 16 keys
+    assert visited(2, jnp.ones((1, 1024), jnp.int32)) == [2080, 2080]  # 64 * 65 / 2: 3.8x more
+
+    rng = np.random.default_rng(0)
+    for L, G in ((37, 3), (64, 2), (90, 1)):  # ragged row and key tiles, and whole ones; 24 rows each
+        lengths = rng.integers(1, 20, size=(24, 12))
+        ids = np.where(np.arange(24)[:, None] % 2, rng.integers(0, 4, size=(24, 12)),  # odd rows: ids recur
+                       np.arange(1, 13))  # even rows: one run per id, then padding
+        segments = np.zeros((24, L), np.int32)
+        for row in range(24):
+            run = np.repeat(ids[row], lengths[row])[:L]
+            segments[row, :len(run)] = run
+        plan = make_plan((24, L, 1, G, 16), 16, block_q=16, block_k=16)
+        visible = _visible_tiles(plan, segments)
+        for loop in _visited_tiles(plan, jnp.asarray(segments)):
+            assert not (visible & ~loop).any(), (L, G)
+            tight = (visible == loop).all(axis=(1, 2))
+            assert tight[::2].all(), (L, G, segments[::2][~tight[::2]])
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_deepseek_v3"])

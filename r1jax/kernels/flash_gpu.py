@@ -12,12 +12,21 @@ gathered from the arrays in their own layout (no transposes, no padded copies); 
 row, length and head-dim edges, so any L works, and head dims are padded to powers of 2 (Triton's tile rule; tl.dot
 needs 16) in registers only, e.g. MLA's 192 to 256. Accumulation and the softmax are f32 whatever the inputs.
 
-Forward: grid (row tiles, B, K), the longest (last) tiles launched first. A tile loops over key tiles of `block_k`
-up to its last position (causal block skipping) with the online softmax, and stores the output and the row's
-logsumexp (the backward's residual).
+Skipping. A row sees no key before the first position of its segment id in its row, and a key is seen by no row
+after the last position of its id (`_segment_extents`, plain jnp outside the kernels; by id, not by run, so an id
+that recurs, such as padding at both ends of a row, keeps every pair the mask shows). Per tile that gives a first key
+tile for each row tile and a last row tile for each key tile (`_key_tiles_from`, `_row_tiles_until`, [B, tiles]
+int32 inputs the kernels read one scalar of), and the causal diagonal gives the other end. Only tiles holding no
+visible pair are skipped, so results do not depend on it; a packed bin of n equal segments costs about 1/n of the
+causal pairs of its whole length.
+
+Forward: grid (row tiles, B, K), the longest (last) tiles launched first. A tile loops over key tiles of `block_k`,
+from the first its rows' segments reach to the one holding its last position (segment and causal block skipping),
+with the online softmax, and stores the output and the row's logsumexp (the backward's residual).
 Backward: delta = rowsum(o * do) (one kernel); dk and dv: grid (key tiles, B, K), each looping over the row tiles
-from its diagonal on, so its G query heads' contributions add in registers; dq: grid (row tiles, B, K), looping over
-key tiles like the forward. Separate dq and dk/dv kernels compute the probabilities twice but need no atomics.
+from its diagonal to its last row tile, so its G query heads' contributions add in registers; dq: grid (row tiles,
+B, K), looping over key tiles like the forward. Separate dq and dk/dv kernels compute the probabilities twice but need
+no atomics.
 
 Under an active `r1jax.parallel.axis_rules` mesh the kernels run under `jax.shard_map`, rows over the batch axes and
 key/value heads over theirs; context parallelism is refused (`r1jax.kernels.attention_sharding`). The default tiles
@@ -197,9 +206,62 @@ def _visible(rows: _Rows, seg_q, kpos, seg_k):
 
 
 def _key_tiles_through(plan: Plan, i):
-    """How many key tiles reach row tile i's last position (causal block skipping)."""
+    """How many key tiles reach row tile i's last position (causal block skipping): its key loop's end."""
     last = jnp.minimum(jax.lax.div(i * plan.block_q + plan.block_q - 1, plan.groups), plan.length - 1)
     return jax.lax.div(last, plan.block_k) + 1
+
+
+def _first_row_tile(plan: Plan, j):
+    """The first row tile holding a position at or after key tile j's first key (rows before it see none of its
+    keys): its row loop's start."""
+    return jax.lax.div(j * plan.block_k * plan.groups, plan.block_q)
+
+
+# ---- segment skipping: loop bounds by segment, computed outside the kernels ----
+
+def _segment_extents(segments_BL):
+    """(first, last) [B, L] int32: the first and last position in its row of each position's segment id. By id, not
+    by run: a row sees keys of its id wherever they lie (padding 0 may open and close a row), so a row at p sees no key
+    before first[p], and a key at p is seen by no row after last[p]. A stable sort groups each row's positions by id
+    (O(L log L), cheap beside attention's O(L^2))."""
+    B, L = segments_BL.shape
+    pos_L = jnp.arange(L, dtype=jnp.int32)
+    order_BL = jnp.argsort(segments_BL, axis=1, stable=True).astype(jnp.int32)  # by id, then by position
+    ids_BL = jnp.take_along_axis(segments_BL, order_BL, axis=1)
+    change_BL = ids_BL[:, 1:] != ids_BL[:, :-1]  # between sorted slots s and s + 1: a new id starts
+    edge_B1 = jnp.ones((B, 1), bool)
+    opens_BL, closes_BL = (jnp.concatenate(x, axis=1) for x in ((edge_B1, change_BL), (change_BL, edge_B1)))
+    # Each sorted slot's id group spans sorted slots [opened, closed]; their positions are the id's first and last.
+    opened_BL = jax.lax.cummax(jnp.where(opens_BL, pos_L, 0), axis=1)
+    closed_BL = jax.lax.cummin(jnp.where(closes_BL, pos_L, L - 1), axis=1, reverse=True)
+    rows_B1 = jnp.arange(B)[:, None]
+    first_BL, last_BL = (jnp.zeros((B, L), jnp.int32).at[rows_B1, order_BL].set(
+        jnp.take_along_axis(order_BL, slot_BL, axis=1)) for slot_BL in (opened_BL, closed_BL))
+    return first_BL, last_BL
+
+
+def _key_tiles_from(plan: Plan, first_BL):
+    """[B, row tiles] int32: the first key tile a row tile's loop visits (its key loop's start): the tile of the
+    earliest first position among its rows. Rows past the last (a ragged last tile) read position L - 1, whose rows
+    that tile holds anyway."""
+    B = first_BL.shape[0]
+    pos = np.minimum(np.arange(plan.row_tiles * plan.block_q) // plan.groups, plan.length - 1)
+    return first_BL[:, pos].reshape(B, plan.row_tiles, plan.block_q).min(axis=2) // plan.block_k
+
+
+def _row_tiles_until(plan: Plan, last_BL):
+    """[B, key tiles] int32: how many row tiles reach the rows of a key tile's latest last position (its row loop's
+    end), i.e. the tile holding that position's last row, plus one. Key slots past L read 0 (they bound nothing)."""
+    B = last_BL.shape[0]
+    last_BL = jnp.pad(last_BL, ((0, 0), (0, plan.key_tiles * plan.block_k - plan.length)))
+    latest = last_BL.reshape(B, plan.key_tiles, plan.block_k).max(axis=2)
+    return (latest * plan.groups + plan.groups - 1) // plan.block_q + 1
+
+
+def _loop_bounds(plan: Plan, segments_BL):
+    """(first key tile [B, row tiles], row tile end [B, key tiles]) of the kernels' loops, by segment."""
+    first_BL, last_BL = _segment_extents(segments_BL)
+    return _key_tiles_from(plan, first_BL), _row_tiles_until(plan, last_BL)
 
 
 def _dot(a, b, dims):
@@ -208,7 +270,7 @@ def _dot(a, b, dims):
 
 # ---- kernels ----
 
-def _forward_kernel(seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: Plan):
+def _forward_kernel(seg_ref, key_from_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: Plan):
     i = plan.row_tiles - 1 - pl.program_id(0)  # the longest causal loops first: fewer stragglers at the end
     b, h = pl.program_id(1), pl.program_id(2)
     rows = _row_tile(plan, i)
@@ -227,7 +289,8 @@ def _forward_kernel(seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, plan: Plan)
 
     init = (jnp.zeros((plan.block_q, _pad(plan.v_dim)), jnp.float32), jnp.full((plan.block_q,), _NEG, jnp.float32),
             jnp.zeros((plan.block_q,), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, _key_tiles_through(plan, i), step, init)
+    # The first tile may hold no key a row sees: _NEG keeps the sums finite until a later tile's real maximum.
+    acc, m, l = jax.lax.fori_loop(_load(key_from_ref, (b, i), None), _key_tiles_through(plan, i), step, init)
     # Every real row sees at least its own key, so l > 0 there.
     _store_rows(o_ref, rows, b, h, acc / l[:, None], plan.v_dim)
     _store(lse_ref, (b, rows.pos, h, rows.head), m + jnp.log(l), rows.real)
@@ -249,7 +312,8 @@ def _probs_and_dscores(rows: _Rows, row_inputs, kpos, k, v, seg_k):
     return p, p * (_dot(do, v, _NT) - delta[:, None])
 
 
-def _dkdv_kernel(seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, plan: Plan):
+def _dkdv_kernel(seg_ref, row_until_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                 plan: Plan):
     j, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kpos, k, v, seg_k = _key_tile(plan, (k_ref, v_ref, seg_ref), b, h, j)
 
@@ -261,18 +325,16 @@ def _dkdv_kernel(seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_re
         q, do = row_inputs[:2]
         return dk + _dot(ds.astype(q.dtype), q, _TN), dv + _dot(p.astype(do.dtype), do, _TN)
 
-    # Rows before the first row tile that holds a position >= this key tile's first key see none of its keys.
-    first = jax.lax.div(j * plan.block_k * plan.groups, plan.block_q)
     init = (jnp.zeros((plan.block_k, _pad(plan.q_dim)), jnp.float32),
             jnp.zeros((plan.block_k, _pad(plan.v_dim)), jnp.float32))
-    dk, dv = jax.lax.fori_loop(first, plan.row_tiles, step, init)
+    dk, dv = jax.lax.fori_loop(_first_row_tile(plan, j), _load(row_until_ref, (b, j), None), step, init)
     _, real = _key_positions(plan, j)
     for ref, value, dim in ((dk_ref, dk, plan.q_dim), (dv_ref, dv, plan.v_dim)):
         idx, mask = _tile((b, kpos, h), real, value.shape[1], dim)
         _store(ref, idx, value.astype(ref.dtype), mask)
 
 
-def _dq_kernel(seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan: Plan):
+def _dq_kernel(seg_ref, key_from_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan: Plan):
     i = plan.row_tiles - 1 - pl.program_id(0)
     b, h = pl.program_id(1), pl.program_id(2)
     rows = _row_tile(plan, i)
@@ -283,14 +345,15 @@ def _dq_kernel(seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
         _, ds = _probs_and_dscores(rows, row_inputs, kpos, k, v, seg_k)
         return dq + _dot(ds.astype(k.dtype), k, _NN)
 
-    dq = jax.lax.fori_loop(0, _key_tiles_through(plan, i), step,
+    dq = jax.lax.fori_loop(_load(key_from_ref, (b, i), None), _key_tiles_through(plan, i), step,
                            jnp.zeros((plan.block_q, _pad(plan.q_dim)), jnp.float32))
     _store_rows(dq_ref, rows, b, h, dq, plan.q_dim)
 
 
 def _call(kernel, plan: Plan, grid, out_shape, *args, dims: int = 0):
     """`kernel` over `grid` (tiles, B, K). `dims`: the width of its products per (row, key) pair (0: none), for the
-    cost estimate XLA schedules by (one exp per visible pair, half of all pairs under the causal mask)."""
+    cost estimate XLA schedules by (one exp per pair visited): an upper bound, half of all pairs as if every row
+    held one segment (the segments are data; packed rows skip most of those)."""
     _, B, K = grid
     pairs = B * K * plan.rows * plan.length // 2 if dims else 0
     nbytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in (*args, *jax.tree.leaves(out_shape)))
@@ -302,36 +365,36 @@ def _call(kernel, plan: Plan, grid, out_shape, *args, dims: int = 0):
     )(*args)
 
 
-def _forward(q, k, v, seg, plan: Plan):
+def _forward(q, k, v, seg, key_from, plan: Plan):
     B, L, K, G, _ = q.shape
     out_shape = (jax.ShapeDtypeStruct((B, L, K, G, plan.v_dim), q.dtype),
                  jax.ShapeDtypeStruct((B, L, K, G), jnp.float32))
-    return _call(_forward_kernel, plan, (plan.row_tiles, B, K), out_shape, seg, q, k, v,
+    return _call(_forward_kernel, plan, (plan.row_tiles, B, K), out_shape, seg, key_from, q, k, v,
                  dims=plan.q_dim + plan.v_dim)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, seg, plan: Plan):
-    return _forward(q, k, v, seg, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, seg, key_from, row_until, plan: Plan):
+    return _forward(q, k, v, seg, key_from, plan)[0]
 
 
-def _attention_fwd(q, k, v, seg, plan: Plan):
-    out, lse = _forward(q, k, v, seg, plan)
-    return out, (q, k, v, seg, out, lse)
+def _attention_fwd(q, k, v, seg, key_from, row_until, plan: Plan):
+    out, lse = _forward(q, k, v, seg, key_from, plan)
+    return out, (q, k, v, seg, key_from, row_until, out, lse)
 
 
 def _attention_bwd(plan: Plan, residuals, do):
-    q, k, v, seg, out, lse = residuals
+    q, k, v, seg, key_from, row_until, out, lse = residuals
     B, _, K = q.shape[:3]
     delta = _call(_delta_kernel, plan, (plan.row_tiles, B, K), jax.ShapeDtypeStruct(lse.shape, jnp.float32),
                   out, do)
-    args = (seg, q, k, v, do, lse, delta)
+    args = (q, k, v, do, lse, delta)
     dk, dv = _call(_dkdv_kernel, plan, (plan.key_tiles, B, K),
-                   (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)), *args,
-                   dims=2 * plan.q_dim + 2 * plan.v_dim)  # scores, dv, dp, dk
-    dq = _call(_dq_kernel, plan, (plan.row_tiles, B, K), jax.ShapeDtypeStruct(q.shape, q.dtype), *args,
-               dims=2 * plan.q_dim + plan.v_dim)  # scores, dp, dq
-    return dq, dk, dv, None
+                   (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+                   seg, row_until, *args, dims=2 * plan.q_dim + 2 * plan.v_dim)  # scores, dv, dp, dk
+    dq = _call(_dq_kernel, plan, (plan.row_tiles, B, K), jax.ShapeDtypeStruct(q.shape, q.dtype), seg, key_from,
+               *args, dims=2 * plan.q_dim + plan.v_dim)  # scores, dp, dq
+    return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -345,8 +408,9 @@ def _local(q_BLKGQ, k_BSKQ, v_BSKV, segments_BL, **launch):
                          f"[B, L]; got q {q_BLKGQ.shape}, k {k_BSKQ.shape}, v {v_BSKV.shape}, segments "
                          f"{segments_BL.shape}")
     plan = make_plan(q_BLKGQ.shape, V, **launch)
-    return _attention(q_BLKGQ, k_BSKQ.astype(q_BLKGQ.dtype), v_BSKV.astype(q_BLKGQ.dtype),
-                      segments_BL.astype(jnp.int32), plan)
+    segments_BL = segments_BL.astype(jnp.int32)
+    return _attention(q_BLKGQ, k_BSKQ.astype(q_BLKGQ.dtype), v_BSKV.astype(q_BLKGQ.dtype), segments_BL,
+                      *_loop_bounds(plan, segments_BL), plan)
 
 
 def flash_attention(q_BLKGQ, k_BSKQ, v_BSKV, segments_BL, *, heads_axis: str = "kv_heads",
