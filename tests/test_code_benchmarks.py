@@ -117,6 +117,7 @@ def test_apps_and_taco_rows(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 invalid rows"):
         stdin, call = load_apps(path, on_invalid="skip")
     assert stdin["tests"] == [{"input": "1 2\n", "output": "3\n"}, {"input": "3 4\n", "output": "7\n"}]
+    assert stdin["checker"] == call["checker"] == "apps"  # judged by APPS's own (lenient) stdout checker
     assert call["tests"] == [{"fn_name": "double", "args": [2], "expected": [4]},
                              {"fn_name": "double", "args": [5], "expected": [10]}]
     assert call["prompt"] == code_prompt("Return the double of x.", "def double(x):\n\t")

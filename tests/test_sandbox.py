@@ -7,8 +7,8 @@ import pytest
 from r1jax.data.problems import normalize_tests
 from r1jax.rl import sandbox
 from r1jax.rl.rewards import code_tests, score_batch
-from r1jax.rl.sandbox import (SandboxLimits, code_tests_score, extract_code, isolation_report, run_python, run_test,
-                              stdout_matches)
+from r1jax.rl.sandbox import (SandboxLimits, apps_stdout_matches, code_tests_score, extract_code, isolation_report,
+                              run_python, run_test, stdout_matches)
 
 REPORT = isolation_report()
 needs_drop = pytest.mark.skipif(not REPORT["drop_privileges"],
@@ -89,6 +89,33 @@ def test_output_comparison_and_apps_style_tests():
 ])
 def test_stdout_rule_is_livecodebench_s(stdout, expected, ok):
     assert stdout_matches(stdout, expected) is ok
+
+
+@pytest.mark.parametrize("stdout, expected, ok", [
+    ("3\n", "3", True), ("a  \nb", "a\nb", True), ("", "", True),                  # the stripped text
+    ("2\n1\n", "1\n2\n", True), ("1 2\n", "2 1", True), ("1\n1\n2\n", "1\n2", True),  # order, repeats
+    ("1.0000001\n", "1", True), ("1e2", "100", True), ("3.14159 2", "2 3.1416", True),   # numbers
+    ("1 2\n", "1\n2", False), ("abc", "abd", False), ("nan\n", "NaN", False), ("1.01", "1", False),
+])
+def test_apps_stdout_rule_is_apps_checker_s(stdout, expected, ok):
+    """APPS's checker (hendrycks/apps eval/testing_util.py), read step by step: exact after stripping, lines without
+    the empty ones, allclose numbers, then sets of lines' token sets, also with numbers rounded to 3 decimals."""
+    assert apps_stdout_matches(stdout, expected) is ok
+
+
+def test_apps_rule_accepts_what_livecodebench_s_refuses():
+    for stdout, expected in (("2\n1\n", "1\n2\n"), ("1 2\n", "2 1"), ("1\n1\n2\n", "1\n2"),
+                             ("1.0000001\n", "1"), ("3.14159 2", "2 3.1416")):
+        assert apps_stdout_matches(stdout, expected) and not stdout_matches(stdout, expected), (stdout, expected)
+
+
+def test_code_tests_use_the_example_s_checker():
+    prog = completion("a, b = map(int, input().split())\nprint(b)\nprint(a)")
+    tests = [{"input": "1 2\n", "output": "1\n2\n"}]
+    assert code_tests(prog, {"tests": tests}) == 0.0
+    assert code_tests(prog, {"tests": tests, "checker": "apps"}) == 1.0
+    with pytest.raises(ValueError, match=r"unknown checker 'lcb'; valid: \['apps', 'livecodebench'\]"):
+        code_tests(prog, {"tests": tests, "checker": "lcb"})
 
 
 def test_extract_code_rules():

@@ -149,8 +149,9 @@ def load_apps(path: str | os.PathLike, *, on_invalid: str = "raise", limit: int 
             raise ValueError(f"{where}: field 'input_output': {e}") from None
         keep = ("problem_id", "difficulty", "url", "source")
         starter = rec.get("starter_code") or ""
+        # APPS's own checker judges its answers (sandbox.apps_stdout_matches: order-insensitive, float-tolerant).
         return {**{k: rec[k] for k in keep if k in rec}, "prompt": code_prompt(rec["question"], starter),
-                "starter_code": starter, "tests": tests}
+                "starter_code": starter, "tests": tests, "checker": "apps"}
 
     return _load_records(path, task="apps", fields={"question": str}, convert=convert, on_invalid=on_invalid,
                          limit=limit)

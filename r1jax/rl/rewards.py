@@ -304,13 +304,14 @@ def code_tests(completion: str, example: Mapping, *, timeout_s: float = 1.0, mem
     """Fraction of `example["tests"]` passed by the last ```python block of the answer, run in the sandbox.
 
     `tests`: `{"input": stdin, "output": expected stdout}` dicts and/or assert-style strings (see `sandbox`).
-    `timeout_s` is the wall-clock limit of each test's run.
+    `timeout_s` is the wall-clock limit of each test's run. `example["checker"]` picks the stdout rule
+    (sandbox.STDOUT_RULES: "livecodebench", the default, or "apps", which r1jax.data.load_apps sets).
     """
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0; got {timeout_s!r}")
     limits = sandbox.SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
     return sandbox.code_tests_score(completion, _field(example, "tests", "code_tests"), timeout_s=timeout_s,
-                                    limits=limits)
+                                    limits=limits, checker=example.get("checker", "livecodebench"))
 
 
 # ------------------------------------------------------------------------------------------------ multiple choice

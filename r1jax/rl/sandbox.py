@@ -315,6 +315,44 @@ def stdout_matches(stdout: str, expected: str) -> bool:
     return True
 
 
+def apps_stdout_matches(stdout: str, expected: str) -> bool:
+    """APPS's (and TACO's) stdin/stdout checker, in its order (hendrycks/apps, eval/testing_util.py): the printed
+    lines (`splitlines`) joined and stripped, with or without each line stripped, equal the stripped expected text;
+    or the lines, with or without the empty ones, equal the expected text's non-empty lines, stripped; or every line
+    is one number, allclose to the expected lines'; or, ignoring the order of lines and of the tokens in a line (and
+    repeats), the sets of lines' token sets are equal, or equal with every token a number rounded to 3 decimals.
+    Far more lenient than `stdout_matches`; it is what APPS and TACO answers were judged by."""
+    lines = stdout.splitlines()
+    want = expected.strip()
+    if "\n".join(lines).strip() == want or "\n".join(x.strip() for x in lines).strip() == want:
+        return True
+    want_lines = [x.strip() for x in expected.split("\n") if x]
+    if lines == [expected] or lines == want_lines or [x for x in lines if x] == want_lines:
+        return True
+    lines = [x for x in lines if x]
+    try:
+        got_f, want_f = [float(x) for x in lines], [float(x) for x in want_lines]
+        # numpy.allclose's test (rtol 1e-5, atol 1e-8; equal infinities pass, NaN never does).
+        if len(got_f) == len(want_f) and all(a == b or abs(a - b) <= 1e-8 + 1e-5 * abs(b)
+                                             for a, b in zip(got_f, want_f)):
+            return True
+    except ValueError:
+        pass
+    got_sets = {frozenset(t) for t in (x.split() for x in lines) if t}
+    want_sets = {frozenset(x.split()) for x in want_lines}
+    if got_sets == want_sets:
+        return True
+    try:
+        return ({frozenset(round(float(t), 3) for t in s) for s in got_sets}
+                == {frozenset(round(float(t), 3) for t in s) for s in want_sets})
+    except (ValueError, OverflowError):
+        return False
+
+
+# How a stdin/stdout test's output is judged, by the example's "checker" (default: LiveCodeBench's rule).
+STDOUT_RULES = {"livecodebench": stdout_matches, "apps": apps_stdout_matches}
+
+
 _ASSERT_HARNESS = """import runpy as _runpy
 globals().update((_k, _v) for _k, _v in _runpy.run_path("prog.py", run_name="solution").items()
                  if not _k.startswith("__"))
@@ -353,9 +391,10 @@ def _call_result_matches(stdout: str, nonce: str, expected) -> bool:
         return False
 
 
-def run_test(code: str, test: dict | str, limits: SandboxLimits) -> bool:
+def run_test(code: str, test: dict | str, limits: SandboxLimits, checker: str = "livecodebench") -> bool:
     """One normalized test (`normalize_tests`), in a fresh process. A stdin/stdout test passes if the program exits
-    0 and its stdout matches `output` (`stdout_matches`: line by line, stripped, numbers compared as such). An
+    0 and its stdout matches `output` by the `checker` rule (STDOUT_RULES; by default `stdout_matches`: line by line,
+    stripped, numbers compared as such). An
     assert-style test loads the program as a module named "solution" (so its `if __name__ == "__main__":` block
     does not run; stdin is empty), runs the assert string in its namespace, and passes if that reaches its
     end-of-test marker. A call test `{"fn_name", "args", "expected"}` loads the program the same way, calls
@@ -374,14 +413,18 @@ def run_test(code: str, test: dict | str, limits: SandboxLimits) -> bool:
         res = run_python(code, "", limits, files={"main.py": _CALL_HARNESS, "call.json": call})
         return res.returncode == 0 and _call_result_matches(res.stdout, nonce, test["expected"])
     res = run_python(code, test["input"], limits)
-    return res.returncode == 0 and stdout_matches(res.stdout, test["output"])
+    return res.returncode == 0 and STDOUT_RULES[checker](res.stdout, test["output"])
 
 
-def code_tests_score(completion: str, tests, *, timeout_s: float = 1.0, limits: SandboxLimits | None = None) -> float:
-    """Fraction of `tests` the completion's program passes (0.0 without a program). `timeout_s` is per test."""
+def code_tests_score(completion: str, tests, *, timeout_s: float = 1.0, limits: SandboxLimits | None = None,
+                     checker: str = "livecodebench") -> float:
+    """Fraction of `tests` the completion's program passes (0.0 without a program). `timeout_s` is per test;
+    `checker` judges stdin/stdout tests (STDOUT_RULES)."""
+    if checker not in STDOUT_RULES:
+        raise ValueError(f"unknown checker {checker!r}; valid: {sorted(STDOUT_RULES)}")
     tests = normalize_tests(tests)
     limits = dataclasses.replace(limits or SandboxLimits(), timeout_s=timeout_s)
     code = extract_code(completion)
     if code is None or not code.strip():
         return 0.0
-    return sum(run_test(code, t, limits) for t in tests) / len(tests)
+    return sum(run_test(code, t, limits, checker) for t in tests) / len(tests)
