@@ -343,9 +343,10 @@ def test_grpo_stage_with_context_parallelism(pretrained, tmp_path, monkeypatch):
 def test_grpo_stage_with_packed_rows(pretrained, tmp_path, monkeypatch):
     """pack_rows through the stage on 2 x 4 devices. The rollouts' rows are cut to their last 8 prompt tokens and 1-4
     completion tokens (the byte-level prompts and the tiny model's 12-token completions fill more than half a bin, so
-    each row would need its own, which falls back to the padded update), so rows pack two to a bin: with context parallelism over fsdp and 2 micro-batches (the update's 2 batch
-    shards pack their 2 rows of each micro-batch) and without (8 shards, one row each: no packing, the padded
-    update). The first update (its reference log-probs from the bins too) equals the padded one's."""
+    each row would need its own, which falls back to the padded update), so rows pack two to a bin: with context
+    parallelism over fsdp and 2 micro-batches (the update's 2 batch shards pack their 2 rows of each micro-batch)
+    and without (8 shards, one row each: no packing, the padded update). The first update (its reference log-probs
+    from the bins too) equals the padded one's."""
     import numpy as np
 
     from r1jax.rl import trainer

@@ -309,8 +309,9 @@ def check_loss_options(stage: str, cfg) -> None:
 
 def check_grpo_data(ctx: training.RunContext, stage: str, cfg) -> None:
     """What the run's data and mesh show is wrong for the stage: prompts longer than max_prompt_len, examples that a
-    rule reward (or the evaluation's reward) cannot judge, and pack_rows units that the mesh does not allow. r1jax.pipeline.stages.run checks it after setup for
-    every stage that would start after another, so a bad prompt set costs no earlier stage's hours."""
+    rule reward (or the evaluation's reward) cannot judge, and pack_rows units that the mesh does not allow.
+    r1jax.pipeline.stages.run checks it after setup for every stage that would start after another, so a bad prompt
+    set costs no earlier stage's hours."""
     from r1jax.data.pipeline import prompt_token_ids
     from r1jax.eval import check_reward
     from r1jax.rl.rewards import check_examples
