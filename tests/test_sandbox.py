@@ -143,8 +143,8 @@ def test_infinite_loop_killed_at_limit(monkeypatch):
     # 0.5 s and the 1.0 s default failed under a loaded CI, at 1.03 s), and the loop is killed at it.
     seen = []
     run_test = sandbox.run_test
-    monkeypatch.setattr(sandbox, "run_test", lambda code, test, limits: seen.append(limits) or run_test(code, test,
-                                                                                                        limits))
+    monkeypatch.setattr(sandbox, "run_test", lambda code, test, limits, *rest: seen.append(limits) or run_test(
+        code, test, limits, *rest))
     t = time.monotonic()
     assert code_tests(completion("while True:\n    pass"), {"tests": TESTS[:1]}, timeout_s=0.5) == 0.0
     assert [lim.timeout_s for lim in seen] == [0.5]
@@ -236,8 +236,9 @@ def test_verifiable_reward_checks_each_problem_by_its_own_rule():
              "<think>6*7</think><answer>42</answer>", "<answer>41</answer>"]
     totals, parts = score_batch(comps, rows, {"verifiable": 1.0}, num_workers=2)
     assert parts["verifiable"].round(3).tolist() == [1.0, 0.667, 1.0, 0.0]
-    with pytest.raises(ValueError, match=r"reward 'verifiable' needs example\['answer'\] or example\['tests'\]; "
-                                         r"the example has \['prompt'\]"):
+    with pytest.raises(ValueError, match=r"reward 'verifiable' needs example\['answer'\], example\['tests'\] or "
+                                         r"example\['numbers'\] and \['target'\] \(countdown\); the example has "
+                                         r"\['prompt'\]"):
         score_batch(["x"], [{"prompt": "p"}], {"verifiable": 1.0})
 
 
