@@ -72,12 +72,18 @@ def unit_rows(rows: int, *, minibatches: int = 1, grad_accum: int = 1, shards: i
     return (((d * per + i) * grad_accum + a) * minibatches + k).reshape(units, per)
 
 
-def bins_needed(batch, prompt_len: int, *, bin_len: int, minibatches: int = 1, grad_accum: int = 1,
-                shards: int = 1) -> int:
-    """The most bins any unit's rows need (first-fit decreasing)."""
+def unit_packings(batch, prompt_len: int, *, bin_len: int, minibatches: int = 1, grad_accum: int = 1,
+                  shards: int = 1) -> tuple[np.ndarray, list[list[list[int]]]]:
+    """(`unit_rows`, each unit's rows packed first-fit decreasing into bins of `bin_len`: lists of indices into the
+    unit's rows)."""
     lengths, _ = sequence_lengths(batch["mask"], prompt_len)
     units = unit_rows(len(lengths), minibatches=minibatches, grad_accum=grad_accum, shards=shards)
-    return max(len(first_fit_decreasing(lengths[u], bin_len)) for u in units)
+    return units, [first_fit_decreasing(lengths[u], bin_len) for u in units]
+
+
+def bins_needed(batch, prompt_len: int, *, bin_len: int, **split) -> int:
+    """The most bins any unit's rows need (first-fit decreasing)."""
+    return max(map(len, unit_packings(batch, prompt_len, bin_len=bin_len, **split)[1]))
 
 
 def bucket_bins(needed: int, rows_per_unit: int, buckets: int = BIN_BUCKETS) -> int:
@@ -87,12 +93,13 @@ def bucket_bins(needed: int, rows_per_unit: int, buckets: int = BIN_BUCKETS) -> 
 
 
 def pack_batch(batch, prompt_len: int, *, bins: int, bin_len: int, minibatches: int = 1, grad_accum: int = 1,
-               shards: int = 1) -> dict:
+               shards: int = 1, packings: tuple | None = None) -> dict:
     """`bin_tokens`, `bin_segments`, `bin_targets` (each position's next token in its row) [units * bins, bin_len]
     and `gather_idx` [R, N] for an update batch (numpy:
     `tokens` [R, P + N], `mask` [R, P + N] of real tokens, P = prompt_len) packed `bins` bins per unit. Bin b of
     unit (k, a, d) is row ((d * bins + b) * grad_accum + a) * minibatches + k of the bin arrays, the layout the
-    trainer's splits turn into unit order."""
+    trainer's splits turn into unit order. `packings`: `unit_packings`' result for these settings, if the caller
+    has it already."""
     tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"], bool)
     R, T = tokens.shape
     N = T - prompt_len
@@ -100,13 +107,13 @@ def pack_batch(batch, prompt_len: int, *, bins: int, bin_len: int, minibatches: 
     orphan = np.flatnonzero((prompt_real == 0) & mask[:, prompt_len:].any(1))
     if orphan.size:
         raise ValueError(f"pack_rows: row {orphan[0]} has a completion but no prompt token to predict its first")
-    units = unit_rows(R, minibatches=minibatches, grad_accum=grad_accum, shards=shards)
+    split = dict(minibatches=minibatches, grad_accum=grad_accum, shards=shards)
+    units, unit_bins = packings or unit_packings(batch, prompt_len, bin_len=bin_len, **split)
     bin_tokens = np.zeros((units.size // units.shape[1] * bins, bin_len), np.int32)
     bin_segments, bin_targets = np.zeros_like(bin_tokens), np.zeros_like(bin_tokens)
     gather_idx = np.zeros((R, N), np.int32)
-    for u, rows in enumerate(units):
+    for u, (rows, packed) in enumerate(zip(units, unit_bins)):
         k, a, d = np.unravel_index(u, (minibatches, grad_accum, shards))
-        packed = first_fit_decreasing(lengths[rows], bin_len)
         if len(packed) > bins:
             raise ValueError(f"pack_rows: a unit's rows need {len(packed)} bins of {bin_len} tokens, more than "
                              f"bins={bins}")
@@ -158,12 +165,12 @@ def pack_rollout(batch: dict, prompt_len: int, plan: dict) -> dict:
 
     split = dict(minibatches=plan["minibatches"], grad_accum=plan["grad_accum"], shards=plan["local_shards"])
     bin_len = -(-batch["tokens"].shape[1] // plan["chunk"]) * plan["chunk"]  # the output head's chunks divide it
-    needed = hosts.process_max(bins_needed(batch, prompt_len, bin_len=bin_len, **split))
-    bins = bucket_bins(needed, plan["rows_per_unit"])
+    packings = unit_packings(batch, prompt_len, bin_len=bin_len, **split)  # packed once, sized, then laid out
+    bins = bucket_bins(hosts.process_max(max(map(len, packings[1]))), plan["rows_per_unit"])
     if bins == plan["rows_per_unit"]:
         # A bin per row saves nothing, and the head would run on the prompts' positions too: the padded update.
         return {"pack_bins_per_unit": bins, "pack_token_ratio": 1.0}
-    batch.update(pack_batch(batch, prompt_len, bins=bins, bin_len=bin_len, **split))
+    batch.update(pack_batch(batch, prompt_len, bins=bins, bin_len=bin_len, packings=packings, **split))
     return {"pack_bins_per_unit": bins, "pack_token_ratio": batch["bin_tokens"].size / batch["tokens"].size}
 
 
