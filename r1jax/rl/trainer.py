@@ -436,13 +436,13 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 for _ in range(cfg.mu):
                     for mb in range(cfg.minibatches):
                         sub = jax.tree.map(lambda x: x[mb], parts) if parts is not None else dev
-                        coef = applied_entropy_coef(cfg, entropy_coef, last_entropy)
+                        bonus_coef = applied_entropy_coef(cfg, entropy_coef, last_entropy)
                         params, opt_state, m, aux = update(params, opt_state, rest, sub, step + 1 in nan_at, P,
-                                                           jnp.float32(coef))
+                                                           jnp.float32(bonus_coef))
                         rest = training.update_router_bias(ctx, rest, aux)
                         m = training.to_float_dict(m)
                         if entropy_bonus(cfg):
-                            m["entropy_coef"] = coef
+                            m["entropy_coef"] = bonus_coef
                         if cfg.get("adaptive_entropy", False):
                             last_entropy = m.get("entropy/selected_mean", m["entropy"])
                             entropy_coef = next_entropy_coef(cfg, entropy_coef, last_entropy)
