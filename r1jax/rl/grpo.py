@@ -348,10 +348,11 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
     adv_B1 = jnp.asarray(advantages_B).astype(jnp.float32)[:, None]
     log_ratio_BT = jnp.clip(logp - old_logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)
 
+    n_B1 = _count(valid_BT, -1)[:, None]
+    seq_valid_B1 = n_B1 > 0  # sequence-level stats skip empty rows
     if importance_sampling_level == "sequence":
-        n_B1 = _count(valid_BT, -1)[:, None]
         log_weight = log_ratio_BT.sum(-1, keepdims=True) / jnp.maximum(n_B1, 1.0)  # (B, 1)
-        unit_valid = n_B1 > 0  # stats are per sequence
+        unit_valid = seq_valid_B1  # stats are per sequence
     else:
         log_weight = log_ratio_BT  # (B, T)
         unit_valid = valid_BT
@@ -380,13 +381,12 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
         phi_B1 = variants.vespo_weights(log_ratio_BT, valid_BT, adv_B1, log_sampler, k_pos=vespo_k_pos,
                                         lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
         pg = -phi_B1 * adv_B1 * logp
-        metrics["vespo/phi_seq_mean"] = _masked_mean(phi_B1, _count(valid_BT, -1)[:, None] > 0, axis_name)
+        metrics["vespo/phi_seq_mean"] = _masked_mean(phi_B1, seq_valid_B1, axis_name)
     pg_BT = jnp.broadcast_to(pg, shape)
     if off_policy_mask_threshold is not None:
         keep_B1 = variants.off_policy_keep(logp, behaviour, valid_BT, adv_B1, off_policy_mask_threshold)
         pg_BT = pg_BT * keep_B1
-        metrics["off_policy/frac_masked"] = _masked_mean(1.0 - keep_B1, _count(valid_BT, -1)[:, None] > 0,
-                                                         axis_name)
+        metrics["off_policy/frac_masked"] = _masked_mean(1.0 - keep_B1, seq_valid_B1, axis_name)
     policy_valid = valid_BT
     if top_entropy_quantile < 1.0:
         policy_valid = variants.high_entropy_tokens(entropy_BT, valid_BT, top_entropy_quantile, axis_name)
@@ -395,7 +395,7 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
     if sampler_w is not None and surrogate != "vespo":  # VESPO already folded the weights into phi
         pg_BT = pg_BT * sampler_w
     if sampler_w is not None:
-        sw_valid = valid_BT if sampler_correction.startswith("token") else _count(valid_BT, -1)[:, None] > 0
+        sw_valid = valid_BT if sampler_correction.startswith("token") else seq_valid_B1
         metrics["sampler/is_ratio_mean"] = _masked_mean(sampler_w, sw_valid, axis_name)
         metrics["sampler/is_ratio_min"] = _masked_extreme(sampler_w, sw_valid, axis_name, "min")
         metrics["sampler/is_ratio_max"] = _masked_extreme(sampler_w, sw_valid, axis_name, "max")
@@ -437,7 +437,7 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
         for name, flag in (("low", low), ("high", high), ("region", low | high)):
             metrics[f"clip_ratio/{name}_mean"] = _masked_mean(flag.astype(jnp.float32), unit_valid, axis_name)
         # TRL's low_min / high_max: extremes over sequences of each sequence's clipped fraction.
-        seq_valid_B = _count(valid_BT, -1) > 0
+        seq_valid_B = seq_valid_B1[:, 0]
         for name, flag, kind in (("low", low, "min"), ("high", high, "max")):
             per_seq_B = (jnp.where(unit_valid, flag, False).sum(-1, dtype=jnp.int32)
                          / jnp.maximum(_count(unit_valid, -1), 1.0))
