@@ -9,6 +9,15 @@ BASE = {
     "qwen2": dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
                   tie_word_embeddings=False),
+    "qwen3": dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=10000.0,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # Layer 0 dense (mlp_only_layers), layers 1-2 routed.
+    "qwen3_moe": dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[0],
+                      max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False),
     "llama": dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
                   tie_word_embeddings=False),
@@ -28,6 +37,8 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
 
     cls_cfg, cls_model = {
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
     }[family]

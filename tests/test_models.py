@@ -33,9 +33,11 @@ def _tokens(B=2, L=9, seed=0, vocab=256):
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (B, L)))
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_llama", "tiny_deepseek_v3"])
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_qwen3", "tiny_qwen3_moe", "tiny_llama", "tiny_deepseek_v3"])
 def test_save_load_roundtrip_is_exact(name, tmp_path):
     model = _randomize(_model(name))
+    if name == "tiny_qwen3_moe":  # its checkpoints have no routing bias (see the refusal test below)
+        model.moe.mlp.router_bias[...] = jnp.zeros_like(model.moe.mlp.router_bias[...])
     save_pretrained(model, tmp_path)
     loaded = from_pretrained(tmp_path, dtype="float32")
     a, b = nnx.state(model), nnx.state(loaded)
@@ -203,6 +205,14 @@ def test_presets_have_published_sizes():
     assert abs(param_count(get_preset("llama3_1_8b")) / 8.03e9 - 1) < 0.01
     assert abs(param_count(get_preset("qwen2_5_32b")) / 32.76e9 - 1) < 0.01
     assert abs(param_count(get_preset("deepseek_v3", mtp_num_layers=0)) / 671.0e9 - 1) < 0.01
+    assert abs(param_count(get_preset("qwen3_30b_a3b")) / 30.5e9 - 1) < 0.01
+    assert abs(param_count(get_preset("qwen3_235b_a22b")) / 235e9 - 1) < 0.01
+    # Qwen3's model cards state non-embedding counts for the dense models.
+    for name, published in [("qwen3_0_6b", 0.44e9), ("qwen3_1_7b", 1.4e9), ("qwen3_4b", 3.6e9),
+                            ("qwen3_8b", 6.95e9), ("qwen3_14b", 13.2e9), ("qwen3_32b", 31.2e9)]:
+        cfg = get_preset(name)
+        embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+        assert abs((param_count(cfg) - embeddings) / published - 1) < 0.01, name
 
 
 def test_config_errors_name_the_field():
@@ -215,6 +225,49 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="family='gpt2'"):
         ModelConfig(family="gpt2", vocab_size=1, hidden_size=1, intermediate_size=1, num_layers=1, num_heads=1,
                     num_kv_heads=1, head_dim=1)
+
+
+def _qwen3_moe_hf(**kw):
+    return {**config_to_hf(get_preset("tiny_qwen3_moe", num_layers=4)), **kw}
+
+
+def test_qwen3_moe_layer_patterns():
+    assert config_from_hf(_qwen3_moe_hf(mlp_only_layers=[1, 0])).moe.first_k_dense == 2
+    # transformers' default for a config.json without norm_topk_prob is False.
+    assert not config_from_hf({k: v for k, v in _qwen3_moe_hf().items() if k != "norm_topk_prob"}).moe.norm_topk_prob
+    with pytest.raises(ValueError, match=r"dense layers \[0, 2\].*must come first"):
+        config_from_hf(_qwen3_moe_hf(mlp_only_layers=[0, 2]))
+    with pytest.raises(ValueError, match=r"dense layers \[0, 2\] \(decoder_sparse_step=2"):
+        config_from_hf(_qwen3_moe_hf(decoder_sparse_step=2))
+    with pytest.raises(ValueError, match="every Qwen3-MoE layer dense"):
+        config_from_hf(_qwen3_moe_hf(mlp_only_layers=[0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"layer_types has \['sliding_attention'\]"):
+        config_from_hf({**config_to_hf(get_preset("tiny_qwen3")), "layer_types": ["full_attention",
+                                                                                 "sliding_attention"]})
+
+
+def test_configs_a_family_cannot_express_are_refused():
+    with pytest.raises(ValueError, match="qwen3 config.json cannot express qk_norm=False"):
+        config_to_hf(get_preset("tiny_qwen3", qk_norm=False))
+    with pytest.raises(ValueError, match="qwen2 config.json cannot express qk_norm=True"):
+        config_to_hf(get_preset("tiny_qwen2", qk_norm=True))
+    with pytest.raises(ValueError, match="qkv_bias=True with o_bias=False"):
+        config_to_hf(get_preset("tiny_llama", qkv_bias=True))
+    with pytest.raises(ValueError, match="routed_scaling_factor=2.5"):
+        config_to_hf(get_preset("tiny_qwen3_moe").replace(moe={"routed_scaling_factor": 2.5}))
+    with pytest.raises(ValueError, match="mla is only for 'deepseek_v3'"):
+        get_preset("tiny_qwen3", mla=get_preset("tiny_deepseek_v3").mla)
+
+
+def test_qwen3_moe_save_refuses_a_trained_routing_bias(tmp_path):
+    """Qwen3-MoE checkpoints have no routing bias: a zero one is left out, a trained one refuses to be dropped."""
+    model = _model("tiny_qwen3_moe")
+    save_pretrained(model, tmp_path / "zero")
+    assert not any("e_score_correction_bias" in k for k in load_file(str(tmp_path / "zero" / "model.safetensors")))
+    model.moe.mlp.router_bias[...] = model.moe.mlp.router_bias[...].at[0, 3].set(0.01)
+    with pytest.raises(ValueError, match=r"moe\.mlp\.router_bias is non-zero but qwen3_moe checkpoints"):
+        save_pretrained(model, tmp_path / "trained")
+    assert not (tmp_path / "trained").exists()
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_deepseek_v3"])

@@ -17,6 +17,12 @@ CASES = {
     "qwen2_head_dim": ("qwen2", dict(head_dim=16)),
     "qwen2_yarn": ("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                "original_max_position_embeddings": 64})),
+    "qwen3": ("qwen3", {}),
+    "qwen3_tied_bias_yarn": ("qwen3", dict(tie_word_embeddings=True, attention_bias=True,
+                                           rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                         "original_max_position_embeddings": 64})),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "qwen3_moe_all_sparse_unnormalized": ("qwen3_moe", dict(mlp_only_layers=[], norm_topk_prob=False)),
     "llama3_rope": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
     "llama_bias_head_dim": ("llama", dict(attention_bias=True, mlp_bias=True, head_dim=20)),
@@ -55,7 +61,7 @@ def test_logits_match_transformers(case, tmp_path):
     assert err <= TOL, f"{case}: max |diff| {err:.2e} (logit scale {np.abs(expected).max():.2f})"
 
 
-@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3_moe", "deepseek_v3"])
 def test_padded_batch_matches_transformers(family, tmp_path):
     ref = make_hf_model(family)
     ref.save_pretrained(tmp_path)
@@ -72,7 +78,8 @@ def test_padded_batch_matches_transformers(family, tmp_path):
     assert err <= TOL, f"max |diff| on real tokens {err:.2e}"
 
 
-@pytest.mark.parametrize("case", ["qwen2_tied", "llama_bias_head_dim", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["qwen2_tied", "qwen3_tied_bias_yarn", "qwen3_moe", "llama_bias_head_dim",
+                                  "deepseek_v3"])
 def test_save_pretrained_roundtrip_through_transformers(case, tmp_path):
     import transformers
 

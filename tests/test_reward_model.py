@@ -83,6 +83,7 @@ def _hf_reward_model(family, tmp_path, num_labels=1, seed=0):
 
     cls_cfg, cls_model = {
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForSequenceClassification),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForSequenceClassification),
         "llama": (transformers.LlamaConfig, transformers.LlamaForSequenceClassification),
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForSequenceClassification),
     }[family]
@@ -101,7 +102,7 @@ def _hf_scores(model, tokens, mask):
         return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3_moe", "llama", "deepseek_v3"])
 def test_scores_match_transformers_sequence_classification(family, tmp_path):
     ref = _hf_reward_model(family, tmp_path)
     rm = reward_from_pretrained(tmp_path, dtype="float32")

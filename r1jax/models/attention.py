@@ -1,4 +1,4 @@
-"""Attention: grouped-query attention (Qwen2, Llama) and multi-head latent attention (DeepSeek-V3).
+"""Attention: grouped-query attention (Qwen2, Qwen3, Llama) and multi-head latent attention (DeepSeek-V3).
 
 Without a cache, `attention_q_block` > 0 processes queries in blocks (`query_blocks`) so a long sequence's scores
 never exist all at once. Masks are boolean [B, L, S] (query, key slot) built once per forward pass by the transformer: causal by slot index,
@@ -138,7 +138,7 @@ def update_layer_cache(cache: dict, new: dict, index, slot_axes: dict) -> dict:
 
 
 class Attention(nnx.Module):
-    """GQA with optional q/k/v (and o) biases and an explicit head_dim."""
+    """GQA with optional q/k/v (and o) biases, an explicit head_dim and optional per-head q/k norms (Qwen3)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack=0):
         D, H, K, Q = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -153,7 +153,10 @@ class Attention(nnx.Module):
             self.bv = make_param(None, (K, Q), ("kv_heads", "kv"), init="zeros", dtype=pd, stack=stack)
         if cfg.o_bias:
             self.bo = make_param(None, (D,), ("embed",), init="zeros", dtype=pd, stack=stack)
-        self.qkv_bias, self.o_bias = cfg.qkv_bias, cfg.o_bias
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(Q, cfg.rms_norm_eps, axis_name="kv", param_dtype=pd, stack=stack)
+            self.k_norm = RMSNorm(Q, cfg.rms_norm_eps, axis_name="kv", param_dtype=pd, stack=stack)
+        self.qkv_bias, self.o_bias, self.qk_norm = cfg.qkv_bias, cfg.o_bias, cfg.qk_norm
         self.num_groups = H // K
         self.scale = Q ** -0.5
         self.q_block = cfg.attention_q_block
@@ -167,6 +170,8 @@ class Attention(nnx.Module):
         v = project("bld,dkq->blkq", x_BLD, cast(self.wv, dt))
         if self.qkv_bias:
             q, k, v = q + cast(self.bq, dt), k + cast(self.bk, dt), v + cast(self.bv, dt)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(self.rotary.apply(q, *cos_sin), ("batch", "length", "heads", "kv"))
         k = constrain(self.rotary.apply(k, *cos_sin), ("batch", "length", "kv_heads", "kv"))
         v = constrain(v, ("batch", "length", "kv_heads", "kv"))

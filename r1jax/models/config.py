@@ -1,4 +1,5 @@
-"""Model configuration: one frozen dataclass for the Qwen2, Llama and DeepSeek-V3 families, plus presets.
+"""Model configuration: one frozen dataclass for the Qwen2, Qwen3, Qwen3-MoE, Llama and DeepSeek-V3 families, plus
+presets.
 
 Example:
     >>> from r1jax.models import config
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-FAMILIES = ("qwen2", "llama", "deepseek_v3")
+FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "llama", "deepseek_v3")
 ROPE_TYPES = ("default", "llama3", "yarn", "linear")
 SCORING = ("sigmoid", "softmax")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -142,6 +143,8 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    # Qwen3: an RMSNorm over head_dim on every query and key head, before rope (one scale shared by the heads).
+    qk_norm: bool = False
     mla: MLAConfig | None = None
     moe: MoEConfig | None = None
     mtp_num_layers: int = 0
@@ -176,6 +179,12 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.family == "deepseek_v3" and self.mla is None:
             raise ValueError("family 'deepseek_v3' needs an mla config")
+        if self.family != "deepseek_v3" and self.mla is not None:
+            raise ValueError(f"family {self.family!r} has grouped-query attention; mla is only for 'deepseek_v3'")
+        if self.family == "qwen3_moe" and self.moe is None:
+            raise ValueError("family 'qwen3_moe' needs a moe config")
+        if self.qk_norm and self.mla is not None:
+            raise ValueError("qk_norm normalizes grouped-query attention heads; MLA has no per-head keys to normalize")
         if self.moe is not None and self.moe.first_k_dense > self.num_layers:
             raise ValueError(f"moe.first_k_dense={self.moe.first_k_dense} > num_layers={self.num_layers}")
         if self.mtp_num_layers and self.family != "deepseek_v3":
@@ -205,6 +214,21 @@ def _qwen2(vocab, hidden, inter, layers, heads, kv, *, tied, theta=1e6, eps=1e-6
                        num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads,
                        rms_norm_eps=eps, rope=RopeConfig(theta=theta), max_position_embeddings=max_pos,
                        tie_word_embeddings=tied, qkv_bias=True, bos_token_id=151643, eos_token_id=151643)
+
+
+def _qwen3(hidden, inter, layers, heads, kv, *, tied, vocab=151936, max_pos=40960, moe=None):
+    # Published Qwen3 configs: head_dim 128 whatever the width, no biases, rope theta 1e6; eos covers the base
+    # models' <|endoftext|> and the post-trained ones' <|im_end|>.
+    return ModelConfig(family="qwen3" if moe is None else "qwen3_moe", vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=inter, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=128,
+                       rms_norm_eps=1e-6, rope=RopeConfig(theta=1e6), max_position_embeddings=max_pos,
+                       tie_word_embeddings=tied, qk_norm=True, moe=moe, bos_token_id=151643,
+                       eos_token_id=(151645, 151643))
+
+
+def _qwen3_moe(experts_inter):
+    return MoEConfig(num_experts=128, num_experts_per_tok=8, intermediate_size=experts_inter, scoring="softmax",
+                     norm_topk_prob=True)
 
 
 def _llama31_8b(**kw):
@@ -245,6 +269,15 @@ PRESETS: dict[str, callable] = {
     "r1_distill_qwen_1_5b": lambda: _qwen2(151936, 1536, 8960, 28, 12, 2, tied=False, theta=1e4, max_pos=131072),
     "r1_distill_qwen_7b": lambda: _qwen2(152064, 3584, 18944, 28, 28, 4, tied=False, theta=1e4, max_pos=131072),
     "r1_distill_qwen_32b": lambda: _qwen2(152064, 5120, 27648, 64, 40, 8, tied=False, eps=1e-5, max_pos=131072),
+    # Qwen3 (dense and MoE; the -Base checkpoints share the dimensions).
+    "qwen3_0_6b": lambda: _qwen3(1024, 3072, 28, 16, 8, tied=True),
+    "qwen3_1_7b": lambda: _qwen3(2048, 6144, 28, 16, 8, tied=True),
+    "qwen3_4b": lambda: _qwen3(2560, 9728, 36, 32, 8, tied=True),
+    "qwen3_8b": lambda: _qwen3(4096, 12288, 36, 32, 8, tied=False),
+    "qwen3_14b": lambda: _qwen3(5120, 17408, 40, 40, 8, tied=False),
+    "qwen3_32b": lambda: _qwen3(5120, 25600, 64, 64, 8, tied=False),
+    "qwen3_30b_a3b": lambda: _qwen3(2048, 6144, 48, 32, 4, tied=False, moe=_qwen3_moe(768)),
+    "qwen3_235b_a22b": lambda: _qwen3(4096, 12288, 94, 64, 4, tied=False, moe=_qwen3_moe(1536)),
     "llama3_1_8b": _llama31_8b,
     "r1_distill_llama_8b": _llama31_8b,
     "deepseek_v3": _deepseek_v3,
@@ -259,6 +292,15 @@ PRESETS: dict[str, callable] = {
                                       rope=RopeConfig(theta=500000.0, type="llama3", factor=8.0,
                                                       original_max_position_embeddings=64),
                                       max_position_embeddings=512),
+    "tiny_qwen3": lambda: ModelConfig(family="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=24,
+                                      rope=RopeConfig(theta=10000.0), tie_word_embeddings=True, qk_norm=True,
+                                      max_position_embeddings=512),
+    "tiny_qwen3_moe": lambda: ModelConfig(
+        family="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope=RopeConfig(theta=10000.0), qk_norm=True, max_position_embeddings=512,
+        moe=MoEConfig(num_experts=8, num_experts_per_tok=2, intermediate_size=32, scoring="softmax",
+                      norm_topk_prob=True)),
     "tiny_deepseek_v3": lambda: ModelConfig(
         family="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
         num_kv_heads=4, head_dim=8, rope=RopeConfig(theta=10000.0, type="yarn", factor=4.0,

@@ -316,6 +316,12 @@ class CheckpointTensors(Mapping):
         self._src: dict[str, Source] = {}
         for key, value in self._values.items():
             src = sources[key]
+            if not src.saved:
+                if np.any(hosts.fetch(value)):
+                    raise ValueError(f"{'.'.join(key)} is non-zero but {cfg.family} checkpoints have no such tensor "
+                                     f"(moe.bias_update_rate > 0 trained an aux-loss-free routing bias); saving "
+                                     f"would drop it and change the routing. Keep the r1jax (orbax) checkpoint.")
+                continue
             for cell in np.ndindex(src.names.shape):
                 self._pieces.setdefault(src.names[cell], []).append((key, cell, src))
                 self._src[src.names[cell]] = src

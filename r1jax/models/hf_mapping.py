@@ -16,10 +16,13 @@ from r1jax.models.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
 ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "LlamaForCausalLM": "llama",
     "DeepseekV3ForCausalLM": "deepseek_v3",
 }
-MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+               "llama": "LlamaForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -78,6 +81,13 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     )
     if family == "qwen2":
         kw.update(qkv_bias=True, o_bias=False)
+    elif family in ("qwen3", "qwen3_moe"):
+        other = sorted(set(hf.get("layer_types") or ["full_attention"]) - {"full_attention"})
+        if other:
+            raise ValueError(f"config.json layer_types has {other}; only full attention is supported")
+        kw.update(qkv_bias=bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")), qk_norm=True)
+        if family == "qwen3_moe":
+            kw["moe"] = _qwen3_moe_from_hf(hf)
     elif family == "llama":
         kw.update(qkv_bias=bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")),
                   mlp_bias=bool(hf.get("mlp_bias")))
@@ -103,8 +113,50 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
+def _qwen3_moe_from_hf(hf: dict) -> MoEConfig:
+    """Qwen3-MoE's router: softmax over all experts, top-k, renormalized when norm_topk_prob (transformers' default
+    for a config.json without the key is False). Layer i is sparse unless listed in mlp_only_layers or
+    (i + 1) % decoder_sparse_step != 0; r1jax stacks dense layers first, so the dense ones must be layers 0..k-1."""
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    n, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step") or 1
+    only_mlp = set(hf.get("mlp_only_layers") or [])
+    dense = [i for i in range(n) if i in only_mlp or (i + 1) % step or not experts]
+    if dense != list(range(len(dense))):
+        raise ValueError(f"Qwen3-MoE layer pattern with dense layers {dense} (decoder_sparse_step={step}, "
+                         f"mlp_only_layers={sorted(only_mlp)}) is not supported: dense layers must come first "
+                         f"(layers 0..k-1)")
+    if len(dense) == n:
+        raise ValueError("config.json makes every Qwen3-MoE layer dense (num_experts 0 or all layers in "
+                         "mlp_only_layers); load it as a qwen3 model instead")
+    return MoEConfig(num_experts=experts, num_experts_per_tok=hf["num_experts_per_tok"],
+                     intermediate_size=hf["moe_intermediate_size"], scoring="softmax",
+                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)), first_k_dense=len(dense))
+
+
+def _check_representable(cfg: ModelConfig) -> None:
+    """Refuses a config whose family's config.json cannot express it (saving it would silently change the model)."""
+    problems = []
+    if cfg.qk_norm != (cfg.family in ("qwen3", "qwen3_moe")):
+        problems.append(f"qk_norm={cfg.qk_norm}")
+    if cfg.family in ("llama", "qwen3", "qwen3_moe") and cfg.qkv_bias != cfg.o_bias:
+        problems.append(f"qkv_bias={cfg.qkv_bias} with o_bias={cfg.o_bias} (one attention_bias sets both)")
+    if cfg.family == "qwen2" and (not cfg.qkv_bias or cfg.o_bias):
+        problems.append(f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias} (Qwen2 has q/k/v biases only)")
+    if cfg.family == "qwen3_moe":
+        m = cfg.moe
+        if (m.scoring, m.n_group, m.num_shared_experts, m.routed_scaling_factor) != ("softmax", 1, 0, 1.0):
+            problems.append(f"moe scoring={m.scoring!r}, n_group={m.n_group}, num_shared_experts="
+                            f"{m.num_shared_experts}, routed_scaling_factor={m.routed_scaling_factor} (Qwen3-MoE "
+                            f"routes by softmax over ungrouped experts, no shared experts, no scaling)")
+    elif cfg.family != "deepseek_v3" and cfg.moe is not None:
+        problems.append("a moe config")
+    if problems:
+        raise ValueError(f"a {cfg.family} config.json cannot express " + "; ".join(problems))
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     """A config.json dict in the hub layout (rope_theta + rope_scaling), which transformers 4 and 5 both read."""
+    _check_representable(cfg)
     hf = {
         "architectures": [MODEL_TYPES[cfg.family]], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
@@ -130,6 +182,13 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         hf["rope_scaling"] = scaling
     if cfg.family == "qwen2":
         hf.update(use_sliding_window=False)
+    elif cfg.family in ("qwen3", "qwen3_moe"):
+        hf.update(attention_bias=cfg.qkv_bias, use_sliding_window=False)
+        if cfg.family == "qwen3_moe":
+            moe = cfg.moe
+            hf.update(num_experts=moe.num_experts, num_experts_per_tok=moe.num_experts_per_tok,
+                      moe_intermediate_size=moe.intermediate_size, norm_topk_prob=moe.norm_topk_prob,
+                      decoder_sparse_step=1, mlp_only_layers=list(range(moe.first_k_dense)))
     elif cfg.family == "llama":
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     else:
@@ -159,6 +218,7 @@ class Source:
     select: tuple | None = None
     perm: tuple | None = None
     optional: bool = False     # absent from the checkpoint means zeros (e.g. a routing bias)
+    saved: bool = True         # False: the family's checkpoints have no such tensor; saving needs it to be zero
 
     @property
     def view_shape(self) -> tuple:
@@ -209,6 +269,9 @@ def _layer_sources(cfg: ModelConfig, layers: range, *, moe: bool, fused_experts:
             s[("attn", "bq")] = Source(g(a + "q_proj.bias"), (H * Q,), view=(H, Q))
             s[("attn", "bk")] = Source(g(a + "k_proj.bias"), (K * Q,), view=(K, Q))
             s[("attn", "bv")] = Source(g(a + "v_proj.bias"), (K * Q,), view=(K, Q))
+        if cfg.qk_norm:
+            s[("attn", "q_norm", "scale")] = Source(g(a + "q_norm.weight"), (Q,))
+            s[("attn", "k_norm", "scale")] = Source(g(a + "k_norm.weight"), (Q,))
     else:
         m = cfg.mla
         Qn, Qr, V, R = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
@@ -242,7 +305,9 @@ def _layer_sources(cfg: ModelConfig, layers: range, *, moe: bool, fused_experts:
     moe_cfg = cfg.moe
     E, F = moe_cfg.num_experts, moe_cfg.intermediate_size
     s[("mlp", "w_router")] = _T(g("mlp.gate.weight"), D, E)
-    s[("mlp", "router_bias")] = Source(g("mlp.gate.e_score_correction_bias"), (E,), optional=True)
+    # Qwen3-MoE has no aux-loss-free routing bias: r1jax's stays zero unless moe.bias_update_rate trains it.
+    s[("mlp", "router_bias")] = Source(g("mlp.gate.e_score_correction_bias"), (E,), optional=True,
+                                       saved=cfg.family == "deepseek_v3")
     if fused_experts:  # transformers 5 in-memory layout: gate_up_proj [E, 2F, D], down_proj [E, D, F]
         s[("mlp", "w_gate")] = Source(g("mlp.experts.gate_up_proj"), (E, 2 * F, D),
                                       select=(slice(None), slice(0, F), slice(None)), perm=(0, 2, 1))
