@@ -27,7 +27,7 @@ from flax import nnx
 
 from r1jax.checkpoint import load_params, save_params
 from r1jax.logging import MetricsLogger
-from r1jax.models import Transformer, from_pretrained, get_preset, read_config, save_pretrained
+from r1jax.models import Transformer, config_to_hf, from_pretrained, get_preset, read_config, save_pretrained
 from r1jax.models.config import ModelConfig
 from r1jax.parallel import hosts
 
@@ -271,6 +271,19 @@ def copy_tokenizer_files(tokenizer_cfg, workdir: Path, out: Path) -> list[Path]:
         for f in files:
             shutil.copy2(f, Path(out) / f.name)
     return files
+
+
+def check_save_hf(stage: str, mc: ModelConfig) -> None:
+    """Raises ValueError, before any stage runs, when `stage.save_hf` could not write the model it will train: a
+    config its family's config.json cannot express, or a routing bias the family's checkpoints cannot hold."""
+    try:
+        config_to_hf(mc)
+    except ValueError as e:
+        raise ValueError(f"{stage}.save_hf: {e}") from None
+    if mc.family == "qwen3_moe" and mc.moe.bias_update_rate > 0:
+        raise ValueError(f"{stage}.save_hf: moe.bias_update_rate={mc.moe.bias_update_rate} trains an aux-loss-free "
+                         f"routing bias that Qwen3-MoE checkpoints cannot hold; set {stage}.save_hf=False (the r1jax "
+                         f"checkpoint keeps it) or moe.bias_update_rate=0")
 
 
 def finish_stage(ctx: RunContext, stage: str, model: Transformer, summary: dict, *, save_hf: bool = False):

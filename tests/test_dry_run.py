@@ -18,7 +18,8 @@ from r1jax.pipeline.dry_run import GiB, check_hardware, dry_run, format_report, 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.py"))
 # Ours: full-scale configs whose :runlocal variant must run on this CPU.
-OURS = ["grpo_qwen2_5_1_5b_gsm8k", "deepscaler_1_5b", "r1_zero_deepseek_v3", "rl_qwen_32b", "dapo_qwen2_5_32b"]
+OURS = ["grpo_qwen2_5_1_5b_gsm8k", "deepscaler_1_5b", "r1_zero_deepseek_v3", "rl_qwen_32b", "dapo_qwen2_5_32b",
+        "dapo_qwen3_30b_a3b"]
 
 
 def _load(path: Path):
@@ -128,6 +129,20 @@ def test_deepseek_v3_numbers():
     expected = 4 * (routed / (fsdp * expert) + (total - routed) / fsdp)
     assert abs(s["memory"]["params"] / expected - 1) < 0.01, (s["memory"]["params"], expected)
     assert s["memory"]["reference"] == s["memory"]["params"]  # beta = 0.001 keeps reference weights
+
+
+def test_qwen3_moe_numbers():
+    """Qwen3-30B-A3B: 30.5B parameters, 3.3B active (model card); routed experts split over fsdp x expert (32 GPUs),
+    everything else over fsdp (4)."""
+    report = _full_report(ROOT / "experiments" / "dapo_qwen3_30b_a3b.py")
+    s = report["stages"]["grpo"]
+    assert s["status"] == "OK", format_report(report)
+    total, active = s["params"]["total"], s["params"]["active"]
+    assert abs(total / 30.5e9 - 1) < 0.01 and abs(active / 3.3e9 - 1) < 0.03, (total, active)
+    routed = 48 * 3 * 128 * 2048 * 768
+    fsdp, expert = report["mesh"]["fsdp"], report["mesh"]["expert"]
+    expected = 4 * (routed / (fsdp * expert) + (total - routed) / fsdp)
+    assert abs(s["memory"]["params"] / expected - 1) < 0.01, (s["memory"]["params"], expected)
 
 
 def test_flops_extrapolation_matches_unrolled():

@@ -314,3 +314,19 @@ def test_recipe_stage_settings_are_checked_before_any_stage_runs(tmp_path):
         with pytest.raises(ValueError, match=match):
             run(cfg, tmp_path / str(i))
         assert not (tmp_path / str(i)).exists()
+
+
+def test_save_hf_a_family_cannot_hold_stops_the_run_before_any_stage(tmp_path):
+    """A Qwen3-MoE run that trains DeepSeek-V3's routing bias cannot be exported to Qwen3-MoE's format: a stage with
+    save_hf stops the run at setup instead of after its training."""
+    cfg = _config()
+    cfg.model.preset = "tiny_qwen3_moe"
+    cfg.model.overrides = dict(moe=dict(bias_update_rate=1e-3))
+    last = configs.validate(cfg)[-1]
+    cfg[last].save_hf = True
+    with pytest.raises(ValueError, match=rf"{last}.save_hf: moe.bias_update_rate=0.001 trains an aux-loss-free"):
+        run(cfg, tmp_path / "run")
+    assert not any((tmp_path / "run" / name).exists() for name in configs.validate(cfg))
+    cfg.model.overrides = dict(qk_norm=False)
+    with pytest.raises(ValueError, match=rf"{last}.save_hf: a qwen3_moe config.json cannot express qk_norm=False"):
+        run(cfg, tmp_path / "run2")

@@ -228,6 +228,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
     check_stages(config, names)  # before any stage runs (or the tokenizer trains)
     ctx = setup(config, workdir, stop, progress=progress)
     pending = [n for n in names if not (ctx.stage_dir(n) / "DONE").exists()]
+    for name in pending:
+        if config[name].get("save_hf"):
+            training.check_save_hf(name, ctx.model_config_for(name))
     for name in pending[1:]:  # the first pending stage meets its own data as it starts, no later
         check = STAGE_DATA_CHECKS.get(config[name].kind)
         if check is not None:
