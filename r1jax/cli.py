@@ -39,7 +39,7 @@ flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory, or 'byte' (
 flags.DEFINE_string("prompt", None, "Prompt text (sample).")
 flags.DEFINE_string("template", "r1_zero", "Prompt template (sample, eval): plain, r1_zero, qwen2.5, deepseek_r1, "
                     "hf (the chat template of --tokenizer, else of --model), or hf:PATH (a checkpoint's or a "
-                    ".jinja file's).")
+                    ".jinja file's); template variables after '?', e.g. 'hf?enable_thinking=false'.")
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt (sample).")
 flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate (sample, eval).")
 flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")
@@ -295,9 +295,9 @@ def _template_flag() -> str:
     from r1jax.data import check_template
 
     template = FLAGS.template
-    if template == "hf":
+    if template == "hf" or template.startswith("hf?"):  # "hf?enable_thinking=false": with template variables
         source = Path(FLAGS.tokenizer) if FLAGS.tokenizer and FLAGS.tokenizer != "byte" else Path(FLAGS.model)
-        template = f"hf:{source.parent if source.is_file() else source}"
+        template = f"hf:{source.parent if source.is_file() else source}{template[2:]}"
     try:
         check_template(template)
     except KeyError as e:

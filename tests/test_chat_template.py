@@ -102,6 +102,47 @@ def test_template_features_match_transformers():
     assert '"é <b>"' in want and "False|<s>" in want  # non-ASCII and HTML kept; unset eos_token is undefined
 
 
+# Qwen3's switch (the same condition as its checkpoints' template): thinking unless enable_thinking is false, when
+# the prompt closes an empty think block; earlier turns lose their reasoning.
+THINKING_SWITCH = (
+    "{% for m in messages %}{% set content = m.content %}"
+    "{% if m.role == 'assistant' and '</think>' in content %}"
+    "{% set content = (content.split('</think>') | last).lstrip('\\n') %}{% endif %}"
+    "{{ '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}")
+
+
+def test_template_variables_match_transformers(tmp_path):
+    """'hf:PATH?enable_thinking=false' renders as apply_chat_template(..., enable_thinking=False)."""
+    transformers = pytest.importorskip("transformers")
+    d = _checkpoint_dir(tmp_path, "qwen2_5_instruct", as_file=True)
+    (d / "chat_template.jinja").write_text(THINKING_SWITCH, encoding="utf-8")
+    ref = transformers.AutoTokenizer.from_pretrained(str(d))
+    for conv in CONVERSATIONS:
+        for query, kwargs in (("", {}), ("?enable_thinking=false", {"enable_thinking": False}),
+                              ("?enable_thinking=true", {"enable_thinking": True})):
+            want = ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, **kwargs)
+            assert render(f"hf:{d}{query}", conv) == want
+    assert render(f"hf:{d}?enable_thinking=false", CONVERSATIONS[0]).endswith("<think>\n\n</think>\n\n")
+    check_template(f"hf:{d}?enable_thinking=false")
+
+
+def test_template_variables_are_checked(tmp_path):
+    d = _checkpoint_dir(tmp_path, "qwen2_5_instruct", as_file=True)
+    (d / "chat_template.jinja").write_text(THINKING_SWITCH, encoding="utf-8")
+    with pytest.raises(ChatTemplateError, match=r"never reads \['enable_thinkng'\].*reads besides messages and "
+                                                r"special tokens: \['enable_thinking'\]"):
+        check_template(f"hf:{d}?enable_thinkng=false")
+    with pytest.raises(ChatTemplateError, match=r"variables \['add_generation_prompt'\] are set by the renderer"):
+        check_template(f"hf:{d}?add_generation_prompt=false")
+    with pytest.raises(ChatTemplateError, match=r"'enable_thinking' is not name=value"):
+        check_template(f"hf:{d}?enable_thinking")
+    with pytest.raises(ChatTemplateError, match=r"'x-y=1' is not name=value"):
+        check_template(f"hf:{d}?x-y=1", read=False)  # a dry run checks the form without reading the file
+
+
 def test_load_chat_template_files(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>",

@@ -114,6 +114,9 @@ def test_train_command_runs_both_stages(tmp_path):
     chat = _cli("sample", "--model", str(tmp_path / "hf"), "--tokenizer", "byte", "--prompt", "What is 2 + 3?",
                 "--num_samples", "1", "--max_new_tokens", "4", "--template", "hf")
     assert chat.returncode == 0 and chat.stdout.startswith("Q: What is 2 + 3?\nA:\n--- sample 0"), chat.stderr[-3000:]
+    bad = _cli("sample", "--model", str(tmp_path / "hf"), "--tokenizer", "byte", "--prompt", "1", "--template",
+               "hf?enable_thinking=false")  # template variables: this template reads none
+    assert bad.returncode == 2 and "never reads ['enable_thinking']" in bad.stderr, bad.stderr
     # ... and back into r1jax parameters, split over both devices by default (fsdp=-1): the same values.
     conv = _cli("convert", "--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "params"))
     assert conv.returncode == 0, conv.stderr[-3000:]

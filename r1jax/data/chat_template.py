@@ -21,16 +21,20 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from r1jax.data.tokenizers import _config_token, read_json_object
 
 # transformers passes the tokenizer's special tokens that are set; an unset one is undefined in the template.
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# What the renderer itself sets.
+RESERVED = ("messages", "tools", "documents", "add_generation_prompt")
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -111,14 +115,37 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"{path}: chat template syntax error at line {e.lineno}: {e.message}") from None
 
-    def render(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
+    @functools.cached_property
+    def variables(self) -> frozenset[str]:
+        """The names the template reads from its context (e.g. Qwen3's `enable_thinking`)."""
+        import jinja2.meta
+
+        return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(self.source)))
+
+    def check_variables(self, variables: Mapping[str, Any]) -> None:
+        """Raises ChatTemplateError for extra variables the template would not read (a misspelt `enable_thinking`
+        would silently render the default) or that would replace the ones transformers sets."""
+        reserved = sorted(set(variables) & (set(RESERVED) | set(SPECIAL_TOKENS)))
+        if reserved:
+            raise ChatTemplateError(f"{self.path}: template variables {reserved} are set by the renderer")
+        unread = sorted(set(variables) - self.variables)
+        if unread:
+            read = sorted(self.variables - set(RESERVED) - set(SPECIAL_TOKENS) - set(_environment().globals))
+            raise ChatTemplateError(f"{self.path}: the chat template never reads {unread}; the variables it reads "
+                                    f"besides messages and special tokens: {read}")
+
+    def render(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+               **variables) -> str:
         """The text of `messages` (dicts with `role` and `content`); with `add_generation_prompt` it ends where
-        the assistant's response begins."""
+        the assistant's response begins. `variables` are further template variables, as transformers'
+        `apply_chat_template(..., **kwargs)` passes them (e.g. `enable_thinking=False` for Qwen3)."""
         import jinja2
 
+        self.check_variables(variables)
         try:
             return self._template.render(messages=[dict(m) for m in messages], tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens,
+                                         **variables)
         except jinja2.TemplateError as e:  # raise_exception() in the template, or an undefined operation
             raise ChatTemplateError(f"{self.path}: the chat template refused the conversation "
                                     f"(roles {[m.get('role') for m in messages]}): {e}") from None

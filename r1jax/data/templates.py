@@ -5,7 +5,9 @@ messages (``{"role": "system" | "user" | "assistant", "content": str}``) and ret
 sees; with ``add_generation_prompt`` (the default) the text ends where the model's response begins.
 Template ``"hf:PATH"`` is the Jinja chat template of a checkpoint or tokenizer directory (or its
 ``chat_template.jinja`` / ``tokenizer_config.json``), rendered as transformers renders it
-(``r1jax.data.chat_template``).
+(``r1jax.data.chat_template``); ``"hf:PATH?name=value&..."`` passes template variables as
+``apply_chat_template(..., name=value)`` does, e.g. ``"hf:/ckpt/Qwen3-8B?enable_thinking=false"`` for Qwen3's
+non-thinking mode. A variable the template never reads is refused (a misspelling would render the default).
 
 Example:
     >>> from r1jax.data import render
@@ -19,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -138,20 +141,48 @@ register_template("deepseek_r1", _deepseek_r1)
 HF_PREFIX = "hf:"
 
 
+def _template_value(text: str):
+    try:
+        return json.loads(text)  # true / false / null / numbers / "quoted"
+    except ValueError:
+        return text
+
+
+def split_hf_template(template: str) -> tuple[str, dict[str, Any]]:
+    """'hf:PATH?name=value&...' -> (PATH, {name: value}); values are JSON (true, false, null, numbers) or text.
+    The variables go to the chat template as transformers' `apply_chat_template(..., **kwargs)` passes them."""
+    from r1jax.data.chat_template import ChatTemplateError
+
+    path, _, query = template[len(HF_PREFIX):].partition("?")
+    variables = {}
+    for item in filter(None, query.split("&")):
+        name, eq, value = item.partition("=")
+        if not eq or not name.isidentifier():
+            raise ChatTemplateError(f"template {template!r}: {item!r} is not name=value (e.g. "
+                                    f"'hf:/ckpt/Qwen3-8B?enable_thinking=false')")
+        variables[name] = _template_value(value)
+    return path, variables
+
+
 @functools.lru_cache(maxsize=16)
 def _hf_template(template: str):
     # Once per template string: prompts are rendered one example at a time, datasets have millions.
     from r1jax.data.chat_template import load_chat_template
 
-    return load_chat_template(Path(template[len(HF_PREFIX):]).expanduser())
+    path, variables = split_hf_template(template)
+    chat = load_chat_template(Path(path).expanduser())
+    chat.check_variables(variables)
+    return chat, variables
 
 
 def _template_fn(template: str, read: bool = True) -> Callable[[list[Message], bool], str] | None:
     if isinstance(template, str) and template.startswith(HF_PREFIX) and template[len(HF_PREFIX):]:
         if not read:
+            split_hf_template(template)
             return None
-        chat = _hf_template(template)
-        return lambda msgs, add_generation_prompt: chat.render(msgs, add_generation_prompt=add_generation_prompt)
+        chat, variables = _hf_template(template)
+        return lambda msgs, add_generation_prompt: chat.render(msgs, add_generation_prompt=add_generation_prompt,
+                                                               **variables)
     if template not in _TEMPLATES:
         raise KeyError(f"unknown template {template!r}; valid: {list_templates()}, or 'hf:PATH' (the chat "
                        "template of a checkpoint or tokenizer directory)")
@@ -170,6 +201,7 @@ def render(template: str, x: Mapping[str, Any] | Sequence[Message], *, system: s
 
     Templates: 'plain' (the prompt as is), 'r1_zero' (DeepSeek-R1 paper Table 1), 'qwen2.5'
     (Qwen2.5-Instruct ChatML with its default system prompt), 'deepseek_r1' (DeepSeek-R1 and
-    R1-Distill; the response starts with "<think>\\n"), 'hf:PATH' (a checkpoint's own chat template).
+    R1-Distill; the response starts with "<think>\\n"), 'hf:PATH' (a checkpoint's own chat template) and
+    'hf:PATH?name=value&...' (with template variables, e.g. enable_thinking=false).
     """
     return _template_fn(template)(_messages(x, system), add_generation_prompt)
