@@ -204,6 +204,8 @@ def test_presets_have_published_sizes():
     assert abs(param_count(get_preset("qwen2_5_1_5b")) / 1.5437e9 - 1) < 0.01
     assert abs(param_count(get_preset("llama3_1_8b")) / 8.03e9 - 1) < 0.01
     assert abs(param_count(get_preset("qwen2_5_32b")) / 32.76e9 - 1) < 0.01
+    assert abs(param_count(get_preset("qwen2_5_14b")) / 14.77e9 - 1) < 0.01
+    assert abs(param_count(get_preset("llama3_3_70b")) / 70.55e9 - 1) < 0.01
     assert abs(param_count(get_preset("deepseek_v3", mtp_num_layers=0)) / 671.0e9 - 1) < 0.01
     assert abs(param_count(get_preset("qwen3_30b_a3b")) / 30.5e9 - 1) < 0.01
     assert abs(param_count(get_preset("qwen3_235b_a22b")) / 235e9 - 1) < 0.01

@@ -231,9 +231,9 @@ def _qwen3_moe(experts_inter):
                      norm_topk_prob=True)
 
 
-def _llama31_8b(**kw):
-    return ModelConfig(family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+def _llama3(hidden=4096, inter=14336, layers=32, heads=32, **kw):
+    return ModelConfig(family="llama", vocab_size=128256, hidden_size=hidden, intermediate_size=inter,
+                       num_layers=layers, num_heads=heads, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
                        rope=RopeConfig(theta=500000.0, type="llama3", factor=8.0, low_freq_factor=1.0,
                                        high_freq_factor=4.0, original_max_position_embeddings=8192),
                        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001, **kw)
@@ -278,8 +278,13 @@ PRESETS: dict[str, callable] = {
     "qwen3_32b": lambda: _qwen3(5120, 25600, 64, 64, 8, tied=False),
     "qwen3_30b_a3b": lambda: _qwen3(2048, 6144, 48, 32, 4, tied=False, moe=_qwen3_moe(768)),
     "qwen3_235b_a22b": lambda: _qwen3(4096, 12288, 94, 64, 4, tied=False, moe=_qwen3_moe(1536)),
-    "llama3_1_8b": _llama31_8b,
-    "r1_distill_llama_8b": _llama31_8b,
+    "qwen2_5_14b": lambda: _qwen2(152064, 5120, 13824, 48, 40, 8, tied=False, eps=1e-5, max_pos=131072),
+    "r1_distill_qwen_14b": lambda: _qwen2(152064, 5120, 13824, 48, 40, 8, tied=False, eps=1e-5, max_pos=131072),
+    "llama3_1_8b": _llama3,
+    "r1_distill_llama_8b": _llama3,
+    # Llama-3.3-70B-Instruct, the base of R1-Distill-Llama-70B.
+    "llama3_3_70b": lambda: _llama3(8192, 28672, 80, 64),
+    "r1_distill_llama_70b": lambda: _llama3(8192, 28672, 80, 64),
     "deepseek_v3": _deepseek_v3,
     "deepseek_r1": _deepseek_v3,
     # Tiny models for tests and CPU experiments.
