@@ -56,6 +56,12 @@ def _common(kind: str, **kw) -> dict:
         max_nonfinite=5,          # consecutive skipped (non-finite) updates before the run stops
         debug_nan_steps="",       # comma-separated steps whose loss is replaced by NaN (tests the skip path)
         save_hf=False,            # also write the stage's final weights as a Hugging Face checkpoint
+        # LoRA (r1jax.models.lora): > 0 trains rank-r adapters on the targeted projections only, the rest frozen;
+        # the stage's final weights are merged. alpha / rank scales the adapters; targets: all | attention | mlp |
+        # weight names (wq, wk, wv, wo, w_gate, ...). Routed experts stay frozen.
+        lora_rank=0,
+        lora_alpha=32.0,
+        lora_targets="all",
     )
     d.update(_optim())
     d.update(kw)

@@ -29,6 +29,8 @@ from r1jax.checkpoint import load_params, save_params
 from r1jax.logging import MetricsLogger
 from r1jax.models import Transformer, config_to_hf, from_pretrained, get_preset, read_config, save_pretrained
 from r1jax.models.config import ModelConfig
+from r1jax.models.lora import LoRAParam, add_lora, has_lora, merge_lora
+from r1jax.models.lora import parse_targets as parse_lora_targets
 from r1jax.parallel import hosts
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -290,6 +292,8 @@ def finish_stage(ctx: RunContext, stage: str, model: Transformer, summary: dict,
     """Writes the stage's final weights (and optionally a Hugging Face copy with the run's tokenizer files), then
     the DONE marker."""
     out = final_dir(ctx, stage)
+    if has_lora(model):  # later stages, evaluation and exports see a plain model
+        merge_lora(model)
     if not out.exists():
         save_params(out, nnx.state(model))
     if save_hf:
@@ -326,8 +330,34 @@ def init_opt_state(ctx: RunContext, optimizer, params):
 
 
 def split_params(model: Transformer):
-    """(graphdef, params, rest): trainable nnx.Param leaves and everything else (e.g. routing biases)."""
-    return nnx.split(model, nnx.Param, ...)
+    """(graphdef, params, rest): the trainable leaves (every nnx.Param, or only the LoRA adapters of a model that
+    has them) and everything else (e.g. routing biases; frozen weights)."""
+    return nnx.split(model, LoRAParam if has_lora(model) else nnx.Param, ...)
+
+
+def check_lora(stage: str, cfg) -> None:
+    """Raises ValueError for LoRA settings that the config alone shows are wrong."""
+    rank = cfg.get("lora_rank", 0)
+    if not rank:
+        return
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"config.{stage}.lora_rank={rank!r} must be an int >= 0 (0: train every weight)")
+    if cfg.kind == "reward_model":
+        raise ValueError(f"config.{stage}.lora_rank={rank}: reward-model stages train every weight (set it to 0)")
+    if not cfg.lora_alpha > 0:
+        raise ValueError(f"config.{stage}.lora_alpha={cfg.lora_alpha} must be > 0")
+    try:
+        parse_lora_targets(cfg.lora_targets)
+    except ValueError as e:
+        raise ValueError(f"config.{stage}.{e}") from None
+
+
+def with_lora(ctx: RunContext, model: Transformer, cfg) -> Transformer:
+    """The stage's model with LoRA adapters when `cfg.lora_rank` > 0 (placed like their weights), else as is."""
+    if not cfg.get("lora_rank", 0):
+        return model
+    return add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                    seed=ctx.config.seed, mesh=ctx.mesh, rules=ctx.rules)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def _model(name="tiny_qwen2", seed=0):
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [3, 8], [60, 61, 62, 63, 64]]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen3_moe", "llama", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3_moe", "llama", "deepseek_v3"])
 def test_greedy_matches_transformers_generate(family, tmp_path):
     torch = pytest.importorskip("torch")
     from hf_reference import make_hf_model

@@ -26,6 +26,7 @@ from r1jax.kernels.flash_gpu import flash_attention
 from r1jax.kernels.splash import splash_attention
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import RMSNorm, Rotary, cast, make_param, yarn_softmax_scale
+from r1jax.models.lora import linear, weight
 from r1jax.models.projection import project
 from r1jax.parallel.rules import constrain
 
@@ -165,9 +166,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, prefill=False, segments_BL=None):
         dt = x_BLD.dtype
-        q = project("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
-        k = project("bld,dkq->blkq", x_BLD, cast(self.wk, dt))
-        v = project("bld,dkq->blkq", x_BLD, cast(self.wv, dt))
+        q = linear(self, "wq", "bld,dhq->blhq", x_BLD, dt)
+        k = linear(self, "wk", "bld,dkq->blkq", x_BLD, dt)
+        v = linear(self, "wv", "bld,dkq->blkq", x_BLD, dt)
         if self.qkv_bias:
             q, k, v = q + cast(self.bq, dt), k + cast(self.bk, dt), v + cast(self.bv, dt)
         if self.qk_norm:
@@ -194,7 +195,7 @@ class Attention(nnx.Module):
         else:
             kc, vc = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
             out = cached_attention(q, kc, vc, mask_BLS, self.scale).reshape(B, L, H, Q)
-        out = project("blhq,hqd->bld", out, cast(self.wo, dt))
+        out = linear(self, "wo", "blhq,hqd->bld", out, dt)
         if self.o_bias:
             out = out + cast(self.bo, dt)
         return out, new_cache
@@ -243,23 +244,23 @@ class MLAttention(nnx.Module):
     def _query(self, x_BLD):
         dt = x_BLD.dtype
         if not self.q_lora:
-            return project("bld,dhq->blhq", x_BLD, cast(self.wq, dt))
-        qa = project("bld,dr->blr", x_BLD, cast(self.wq_a, dt))
+            return linear(self, "wq", "bld,dhq->blhq", x_BLD, dt)
+        qa = linear(self, "wq_a", "bld,dr->blr", x_BLD, dt)
         if self.bias:
             qa = qa + cast(self.bq_a, dt)
-        return project("blr,rhq->blhq", self.q_norm(qa), cast(self.wq_b, dt))
+        return linear(self, "wq_b", "blr,rhq->blhq", self.q_norm(qa), dt)
 
     def __call__(self, x_BLD, cos_sin, mask_BLS, cache=None, cache_index=None, prefill=False, segments_BL=None):
         dt = x_BLD.dtype
         Qn, Qr, V, R = self.dims
         q = constrain(self._query(x_BLD), ("batch", "length", "heads", "kv"))
         q_nope, q_rope = q[..., :Qn], self.rotary.apply(q[..., Qn:], *cos_sin)
-        kv_a = project("bld,dr->blr", x_BLD, cast(self.wkv_a, dt))
+        kv_a = linear(self, "wkv_a", "bld,dr->blr", x_BLD, dt)
         if self.bias:
             kv_a = kv_a + cast(self.bkv_a, dt)
         ckv = self.kv_norm(kv_a[..., :R])
         k_rope = self.rotary.apply(kv_a[..., None, R:], *cos_sin)[:, :, 0, :]
-        wk_b, wv_b = cast(self.wk_b, dt), cast(self.wv_b, dt)
+        wk_b, wv_b = weight(self, "wk_b", dt), weight(self, "wv_b", dt)
         new_cache = None
         if cache is not None:
             new_cache = update_layer_cache(cache, {"ckv": ckv, "krope": k_rope}, cache_index, self.CACHE_SLOT_AXES)
@@ -300,7 +301,7 @@ class MLAttention(nnx.Module):
         return self._output(out, dt), new_cache
 
     def _output(self, out_BLHV, dt):
-        out = project("blhv,hvd->bld", out_BLHV, cast(self.wo, dt))
+        out = linear(self, "wo", "blhv,hvd->bld", out_BLHV, dt)
         return out + cast(self.bo, dt) if self.o_bias else out
 
     CACHE_SLOT_AXES = {"ckv": 1, "krope": 1}

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax.models.config import ModelConfig, RopeConfig
+from r1jax.models.lora import linear
 from r1jax.models.projection import project
 from r1jax.parallel.rules import constrain
 
@@ -168,12 +169,12 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BLD):
         dt = x_BLD.dtype
-        gate = project("bld,df->blf", x_BLD, cast(self.w_gate, dt))
-        up = project("bld,df->blf", x_BLD, cast(self.w_up, dt))
+        gate = linear(self, "w_gate", "bld,df->blf", x_BLD, dt)
+        up = linear(self, "w_up", "bld,df->blf", x_BLD, dt)
         if self.bias:
             gate, up = gate + cast(self.b_gate, dt), up + cast(self.b_up, dt)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        out = project("blf,fd->bld", h, cast(self.w_down, dt))
+        out = linear(self, "w_down", "blf,fd->bld", h, dt)
         if self.bias:
             out = out + cast(self.b_down, dt)
         return out

@@ -82,6 +82,8 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from r1jax import configs, training
 from r1jax.models.config import ModelConfig, get_preset
+from r1jax.models import Transformer
+from r1jax.models.lora import add_lora
 from r1jax.parallel.mesh import _fill
 from r1jax.parallel.rules import MESH_AXES, axis_rules, canonical_rules, context_rules, logical_to_spec
 from r1jax.parallel.sharding import check_batch, shardings_for, validate_layout
@@ -210,9 +212,15 @@ class _Setup:
 
 
 def _setup(mc: ModelConfig, stage_cfg, mesh, rules, total_steps: int) -> _Setup:
-    abstract = training.abstract_model(mc)
+    """The stage's train-step inputs, abstract and sharded. With LoRA `params` are the adapters and `rest` holds
+    the frozen weights, as in the real run."""
+    if stage_cfg.get("lora_rank", 0):
+        abstract = nnx.eval_shape(lambda: add_lora(Transformer(mc, rngs=nnx.Rngs(0)), rank=stage_cfg.lora_rank,
+                                                   alpha=stage_cfg.lora_alpha, targets=stage_cfg.lora_targets))
+    else:
+        abstract = training.abstract_model(mc)
     validate_layout(mc, mesh, rules)
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, params, rest = training.split_params(abstract)
     params = _abstract(params, shardings_for(params, mesh, rules))
     rest = _abstract(rest, shardings_for(rest, mesh, rules))
     from r1jax.optim import optimizer_from_config

@@ -220,6 +220,7 @@ def evaluate_pairs(ctx, model, arrays: dict, batch_size: int) -> dict:
 
 def check_reward_model_stage(stage: str, cfg) -> None:
     """The reward-model settings that the config alone shows are wrong (checked before a run starts)."""
+    training.check_lora(stage, cfg)
     if not cfg.data.startswith(("jsonl:", "pairs:")):
         raise ValueError(f"config.{stage}.data={cfg.data!r}; valid: jsonl:PATH, pairs:NAME")
     if cfg.eval_data and not cfg.eval_data.startswith("jsonl:"):

@@ -278,6 +278,7 @@ def check_grpo_stage(stage: str, cfg) -> None:
         raise ValueError(f"config.{stage}.dynamic_sampling needs group_size >= 2 (got {cfg.group_size}) and "
                          f"max_rollouts >= 1 (got {cfg.max_rollouts})")
     grpo_memory_knobs(cfg, stage)
+    training.check_lora(stage, cfg)
     if not cfg.rewards and not cfg.get("model_rewards"):
         raise ValueError(f"config.{stage}: no rewards; set rewards (rule rewards) and/or model_rewards")
     for name in [*cfg.rewards, *([cfg.eval.reward] if "eval" in cfg else [])]:
@@ -357,7 +358,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     model_rewards = build_model_rewards(ctx, stage, cfg, previous)
     if not cfg.rewards and not model_rewards:
         raise ValueError(f"config.{stage}: no rewards; set rewards (rule rewards) and/or model_rewards")
-    model = training.init_model(ctx, cfg.init, previous, ctx.config.seed)
+    model = training.with_lora(ctx, training.init_model(ctx, cfg.init, previous, ctx.config.seed), cfg)
     graphdef, params, rest = training.split_params(model)
     optimizer = optimizer_from_config(cfg, cfg.steps * cfg.mu * cfg.minibatches)
     schedule = lr_schedule(cfg.lr, total_steps=cfg.steps * cfg.mu * cfg.minibatches, warmup_steps=cfg.warmup_steps,

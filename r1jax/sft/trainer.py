@@ -153,6 +153,7 @@ def check_sft_stage(stage: str, cfg) -> None:
     accum, B = cfg.get("grad_accum", 1), cfg.batch_size
     if not isinstance(accum, int) or accum < 1 or B % accum:
         raise ValueError(f"config.{stage}.grad_accum={accum!r} must be a positive int that divides batch_size={B}")
+    training.check_lora(stage, cfg)
     kd_weight = float(cfg.get("kd_weight", 0.0))
     if kd_weight and not (0.0 < kd_weight <= 1.0 and cfg.kd_temperature > 0):
         raise ValueError(f"config.{stage}: kd_weight={kd_weight} must be in [0, 1] and kd_temperature="
@@ -210,7 +211,7 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
                      pack=cfg.pack, too_long="truncate", shard_index=jax.process_index(),
                      shard_count=jax.process_count())
     ds = _prefetch(ds)
-    model = training.init_model(ctx, cfg.init, previous, ctx.config.seed)
+    model = training.with_lora(ctx, training.init_model(ctx, cfg.init, previous, ctx.config.seed), cfg)
     graphdef, params, rest = training.split_params(model)
     optimizer = optimizer_from_config(cfg, cfg.steps)
     schedule = lr_schedule(cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,

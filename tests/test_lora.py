@@ -1,0 +1,197 @@
+"""LoRA adapters: outputs and gradients against the merged weights W + (alpha / r) A B, cached decoding, a GRPO stage
+that trains only the adapters and ends with merged weights, the dry run's accounting, and refused settings."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from r1jax import training
+from r1jax.checkpoint import load_params
+from r1jax.models import Transformer, add_lora, get_preset, has_lora, lora_params, merge_lora
+from r1jax.models.lora import IN_DIMS, LoRAParam, parse_targets
+from r1jax.pipeline.stages import run, setup
+from r1jax.sampling import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 9)))
+
+
+def _with_random_adapters(name, targets="all", seed=0, **kw):
+    model = add_lora(Transformer(get_preset(name, **kw), rngs=nnx.Rngs(seed)), rank=4, alpha=8.0, targets=targets,
+                     seed=seed)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
+    nnx.update(model, jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape, x.dtype),
+                                   lora_params(model)))
+    return model
+
+
+def _merged_by_hand(model):
+    """A plain copy whose weights are W + (alpha / r) A B, computed here with numpy."""
+    plain = Transformer(model.config, rngs=nnx.Rngs(0))
+    flat = {tuple(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
+    values = []
+    for path, var in nnx.to_flat_state(nnx.state(plain)):
+        key = tuple(map(str, path))
+        w = np.asarray(flat[key], np.float64)
+        a = flat.get(key[:-1] + (key[-1] + "_lora_a",))
+        if a is not None:
+            b = np.asarray(flat[key[:-1] + (key[-1] + "_lora_b",)], np.float64)
+            a = np.asarray(a, np.float64)
+            n_in, r = IN_DIMS[key[-1]], a.shape[-1]
+            lead = a.ndim - 1 - n_in
+            a2 = a.reshape(*a.shape[:lead], -1, r)
+            b2 = b.reshape(*b.shape[:lead], r, -1)
+            w = w + 2.0 * np.matmul(a2, b2).reshape(w.shape)  # alpha / r = 8 / 4
+        values.append((path, var.replace(jnp.asarray(w, var.dtype))))
+    return nnx.merge(nnx.graphdef(plain), nnx.from_flat_state(values))
+
+
+# GQA (q/k norms, chunked key cache) and MLA with a dense layer, routed and shared experts.
+CASES = {"tiny_qwen3": {}, "tiny_deepseek_v3": dict(num_layers=2)}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_adapters_equal_their_merged_weights(name):
+    model = Transformer(get_preset(name, **CASES[name]), rngs=nnx.Rngs(0))
+    base = np.asarray(model(TOKENS))
+    add_lora(model, rank=4, alpha=8.0)
+    np.testing.assert_array_equal(np.asarray(model(TOKENS)), base)  # B starts at zero: the base model
+    model = _with_random_adapters(name, **CASES[name])
+    adapted = np.asarray(model(TOKENS))
+    assert np.abs(adapted - base).max() > 0.1
+    np.testing.assert_allclose(adapted, np.asarray(_merged_by_hand(model)(TOKENS)), atol=2e-5)
+    # Cached decoding (GQA's chunked key cache; MLA's absorbed attention uses wk_b / wv_b transposed) and greedy
+    # tokens agree with the merged model's.
+    prompts = [[5, 17, 33, 2, 9], [3, 8]]
+    ours = generate(model, prompts, max_new_tokens=8, temperature=0.0).tokens
+    merge_lora(model)
+    assert not has_lora(model)
+    np.testing.assert_allclose(np.asarray(model(TOKENS)), adapted, atol=2e-5)
+    np.testing.assert_array_equal(generate(model, prompts, max_new_tokens=8, temperature=0.0).tokens, ours)
+
+
+def test_adapter_gradients_equal_the_merged_weights_gradients():
+    """d loss / d (A, B) through the two thin projections equals the gradient through W + (alpha / r) A B."""
+    model = _with_random_adapters("tiny_deepseek_v3", targets="wq_b,wkv_a,wk_b,wo,mlp", num_layers=2)
+    graphdef, params, rest = training.split_params(model)
+    assert all(isinstance(v, LoRAParam) for _, v in nnx.to_flat_state(params))
+
+    def loss(p):
+        return jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p, rest)(TOKENS))[..., 7])
+
+    plain_graphdef, plain = nnx.split(Transformer(model.config, rngs=nnx.Rngs(0)))
+    frozen = {tuple(map(str, path)): v[...] for path, v in nnx.to_flat_state(rest)}
+
+    def merged_loss(p):
+        adapters = {tuple(map(str, path)): v[...] for path, v in nnx.to_flat_state(p)}
+        values = []
+        for path, var in nnx.to_flat_state(plain):
+            key = tuple(map(str, path))
+            w, a = frozen[key], adapters.get(key[:-1] + (key[-1] + "_lora_a",))
+            if a is not None:
+                b = adapters[key[:-1] + (key[-1] + "_lora_b",)]
+                lead = a.ndim - 1 - IN_DIMS[key[-1]]
+                d = jnp.matmul(a.reshape(*a.shape[:lead], -1, 4), b.reshape(*b.shape[:lead], 4, -1))
+                w = w + 2.0 * d.reshape(w.shape)  # alpha / r = 8 / 4
+            values.append((path, var.replace(w)))
+        return jnp.mean(jax.nn.log_softmax(nnx.merge(plain_graphdef, nnx.from_flat_state(values))(TOKENS))[..., 7])
+
+    g, g_ref = jax.grad(loss)(params), jax.grad(merged_loss)(params)
+    for (path, x), (_, y) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_ref)):
+        np.testing.assert_allclose(np.asarray(x[...]), np.asarray(y[...]), rtol=1e-4, atol=1e-6, err_msg=str(path))
+    assert sum(float(jnp.abs(x[...]).sum()) for _, x in nnx.to_flat_state(g)) > 0
+
+
+def test_targets_and_routed_experts():
+    model = add_lora(Transformer(get_preset("tiny_deepseek_v3"), rngs=nnx.Rngs(0)), rank=2, alpha=2.0,
+                     targets="attention")
+    names = {str(p[-1]) for p, _ in nnx.to_flat_state(lora_params(model))}
+    assert names == {f"{n}_lora_{ab}" for n in ("wq_a", "wq_b", "wkv_a", "wk_b", "wv_b", "wo") for ab in "ab"}
+    model = add_lora(Transformer(get_preset("tiny_deepseek_v3"), rngs=nnx.Rngs(0)), rank=2, alpha=2.0,
+                     targets="mlp")
+    paths = {tuple(map(str, p[:-1])) for p, _ in nnx.to_flat_state(lora_params(model))}
+    # Dense layers and the shared experts; the routed experts (moe/mlp/w_*) get none.
+    assert paths == {("dense", "mlp"), ("moe", "mlp", "shared")}
+    assert parse_targets("wq, mlp") == ("wq", "w_gate", "w_up", "w_down")
+    with pytest.raises(ValueError, match=r"unknown target 'experts'.*routed experts have no adapters"):
+        parse_targets("attention,experts")
+    with pytest.raises(ValueError, match="matches no projection"):
+        add_lora(Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), rank=2, alpha=2.0, targets="wq_a")
+
+
+def _tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny_r1zero", ROOT / "tests" / "configs" / "tiny_r1zero.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def test_grpo_stage_trains_only_the_adapters(tmp_path):
+    """A LoRA GRPO stage (beta > 0: the reference is the base) from a pretrained stage: only the adapters are
+    checkpointed as trainable, the frozen weights are the pretrained ones, and the final weights are merged: the
+    targeted projections moved, embeddings and norms did not. A resumed run continues from the adapters."""
+    cfg = _tiny_config()
+    cfg.grpo.update(steps=2, lora_rank=4, lora_alpha=16.0, lora_targets="attention", lr=1e-2, checkpoint_every=1)
+    cfg.grpo.eval.num_problems = 0
+    summary = run(cfg, tmp_path)
+    assert summary["stages"]["grpo"]["steps"] == 2
+    abstract = nnx.state(training.abstract_model(setup(cfg, tmp_path).model_config_for("grpo")))
+    pre = load_params(tmp_path / "pretrain" / "final", abstract)
+    final = load_params(tmp_path / "grpo" / "final", abstract)  # plain: the same paths as a model without adapters
+    moved = set()
+    for (path, a), (_, b) in zip(nnx.to_flat_state(pre), nnx.to_flat_state(final)):
+        if not np.array_equal(np.asarray(a[...]), np.asarray(b[...])):
+            moved.add(tuple(map(str, path)))
+    assert moved and all(p[-2] == "attn" and p[-1] in ("wq", "wk", "wv", "wo") for p in moved), moved
+    ckpt = sorted((tmp_path / "grpo" / "checkpoints").iterdir())
+    assert ckpt, "no checkpoint"
+    shutil.rmtree(tmp_path / "grpo" / "final")
+    (tmp_path / "grpo" / "DONE").unlink()
+    assert run(cfg, tmp_path)["stages"]["grpo"]["steps"] == 2  # resumes from the last checkpoint's adapters
+    again = load_params(tmp_path / "grpo" / "final", abstract)
+    for (_, a), (_, b) in zip(nnx.to_flat_state(final), nnx.to_flat_state(again)):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
+
+
+def test_sft_stage_trains_only_the_adapters(tmp_path):
+    cfg = _tiny_config()
+    cfg.stages = "pretrain"
+    cfg.pretrain.update(steps=2, lora_rank=2, lora_targets="mlp", checkpoint_every=2)
+    run(cfg, tmp_path)
+    mc = setup(cfg, tmp_path).model_config_for("pretrain")
+    start = nnx.state(Transformer(mc, rngs=nnx.Rngs(cfg.seed)))  # init="scratch" with the run's seed
+    final = load_params(tmp_path / "pretrain" / "final", nnx.state(training.abstract_model(mc)))
+    moved = {tuple(map(str, path)) for (path, a), (_, b) in zip(nnx.to_flat_state(start), nnx.to_flat_state(final))
+             if not np.allclose(np.asarray(a[...]), np.asarray(b[...]), atol=1e-7)}
+    assert moved and all(p[-2] == "mlp" and p[-1] in ("w_gate", "w_up", "w_down") for p in moved), moved
+
+
+def test_dry_run_counts_adapters_as_the_trainable_state():
+    from r1jax.pipeline.dry_run import dry_run
+
+    cfg = _tiny_config()
+    cfg.stages = "grpo"
+    full = dry_run(cfg, flops=False, sampler=False)["stages"]["grpo"]["memory"]
+    cfg.grpo.update(lora_rank=2)
+    lora = dry_run(cfg, flops=False, sampler=False)["stages"]["grpo"]["memory"]
+    assert lora["params"] < 0.2 * full["params"] and 2 * lora["params"] <= lora["optimizer"] < 2 * lora["params"] + 64
+    assert lora["reference"] == lora["params"] and lora["grads"] == lora["params"]
+    assert lora["rest"] >= full["params"]  # the frozen weights
+
+
+def test_lora_settings_are_checked_before_the_run(tmp_path):
+    cases = [(dict(lora_rank=4, lora_targets="attn"), r"config.grpo.lora_targets='attn': unknown target 'attn'"),
+             (dict(lora_rank=-1), r"config.grpo.lora_rank=-1 must be an int >= 0"),
+             (dict(lora_rank=4, lora_alpha=0.0), r"config.grpo.lora_alpha=0.0 must be > 0")]
+    for i, (grpo, match) in enumerate(cases):
+        cfg = _tiny_config()
+        cfg.grpo.update(**grpo)
+        with pytest.raises(ValueError, match=match):
+            run(cfg, tmp_path / str(i))
+        assert not (tmp_path / str(i) / "pretrain").exists()
