@@ -385,17 +385,16 @@ def test_mtp_modules_roundtrip_and_train(tmp_path):
     without = from_pretrained(tmp_path, dtype="float32", load_mtp=False)
     assert without.config.mtp_num_layers == 0
     tokens = _tokens(2, 8)
-    out = loaded.forward(tokens)
-    mtp = loaded.mtp_logits(out.hidden, tokens)
+    mtp_logits = nnx.jit(lambda m: m.mtp_logits(m.forward(tokens).hidden, tokens))
+    mtp = mtp_logits(loaded)
     assert mtp.shape == (2, 2, 8, 256)
-    np.testing.assert_array_equal(np.asarray(mtp), np.asarray(model.mtp_logits(model.forward(tokens).hidden,
-                                                                                 tokens)))
+    np.testing.assert_array_equal(np.asarray(mtp), np.asarray(mtp_logits(model)))
 
     def loss(m):
         o = m.forward(tokens)
         return m.mtp_logits(o.hidden, tokens)[0, :, :-2].mean()
 
-    grads = nnx.grad(loss)(loaded)
+    grads = nnx.jit(nnx.grad(loss))(loaded)
     assert float(jnp.abs(grads.mtp.eh_proj[...]).sum()) > 0
 
 
@@ -422,9 +421,10 @@ def test_query_blocked_attention_is_exact(name, length):
     blocked = _randomize(_model(name, attention_q_block=4))
     tokens = _tokens(2, length, seed=3)
     mask = jnp.ones((2, length), bool).at[0, :5].set(False)
-    np.testing.assert_allclose(np.asarray(blocked(tokens, attention_mask_BL=mask)),
-                               np.asarray(model(tokens, attention_mask_BL=mask)), atol=1e-5)
     loss = lambda m: m(tokens, attention_mask_BL=mask).mean()
-    ga, gb = nnx.grad(loss)(model), nnx.grad(loss)(blocked)
+    # Compiled, not eager: one compile per model instead of one per op (most of this test's time, cold).
+    logits_and_grad = nnx.jit(lambda m: (m(tokens, attention_mask_BL=mask), nnx.grad(loss)(m)))
+    (la, ga), (lb, gb) = logits_and_grad(model), logits_and_grad(blocked)
+    np.testing.assert_allclose(np.asarray(lb), np.asarray(la), atol=1e-5)
     for x, y in zip(jax.tree.leaves(nnx.state(ga)), jax.tree.leaves(nnx.state(gb))):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)

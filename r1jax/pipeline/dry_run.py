@@ -380,7 +380,8 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
     train_rules = context_rules(rules, config.mesh.get("context", ""))  # training steps; the sampler keeps rules
     kind = cfg.kind
     mc, source = model_config(config, name, platform)
-    out = {"kind": kind, "model": source, "dtype": mc.dtype, "param_dtype": mc.param_dtype, "remat": mc.remat}
+    out = {"kind": kind, "model": source, "dtype": mc.dtype, "param_dtype": mc.param_dtype, "remat": mc.remat,
+           "lora_rank": int(cfg.get("lora_rank", 0) or 0)}
     train_kind = {"grpo": "grpo", "sft": "sft", "distill": "sft"}.get(kind)
     samples = kind in ("grpo", "rejection", "evaluate")
     if train_kind is None and not samples:
@@ -556,7 +557,9 @@ def format_report(report: dict, title: str = "") -> str:
         if "step" in s:
             st = s["step"]
             accum = st.get("grad_accum", 1)
-            lines.append("  per device  params " + _b(m["params"]) + " | grads " + _b(m["grads"]) +
+            trained = (f"LoRA adapters (rank {s['lora_rank']}) " + _b(m["params"]) + " | frozen weights " +
+                       _b(m["rest"]) if s.get("lora_rank") else "params " + _b(m["params"]))
+            lines.append("  per device  " + trained + " | grads " + _b(m["grads"]) +
                          (f" (+{_b(m['grad_accum'])} accumulated)" if accum > 1 else "") + " | optimizer " +
                          _b(m["optimizer"]) + " | reference " + _b(m["reference"]) + " | activations ~" +
                          _b(m["activations"]) + f" (layers {_b(st['activations_layers'])}, head "
