@@ -281,11 +281,11 @@ def check_save_hf(stage: str, mc: ModelConfig) -> None:
     try:
         config_to_hf(mc)
     except ValueError as e:
-        raise ValueError(f"{stage}.save_hf: {e}") from None
+        raise ValueError(f"config.{stage}.save_hf: {e}") from None
     if mc.family == "qwen3_moe" and mc.moe.bias_update_rate > 0:
-        raise ValueError(f"{stage}.save_hf: moe.bias_update_rate={mc.moe.bias_update_rate} trains an aux-loss-free "
-                         f"routing bias that Qwen3-MoE checkpoints cannot hold; set {stage}.save_hf=False (the r1jax "
-                         f"checkpoint keeps it) or moe.bias_update_rate=0")
+        raise ValueError(f"config.{stage}.save_hf: moe.bias_update_rate={mc.moe.bias_update_rate} trains an "
+                         f"aux-loss-free routing bias that Qwen3-MoE checkpoints cannot hold; set "
+                         f"config.{stage}.save_hf=False (the r1jax checkpoint keeps it) or moe.bias_update_rate=0")
 
 
 def finish_stage(ctx: RunContext, stage: str, model: Transformer, summary: dict, *, save_hf: bool = False):

@@ -294,15 +294,19 @@ def test_cached_decoding_equals_full_forward(name, slots, length, prefill, fresh
     model = _randomize(_model(name))
     tokens = _tokens(2, length, seed=4)
     mask = jnp.ones((2, length), bool).at[0, :3].set(False)  # row 0 left-padded
-    full = np.asarray(model(tokens, attention_mask_BL=mask))
+    # Compiled: one program per call shape instead of one per op (most of this test's time, cold).
+    forward = nnx.jit(lambda m, t, mask=None, cache=None, prefill=False: m.forward(t, attention_mask_BL=mask,
+                                                                                   cache=cache, prefill=prefill),
+                      static_argnames="prefill")
+    full = np.asarray(forward(model, tokens, mask).logits)
     cache = model.init_cache(2, slots)
-    out = model.forward(tokens[:, :prefill], attention_mask_BL=mask[:, :prefill], cache=cache, prefill=fresh)
+    out = forward(model, tokens[:, :prefill], mask[:, :prefill], cache, prefill=fresh)
     steps = [np.asarray(out.logits)]
     cache = out.cache
     t = prefill
     while t < length:
         n = 3 if length - t == 3 and slots > 16 else 1
-        out = model.forward(tokens[:, t:t + n], cache=cache)
+        out = forward(model, tokens[:, t:t + n], cache=cache)
         cache, t = out.cache, t + n
         steps.append(np.asarray(out.logits))
     got = np.concatenate(steps, axis=1)

@@ -324,9 +324,11 @@ def test_save_hf_a_family_cannot_hold_stops_the_run_before_any_stage(tmp_path):
     cfg.model.overrides = dict(moe=dict(bias_update_rate=1e-3))
     last = configs.validate(cfg)[-1]
     cfg[last].save_hf = True
-    with pytest.raises(ValueError, match=rf"{last}.save_hf: moe.bias_update_rate=0.001 trains an aux-loss-free"):
+    with pytest.raises(ValueError, match=rf"config.{last}.save_hf: moe.bias_update_rate=0.001 trains an "
+                                         rf"aux-loss-free"):
         run(cfg, tmp_path / "run")
     assert not any((tmp_path / "run" / name).exists() for name in configs.validate(cfg))
     cfg.model.overrides = dict(qk_norm=False)
-    with pytest.raises(ValueError, match=rf"{last}.save_hf: a qwen3_moe config.json cannot express qk_norm=False"):
+    with pytest.raises(ValueError, match=rf"config.{last}.save_hf: a qwen3_moe config.json cannot express "
+                                         rf"qk_norm=False"):
         run(cfg, tmp_path / "run2")
