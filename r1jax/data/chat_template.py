@@ -139,9 +139,14 @@ class ChatTemplate:
         """The text of `messages` (dicts with `role` and `content`); with `add_generation_prompt` it ends where
         the assistant's response begins. `variables` are further template variables, as transformers'
         `apply_chat_template(..., **kwargs)` passes them (e.g. `enable_thinking=False` for Qwen3)."""
+        self.check_variables(variables)
+        return self.render_checked(messages, add_generation_prompt, variables)
+
+    def render_checked(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
+                       variables: Mapping[str, Any]) -> str:
+        """`render` with `variables` already passed through `check_variables` (once per template, not per prompt)."""
         import jinja2
 
-        self.check_variables(variables)
         try:
             return self._template.render(messages=[dict(m) for m in messages], tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **self.special_tokens,

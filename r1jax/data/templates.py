@@ -181,8 +181,7 @@ def _template_fn(template: str, read: bool = True) -> Callable[[list[Message], b
             split_hf_template(template)
             return None
         chat, variables = _hf_template(template)
-        return lambda msgs, add_generation_prompt: chat.render(msgs, add_generation_prompt=add_generation_prompt,
-                                                               **variables)
+        return lambda msgs, add_generation_prompt: chat.render_checked(msgs, add_generation_prompt, variables)
     if template not in _TEMPLATES:
         raise KeyError(f"unknown template {template!r}; valid: {list_templates()}, or 'hf:PATH' (the chat "
                        "template of a checkpoint or tokenizer directory)")
