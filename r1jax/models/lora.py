@@ -146,14 +146,18 @@ def _delta(a, b, scale, n_in: int):
     return (jnp.matmul(a2, b2) * scale).reshape(*a.shape[:n_lead], *in_shape, *out_shape)
 
 
+def _add_delta(w, a, b, scale, n_in: int, dt):
+    """W + scale * A B in float32, cast to `dt`."""
+    return (w.astype(jnp.float32) + _delta(a, b, scale, n_in)).astype(dt)
+
+
 def weight(module, name: str, dt):
     """The weight `module.<name>` with its adapter merged in (W + (alpha / r) A B), cast to `dt`."""
     w = getattr(module, name)[...]
     a = getattr(module, name + "_lora_a", None)
     if a is None:
         return jnp.asarray(w, dt)
-    d = _delta(a[...], getattr(module, name + "_lora_b")[...], module.lora_scale, IN_DIMS[name])
-    return (w.astype(jnp.float32) + d).astype(dt)
+    return _add_delta(w, a[...], getattr(module, name + "_lora_b")[...], module.lora_scale, IN_DIMS[name], dt)
 
 
 def merge_lora(model):
@@ -174,4 +178,4 @@ def merge_lora(model):
 @partial(jax.jit, static_argnames="n_in")
 def _merged(w, a, b, scale, n_in):
     # On the weight's devices; the merged weight keeps its sharding.
-    return (w.astype(jnp.float32) + _delta(a, b, scale, n_in)).astype(w.dtype)
+    return _add_delta(w, a, b, scale, n_in, w.dtype)
