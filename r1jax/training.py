@@ -29,6 +29,7 @@ from r1jax.checkpoint import load_params, save_params
 from r1jax.logging import MetricsLogger
 from r1jax.models import Transformer, config_to_hf, from_pretrained, get_preset, read_config, save_pretrained
 from r1jax.models.config import ModelConfig
+from r1jax.models.hf_mapping import saves_routing_bias
 from r1jax.models.lora import LoRAParam, add_lora, has_lora, merge_lora
 from r1jax.models.lora import parse_targets as parse_lora_targets
 from r1jax.parallel import hosts
@@ -282,9 +283,9 @@ def check_save_hf(stage: str, mc: ModelConfig) -> None:
         config_to_hf(mc)
     except ValueError as e:
         raise ValueError(f"config.{stage}.save_hf: {e}") from None
-    if mc.family == "qwen3_moe" and mc.moe.bias_update_rate > 0:
+    if mc.moe is not None and mc.moe.bias_update_rate > 0 and not saves_routing_bias(mc):
         raise ValueError(f"config.{stage}.save_hf: moe.bias_update_rate={mc.moe.bias_update_rate} trains an "
-                         f"aux-loss-free routing bias that Qwen3-MoE checkpoints cannot hold; set "
+                         f"aux-loss-free routing bias that {mc.family} checkpoints cannot hold; set "
                          f"config.{stage}.save_hf=False (the r1jax checkpoint keeps it) or moe.bias_update_rate=0")
 
 

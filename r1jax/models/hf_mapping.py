@@ -133,6 +133,12 @@ def _qwen3_moe_from_hf(hf: dict) -> MoEConfig:
                      norm_topk_prob=bool(hf.get("norm_topk_prob", False)), first_k_dense=len(dense))
 
 
+def saves_routing_bias(cfg: ModelConfig) -> bool:
+    """Whether the family's checkpoints hold DeepSeek-V3's aux-loss-free routing bias (Qwen3-MoE's do not: r1jax's
+    stays zero there unless moe.bias_update_rate trains it, and such a model cannot be saved in that format)."""
+    return cfg.family == "deepseek_v3"
+
+
 def _check_representable(cfg: ModelConfig) -> None:
     """Refuses a config whose family's config.json cannot express it (saving it would silently change the model)."""
     problems = []
@@ -305,9 +311,8 @@ def _layer_sources(cfg: ModelConfig, layers: range, *, moe: bool, fused_experts:
     moe_cfg = cfg.moe
     E, F = moe_cfg.num_experts, moe_cfg.intermediate_size
     s[("mlp", "w_router")] = _T(g("mlp.gate.weight"), D, E)
-    # Qwen3-MoE has no aux-loss-free routing bias: r1jax's stays zero unless moe.bias_update_rate trains it.
     s[("mlp", "router_bias")] = Source(g("mlp.gate.e_score_correction_bias"), (E,), optional=True,
-                                       saved=cfg.family == "deepseek_v3")
+                                       saved=saves_routing_bias(cfg))
     if fused_experts:  # transformers 5 in-memory layout: gate_up_proj [E, 2F, D], down_proj [E, D, F]
         s[("mlp", "w_gate")] = Source(g("mlp.experts.gate_up_proj"), (E, 2 * F, D),
                                       select=(slice(None), slice(0, F), slice(None)), perm=(0, 2, 1))
