@@ -31,25 +31,25 @@ def _with_random_adapters(name, targets="all", seed=0, **kw):
     return model
 
 
-def _merged_by_hand(model):
-    """A plain copy whose weights are W + (alpha / r) A B, computed here with numpy."""
-    plain = Transformer(model.config, rngs=nnx.Rngs(0))
-    flat = {tuple(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
+def _merged_by_hand(config, flat, lift):
+    """A plain model of `config` whose weights are W + (alpha / r) A B, from `flat` ({path: value} of the weights and
+    adapters), computed with the arrays `lift` makes (numpy float64, or jax arrays inside a traced function)."""
+    graphdef, plain = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
     values = []
-    for path, var in nnx.to_flat_state(nnx.state(plain)):
+    for path, var in nnx.to_flat_state(plain):
         key = tuple(map(str, path))
-        w = np.asarray(flat[key], np.float64)
-        a = flat.get(key[:-1] + (key[-1] + "_lora_a",))
+        w, a = lift(flat[key]), flat.get(key[:-1] + (key[-1] + "_lora_a",))
         if a is not None:
-            b = np.asarray(flat[key[:-1] + (key[-1] + "_lora_b",)], np.float64)
-            a = np.asarray(a, np.float64)
-            n_in, r = IN_DIMS[key[-1]], a.shape[-1]
-            lead = a.ndim - 1 - n_in
-            a2 = a.reshape(*a.shape[:lead], -1, r)
-            b2 = b.reshape(*b.shape[:lead], r, -1)
-            w = w + 2.0 * np.matmul(a2, b2).reshape(w.shape)  # alpha / r = 8 / 4
+            a, b = lift(a), lift(flat[key[:-1] + (key[-1] + "_lora_b",)])
+            lead, r = a.ndim - 1 - IN_DIMS[key[-1]], a.shape[-1]
+            d = a.reshape(*a.shape[:lead], -1, r) @ b.reshape(*b.shape[:lead], r, -1)
+            w = w + 2.0 * d.reshape(w.shape)  # alpha / r = 8 / 4
         values.append((path, var.replace(jnp.asarray(w, var.dtype))))
-    return nnx.merge(nnx.graphdef(plain), nnx.from_flat_state(values))
+    return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def _flat(state) -> dict:
+    return {tuple(map(str, path)): v[...] for path, v in nnx.to_flat_state(state)}
 
 
 # GQA (q/k norms, chunked key cache) and MLA with a dense layer, routed and shared experts.
@@ -67,7 +67,8 @@ def test_adapters_equal_their_merged_weights(name):
     model = _with_random_adapters(name, **CASES[name])
     adapted = np.asarray(forward(model))
     assert np.abs(adapted - base).max() > 0.1
-    np.testing.assert_allclose(adapted, np.asarray(forward(_merged_by_hand(model))), atol=2e-5)
+    by_hand = _merged_by_hand(model.config, _flat(nnx.state(model)), lambda x: np.asarray(x, np.float64))
+    np.testing.assert_allclose(adapted, np.asarray(forward(by_hand)), atol=2e-5)
     if name == "tiny_deepseek_v3":
         # Cached decoding: MLA's absorbed attention uses wk_b / wv_b transposed. The greedy tokens are the merged
         # model's argmax at every position.
@@ -93,22 +94,11 @@ def test_adapter_gradients_equal_the_merged_weights_gradients():
     def loss(p):
         return jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p, rest)(TOKENS))[..., 7])
 
-    plain_graphdef, plain = nnx.split(Transformer(model.config, rngs=nnx.Rngs(0)))
-    frozen = {tuple(map(str, path)): v[...] for path, v in nnx.to_flat_state(rest)}
+    frozen = _flat(rest)
 
     def merged_loss(p):
-        adapters = {tuple(map(str, path)): v[...] for path, v in nnx.to_flat_state(p)}
-        values = []
-        for path, var in nnx.to_flat_state(plain):
-            key = tuple(map(str, path))
-            w, a = frozen[key], adapters.get(key[:-1] + (key[-1] + "_lora_a",))
-            if a is not None:
-                b = adapters[key[:-1] + (key[-1] + "_lora_b",)]
-                lead = a.ndim - 1 - IN_DIMS[key[-1]]
-                d = jnp.matmul(a.reshape(*a.shape[:lead], -1, 4), b.reshape(*b.shape[:lead], 4, -1))
-                w = w + 2.0 * d.reshape(w.shape)  # alpha / r = 8 / 4
-            values.append((path, var.replace(w)))
-        return jnp.mean(jax.nn.log_softmax(nnx.merge(plain_graphdef, nnx.from_flat_state(values))(TOKENS))[..., 7])
+        merged = _merged_by_hand(model.config, {**frozen, **_flat(p)}, jnp.asarray)
+        return jnp.mean(jax.nn.log_softmax(merged(TOKENS))[..., 7])
 
     g, g_ref = jax.jit(jax.grad(loss))(params), jax.jit(jax.grad(merged_loss))(params)
     for (path, x), (_, y) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_ref)):
