@@ -18,9 +18,10 @@ Choices, and why:
     16 of a layer's 128 experts, their embed dimension split 4 ways over fsdp, so routed experts (29B of the 30.5B
     parameters) are 32-way sharded; attention, embeddings and the head are split 4 ways over fsdp.
   - routed experts dispatched dropless (ragged all-to-all, GPU/TPU), so the trainer's log-probs are the sampler's
-    (a capacity factor would drop tokens in one and not the other). Qwen3-MoE's checkpoints carry no router bias;
-    DeepSeek-V3's aux-loss-free balancing stays off (`moe.bias_update_rate` 0), as in the checkpoint's own
-    training, so `save_pretrained` can write the result back in Qwen3-MoE's format.
+    (a capacity factor would drop tokens in one and not the other). No balancing by default, as DAPO trains its
+    dense policy; Qwen3-MoE's own (the preset's global Switch-style loss, `moe.aux_loss_coef`, 0.001 in Qwen's
+    configs) is one override away and swept. DeepSeek-V3's aux-loss-free bias stays off: Qwen3-MoE's checkpoints
+    carry no router bias, so `save_pretrained` could not write the result back in Qwen3-MoE's format.
   - the r1_zero template (the base model has no chat template to honour); rewards as in the DAPO config.
   - memory knobs: 1,024-query attention blocks, 1,024-position head chunks, 32 prompts x 16 per sampler call, 8
     micro-batches per update (512 responses = 2 rows per GPU per micro-batch), packed (`pack_rows`): a GPU's two
@@ -88,6 +89,6 @@ def get_config(arg=None):
 
 
 def get_sweep(h):
-    """The clip-higher bound, and routing-bias balancing (DeepSeek-V3's, off in the recipe) on the MoE student."""
+    """The clip-higher bound, and Qwen3-MoE's load-balancing loss (off in the recipe) on the MoE student."""
     return h.product([h.sweep("config.grpo.epsilon_high", [0.2, 0.28]),
-                      h.sweep("config.model.overrides.moe.bias_update_rate", [0.0, 0.001])])
+                      h.sweep("config.model.overrides.moe.aux_loss_coef", [0.0, 0.001])])

@@ -95,3 +95,52 @@ def test_save_pretrained_roundtrip_through_transformers(case, tmp_path):
     assert np.abs(ours - theirs).max() <= TOL
     assert np.abs(hf_logits(ref, tokens) - theirs).max() <= 1e-5
     assert isinstance(reloaded, transformers.PreTrainedModel)
+
+
+def test_qwen3_moe_balance_loss_matches_transformers(tmp_path):
+    """Qwen3-MoE's router loss (output_router_logits, router_aux_loss_coef in config.json) is read with the
+    checkpoint; its value on a padded batch (pooled over both MoE layers), its gradient on the routers and the
+    training loss with it equal transformers'; save_pretrained writes the setting back."""
+    import json
+
+    import jax
+    import torch
+    from flax import nnx
+
+    from r1jax.sft.trainer import sft_loss
+
+    ref = make_hf_model("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.02)
+    ref.save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf", dtype="float32")
+    assert (model.config.moe.aux_loss, model.config.moe.aux_loss_coef) == ("global", 0.02)
+    tokens = _tokens(ref.config.vocab_size, B=3, L=10, seed=4)
+    mask = np.ones_like(tokens)
+    mask[0, :3] = 0
+    mask[2, 6:] = 0
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    out = ref(torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask),
+              position_ids=torch.as_tensor(positions))
+    out.aux_loss.backward()
+    theirs = np.stack([ref.model.layers[i].mlp.gate.weight.grad.numpy().T for i in (1, 2)])
+
+    graphdef, routers, rest = nnx.split(model, nnx.PathContains("w_router"), ...)
+
+    def balance(routers, rest):
+        m = nnx.merge(graphdef, routers, rest)
+        return m.forward(jnp.asarray(tokens), attention_mask_BL=jnp.asarray(mask)).aux["moe_aux_loss"]
+
+    value, grad = jax.jit(jax.value_and_grad(balance))(routers, rest)
+    grad = grad["moe"]["mlp"]["w_router"][...]
+    theirs_value = float(out.aux_loss.detach())
+    assert abs(float(value) - theirs_value) <= 1e-5, (float(value), theirs_value)
+    np.testing.assert_allclose(np.asarray(grad), theirs, atol=1e-5)
+    # The training loss: mean next-token NLL + 0.02 x the balance loss, as transformers' loss with labels.
+    full = _tokens(ref.config.vocab_size, B=2, L=9, seed=5)
+    with torch.no_grad():
+        expected = float(ref(torch.as_tensor(full), labels=torch.as_tensor(full)).loss)
+    batch = {"tokens": jnp.asarray(full), "loss_mask": jnp.ones(full.shape, jnp.int32)}
+    loss, (metrics, _) = jax.jit(lambda b: sft_loss(model, b, aux_loss_coef=model.config.moe.aux_loss_coef))(batch)
+    assert abs(float(loss) - expected) <= 1e-5 and float(metrics["moe_aux_loss"]) > 0
+    save_pretrained(model, tmp_path / "r1jax")
+    saved = json.loads((tmp_path / "r1jax" / "config.json").read_text())
+    assert saved["output_router_logits"] is True and saved["router_aux_loss_coef"] == 0.02

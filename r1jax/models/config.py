@@ -21,6 +21,7 @@ SCORING = ("sigmoid", "softmax")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCH = ("auto", "dropless", "a2a", "ragged")
+AUX_LOSSES = ("sequence", "global")
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,11 @@ class MoEConfig:
     capacity_factor: float = 1.25
     # DeepSeek-V3 aux-loss-free balancing: bias += rate * sign(mean load - load), applied after each step.
     bias_update_rate: float = 0.0
-    # Sequence-wise auxiliary balance loss coefficient (alpha in DeepSeek-V3; 0 disables).
+    # Auxiliary balance loss coefficient (0 disables) and kind: "sequence" = DeepSeek-V3's sequence-wise loss (alpha),
+    # summed over MoE layers; "global" = Switch Transformer / Qwen-MoE / Mixtral's loss pooled over the batch's tokens
+    # of every MoE layer (transformers' load_balancing_loss_func; router_aux_loss_coef), the Qwen3-MoE presets' kind.
     aux_loss_coef: float = 0.0
+    aux_loss: str = "sequence"
 
     def __post_init__(self):
         if isinstance(self.gmm_tiling, dict) or hasattr(self.gmm_tiling, "to_dict"):  # ml_collections ConfigDict
@@ -107,6 +111,8 @@ class MoEConfig:
             raise ValueError(f"moe.num_experts={self.num_experts} is not divisible by moe.n_group={self.n_group}")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"moe.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.aux_loss not in AUX_LOSSES:
+            raise ValueError(f"moe.aux_loss={self.aux_loss!r}; valid: {AUX_LOSSES}")
         if self.dispatch not in MOE_DISPATCH:
             raise ValueError(f"moe.dispatch={self.dispatch!r}; valid: {MOE_DISPATCH}")
         if not self.capacity_factor > 0:
@@ -228,7 +234,7 @@ def _qwen3(hidden, inter, layers, heads, kv, *, tied, vocab=151936, max_pos=4096
 
 def _qwen3_moe(experts_inter):
     return MoEConfig(num_experts=128, num_experts_per_tok=8, intermediate_size=experts_inter, scoring="softmax",
-                     norm_topk_prob=True)
+                     norm_topk_prob=True, aux_loss="global")
 
 
 def _llama3(hidden=4096, inter=14336, layers=32, heads=32, **kw):
@@ -305,7 +311,7 @@ PRESETS: dict[str, callable] = {
         family="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, rope=RopeConfig(theta=10000.0), qk_norm=True, max_position_embeddings=512,
         moe=MoEConfig(num_experts=8, num_experts_per_tok=2, intermediate_size=32, scoring="softmax",
-                      norm_topk_prob=True)),
+                      norm_topk_prob=True, aux_loss="global")),
     "tiny_deepseek_v3": lambda: ModelConfig(
         family="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
         num_kv_heads=4, head_dim=8, rope=RopeConfig(theta=10000.0, type="yarn", factor=4.0,

@@ -116,7 +116,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
 def _qwen3_moe_from_hf(hf: dict) -> MoEConfig:
     """Qwen3-MoE's router: softmax over all experts, top-k, renormalized when norm_topk_prob (transformers' default
     for a config.json without the key is False). Layer i is sparse unless listed in mlp_only_layers or
-    (i + 1) % decoder_sparse_step != 0; r1jax stacks dense layers first, so the dense ones must be layers 0..k-1."""
+    (i + 1) % decoder_sparse_step != 0; r1jax stacks dense layers first, so the dense ones must be layers 0..k-1.
+    Balancing is Qwen's global loss, at router_aux_loss_coef when the config trains with it (output_router_logits)."""
     experts = hf.get("num_experts", hf.get("num_local_experts"))
     n, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step") or 1
     only_mlp = set(hf.get("mlp_only_layers") or [])
@@ -130,7 +131,10 @@ def _qwen3_moe_from_hf(hf: dict) -> MoEConfig:
                          "mlp_only_layers); load it as a qwen3 model instead")
     return MoEConfig(num_experts=experts, num_experts_per_tok=hf["num_experts_per_tok"],
                      intermediate_size=hf["moe_intermediate_size"], scoring="softmax",
-                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)), first_k_dense=len(dense))
+                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)), first_k_dense=len(dense),
+                     aux_loss="global",
+                     aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) if hf.get("output_router_logits")
+                     else 0.0)
 
 
 def saves_routing_bias(cfg: ModelConfig) -> bool:
@@ -195,6 +199,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             hf.update(num_experts=moe.num_experts, num_experts_per_tok=moe.num_experts_per_tok,
                       moe_intermediate_size=moe.intermediate_size, norm_topk_prob=moe.norm_topk_prob,
                       decoder_sparse_step=1, mlp_only_layers=list(range(moe.first_k_dense)))
+            if moe.aux_loss == "global" and moe.aux_loss_coef:
+                hf.update(output_router_logits=True, router_aux_loss_coef=moe.aux_loss_coef)
     elif cfg.family == "llama":
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     else:

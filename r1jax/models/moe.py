@@ -14,7 +14,10 @@ r1jax.parallel.expert. The layer's aux then reports the fraction of token-expert
 
 The sequence-wise balance loss is DeepSeek-V3's eqs. 17-20 (L_Bal = alpha sum_i f_i P_i per sequence, averaged over
 the batch's sequences); its indicator counts the experts actually selected (biased, group-limited top-k), which is
-the paper's TopK(s) when the bias is zero and n_group is 1.
+the paper's TopK(s) when the bias is zero and n_group is 1. `moe.aux_loss="global"` is instead Switch Transformer's
+loss as Qwen-MoE and Mixtral train with it (transformers' load_balancing_loss_func): E sum_i f_i P_i with f_i the
+selections of expert i per token and P_i its mean router probability, both pooled over the batch's real tokens of
+every MoE layer (`global_balance_loss`); the layers report the per-expert sums it needs.
 """
 
 from __future__ import annotations
@@ -67,6 +70,28 @@ def sequence_balance_loss(scores_BLE, experts_BLk, num_experts, mask_BL=None):
     return jnp.mean(jnp.sum(f * P, axis=-1))
 
 
+def routing_probs(scores_TE, moe: MoEConfig):
+    """The router's distribution over experts: softmax scores as they are, sigmoid affinities normalized to sum 1."""
+    return scores_TE if moe.scoring == "softmax" else scores_TE / (scores_TE.sum(-1, keepdims=True) + 1e-20)
+
+
+def global_balance_loss(load_LE, prob_sum_LE, num_experts_per_tok):
+    """Switch / Qwen-MoE balance loss over all MoE layers' tokens pooled: E sum_i (c_i / R) (p_i / R), where c_i are
+    expert i's selections (`load`), p_i its summed router probability and R the number of (layer, real token) rows;
+    k, not 1, for a perfectly balanced router, as in transformers."""
+    E = load_LE.shape[-1]
+    rows = jnp.maximum(load_LE.sum() / num_experts_per_tok, 1.0)
+    return E * jnp.sum(load_LE.sum(0) * prob_sum_LE.sum(0)) / (rows * rows)
+
+
+def balance_loss(stack_aux: dict, moe: MoEConfig):
+    """The model's balance loss (what `moe.aux_loss_coef` multiplies) from its MoE stack's per-layer aux: the layers'
+    sequence-wise losses summed, or the global loss pooled over layers."""
+    if moe.aux_loss == "global" and "prob_sum" in stack_aux:
+        return global_balance_loss(stack_aux["load"], stack_aux["prob_sum"], moe.num_experts_per_tok)
+    return jnp.sum(stack_aux["aux_loss"])
+
+
 def resolve_backend(name: str) -> str:
     resolver = getattr(kernels, "resolve_backend", None)
     if resolver is not None:
@@ -110,7 +135,8 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BLD, mask_BL=None):
         """Returns (out_BLD, aux) with aux = {"load": tokens per expert [E], "aux_loss": scalar, "dropped": fraction
-        of valid token-expert assignments dropped for capacity (0 when dropless)}."""
+        of valid token-expert assignments dropped for capacity (0 when dropless)}, plus "prob_sum" (router
+        probability per expert summed over real tokens [E]) for the global balance loss."""
         B, L, D = x_BLD.shape
         dt = x_BLD.dtype
         x_TD = x_BLD.reshape(B * L, D)
@@ -126,7 +152,9 @@ class MoE(nnx.Module):
         load = jax.nn.one_hot(experts, self.moe.num_experts, dtype=jnp.float32).sum(1).T @ valid
         routed = jnp.maximum(valid.sum() * self.moe.num_experts_per_tok, 1.0)
         aux = {"load": load, "aux_loss": jnp.zeros((), jnp.float32), "dropped": dropped / routed}
-        if self.moe.aux_loss_coef:
+        if self.moe.aux_loss_coef and self.moe.aux_loss == "global":
+            aux["prob_sum"] = routing_probs(scores, self.moe).T @ valid
+        elif self.moe.aux_loss_coef:
             aux["aux_loss"] = sequence_balance_loss(scores.reshape(B, L, -1),
                                                     experts.reshape(B, L, -1), self.moe.num_experts, mask_BL)
         return out, aux

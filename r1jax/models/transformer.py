@@ -24,7 +24,7 @@ from flax import nnx
 from r1jax.models.attention import Attention, MLAttention, write_cache
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import MLP, Embed, RMSNorm, Rotary, cast, make_param
-from r1jax.models.moe import MoE
+from r1jax.models.moe import MoE, balance_loss
 from r1jax.models.projection import PROJECTION, project
 from r1jax.parallel.rules import constrain
 
@@ -43,7 +43,7 @@ class ModelOutput(NamedTuple):
     logits: jax.Array | None     # [B, L, V] float32 (None with return_logits=False)
     hidden: jax.Array            # [B, L, D] after the final norm
     cache: dict | None           # updated KV cache when one was given
-    aux: dict[str, Any]          # "moe_load" [L_moe, E], "moe_aux_loss" [L_moe]
+    aux: dict[str, Any]          # "moe_load" [L_moe, E], "moe_aux_loss" scalar, "moe_dropped" [L_moe]
 
 
 class DecoderLayer(nnx.Module):
@@ -224,7 +224,7 @@ class Transformer(nnx.Module):
             if cache is not None:
                 new_cache[name] = stack_cache
             if name == "moe":
-                aux = {"moe_load": stack_aux["load"], "moe_aux_loss": stack_aux["aux_loss"],
+                aux = {"moe_load": stack_aux["load"], "moe_aux_loss": balance_loss(stack_aux, cfg.moe),
                        "moe_dropped": stack_aux["dropped"]}
         h = self.final_norm(x)
         logits = None

@@ -68,7 +68,8 @@ def moe_metrics(aux: dict, prefix: str = "moe") -> dict:
     """Flat scalar metrics from `ModelOutput.aux`: per MoE layer i the max and min expert load over the mean load
     (`{prefix}/load_max_ratio/{i}`, `.../load_min_ratio/{i}`; 1.0 is perfect balance) and the fraction of token-expert
     assignments dropped for capacity (`{prefix}/dropped/{i}`, when aux has `moe_dropped`), plus the worst layer
-    (`{prefix}/load_max_ratio`, `{prefix}/load_min_ratio`), the mean drop fraction and the balance loss."""
+    (`{prefix}/load_max_ratio`, `{prefix}/load_min_ratio`), the mean drop fraction and the balance loss (what
+    `moe.aux_loss_coef` multiplies)."""
     out = {}
     if "moe_load" not in aux:
         return out
@@ -86,5 +87,5 @@ def moe_metrics(aux: dict, prefix: str = "moe") -> dict:
             out[f"{prefix}/dropped/{i}"] = dropped[i]
         out[f"{prefix}/dropped"] = dropped.mean()
     if "moe_aux_loss" in aux:
-        out[f"{prefix}/aux_loss"] = jnp.asarray(aux["moe_aux_loss"], jnp.float32).mean()
+        out[f"{prefix}/aux_loss"] = jnp.asarray(aux["moe_aux_loss"], jnp.float32)
     return out

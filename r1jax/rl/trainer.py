@@ -166,7 +166,7 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
                                    batch["completion_mask"], sampler_logp_BT=batch.get("sampler_logp"),
                                    entropy_BT=entropy, entropy_coef=entropy_coef if bonus else 0.0, **kw)
         if aux_loss_coef and "moe_aux_loss" in aux:
-            value = value + aux_loss_coef * jnp.sum(aux["moe_aux_loss"])
+            value = value + aux_loss_coef * aux["moe_aux_loss"]
         return value, (metrics, aux)
 
     @partial(jax.jit, static_argnames=("prompt_len",), donate_argnums=(0, 1))

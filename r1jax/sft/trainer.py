@@ -73,7 +73,7 @@ def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None,
         loss = (1.0 - kd_weight) * loss + kd_weight * kl
         metrics["kd_kl"] = kl
     if aux_loss_coef and "moe_aux_loss" in out.aux:
-        aux = jnp.sum(out.aux["moe_aux_loss"])
+        aux = out.aux["moe_aux_loss"]
         loss = loss + aux_loss_coef * aux
         metrics["moe_aux_loss"] = aux
     return loss, (metrics, out.aux)
