@@ -58,10 +58,13 @@ def _common(kind: str, **kw) -> dict:
         save_hf=False,            # also write the stage's final weights as a Hugging Face checkpoint
         # LoRA (r1jax.models.lora): > 0 trains rank-r adapters on the targeted projections only, the rest frozen;
         # the stage's final weights are merged. alpha / rank scales the adapters; targets: all | attention | mlp |
-        # weight names (wq, wk, wv, wo, w_gate, ...). Routed experts stay frozen.
+        # weight names (wq, wk, wv, wo, w_gate, ...). Routed experts stay frozen. The adapters are also written as a
+        # Hugging Face PEFT adapter, <stage>/peft_adapter/. lora_init: a PEFT adapter directory to start the adapters
+        # from instead of fresh ones (its r / lora_alpha / targets must be the stage's).
         lora_rank=0,
         lora_alpha=32.0,
         lora_targets="all",
+        lora_init="",
     )
     d.update(_optim())
     d.update(kw)

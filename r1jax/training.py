@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import signal
 import threading
 import time
@@ -32,9 +34,11 @@ from r1jax.models.config import ModelConfig
 from r1jax.models.hf_mapping import saves_routing_bias
 from r1jax.models.lora import LoRAParam, add_lora, has_lora, merge_lora
 from r1jax.models.lora import parse_targets as parse_lora_targets
+from r1jax.models.peft import AdapterError, load_peft_adapter, read_peft_config, save_peft_adapter
 from r1jax.parallel import hosts
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -289,11 +293,39 @@ def check_save_hf(stage: str, mc: ModelConfig) -> None:
                          f"config.{stage}.save_hf=False (the r1jax checkpoint keeps it) or moe.bias_update_rate=0")
 
 
+def peft_adapter_dir(ctx: RunContext, stage: str) -> Path:
+    return ctx.stage_dir(stage) / "peft_adapter"
+
+
+def _base_model_name(ctx: RunContext, stage: str) -> str | None:
+    """The Hugging Face checkpoint a stage's adapters apply to, when its weights came straight from one."""
+    init = ctx.config[stage].get("init", "")
+    if init.startswith("hf:"):
+        return init[3:]
+    if init == "base":
+        return model_spec(ctx.config, stage)["hf_path"] or None
+    return None
+
+
+def save_stage_adapter(ctx: RunContext, stage: str, model: Transformer, summary: dict) -> None:
+    """Writes the stage's adapters as a PEFT LoRA adapter (`<stage>/peft_adapter/`) and records it in the summary;
+    a family whose adapters PEFT cannot hold exactly gets the reason logged and recorded instead."""
+    out = peft_adapter_dir(ctx, stage)
+    try:
+        save_peft_adapter(model, out, base_model_name_or_path=_base_model_name(ctx, stage))
+    except AdapterError as e:
+        log.warning("stage %r: no PEFT adapter written: %s", stage, e)
+        summary["peft_adapter"] = f"not written: {e}"
+        return
+    summary["peft_adapter"] = str(out)
+
+
 def finish_stage(ctx: RunContext, stage: str, model: Transformer, summary: dict, *, save_hf: bool = False):
     """Writes the stage's final weights (and optionally a Hugging Face copy with the run's tokenizer files), then
-    the DONE marker."""
+    the DONE marker. A stage with LoRA adapters also writes them as a PEFT adapter, before merging them."""
     out = final_dir(ctx, stage)
     if has_lora(model):  # later stages, evaluation and exports see a plain model
+        save_stage_adapter(ctx, stage, model, summary)
         merge_lora(model)
     if not out.exists():
         save_params(out, nnx.state(model))
@@ -337,8 +369,11 @@ def split_params(model: Transformer):
 
 
 def check_lora(stage: str, cfg) -> None:
-    """Raises ValueError for LoRA settings that the config alone shows are wrong."""
-    rank = cfg.get("lora_rank", 0)
+    """Raises ValueError for LoRA settings that the config alone shows are wrong (and a lora_init adapter whose
+    rank or scale differs from the stage's; its targets are checked against the model when the stage starts)."""
+    rank, init = cfg.get("lora_rank", 0), cfg.get("lora_init", "")
+    if init and not (isinstance(rank, int) and rank > 0):
+        raise ValueError(f"config.{stage}.lora_init={init!r} needs config.{stage}.lora_rank > 0 (got {rank!r})")
     if not rank:
         return
     if not isinstance(rank, int) or rank < 0:
@@ -351,14 +386,34 @@ def check_lora(stage: str, cfg) -> None:
         parse_lora_targets(cfg.lora_targets)
     except ValueError as e:
         raise ValueError(f"config.{stage}.{e}") from None
+    if init:
+        try:
+            adapter = read_peft_config(init)
+        except ValueError as e:
+            raise ValueError(f"config.{stage}.lora_init={init!r}: {e}") from None
+        r, alpha = adapter.get("r", 8), adapter.get("lora_alpha", 8)
+        scale = alpha / math.sqrt(r) if adapter.get("use_rslora") else alpha / r
+        if r != rank or not math.isclose(scale, cfg.lora_alpha / rank, rel_tol=1e-9):
+            raise ValueError(f"config.{stage}.lora_init={init!r} has r={r}, scale {scale:g}; config.{stage} has "
+                             f"lora_rank={rank}, lora_alpha={cfg.lora_alpha} (scale {cfg.lora_alpha / rank:g}): set "
+                             f"lora_rank={r}, lora_alpha={scale * r:g}")
 
 
 def with_lora(ctx: RunContext, model: Transformer, cfg) -> Transformer:
-    """The stage's model with LoRA adapters when `cfg.lora_rank` > 0 (placed like their weights), else as is."""
+    """The stage's model with LoRA adapters when `cfg.lora_rank` > 0 (placed like their weights), else as is: fresh
+    ones, or the PEFT adapter `cfg.lora_init`, which must have the stage's rank, alpha and targets. A resumed stage
+    then restores its checkpoint's adapters over these."""
     if not cfg.get("lora_rank", 0):
         return model
-    return add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
-                    seed=ctx.config.seed, mesh=ctx.mesh, rules=ctx.rules)
+    init = cfg.get("lora_init", "")
+    if not init:
+        return add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                        seed=ctx.config.seed, mesh=ctx.mesh, rules=ctx.rules)
+    try:
+        return load_peft_adapter(model, init, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                                 mesh=ctx.mesh, rules=ctx.rules)
+    except ValueError as e:
+        raise ValueError(f"config.{ctx.stage}.lora_init={init!r}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,14 @@ LoRA adapters on the projections (only they train; `merge_lora` folds them in):
     >>> lora = add_lora(Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), rank=4, alpha=8.0)
     >>> merge_lora(lora)(jnp.ones((1, 8), jnp.int32)).shape
     (1, 8, 256)
+
+Adapters in Hugging Face PEFT's format (what `peft.PeftModel.from_pretrained` loads), and back:
+    >>> import tempfile
+    >>> from r1jax.models import load_peft_adapter, save_peft_adapter
+    >>> path = tempfile.mkdtemp() + "/adapter"
+    >>> save_peft_adapter(add_lora(Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), rank=4, alpha=8.0), path)
+    >>> has_lora(load_peft_adapter(Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), path))
+    True
 """
 
 from r1jax.models.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig, get_preset, PRESETS
@@ -26,6 +34,7 @@ from r1jax.models.hf import (CheckpointError, CheckpointReader, CheckpointTensor
                              param_count, read_config, save_pretrained)
 from r1jax.models.hf_mapping import config_from_hf, config_to_hf
 from r1jax.models.lora import LoRAParam, add_lora, has_lora, lora_params, merge_lora
+from r1jax.models.peft import AdapterError, load_peft_adapter, read_peft_adapter, save_peft_adapter
 from r1jax.models.projection import PROJECTION, project
 from r1jax.models.reward import (RewardModel, is_reward_checkpoint, last_token_index, reward_from_pretrained,
                                  reward_model_from_lm, save_reward_pretrained)
@@ -36,5 +45,6 @@ __all__ = [
     "PRESETS", "RewardModel", "RopeConfig", "Transformer", "is_reward_checkpoint", "last_token_index",
     "reward_from_pretrained", "reward_model_from_lm", "save_reward_pretrained", "config_from_hf", "config_to_hf",
     "from_pretrained", "get_preset", "hf_tensors", "param_count", "read_config", "save_pretrained", "PROJECTION",
-    "project", "LoRAParam", "add_lora", "has_lora", "lora_params", "merge_lora",
+    "project", "LoRAParam", "add_lora", "has_lora", "lora_params", "merge_lora", "AdapterError", "load_peft_adapter",
+    "read_peft_adapter", "save_peft_adapter",
 ]
