@@ -58,7 +58,8 @@ def _common(kind: str, **kw) -> dict:
         save_hf=False,            # also write the stage's final weights as a Hugging Face checkpoint
         # LoRA (r1jax.models.lora): > 0 trains rank-r adapters on the targeted projections only, the rest frozen;
         # the stage's final weights are merged. alpha / rank scales the adapters; targets: all | attention | mlp |
-        # weight names (wq, wk, wv, wo, w_gate, ...). Routed experts stay frozen. The adapters are also written as a
+        # weight names (wq, wk, wv, wo, w_gate, ...); the MoE layers' routed experts only by name (experts |
+        # expert_w_gate, expert_w_up, expert_w_down: per-expert adapters), "all" leaves them frozen. Also written as a
         # Hugging Face PEFT adapter, <stage>/peft_adapter/. lora_init: a PEFT adapter directory to start the adapters
         # from instead of fresh ones (its r / lora_alpha / targets must be the stage's).
         lora_rank=0,

@@ -1,7 +1,10 @@
-"""LoRA adapters: outputs and gradients against the merged weights W + (alpha / r) A B, cached decoding, a GRPO stage
-that trains only the adapters and ends with merged weights, the dry run's accounting, and refused settings."""
+"""LoRA adapters: outputs and gradients against the merged weights W + (alpha / r) A B (routed experts' per expert),
+cached decoding, expert parallelism against one device, a GRPO stage that trains only the adapters and ends with
+merged weights, the dry run's accounting, and refused settings."""
 
+import functools
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -10,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from r1jax import training
+from r1jax import parallel, training
 from r1jax.checkpoint import load_params
 from r1jax.models import Transformer, add_lora, get_preset, has_lora, lora_params, merge_lora
 from r1jax.models.lora import IN_DIMS, LoRAParam, parse_targets
@@ -20,15 +24,27 @@ from r1jax.sampling import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 9)))
+# As test_expert: XLA:CPU spends most of a tiny model's time in LLVM; level 0 compiles ~3x faster, same f32 results.
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def _with_adapters(name, targets="all", seed=0, **kw):
+    """Preset `name` with rank-4 adapters (alpha 8) on `targets`, initialized under jit (eagerly every op of a new
+    shape compiles: seconds per model)."""
+    return parallel.init_sharded(lambda: add_lora(Transformer(get_preset(name, **kw), rngs=nnx.Rngs(seed)), rank=4,
+                                                  alpha=8.0, targets=targets, seed=seed), compiler_options=FAST)
+
+
+def _randomize(model, seed=0):
+    """Every adapter matrix random (B non-zero), in place; numpy draws, one update."""
+    rng = np.random.default_rng(seed + 1)
+    nnx.update(model, jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype),
+                                   lora_params(model)))
+    return model
 
 
 def _with_random_adapters(name, targets="all", seed=0, **kw):
-    model = add_lora(Transformer(get_preset(name, **kw), rngs=nnx.Rngs(seed)), rank=4, alpha=8.0, targets=targets,
-                     seed=seed)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
-    nnx.update(model, jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape, x.dtype),
-                                   lora_params(model)))
-    return model
+    return _randomize(_with_adapters(name, targets, seed, **kw), seed)
 
 
 def _merged_by_hand(config, flat, lift):
@@ -52,23 +68,33 @@ def _flat(state) -> dict:
     return {tuple(map(str, path)): v[...] for path, v in nnx.to_flat_state(state)}
 
 
-# GQA (q/k norms, chunked key cache) and MLA with a dense layer, routed and shared experts.
-CASES = {"tiny_qwen3": {}, "tiny_deepseek_v3": dict(num_layers=2)}
+# (preset overrides, targets): GQA (q/k norms, chunked key cache); MLA with a dense layer, routed and shared experts;
+# Qwen3-MoE's softmax-routed experts. The MoE presets adapt their routed experts too.
+CASES = {"tiny_qwen3": ({}, "all"), "tiny_deepseek_v3": (dict(num_layers=2), "all,experts"),
+         "tiny_qwen3_moe": ({}, "all,experts")}
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
+def _forward(graphdef, state, tokens_BL=TOKENS):
+    return nnx.merge(graphdef, state)(tokens_BL)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_adapters_equal_their_merged_weights(name):
-    forward = nnx.jit(lambda m: m(TOKENS))
-    model = Transformer(get_preset(name, **CASES[name]), rngs=nnx.Rngs(0))
-    base = np.asarray(forward(model))
-    add_lora(model, rank=4, alpha=8.0)
+    overrides, targets = CASES[name]
+    model = _with_adapters(name, targets, **overrides)
+    # Every instance is a new graph to jit (static rotary tables): one compile per graph, plain and adapted.
+    plain = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model.config, rngs=nnx.Rngs(0))))
+    adapted_graph = nnx.graphdef(model)
+    _, _, weights = nnx.split(model, LoRAParam, ...)
+    base = np.asarray(_forward(plain, weights))
     # B starts at zero: the base model (to float rounding: the compiled program has the adapters' ops too).
-    np.testing.assert_allclose(np.asarray(forward(model)), base, rtol=0, atol=1e-6)
-    model = _with_random_adapters(name, **CASES[name])
-    adapted = np.asarray(forward(model))
+    np.testing.assert_allclose(np.asarray(_forward(adapted_graph, nnx.state(model))), base, rtol=0, atol=1e-6)
+    _randomize(model)
+    adapted = np.asarray(_forward(adapted_graph, nnx.state(model)))
     assert np.abs(adapted - base).max() > 0.1
     by_hand = _merged_by_hand(model.config, _flat(nnx.state(model)), lambda x: np.asarray(x, np.float64))
-    np.testing.assert_allclose(adapted, np.asarray(forward(by_hand)), atol=2e-5)
+    np.testing.assert_allclose(adapted, np.asarray(_forward(plain, nnx.state(by_hand))), atol=2e-5)
     if name == "tiny_deepseek_v3":
         # Cached decoding: MLA's absorbed attention uses wk_b / wv_b transposed. The greedy tokens are the merged
         # model's argmax at every position.
@@ -77,19 +103,29 @@ def test_adapters_equal_their_merged_weights(name):
         seq = jnp.asarray([prompt + list(tokens)])
         merge_lora(model)
         assert not has_lora(model)
-        logits = np.asarray(model(seq))[0]
+        logits = np.asarray(_forward(plain, nnx.state(model), seq))[0]
         np.testing.assert_array_equal(logits[len(prompt) - 1:-1].argmax(-1), tokens)
     else:
         merge_lora(model)
         assert not has_lora(model)
-    np.testing.assert_allclose(np.asarray(forward(model)), adapted, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(_forward(plain, nnx.state(model))), adapted, atol=2e-5)
+
+
+def _made_by(hlo: str, shapes) -> set:
+    """The ops of compiled HLO text whose result is an f32 array of one of `shapes`."""
+    dims = "|".join(",".join(map(str, s)) for s in shapes)
+    return set(re.findall(rf"= f32\[(?:{dims})\]\S* ([\w-]+)\(", hlo))
 
 
 def test_adapter_gradients_equal_the_merged_weights_gradients():
-    """d loss / d (A, B) through the two thin projections equals the gradient through W + (alpha / r) A B."""
-    model = _with_random_adapters("tiny_deepseek_v3", targets="wq_b,wkv_a,wk_b,wo,mlp", num_layers=2)
+    """d loss / d (A, B) through the two thin projections equals the gradient through W + (alpha / r) A B; routed
+    experts' adapters (grouped matmuls) included. The frozen weights are not differentiated: the compiled gradient
+    makes no [E, D, F] routed weight (no merged weight, no weight gradient)."""
+    model = _with_random_adapters("tiny_deepseek_v3", targets="wq_b,wkv_a,wk_b,wo,mlp,experts", num_layers=2)
     graphdef, params, rest = training.split_params(model)
     assert all(isinstance(v, LoRAParam) for _, v in nnx.to_flat_state(params))
+    assert {("moe", "mlp", "w_gate_lora_a"), ("moe", "mlp", "w_down_lora_b")} <= set(_flat(params))
+    assert {("moe", "mlp", w) for w in ("w_gate", "w_up", "w_down")} <= set(_flat(rest))  # frozen
 
     def loss(p):
         return jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p, rest)(TOKENS))[..., 7])
@@ -100,7 +136,15 @@ def test_adapter_gradients_equal_the_merged_weights_gradients():
         merged = _merged_by_hand(model.config, {**frozen, **_flat(p)}, jnp.asarray)
         return jnp.mean(jax.nn.log_softmax(merged(TOKENS))[..., 7])
 
-    g, g_ref = jax.jit(jax.grad(loss))(params), jax.jit(jax.grad(merged_loss))(params)
+    compiled, compiled_ref = (jax.jit(jax.grad(f), compiler_options=FAST).lower(params).compile()
+                              for f in (loss, merged_loss))
+    g, g_ref = compiled(params), compiled_ref(params)
+    moe = model.config.moe
+    E, D, F, L = moe.num_experts, model.config.hidden_size, moe.intermediate_size, model.moe.mlp.w_gate.shape[0]
+    shapes, moves = [(E, D, F), (E, F, D), (L, E, D, F), (L, E, F, D)], {"bitcast", "parameter", "get-tuple-element",
+                                                                         "dynamic-slice", "slice", "copy"}
+    assert _made_by(compiled.as_text(), shapes) <= moves
+    assert _made_by(compiled_ref.as_text(), shapes) - moves  # the check sees merged weights where there are some
     for (path, x), (_, y) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_ref)):
         np.testing.assert_allclose(np.asarray(x[...]), np.asarray(y[...]), rtol=1e-4, atol=1e-6, err_msg=str(path))
     assert sum(float(jnp.abs(x[...]).sum()) for _, x in nnx.to_flat_state(g)) > 0
@@ -113,14 +157,81 @@ def test_targets_and_routed_experts():
 
     names = {str(p[-1]) for p, _ in nnx.to_flat_state(lora_params(abstract("attention")))}
     assert names == {f"{n}_lora_{ab}" for n in ("wq_a", "wq_b", "wkv_a", "wk_b", "wv_b", "wo") for ab in "ab"}
-    paths = {tuple(map(str, p[:-1])) for p, _ in nnx.to_flat_state(lora_params(abstract("mlp")))}
-    # Dense layers and the shared experts; the routed experts (moe/mlp/w_*) get none.
-    assert paths == {("dense", "mlp"), ("moe", "mlp", "shared")}
+    paths = lambda targets: {tuple(map(str, p[:-1])) for p, _ in nnx.to_flat_state(lora_params(abstract(targets)))}
+    # Dense layers and the shared experts; the routed experts (moe/mlp/w_*) only by their own names.
+    assert paths("mlp") == paths("w_gate") == {("dense", "mlp"), ("moe", "mlp", "shared")}
+    assert paths("experts") == paths("expert_w_down") == {("moe", "mlp")}
+    assert ("moe", "mlp") not in paths("all")
     assert parse_targets("wq, mlp") == ("wq", "w_gate", "w_up", "w_down")
-    with pytest.raises(ValueError, match=r"unknown target 'experts'.*routed experts have no adapters"):
-        parse_targets("attention,experts")
+    assert parse_targets("experts,expert_w_up") == ("expert_w_gate", "expert_w_up", "expert_w_down")
+    with pytest.raises(ValueError, match=r"unknown target 'w_router'.*'experts' or expert_w_gate"):
+        parse_targets("attention,w_router")
     with pytest.raises(ValueError, match="matches no projection"):
         abstract("wq_a", "tiny_qwen2")
+    with pytest.raises(ValueError, match="matches no projection"):
+        abstract("experts", "tiny_qwen3")
+
+    # Per expert: A [layers, E, in, r] uniform within 1 / sqrt(in) (PEFT's bound), different for every expert;
+    # B [layers, E, r, out] zero; split like the weight's expert / in / out dims, the rank dim whole.
+    moe = add_lora(Transformer(get_preset("tiny_qwen3_moe"), rngs=nnx.Rngs(0)), rank=2, alpha=2.0,
+                   targets="expert_w_gate,expert_w_down").moe.mlp
+    E, D, F = moe.w_gate.shape[1:]
+    a, b = np.asarray(moe.w_down_lora_a[...]), np.asarray(moe.w_down_lora_b[...])
+    assert a.shape == (2, E, F, 2) and b.shape == (2, E, 2, D) and not b.any()
+    assert 0.5 / np.sqrt(F) < np.abs(a).max() <= 1 / np.sqrt(F) and len({a[0, e].tobytes() for e in range(E)}) == E
+    assert moe.w_gate_lora_a.get_metadata()["axes"] == ("layers", "exp", "embed", None)
+    assert moe.w_gate_lora_b.get_metadata()["axes"] == ("layers", "exp", None, "exp_mlp")
+    assert moe.w_down_lora_a.get_metadata()["axes"] == ("layers", "exp", "exp_mlp", None)
+    assert not hasattr(moe, "w_up_lora_a") and moe.lora_scale == 1.0
+
+
+@pytest.mark.parametrize("dispatch,shape,rules", [
+    ("a2a", dict(data=2, expert=4), "expert"),
+    ("ragged", dict(data=2, expert=4), "expert"),               # emulated exchange on CPU
+    ("auto", dict(data=2, expert=2, tensor=2), "fsdp_tensor"),  # a2a; expert ffn and B_gate / A_down over tensor
+], ids=["a2a", "ragged", "a2a_tensor"])
+def test_expert_adapters_under_expert_parallelism(dispatch, shape, rules):
+    """Routed-expert adapters inside the shard_map equal one device's dropless layer: loss, logits and the adapters'
+    gradients; then merge_lora on the sharded model gives the adapted logits."""
+    moe = {"first_k_dense": 0, "gmm_backend": "xla", "capacity_factor": 4.0}  # capacity >= expert shards: no drops
+    model = _with_random_adapters("tiny_deepseek_v3", "experts", num_layers=1, moe={**moe, "dispatch": "dropless"})
+    ep_config = model.config.replace(moe={"dispatch": dispatch})
+    plain = nnx.graphdef(nnx.eval_shape(lambda: Transformer(ep_config, rngs=nnx.Rngs(0))))
+    adapted = nnx.graphdef(nnx.eval_shape(lambda: add_lora(Transformer(ep_config, rngs=nnx.Rngs(0)), rank=4,
+                                                           alpha=8.0, targets="experts")))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 16)))
+
+    @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
+    def forward(graphdef, state, t):
+        return nnx.merge(graphdef, state)(t)
+
+    def loss(graphdef, p, r, t):
+        logits = nnx.merge(graphdef, p, r)(t)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), t[:, 1:, None], -1)), logits
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0, compiler_options=FAST)
+    graphdef, params, rest = training.split_params(model)
+    (ref_loss, ref_logits), ref_grads = step(graphdef, params, rest, tokens)
+    mesh = parallel.make_mesh(**shape)
+    parallel.shard_model(model, mesh, rules)
+    _, params, rest = training.split_params(model)
+    tensor = "tensor" if rules == "fsdp_tensor" else None
+    assert params["moe"]["mlp"]["w_down_lora_a"][...].sharding.spec == P(None, "expert", tensor, None)
+    assert params["moe"]["mlp"]["w_down_lora_b"][...].sharding.spec == P(None, "expert", None, None)
+    with parallel.axis_rules(mesh, rules):
+        batch = parallel.shard_batch(tokens, mesh, rules)
+        (got_loss, logits), grads = step(adapted, params, rest, batch)
+    np.testing.assert_allclose(float(got_loss), float(ref_loss), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5)
+    for (path, g), (_, r) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads)):
+        g, r = np.asarray(g[...]), np.asarray(r[...])
+        np.testing.assert_allclose(g, r, atol=1e-5 * np.abs(r).max(), err_msg=str(path))
+    assert np.abs(np.asarray(ref_grads["moe"]["mlp"]["w_up_lora_b"][...])).max() > 0
+    merge_lora(model)
+    assert not has_lora(model) and model.moe.mlp.w_gate[...].sharding.spec[1] == "expert"
+    with parallel.axis_rules(mesh, rules):
+        merged = forward(plain, nnx.state(model), batch)
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(ref_logits), atol=1e-5)
 
 
 def _tiny_config():
@@ -172,6 +283,13 @@ def test_dry_run_counts_adapters_as_the_trainable_state():
     assert lora["params"] < 0.2 * full["params"] and 2 * lora["params"] <= lora["optimizer"] < 2 * lora["params"] + 64
     assert lora["reference"] == lora["params"] and lora["grads"] == lora["params"]
     assert lora["rest"] >= full["params"]  # the frozen weights
+    # Routed experts' adapters too: a Qwen3-MoE stage adapting only them trains exactly their bytes.
+    cfg.model.preset, cfg.model.overrides = "tiny_qwen3_moe", {}
+    cfg.grpo.update(lora_targets="experts")
+    experts = dry_run(cfg, flops=False, sampler=False)["stages"]["grpo"]["memory"]
+    abstract = nnx.eval_shape(lambda: add_lora(Transformer(get_preset("tiny_qwen3_moe"), rngs=nnx.Rngs(0)), rank=2,
+                                               alpha=1.0, targets="experts"))
+    assert experts["params"] == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lora_params(abstract))) > 0
 
 
 def test_lora_settings_are_checked_before_the_run(tmp_path):

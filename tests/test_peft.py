@@ -1,7 +1,7 @@
-"""PEFT LoRA adapters: r1jax's adapters written with save_peft_adapter give, through peft.PeftModel on the
-transformers model, r1jax's logits; adapters made by peft itself load into r1jax to the same logits; save -> load
-round trips; unsupported adapters are refused with the setting named and nothing changed; a LoRA stage writes its
-adapters and another stage starts from them (lora_init)."""
+"""PEFT LoRA adapters: r1jax's adapters (routed experts' included) written with save_peft_adapter give, through
+peft.PeftModel on the transformers model, r1jax's logits; adapters made by peft itself load into r1jax to the same
+logits; save -> load round trips; unsupported adapters are refused with the setting named and nothing changed; a LoRA
+stage writes its adapters and another stage starts from them (lora_init)."""
 
 import functools
 import json
@@ -30,16 +30,19 @@ TOL = 2e-3
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 11))
 
 # What peft itself adapts, per family. transformers 5 fuses the MoE families' routed experts and peft rewrites
-# gate_proj / up_proj / down_proj target_modules to them, so their dense and shared-expert MLPs are target_parameters.
+# gate_proj / up_proj / down_proj target_modules to them, so their dense and shared-expert MLPs are target_parameters;
+# so are the fused experts (gate_up_proj at rank 4: r1jax's w_gate and w_up adapters then share A).
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 PEFT_TARGETS = {
     "qwen2": dict(target_modules=["q_proj", "v_proj"]),  # r1jax: wq and wv only
     "qwen3": dict(target_modules="all-linear"),
     "llama": dict(target_modules="all-linear", use_rslora=True, lora_alpha=4),  # scale 4 / sqrt(4), as alpha 8 / 4
     "qwen3_moe": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      target_parameters=["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]),
+                      target_parameters=["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                                         *EXPERTS]),
     "deepseek_v3": dict(target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
                         target_parameters=[f"{m}.{p}.weight" for m in ("mlp", "shared_experts")
-                                           for p in ("gate_proj", "up_proj", "down_proj")]),
+                                           for p in ("gate_proj", "up_proj", "down_proj")] + EXPERTS),
 }
 
 
@@ -82,8 +85,11 @@ def base_dirs(tmp_path_factory):
 @pytest.mark.parametrize("family", sorted(PEFT_TARGETS))
 def test_adapters_match_peft_both_ways(family, base_dirs, tmp_path):
     base = base_dirs[family]
-    # r1jax -> PEFT: every projection r1jax adapts (for DeepSeek, wk_b and wv_b as one rank-8 kv_b_proj adapter).
-    model = _randomize(add_lora(from_pretrained(base, dtype="float32"), rank=4, alpha=8.0))
+    # r1jax -> PEFT: every projection r1jax adapts (for DeepSeek, wk_b and wv_b as one rank-8 kv_b_proj adapter; the
+    # MoE families' routed w_gate and w_up as one rank-8 gate_up_proj adapter per expert).
+    moe = family in ("qwen3_moe", "deepseek_v3")
+    model = _randomize(add_lora(from_pretrained(base, dtype="float32"), rank=4, alpha=8.0,
+                                targets="all,experts" if moe else "all"))
     save_peft_adapter(model, tmp_path / "out", base_model_name_or_path=str(base))
     hf = make_hf_model(family)
     base_logits = hf_logits(hf, TOKENS)
@@ -93,8 +99,10 @@ def test_adapters_match_peft_both_ways(family, base_dirs, tmp_path):
     assert np.abs(got - expected).max() <= TOL, np.abs(got - expected).max()
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, str(base))
-    if family == "deepseek_v3":
-        assert config["rank_pattern"] == {"kv_b_proj": 8} and config["alpha_pattern"] == {"kv_b_proj": 16}
+    fused = [n for n, on in (("kv_b_proj", family == "deepseek_v3"), ("gate_up_proj", moe)) if on]
+    assert config["rank_pattern"] == dict.fromkeys(fused, 8) and config["alpha_pattern"] == dict.fromkeys(fused, 16)
+    if moe:
+        assert {"gate_up_proj", "down_proj"} <= set(config["target_parameters"])
     # Round trip: the same adapters, bit for bit.
     back = load_peft_adapter(from_pretrained(base, dtype="float32"), tmp_path / "out")
     assert _flat(lora_params(back)).keys() == _flat(lora_params(model)).keys()
@@ -203,12 +211,19 @@ def test_truncated_mismatched_and_unexportable(qwen3_adapter, base_dirs, tmp_pat
     with pytest.raises(AdapterError, match="already has LoRA adapters"):
         load_peft_adapter(model, qwen3_adapter)
 
-    # peft itself puts Qwen3-MoE's gate_proj / up_proj / down_proj targets on the (fused) routed experts.
+    # peft itself turns Qwen3-MoE's gate_proj / up_proj / down_proj targets into the fused routed experts' parameters
+    # (gate_up_proj at rank 8, alpha 16): rank-4 w_gate / w_up / w_down adapters in r1jax, while a gate_up_proj
+    # adapter that is not one rank-4 block per half (w_gate's rows, w_up's) is refused.
     made = peft.get_peft_model(make_hf_model("qwen3_moe"), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]))
     made.save_pretrained(tmp_path / "experts")
-    with pytest.raises(AdapterError, match=r"model.layers.1.mlp.experts has no r1jax adapter .*routed experts"):
-        load_peft_adapter(from_pretrained(base_dirs["qwen3_moe"], dtype="float32"), tmp_path / "experts")
+    moe = from_pretrained(base_dirs["qwen3_moe"], dtype="float32")
+    assert load_peft_adapter(moe, tmp_path / "experts").moe.mlp.w_up_lora_a.shape == (2, 8, 48, 4)  # [L, E, D, r]
+    key = P + "1.mlp.experts.base_layer.lora_B.weight"  # gate_up_proj's: peft wraps down_proj around it
+    _edit(tmp_path / "experts", tmp_path / "full", tensors={key: np.ones((48, 64), np.float32)})
+    with pytest.raises(AdapterError, match=r"experts.gate_up_proj's rank-8 adapter is not one rank-4 block per row "
+                                           r"block \(w_gate, w_up\)"):
+        load_peft_adapter(from_pretrained(base_dirs["qwen3_moe"], dtype="float32"), tmp_path / "full")
 
     # Export refusals write nothing (and leave an earlier adapter in place).
     with pytest.raises(AdapterError, match="no LoRA adapters"):
@@ -219,7 +234,7 @@ def test_truncated_mismatched_and_unexportable(qwen3_adapter, base_dirs, tmp_pat
     shutil.copytree(qwen3_adapter, tmp_path / "kept")
     with pytest.raises(AdapterError, match=r"multi-token-prediction modules \(mtp\.block\.attn\.w"):
         save_peft_adapter(mtp, tmp_path / "kept")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["experts", "kept", "truncated"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experts", "full", "kept", "truncated"]
     assert (tmp_path / "kept" / "adapter_model.safetensors").read_bytes() == \
         (qwen3_adapter / "adapter_model.safetensors").read_bytes()
 

@@ -29,6 +29,7 @@ from flax import nnx
 from r1jax import kernels
 from r1jax.models.config import ModelConfig, MoEConfig
 from r1jax.models.layers import MLP, RouterBias, cast, make_param
+from r1jax.models.lora import expert_adapters
 from r1jax.parallel import expert as expert_parallel
 from r1jax.parallel.rules import constrain
 
@@ -99,19 +100,19 @@ def resolve_backend(name: str) -> str:
     return "xla" if name == "auto" else name
 
 
-def dropless_dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend="xla",
-                      tiling=None, interpret=False):
-    """Routed experts on one shard: sort pairs by expert, grouped matmuls, unsort, weighted combine.
-    Returns (out_TD, counts_E)."""
+def dropless_dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, lora=None, lora_scale=1.0,
+                      backend="xla", tiling=None, interpret=False):
+    """Routed experts on one shard: sort pairs by expert, grouped matmuls (with the adapters `lora`, see
+    r1jax.parallel.expert.expert_swiglu), unsort, weighted combine. Returns (out_TD, counts_E)."""
     T, k = experts_Tk.shape
     E = w_gate_EDF.shape[0]
     flat = experts_Tk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     rows = x_TD[order // k]
     counts = jnp.bincount(flat, length=E).astype(jnp.int32)
-    gmm = lambda lhs, rhs: kernels.gmm(lhs, rhs, counts, backend=backend, tiling=tiling, interpret=interpret)
-    h = jax.nn.silu(gmm(rows, w_gate_EDF)) * gmm(rows, w_up_EDF)
-    y_sorted = gmm(h, w_down_EFD)
+    y_sorted = expert_parallel.expert_swiglu(rows, counts, w_gate_EDF, w_up_EDF, w_down_EFD, lora,
+                                             lora_scale=lora_scale, backend=backend, tiling=tiling,
+                                             interpret=interpret)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(T, k, -1)
     out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights_Tk)
     return out.astype(x_TD.dtype), counts
@@ -143,7 +144,7 @@ class MoE(nnx.Module):
         weights, experts, scores = route(x_TD, self.w_router[...], self.router_bias[...], self.moe)
         valid_T = None if mask_BL is None else mask_BL.reshape(-1).astype(bool)
         out, dropped = self.dispatch(x_TD, weights, experts, cast(self.w_gate, dt), cast(self.w_up, dt),
-                                     cast(self.w_down, dt), valid_T)
+                                     cast(self.w_down, dt), valid_T, lora=expert_adapters(self, dt))
         out = constrain(out.reshape(B, L, D), ("batch", "length", "embed"))
         if self.has_shared:
             out = out + self.shared(x_BLD)
@@ -159,16 +160,16 @@ class MoE(nnx.Module):
                                                     experts.reshape(B, L, -1), self.moe.num_experts, mask_BL)
         return out, aux
 
-    def dispatch(self, x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, valid_T=None):
+    def dispatch(self, x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, valid_T=None, lora=None):
         """Routed experts: (out_TD, number of dropped assignments). The mode follows `moe.dispatch` and the mesh of
-        the active axis_rules context (r1jax.parallel.expert.resolve_dispatch)."""
+        the active axis_rules context (r1jax.parallel.expert.resolve_dispatch); `lora`: the routed weights' adapters
+        (r1jax.models.lora.expert_adapters), scaled by the layer's lora_scale."""
         backend = resolve_backend(self.moe.gmm_backend)
         mode = expert_parallel.resolve_dispatch(self.moe.dispatch, x_TD.shape[0], self.moe.num_experts)
+        kw = dict(lora=lora, lora_scale=getattr(self, "lora_scale", 1.0), backend=backend,
+                  tiling=self.moe.gmm_tiling, interpret=self.moe.gmm_interpret)
         if mode == "dropless":
-            out, _ = dropless_dispatch(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, backend=backend,
-                                       tiling=self.moe.gmm_tiling, interpret=self.moe.gmm_interpret)
+            out, _ = dropless_dispatch(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, **kw)
             return out, jnp.zeros((), jnp.float32)
         return expert_parallel.dispatch(x_TD, weights_Tk, experts_Tk, w_gate, w_up, w_down, mode=mode,
-                                        capacity_factor=self.moe.capacity_factor, valid_T=valid_T,
-                                        backend=backend, tiling=self.moe.gmm_tiling,
-                                        interpret=self.moe.gmm_interpret)
+                                        capacity_factor=self.moe.capacity_factor, valid_T=valid_T, **kw)

@@ -14,10 +14,19 @@ target_modules entry named gate_proj / up_proj / down_proj into adapters on thos
 MLPs it named; so those families' dense-layer and shared-expert MLP adapters are written as `target_parameters`
 (`mlp.gate_proj.weight`, ...), which PEFT applies to exactly those Linear weights.
 
+Routed-expert adapters (targets "experts") are PEFT's ParamWrapper on the fused parameters, target_parameters
+`gate_up_proj` ([E, 2F, D]: w_gate's rows, then w_up's) and `down_proj` ([E, D, F]): per expert e, A_e [r, in] and
+B_e [out, r] with delta_e = scale B_e A_e, stored as lora_A.weight [E r, in] (row e r + j) and lora_B.weight
+[out, r E] (column j E + e). w_gate's and w_up's adapters are one rank-2r gate_up_proj adapter per expert, like
+kv_b_proj's. peft nests one wrapper per targeted parameter of `mlp.experts`: down_proj's tensors are keyed
+`mlp.experts.lora_*`, gate_up_proj's `mlp.experts.base_layer.lora_*` when both are targeted. (peft 0.21.2 warns
+that rank_pattern / alpha_pattern keys naming a parameter "did not match any targeted module": its check reads
+module names only, and it applies them.)
+
 Refused, with the module or setting named, before anything is written or attached: adapters PEFT cannot place on a
 transformers model (DeepSeek's multi-token-prediction modules), and adapters r1jax does not compute exactly (DoRA,
-biases, modules_to_save, layers_to_transform, base-modifying initializations, routed experts, lm_head, ...).
-rsLoRA (scale alpha / sqrt(r)) loads exactly.
+biases, modules_to_save, layers_to_transform, base-modifying initializations, lm_head, a fused gate_up_proj
+adapter that is not one rank-r block per half, ...). rsLoRA (scale alpha / sqrt(r)) loads exactly.
 
 Example:
     >>> import tempfile
@@ -52,7 +61,7 @@ from flax import nnx
 from r1jax.models.config import ModelConfig
 from r1jax.models.hf import _view_groups
 from r1jax.models.hf_mapping import Source, param_sources
-from r1jax.models.lora import IN_DIMS, add_lora, has_lora, lora_params, parse_targets
+from r1jax.models.lora import EXPERT_WEIGHTS, IN_DIMS, add_lora, has_lora, lora_params, parse_targets, weight_targets
 from r1jax.models.transformer import Transformer
 from r1jax.parallel import hosts
 
@@ -63,6 +72,9 @@ _KEY_RE = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 # See the module docstring: PEFT rewrites these target_modules leaves of these families to the fused experts.
 _FUSED_MOE_FAMILIES = ("qwen3_moe", "deepseek_v3")
 _FUSED_MOE_LEAVES = ("gate_proj", "up_proj", "down_proj", "gate")
+# transformers 5's fused routed experts (`mlp.experts`), in the order the class defines them, which is the order peft
+# wraps targeted parameters in: each ParamWrapper wraps the one before, whose tensors' keys gain ".base_layer".
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 # Initializations that only set A and B; the others (PiSSA, OLoRA, CorDA, MiCA, LoftQ, LoRA-GA) also rewrite the
 # base weights, so their adapters apply to a different base model.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
@@ -114,14 +126,25 @@ class PeftAdapter:
 
 @functools.lru_cache(maxsize=8)
 def _adapter_shapes(cfg: ModelConfig, rank: int) -> dict[tuple, tuple]:
-    """Parameter path -> shape of every adapter variable add_lora (targets "all") gives a model of `cfg`."""
-    abstract = nnx.eval_shape(lambda: add_lora(Transformer(cfg, rngs=nnx.Rngs(0)), rank=rank, alpha=1.0))
+    """Parameter path -> shape of every adapter variable add_lora (targets "all,experts") gives a model of `cfg`."""
+    abstract = nnx.eval_shape(lambda: add_lora(Transformer(cfg, rngs=nnx.Rngs(0)), rank=rank, alpha=1.0,
+                                               targets="all,experts"))
     return {k: tuple(v.shape) for k, v in _paths(lora_params(abstract)).items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _weight_targets(cfg: ModelConfig) -> dict[tuple, str]:
+    """Parameter path -> target name (r1jax.models.lora.IN_DIMS) of every weight add_lora can give an adapter."""
+    return weight_targets(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
 
 def _adaptable_weights(cfg: ModelConfig) -> set[tuple]:
     """Parameter paths of every weight add_lora can give an adapter."""
-    return {_weight_of(k) for k in _adapter_shapes(cfg, 1) if k[-1].endswith("_lora_a")}
+    return set(_weight_targets(cfg))
+
+
+def _routed(cfg: ModelConfig, key: tuple) -> bool:
+    return _weight_targets(cfg).get(key) in EXPERT_WEIGHTS
 
 
 def _paths(state) -> dict[tuple, object]:
@@ -144,9 +167,50 @@ def _hf_modules(cfg: ModelConfig) -> tuple[dict[str, list[_Piece]], set[str]]:
             if not name.endswith(".weight"):
                 continue
             universe.add(name[: -len(".weight")])
-            if key in adaptable and key[0] != "mtp":
+            if key in adaptable and key[0] != "mtp" and not _routed(cfg, key):
                 modules.setdefault(name[: -len(".weight")], []).append(_Piece(key, cell, src))
     return modules, universe
+
+
+def _hf_experts(cfg: ModelConfig) -> tuple[dict[str, list[_Piece]], set[str]]:
+    """(transformers 5 fused expert parameter, e.g. model.layers.1.mlp.experts.gate_up_proj -> the routed weight
+    pieces it holds, outside the MTP modules; every such parameter name, MTP modules' included)."""
+    params: dict[str, list[_Piece]] = {}
+    universe: set[str] = set()
+    for key, src in param_sources(cfg, fused_experts=True).items():
+        if not _routed(cfg, key):
+            continue
+        for cell in np.ndindex(src.names.shape):
+            universe.add(str(src.names[cell]))
+            if key[0] != "mtp":
+                params.setdefault(str(src.names[cell]), []).append(_Piece(key, cell, src))
+    return params, universe
+
+
+def _expert_rows(piece: _Piece) -> tuple[int, slice]:
+    """(rows of the fused parameter [E, out, in] per expert, the routed weight's slice of them). Refuses a layout
+    other than the per-expert transpose of r1jax's [E, in, out]."""
+    src = piece.src
+    select = src.select or (slice(None),) * 3
+    if (len(src.hf_shape) != 3 or src.view is not None or src.perm != (0, 2, 1)
+            or any(select[d].indices(src.hf_shape[d]) != (0, src.hf_shape[d], 1) for d in (0, 2))):
+        raise AdapterError(f"{'.'.join(piece.key)}: its checkpoint layout (shape {src.hf_shape}, perm {src.perm}) is "
+                           f"not transformers' fused experts [E, out, in]; no PEFT adapter maps onto it")
+    return src.hf_shape[1], select[1]
+
+
+def _expert_keys(params) -> dict[str, str]:
+    """Fused expert parameter -> the module name its adapter's tensors have in a PEFT file, for the targeted
+    `params` (peft nests one ParamWrapper per targeted parameter of a module, in _EXPERT_PARAMS order)."""
+    by_module: dict[str, list[str]] = {}
+    for p in params:
+        by_module.setdefault(p.rsplit(".", 1)[0], []).append(p)
+    out = {}
+    for module, names in by_module.items():
+        names = sorted(names, key=lambda p: _EXPERT_PARAMS.index(p.rsplit(".", 1)[1]))
+        for i, p in enumerate(names):
+            out[p] = module + ".base_layer" * (len(names) - 1 - i)
+    return out
 
 
 def _rows(piece: _Piece) -> tuple[list[int], tuple]:
@@ -213,25 +277,37 @@ def peft_adapter_files(model, *, base_model_name_or_path: str | None = None) -> 
                            f"PEFT form: transformers' model has no MTP layers (a model with mtp_num_layers=0 has no "
                            f"such adapters)")
     modules, universe = _hf_modules(cfg)
+    experts, expert_universe = _hf_experts(cfg)
     scales = {tuple(str(p) for p in path): float(m.lora_scale) for path, m in nnx.iter_modules(model)
               if hasattr(m, "lora_scale")}
     wanted = set(weights)
-    adapted = {name: [p for p in pieces if p.key in wanted] for name, pieces in modules.items()}
+    adapted = {name: [p for p in pieces if p.key in wanted] for name, pieces in {**modules, **experts}.items()}
     adapted = {name: pieces for name, pieces in adapted.items() if pieces}
     unplaced = wanted - {p.key for pieces in adapted.values() for p in pieces}
     if unplaced:
         raise AdapterError(f"adapters with no Hugging Face Linear to hold them: "
                            f"{sorted('.'.join(k) for k in unplaced)}")
     values = {k: np.asarray(hosts.fetch(v[...]), np.float32) for k, v in sorted(flat.items())}
+    as_expert = {n for n in adapted if n in experts}
+    file_names = {**{n: n for n in adapted}, **_expert_keys(as_expert)}
 
-    tensors, settings = {}, {}
+    tensors, settings, units = {}, {}, []
     for name in sorted(adapted):
         a_parts, b_parts = [], []
         for p in adapted[name]:
-            rows, row_select = _rows(p)
-            a = values[p.key[:-1] + (p.key[-1] + "_lora_a",)][p.cell]   # [*in, r]
-            b = values[p.key[:-1] + (p.key[-1] + "_lora_b",)][p.cell]   # [r, *out]
+            a = values[p.key[:-1] + (p.key[-1] + "_lora_a",)][p.cell]   # [*in, r]; routed: [E, in, r]
+            b = values[p.key[:-1] + (p.key[-1] + "_lora_b",)][p.cell]   # [r, *out]; routed: [E, r, out]
             r = a.shape[-1]
+            units.append((r, _number(scales[p.key[:-1]] * r)))
+            if name in as_expert:
+                # Per expert e as peft's ParamWrapper holds it: A_e [r, in] and B_e [out, r], delta_e = B_e A_e.
+                rows, row_select = _expert_rows(p)
+                a_parts.append(a.transpose(0, 2, 1))
+                b_rows = np.zeros((b.shape[0], rows, r), np.float32)
+                b_rows[:, row_select] = b.transpose(0, 2, 1)
+                b_parts.append(b_rows)
+                continue
+            rows, row_select = _rows(p)
             a_parts.append(a.reshape(-1, r).T)
             b_rows = np.zeros((r, *rows), np.float32)  # rows of the Linear that other pieces (or none) hold stay 0
             b_rows[(slice(None), *row_select)] = b
@@ -239,23 +315,32 @@ def peft_adapter_files(model, *, base_model_name_or_path: str | None = None) -> 
         module_scales = {scales[p.key[:-1]] for p in adapted[name]}
         if len(module_scales) != 1:
             raise AdapterError(f"{name}: its row blocks' adapters have different scales {sorted(module_scales)}")
-        rank = sum(x.shape[0] for x in a_parts)
+        if name in as_expert:
+            a_hf, b_hf = np.concatenate(a_parts, 1), np.concatenate(b_parts, 2)   # [E, R, in], [E, out, R]
+            E, rank = a_hf.shape[:2]
+            # peft: lora_A.weight [E * R, in] expert-major; lora_B.weight [out, R * E] with column j * E + e.
+            a_hf, b_hf = a_hf.reshape(E * rank, -1), b_hf.transpose(1, 2, 0).reshape(b_hf.shape[1], rank * E)
+        else:
+            a_hf, b_hf = np.concatenate(a_parts, 0), np.concatenate(b_parts, 1)
+            rank = a_hf.shape[0]
         settings[name] = (rank, _number(module_scales.pop() * rank))
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.concatenate(a_parts, 0))
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.concatenate(b_parts, 1))
+        tensors[f"{_PREFIX}{file_names[name]}.lora_A.weight"] = np.ascontiguousarray(a_hf)
+        tensors[f"{_PREFIX}{file_names[name]}.lora_B.weight"] = np.ascontiguousarray(b_hf)
 
     fused = cfg.family in _FUSED_MOE_FAMILIES
-    as_param = {n for n in adapted if fused and n.rsplit(".", 1)[-1] in _FUSED_MOE_LEAVES}
-    as_module = set(adapted) - as_param
+    as_param = {n for n in adapted if fused and n.rsplit(".", 1)[-1] in _FUSED_MOE_LEAVES} - as_expert
+    as_module = set(adapted) - as_param - as_expert
     leaves, cache = _by_leaf(universe), {}
     target_modules = sorted({_suffix(n, as_module, leaves, cache) for n in as_module})
-    param_names = {n + ".weight" for n in as_param}
-    leaves, cache = _by_leaf(u + ".weight" for u in universe), {}
-    target_parameters = sorted({_suffix(n + ".weight", param_names, leaves, cache) for n in as_param})
+    param_names = {n + ".weight" for n in as_param} | as_expert
+    leaves, cache = _by_leaf({u + ".weight" for u in universe} | expert_universe), {}
+    target_parameters = sorted({_suffix(n + ".weight", param_names, leaves, cache) for n in as_param}
+                               | {_suffix(n, param_names, leaves, cache) for n in as_expert})
 
-    # The commonest (rank, alpha) is the default; PEFT matches pattern keys as regexes ending the module's key (the
-    # module name, or `<module>.weight` for a targeted parameter).
-    (r, alpha), _ = min(Counter(settings.values()).items(), key=lambda kv: (-kv[1], kv[0]))
+    # The commonest (rank, alpha) of r1jax's adapters is the default, so row blocks written as one adapter of a
+    # larger rank (kv_b_proj, gate_up_proj) are patterns; PEFT matches pattern keys as regexes ending the module's
+    # key (the module name, or the targeted parameter's name).
+    (r, alpha), _ = min(Counter(units).items(), key=lambda kv: (-kv[1], kv[0]))
     keys = {n: n + ".weight" if n in as_param else n for n in settings}
     rank_pattern, alpha_pattern = {}, {}
     leaves = _by_leaf(keys.values())
@@ -402,17 +487,23 @@ def read_peft_adapter(path: str | Path, cfg: ModelConfig) -> PeftAdapter:
             if x not in ab:
                 raise AdapterError(f"{where}: missing tensor {_PREFIX}{name}.lora_{x}.weight")
     modules, universe = _hf_modules(cfg)
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
-    for name in sorted(files):
-        if name not in modules:
-            known = name in universe or any(u.startswith(name + ".") for u in universe)  # e.g. fused experts
-            what = "has no r1jax adapter" if known else "is not a module of this model"
-            raise AdapterError(f"{where}: {name} {what} (r1jax adapts the Linear weights {leaves} of attention, "
-                               f"dense MLPs and shared experts; routed experts, embeddings and lm_head stay frozen)")
-    # The config must target exactly the modules that have tensors (PEFT's matching rules).
+    experts, expert_universe = _hf_experts(cfg)
     by_module, by_param = config.get("target_modules"), config.get("target_parameters")
+    # A fused expert parameter's tensors are keyed by its module, nested as peft wraps the targeted parameters.
+    in_file = {v: k for k, v in _expert_keys(p for p in experts if _match_list(by_param, p)).items()}
+    files = {in_file.get(name, name): ab for name, ab in files.items()}
+    pieces_of = {**modules, **experts}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in pieces_of})
+    for name in sorted(files):
+        if name not in pieces_of:
+            known = name in universe or any(u.startswith(name + ".") for u in universe | expert_universe)
+            what = "has no r1jax adapter" if known else "is not a module of this model"
+            raise AdapterError(f"{where}: {name} {what} (r1jax adapts the Linear weights and fused expert parameters "
+                               f"{leaves} of attention, MLPs, shared and routed experts; embeddings and lm_head stay "
+                               f"frozen)")
+    # The config must target exactly the modules that have tensors (PEFT's matching rules).
     exclude = config.get("exclude_modules")
-    targeted = {}
+    targeted = {p: p for p in sorted(experts) if _match_list(by_param, p)}
     for name in sorted(universe):
         mod = _match_list(by_module, name) and not _match_list(exclude, name)
         par = _match_list(by_param, name + ".weight")
@@ -423,7 +514,7 @@ def read_peft_adapter(path: str | Path, cfg: ModelConfig) -> PeftAdapter:
     missing = sorted(set(targeted) - set(files))
     if missing:
         raise AdapterError(f"{where}: {missing[0]}{_more(missing)} is targeted by adapter_config.json but has no "
-                           f"lora_A / lora_B tensors" + ("" if missing[0] in modules else
+                           f"lora_A / lora_B tensors" + ("" if missing[0] in pieces_of else
                                                          " (and r1jax has no adapter for it)"))
     untargeted = sorted(set(files) - set(targeted))
     if untargeted:
@@ -437,17 +528,22 @@ def read_peft_adapter(path: str | Path, cfg: ModelConfig) -> PeftAdapter:
         key = targeted[name]
         r = int(_pattern_value(config.get("rank_pattern"), key, r_default))
         alpha = float(_pattern_value(config.get("alpha_pattern"), key, alpha_default))
-        out_f, in_f = modules[name][0].src.hf_shape
-        for x, want in (("A", (r, in_f)), ("B", (out_f, r))):
+        if name in experts:
+            E, out_f, in_f = experts[name][0].src.hf_shape
+            wants, what = ((E * r, in_f), (out_f, r * E)), f"{E} experts' [{out_f}, {in_f}]"
+        else:
+            out_f, in_f = modules[name][0].src.hf_shape
+            wants, what = ((r, in_f), (out_f, r)), f"Linear [{out_f}, {in_f}]"
+        for x, want in zip("AB", wants):
             if files[name][x].shape != want:
-                raise AdapterError(f"{where}: tensor {_PREFIX}{name}.lora_{x}.weight has shape "
-                                   f"{files[name][x].shape}, expected {want} (rank {r}, Linear [{out_f}, {in_f}])")
+                raise AdapterError(f"{where}: tensor {_PREFIX}{in_file.get(name, name)}.lora_{x}.weight has shape "
+                                   f"{files[name][x].shape}, expected {want} (rank {r}, {what})")
         setting[name] = (r, alpha / math.sqrt(r) if rslora else alpha / r)
     scales = sorted({s for _, s in setting.values()})
     if not np.allclose(scales, scales[0], rtol=1e-9, atol=0):
         raise AdapterError(f"{where}: the modules' scales (alpha / r) differ, {scales}; r1jax's adapters share one "
                            f"scale (lora_alpha / lora_rank)")
-    single = sorted({r for n, (r, _) in setting.items() if len(modules[n]) == 1})
+    single = sorted({r for n, (r, _) in setting.items() if len(pieces_of[n]) == 1})
     if len(single) > 1:
         raise AdapterError(f"{where}: the modules' ranks differ, {single}; r1jax's adapters share one rank")
     rank = single[0] if single else int(r_default)
@@ -456,50 +552,61 @@ def read_peft_adapter(path: str | Path, cfg: ModelConfig) -> PeftAdapter:
     shapes = _adapter_shapes(cfg, rank)
     filled: dict[tuple, set] = {}
     for name in sorted(files):
-        a_hf, b_hf = files[name]["A"], files[name]["B"]
-        r, pieces = a_hf.shape[0], modules[name]
+        a_hf, b_hf, pieces = files[name]["A"], files[name]["B"], pieces_of[name]
+        r = setting[name][0]
+        if name in experts:  # per expert e: A_e [r, in] and B_e [out, r] (see peft_adapter_files)
+            E = pieces[0].src.hf_shape[0]
+            a_hf, b_hf = a_hf.reshape(E, r, -1), b_hf.reshape(b_hf.shape[0], r, E).transpose(2, 0, 1)
         if r not in (rank, rank * len(pieces)):
             raise AdapterError(f"{where}: {name} has rank {r}; with rank {rank} elsewhere r1jax holds it only as rank "
                                f"{rank}" + (f" or {rank * len(pieces)} (a rank-{rank} block per row block)"
                                             if len(pieces) > 1 else ""))
         blocks = r != rank
         for i, p in enumerate(pieces):
-            rows, row_select = _rows(p)
-            b_piece = b_hf.T.reshape(r, *rows)[(slice(None), *row_select)]   # [r, *out] of this row block
-            a_piece = a_hf
+            if name in experts:  # [E, r, in] and [E, r, rows] as r1jax's A and B are laid out, then transposed
+                rows, row_select = _expert_rows(p)
+                a_piece, b_piece = a_hf, b_hf[:, row_select].transpose(0, 2, 1)
+            else:
+                rows, row_select = _rows(p)
+                a_piece = a_hf[None]
+                b_piece = b_hf.T.reshape(r, *rows)[(slice(None), *row_select)][None]   # [r, *out] of this row block
             if blocks:
-                cols = slice(i * rank, (i + 1) * rank)
-                others = np.delete(b_piece, np.arange(r)[cols], axis=0)
-                if np.any(others):
+                cols = np.arange(i * rank, (i + 1) * rank)
+                if np.any(np.delete(b_piece, cols, axis=1)):
                     raise AdapterError(f"{where}: {name}'s rank-{r} adapter is not one rank-{rank} block per row "
                                        f"block ({', '.join(q.key[-1] for q in pieces)}), as r1jax holds it")
-                a_piece, b_piece = a_hf[cols], b_piece[cols]
+                a_piece, b_piece = a_piece[:, cols], b_piece[:, cols]
+            if name not in experts:
+                a_piece, b_piece = a_piece[0], b_piece[0]
             ka, kb = p.key[:-1] + (p.key[-1] + "_lora_a",), p.key[:-1] + (p.key[-1] + "_lora_b",)
             if ka not in values:
                 values[ka] = np.zeros(shapes[ka], np.float32)
                 values[kb] = np.zeros(shapes[kb], np.float32)
-            values[ka][p.cell] = a_piece.T.reshape(values[ka].shape[len(p.cell):])
+            values[ka][p.cell] = np.swapaxes(a_piece, -1, -2).reshape(values[ka].shape[len(p.cell):])
             values[kb][p.cell] = b_piece.reshape(values[kb].shape[len(p.cell):])
             filled.setdefault(p.key, set()).add(p.cell)
     # add_lora adapts a weight name in every layer and stack; each of those adapters must come from the file.
-    targets = tuple(n for n in IN_DIMS if n in {k[-1] for k in filled})  # add_lora's order: the same graph as "all"
-    names_of = {(p.key, p.cell): n for n, pieces in modules.items() for p in pieces}
-    for key in sorted(k for k in _adaptable_weights(cfg) if k[-1] in targets):
+    target_of = _weight_targets(cfg)
+    targets = tuple(t for t in IN_DIMS if t in {target_of[k] for k in filled})  # add_lora's order: "all"'s graph
+    names_of = {(p.key, p.cell): n for n, pieces in pieces_of.items() for p in pieces}
+    for key in sorted(k for k in _adaptable_weights(cfg) if target_of[k] in targets):
         if key[0] == "mtp":
-            raise AdapterError(f"{where}: r1jax would adapt {key[-1]} in DeepSeek's multi-token-prediction modules "
-                               f"too, which a PEFT adapter cannot hold; load the model without them (mtp_num_layers=0)")
+            raise AdapterError(f"{where}: r1jax would adapt {target_of[key]} in DeepSeek's multi-token-prediction "
+                               f"modules too, which a PEFT adapter cannot hold; load the model without them "
+                               f"(mtp_num_layers=0)")
         a_shape = shapes[key[:-1] + (key[-1] + "_lora_a",)]
-        grid = a_shape[: len(a_shape) - 1 - IN_DIMS[key[-1]]]
+        grid = a_shape[: len(a_shape) - 1 - IN_DIMS[target_of[key]] - _routed(cfg, key)]
         missing = [names_of[(key, c)] for c in np.ndindex(grid) if c not in filled.get(key, set())]
         if missing:
-            raise AdapterError(f"{where}: no adapter for {missing[0]}{_more(missing)}; r1jax adapts {key[-1]} in "
-                               f"every layer and stack that has it, so the adapter must cover them all")
+            raise AdapterError(f"{where}: no adapter for {missing[0]}{_more(missing)}; r1jax adapts "
+                               f"{target_of[key]} in every layer and stack that has it, so the adapter must cover "
+                               f"them all")
     return PeftAdapter(path=path, rank=rank, alpha=_number(scales[0] * rank), targets=targets, values=values)
 
 
 def _expected_weights(cfg: ModelConfig, targets: str) -> set[tuple]:
     names = set(parse_targets(targets))
-    return {k for k in _adaptable_weights(cfg) if k[-1] in names}
+    return {k for k, t in _weight_targets(cfg).items() if t in names}
 
 
 def load_peft_adapter(model, path: str | Path, *, rank: int | None = None, alpha: float | None = None,
@@ -519,7 +626,7 @@ def load_peft_adapter(model, path: str | Path, *, rank: int | None = None, alpha
     if targets is not None:
         want, have = _expected_weights(model.config, targets), adapter.weights()
         if want != have:
-            names = [n for n in IN_DIMS if n in {k[-1] for k in want}]
+            names = [n for n in IN_DIMS if n in {_weight_targets(model.config)[k] for k in want}]
             raise AdapterError(f"the adapter at {adapter.path} adapts {list(adapter.targets)}, "
                                f"lora_targets={targets!r} adapts {names}")
     add_lora(model, rank=adapter.rank, alpha=adapter.alpha, targets=",".join(adapter.targets), mesh=mesh, rules=rules)

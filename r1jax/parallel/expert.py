@@ -3,8 +3,9 @@ all-to-all under `jax.shard_map`.
 
 Tokens are sharded over the batch mesh axes (which include 'expert'), or over the batch and (context parallelism,
 `r1jax.parallel.rules.context_rules`) the positions' axes together; expert weights over 'expert' (their ffn dim
-may also be split over the axes 'exp_mlp' maps to, e.g. 'tensor', with a psum of the down projection). Each shard
-routes its own tokens (done before dispatch), then:
+may also be split over the axes 'exp_mlp' maps to, e.g. 'tensor', with a psum of the down projection); LoRA
+adapters on the routed experts (`lora`) are split like their weights and computed by the same `expert_swiglu` as
+dropless dispatch. Each shard routes its own tokens (done before dispatch), then:
 
   "a2a"     fixed capacity (runs everywhere, CPU included). Each shard sends at most
             C = ceil(capacity_factor * tokens_per_shard * k / expert_shards) token copies to each expert shard
@@ -123,17 +124,38 @@ def _vary(x, axes):
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _local_experts(x_RD, e_R, w_gate, w_up, w_down, *, f_axes, backend, tiling, interpret):
+def expert_swiglu(rows_MD, group_sizes_G, w_gate, w_up, w_down, lora=None, *, lora_scale=1.0, backend="xla",
+                  tiling=None, interpret=False):
+    """SwiGLU of rows sorted by expert, group_sizes_G rows per expert (rows past their sum give zeros): the routed
+    experts' computation for dropless dispatch and for each expert-parallel shard. An adapted weight (`lora`: weight
+    name -> (A [E, *in, r], B [E, r, *out])) adds lora_scale * gmm(gmm(rows, A), B) over the same groups: no merged
+    [E, in, out] weight per call, so the frozen weight gets no gradient."""
+    gmm = functools.partial(kernels.gmm, group_sizes_G=group_sizes_G, backend=backend, tiling=tiling,
+                            interpret=interpret)
+    lora = lora or {}
+
+    def project(x, name, w):
+        y = gmm(x, w)
+        if name not in lora:
+            return y
+        a, b = lora[name]
+        return y + jnp.asarray(lora_scale, y.dtype) * gmm(gmm(x, a), b)
+
+    h = jax.nn.silu(project(rows_MD, "w_gate", w_gate)) * project(rows_MD, "w_up", w_up)
+    return project(h, "w_down", w_down)
+
+
+def _local_experts(x_RD, e_R, w_gate, w_up, w_down, lora, *, lora_scale, f_axes, backend, tiling, interpret):
     """SwiGLU of each row with its local expert e_R (rows with e_R == local experts are empty and give zeros)."""
     E_l = w_gate.shape[0]
-    axes = tuple(sorted(frozenset().union(*(_varying(a) for a in (x_RD, w_gate, w_up, w_down)))))
-    x_RD, w_gate, w_up, w_down = (_vary(a, axes) for a in (x_RD, w_gate, w_up, w_down))
+    operands = (x_RD, w_gate, w_up, w_down, lora)
+    axes = tuple(sorted(frozenset().union(*(_varying(a) for a in jax.tree.leaves(operands)))))
+    x_RD, w_gate, w_up, w_down, lora = jax.tree.map(lambda a: _vary(a, axes), operands)
     order = jnp.argsort(e_R, stable=True)
     sizes = jnp.bincount(e_R, length=E_l).astype(jnp.int32)  # empty rows (id E_l) are not counted: gmm zeros them
-    rows = x_RD[order]
-    gmm = functools.partial(kernels.gmm, group_sizes_G=sizes, backend=backend, tiling=tiling, interpret=interpret)
-    h = jax.nn.silu(gmm(rows, w_gate)) * gmm(rows, w_up)
-    y = gmm(h, w_down)[_inverse_permutation(order)]
+    y = expert_swiglu(x_RD[order], sizes, w_gate, w_up, w_down, lora, lora_scale=lora_scale, backend=backend,
+                      tiling=tiling, interpret=interpret)[_inverse_permutation(order)]
+    # Linear in the F-split activations, adapters included: each shard's partial (h A_down) B_down sums with the rest.
     return jax.lax.psum(y, f_axes) if f_axes else y
 
 
@@ -144,8 +166,8 @@ def _combine(y_AD, weights_Tk, k_major: bool, dtype):
     return jnp.einsum(eq, y, weights_Tk.astype(jnp.float32)).astype(dtype)
 
 
-def _a2a_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *, n, cap, axis, token_axes, f_axes,
-               backend, tiling, interpret):
+def _a2a_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, lora, *, n, cap, axis, token_axes,
+               f_axes, **experts_kw):
     T, k = experts_Tk.shape
     D, E_l = x_TD.shape[1], w_gate.shape[0]
     # k-major assignment order: a = choice * T + token, so first choices claim buffer slots first.
@@ -165,8 +187,7 @@ def _a2a_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *, n
         e_recv = jax.lax.all_to_all(e_send, axis, 0, 0, tiled=True)
     else:
         x_recv, e_recv = x_send, e_send
-    y_recv = _local_experts(x_recv, e_recv, w_gate, w_up, w_down, f_axes=f_axes, backend=backend, tiling=tiling,
-                            interpret=interpret)
+    y_recv = _local_experts(x_recv, e_recv, w_gate, w_up, w_down, lora, f_axes=f_axes, **experts_kw)
     y_back = jax.lax.all_to_all(y_recv, axis, 0, 0, tiled=True) if n > 1 else y_recv
     y_A = jnp.where(keep_A[:, None], y_back[jnp.minimum(slot_A, n * cap - 1)], 0)
     dropped = jnp.sum(ok_A & ~keep_A).astype(jnp.float32)
@@ -190,8 +211,8 @@ def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outpu
     return output.at[dest.reshape(-1)].set(got.reshape((-1,) + rest), mode="drop")
 
 
-def _ragged_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *, n, axis, f_axes, exchange,
-                  backend, tiling, interpret):
+def _ragged_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, lora, *, n, axis, f_axes, exchange,
+                  **experts_kw):
     T, k = experts_Tk.shape
     D, E_l = x_TD.shape[1], w_gate.shape[0]
     E = n * E_l
@@ -216,8 +237,7 @@ def _ragged_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *
     starts = jnp.cumsum(seg) - seg
     seg_R = jnp.cumsum(jnp.zeros((M,), jnp.int32).at[starts].add(1, mode="drop")) - 1
     e_R = jnp.where(jnp.arange(M) < seg.sum(), seg_R % E_l, E_l)
-    y_R = _local_experts(recv, e_R, w_gate, w_up, w_down, f_axes=f_axes, backend=backend, tiling=tiling,
-                            interpret=interpret)
+    y_R = _local_experts(recv, e_R, w_gate, w_up, w_down, lora, f_axes=f_axes, **experts_kw)
     back_offsets = (jnp.cumsum(sent_NN, axis=1) - sent_NN)[:, me]  # where source i keeps its rows for me
     y_sorted = exchange(y_R, _vary(jnp.zeros((T * k, D), x_TD.dtype), vary), jnp.cumsum(recv_sizes) - recv_sizes,
                         recv_sizes, back_offsets, send_sizes, axis_name=axis)
@@ -230,11 +250,12 @@ def _ragged_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate, w_up, w_down, *
 
 
 def dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, mode: str,
-             capacity_factor: float = 1.25, valid_T=None, backend: str = "xla", tiling=None, interpret=False,
-             mesh=None, rules=None):
+             capacity_factor: float = 1.25, valid_T=None, lora=None, lora_scale: float = 1.0, backend: str = "xla",
+             tiling=None, interpret=False, mesh=None, rules=None):
     """Routed experts with expert parallelism over the mesh of the active axis_rules context (or `mesh`/`rules`).
-    `mode` is "a2a" or "ragged" (see `resolve_dispatch`). Returns (out_TD, dropped): dropped is the number of
-    valid token-expert assignments dropped for capacity over the whole batch (float32 scalar; 0 for "ragged")."""
+    `mode` is "a2a" or "ragged" (see `resolve_dispatch`); `lora` / `lora_scale`: adapters as in `expert_swiglu`,
+    split over the shards like their weights. Returns (out_TD, dropped): dropped is the number of valid token-expert
+    assignments dropped for capacity over the whole batch (float32 scalar; 0 for "ragged")."""
     if mesh is None:
         mesh, rules = current()
     T, k = experts_Tk.shape
@@ -243,11 +264,12 @@ def dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, 
     if mode not in ("a2a", "ragged"):
         raise ValueError(f"expert dispatch mode {mode!r}; valid: 'a2a', 'ragged' (resolve 'auto' with "
                          f"resolve_dispatch)")
-    common = dict(backend=backend, tiling=tiling, interpret=interpret)
+    lora = dict(lora or {})
+    common = dict(lora_scale=lora_scale, backend=backend, tiling=tiling, interpret=interpret)
     if mesh is None:  # one device: capacity semantics, no communication
         cap = capacity(T, k, 1, E, capacity_factor)
-        return _a2a_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate_EDF, w_up_EDF, w_down_EFD, n=1, cap=cap,
-                          axis=None, token_axes=(), f_axes=(), **common)
+        return _a2a_shard(x_TD, weights_Tk, experts_Tk, valid_T, w_gate_EDF, w_up_EDF, w_down_EFD, lora, n=1,
+                          cap=cap, axis=None, token_axes=(), f_axes=(), **common)
     n = mesh.shape.get(EXPERT_AXIS, 1)
     token_axes = _token_axes(mesh, rules)
     shards = math.prod(mesh.shape[a] for a in token_axes)
@@ -256,8 +278,13 @@ def dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, 
     f_entry = None if not f_axes else f_axes[0] if len(f_axes) == 1 else f_axes
     e_entry = EXPERT_AXIS if n > 1 else None
     tok = P(token_axes or None, None)
-    in_specs = (tok, tok, tok, P(token_axes or None), P(e_entry, None, f_entry), P(e_entry, None, f_entry),
-                P(e_entry, f_entry, None))
+    w_specs = {"w_gate": P(e_entry, None, f_entry), "w_up": P(e_entry, None, f_entry),
+               "w_down": P(e_entry, f_entry, None)}
+    # An adapter splits like its weight: A [E, in, r] over the weight's expert / in dims, B [E, r, out] over its
+    # expert / out dims; the rank dim is whole on every shard.
+    lora_specs = {name: (P(*w_specs[name][:2], None), P(w_specs[name][0], None, w_specs[name][2])) for name in lora}
+    in_specs = (tok, tok, tok, P(token_axes or None), w_specs["w_gate"], w_specs["w_up"], w_specs["w_down"],
+                lora_specs)
     if mode == "a2a":
         cap = capacity(T // shards, k, n, E // n, capacity_factor)
         fn = functools.partial(_a2a_shard, n=n, cap=cap, axis=EXPERT_AXIS, token_axes=token_axes, f_axes=f_axes,
@@ -268,4 +295,4 @@ def dispatch(x_TD, weights_Tk, experts_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *, 
         exchange = ragged_all_to_all_emulated if on_cpu else jax.lax.ragged_all_to_all
         fn = functools.partial(_ragged_shard, n=n, axis=EXPERT_AXIS, f_axes=f_axes, exchange=exchange, **common)
     sharded = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))
-    return sharded(x_TD, weights_Tk, experts_Tk, valid_T, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return sharded(x_TD, weights_Tk, experts_Tk, valid_T, w_gate_EDF, w_up_EDF, w_down_EFD, lora)
