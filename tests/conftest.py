@@ -2,8 +2,10 @@
 import os
 from pathlib import Path
 
+# LLVM optimization level 0: the suite is compile-bound (tiny models, each program run a few times) and checks
+# values, not speed; the CLI and multi-process runs tests start inherit it.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -223,7 +223,8 @@ def test_mesh_fill_and_hardware_check():
 
 
 def test_cli_dry_run(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+           "JAX_PLATFORMS": "cpu"}
     args = [sys.executable, "-m", "r1jax.cli", "train", "--config",
             str(ROOT / "experiments" / "grpo_qwen2_5_1_5b_gsm8k.py"), "--workdir", str(tmp_path), "--dry_run"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)

@@ -20,6 +20,7 @@ from r1jax.checkpoint import load_params
 from r1jax.models import Transformer, add_lora, get_preset, has_lora, lora_params, merge_lora
 from r1jax.models.lora import IN_DIMS, LoRAParam, parse_targets
 from r1jax.pipeline.stages import run, setup
+from r1jax.rl.rewards import REWARDS, register_reward
 from r1jax.sampling import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,6 +247,14 @@ def _moved(before, after, atol=0.0) -> set:
             if not np.allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=0.0, atol=atol)}
 
 
+if "lora_test_checksum" not in REWARDS:  # test_peft imports this module too
+    @register_reward("lora_test_checksum")
+    def _checksum(completion, example, **_):
+        """Varies between a barely trained model's samples, so every group has advantages (accuracy alone is often
+        the same for all of a group, and an update from zero advantages moves nothing)."""
+        return float(sum(completion.encode()) % 3)
+
+
 def test_sft_and_grpo_stages_train_only_the_adapters(tmp_path):
     """An SFT stage with MLP adapters from scratch, then a GRPO stage with attention adapters (beta > 0: the
     reference is the start of the stage): only the targeted projections move, and each stage's final weights are
@@ -254,6 +263,7 @@ def test_sft_and_grpo_stages_train_only_the_adapters(tmp_path):
     cfg.pretrain.update(steps=2, lora_rank=2, lora_targets="mlp", checkpoint_every=2)
     cfg.grpo.update(steps=2, lora_rank=4, lora_alpha=16.0, lora_targets="attention", lr=1e-2, checkpoint_every=1)
     cfg.grpo.eval.num_problems = 0
+    cfg.grpo.rewards = {"accuracy": 1.0, "lora_test_checksum": 1.0}
     assert run(cfg, tmp_path)["stages"]["grpo"]["steps"] == 2
     mc = setup(cfg, tmp_path).model_config_for("grpo")
     abstract = nnx.state(training.abstract_model(mc))

@@ -33,7 +33,8 @@ def _config(arg=None, **grpo):
 
 
 def _cli(*args, timeout=600, **popen):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+           "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", "r1jax.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT, **popen)
 
@@ -210,7 +211,8 @@ def test_consecutive_nonfinite_updates_stop_without_a_bad_checkpoint(pretrained,
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+           "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "r1jax.cli", "train", "--config", f"{CONFIG}:steps=400",
                              "--workdir", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
