@@ -34,7 +34,7 @@ from r1jax.models.config import ModelConfig
 from r1jax.models.hf_mapping import saves_routing_bias
 from r1jax.models.lora import LoRAParam, add_lora, has_lora, merge_lora
 from r1jax.models.lora import parse_targets as parse_lora_targets
-from r1jax.models.peft import AdapterError, load_peft_adapter, read_peft_config, save_peft_adapter
+from r1jax.models.peft import AdapterError, load_peft_adapter, lora_setting, read_peft_config, save_peft_adapter
 from r1jax.parallel import hosts
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -391,8 +391,7 @@ def check_lora(stage: str, cfg) -> None:
             adapter = read_peft_config(init)
         except ValueError as e:
             raise ValueError(f"config.{stage}.lora_init={init!r}: {e}") from None
-        r, alpha = adapter.get("r", 8), adapter.get("lora_alpha", 8)
-        scale = alpha / math.sqrt(r) if adapter.get("use_rslora") else alpha / r
+        r, scale = lora_setting(adapter)
         if r != rank or not math.isclose(scale, cfg.lora_alpha / rank, rel_tol=1e-9):
             raise ValueError(f"config.{stage}.lora_init={init!r} has r={r}, scale {scale:g}; config.{stage} has "
                              f"lora_rank={rank}, lora_alpha={cfg.lora_alpha} (scale {cfg.lora_alpha / rank:g}): set "

@@ -211,6 +211,14 @@ def _write_dir(path: Path, json_files: dict, tensors: dict) -> None:
 # import
 
 
+def lora_setting(config: dict, r=None, alpha=None) -> tuple[int, float]:
+    """(rank, scale) of an adapter_config.json, or of one of its modules given that module's r / lora_alpha: PEFT's
+    defaults are r 8 and lora_alpha 8, and rsLoRA scales by alpha / sqrt(r) instead of alpha / r."""
+    r = int(config.get("r", 8) if r is None else r)
+    alpha = float(config.get("lora_alpha", 8) if alpha is None else alpha)
+    return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
 def read_peft_config(path: str | Path) -> dict:
     """adapter_config.json of a PEFT adapter directory, with the settings r1jax cannot compute exactly refused."""
     path = Path(path)
@@ -328,12 +336,11 @@ def read_peft_adapter(path: str | Path, cfg: ModelConfig) -> PeftAdapter:
                            f"target_modules / target_parameters do not name")
 
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    rslora = bool(config.get("use_rslora"))
     setting = {}
     for name in sorted(files):
         key = targeted[name]
-        r = int(_pattern_value(config.get("rank_pattern"), key, r_default))
-        alpha = float(_pattern_value(config.get("alpha_pattern"), key, alpha_default))
+        r, scale = lora_setting(config, _pattern_value(config.get("rank_pattern"), key, r_default),
+                                _pattern_value(config.get("alpha_pattern"), key, alpha_default))
         if name in experts:
             E, out_f, in_f = experts[name][0].src.hf_shape
             wants, what = ((E * r, in_f), (out_f, r * E)), f"{E} experts' [{out_f}, {in_f}]"
@@ -344,7 +351,7 @@ def read_peft_adapter(path: str | Path, cfg: ModelConfig) -> PeftAdapter:
             if files[name][x].shape != want:
                 raise AdapterError(f"{where}: tensor {_PREFIX}{in_file.get(name, name)}.lora_{x}.weight has shape "
                                    f"{files[name][x].shape}, expected {want} (rank {r}, {what})")
-        setting[name] = (r, alpha / math.sqrt(r) if rslora else alpha / r)
+        setting[name] = (r, scale)
     scales = sorted({s for _, s in setting.values()})
     if not np.allclose(scales, scales[0], rtol=1e-9, atol=0):
         raise AdapterError(f"{where}: the modules' scales (alpha / r) differ, {scales}; r1jax's adapters share one "
