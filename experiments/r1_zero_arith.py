@@ -17,7 +17,11 @@ Stage `grpo`: R1-Zero GRPO from that base with the paper's prompt template, the 
 samples at temperature 0.6 and top-p 0.95 (R1's pass@1) every 10 steps. Nothing tells the model which order is
 right: it finds out from the reward.
 
-Variants: `:runlocal` shrinks everything for a smoke run (about a minute). Sweep with
+Variants: `:runlocal` shrinks everything for a smoke run (about a minute). `:deepseek` runs the same recipe on a
+DeepSeek-V3-style model (MLA, shared + routed experts, one multi-token-prediction module trained in `pretrain` with
+DeepSeek-V3's MTP loss at weight 0.3), whose MTP module then drafts tokens for the GRPO rollouts and evaluations
+(speculative decoding, `rollout_speculative="mtp"`: the same samples' distribution, fewer model calls; the
+acceptance rate is logged as `draft_acceptance`). Sweep with
 `python launch/sweep.py --config experiments/r1_zero_arith.py --workdir /tmp/sweep`.
 """
 
@@ -25,7 +29,7 @@ from r1jax.configs import base_config, eval_config, grpo_stage, parse_arg, sft_s
 
 
 def get_config(arg=None):
-    opts = parse_arg(arg, runlocal=False)
+    opts = parse_arg(arg, runlocal=False, deepseek=False)
     cfg = base_config()
     cfg.seed = 0
     cfg.stages = "pretrain,grpo"
@@ -65,6 +69,17 @@ def get_config(arg=None):
     cfg.grpo.rewards = dict(accuracy=1.0, format=0.1)
     cfg.grpo.eval = eval_config(num_problems=160, k=4, temperature=0.6, top_p=0.95, max_new_tokens=48,
                                 batch_size=80)
+    if opts.deepseek:
+        # The tiny DeepSeek-V3 preset (MLA; sigmoid-routed 8 experts, top 3, + 2 shared; first layer dense) at the
+        # Qwen2 model's width and depth, with one MTP module.
+        cfg.model.preset = "tiny_deepseek_v3"
+        cfg.model.overrides = dict(
+            hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, max_position_embeddings=256,
+            mtp_num_layers=1, scan_unroll=3, moe=dict(intermediate_size=96),
+            mla=dict(q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32))
+        cfg.pretrain.mtp_weight = 0.3  # DeepSeek-V3's lambda for its first 10T tokens
+        cfg.grpo.rollout_speculative = "mtp"
+        cfg.grpo.eval.speculative = "mtp"
     if opts.runlocal:
         cfg.task.test.n = 16
         cfg.pretrain.corpus.n = 400

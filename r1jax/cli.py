@@ -67,6 +67,9 @@ flags.DEFINE_string("rules", "", "sample, eval, convert: the sharding rules pres
                     "default: fsdp_tensor when --mesh has tensor > 1, else fsdp; the run's for WORKDIR/<stage>.")
 flags.DEFINE_integer("compact", 3, "sample, eval: the decode loop continues on the unfinished rows, halving up to "
                      "this many times as rows end (the same samples; 0: off).")
+flags.DEFINE_string("speculative", "", "sample, eval: 'mtp' decodes with a DeepSeek-V3 model's multi-token-"
+                    "prediction module as the draft, verified by the model (the same distribution; greedy: the same "
+                    "tokens), up to 2 tokens per step.")
 flags.DEFINE_string("samples_out", None, "eval: also write every completion to this JSONL file (problem, prompt, "
                     "reference, completion, extracted answer, correct, num_tokens). With it or --out, sampled batches "
                     "are kept in <file>.progress.jsonl until the end, and an interrupted eval run again resumes.")
@@ -320,7 +323,8 @@ def cmd_sample(argv):
     prompts = encode_prompts(tok, [ex], template)
     out = generate(model, prompts, num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
                    temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, eos_id=tok.stop_ids,
-                   pad_id=tok.pad_id or 0, seed=FLAGS.seed, mesh=mesh, rules=rules, compact=FLAGS.compact)
+                   pad_id=tok.pad_id or 0, seed=FLAGS.seed, mesh=mesh, rules=rules, compact=FLAGS.compact,
+                   speculative=FLAGS.speculative)
     print(render(template, ex))
     for i, text in enumerate(decode_completions(tok, out.tokens, out.lengths)):
         print(f"--- sample {i} ({out.lengths[i]} tokens)\n{text}")
@@ -376,7 +380,7 @@ def cmd_eval(argv):
                      top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                      seed=FLAGS.seed, mesh=mesh, rules=rules, reward=FLAGS.reward,
                      return_samples=bool(FLAGS.samples_out),
-                     compact=FLAGS.compact, progress=progress, progress_meta=meta)
+                     compact=FLAGS.compact, speculative=FLAGS.speculative, progress=progress, progress_meta=meta)
     except ProgressMismatch as e:
         raise UsageError(str(e)) from None
     m["mesh"] = dict(mesh.shape)

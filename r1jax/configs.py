@@ -75,9 +75,10 @@ def _common(kind: str, **kw) -> dict:
 def eval_config(**kw) -> ml_collections.ConfigDict:
     """Held-out evaluation: the first `num_problems` problems of `split` (0: the stage does not evaluate), k samples
     each at `temperature` / `top_p`, correct by the `reward` rule. `compact`: the sampler's compaction levels
-    (r1jax.sampling.sample_padded: the decode loop continues on the unfinished rows only; same samples)."""
+    (r1jax.sampling.sample_padded: the decode loop continues on the unfinished rows only; same samples).
+    `speculative`: "mtp" decodes with the model's MTP module as the draft (r1jax.sampling.speculative)."""
     d = dict(num_problems=200, k=4, temperature=0.6, top_p=0.95, max_new_tokens=256, batch_size=64,
-             reward="accuracy", template="", split="test", compact=0)
+             reward="accuracy", template="", split="test", compact=0, speculative="")
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
@@ -99,6 +100,11 @@ def sft_stage(**kw) -> ml_collections.ConfigDict:
                                           "precedence_error_prob": 0.0, "template": "", "template_prob": 1.0}),
         template="",
         num_epochs=config_dict.placeholder(int),  # None: repeat the data; else the stage ends when it runs out
+        # DeepSeek-V3's multi-token-prediction loss (lambda; the paper: 0.3 for the first 10T tokens, then 0.1):
+        # loss += mtp_weight * the mean over the model's MTP depths of each depth's cross-entropy (needs a
+        # deepseek_v3 model with mtp_num_layers > 0; r1jax.sft.trainer.sft_loss). 0: no MTP forward at all. With
+        # LoRA the MTP blocks' adapters train (eh_proj and the MTP norms stay frozen, like every base weight).
+        mtp_weight=0.0,
     )
     d.update(kw)
     cfg = ml_collections.ConfigDict(d)
@@ -123,6 +129,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         pack_rows=False,            # updates run over the rows' real tokens packed into bins (r1jax.rl.packing)
         rollout_prompts=0,          # prompts per sampler call, run one after another (0: all B at once); divides B
         rollout_compact=0,          # the sampler halves its rows up to this many times as they finish (same samples)
+        rollout_speculative="",     # "mtp": DeepSeek-V3's MTP module drafts, the policy verifies (same distribution)
         minibatches=1,              # optimizer steps per pass; minibatch k of m holds rows k, k + m, ...
         old_logp="auto",            # auto: the sampler's log-probs with one update per rollout, else recompute
         loss_type="grpo",
@@ -229,6 +236,7 @@ def sampling_config(**kw) -> ml_collections.ConfigDict:
         num_prompts=0,              # 0: every prompt
         k=4,                        # samples per prompt
         compact=0,                  # sampler compaction levels (see grpo_stage's rollout_compact)
+        speculative="",             # "mtp": MTP drafts, the model verifies (see grpo_stage's rollout_speculative)
         temperature=0.6,
         top_p=0.95,
         top_k=0,

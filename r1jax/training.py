@@ -493,7 +493,8 @@ def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int, **prog
                     template=eval_cfg.template or ctx.config.task.template, temperature=eval_cfg.temperature,
                     top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens,
                     batch_size=min(eval_cfg.batch_size, len(examples)), seed=seed, mesh=ctx.mesh, rules=ctx.rules,
-                    reward=eval_cfg.reward, compact=int(eval_cfg.get("compact", 0)), **progress)
+                    reward=eval_cfg.reward, compact=int(eval_cfg.get("compact", 0)),
+                    speculative=eval_cfg.get("speculative", ""), **progress)
 
 
 def run_eval(ctx: RunContext, model, stage_cfg, stage: str, step: int, seed: int) -> dict:

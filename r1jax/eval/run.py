@@ -140,7 +140,7 @@ def check_reward(reward: str, examples: Sequence[Mapping]) -> None:
 def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, template: str = "r1_zero",
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, batch_size: int = 64,
              seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", solved_at: float = 1.0,
-             timeout_s: float = 1.0, return_samples: bool = False, compact: int = 0,
+             timeout_s: float = 1.0, return_samples: bool = False, compact: int = 0, speculative: str = "",
              progress: str | Path | None = None, progress_meta: Mapping | None = None) -> dict:
     """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95); a sample is correct when its `reward`
     rule scores at least `solved_at` (1.0: accuracy's right answer; with `code_tests`, every test passed). cons@k
@@ -150,7 +150,8 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
 
     Prompts go through the sampler in batches of `batch_size` problems; the last batch is padded with repeats
     of its first problem so every batch compiles to the same shapes. Batch i samples with seed + its first problem's
-    index, so a batch's samples do not depend on the others.
+    index, so a batch's samples do not depend on the others. `compact` and `speculative`: see
+    `r1jax.sampling.generate`.
 
     `progress`: a JSONL file that keeps each sampled batch (process 0 appends it). An evaluation interrupted and
     run again with the same prompts, settings and `progress_meta` (e.g. the model's path) samples only the batches
@@ -163,7 +164,9 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
     if progress is not None:
         path = Path(progress)
         fingerprint = _fingerprint(prompts, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, seed=seed, **dict(progress_meta or {}))
+                                   batch_size=batch_size, seed=seed, **dict(progress_meta or {}),
+                                   # other random draws, so other samples (compact keeps them the same)
+                                   **({"speculative": speculative} if speculative else {}))
         # Process 0's reading decides for every process (each skips the same batches, or each raises): the others
         # may not see the file, and a process that sampled alone would wait in the sampler's collectives.
         read = None
@@ -192,7 +195,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         chunk = chunk + [chunk[0]] * (batch_size - n_real) if len(prompts) > batch_size else chunk
         out = generate(model, chunk, num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id or 0,
-                       seed=seed + start, mesh=mesh, rules=rules, compact=compact)
+                       seed=seed + start, mesh=mesh, rules=rules, compact=compact, speculative=speculative)
         texts, ns = decode_completions(tokenizer, out.tokens, out.lengths)[: n_real * k], out.lengths[: n_real * k]
         completions += texts
         lengths += ns.tolist()

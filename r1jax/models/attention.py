@@ -98,13 +98,20 @@ def unchunk_keys(k_BKCQc):
 
 
 def write_key_cache(buf_BKCQc, k_BLKQ, index):
-    """Writes L new keys at slot `index` of a chunked key cache. One key (decoding) goes straight into its chunk;
-    longer writes (prefill) go through the unchunked view, a copy of the buffer that a prefill can afford."""
+    """Writes L new keys at slot `index` of a chunked key cache. A few keys (decoding, speculative verification)
+    go straight into their chunks, one at a time, since they may straddle two; longer writes (prefill) go through
+    the unchunked view, a copy of the buffer that a prefill can afford."""
     B, K, C, Q, c = buf_BKCQc.shape
     new_BKQL = k_BLKQ.transpose(0, 2, 3, 1).astype(buf_BKCQc.dtype)
-    if new_BKQL.shape[-1] == 1:
-        index = jnp.minimum(index, C * c - 1)  # clamped like a write into the unchunked layout
-        return jax.lax.dynamic_update_slice(buf_BKCQc, new_BKQL[:, :, None], (0, 0, index // c, 0, index % c))
+    L = new_BKQL.shape[-1]
+    if L <= 4:
+        # Clamped like a write into the unchunked layout: L keys past the end land on its last L slots.
+        index = jnp.minimum(index, C * c - L)
+        for i in range(L):
+            at = index + i
+            buf_BKCQc = jax.lax.dynamic_update_slice(buf_BKCQc, new_BKQL[:, :, None, :, i:i + 1],
+                                                     (0, 0, at // c, 0, at % c))
+        return buf_BKCQc
     return chunk_keys(write_cache(unchunk_keys(buf_BKCQc), new_BKQL, index, axis=3), c)
 
 

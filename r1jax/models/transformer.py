@@ -153,17 +153,24 @@ class Transformer(nnx.Module):
                              "output head: call forward(..., return_logits=False) and use `hidden`")
         return project("bld,dv->blv", h_BLD, cast(self.lm_head, h_BLD.dtype), preferred_element_type=jnp.float32)
 
-    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+    def init_cache(self, batch: int, length: int, dtype=None, mtp: bool = False) -> dict:
         """An empty KV cache of `length` slots for `batch` rows: shared `index`, `valid` [B, S] and `next_pos` [B],
-        and per stack a tuple with one dict of buffers per layer (`Attention.cache_shape`)."""
+        and per stack a tuple with one dict of buffers per layer (`Attention.cache_shape`). `mtp=True`: the cache of
+        the first MTP module's block instead (stack "mtp", one layer), for `mtp_step`."""
         cfg = self.config
         dtype = jnp.dtype(dtype or cfg.dtype)
         attn_cls = MLAttention if cfg.mla is not None else Attention
         cache = {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, length), bool),
                  "next_pos": jnp.zeros((batch,), jnp.int32)}
         shapes = attn_cls.cache_shape(cfg, batch, length)
-        for name, stack in self.stacks():
-            n = cfg.num_dense_layers if name == "dense" else cfg.num_moe_layers
+        if mtp:
+            if not cfg.mtp_num_layers:
+                raise ValueError("this model has no MTP modules (mtp_num_layers=0)")
+            layers = {"mtp": 1}
+        else:
+            layers = {name: cfg.num_dense_layers if name == "dense" else cfg.num_moe_layers
+                      for name, _ in self.stacks()}
+        for name, n in layers.items():
             cache[name] = tuple({k: jnp.zeros(shape, dtype) for k, shape in shapes.items()} for _ in range(n))
         return cache
 
@@ -202,15 +209,7 @@ class Transformer(nnx.Module):
             cache_index, new_cache = None, None
         else:
             cache_index = cache["index"]
-            kv_valid = write_cache(cache["valid"], valid_BL, cache_index)
-            if prefill:
-                mask_BLS = _causal_mask(valid_BL, segment_ids_BL)
-            else:
-                slots = jnp.arange(kv_valid.shape[1])
-                mask_BLS = ((slots[None, None, :] <= cache_index + jnp.arange(L)[None, :, None])
-                            & kv_valid[:, None, :])
-            new_cache = {"index": cache_index + L, "valid": kv_valid,
-                         "next_pos": cache["next_pos"] + valid_BL.sum(1).astype(jnp.int32)}
+            mask_BLS, new_cache = _cache_step(cache, valid_BL, segment_ids_BL, prefill)
         if cos_sin is None:
             cos_sin = self.rotary.cos_sin(positions_BL)
         x = constrain(self.embed(tokens_BL), ("batch", "length", "embed"))
@@ -260,6 +259,40 @@ class Transformer(nnx.Module):
             h, _, _ = mod.block(hp, cos_sin, mask_BLS, valid_BL, segments_BL=segments_BL)
             out.append(self.head(mod.head_norm(h)))
         return jnp.stack(out)
+
+    def mtp_depth(self, k: int = 0) -> MTPModule:
+        """MTP depth k + 1's module with its own (unstacked) parameters; a decode loop slices it once, before the
+        loop (see `layer_states`)."""
+        graphdef, state = nnx.split(self.mtp)
+        return nnx.merge(graphdef, split_layers(state)[k])
+
+    def mtp_step(self, module: MTPModule, hidden_BLD, tokens_BL, valid_BL, cache: dict, prefill: bool = False):
+        """The first MTP module over L new positions with its KV cache (`init_cache(..., mtp=True)`), as a draft
+        model: position i's logits for token i + 2 from the main model's final hidden state at i (`hidden_BLD`)
+        and token i + 1 (`tokens_BL`), what `mtp_logits` computes at depth 1 for a whole sequence. Positions
+        continue the cache's `next_pos`. Returns (logits [B, L, V] float32, the new cache)."""
+        mask_BLS, new_cache = _cache_step(cache, valid_BL, None, prefill)
+        cos_sin = self.rotary.cos_sin(_default_positions(valid_BL, None, cache["next_pos"]))
+        e = module.enorm(self.embed(tokens_BL))
+        hp = project("blc,cd->bld", jnp.concatenate([e, module.hnorm(hidden_BLD)], -1), cast(module.eh_proj, e.dtype))
+        h, layer_cache, _ = module.block(hp, cos_sin, mask_BLS, valid_BL, cache["mtp"][0], cache["index"], prefill,
+                                         segments_BL=valid_BL.astype(jnp.int32))
+        new_cache["mtp"] = (layer_cache,)
+        return self.head(module.head_norm(h)), new_cache
+
+
+def _cache_step(cache, valid_BL, segment_ids_BL, prefill):
+    """The attention mask of L new tokens written at the cache's `index`, and the cache's new index, `valid` and
+    `next_pos` (its buffers are the layers' to write)."""
+    cache_index, L = cache["index"], valid_BL.shape[1]
+    kv_valid = write_cache(cache["valid"], valid_BL, cache_index)
+    if prefill:
+        mask_BLS = _causal_mask(valid_BL, segment_ids_BL)
+    else:
+        slots = jnp.arange(kv_valid.shape[1])
+        mask_BLS = (slots[None, None, :] <= cache_index + jnp.arange(L)[None, :, None]) & kv_valid[:, None, :]
+    return mask_BLS, {"index": cache_index + L, "valid": kv_valid,
+                      "next_pos": cache["next_pos"] + valid_BL.sum(1).astype(jnp.int32)}
 
 
 def _valid_tokens(tokens_BL, segment_ids_BL, attention_mask_BL):

@@ -16,7 +16,7 @@ for a tokenizer trained for the run), shardings from the config's rules, and the
     rollout sampler (`r1jax.sampling.sample_padded`: prefill + the decode `while_loop`, lowered with one layer
     per stack since its layers are unrolled and identical; the KV cache is sized for all layers);
   - sft / distill: lowers the SFT step (`r1jax.sft.trainer.make_train_step`; a distillation teacher is not
-    included);
+    included; with mtp_weight > 0 the MTP modules' forward and backward are, in every estimate);
   - rejection / evaluate: lowers the sampler only.
 
 Layout errors are the ones r1jax.parallel raises (heads / experts / vocab not divisible by their mesh axes, a batch
@@ -47,9 +47,11 @@ use; the report gives these numbers per device:
                        of them at once) * V * 4 bytes * 4 (GRPO: logits, log-softmax, its exp for the entropy, the
                        logits' cotangent; SFT: 3). mask = tokens_per_device * T bytes of the boolean attention mask
                        (none with a fused kernel). With context parallelism the working layer adds the keys and values
-                       gathered from the row's other positions.
+                       gathered from the row's other positions. An SFT / distillation stage with mtp_weight > 0 adds,
+                       per MTP depth, a layer's "none" set + 6 D per token (no remat) and a head over every position.
                        XLA's fusion and buffer reuse make the real number differ; treat it as an order of magnitude.
-  rollout              the sampler's KV cache for B * G rows of P + N slots (rollout_prompts * G when a GRPO stage
+  rollout              the sampler's KV cache for B * G rows of P + N slots (P + 2 N and the MTP block's own cache
+                       with speculative decoding; rollout_prompts * G when a GRPO stage
                        samples its B prompts in chunks), and the prefill's attention scores; with compaction
                        (rollout_compact / compact > 0) one layer's half cache more, the copy being gathered.
 
@@ -61,7 +63,8 @@ XLA does not see into Pallas kernels (custom calls), so the routed experts' grou
 analytically (`flops_gmm`: 2 * k * 3 * D * F_expert per token and MoE layer forward, times 3 for forward and
 backward, plus one forward recomputed under remat). On a CPU target the blocked XLA backend's tile loops count one
 tile. `flops_model` is the textbook count for comparison: 3 * forward (2 * active matmul params per token
-+ 2 * H * (qk_dim + v_dim) * S attention per layer and token + 2 * D * V per logit position), no remat.
++ 2 * H * (qk_dim + v_dim) * S attention per layer and token + 2 * D * V per logit position; MTP modules, each
+a layer and a head over every position, when an SFT loss trains them), no remat. The lowered step includes them.
 """
 
 from __future__ import annotations
@@ -260,10 +263,12 @@ def _lower_step(kind: str, s: _Setup, stage_cfg, mesh, rules, platform: str, sha
             batch = _grpo_batch(stage_cfg, mesh, rules, shape["rows"], shape["P"], shape["N"])
             traced = fn.trace(s.params, s.opt_state, s.rest, batch, nan, prompt_len=shape["P"])
         else:
-            from r1jax.sft.trainer import make_train_step, sft_loss
+            from r1jax.sft.trainer import make_train_step, mtp_stats, sft_loss
 
-            fn = make_train_step(s.graphdef, s.optimizer, partial(sft_loss, aux_loss_coef=coef),
-                                 grad_accum=int(stage_cfg.get("grad_accum", 1) or 1))
+            mtp_weight = float(stage_cfg.get("mtp_weight", 0.0))
+            fn = make_train_step(s.graphdef, s.optimizer, partial(sft_loss, aux_loss_coef=coef, mtp_weight=mtp_weight),
+                                 grad_accum=int(stage_cfg.get("grad_accum", 1) or 1),
+                                 batch_stats=mtp_stats(s.mc, stage_cfg))
             bs = logical_to_spec(("batch", None), rules, mesh)
             rows, L = shape["rows"], shape["L"]
             batch = {k: _sds((rows, L), jnp.int32, mesh, bs) for k in ("tokens", "loss_mask", "segment_ids",
@@ -327,7 +332,7 @@ def lowered_flops(kind, mc, stage_cfg, mesh, rules, platform, shape) -> float:
 
 
 def _lower_sampler(mc: ModelConfig, mesh, rules, platform: str, *, prompts: int, P: int, N: int, G: int,
-                   temperature: float, top_p: float, top_k: int, compact: int = 0) -> dict:
+                   temperature: float, top_p: float, top_k: int, compact: int = 0, speculative: str = "") -> dict:
     from r1jax.sampling import make_strategy, sample_padded
 
     abstract = training.abstract_model(mc)
@@ -344,17 +349,21 @@ def _lower_sampler(mc: ModelConfig, mesh, rules, platform: str, *, prompts: int,
             _sds((), jnp.int32, mesh), _sds((1,), jnp.int32, mesh))
     t0 = time.perf_counter()
     lowered = sample_padded.trace(*args, num_samples=G, max_new_bucket=N, strategy=make_strategy(temperature, top_k,
-                                  top_p), mesh=mesh, rules=rules, compact=compact).lower(
-                                      lowering_platforms=(platform,))
+                                  top_p), mesh=mesh, rules=rules, compact=compact,
+                                  speculative=speculative).lower(lowering_platforms=(platform,))
     seconds = time.perf_counter() - t0
-    cache = jax.eval_shape(lambda: abstract.init_cache(prompts * G, P + N))
+    # Speculative decoding spends 2 slots per step whether or not the draft is kept, and the MTP block has its own.
+    slots = P + (2 * N if speculative else N)
+    cache = jax.eval_shape(lambda: abstract.init_cache(prompts * G, slots))
+    if speculative:
+        cache["mtp"] = jax.eval_shape(lambda: abstract.init_cache(prompts * G, slots + 1, mtp=True))["mtp"]
     sizes = sampler_bytes(mc, cache, prompts=prompts, P=P, mesh=mesh, rules=rules)
     # Compaction gathers half the rows' caches layer by layer, each layer's whole cache dying after its gather: one
     # layer's half copy at a time (XLA:CPU's memory analysis of an 8-layer sampler: temp bytes 11.585 MiB without,
     # 11.587 with two levels, for a 10 MiB cache; a schedule that kept every copy alive would add half the cache).
     sizes["compaction_bytes"] = sizes["kv_cache_bytes"] // (2 * mc.num_layers) if compact else 0
     del lowered
-    return {"status": "OK", "lower_s": round(seconds, 2), "rows": prompts * G, "slots": P + N,
+    return {"status": "OK", "lower_s": round(seconds, 2), "rows": prompts * G, "slots": slots,
             "lowered_layers": int(shallow.config.num_layers), **sizes}
 
 
@@ -387,6 +396,11 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
     if train_kind is None and not samples:
         return {**out, "status": "skipped", "note": f"no dry run for stage kind {kind!r}"}
     validate_layout(mc, mesh, rules)
+    from r1jax.pipeline.stages import STAGE_MODEL_CHECKS
+
+    check_model = STAGE_MODEL_CHECKS.get(kind)  # what the stage's model shows is wrong, as a real run checks it
+    if check_model is not None:
+        check_model(name, cfg, mc)
     if kind == "grpo":  # (grad_accum, logits_chunk, prompts per sampler call), checked as the real run checks them
         from r1jax.rl.trainer import grpo_memory_knobs
 
@@ -417,9 +431,11 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
                 raise ValueError(f"config.{name}.grad_accum={accum} must divide the {shape['rows']} rows of an "
                                  f"update ({what})")
         check_batch(shape["rows"] // accum, mesh, train_rules, f"{what} / grad_accum")
+        # The MTP depths an SFT / distillation loss trains (mtp_weight > 0): their forward and backward count too.
+        mtp = mc.mtp_num_layers if train_kind == "sft" and float(cfg.get("mtp_weight", 0.0)) > 0 else 0
         act = activation_bytes(mc, rows=shape["rows"], length=shape["T"], logit_positions=logit_positions,
                                head_copies=copies, mesh=mesh, rules=train_rules, grad_accum=accum,
-                               logits_chunk=logits_chunk)
+                               logits_chunk=logits_chunk, mtp_layers=mtp)
         mem["grad_accum"] = mem["params"] if accum > 1 else 0  # the accumulated gradients beside one micro-batch's
         mem["activations"] = act["total"]
         lowered, seconds = _lower_step(train_kind, s, cfg, mesh, train_rules, platform, shape)
@@ -429,11 +445,11 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
                 "activations_layers": act["layers"], "activations_head": act["head"],
                 "activations_mask": act["mask"], "grad_accum": accum,
                 "flops_model": model_flops(mc, counts, rows=shape["rows"], length=shape["T"],
-                                           logit_positions=logit_positions)}
+                                           logit_positions=logit_positions, mtp_layers=mtp)}
         if flops:
             t0 = time.perf_counter()
             tokens = shape["rows"] * (shape["T"] - (kind == "grpo"))  # GRPO's last position is padding: no expert
-            step["flops_gmm"] = gmm_flops(mc, tokens)
+            step["flops_gmm"] = gmm_flops(mc, tokens, mtp_layers=mtp)
             step["flops"] = (lowered_flops(train_kind, mc, cfg, mesh, train_rules, platform, shape)
                              + step["flops_gmm"])
             step["flops_s"] = round(time.perf_counter() - t0, 2)
@@ -444,12 +460,13 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
         if kind == "grpo":
             sp = dict(prompts=int(knobs[2]), P=int(cfg.max_prompt_len), N=int(cfg.max_new_tokens),
                       G=int(cfg.group_size), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                      compact=int(cfg.get("rollout_compact", 0)))
+                      compact=int(cfg.get("rollout_compact", 0)), speculative=cfg.get("rollout_speculative", ""))
         else:
             smp = cfg.get("samples", cfg) if kind != "evaluate" else cfg.eval
             sp = dict(prompts=int(smp.batch_size), P=int(config[name].get("max_prompt_len", 512)),
                       N=int(smp.max_new_tokens), G=int(smp.get("k", 1)), temperature=smp.temperature,
-                      top_p=smp.top_p, top_k=int(smp.get("top_k", 0)), compact=int(smp.get("compact", 0)))
+                      top_p=smp.top_p, top_k=int(smp.get("top_k", 0)), compact=int(smp.get("compact", 0)),
+                      speculative=smp.get("speculative", ""))
         try:
             out["rollout"] = _lower_sampler(mc, mesh, rules, platform, **sp)
         except Exception as e:  # noqa: BLE001 - reported with the stage (raised with strict)

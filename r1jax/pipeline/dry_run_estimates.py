@@ -128,10 +128,11 @@ def gathered_kv_bytes(mc: ModelConfig, mesh, rules) -> float:
 
 
 def activation_bytes(mc: ModelConfig, *, rows: int, length: int, logit_positions: int, head_copies: int, mesh,
-                     rules, grad_accum: int = 1, logits_chunk: int = 0) -> dict:
+                     rules, grad_accum: int = 1, logits_chunk: int = 0, mtp_layers: int = 0) -> dict:
     """Per-device activation estimate of one training step (the formula: r1jax.pipeline.dry_run's docstring).
     With grad_accum = m the step runs m micro-batches of rows / m one after another, so one micro-batch's
-    activations exist at a time; with logits_chunk = c the output head runs c positions at a time."""
+    activations exist at a time; with logits_chunk = c the output head runs c positions at a time. `mtp_layers`:
+    the MTP depths the loss trains (SFT's mtp_weight > 0), each a layer kept whole and a head over every position."""
     rows_dev = -(-rows // grad_accum // axis_shards(mesh, rules, "batch"))
     cp = axis_shards(mesh, rules, "length")  # context parallelism: a device holds 1/cp of each row's positions
     tokens = rows_dev * -(-length // cp)
@@ -142,6 +143,13 @@ def activation_bytes(mc: ModelConfig, *, rows: int, length: int, logit_positions
     positions = min(logits_chunk, logit_positions) if logits_chunk else logit_positions
     head = rows_dev * positions / cp * mc.vocab_size / axis_shards(mesh, rules, "vocab") * 4 * head_copies
     layers = tokens * (saved + working)  # per token: its layers' activations, its queries' scores over all keys
+    if mtp_layers:
+        # Each MTP depth runs its block without remat (every intermediate kept), plus the shifted tokens' embedding,
+        # the two norms, their concatenation and eh_proj's output (6 D), and materializes its own float32 logits.
+        mtp_layer = layer_bytes(mc, length, mc.moe is not None, "none", mesh, rules)
+        layers += tokens * mtp_layers * (mtp_layer + 6 * mc.hidden_size * jnp.dtype(mc.dtype).itemsize)
+        head += (rows_dev * length / cp * mc.vocab_size / axis_shards(mesh, rules, "vocab") * 4 * head_copies
+                 * mtp_layers)
     if cp > 1 and mc.remat != "none":
         # The working layer's keys and values of the row's other positions, gathered from the other devices.
         layers += rows_dev * (length - tokens / rows_dev) * gathered_kv_bytes(mc, mesh, rules)
@@ -151,25 +159,33 @@ def activation_bytes(mc: ModelConfig, *, rows: int, length: int, logit_positions
             "mask": int(mask), "total": int(layers + head + mask)}
 
 
-def gmm_flops(mc: ModelConfig, tokens: int) -> float:
+def gmm_flops(mc: ModelConfig, tokens: int, mtp_layers: int = 0) -> float:
     """Training FLOPs of the routed experts' grouped matmuls when they run as Pallas kernels (invisible to XLA's
-    cost analysis): per token and MoE layer 2 * k * 3 * D * F_expert forward; x3 with the backward, +1 with remat."""
+    cost analysis): per token and MoE layer 2 * k * 3 * D * F_expert forward; x3 with the backward, +1 with remat
+    (not in the `mtp_layers` trained MTP depths' MoE blocks, which run without remat)."""
     moe = mc.moe
     if moe is None or not moe.gmm_backend.startswith("pallas"):
         return 0.0
-    fwd = 2.0 * moe.num_experts_per_tok * 3 * mc.hidden_size * moe.intermediate_size * mc.num_moe_layers * tokens
-    return fwd * (3 + (mc.remat != "none"))
+    per_layer = 2.0 * moe.num_experts_per_tok * 3 * mc.hidden_size * moe.intermediate_size * tokens
+    return per_layer * (mc.num_moe_layers * (3 + (mc.remat != "none")) + 3 * mtp_layers)
 
 
-def model_flops(mc: ModelConfig, counts: dict, *, rows: int, length: int, logit_positions: int) -> float:
-    """3 x forward FLOPs of a training step (no remat): matmul params, dense attention over S = length, head."""
+def model_flops(mc: ModelConfig, counts: dict, *, rows: int, length: int, logit_positions: int,
+                mtp_layers: int = 0) -> float:
+    """3 x forward FLOPs of a training step (no remat): matmul params, dense attention over S = length, head; and
+    with `mtp_layers` (SFT's mtp_weight > 0 trains all of the model's MTP depths) the MTP modules' matmul params,
+    attention and a head over every position per depth."""
     embed = mc.vocab_size * mc.hidden_size
     head_params = 0 if mc.tie_word_embeddings else embed
-    body = counts["active"] - counts.get("mtp_active", 0) - embed - head_params  # MTP: unused by these losses
+    mtp = counts.get("mtp_active", 0)
+    body = counts["active"] - mtp - embed - head_params  # the MTP modules count below when a loss trains them
     qk = mc.mla.qk_head_dim if mc.mla else mc.head_dim
     v = mc.mla.v_head_dim if mc.mla else mc.head_dim
-    attn = mc.num_layers * 2 * mc.num_heads * (qk + v) * length
+    attn_layer = 2 * mc.num_heads * (qk + v) * length
+    attn = mc.num_layers * attn_layer
     fwd = rows * length * (2 * body + attn) + rows * logit_positions * 2 * mc.hidden_size * mc.vocab_size
+    if mtp_layers:
+        fwd += rows * length * (2 * mtp + mtp_layers * (attn_layer + 2 * mc.hidden_size * mc.vocab_size))
     return 3.0 * fwd
 
 

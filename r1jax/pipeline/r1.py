@@ -28,7 +28,7 @@ from r1jax.data.io import read_sft_jsonl
 from r1jax.pipeline import compare  # noqa: F401  (registers the "evaluate" stage kind)
 from r1jax.pipeline.rejection import check_sampling, generate_dataset
 from r1jax.pipeline.stages import register_stage_kind
-from r1jax.sft.trainer import check_sft_stage, run_sft_stage, sft_examples
+from r1jax.sft.trainer import check_sft_model, check_sft_stage, run_sft_stage, sft_examples
 
 
 def _sampler(ctx: training.RunContext, spec: str, previous: str | None, *, mc=None):
@@ -67,7 +67,7 @@ def run_rejection_stage(ctx: training.RunContext, stage: str, cfg, previous: str
     return summary
 
 
-@register_stage_kind("distill", check=_check_distill)
+@register_stage_kind("distill", check=_check_distill, check_model=check_sft_model)
 def run_distill_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
     teacher_spec = training.resolve_init(cfg.teacher, previous)
     if teacher_spec == "base":

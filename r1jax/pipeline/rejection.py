@@ -259,7 +259,7 @@ def sample_chunk(model, tokenizer, examples: Sequence[Mapping], cfg, template: s
     out = generate(model, prompts, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_id=tokenizer.stop_ids,
                    pad_id=tokenizer.pad_id or 0, seed=seed, mesh=mesh, rules=rules,
-                   compact=int(cfg.get("compact", 0)))
+                   compact=int(cfg.get("compact", 0)), speculative=cfg.get("speculative", ""))
     R = n_real * cfg.k
     tokens, lengths = out.tokens[:R], out.lengths[:R]
     texts = decode_completions(tokenizer, tokens, lengths)

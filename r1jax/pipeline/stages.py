@@ -24,26 +24,32 @@ import ml_collections
 from r1jax import configs, training
 from r1jax.logging import MetricsLogger
 from r1jax.parallel import hosts
+from r1jax.sampling.speculative import SPECULATIVE, check_speculative
 
 log = logging.getLogger(__name__)
 
 STAGE_RUNNERS: dict[str, Callable] = {}
 STAGE_CHECKS: dict[str, Callable] = {}
 STAGE_DATA_CHECKS: dict[str, Callable] = {}
+STAGE_MODEL_CHECKS: dict[str, Callable] = {}
 
 
-def register_stage_kind(kind: str, *, check: Callable | None = None, check_data: Callable | None = None):
+def register_stage_kind(kind: str, *, check: Callable | None = None, check_data: Callable | None = None,
+                        check_model: Callable | None = None):
     """Decorator: `fn(ctx, stage_name, stage_config, previous_stage_name) -> summary dict | None (stopped)`.
     `check(stage_name, stage_config)` raises ValueError for settings that the config alone shows are wrong; `run`
     calls every stage's check before running any stage, so a bad setting in the last stage costs no earlier work.
     `check_data(ctx, stage_name, stage_config)` does the same for what the loaded tasks and tokenizer show (run
-    calls it after setup for each stage that would start after another)."""
+    calls it after setup for each stage that would start after another). `check_model(stage_name, stage_config,
+    model_config)` for what the stage's ModelConfig shows (run: after setup, for every stage to run; dry runs too)."""
     def deco(fn):
         STAGE_RUNNERS[kind] = fn
         if check is not None:
             STAGE_CHECKS[kind] = check
         if check_data is not None:
             STAGE_DATA_CHECKS[kind] = check_data
+        if check_model is not None:
+            STAGE_MODEL_CHECKS[kind] = check_model
         return fn
     return deco
 
@@ -51,13 +57,14 @@ def register_stage_kind(kind: str, *, check: Callable | None = None, check_data:
 def _builtin_runners():
     from r1jax.rl.reward_trainer import check_reward_model_stage, run_reward_model_stage
     from r1jax.rl.trainer import check_grpo_data, check_grpo_stage, run_grpo_stage
-    from r1jax.sft.trainer import check_sft_stage, run_sft_stage
+    from r1jax.sft.trainer import check_sft_model, check_sft_stage, run_sft_stage
 
     for kind, runner, check in (("sft", run_sft_stage, check_sft_stage), ("grpo", run_grpo_stage, check_grpo_stage),
                                 ("reward_model", run_reward_model_stage, check_reward_model_stage)):
         STAGE_RUNNERS.setdefault(kind, runner)
         STAGE_CHECKS.setdefault(kind, check)
     STAGE_DATA_CHECKS.setdefault("grpo", check_grpo_data)
+    STAGE_MODEL_CHECKS.setdefault("sft", check_sft_model)
     import importlib.util
 
     if importlib.util.find_spec("r1jax.pipeline.r1") is not None:  # recipe stages (rejection sampling, distill)
@@ -74,9 +81,40 @@ def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = No
                      + [(f"{name}.{key}", t) for name in names for key, t in prompt_templates(config[name])],
                      read_files)
     for name in names:
+        for key, value in speculative_settings(config[name]):
+            if value not in SPECULATIVE:
+                raise ValueError(f"config.{name}.{key}={value!r}; valid: '' (off) or 'mtp' (DeepSeek-V3's MTP module "
+                                 "drafts, the model verifies)")
         check = STAGE_CHECKS.get(config[name].kind)
         if check is not None:
             check(name, config[name])
+
+
+def speculative_settings(stage: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(key, value) of every speculative-decoding setting a stage config holds: GRPO's `rollout_speculative`, and
+    `speculative` of the stage itself (rejection sampling) or of its `eval` / `samples`."""
+    found = [("rollout_speculative", stage.rollout_speculative)] if "rollout_speculative" in stage else []
+    for sub in ("", "eval", "samples"):
+        node = stage.get(sub) if sub else stage
+        if isinstance(node, ml_collections.ConfigDict) and "speculative" in node:
+            found.append((f"{sub}.speculative" if sub else "speculative", node.speculative))
+    return found
+
+
+def check_speculative_model(stage: str, cfg, model_config_for) -> None:
+    """MTP drafts need MTP modules: checked, before any stage runs, for the samplers that run the stage's own model
+    (GRPO rollouts, an sft / grpo stage's evaluations; `model_config_for(stage)` gives its ModelConfig). Other
+    samplers (a teacher's samples, an evaluate stage's models) are checked when they load their model."""
+    keys = [("rollout_speculative", cfg.get("rollout_speculative", ""))]
+    if cfg.kind in ("sft", "grpo") and isinstance(cfg.get("eval"), ml_collections.ConfigDict):
+        keys.append(("eval.speculative", cfg.eval.get("speculative", "")))
+    for key, value in keys:
+        if not value:
+            continue
+        try:
+            check_speculative(value, model_config_for(stage))
+        except ValueError as e:
+            raise ValueError(f"config.{stage}.{key}: {e}") from None
 
 
 def prompt_templates(stage: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -231,6 +269,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
     for name in pending:
         if config[name].get("save_hf"):
             training.check_save_hf(name, ctx.model_config_for(name))
+    for name in pending:  # (a model config that cannot be built also stops the run here, not at its stage)
+        check = STAGE_MODEL_CHECKS.get(config[name].kind)
+        if check is not None:
+            check(name, config[name], ctx.model_config_for(name))
+        check_speculative_model(name, config[name], ctx.model_config_for)
     for name in pending[1:]:  # the first pending stage meets its own data as it starts, no later
         check = STAGE_DATA_CHECKS.get(config[name].kind)
         if check is not None:

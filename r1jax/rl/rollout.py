@@ -27,16 +27,18 @@ from r1jax.sampling import make_strategy, sample_padded
 
 def sample_group(model, prompt_ids_BP, prompt_mask_BP, *, group_size: int, max_new_tokens: int, temperature: float,
                  top_p: float, top_k: int, eos_ids: Sequence[int], pad_id: int, rng, mesh=None, rules=None,
-                 compact: int = 0):
+                 compact: int = 0, speculative: str = "", return_stats: bool = False):
     """Samples `group_size` completions for each of B left-padded prompts -> device arrays (tokens [R, N],
-    lengths [R], logp [R, N]) with N = max_new_tokens (the compiled loop stops early when all rows end)."""
+    lengths [R], logp [R, N]) with N = max_new_tokens (the compiled loop stops early when all rows end), and with
+    `return_stats` the sampler's step and draft counts (`sample_padded`)."""
     graphdef, state = nnx.split(model)
-    tokens, lengths, logp, _ = sample_padded(
+    tokens, lengths, logp, _, stats = sample_padded(
         graphdef, state, prompt_ids_BP, prompt_mask_BP, rng, jnp.int32(max_new_tokens),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(pad_id),
         jnp.asarray(list(eos_ids), jnp.int32), num_samples=group_size, max_new_bucket=max_new_tokens,
-        strategy=make_strategy(temperature, top_k, top_p), mesh=mesh, rules=rules, compact=compact)
-    return tokens, lengths, logp
+        strategy=make_strategy(temperature, top_k, top_p), mesh=mesh, rules=rules, compact=compact,
+        speculative=speculative, return_stats=True)
+    return (tokens, lengths, logp, stats) if return_stats else (tokens, lengths, logp)
 
 
 def sample_groups_in_chunks(model, prompt_ids_BP, prompt_mask_BP, *, chunk: int, rng, **kw):
@@ -50,7 +52,10 @@ def sample_groups_in_chunks(model, prompt_ids_BP, prompt_mask_BP, *, chunk: int,
         return sample_group(model, prompt_ids_BP, prompt_mask_BP, rng=rng, **kw)
     parts = [sample_group(model, prompt_ids_BP[i:i + chunk], prompt_mask_BP[i:i + chunk],
                           rng=jax.random.fold_in(rng, i // chunk), **kw) for i in range(0, B, chunk)]
-    return tuple(jnp.concatenate(xs, axis=0) for xs in zip(*parts))
+    out = tuple(jnp.concatenate(xs, axis=0) for xs in zip(*(p[:3] for p in parts)))
+    if kw.get("return_stats"):  # steps add up over the calls, one after another, like the drafts
+        out += ({k: sum(p[3][k] for p in parts) for k in parts[0][3]},)
+    return out
 
 
 def score(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray, examples: Sequence[Mapping],
@@ -110,11 +115,12 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     local = prompt_ids.shape[0] * G
     eos = list(tokenizer.stop_ids)
     t0 = time.perf_counter()
-    tokens, lengths, logp = sample_groups_in_chunks(
+    speculative = cfg.get("rollout_speculative", "")
+    tokens, lengths, logp, sampler_stats = sample_groups_in_chunks(
         model, jnp.asarray(all_ids), jnp.asarray(all_mask), chunk=int(cfg.get("rollout_prompts", 0) or 0),
         group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         top_k=cfg.top_k, eos_ids=eos, pad_id=pad, rng=rng, mesh=mesh, rules=rules,
-        compact=int(cfg.get("rollout_compact", 0)))
+        compact=int(cfg.get("rollout_compact", 0)), speculative=speculative, return_stats=True)
     device_out = {"tokens_RN": tokens, "lengths_R": lengths}
     # Each process reads only its own rows of the big arrays (from its shards when they hold them); the lengths,
     # one number per row, come whole for the metrics.
@@ -166,11 +172,19 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         "reward_s": t2 - t1,
         **({"model_reward_s": t3 - t2} if model_rewards else {}),
         "generated_tokens": int(all_lengths.sum()),
+        "decode_steps": _scalar(sampler_stats["steps"]),
     }
+    if speculative:  # the share of MTP drafts the policy accepted
+        metrics["draft_acceptance"] = _scalar(sampler_stats["accepted"]) / max(_scalar(sampler_stats["drafted"]), 1)
     for name, values in parts.items():
         metrics[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     metrics.update(reward_by_source(totals, hosts.concat_objects([ex.get("source") for ex in examples]), G))
     return batch, metrics, texts
+
+
+def _scalar(x) -> int:
+    """A replicated device scalar as an int; every process holds a copy (no gather across processes)."""
+    return int(np.asarray(x.addressable_shards[0].data))
 
 
 def reward_by_source(totals_R: np.ndarray, sources_B: list, group_size: int) -> dict[str, float]:

@@ -29,6 +29,8 @@ from flax import nnx
 from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules, constrain
 from r1jax.sampling.cache import constrain_cache, grow, put_local, repeat_rows, take_local, take_rows
+from r1jax.sampling.loop import compaction_order, run_phases
+from r1jax.sampling.speculative import check_speculative, sample_speculative
 from r1jax.sampling.strategies import Strategy, make_strategy, select
 
 log = logging.getLogger(__name__)
@@ -82,12 +84,16 @@ def compaction_levels(rows: int, levels: int, shards: int = 1) -> tuple[int, ...
 
 
 @partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_bucket", "strategy", "mesh", "rules",
-                                   "compact"))
+                                   "compact", "speculative", "return_stats"))
 def sample_padded(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id, eos_ids_E,
                   *, num_samples: int, max_new_bucket: int, strategy: Strategy, mesh=None, rules=None,
-                  compact: int = 0):
+                  compact: int = 0, speculative: str = "", return_stats: bool = False):
     """The compiled sampler on left-padded prompts. Returns device arrays (tokens, lengths, logprobs,
-    sampling_logprobs), each with B * num_samples rows and max_new_bucket columns.
+    sampling_logprobs), each with B * num_samples rows and max_new_bucket columns, and with `return_stats` a dict
+    of scalars: `steps` (decode steps after the prefill), `drafted` and `accepted` (speculative drafts).
+
+    speculative="mtp": DeepSeek-V3's MTP module drafts a token per step and the model verifies it
+    (`r1jax.sampling.speculative`): the same distribution of samples, up to 2 tokens per model call.
 
     compact: in the last decode phase, once at most half the rows are unfinished, the loop continues on those rows
     only (their caches gathered), halving up to `compact` times. Each row's tokens are the same as without it (the
@@ -95,23 +101,29 @@ def sample_padded(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temp
     and each level is one more compiled loop body. Rows that do not split evenly over the batch shards are not
     compacted (each shard keeps its rows on its devices only when every shard has as many)."""
     R = tokens_BP.shape[0] * num_samples
+    fn = partial(_sample, graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id,
+                 eos_ids_E, num_samples, max_new_bucket, strategy, speculative=speculative)
     if mesh is not None:
         from r1jax.parallel.sharding import batch_shards
 
         shards = batch_shards(mesh, rules)
         levels, shards = (compaction_levels(R, compact, shards), shards) if R % shards == 0 else ((R,), 1)
         with axis_rules(mesh, rules):
-            return _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id,
-                           eos_ids_E, num_samples, max_new_bucket, strategy, levels, shards)
-    return _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id, eos_ids_E,
-                   num_samples, max_new_bucket, strategy, compaction_levels(R, compact), 1)
+            out = fn(levels, shards)
+    else:
+        out = fn(compaction_levels(R, compact), 1)
+    return out if return_stats else out[:4]
 
 
 def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id, eos_ids_E,
-            G, N, strategy, levels, shards):
+            G, N, strategy, levels, shards, speculative=""):
     model = nnx.merge(graphdef, state)
-    B, P = tokens_BP.shape
     phases = decode_phases(N)
+    if speculative:
+        check_speculative(speculative, model.config)
+        return sample_speculative(model, tokens_BP, mask_BP, rng, max_new_tokens, temperature, top_p, pad_id,
+                                  eos_ids_E, G, N, strategy, levels, shards, phases)
+    B, P = tokens_BP.shape
     layers = model.layer_states()
     cache = constrain_cache(model.init_cache(B, P + phases[0]))
     out = model.forward(tokens_BP, attention_mask_BL=mask_BP, cache=cache, logits_start=-1, layers=layers,
@@ -156,49 +168,34 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
                     slogp=put(c["slogp"], jnp.where(done, 0.0, slogp)), done=new_done, lengths=lengths)
 
     def compact_to(c, n):
-        """n rows of the current level, n / shards from each batch shard, its unfinished rows first (a stable
-        order)."""
-        order = jnp.argsort(take_local(c["done"], c["rows"]).reshape(shards, -1), axis=1, stable=True)
-        order = order[:, :n // shards]
+        """n rows of the current level, n / shards from each batch shard, its unfinished rows first."""
+        order = compaction_order(c["done"], c["rows"], shards, n)
         take = lambda x: take_local(x, order)
         return dict(c, rows=jnp.take_along_axis(c["rows"], order, axis=1),
                     cache=constrain_cache(take_rows(c["cache"], order)),
                     logits=constrain(take(c["logits"]), ("batch", "vocab")),
                     cos_sin=tuple(take(x) for x in c["cos_sin"]))
 
-    c = carry
-    for i, end in enumerate(phases):
-        if i:
-            c = dict(c, cache=constrain_cache(grow(c["cache"], P + end)))
-        limit = jnp.minimum(max_new_tokens, end)
-        # Compaction only in the last phase: a loop there ends when every row is done, at the last step, or when
-        # every batch shard has at most its part of the next level's rows unfinished, and in each case continuing on
-        # those rows loses nothing.
-        steps = levels if i == len(phases) - 1 else levels[:1]
-        for j, n in enumerate(steps):
-            if j:
-                c = compact_to(c, n)
-            nxt = steps[j + 1] if j + 1 < len(steps) else 0
-
-            def cond(c, limit=limit, nxt=nxt):
-                go = (c["step"] < limit) & ~jnp.all(c["done"])
-                # Every unfinished row of a shard is among its current rows.
-                unfinished = jnp.sum(~c["done"].reshape(shards, -1), axis=1)
-                return go & (jnp.max(unfinished) > nxt // shards) if nxt else go
-            c = jax.lax.while_loop(cond, body, c)
-    return c["tokens"], c["lengths"], c["logp"], c["slogp"]
+    c = run_phases(carry, body, phases=phases, levels=levels, shards=shards, compact_to=compact_to,
+                   grow=lambda c, end: dict(c, cache=constrain_cache(grow(c["cache"], P + end))),
+                   limit=lambda end: jnp.minimum(max_new_tokens, end))
+    zero = jnp.zeros((), jnp.int32)
+    return c["tokens"], c["lengths"], c["logp"], c["slogp"], {"steps": c["step"], "drafted": zero, "accepted": zero}
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_id=None, pad_id: int = 0,
-             seed: int = 0, mesh=None, rules="fsdp", min_prompt_bucket: int = 16, compact: int = 0) -> SamplingResult:
+             seed: int = 0, mesh=None, rules="fsdp", min_prompt_bucket: int = 16, compact: int = 0,
+             speculative: str = "") -> SamplingResult:
     """Samples `num_samples` completions of up to `max_new_tokens` for each prompt (lists of token ids).
 
     temperature 0 is greedy. eos_id: an int, a list of ints, or None (never stop early). With a mesh, rows are
     sharded over the batch axes by `rules` (the model should already be sharded, e.g. by
     `from_pretrained(..., mesh=mesh)`). In a multi-process run every process passes the same prompts and seed and
     gets every sample. compact: halve the rows the decode loop computes up to this many times as rows finish
-    (`sample_padded`); the same tokens, for one compiled loop body more per level."""
+    (`sample_padded`); the same tokens, for one compiled loop body more per level. speculative="mtp": a DeepSeek-V3
+    model's MTP module drafts the token after next and the model verifies it (`r1jax.sampling.speculative`): the
+    same distribution (greedy: the same tokens), other random draws, up to 2 tokens per step."""
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     if max_new_tokens < 1:
@@ -206,6 +203,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, m
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     strategy = make_strategy(temperature, top_k, top_p)
+    check_speculative(speculative, model.config)
     P = bucket(max(len(p) for p in prompts), min_prompt_bucket)
     N = bucket(max_new_tokens)
     vocab = model.config.vocab_size
@@ -224,6 +222,6 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, m
                         jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                         jnp.int32(pad_id), jnp.asarray(eos, jnp.int32), num_samples=num_samples,
                         max_new_bucket=N, strategy=strategy, mesh=mesh, rules=rules if mesh is not None else None,
-                        compact=compact)
+                        compact=compact, speculative=speculative)
     toks, lengths, logp, slogp = (hosts.fetch(x) for x in out)
     return SamplingResult(toks[:, :max_new_tokens], lengths, logp[:, :max_new_tokens], slogp[:, :max_new_tokens])

@@ -10,6 +10,14 @@ batch as a soft target (Hinton et al. 2015, forward KL at temperature tau, scale
 
     loss = (1 - w) * CE + w * tau^2 * sum_t m_t KL(softmax(z^T_t / tau) || softmax(z^S_t / tau)) / sum_t m_t
 
+DeepSeek-V3's multi-token prediction (a model with D = mtp_num_layers MTP modules and mtp_weight lambda > 0) adds
+the paper's L_MTP (Section 2.2), a student-side term also with distillation:
+
+    loss += lambda / D * sum_k L_k,   L_k = sum_i m^k_i * -log p_k(x_{i+k+1} | ...) / sum_i m^k_i
+
+where depth k = 1..D at position i predicts token i + k + 1 (`Transformer.mtp_logits`) and m^k_i = 1 when that
+token is a target (loss_mask) and a real token of position i's packed segment.
+
 The stage loop resumes from its latest checkpoint (parameters, optimizer state, data iterator position), skips
 updates whose loss or gradient is not finite, stops cleanly on SIGTERM, and ends early (logged, `data_exhausted`
 in the summary) when a finite `num_epochs` of data runs out before `steps`.
@@ -18,6 +26,7 @@ in the summary) when a finite `num_epochs` of data runs out before `steps`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from functools import partial
 
@@ -52,11 +61,66 @@ def kd_kl(student_logits_BLV, teacher_logits_BLV, weights_BL, temperature: float
     return temperature ** 2 * jnp.sum(kl_BL * w) / jnp.maximum(w.sum(), 1.0)
 
 
+def mtp_target_mask(loss_mask_BL, segment_ids_BL, depth: int):
+    """[D, B, L] float32: 1 where MTP depth k + 1 (index k) at position i has a target, token i + k + 2: a target
+    token (loss_mask) that is real (segment id > 0) and in position i's segment (packed examples predict nothing of
+    each other). The last k + 2 positions have no token to predict. Without segment ids, one segment per row."""
+    B, L = loss_mask_BL.shape
+    seg_BL = jnp.ones((B, L), jnp.int32) if segment_ids_BL is None else segment_ids_BL
+    masks = []
+    for k in range(depth):
+        s = k + 2  # the offset of depth k's target
+        ok = (loss_mask_BL[:, s:] > 0) & (seg_BL[:, s:] > 0) & (seg_BL[:, s:] == seg_BL[:, :-s])
+        masks.append(jnp.concatenate([ok, jnp.zeros((B, min(s, L)), bool)], axis=1)[:, :L])
+    return jnp.stack(masks).astype(jnp.float32)
+
+
+def mtp_batch_stats(batch, depth: int) -> dict:
+    """Whole-batch normalizers of the MTP term that every micro-batch of a grad_accum step shares: `mtp_norm` [D] =
+    the batch's main target count / its depth-k target counts (see `sft_loss`)."""
+    n = jnp.maximum(batch["loss_mask"][:, 1:].astype(jnp.float32).sum(), 1.0)
+    m_DBL = mtp_target_mask(batch["loss_mask"], batch.get("segment_ids"), depth)
+    return {"mtp_norm": n / jnp.maximum(m_DBL.sum((1, 2)), 1.0)}
+
+
+def mtp_loss(model, hidden_BLD, batch, n):
+    """(L_MTP before its weight, metrics): the mean over depths of each depth's target-averaged cross-entropy, and
+    the metrics `mtp_nll` (that mean) and `mtp_accuracy` (depth 1's argmax accuracy).
+
+    Each depth's sum is divided by the micro-batch's main target count `n` and scaled by batch["mtp_norm"] (the whole
+    batch's n / depth-k count, `mtp_batch_stats`; computed here when absent): the same L_k for one batch, and
+    micro-batches weighted by their n (`make_train_step`) add up to the whole batch's L_k exactly.
+
+    Memory: `mtp_logits` materializes all D depths' logits, [D, B, L, V] float32 (plus their log-softmax and
+    cotangent in the backward pass), D times the main head's; no chunking yet."""
+    tokens_BL = batch["tokens"]
+    D = model.config.mtp_num_layers
+    logits_DBLV = model.mtp_logits(hidden_BLD, tokens_BL, positions_BL=batch.get("positions"),
+                                   segment_ids_BL=batch.get("segment_ids"))
+    m_DBL = mtp_target_mask(batch["loss_mask"], batch.get("segment_ids"), D)
+    norm_D = batch["mtp_norm"] if "mtp_norm" in batch else n / jnp.maximum(m_DBL.sum((1, 2)), 1.0)
+    B, L = tokens_BL.shape
+    nll_D, correct = [], None
+    for k in range(D):
+        # Targets of depth k: token i + k + 2 at position i (zeros past the row's end, masked out).
+        target_BL = jnp.concatenate([tokens_BL[:, k + 2:], jnp.zeros((B, min(k + 2, L)), tokens_BL.dtype)],
+                                    axis=1)[:, :L]
+        logp_BLV = jax.nn.log_softmax(logits_DBLV[k].astype(jnp.float32), axis=-1)  # one depth's copy at a time
+        nll_BL = -jnp.take_along_axis(logp_BLV, target_BL[..., None], axis=-1)[..., 0]
+        nll_D.append(jnp.sum(nll_BL * m_DBL[k]) / n * norm_D[k])
+        if k == 0:
+            hit_BL = (jnp.argmax(logits_DBLV[0], axis=-1) == target_BL).astype(jnp.float32)
+            correct = jnp.sum(hit_BL * m_DBL[0]) / n * norm_D[0]
+    mean_nll = sum(nll_D) / D
+    return mean_nll, {"mtp_nll": mean_nll, "mtp_accuracy": correct}
+
+
 def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None, kd_weight: float = 0.0,
-             kd_temperature: float = 1.0, kd_vocab: int | None = None):
+             kd_temperature: float = 1.0, kd_vocab: int | None = None, mtp_weight: float = 0.0):
     """Mean next-token NLL over target tokens (mixed with logit distillation when `teacher_graphdef` is given and
     batch["teacher"] holds the teacher's state; `kd_vocab` compares the first kd_vocab logits when the two
-    vocabularies are padded differently); returns (loss, (metrics, aux))."""
+    vocabularies are padded differently), plus mtp_weight times the MTP loss (`mtp_loss`) when mtp_weight > 0;
+    returns (loss, (metrics, aux))."""
     out = model.forward(batch["tokens"], positions_BL=batch.get("positions"), segment_ids_BL=batch.get("segment_ids"))
     nll = token_nll(out.logits, batch["tokens"])
     w = batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -72,6 +136,10 @@ def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None,
         kl = kd_kl(out.logits[:, :-1, :v], jax.lax.stop_gradient(t_logits[:, :-1, :v]), w, kd_temperature)
         loss = (1.0 - kd_weight) * loss + kd_weight * kl
         metrics["kd_kl"] = kl
+    if mtp_weight:
+        mtp, mtp_metrics = mtp_loss(model, out.hidden, batch, n)
+        loss = loss + mtp_weight * mtp
+        metrics.update(mtp_metrics)
     if aux_loss_coef and "moe_aux_loss" in out.aux:
         aux = out.aux["moe_aux_loss"]
         loss = loss + aux_loss_coef * aux
@@ -91,9 +159,10 @@ def _prefetch(ds):
 _SHARED = ("teacher",)
 
 
-def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1):
+def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1, batch_stats=None):
     """A jitted (params, opt_state, rest, batch, nan) -> (params, opt_state, metrics, aux) step that donates its
-    state. `loss_fn(model, batch) -> (loss, (metrics, aux))`.
+    state. `loss_fn(model, batch) -> (loss, (metrics, aux))`. `batch_stats(batch) -> dict`: entries computed on the
+    whole batch that every micro-batch gets (the MTP term's normalizers, `mtp_batch_stats`).
 
     With grad_accum = m > 1 the batch's rows are split into m micro-batches whose gradients are accumulated (a scan)
     before the one optimizer step, so one micro-batch's activations exist at a time. Each micro-batch counts by its
@@ -112,6 +181,8 @@ def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1):
     def accumulated(params, rest, batch, inject_nan):
         shared = {k: v for k, v in batch.items() if k in _SHARED}
         rows = {k: v for k, v in batch.items() if k not in _SHARED}
+        if batch_stats is not None:
+            shared.update(batch_stats(rows))
         B = next(iter(rows.values())).shape[0]
         if B % grad_accum:
             raise ValueError(f"grad_accum={grad_accum} does not divide the batch's {B} rows")
@@ -142,6 +213,11 @@ def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1):
     return step
 
 
+def mtp_stats(mc, cfg):
+    """The `batch_stats` of a stage's train step: the MTP term's whole-batch normalizers when it trains MTP."""
+    return partial(mtp_batch_stats, depth=mc.mtp_num_layers) if float(cfg.get("mtp_weight", 0.0)) else None
+
+
 _DATA_SOURCES = ("task", "corpus:NAME", "jsonl:PATH", "stage:NAME")
 
 
@@ -158,6 +234,26 @@ def check_sft_stage(stage: str, cfg) -> None:
     if kd_weight and not (0.0 < kd_weight <= 1.0 and cfg.kd_temperature > 0):
         raise ValueError(f"config.{stage}: kd_weight={kd_weight} must be in [0, 1] and kd_temperature="
                          f"{cfg.kd_temperature} > 0")
+    mtp_weight = float(cfg.get("mtp_weight", 0.0))
+    if not (math.isfinite(mtp_weight) and mtp_weight >= 0.0):
+        raise ValueError(f"config.{stage}.mtp_weight={mtp_weight} must be >= 0 (the multi-token-prediction loss's "
+                         f"weight; 0: none)")
+
+
+def check_sft_model(stage: str, cfg, mc) -> None:
+    """The SFT / distillation settings that the stage's model config `mc` shows are wrong (r1jax.pipeline.stages.run
+    checks them once the model configs are known, before any stage runs)."""
+    mtp_weight = float(cfg.get("mtp_weight", 0.0))
+    if mtp_weight > 0 and not mc.mtp_num_layers:
+        own = cfg.get("model")
+        own_arch = own is not None and (own.get("preset") or own.get("hf_path")
+                                        or "mtp_num_layers" in (own.get("overrides") or {}))
+        key = f"config.{stage}.model.overrides" if own_arch else "config.model.overrides"
+        fix = (f"--{key}.mtp_num_layers=1 adds them (an hf: checkpoint's are then loaded)"
+               if mc.family == "deepseek_v3" else f"only deepseek_v3 models have them, not {mc.family}")
+        raise ValueError(f"config.{stage}.mtp_weight={mtp_weight} trains DeepSeek-V3's multi-token-prediction "
+                         f"modules, and the stage's model has no MTP modules (mtp_num_layers=0): {fix}; or set "
+                         f"config.{stage}.mtp_weight=0")
 
 
 def sft_examples(ctx: training.RunContext, stage: str, cfg) -> list[dict]:
@@ -183,15 +279,17 @@ def sft_examples(ctx: training.RunContext, stage: str, cfg) -> list[dict]:
 def _loss_fn(ctx: training.RunContext, stage: str, cfg, teacher):
     coef = ctx.model_config.moe.aux_loss_coef if ctx.model_config.moe else 0.0
     kd_weight = float(cfg.get("kd_weight", 0.0))
+    mtp_weight = float(cfg.get("mtp_weight", 0.0))
     if teacher is None or kd_weight == 0.0:
-        return partial(sft_loss, aux_loss_coef=coef), None
+        return partial(sft_loss, aux_loss_coef=coef, mtp_weight=mtp_weight), None
     v_s, v_t, v_tok = ctx.model_config.vocab_size, teacher.config.vocab_size, ctx.tokenizer.vocab_size
     if v_s != v_t and v_tok > min(v_s, v_t):
         raise ValueError(f"config.{stage}: logit distillation needs a shared vocabulary; the student has {v_s} "
                          f"logits, the teacher {v_t} and the tokenizer {v_tok} ids")
     teacher_graphdef, teacher_state = nnx.split(teacher)
     return partial(sft_loss, aux_loss_coef=coef, teacher_graphdef=teacher_graphdef, kd_weight=kd_weight,
-                   kd_temperature=float(cfg.kd_temperature), kd_vocab=min(v_s, v_t)), teacher_state
+                   kd_temperature=float(cfg.kd_temperature), kd_vocab=min(v_s, v_t),
+                   mtp_weight=mtp_weight), teacher_state
 
 
 def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None, *, examples=None,
@@ -203,6 +301,7 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
     from r1jax.data import sft_dataset
 
     check_sft_stage(stage, cfg)  # also when called directly, not through r1jax.pipeline.stages.run (kd_weight range)
+    check_sft_model(stage, cfg, ctx.model_config)
     examples = sft_examples(ctx, stage, cfg) if examples is None else examples
     template = cfg.template or ctx.config.task.template
     rows = training.process_share(cfg.batch_size, f"config.{stage}.batch_size", "rows")
@@ -217,7 +316,8 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
     schedule = lr_schedule(cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
                            min_lr_ratio=cfg.min_lr_ratio)
     loss_fn, teacher_state = _loss_fn(ctx, stage, cfg, teacher)
-    step_fn = make_train_step(graphdef, optimizer, loss_fn, grad_accum=int(cfg.get("grad_accum", 1) or 1))
+    step_fn = make_train_step(graphdef, optimizer, loss_fn, grad_accum=int(cfg.get("grad_accum", 1) or 1),
+                              batch_stats=mtp_stats(ctx.model_config, cfg))
     opt_state = training.init_opt_state(ctx, optimizer, params)
     ckpt = Checkpointer(ctx.stage_dir(stage) / "checkpoints", keep=cfg.keep_checkpoints)
     it = iter(ds)
