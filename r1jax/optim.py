@@ -39,22 +39,49 @@ def lr_schedule(lr: float, *, total_steps: int, warmup_steps: int = 0, schedule:
     return jax.jit(optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps]))
 
 
+def _top_key(path) -> str:
+    first = path[0]
+    return str(getattr(first, "key", getattr(first, "name", first)))
+
+
+def clip_by_global_norm_apart(max_norm: float, apart: tuple[str, ...]) -> optax.GradientTransformation:
+    """Global-norm clipping with the subtrees under the top-level keys `apart` clipped by their own norm and the
+    rest by its own: a loss term that only those parameters learn from then never rescales the others' update."""
+    def update_fn(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        inside = [_top_key(path) in apart for path, _ in leaves]
+        sq = [jnp.sum(jnp.square(g.astype(jnp.float32))) for _, g in leaves]
+        norms = [jnp.sqrt(sum([q for q, i in zip(sq, inside) if i == group], jnp.zeros((), jnp.float32)))
+                 for group in (False, True)]
+        scale = [jnp.minimum(1.0, max_norm / jnp.maximum(n, 1e-30)) for n in norms]
+        clipped = [(g * scale[i]).astype(g.dtype) for (_, g), i in zip(leaves, inside)]
+        return jax.tree_util.tree_unflatten(treedef, clipped), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(*, lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
                    min_lr_ratio: float = 0.0, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, grad_clip: float = 1.0) -> optax.GradientTransformation:
-    """AdamW with global-norm gradient clipping (0 disables clipping)."""
+                   eps: float = 1e-8, grad_clip: float = 1.0, clip_apart: tuple[str, ...] = ()
+                   ) -> optax.GradientTransformation:
+    """AdamW with global-norm gradient clipping (0 disables clipping); `clip_apart`: top-level parameter names
+    clipped by their own norm (`clip_by_global_norm_apart`)."""
     sched = lr_schedule(lr, total_steps=total_steps, warmup_steps=warmup_steps, schedule=schedule,
                         min_lr_ratio=min_lr_ratio)
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    clip = clip_by_global_norm_apart(grad_clip, clip_apart) if clip_apart else optax.clip_by_global_norm(grad_clip)
+    parts = [clip] if grad_clip else []
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return optax.chain(*parts)
 
 
 def optimizer_from_config(stage, total_steps: int) -> optax.GradientTransformation:
+    # A GRPO stage that trains the MTP modules on its rollouts clips them apart: the policy's update stays what it
+    # would be without them (Adam and weight decay act per parameter already).
+    apart = ("mtp",) if stage.get("kind") == "grpo" and float(stage.get("mtp_weight", 0.0)) else ()
     return make_optimizer(lr=stage.lr, total_steps=total_steps, warmup_steps=stage.warmup_steps,
                           schedule=stage.lr_schedule, min_lr_ratio=stage.min_lr_ratio,
                           weight_decay=stage.weight_decay, b1=stage.b1, b2=stage.b2, eps=stage.adam_eps,
-                          grad_clip=stage.grad_clip)
+                          grad_clip=stage.grad_clip, clip_apart=apart)
 
 
 def safe_update(optimizer, params, opt_state, grads, loss):

@@ -280,6 +280,29 @@ def copy_tokenizer_files(tokenizer_cfg, workdir: Path, out: Path) -> list[Path]:
     return files
 
 
+def check_mtp_weight(stage: str, cfg) -> None:
+    """`mtp_weight` (the multi-token-prediction loss's weight in SFT-like and GRPO stages) is a finite number >= 0."""
+    mtp_weight = float(cfg.get("mtp_weight", 0.0))
+    if not (math.isfinite(mtp_weight) and mtp_weight >= 0.0):
+        raise ValueError(f"config.{stage}.mtp_weight={mtp_weight} must be >= 0 (the multi-token-prediction loss's "
+                         f"weight; 0: none)")
+
+
+def check_mtp_model(stage: str, cfg, mc: ModelConfig) -> None:
+    """`mtp_weight` > 0 needs a model with MTP modules (checked once the stage's model config is known)."""
+    mtp_weight = float(cfg.get("mtp_weight", 0.0))
+    if mtp_weight > 0 and not mc.mtp_num_layers:
+        own = cfg.get("model")
+        own_arch = own is not None and (own.get("preset") or own.get("hf_path")
+                                        or "mtp_num_layers" in (own.get("overrides") or {}))
+        key = f"config.{stage}.model.overrides" if own_arch else "config.model.overrides"
+        fix = (f"--{key}.mtp_num_layers=1 adds them (an hf: checkpoint's are then loaded)"
+               if mc.family == "deepseek_v3" else f"only deepseek_v3 models have them, not {mc.family}")
+        raise ValueError(f"config.{stage}.mtp_weight={mtp_weight} trains DeepSeek-V3's multi-token-prediction "
+                         f"modules, and the stage's model has no MTP modules (mtp_num_layers=0): {fix}; or set "
+                         f"config.{stage}.mtp_weight=0")
+
+
 def check_save_hf(stage: str, mc: ModelConfig) -> None:
     """Raises ValueError, before any stage runs, when `stage.save_hf` could not write the model it will train: a
     config its family's config.json cannot express, or a routing bias the family's checkpoints cannot hold."""

@@ -223,3 +223,72 @@ def test_dry_run_counts_the_mtp_modules_and_refuses_a_model_without_them():
     cfg.model.overrides.mtp_num_layers = 0
     report = dry_run(cfg, sampler=False, flops=False)
     assert not report["ok"] and "has no MTP modules" in report["stages"]["sft"]["error"], report
+
+
+# -- GRPO: the MTP modules trained on the rollouts (the drafts of speculative rollouts follow the policy) -------------
+
+
+def _rollout_batch(R=8, P=6, N=10, seed=0):
+    rng = np.random.default_rng(seed)
+    prompt = np.arange(P)[None] >= rng.integers(0, P - 1, R)[:, None]
+    completion = np.arange(N)[None] < rng.integers(1, N + 1, R)[:, None]
+    mask = np.concatenate([prompt, completion], 1)
+    tokens = np.where(mask, rng.integers(3, V, (R, P + N)), 0).astype(np.int32)
+    return {"tokens": tokens, "mask": mask, "completion_mask": completion,
+            "advantages": rng.standard_normal(R).astype(np.float32)}, P
+
+
+def test_grpo_mtp_loss_leaves_the_policy_update_unchanged():
+    """One AdamW update with gradient clipping active: every non-MTP weight moves exactly as without the MTP term
+    (the trunk's hidden states, the shared embedding and head are constants to it, and the MTP modules are clipped
+    apart); the MTP modules move only with it; mtp_nll is the float64 cross-entropy on the completion tokens."""
+    from r1jax.optim import optimizer_from_config
+    from r1jax.rl.trainer import make_update_fn
+
+    model = _model(mtp_num_layers=1, seed=3)
+    graphdef, params, rest = split_params(model)
+    batch, P = _rollout_batch()
+    dev = jax.tree.map(jnp.asarray, batch)
+    out = {}
+    for w in (0.0, 0.5):
+        cfg = configs.grpo_stage(beta=0.0, max_new_tokens=10, mtp_weight=w, grad_clip=1e-3, lr=1e-2)
+        opt = optimizer_from_config(cfg, 10)
+        out[w] = make_update_fn(graphdef, opt, cfg, 0.0)(jax.tree.map(jnp.copy, params), opt.init(params), rest,
+                                                         dev, False, P)
+    flat = lambda t: dict(jax.tree_util.tree_flatten_with_path(t)[0])
+    before, plain, mtp = flat(params), flat(out[0.0][0]), flat(out[0.5][0])
+    moved = 0
+    for path, x in before.items():
+        in_mtp = "mtp" in jax.tree_util.keystr(path)
+        if in_mtp:
+            np.testing.assert_array_equal(np.asarray(plain[path]), np.asarray(x))
+            moved += int(not np.array_equal(np.asarray(mtp[path]), np.asarray(x)))
+        else:
+            np.testing.assert_allclose(np.asarray(mtp[path]), np.asarray(plain[path]), rtol=0, atol=1e-7,
+                                       err_msg=jax.tree_util.keystr(path))
+    assert moved > 0
+    m = out[0.5][2]
+    # The MTP cross-entropy by hand: depth 1 at position i predicts token i + 2 of the completion.
+    logits = np.asarray(nnx.jit(lambda m, t, k: m.mtp_logits(
+        m.forward(t, attention_mask_BL=k.at[:, -1].set(False)).hidden, t, attention_mask_BL=k))(
+            nnx.merge(graphdef, params, rest), dev["tokens"], dev["mask"])[0], np.float64)
+    target_mask = np.concatenate([np.zeros((8, P)), batch["completion_mask"]], 1)
+    nll, n = 0.0, 0
+    for r in range(8):
+        for i in range(P + 10 - 2):
+            if target_mask[r, i + 2]:
+                nll -= _log_softmax64(logits[r, i])[batch["tokens"][r, i + 2]]
+                n += 1
+    np.testing.assert_allclose(float(m["mtp_nll"]), nll / n, rtol=1e-5)
+
+
+def test_grpo_mtp_settings_refused():
+    from r1jax.rl.trainer import check_grpo_stage
+    from r1jax.training import check_mtp_model
+
+    with pytest.raises(ValueError, match="mtp_weight > 0 .* runs on padded rows; set pack_rows=False"):
+        check_grpo_stage("grpo", configs.grpo_stage(mtp_weight=0.1, pack_rows=True, rewards={"accuracy": 1.0}))
+    with pytest.raises(ValueError, match=r"config.grpo.mtp_weight=-1.0 must be >= 0"):
+        check_grpo_stage("grpo", configs.grpo_stage(mtp_weight=-1.0, rewards={"accuracy": 1.0}))
+    with pytest.raises(ValueError, match=r"config.grpo.mtp_weight=0.1 trains DeepSeek-V3's multi-token-prediction"):
+        check_mtp_model("grpo", configs.grpo_stage(mtp_weight=0.1), get_preset("tiny_deepseek_v3"))

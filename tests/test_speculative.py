@@ -184,12 +184,16 @@ def test_refusals(random_model):
 def test_generate_max_new_tokens_not_a_bucket(trained_model):
     """max_new_tokens inside a bucket: no row gets more tokens, even when a step settles two at the limit; and the
     trained fixture continues a cycle prefix with the cycle."""
+    kw = dict(temperature=0.0, num_samples=4, eos_id=[1, 1])  # the other tests' compiled shapes
     for max_new in (1, 2, 7):
-        a = generate(trained_model, PROMPTS, max_new_tokens=max_new, temperature=0.0)
-        b = generate(trained_model, PROMPTS, max_new_tokens=max_new, temperature=0.0, speculative="mtp")
+        a = generate(trained_model, PROMPTS, max_new_tokens=max_new, **kw)
+        b = generate(trained_model, PROMPTS, max_new_tokens=max_new, speculative="mtp", **kw)
         np.testing.assert_array_equal(b.tokens, a.tokens)
         np.testing.assert_array_equal(b.lengths, a.lengths)
     assert b.tokens[0].tolist() == list(itertools.islice(itertools.cycle(PERIOD), 3, 10))
+    # The counts behind eval's and GRPO's draft_acceptance: 6 tokens after the first, in fewer steps.
+    assert a.stats == {"steps": 7, "drafted": 0, "accepted": 0}, a.stats
+    assert b.stats["steps"] < 6 and 0 < b.stats["accepted"] <= b.stats["drafted"], b.stats
 
 
 def test_stage_settings_refused_before_any_stage_runs(tmp_path):

@@ -185,6 +185,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
             path.write_text("".join(json.dumps(r) + "\n" for r in [{"fingerprint": fingerprint}] + [
                 _record(s, c, n) for s, (c, n) in sorted(done.items())]))
     completions, lengths = [], []
+    drafts = np.zeros(2, np.int64)  # speculative drafts proposed and accepted in the batches sampled here
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         n_real = len(chunk)
@@ -196,6 +197,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         out = generate(model, chunk, num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id or 0,
                        seed=seed + start, mesh=mesh, rules=rules, compact=compact, speculative=speculative)
+        drafts += (out.stats["drafted"], out.stats["accepted"])
         texts, ns = decode_completions(tokenizer, out.tokens, out.lengths)[: n_real * k], out.lengths[: n_real * k]
         completions += texts
         lengths += ns.tolist()
@@ -213,6 +215,8 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
     metrics["format_rate"] = float(np.nanmean(parts["format"]))
     metrics["answer_rate"] = float(np.mean([a is not None and a.strip() != "" for a in answers]))
     metrics["completion_len"] = float(np.mean(lengths))
+    if speculative and drafts[0]:  # (every batch came from a progress file: none drafted here)
+        metrics["draft_acceptance"] = float(drafts[1] / drafts[0])
     if return_samples:
         metrics["samples"] = [
             {"problem": i // k, "prompt": ex.get("prompt"), "reference": ex.get("answer"), "completion": c,

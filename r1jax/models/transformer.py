@@ -144,14 +144,17 @@ class Transformer(nnx.Module):
     def stacks(self) -> list[tuple[str, DecoderLayer]]:
         return [(name, getattr(self, name)) for name in ("dense", "moe") if hasattr(self, name)]
 
-    def head(self, h_BLD):
+    def head(self, h_BLD, frozen: bool = False):
+        """Logits [B, L, V] float32; `frozen`: the output weights get no gradient (h still does)."""
+        w_of = jax.lax.stop_gradient if frozen else (lambda w: w)
         if self.config.tie_word_embeddings:
-            w = cast(self.embed.embedding, h_BLD.dtype)
+            w = w_of(cast(self.embed.embedding, h_BLD.dtype))
             return project("bld,vd->blv", h_BLD, w, preferred_element_type=jnp.float32)
         if not self.has_lm_head:
             raise ValueError("this Transformer was built with lm_head=False (a reward model's trunk); it has no "
                              "output head: call forward(..., return_logits=False) and use `hidden`")
-        return project("bld,dv->blv", h_BLD, cast(self.lm_head, h_BLD.dtype), preferred_element_type=jnp.float32)
+        return project("bld,dv->blv", h_BLD, w_of(cast(self.lm_head, h_BLD.dtype)),
+                       preferred_element_type=jnp.float32)
 
     def init_cache(self, batch: int, length: int, dtype=None, mtp: bool = False) -> dict:
         """An empty KV cache of `length` slots for `batch` rows: shared `index`, `valid` [B, S] and `next_pos` [B],
@@ -235,10 +238,12 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None):
         return self.forward(tokens_BL, positions_BL, segment_ids_BL, attention_mask_BL).logits
 
-    def mtp_logits(self, hidden_BLD, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None):
+    def mtp_logits(self, hidden_BLD, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None,
+                   train_shared: bool = True):
         """Logits of each MTP depth k = 1..D: at position i, depth k predicts token i + k + 1 from the main
         model's final hidden state (`ModelOutput.hidden`) and the embedding of token i + k. Returns [D, B, L, V];
-        the last k positions of depth k have no target."""
+        the last k positions of depth k have no target. `train_shared=False`: the embedding and output head, which
+        the MTP modules share with the model, get no gradient from these logits (only the MTP modules learn)."""
         cfg = self.config
         if not cfg.mtp_num_layers:
             raise ValueError("this model has no MTP modules (mtp_num_layers=0)")
@@ -254,10 +259,11 @@ class Transformer(nnx.Module):
         for k, depth_state in enumerate(split_layers(state)):
             mod = nnx.merge(graphdef, depth_state)
             shifted = jnp.concatenate([tokens_BL[:, k + 1:], jnp.zeros((B, k + 1), tokens_BL.dtype)], axis=1)
-            e = mod.enorm(self.embed(shifted))
+            emb = self.embed(shifted)
+            e = mod.enorm(emb if train_shared else jax.lax.stop_gradient(emb))
             hp = project("blc,cd->bld", jnp.concatenate([e, mod.hnorm(h)], -1), cast(mod.eh_proj, e.dtype))
             h, _, _ = mod.block(hp, cos_sin, mask_BLS, valid_BL, segments_BL=segments_BL)
-            out.append(self.head(mod.head_norm(h)))
+            out.append(self.head(mod.head_norm(h), frozen=not train_shared))
         return jnp.stack(out)
 
     def mtp_depth(self, k: int = 0) -> MTPModule:

@@ -153,6 +153,13 @@ def process_rows(x, rows_per_process: int) -> np.ndarray:
     return out
 
 
+def replicated_int(x) -> int:
+    """A device scalar that every device holds whole (a replicated jit output) as an int, read from this process's
+    own copy: no collective, unlike `fetch` of a value some shards of which live on other processes. Plain numbers
+    pass through."""
+    return int(np.asarray(x.addressable_shards[0].data)) if isinstance(x, jax.Array) else int(x)
+
+
 def fetch(x) -> np.ndarray:
     """The full value of a `jax.Array` as numpy on every process, also when its shards live on other processes."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

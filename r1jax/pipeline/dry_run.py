@@ -47,7 +47,7 @@ use; the report gives these numbers per device:
                        of them at once) * V * 4 bytes * 4 (GRPO: logits, log-softmax, its exp for the entropy, the
                        logits' cotangent; SFT: 3). mask = tokens_per_device * T bytes of the boolean attention mask
                        (none with a fused kernel). With context parallelism the working layer adds the keys and values
-                       gathered from the row's other positions. An SFT / distillation stage with mtp_weight > 0 adds,
+                       gathered from the row's other positions. A stage with mtp_weight > 0 (sft, distill, grpo) adds,
                        per MTP depth, a layer's "none" set + 6 D per token (no remat) and a head over every position.
                        XLA's fusion and buffer reuse make the real number differ; treat it as an order of magnitude.
   rollout              the sampler's KV cache for B * G rows of P + N slots (P + 2 N and the MTP block's own cache
@@ -64,7 +64,7 @@ analytically (`flops_gmm`: 2 * k * 3 * D * F_expert per token and MoE layer forw
 backward, plus one forward recomputed under remat). On a CPU target the blocked XLA backend's tile loops count one
 tile. `flops_model` is the textbook count for comparison: 3 * forward (2 * active matmul params per token
 + 2 * H * (qk_dim + v_dim) * S attention per layer and token + 2 * D * V per logit position; MTP modules, each
-a layer and a head over every position, when an SFT loss trains them), no remat. The lowered step includes them.
+a layer and a head over every position, when the loss trains them), no remat. The lowered step includes them.
 """
 
 from __future__ import annotations
@@ -431,8 +431,8 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
                 raise ValueError(f"config.{name}.grad_accum={accum} must divide the {shape['rows']} rows of an "
                                  f"update ({what})")
         check_batch(shape["rows"] // accum, mesh, train_rules, f"{what} / grad_accum")
-        # The MTP depths an SFT / distillation loss trains (mtp_weight > 0): their forward and backward count too.
-        mtp = mc.mtp_num_layers if train_kind == "sft" and float(cfg.get("mtp_weight", 0.0)) > 0 else 0
+        # The MTP depths an SFT / distillation / GRPO loss trains (mtp_weight > 0): their forward and backward count.
+        mtp = mc.mtp_num_layers if float(cfg.get("mtp_weight", 0.0)) > 0 else 0
         act = activation_bytes(mc, rows=shape["rows"], length=shape["T"], logit_positions=logit_positions,
                                head_copies=copies, mesh=mesh, rules=train_rules, grad_accum=accum,
                                logits_chunk=logits_chunk, mtp_layers=mtp)

@@ -65,6 +65,7 @@ def _builtin_runners():
         STAGE_CHECKS.setdefault(kind, check)
     STAGE_DATA_CHECKS.setdefault("grpo", check_grpo_data)
     STAGE_MODEL_CHECKS.setdefault("sft", check_sft_model)
+    STAGE_MODEL_CHECKS.setdefault("grpo", training.check_mtp_model)
     import importlib.util
 
     if importlib.util.find_spec("r1jax.pipeline.r1") is not None:  # recipe stages (rejection sampling, distill)

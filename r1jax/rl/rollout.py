@@ -54,7 +54,7 @@ def sample_groups_in_chunks(model, prompt_ids_BP, prompt_mask_BP, *, chunk: int,
                           rng=jax.random.fold_in(rng, i // chunk), **kw) for i in range(0, B, chunk)]
     out = tuple(jnp.concatenate(xs, axis=0) for xs in zip(*(p[:3] for p in parts)))
     if kw.get("return_stats"):  # steps add up over the calls, one after another, like the drafts
-        out += ({k: sum(p[3][k] for p in parts) for k in parts[0][3]},)
+        out += ({k: sum(hosts.replicated_int(p[3][k]) for p in parts) for k in parts[0][3]},)
     return out
 
 
@@ -172,19 +172,15 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         "reward_s": t2 - t1,
         **({"model_reward_s": t3 - t2} if model_rewards else {}),
         "generated_tokens": int(all_lengths.sum()),
-        "decode_steps": _scalar(sampler_stats["steps"]),
+        "decode_steps": hosts.replicated_int(sampler_stats["steps"]),
     }
     if speculative:  # the share of MTP drafts the policy accepted
-        metrics["draft_acceptance"] = _scalar(sampler_stats["accepted"]) / max(_scalar(sampler_stats["drafted"]), 1)
+        drafted = max(hosts.replicated_int(sampler_stats["drafted"]), 1)
+        metrics["draft_acceptance"] = hosts.replicated_int(sampler_stats["accepted"]) / drafted
     for name, values in parts.items():
         metrics[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     metrics.update(reward_by_source(totals, hosts.concat_objects([ex.get("source") for ex in examples]), G))
     return batch, metrics, texts
-
-
-def _scalar(x) -> int:
-    """A replicated device scalar as an int; every process holds a copy (no gather across processes)."""
-    return int(np.asarray(x.addressable_shards[0].data))
 
 
 def reward_by_source(totals_R: np.ndarray, sources_B: list, group_size: int) -> dict[str, float]:

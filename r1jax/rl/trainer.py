@@ -63,8 +63,33 @@ def head_logp_entropy(model, h_BLD, targets_BL, chunk: int = 0):
     return jnp.moveaxis(logp, 0, 2).reshape(B, L), jnp.moveaxis(entropy, 0, 2).reshape(B, L)
 
 
+def rollout_mtp_loss(model, hidden_RTD, tokens_RT, mask_RT, completion_mask_RN):
+    """DeepSeek-V3's MTP loss on the rollout's completion tokens, trained beside the policy so that the MTP module's
+    drafts (speculative rollouts) follow the policy as it moves: depth k at position i predicts token i + k + 1
+    (1-based k) from the trunk's hidden state at i and token i + k; every completion token is a target of every
+    depth. Only the MTP modules learn: the hidden states, the shared embedding and output head enter as constants,
+    so the policy's gradient is the same as without it. Returns (mean over depths of each depth's cross-entropy
+    averaged over completion tokens, depth 1's argmax accuracy). The logits are [D, R, T, V] float32 at once."""
+    R, T = tokens_RT.shape
+    logits_DRTV = model.mtp_logits(jax.lax.stop_gradient(hidden_RTD), tokens_RT, attention_mask_BL=mask_RT,
+                                   train_shared=False)
+    target_mask_RT = jnp.concatenate([jnp.zeros((R, T - completion_mask_RN.shape[1]), jnp.float32),
+                                      completion_mask_RN.astype(jnp.float32)], axis=1)
+    nll, acc = [], None
+    for k in range(logits_DRTV.shape[0]):
+        s = k + 2  # the offset of depth k's target
+        pad = lambda x: jnp.concatenate([x[:, s:], jnp.zeros((R, s), x.dtype)], axis=1)
+        target_RT, m_RT = pad(tokens_RT), pad(target_mask_RT)
+        n = jnp.maximum(m_RT.sum(), 1.0)
+        logp_RTV = jax.nn.log_softmax(logits_DRTV[k], axis=-1)
+        nll.append(-jnp.sum(jnp.take_along_axis(logp_RTV, target_RT[..., None], axis=-1)[..., 0] * m_RT) / n)
+        if k == 0:
+            acc = jnp.sum((jnp.argmax(logits_DRTV[0], axis=-1) == target_RT) * m_RT) / n
+    return sum(nll) / len(nll), acc
+
+
 def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0, packed: dict | None = None,
-                    pack_shards: int = 1, pack_parts: int = 1):
+                    pack_shards: int = 1, pack_parts: int = 1, with_hidden: bool = False):
     """Log-probs and entropies [R, N] of the completion tokens tokens[:, P:] (and the model's aux outputs), the
     output head chunked over `chunk` positions (`head_logp_entropy`).
 
@@ -72,12 +97,13 @@ def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0, 
     expert load and not in the balance loss): the same numbers as P + N - 1 positions, in a length that context
     parallelism and the expert all-to-all can split evenly. With `packed` (the arrays of r1jax.rl.packing, packed
     over `pack_shards` batch shards, `pack_parts` units per shard) the forward and the head run over the bins, and
-    the completion tokens' values are gathered from them."""
+    the completion tokens' values are gathered from them. `with_hidden` (unpacked rows): also the trunk's final
+    hidden states [R, T, D]."""
     if packed is None:
         out = model.forward(tokens_RT, attention_mask_BL=mask_RT.astype(bool).at[:, -1].set(False),
                             return_logits=False)
         return (*head_logp_entropy(model, out.hidden[:, prompt_len - 1:-1], tokens_RT[:, prompt_len:], chunk),
-                out.aux)
+                out.aux, *((out.hidden,) if with_hidden else ()))
     out = model.forward(packed["bin_tokens"], segment_ids_BL=packed["bin_segments"], return_logits=False)
     logp, entropy = head_logp_entropy(model, out.hidden, packed["bin_targets"], chunk)
     return (*(gather_positions(x, packed["gather_idx"], pack_shards, pack_parts) for x in (logp, entropy)),
@@ -158,15 +184,21 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
     accum = int(cfg.get("grad_accum", 1) or 1)
     chunk = int(cfg.get("logits_chunk", 0) or 0)
     bonus = entropy_bonus(cfg)  # static: without a bonus no gradient flows through the entropies
+    mtp_weight = float(cfg.get("mtp_weight", 0.0))
 
     def objective(p, rest, batch, prompt_len, entropy_coef):
-        logp, entropy, aux = completion_logp(nnx.merge(graphdef, p, rest), batch["tokens"], batch["mask"],
-                                             prompt_len, chunk, packed_arrays(batch), pack_shards)
+        model = nnx.merge(graphdef, p, rest)
+        logp, entropy, aux, *hidden = completion_logp(model, batch["tokens"], batch["mask"], prompt_len, chunk,
+                                                      packed_arrays(batch), pack_shards, with_hidden=bool(mtp_weight))
         value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"],
                                    batch["completion_mask"], sampler_logp_BT=batch.get("sampler_logp"),
                                    entropy_BT=entropy, entropy_coef=entropy_coef if bonus else 0.0, **kw)
         if aux_loss_coef and "moe_aux_loss" in aux:
             value = value + aux_loss_coef * aux["moe_aux_loss"]
+        if mtp_weight:  # the MTP modules alone learn from it: the policy's gradient is unchanged
+            nll, acc = rollout_mtp_loss(model, hidden[0], batch["tokens"], batch["mask"], batch["completion_mask"])
+            value = value + mtp_weight * nll
+            metrics = {**metrics, "mtp_nll": nll, "mtp_accuracy": acc}
         return value, (metrics, aux)
 
     @partial(jax.jit, static_argnames=("prompt_len",), donate_argnums=(0, 1))
@@ -279,6 +311,10 @@ def check_grpo_stage(stage: str, cfg) -> None:
                          f"max_rollouts >= 1 (got {cfg.max_rollouts})")
     grpo_memory_knobs(cfg, stage)
     training.check_lora(stage, cfg)
+    training.check_mtp_weight(stage, cfg)
+    if float(cfg.get("mtp_weight", 0.0)) and cfg.get("pack_rows", False):
+        raise ValueError(f"config.{stage}: mtp_weight > 0 (the MTP modules trained on the rollouts) runs on padded "
+                         "rows; set pack_rows=False or mtp_weight=0")
     if not cfg.rewards and not cfg.get("model_rewards"):
         raise ValueError(f"config.{stage}: no rewards; set rewards (rule rewards) and/or model_rewards")
     for name in [*cfg.rewards, *([cfg.eval.reward] if "eval" in cfg else [])]:

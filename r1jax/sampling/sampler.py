@@ -41,6 +41,7 @@ class SamplingResult(NamedTuple):
     lengths: np.ndarray            # [B*G] tokens generated, EOS included
     logprobs: np.ndarray           # [B*G, N] log p(token) under the model at temperature 1; 0 after EOS
     sampling_logprobs: np.ndarray  # [B*G, N] under the distribution sampled from; 0 after EOS
+    stats: dict | None = None      # ints: decode `steps` after the prefill, speculative `drafted` / `accepted`
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -222,6 +223,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, m
                         jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                         jnp.int32(pad_id), jnp.asarray(eos, jnp.int32), num_samples=num_samples,
                         max_new_bucket=N, strategy=strategy, mesh=mesh, rules=rules if mesh is not None else None,
-                        compact=compact, speculative=speculative)
-    toks, lengths, logp, slogp = (hosts.fetch(x) for x in out)
-    return SamplingResult(toks[:, :max_new_tokens], lengths, logp[:, :max_new_tokens], slogp[:, :max_new_tokens])
+                        compact=compact, speculative=speculative, return_stats=True)
+    toks, lengths, logp, slogp = (hosts.fetch(x) for x in out[:4])
+    stats = {k: hosts.replicated_int(v) for k, v in out[4].items()}
+    return SamplingResult(toks[:, :max_new_tokens], lengths, logp[:, :max_new_tokens], slogp[:, :max_new_tokens],
+                          stats)

@@ -26,7 +26,6 @@ in the summary) when a finite `num_epochs` of data runs out before `steps`.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from functools import partial
 
@@ -234,26 +233,13 @@ def check_sft_stage(stage: str, cfg) -> None:
     if kd_weight and not (0.0 < kd_weight <= 1.0 and cfg.kd_temperature > 0):
         raise ValueError(f"config.{stage}: kd_weight={kd_weight} must be in [0, 1] and kd_temperature="
                          f"{cfg.kd_temperature} > 0")
-    mtp_weight = float(cfg.get("mtp_weight", 0.0))
-    if not (math.isfinite(mtp_weight) and mtp_weight >= 0.0):
-        raise ValueError(f"config.{stage}.mtp_weight={mtp_weight} must be >= 0 (the multi-token-prediction loss's "
-                         f"weight; 0: none)")
+    training.check_mtp_weight(stage, cfg)
 
 
 def check_sft_model(stage: str, cfg, mc) -> None:
     """The SFT / distillation settings that the stage's model config `mc` shows are wrong (r1jax.pipeline.stages.run
     checks them once the model configs are known, before any stage runs)."""
-    mtp_weight = float(cfg.get("mtp_weight", 0.0))
-    if mtp_weight > 0 and not mc.mtp_num_layers:
-        own = cfg.get("model")
-        own_arch = own is not None and (own.get("preset") or own.get("hf_path")
-                                        or "mtp_num_layers" in (own.get("overrides") or {}))
-        key = f"config.{stage}.model.overrides" if own_arch else "config.model.overrides"
-        fix = (f"--{key}.mtp_num_layers=1 adds them (an hf: checkpoint's are then loaded)"
-               if mc.family == "deepseek_v3" else f"only deepseek_v3 models have them, not {mc.family}")
-        raise ValueError(f"config.{stage}.mtp_weight={mtp_weight} trains DeepSeek-V3's multi-token-prediction "
-                         f"modules, and the stage's model has no MTP modules (mtp_num_layers=0): {fix}; or set "
-                         f"config.{stage}.mtp_weight=0")
+    training.check_mtp_model(stage, cfg, mc)
 
 
 def sft_examples(ctx: training.RunContext, stage: str, cfg) -> list[dict]:
