@@ -197,7 +197,8 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         out = generate(model, chunk, num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id or 0,
                        seed=seed + start, mesh=mesh, rules=rules, compact=compact, speculative=speculative)
-        drafts += (out.stats["drafted"], out.stats["accepted"])
+        if speculative:
+            drafts += (out.stats["drafted"], out.stats["accepted"])
         texts, ns = decode_completions(tokenizer, out.tokens, out.lengths)[: n_real * k], out.lengths[: n_real * k]
         completions += texts
         lengths += ns.tolist()
