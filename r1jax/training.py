@@ -367,10 +367,6 @@ def write_done(ctx: RunContext, stage: str, summary: dict):
         (ctx.stage_dir(stage) / "DONE").write_text(json.dumps(summary, indent=2, default=float))
 
 
-def stage_done(ctx: RunContext, stage: str) -> bool:
-    return (ctx.stage_dir(stage) / "DONE").exists()
-
-
 def init_opt_state(ctx: RunContext, optimizer, params):
     """The optimizer state, placed like the parameters (moments) or replicated (counters). A plain
     `jax.jit(optimizer.init)` leaves it uncommitted on one device, which a restored checkpoint then is, committed:

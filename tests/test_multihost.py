@@ -134,6 +134,28 @@ def test_experiment_across_two_processes(experiment, tmp_path):
         assert json.loads((tmp_path / "results.json").read_text())
 
 
+def test_every_process_takes_the_tokenizer_barrier_whatever_it_finds(tmp_path, monkeypatch):
+    """Process 0 trains the run's tokenizer with no collective; a slower process 1 may then find the file already
+    written. It must still take the barrier: skipping it paired process 0's barrier with process 1's next
+    collective (seen as device_put's "not the same on each process" in a 2-process run)."""
+    import jax
+
+    from r1jax.configs import base_config
+    from r1jax.data import train_sentencepiece
+    from r1jax.pipeline import stages
+
+    train_sentencepiece([f"{a} + {b} = {a + b}" for a in range(30) for b in range(30)], 300,
+                        tmp_path / "tokenizer.model")
+    taken = []
+    monkeypatch.setattr(stages.hosts, "barrier", taken.append)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    cfg = base_config()
+    cfg.tokenizer.kind = "spm_train"
+    tok = stages.build_tokenizer(cfg, tmp_path, tasks=None)
+    assert taken == ["tokenizer"]
+    assert tok.decode(tok.encode("12 + 7 = 19")) == "12 + 7 = 19"
+
+
 def test_local_launcher_sets_env_and_fails_if_any_process_fails():
     prog = ("import os; print(os.environ['R1JAX_PROCESS_ID'], os.environ['R1JAX_NUM_PROCESSES'], "
             "os.environ['R1JAX_COORDINATOR_ADDRESS'], os.environ['XLA_FLAGS'].split()[-1])")

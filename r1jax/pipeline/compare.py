@@ -86,10 +86,13 @@ def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str 
     labels = [x.strip() for x in cfg.order.split(",") if x.strip()] or sorted(cfg.models)  # checked by validate
     sets = datasets(ctx, cfg)
     results = {}
+    # Which models are already evaluated is decided before the first one's collectives, so a process that looked
+    # after process 0 wrote a result cannot skip an evaluation the others run.
+    cached = {label: (ctx.stage_dir(stage) / f"eval_{label}.json").exists() for label in labels}
     for label in labels:
         spec = cfg.models[label]
         cache = ctx.stage_dir(stage) / f"eval_{label}.json"
-        if cache.exists():
+        if cached[label]:
             results[label] = json.loads(cache.read_text())
             continue
         if ctx.stop:

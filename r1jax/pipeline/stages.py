@@ -197,9 +197,10 @@ def build_tokenizer(config, workdir: Path, tasks):
         return load_tokenizer(tk.path, add_markers=tk.add_markers)
     if tk.kind == "spm_train":
         path = workdir / "tokenizer.model"
-        if path.exists():  # a resumed run must keep the ids it trained with
-            return load_tokenizer(path)
-        if jax.process_index() == 0:
+        # A resumed run keeps the ids it trained with. Every process takes the barrier whatever it saw: process 1
+        # may find the file process 0 has just written, and skipping the barrier then pairs process 0's barrier
+        # with process 1's next collective.
+        if jax.process_index() == 0 and not path.exists():
             train_sentencepiece(tokenizer_texts(config, tasks), tk.vocab_size, path,
                                 split_by_whitespace=tk.split_by_whitespace, max_piece_length=tk.max_piece_length)
         hosts.barrier("tokenizer")
@@ -267,6 +268,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
     check_stages(config, names)  # before any stage runs (or the tokenizer trains)
     ctx = setup(config, workdir, stop, progress=progress)
     pending = [n for n in names if not (ctx.stage_dir(n) / "DONE").exists()]
+    # Every process decides which stages to run before process 0 can write a DONE this run: a process that
+    # looked later would skip a stage the others run and meet their collectives with different ones.
+    hosts.barrier("pending stages")
     for name in pending:
         if config[name].get("save_hf"):
             training.check_save_hf(name, ctx.model_config_for(name))
@@ -282,9 +286,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
     summaries, previous = {}, None
     try:
         for name in names:
-            done = ctx.stage_dir(name) / "DONE"
-            if done.exists():
-                summaries[name] = json.loads(done.read_text())
+            if name not in pending:
+                summaries[name] = json.loads((ctx.stage_dir(name) / "DONE").read_text())
             else:
                 ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
                 ctx.logger.start_stage(name, config[name].get("steps"))
