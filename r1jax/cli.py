@@ -215,7 +215,8 @@ def cmd_train(argv):
 
 
 def _dry_run(cfg):
-    from r1jax.pipeline.dry_run import dry_run, format_report
+    from r1jax.pipeline.dry_run import dry_run
+    from r1jax.pipeline.dry_run_report import format_report
 
     report = dry_run(cfg)
     print(format_report(report, FLAGS["config"].config_filename or ""))

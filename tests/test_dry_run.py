@@ -1,6 +1,7 @@
 """Dry runs: every experiment that targets an accelerator lowers for it on an abstract mesh of its size, with sane
 parameter / memory / FLOP numbers; layout errors read as r1jax.parallel says them; `r1jax train --dry_run`."""
 
+import doctest
 import functools
 import importlib.util
 import json
@@ -13,7 +14,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from r1jax.pipeline.dry_run import GiB, check_hardware, dry_run, format_report, lowered_flops, mesh_sizes
+from r1jax.pipeline.dry_run import GiB, check_hardware, dry_run, lowered_flops, mesh_sizes
+from r1jax.pipeline import dry_run_report
+from r1jax.pipeline.dry_run_report import format_report
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.py"))
@@ -204,6 +207,8 @@ def test_layout_errors_read_as_r1jax_parallel_says_them():
     cfg.mesh.update(fsdp=16, tensor=8)
     report = dry_run(cfg, flops=False)
     assert report["mesh"] is None and "does not match the 64 devices" in report["error"]
+    assert format_report(report).splitlines()[1] == f"  FAILED: {report['error']}"
+    assert doctest.testmod(dry_run_report).failed == 0
 
 
 def test_mesh_fill_and_hardware_check():

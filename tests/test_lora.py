@@ -281,7 +281,8 @@ def test_sft_and_grpo_stages_train_only_the_adapters(tmp_path):
 
 
 def test_dry_run_counts_adapters_as_the_trainable_state():
-    from r1jax.pipeline.dry_run import dry_run, format_report
+    from r1jax.pipeline.dry_run import dry_run
+    from r1jax.pipeline.dry_run_report import format_report
 
     cfg = _tiny_config()
     cfg.stages = "grpo"

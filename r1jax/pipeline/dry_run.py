@@ -92,13 +92,13 @@ from r1jax.parallel.rules import MESH_AXES, axis_rules, canonical_rules, context
 from r1jax.parallel.sharding import check_batch, shardings_for, validate_layout
 from r1jax.pipeline.dry_run_estimates import (activation_bytes, gmm_flops, model_flops, param_counts, sampler_bytes,
                                               tree_bytes)
+from r1jax.pipeline.dry_run_report import GiB
 
 log = logging.getLogger(__name__)
 
 PLATFORMS = ("cpu", "tpu", "cuda")
 _GMM_AUTO = {"tpu": "pallas_tpu", "cuda": "pallas_gpu", "cpu": "xla_blocked"}
 _JAX_PLATFORM = {"cpu": "cpu", "tpu": "tpu", "cuda": "gpu"}
-GiB = 2 ** 30
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,9 +494,9 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
 def dry_run(config: ml_collections.ConfigDict, *, stages: list[str] | None = None, flops=True,
             sampler: bool = True, strict: bool = False) -> dict:
     """Checks every stage of `config` (or those named in `stages`) against `config.hardware` without devices, files
-    or weights; returns a report dict (see the module docstring; `format_report` prints it). `flops`: count the
-    train step's FLOPs (a few more lowerings of shallow models) for every stage (True), none (False), or the stages
-    named in a collection. A stage that fails (a layout error, a lowering error) is reported with its error;
+    or weights; returns a report dict (see the module docstring; `dry_run_report.format_report` prints it). `flops`:
+    count the train step's FLOPs (a few more lowerings of shallow models) for every stage (True), none (False), or
+    the stages named in a collection. A stage that fails (a layout error, a lowering error) is reported with its error;
     `strict=True` raises it instead."""
     hw = hardware(config)
     names = configs.validate(config)
@@ -534,70 +534,3 @@ def dry_run(config: ml_collections.ConfigDict, *, stages: list[str] | None = Non
         report["stages"][name] = out
     report["ok"] = all(s["status"] != "failed" for s in report["stages"].values())
     return report
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# text
-
-
-def _b(x: float) -> str:
-    return f"{x / GiB:.2f} GiB" if x >= GiB / 100 else f"{x / 2 ** 20:.2f} MiB"
-
-
-def _n(x: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.2f}{unit}"
-    return f"{x:.0f}"
-
-
-def format_report(report: dict, title: str = "") -> str:
-    hw = f" ({report['hardware']})" if report.get("hardware") else ""
-    lines = [f"dry run{' ' + title if title else ''}: {report['platform']}, {report['num_devices']} devices{hw}"]
-    if report.get("mesh") is None:
-        lines.append(f"  FAILED: {report.get('error')}")
-        return "\n".join(lines)
-    lines.append("  abstract mesh " + " x ".join(f"{a}={s}" for a, s in report["mesh"].items()) +
-                 f", rules {report['rules']}")
-    for name, s in report["stages"].items():
-        lines.append(f"stage {name} ({s.get('kind')}): {s['status']}  [{s.get('seconds', 0):.1f} s]")
-        if s["status"] == "failed":
-            lines.append(f"  error: {s['error']}")
-        if s["status"] != "OK":
-            if s.get("note"):
-                lines.append(f"  {s['note']}")
-            continue
-        p = s["params"]
-        lines.append(f"  model       {s['model']}: {_n(p['total'])} params ({_n(p['active'])} active per token), "
-                     f"compute {s['dtype']}, params {s['param_dtype']}, remat {s['remat']}")
-        m = s["memory"]
-        if "step" in s:
-            st = s["step"]
-            accum = st.get("grad_accum", 1)
-            trained = (f"LoRA adapters (rank {s['lora_rank']}) " + _b(m["params"]) + " | frozen weights " +
-                       _b(m["rest"]) if s.get("lora_rank") else "params " + _b(m["params"]))
-            lines.append("  per device  " + trained + " | grads " + _b(m["grads"]) +
-                         (f" (+{_b(m['grad_accum'])} accumulated)" if accum > 1 else "") + " | optimizer " +
-                         _b(m["optimizer"]) + " | reference " + _b(m["reference"]) + " | activations ~" +
-                         _b(m["activations"]) + f" (layers {_b(st['activations_layers'])}, head "
-                         f"{_b(st['activations_head'])}, mask {_b(st['activations_mask'])})")
-            fl = "FLOPs not counted"
-            if "flops" in st:
-                fl = f"{st['flops']:.3e} FLOPs (cost analysis, all layers"
-                fl += f"; Pallas grouped matmuls {st['flops_gmm']:.2e} added)" if st["flops_gmm"] else ")"
-            micro = f" per micro-batch, {accum} micro-batches" if accum > 1 else ""
-            lines.append(f"  train step  {st['rows']} rows x {st['length']} tokens ({st['rows_per_device']} rows, "
-                         f"{st['tokens_per_device']} tokens per device{micro}); lowered in {st['lower_s']:.1f} s; "
-                         f"{fl}; model estimate {st['flops_model']:.3e}")
-        r = s.get("rollout")
-        if r:
-            lines.append(f"  rollout     sample_padded {r['rows']} rows x {r['slots']} slots lowered in "
-                         f"{r['lower_s']:.1f} s (one layer per stack); KV cache {_b(r['kv_cache_bytes'])} (all "
-                         f"layers), prefill scores ~"
-                         f"{_b(r['prefill_scores_bytes'])} per device" + (
-                             f", compaction copy {_b(r['compaction_bytes'])}" if r.get("compaction_bytes") else ""))
-        fit = "" if "fits" not in s else (" -> fits" if s["fits"] else " -> EXCEEDS")
-        mem = f" of {report['memory_gib']:.0f} GiB" if report.get("memory_gib") else ""
-        lines.append(f"  peak        ~{_b(m['peak_estimate'])} per device{mem}{fit} (estimate)")
-    lines.append("OK" if report["ok"] else "FAILED")
-    return "\n".join(lines)
