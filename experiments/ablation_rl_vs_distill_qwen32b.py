@@ -43,8 +43,8 @@ heads, 8 KV heads, 27,648 ffn and 152,064 vocab all divide by 8), as experiments
 (tests/test_ablation.py) lowers every stage's step and sampler for TPU on an abstract 64-device mesh. With the
 memory knobs set here (attention in 1,024-query blocks; one row per chip at a time through gradient accumulation;
 1,024-position logit chunks; the rollout sampled 32 prompts at a time, 16 at 64k) every stage's estimate fits
-(2026-12-06: peaks ~81, ~80, ~42 and ~35 GiB of 95 per chip for rl_32k, rl_64k, distill, compare; the dense
-defaults estimated TiBs).
+(2026-12-06: peaks ~81, ~80 and ~35 GiB of 95 per chip for rl_32k, rl_64k and compare; the distill stage's ~42,
+~35.5 since its logits are chunked too (2026-12-07); the dense defaults estimated TiBs).
 
 Variants: `base=PATH` (Qwen2.5-32B checkpoint, also the tokenizer), `traces=PATH` (the R1 traces JSONL), `gpqa=PATH`
 (GPQA Diamond's CSV) and `lcb=PATH` (LiveCodeBench's code_generation_lite JSONL: its 2024-08 .. 2025-01 problems):
@@ -107,7 +107,8 @@ def get_config(arg=None):
         teacher="hf:/ckpt/DeepSeek-R1", init=f"hf:{opts.base}", data=f"jsonl:{opts.traces}", template="deepseek_r1",
         steps=25000, num_epochs=2, batch_size=64, max_len=32768, pack=False, lr=6e-5, warmup_steps=0,
         lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, log_every=10,
-        checkpoint_every=500, kd_weight=0.0, grad_accum=8)  # memory knob: one 32K-token row per chip at a time
+        checkpoint_every=500, kd_weight=0.0, grad_accum=8,  # memory knob: one 32K-token row per chip at a time
+        logits_chunk=1024)  # and 1,024 positions' logits (the head's estimate 6.96 GiB -> 0.22 GiB per chip)
     cfg.distill.eval = eval_config(num_problems=0)  # compared below
 
     cfg.compare = evaluate_stage(datasets="aime,math500")

@@ -91,6 +91,7 @@ def sft_stage(**kw) -> ml_collections.ConfigDict:
         max_len=256,
         pack=True,
         grad_accum=1,               # micro-batches per step, gradients accumulated (memory; token-weighted, exact)
+        logits_chunk=0,             # positions per output-head chunk (0: all at once; memory; divides max_len)
         # Data: "task" (the task's prompts with `completion_field` as the target), "corpus:NAME" (a generated
         # corpus, see r1jax.data.corpora), "jsonl:PATH" ({"prompt","completion"} or {"messages"}), or
         # "stage:NAME" (the JSONL another stage wrote, e.g. rejection sampling).

@@ -273,6 +273,7 @@ def test_activation_estimate_follows_the_memory_knobs():
                                                                base["mask"] // 4)
     assert activation_bytes(mc, **kw, logits_chunk=64)["head"] == base["head"] // 4
     assert activation_bytes(mc, **kw, logits_chunk=1024)["head"] == base["head"]  # a chunk past N is all of them
+    assert activation_bytes(mc, **kw, logits_chunk=64, mtp_layers=1)["head"] == 2 * base["head"] // 4  # alike
 
     blocked = mc.replace(attention_q_block=128)
     assert query_block_fraction(blocked, 512) == 0.25

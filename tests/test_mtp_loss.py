@@ -125,6 +125,26 @@ def test_gradients_reach_the_mtp_modules_only_with_a_weight(model):
             assert all(not np.asarray(g).any() for g in mtp)
 
 
+def test_logits_chunk_keeps_the_mtp_loss_and_gradients(model):
+    """logits_chunk runs the main and MTP heads 8 positions at a time (4 strided chunks of the 32): the loss, its
+    metrics and every gradient are the unchunked ones up to float summation order."""
+    batch = _dev(_packed_batch())
+    graphdef, params, rest = split_params(model)
+    got = {}
+    for chunk in (0, 8):
+        fn = jax.jit(jax.value_and_grad(lambda p: sft_loss(nnx.merge(graphdef, p, rest), batch, mtp_weight=MTP_WEIGHT,
+                                                           logits_chunk=chunk), has_aux=True))
+        got[chunk] = fn(params)
+    (loss, (metrics, _)), grads = got[0]
+    (loss8, (metrics8, _)), grads8 = got[8]
+    np.testing.assert_allclose(float(loss8), float(loss), rtol=1e-6)
+    for k in ("nll", "mtp_nll", "mtp_accuracy", "token_accuracy"):
+        np.testing.assert_allclose(float(metrics8[k]), float(metrics[k]), rtol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+                 grads8, grads)
+    assert float(jnp.abs(grads8["mtp"]["eh_proj"][...]).sum()) > 0
+
+
 def test_lora_trains_the_mtp_blocks_adapters():
     """LoRA freezes eh_proj and the norms but adapts the MTP block's projections like the trunk's, so with
     mtp_weight > 0 a LoRA stage trains those adapters (and the trunk's get the MTP term's gradient too)."""
@@ -219,6 +239,10 @@ def test_dry_run_counts_the_mtp_modules_and_refuses_a_model_without_them():
     assert 0.8 < (mtp["flops"] - plain["flops"]) / (mtp["flops_model"] - plain["flops_model"]) < 1.25
     assert mtp["activations_head"] == 2 * plain["activations_head"]  # one more head over every position
     assert mtp["activations_layers"] > plain["activations_layers"]
+    # logits_chunk: every head (the MTP depths' too) holds 12 of the 48 positions' logits at a time; it lowers.
+    chunked = dry_run(_stage_config(mtp_weight=MTP_WEIGHT, grad_accum=1, logits_chunk=12), sampler=False,
+                      flops=False, strict=True)["stages"]["sft"]["step"]
+    assert chunked["activations_head"] == mtp["activations_head"] // 4
     cfg = _stage_config(grad_accum=1)
     cfg.model.overrides.mtp_num_layers = 0
     report = dry_run(cfg, sampler=False, flops=False)
@@ -280,6 +304,26 @@ def test_grpo_mtp_loss_leaves_the_policy_update_unchanged():
                 nll -= _log_softmax64(logits[r, i])[batch["tokens"][r, i + 2]]
                 n += 1
     np.testing.assert_allclose(float(m["mtp_nll"]), nll / n, rtol=1e-5)
+
+
+def test_grpo_mtp_loss_with_logits_chunk():
+    """With logits_chunk the rollout's MTP heads run over the N completion-predicting positions in chunks: the same
+    loss, MTP cross-entropy and gradient norm as at once."""
+    from r1jax.optim import optimizer_from_config
+    from r1jax.rl.trainer import make_update_fn
+
+    graphdef, params, rest = split_params(_model(mtp_num_layers=2, seed=5))
+    batch, P = _rollout_batch(P=3)  # depth 2 predicts the first completion token from position P - 3 = 0
+    dev = jax.tree.map(jnp.asarray, batch)
+    got = {}
+    for chunk in (0, 5):
+        cfg = configs.grpo_stage(beta=0.0, max_new_tokens=10, mtp_weight=0.5, logits_chunk=chunk)
+        opt = optimizer_from_config(cfg, 10)
+        got[chunk] = make_update_fn(graphdef, opt, cfg, 0.0)(jax.tree.map(jnp.copy, params), opt.init(params), rest,
+                                                             dev, False, P)[2]
+    for k in ("loss", "mtp_nll", "mtp_accuracy", "grad_norm"):
+        np.testing.assert_allclose(float(got[5][k]), float(got[0][k]), rtol=1e-5, err_msg=k)
+    assert float(got[5]["mtp_nll"]) > 0
 
 
 def test_grpo_mtp_settings_refused():

@@ -33,6 +33,7 @@ from r1jax.models.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig, g
 from r1jax.models.hf import (CheckpointError, CheckpointReader, CheckpointTensors, from_pretrained, hf_tensors,
                              param_count, read_config, save_pretrained)
 from r1jax.models.hf_mapping import config_from_hf, config_to_hf
+from r1jax.models.head_loss import head_nll, map_position_chunks
 from r1jax.models.lora import LoRAParam, add_lora, has_lora, lora_params, merge_lora
 from r1jax.models.peft import AdapterError, load_peft_adapter, read_peft_adapter, save_peft_adapter
 from r1jax.models.projection import PROJECTION, project
@@ -46,5 +47,5 @@ __all__ = [
     "reward_from_pretrained", "reward_model_from_lm", "save_reward_pretrained", "config_from_hf", "config_to_hf",
     "from_pretrained", "get_preset", "hf_tensors", "param_count", "read_config", "save_pretrained", "PROJECTION",
     "project", "LoRAParam", "add_lora", "has_lora", "lora_params", "merge_lora", "AdapterError", "load_peft_adapter",
-    "read_peft_adapter", "save_peft_adapter",
+    "read_peft_adapter", "save_peft_adapter", "head_nll", "map_position_chunks",
 ]

@@ -244,6 +244,15 @@ class Transformer(nnx.Module):
         model's final hidden state (`ModelOutput.hidden`) and the embedding of token i + k. Returns [D, B, L, V];
         the last k positions of depth k have no target. `train_shared=False`: the embedding and output head, which
         the MTP modules share with the model, get no gradient from these logits (only the MTP modules learn)."""
+        h_DBLD = self.mtp_hidden(hidden_BLD, tokens_BL, positions_BL, segment_ids_BL, attention_mask_BL,
+                                 train_shared=train_shared)
+        return jnp.stack([self.head(h, frozen=not train_shared) for h in h_DBLD])
+
+    def mtp_hidden(self, hidden_BLD, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None,
+                   train_shared: bool = True):
+        """[D, B, L, hidden]: what each MTP depth feeds the shared output head (after its own final norm), for
+        `mtp_logits` or a loss that runs the head over chunks of positions (r1jax.models.head_loss).
+        `train_shared=False`: the shared embedding gets no gradient from them."""
         cfg = self.config
         if not cfg.mtp_num_layers:
             raise ValueError("this model has no MTP modules (mtp_num_layers=0)")
@@ -263,7 +272,7 @@ class Transformer(nnx.Module):
             e = mod.enorm(emb if train_shared else jax.lax.stop_gradient(emb))
             hp = project("blc,cd->bld", jnp.concatenate([e, mod.hnorm(h)], -1), cast(mod.eh_proj, e.dtype))
             h, _, _ = mod.block(hp, cos_sin, mask_BLS, valid_BL, segments_BL=segments_BL)
-            out.append(self.head(mod.head_norm(h), frozen=not train_shared))
+            out.append(mod.head_norm(h))
         return jnp.stack(out)
 
     def mtp_depth(self, k: int = 0) -> MTPModule:

@@ -43,12 +43,12 @@ use; the report gives these numbers per device:
                        while a layer is recomputed) or a fused attention_impl ("splash" on TPU, "flash_gpu" on GPU)
                        removes them.
                        grad_accum = m divides the rows (one micro-batch's activations at a time; the accumulated
-                       gradients add a params-sized "grad_accum" entry). head = logit positions (GRPO: logits_chunk
-                       of them at once) * V * 4 bytes * 4 (GRPO: logits, log-softmax, its exp for the entropy, the
+                       gradients add a params-sized "grad_accum" entry). head = logit positions (logits_chunk of them
+                       at once) * V * 4 bytes * 4 (GRPO: logits, log-softmax, its exp for the entropy, the
                        logits' cotangent; SFT: 3). mask = tokens_per_device * T bytes of the boolean attention mask
                        (none with a fused kernel). With context parallelism the working layer adds the keys and values
                        gathered from the row's other positions. A stage with mtp_weight > 0 (sft, distill, grpo) adds,
-                       per MTP depth, a layer's "none" set + 6 D per token (no remat) and a head over every position.
+                       per MTP depth, a layer's "none" set + 6 D per token (no remat) and a head like the model's.
                        XLA's fusion and buffer reuse make the real number differ; treat it as an order of magnitude.
   rollout              the sampler's KV cache for B * G rows of P + N slots (P + 2 N and the MTP block's own cache
                        with speculative decoding; rollout_prompts * G when a GRPO stage
@@ -265,9 +265,9 @@ def _lower_step(kind: str, s: _Setup, stage_cfg, mesh, rules, platform: str, sha
         else:
             from r1jax.sft.trainer import make_train_step, mtp_stats, sft_loss
 
-            mtp_weight = float(stage_cfg.get("mtp_weight", 0.0))
-            fn = make_train_step(s.graphdef, s.optimizer, partial(sft_loss, aux_loss_coef=coef, mtp_weight=mtp_weight),
-                                 grad_accum=int(stage_cfg.get("grad_accum", 1) or 1),
+            loss = partial(sft_loss, aux_loss_coef=coef, mtp_weight=float(stage_cfg.get("mtp_weight", 0.0)),
+                           logits_chunk=int(stage_cfg.get("logits_chunk", 0) or 0))
+            fn = make_train_step(s.graphdef, s.optimizer, loss, grad_accum=int(stage_cfg.get("grad_accum", 1) or 1),
                                  batch_stats=mtp_stats(s.mc, stage_cfg))
             bs = logical_to_spec(("batch", None), rules, mesh)
             rows, L = shape["rows"], shape["L"]
@@ -426,7 +426,7 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
         if knobs:
             accum, logits_chunk, _ = knobs
         else:
-            accum, logits_chunk = int(cfg.get("grad_accum", 1) or 1), 0
+            accum, logits_chunk = int(cfg.get("grad_accum", 1) or 1), int(cfg.get("logits_chunk", 0) or 0)
             if accum < 1 or shape["rows"] % accum:
                 raise ValueError(f"config.{name}.grad_accum={accum} must divide the {shape['rows']} rows of an "
                                  f"update ({what})")

@@ -132,7 +132,8 @@ def activation_bytes(mc: ModelConfig, *, rows: int, length: int, logit_positions
     """Per-device activation estimate of one training step (the formula: r1jax.pipeline.dry_run's docstring).
     With grad_accum = m the step runs m micro-batches of rows / m one after another, so one micro-batch's
     activations exist at a time; with logits_chunk = c the output head runs c positions at a time. `mtp_layers`:
-    the MTP depths the loss trains (SFT's mtp_weight > 0), each a layer kept whole and a head over every position."""
+    the MTP depths the loss trains (mtp_weight > 0), each a layer kept whole and a head like the model's (chunked
+    alike)."""
     rows_dev = -(-rows // grad_accum // axis_shards(mesh, rules, "batch"))
     cp = axis_shards(mesh, rules, "length")  # context parallelism: a device holds 1/cp of each row's positions
     tokens = rows_dev * -(-length // cp)
@@ -148,8 +149,7 @@ def activation_bytes(mc: ModelConfig, *, rows: int, length: int, logit_positions
         # the two norms, their concatenation and eh_proj's output (6 D), and materializes its own float32 logits.
         mtp_layer = layer_bytes(mc, length, mc.moe is not None, "none", mesh, rules)
         layers += tokens * mtp_layers * (mtp_layer + 6 * mc.hidden_size * jnp.dtype(mc.dtype).itemsize)
-        head += (rows_dev * length / cp * mc.vocab_size / axis_shards(mesh, rules, "vocab") * 4 * head_copies
-                 * mtp_layers)
+        head *= 1 + mtp_layers
     if cp > 1 and mc.remat != "none":
         # The working layer's keys and values of the row's other positions, gathered from the other devices.
         layers += rows_dev * (length - tokens / rows_dev) * gathered_kv_bytes(mc, mesh, rules)

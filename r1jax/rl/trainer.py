@@ -27,6 +27,7 @@ from r1jax import training
 from r1jax.checkpoint import Checkpointer
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
+from r1jax.models.head_loss import head_nll, map_position_chunks
 from r1jax.parallel.sharding import shard_batch, split_rows
 from r1jax.rl import dynamic_sampling, grpo, packing
 from r1jax.rl.packing import gather_positions
@@ -43,48 +44,33 @@ def token_logp_entropy(logits_RNV, targets_RN):
 def head_logp_entropy(model, h_BLD, targets_BL, chunk: int = 0):
     """Log-probs of `targets_BL` and entropies [B, L] from hidden states. With `chunk` > 0 the output head and
     log-softmax run over `chunk` positions at a time under a rematerialized scan, so the [B, L, V] float32 logits
-    never exist at once (their memory dominates at long completions)."""
-    B, L, D = h_BLD.shape
-    if not chunk or L <= chunk:
-        return token_logp_entropy(model.head(h_BLD), targets_BL)
-    if L % chunk:
-        raise ValueError(f"logits_chunk={chunk} must divide the {L} positions the output head runs on")
-    # Chunk i holds positions i, i + n, i + 2n, ... (n chunks): under context parallelism every device then holds
-    # part of each chunk, where a contiguous chunk would sit on one device and the scan would gather the positions.
-    n = L // chunk
-    h_nBcD = jnp.moveaxis(h_BLD.reshape(B, chunk, n, D), 2, 0)
-    t_nBc = jnp.moveaxis(targets_BL.reshape(B, chunk, n), 2, 0)
-
-    @jax.checkpoint
-    def one(_, xs):
-        return None, token_logp_entropy(model.head(xs[0]), xs[1])
-
-    _, (logp, entropy) = jax.lax.scan(one, None, (h_nBcD, t_nBc))
-    return jnp.moveaxis(logp, 0, 2).reshape(B, L), jnp.moveaxis(entropy, 0, 2).reshape(B, L)
+    never exist at once (their memory dominates at long completions; r1jax.models.head_loss)."""
+    return map_position_chunks(lambda h, t: token_logp_entropy(model.head(h), t), chunk, h_BLD, targets_BL)
 
 
-def rollout_mtp_loss(model, hidden_RTD, tokens_RT, mask_RT, completion_mask_RN):
+def rollout_mtp_loss(model, hidden_RTD, tokens_RT, mask_RT, completion_mask_RN, chunk: int = 0):
     """DeepSeek-V3's MTP loss on the rollout's completion tokens, trained beside the policy so that the MTP module's
     drafts (speculative rollouts) follow the policy as it moves: depth k at position i predicts token i + k + 1
     (1-based k) from the trunk's hidden state at i and token i + k; every completion token is a target of every
     depth. Only the MTP modules learn: the hidden states, the shared embedding and output head enter as constants,
     so the policy's gradient is the same as without it. Returns (mean over depths of each depth's cross-entropy
-    averaged over completion tokens, depth 1's argmax accuracy). The logits are [D, R, T, V] float32 at once."""
+    averaged over completion tokens, depth 1's argmax accuracy). The head runs on the N positions that predict a
+    completion token, `chunk` of them at a time (the stage's logits_chunk)."""
     R, T = tokens_RT.shape
-    logits_DRTV = model.mtp_logits(jax.lax.stop_gradient(hidden_RTD), tokens_RT, attention_mask_BL=mask_RT,
-                                   train_shared=False)
-    target_mask_RT = jnp.concatenate([jnp.zeros((R, T - completion_mask_RN.shape[1]), jnp.float32),
-                                      completion_mask_RN.astype(jnp.float32)], axis=1)
+    N = completion_mask_RN.shape[1]
+    P = T - N
+    h_DRTD = model.mtp_hidden(jax.lax.stop_gradient(hidden_RTD), tokens_RT, attention_mask_BL=mask_RT,
+                              train_shared=False)
     nll, acc = [], None
-    for k in range(logits_DRTV.shape[0]):
-        s = k + 2  # the offset of depth k's target
-        pad = lambda x: jnp.concatenate([x[:, s:], jnp.zeros((R, s), x.dtype)], axis=1)
-        target_RT, m_RT = pad(tokens_RT), pad(target_mask_RT)
-        n = jnp.maximum(m_RT.sum(), 1.0)
-        logp_RTV = jax.nn.log_softmax(logits_DRTV[k], axis=-1)
-        nll.append(-jnp.sum(jnp.take_along_axis(logp_RTV, target_RT[..., None], axis=-1)[..., 0] * m_RT) / n)
+    for k in range(h_DRTD.shape[0]):
+        s = k + 2  # the offset of depth k's target: completion token j is predicted at position j - s
+        h_RND = jnp.pad(h_DRTD[k], ((0, 0), (s, 0), (0, 0)))[:, P:P + N]
+        m_RN = completion_mask_RN.astype(jnp.float32) * (jnp.arange(N) >= s - P)  # no position before the first
+        n = jnp.maximum(m_RN.sum(), 1.0)
+        nll_RN, hit_RN = head_nll(model, h_RND, tokens_RT[:, P:], chunk, frozen=True)
+        nll.append(jnp.sum(nll_RN * m_RN) / n)
         if k == 0:
-            acc = jnp.sum((jnp.argmax(logits_DRTV[0], axis=-1) == target_RT) * m_RT) / n
+            acc = jnp.sum(hit_RN * m_RN) / n
     return sum(nll) / len(nll), acc
 
 
@@ -196,7 +182,8 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
         if aux_loss_coef and "moe_aux_loss" in aux:
             value = value + aux_loss_coef * aux["moe_aux_loss"]
         if mtp_weight:  # the MTP modules alone learn from it: the policy's gradient is unchanged
-            nll, acc = rollout_mtp_loss(model, hidden[0], batch["tokens"], batch["mask"], batch["completion_mask"])
+            nll, acc = rollout_mtp_loss(model, hidden[0], batch["tokens"], batch["mask"], batch["completion_mask"],
+                                        chunk)
             value = value + mtp_weight * nll
             metrics = {**metrics, "mtp_nll": nll, "mtp_accuracy": acc}
         return value, (metrics, aux)

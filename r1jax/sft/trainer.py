@@ -37,6 +37,7 @@ from flax import nnx
 
 from r1jax import training
 from r1jax.checkpoint import Checkpointer
+from r1jax.models.head_loss import head_nll, map_position_chunks, nll_and_hit, shift_left
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel import hosts
 from r1jax.parallel.rules import axis_rules
@@ -47,17 +48,21 @@ log = logging.getLogger(__name__)
 
 def token_nll(logits_BLV, tokens_BL):
     """-log p(tokens[t+1] | logits[t]) for t < L-1 -> [B, L-1] (float32)."""
-    logp = jax.nn.log_softmax(logits_BLV[:, :-1].astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, tokens_BL[:, 1:, None], axis=-1)[..., 0]
+    return nll_and_hit(logits_BLV[:, :-1], tokens_BL[:, 1:])[0]
+
+
+def kd_kl_positions(student_logits_BLV, teacher_logits_BLV, temperature: float = 1.0):
+    """tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)) per position [B, L] (float32)."""
+    t = jax.nn.log_softmax(teacher_logits_BLV.astype(jnp.float32) / temperature, axis=-1)
+    s = jax.nn.log_softmax(student_logits_BLV.astype(jnp.float32) / temperature, axis=-1)
+    return temperature ** 2 * jnp.sum(jnp.exp(t) * (t - s), axis=-1)
 
 
 def kd_kl(student_logits_BLV, teacher_logits_BLV, weights_BL, temperature: float = 1.0):
     """tau^2 * mean over weighted positions of KL(softmax(teacher / tau) || softmax(student / tau)) (float32)."""
-    t = jax.nn.log_softmax(teacher_logits_BLV.astype(jnp.float32) / temperature, axis=-1)
-    s = jax.nn.log_softmax(student_logits_BLV.astype(jnp.float32) / temperature, axis=-1)
-    kl_BL = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
     w = weights_BL.astype(jnp.float32)
-    return temperature ** 2 * jnp.sum(kl_BL * w) / jnp.maximum(w.sum(), 1.0)
+    return jnp.sum(kd_kl_positions(student_logits_BLV, teacher_logits_BLV, temperature) * w) / jnp.maximum(
+        w.sum(), 1.0)
 
 
 def mtp_target_mask(loss_mask_BL, segment_ids_BL, depth: int):
@@ -82,61 +87,67 @@ def mtp_batch_stats(batch, depth: int) -> dict:
     return {"mtp_norm": n / jnp.maximum(m_DBL.sum((1, 2)), 1.0)}
 
 
-def mtp_loss(model, hidden_BLD, batch, n):
+def mtp_loss(model, hidden_BLD, batch, n, chunk: int = 0):
     """(L_MTP before its weight, metrics): the mean over depths of each depth's target-averaged cross-entropy, and
     the metrics `mtp_nll` (that mean) and `mtp_accuracy` (depth 1's argmax accuracy).
 
     Each depth's sum is divided by the micro-batch's main target count `n` and scaled by batch["mtp_norm"] (the whole
     batch's n / depth-k count, `mtp_batch_stats`; computed here when absent): the same L_k for one batch, and
-    micro-batches weighted by their n (`make_train_step`) add up to the whole batch's L_k exactly.
-
-    Memory: `mtp_logits` materializes all D depths' logits, [D, B, L, V] float32 (plus their log-softmax and
-    cotangent in the backward pass), D times the main head's; no chunking yet."""
+    micro-batches weighted by their n (`make_train_step`) add up to the whole batch's L_k exactly. The shared output
+    head runs over `chunk` positions at a time (`logits_chunk`; 0: each depth's [B, L, V] logits at once)."""
     tokens_BL = batch["tokens"]
     D = model.config.mtp_num_layers
-    logits_DBLV = model.mtp_logits(hidden_BLD, tokens_BL, positions_BL=batch.get("positions"),
-                                   segment_ids_BL=batch.get("segment_ids"))
+    h_DBLD = model.mtp_hidden(hidden_BLD, tokens_BL, positions_BL=batch.get("positions"),
+                              segment_ids_BL=batch.get("segment_ids"))
     m_DBL = mtp_target_mask(batch["loss_mask"], batch.get("segment_ids"), D)
     norm_D = batch["mtp_norm"] if "mtp_norm" in batch else n / jnp.maximum(m_DBL.sum((1, 2)), 1.0)
-    B, L = tokens_BL.shape
     nll_D, correct = [], None
     for k in range(D):
         # Targets of depth k: token i + k + 2 at position i (zeros past the row's end, masked out).
-        target_BL = jnp.concatenate([tokens_BL[:, k + 2:], jnp.zeros((B, min(k + 2, L)), tokens_BL.dtype)],
-                                    axis=1)[:, :L]
-        logp_BLV = jax.nn.log_softmax(logits_DBLV[k].astype(jnp.float32), axis=-1)  # one depth's copy at a time
-        nll_BL = -jnp.take_along_axis(logp_BLV, target_BL[..., None], axis=-1)[..., 0]
+        nll_BL, hit_BL = head_nll(model, h_DBLD[k], shift_left(tokens_BL, k + 2), chunk)
         nll_D.append(jnp.sum(nll_BL * m_DBL[k]) / n * norm_D[k])
         if k == 0:
-            hit_BL = (jnp.argmax(logits_DBLV[0], axis=-1) == target_BL).astype(jnp.float32)
             correct = jnp.sum(hit_BL * m_DBL[0]) / n * norm_D[0]
     mean_nll = sum(nll_D) / D
     return mean_nll, {"mtp_nll": mean_nll, "mtp_accuracy": correct}
 
 
 def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None, kd_weight: float = 0.0,
-             kd_temperature: float = 1.0, kd_vocab: int | None = None, mtp_weight: float = 0.0):
+             kd_temperature: float = 1.0, kd_vocab: int | None = None, mtp_weight: float = 0.0,
+             logits_chunk: int = 0):
     """Mean next-token NLL over target tokens (mixed with logit distillation when `teacher_graphdef` is given and
     batch["teacher"] holds the teacher's state; `kd_vocab` compares the first kd_vocab logits when the two
     vocabularies are padded differently), plus mtp_weight times the MTP loss (`mtp_loss`) when mtp_weight > 0;
-    returns (loss, (metrics, aux))."""
-    out = model.forward(batch["tokens"], positions_BL=batch.get("positions"), segment_ids_BL=batch.get("segment_ids"))
-    nll = token_nll(out.logits, batch["tokens"])
-    w = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    n = jnp.maximum(w.sum(), 1.0)
-    loss = jnp.sum(nll * w) / n
-    pred = jnp.argmax(out.logits[:, :-1], axis=-1)
-    metrics = {"nll": loss, "token_accuracy": jnp.sum((pred == batch["tokens"][:, 1:]) * w) / n, "num_tokens": n}
-    if teacher_graphdef is not None:
+    returns (loss, (metrics, aux)). `logits_chunk` > 0 runs the output heads (the teacher's too) over that many
+    positions at a time (r1jax.models.head_loss): it must divide the batch's length."""
+    tokens_BL = batch["tokens"]
+    kw = dict(positions_BL=batch.get("positions"), segment_ids_BL=batch.get("segment_ids"), return_logits=False)
+    out = model.forward(tokens_BL, **kw)
+    # Every position runs the head, the last one predicting nothing (weight 0): a length `logits_chunk` divides.
+    target_BL = shift_left(tokens_BL, 1)
+    w_BL = shift_left(batch["loss_mask"], 1).astype(jnp.float32)
+    n = jnp.maximum(w_BL.sum(), 1.0)
+    if teacher_graphdef is None:
+        nll_BL, hit_BL = head_nll(model, out.hidden, target_BL, logits_chunk)
+    else:
         teacher = nnx.merge(teacher_graphdef, batch["teacher"])
-        t_logits = teacher.forward(batch["tokens"], positions_BL=batch.get("positions"),
-                                   segment_ids_BL=batch.get("segment_ids")).logits
-        v = kd_vocab or out.logits.shape[-1]
-        kl = kd_kl(out.logits[:, :-1, :v], jax.lax.stop_gradient(t_logits[:, :-1, :v]), w, kd_temperature)
+        t_hidden = jax.lax.stop_gradient(teacher.forward(tokens_BL, **kw).hidden)
+        v = kd_vocab or model.config.vocab_size
+
+        def terms(h_BLD, t_BLD, target):
+            logits = model.head(h_BLD)
+            t_logits = jax.lax.stop_gradient(teacher.head(t_BLD))
+            return (*nll_and_hit(logits, target), kd_kl_positions(logits[..., :v], t_logits[..., :v], kd_temperature))
+
+        nll_BL, hit_BL, kl_BL = map_position_chunks(terms, logits_chunk, out.hidden, t_hidden, target_BL)
+    loss = jnp.sum(nll_BL * w_BL) / n
+    metrics = {"nll": loss, "token_accuracy": jnp.sum(hit_BL * w_BL) / n, "num_tokens": n}
+    if teacher_graphdef is not None:
+        kl = jnp.sum(kl_BL * w_BL) / n
         loss = (1.0 - kd_weight) * loss + kd_weight * kl
         metrics["kd_kl"] = kl
     if mtp_weight:
-        mtp, mtp_metrics = mtp_loss(model, out.hidden, batch, n)
+        mtp, mtp_metrics = mtp_loss(model, out.hidden, batch, n, logits_chunk)
         loss = loss + mtp_weight * mtp
         metrics.update(mtp_metrics)
     if aux_loss_coef and "moe_aux_loss" in out.aux:
@@ -229,6 +240,10 @@ def check_sft_stage(stage: str, cfg) -> None:
     if not isinstance(accum, int) or accum < 1 or B % accum:
         raise ValueError(f"config.{stage}.grad_accum={accum!r} must be a positive int that divides batch_size={B}")
     training.check_lora(stage, cfg)
+    chunk, L = cfg.get("logits_chunk", 0), cfg.max_len
+    if not isinstance(chunk, int) or chunk < 0 or (0 < chunk < L and L % chunk):
+        raise ValueError(f"config.{stage}.logits_chunk={chunk!r} must be 0 (all positions at once) or a positive "
+                         f"int that divides max_len={L}")
     kd_weight = float(cfg.get("kd_weight", 0.0))
     if kd_weight and not (0.0 < kd_weight <= 1.0 and cfg.kd_temperature > 0):
         raise ValueError(f"config.{stage}: kd_weight={kd_weight} must be in [0, 1] and kd_temperature="
@@ -266,8 +281,9 @@ def _loss_fn(ctx: training.RunContext, stage: str, cfg, teacher):
     coef = ctx.model_config.moe.aux_loss_coef if ctx.model_config.moe else 0.0
     kd_weight = float(cfg.get("kd_weight", 0.0))
     mtp_weight = float(cfg.get("mtp_weight", 0.0))
+    chunk = int(cfg.get("logits_chunk", 0) or 0)
     if teacher is None or kd_weight == 0.0:
-        return partial(sft_loss, aux_loss_coef=coef, mtp_weight=mtp_weight), None
+        return partial(sft_loss, aux_loss_coef=coef, mtp_weight=mtp_weight, logits_chunk=chunk), None
     v_s, v_t, v_tok = ctx.model_config.vocab_size, teacher.config.vocab_size, ctx.tokenizer.vocab_size
     if v_s != v_t and v_tok > min(v_s, v_t):
         raise ValueError(f"config.{stage}: logit distillation needs a shared vocabulary; the student has {v_s} "
@@ -275,7 +291,7 @@ def _loss_fn(ctx: training.RunContext, stage: str, cfg, teacher):
     teacher_graphdef, teacher_state = nnx.split(teacher)
     return partial(sft_loss, aux_loss_coef=coef, teacher_graphdef=teacher_graphdef, kd_weight=kd_weight,
                    kd_temperature=float(cfg.kd_temperature), kd_vocab=min(v_s, v_t),
-                   mtp_weight=mtp_weight), teacher_state
+                   mtp_weight=mtp_weight, logits_chunk=chunk), teacher_state
 
 
 def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None, *, examples=None,
