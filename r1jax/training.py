@@ -534,10 +534,14 @@ def tree_copy(tree):
 
 
 def update_router_bias(ctx: RunContext, rest, aux):
-    """DeepSeek-V3 aux-loss-free balancing, applied after each update outside the gradient (when configured)."""
+    """DeepSeek-V3 aux-loss-free balancing, applied after each update outside the gradient (when configured): the
+    trunk's MoE layers by their loads, and the MTP modules' blocks by theirs when the loss trained them."""
     moe = ctx.model_config.moe
-    if moe is None or not moe.bias_update_rate or "moe_load" not in aux:
+    if moe is None or not moe.bias_update_rate:
         return rest
-    from r1jax.parallel import update_router_bias as update
+    from r1jax.parallel.balance import BIAS_PATH, MTP_BIAS_PATH, update_router_bias as update
 
-    return update(rest, aux["moe_load"], moe.bias_update_rate)
+    for key, path in (("moe_load", BIAS_PATH), ("mtp_moe_load", MTP_BIAS_PATH)):
+        if key in aux:
+            rest = update(rest, aux[key], moe.bias_update_rate, path)
+    return rest

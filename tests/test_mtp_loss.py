@@ -2,6 +2,8 @@
 against a float64 hand computation on a packed batch, its gradients (LoRA included), gradient accumulation, an SFT
 stage end to end, and the settings refused before any stage runs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,11 +172,46 @@ def test_gradient_accumulation_keeps_the_whole_batch_mtp_term():
         step = make_train_step(graphdef, opt, lambda mdl, b: sft_loss(mdl, b, mtp_weight=MTP_WEIGHT),
                                grad_accum=accum, batch_stats=lambda b: mtp_batch_stats(b, 1))
         results.append(step(jax.tree.map(jnp.copy, params), opt.init(params), rest, _dev(batch), False))
-    (p1, _, m1, _), (p2, _, m2, _) = results
+    (p1, _, m1, a1), (p2, _, m2, a2) = results
     for key in ("loss", "nll", "mtp_nll", "mtp_accuracy", "num_tokens", "grad_norm"):
         np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(np.asarray(a2["mtp_moe_load"]), np.asarray(a1["mtp_moe_load"]))  # loads add up
     for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_mtp_blocks_balance_their_experts():
+    """The MTP blocks are MoE layers like the trunk's: with mtp_weight > 0 the loss adds their balance loss (times
+    aux_loss_coef) and reports their expert loads, which move their router bias after the step (DeepSeek-V3's
+    aux-loss-free balancing) by the rate towards the mean load; without the MTP term their bias stays."""
+    from types import SimpleNamespace
+
+    from r1jax.training import update_router_bias
+
+    mc = _model(mtp_num_layers=2).config  # a dense trunk layer: the MTP blocks are the only MoE layers
+    mc = mc.replace(moe=dataclasses.replace(mc.moe, aux_loss_coef=0.01))  # (the MoE layers compute it only then)
+    model = Transformer(mc, rngs=nnx.Rngs(4))
+    batch = _dev(_packed_batch())
+    fn = nnx.jit(lambda m, b, c: sft_loss(m, b, mtp_weight=MTP_WEIGHT, aux_loss_coef=c), static_argnums=2)
+    loss, (metrics, aux) = fn(model, batch, 0.01)
+    loss0, _ = fn(model, batch, 0.0)
+    load = np.asarray(aux["mtp_moe_load"])
+    k, E = mc.moe.num_experts_per_tok, mc.moe.num_experts
+    assert load.shape == (2, E) and "moe_load" not in aux
+    np.testing.assert_array_equal(load.sum(1), [k * int((batch["segment_ids"] > 0).sum())] * 2)  # real tokens only
+    assert float(aux["mtp_moe_aux_loss"]) > 0 and float(metrics["mtp_moe_aux_loss"]) == float(aux["mtp_moe_aux_loss"])
+    np.testing.assert_allclose(float(loss) - float(loss0), 0.01 * float(aux["mtp_moe_aux_loss"]), rtol=1e-4)
+
+    _, _, rest = split_params(model)
+    ctx = SimpleNamespace(model_config=mc.replace(moe=dataclasses.replace(mc.moe, bias_update_rate=0.01)))
+    moved = update_router_bias(ctx, rest, aux)
+    before = np.asarray(rest["mtp"]["block"]["mlp"]["router_bias"][...])
+    after = np.asarray(moved["mtp"]["block"]["mlp"]["router_bias"][...])
+    np.testing.assert_allclose(after - before, 0.01 * np.sign(load.mean(1, keepdims=True) - load), atol=1e-7)
+    assert (after != before).any()
+    _, (_, plain_aux) = nnx.jit(lambda m, b: sft_loss(m, b))(model, batch)
+    unmoved = update_router_bias(ctx, rest, plain_aux)
+    np.testing.assert_array_equal(np.asarray(unmoved["mtp"]["block"]["mlp"]["router_bias"][...]), before)
 
 
 def _stage_config(**sft):
@@ -320,10 +357,15 @@ def test_grpo_mtp_loss_with_logits_chunk():
         cfg = configs.grpo_stage(beta=0.0, max_new_tokens=10, mtp_weight=0.5, logits_chunk=chunk)
         opt = optimizer_from_config(cfg, 10)
         got[chunk] = make_update_fn(graphdef, opt, cfg, 0.0)(jax.tree.map(jnp.copy, params), opt.init(params), rest,
-                                                             dev, False, P)[2]
+                                                             dev, False, P)[2:]
     for k in ("loss", "mtp_nll", "mtp_accuracy", "grad_norm"):
-        np.testing.assert_allclose(float(got[5][k]), float(got[0][k]), rtol=1e-5, err_msg=k)
-    assert float(got[5]["mtp_nll"]) > 0
+        np.testing.assert_allclose(float(got[5][0][k]), float(got[0][0][k]), rtol=1e-5, err_msg=k)
+    assert float(got[5][0]["mtp_nll"]) > 0
+    # The MTP blocks' expert loads come back for the router bias update: top-k experts per real token, per depth.
+    load = np.asarray(got[5][1]["mtp_moe_load"])
+    moe = _model(mtp_num_layers=2).config.moe
+    assert load.shape == (2, moe.num_experts)
+    np.testing.assert_array_equal(load.sum(1), [moe.num_experts_per_tok * int(batch["mask"].sum())] * 2)
 
 
 def test_grpo_mtp_settings_refused():

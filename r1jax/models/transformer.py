@@ -249,10 +249,12 @@ class Transformer(nnx.Module):
         return jnp.stack([self.head(h, frozen=not train_shared) for h in h_DBLD])
 
     def mtp_hidden(self, hidden_BLD, tokens_BL, positions_BL=None, segment_ids_BL=None, attention_mask_BL=None,
-                   train_shared: bool = True):
+                   train_shared: bool = True, return_aux: bool = False):
         """[D, B, L, hidden]: what each MTP depth feeds the shared output head (after its own final norm), for
         `mtp_logits` or a loss that runs the head over chunks of positions (r1jax.models.head_loss).
-        `train_shared=False`: the shared embedding gets no gradient from them."""
+        `train_shared=False`: the shared embedding gets no gradient from them. `return_aux`: also the MTP blocks'
+        MoE outputs, like `forward`'s for the trunk: {"mtp_moe_load": [D, experts], "mtp_moe_aux_loss",
+        "mtp_moe_dropped": [D]} (empty without MoE), for the balance loss and the router bias update."""
         cfg = self.config
         if not cfg.mtp_num_layers:
             raise ValueError("this model has no MTP modules (mtp_num_layers=0)")
@@ -264,16 +266,24 @@ class Transformer(nnx.Module):
         segments_BL = _segments(valid_BL, segment_ids_BL)
         cos_sin = self.rotary.cos_sin(positions_BL)
         graphdef, state = nnx.split(self.mtp)
-        h, out = hidden_BLD, []
+        h, out, auxes = hidden_BLD, [], []
         for k, depth_state in enumerate(split_layers(state)):
             mod = nnx.merge(graphdef, depth_state)
             shifted = jnp.concatenate([tokens_BL[:, k + 1:], jnp.zeros((B, k + 1), tokens_BL.dtype)], axis=1)
             emb = self.embed(shifted)
             e = mod.enorm(emb if train_shared else jax.lax.stop_gradient(emb))
             hp = project("blc,cd->bld", jnp.concatenate([e, mod.hnorm(h)], -1), cast(mod.eh_proj, e.dtype))
-            h, _, _ = mod.block(hp, cos_sin, mask_BLS, valid_BL, segments_BL=segments_BL)
+            h, _, block_aux = mod.block(hp, cos_sin, mask_BLS, valid_BL, segments_BL=segments_BL)
             out.append(mod.head_norm(h))
-        return jnp.stack(out)
+            auxes.append(block_aux)
+        if not return_aux:
+            return jnp.stack(out)
+        aux = {}
+        if cfg.moe is not None and "load" in auxes[0]:
+            stacked = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+            aux = {"mtp_moe_load": stacked["load"], "mtp_moe_aux_loss": balance_loss(stacked, cfg.moe),
+                   "mtp_moe_dropped": stacked["dropped"]}
+        return jnp.stack(out), aux
 
     def mtp_depth(self, k: int = 0) -> MTPModule:
         """MTP depth k + 1's module with its own (unstacked) parameters; a decode loop slices it once, before the

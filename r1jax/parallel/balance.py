@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Where the main MoE stack keeps its bias (Transformer.moe.mlp.router_bias, [MoE layers, experts]).
+# Where the main MoE stack keeps its bias (Transformer.moe.mlp.router_bias, [MoE layers, experts]), and the MTP
+# modules' blocks theirs ([MTP depths, experts]).
 BIAS_PATH = ("moe", "mlp", "router_bias")
+MTP_BIAS_PATH = ("mtp", "block", "mlp", "router_bias")
 
 
 def bias_delta(moe_load_LE, rate: float):
@@ -35,31 +37,32 @@ def bias_delta(moe_load_LE, rate: float):
     return rate * jnp.sign(load.mean(axis=-1, keepdims=True) - load)
 
 
-def update_router_bias(model_or_state, moe_load_LE, rate: float):
+def update_router_bias(model_or_state, moe_load_LE, rate: float, path: tuple = BIAS_PATH):
     """Returns the model (a new Module) or State (a new State) with the main MoE stack's router bias moved by
     `bias_delta(moe_load_LE, rate)`. `moe_load_LE` is `ModelOutput.aux["moe_load"]` ([MoE layers, experts]; sum it
     over micro-batches first if there are several). Accepts the full state or the non-Param part of a split
-    (`nnx.split(model, nnx.Param, ...)`). MTP modules report no load and keep their bias."""
+    (`nnx.split(model, nnx.Param, ...)`). `path=MTP_BIAS_PATH` moves the MTP modules' bias instead, by the loads
+    `Transformer.mtp_hidden(..., return_aux=True)` reports ("mtp_moe_load", [MTP depths, experts])."""
     is_module = isinstance(model_or_state, nnx.Module)
     if is_module:
         graphdef, state = nnx.split(model_or_state)
     else:
         state = model_or_state
     flat = list(nnx.to_flat_state(state))
-    paths = [tuple(str(p) for p in path) for path, _ in flat]
-    if BIAS_PATH not in paths:
-        raise ValueError(f"no router bias at {'.'.join(BIAS_PATH)} in this "
+    keys = [tuple(str(p) for p in key) for key, _ in flat]
+    if path not in keys:
+        raise ValueError(f"no router bias at {'.'.join(path)} in this "
                          f"{'model' if is_module else 'state'} (is it a MoE model, or a State without the "
-                         f"non-Param variables?); it holds e.g. {['.'.join(p) for p in paths[:5]]}")
+                         f"non-Param variables?); it holds e.g. {['.'.join(p) for p in keys[:5]]}")
     out = []
-    for (path, var), key in zip(flat, paths):
-        if key == BIAS_PATH:
+    for (key, var), name in zip(flat, keys):
+        if name == path:
             bias = var[...]
             if tuple(jnp.shape(moe_load_LE)) != tuple(bias.shape):
                 raise ValueError(f"moe_load has shape {tuple(jnp.shape(moe_load_LE))} but the router bias "
-                                 f"{'.'.join(BIAS_PATH)} has shape {tuple(bias.shape)} ([MoE layers, experts])")
+                                 f"{'.'.join(path)} has shape {tuple(bias.shape)} ([layers, experts])")
             var = var.replace((bias + bias_delta(moe_load_LE, rate)).astype(bias.dtype))
-        out.append((path, var))
+        out.append((key, var))
     new_state = nnx.from_flat_state(out)
     return nnx.merge(graphdef, new_state) if is_module else new_state
 

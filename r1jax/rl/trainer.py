@@ -54,13 +54,13 @@ def rollout_mtp_loss(model, hidden_RTD, tokens_RT, mask_RT, completion_mask_RN, 
     (1-based k) from the trunk's hidden state at i and token i + k; every completion token is a target of every
     depth. Only the MTP modules learn: the hidden states, the shared embedding and output head enter as constants,
     so the policy's gradient is the same as without it. Returns (mean over depths of each depth's cross-entropy
-    averaged over completion tokens, depth 1's argmax accuracy). The head runs on the N positions that predict a
+    averaged over completion tokens, depth 1's argmax accuracy, the MTP blocks' MoE aux). The head runs on the N positions that predict a
     completion token, `chunk` of them at a time (the stage's logits_chunk)."""
     R, T = tokens_RT.shape
     N = completion_mask_RN.shape[1]
     P = T - N
-    h_DRTD = model.mtp_hidden(jax.lax.stop_gradient(hidden_RTD), tokens_RT, attention_mask_BL=mask_RT,
-                              train_shared=False)
+    h_DRTD, aux = model.mtp_hidden(jax.lax.stop_gradient(hidden_RTD), tokens_RT, attention_mask_BL=mask_RT,
+                                   train_shared=False, return_aux=True)
     nll, acc = [], None
     for k in range(h_DRTD.shape[0]):
         s = k + 2  # the offset of depth k's target: completion token j is predicted at position j - s
@@ -71,7 +71,7 @@ def rollout_mtp_loss(model, hidden_RTD, tokens_RT, mask_RT, completion_mask_RN, 
         nll.append(jnp.sum(nll_RN * m_RN) / n)
         if k == 0:
             acc = jnp.sum(hit_RN * m_RN) / n
-    return sum(nll) / len(nll), acc
+    return sum(nll) / len(nll), acc, aux
 
 
 def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0, packed: dict | None = None,
@@ -179,13 +179,16 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
         value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"],
                                    batch["completion_mask"], sampler_logp_BT=batch.get("sampler_logp"),
                                    entropy_BT=entropy, entropy_coef=entropy_coef if bonus else 0.0, **kw)
-        if aux_loss_coef and "moe_aux_loss" in aux:
-            value = value + aux_loss_coef * aux["moe_aux_loss"]
         if mtp_weight:  # the MTP modules alone learn from it: the policy's gradient is unchanged
-            nll, acc = rollout_mtp_loss(model, hidden[0], batch["tokens"], batch["mask"], batch["completion_mask"],
-                                        chunk)
+            nll, acc, mtp_aux = rollout_mtp_loss(model, hidden[0], batch["tokens"], batch["mask"],
+                                                 batch["completion_mask"], chunk)
             value = value + mtp_weight * nll
             metrics = {**metrics, "mtp_nll": nll, "mtp_accuracy": acc}
+            aux = {**aux, **mtp_aux}
+        if aux_loss_coef and "moe_aux_loss" in aux:
+            value = value + aux_loss_coef * aux["moe_aux_loss"]
+        if aux_loss_coef and "mtp_moe_aux_loss" in aux:
+            value = value + aux_loss_coef * aux["mtp_moe_aux_loss"]
         return value, (metrics, aux)
 
     @partial(jax.jit, static_argnames=("prompt_len",), donate_argnums=(0, 1))
@@ -214,7 +217,7 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
             (grads, value), (ms, auxs) = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, weights))
             metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), ms)
             # Expert loads add up over micro-batches; losses and drop fractions average.
-            aux = {k: v.sum(0) if k == "moe_load" else v.mean(0) for k, v in auxs.items()}
+            aux = {k: v.sum(0) if k.endswith("moe_load") else v.mean(0) for k, v in auxs.items()}
         value = jnp.where(inject_nan, jnp.nan, value)
         params, opt_state, ok, grad_norm = safe_update(optimizer, params, opt_state, grads, value)
         return params, opt_state, {**metrics, "loss": value, "grad_norm": grad_norm, "update_ok": ok}, aux

@@ -88,8 +88,9 @@ def mtp_batch_stats(batch, depth: int) -> dict:
 
 
 def mtp_loss(model, hidden_BLD, batch, n, chunk: int = 0):
-    """(L_MTP before its weight, metrics): the mean over depths of each depth's target-averaged cross-entropy, and
-    the metrics `mtp_nll` (that mean) and `mtp_accuracy` (depth 1's argmax accuracy).
+    """(L_MTP before its weight, metrics, aux): the mean over depths of each depth's target-averaged cross-entropy,
+    the metrics `mtp_nll` (that mean) and `mtp_accuracy` (depth 1's argmax accuracy), and the MTP blocks' MoE
+    outputs (`Transformer.mtp_hidden`'s aux: loads for the router bias update, their balance loss).
 
     Each depth's sum is divided by the micro-batch's main target count `n` and scaled by batch["mtp_norm"] (the whole
     batch's n / depth-k count, `mtp_batch_stats`; computed here when absent): the same L_k for one batch, and
@@ -97,8 +98,8 @@ def mtp_loss(model, hidden_BLD, batch, n, chunk: int = 0):
     head runs over `chunk` positions at a time (`logits_chunk`; 0: each depth's [B, L, V] logits at once)."""
     tokens_BL = batch["tokens"]
     D = model.config.mtp_num_layers
-    h_DBLD = model.mtp_hidden(hidden_BLD, tokens_BL, positions_BL=batch.get("positions"),
-                              segment_ids_BL=batch.get("segment_ids"))
+    h_DBLD, aux = model.mtp_hidden(hidden_BLD, tokens_BL, positions_BL=batch.get("positions"),
+                                   segment_ids_BL=batch.get("segment_ids"), return_aux=True)
     m_DBL = mtp_target_mask(batch["loss_mask"], batch.get("segment_ids"), D)
     norm_D = batch["mtp_norm"] if "mtp_norm" in batch else n / jnp.maximum(m_DBL.sum((1, 2)), 1.0)
     nll_D, correct = [], None
@@ -109,7 +110,7 @@ def mtp_loss(model, hidden_BLD, batch, n, chunk: int = 0):
         if k == 0:
             correct = jnp.sum(hit_BL * m_DBL[0]) / n * norm_D[0]
     mean_nll = sum(nll_D) / D
-    return mean_nll, {"mtp_nll": mean_nll, "mtp_accuracy": correct}
+    return mean_nll, {"mtp_nll": mean_nll, "mtp_accuracy": correct}, aux
 
 
 def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None, kd_weight: float = 0.0,
@@ -146,15 +147,23 @@ def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None,
         kl = jnp.sum(kl_BL * w_BL) / n
         loss = (1.0 - kd_weight) * loss + kd_weight * kl
         metrics["kd_kl"] = kl
+    aux = dict(out.aux)
     if mtp_weight:
-        mtp, mtp_metrics = mtp_loss(model, out.hidden, batch, n, logits_chunk)
+        mtp, mtp_metrics, mtp_aux = mtp_loss(model, out.hidden, batch, n, logits_chunk)
         loss = loss + mtp_weight * mtp
         metrics.update(mtp_metrics)
-    if aux_loss_coef and "moe_aux_loss" in out.aux:
-        aux = out.aux["moe_aux_loss"]
-        loss = loss + aux_loss_coef * aux
-        metrics["moe_aux_loss"] = aux
-    return loss, (metrics, out.aux)
+        aux.update(mtp_aux)
+    return add_balance_loss(loss, metrics, aux, aux_loss_coef), (metrics, aux)
+
+
+def add_balance_loss(loss, metrics: dict, aux: dict, coef: float):
+    """loss + coef * the MoE balance losses in `aux` (the trunk's, and the MTP blocks' when the loss ran them: more
+    MoE layers, counted alike), each logged under its aux name."""
+    for key in ("moe_aux_loss", "mtp_moe_aux_loss"):
+        if coef and key in aux:
+            loss = loss + coef * aux[key]
+            metrics[key] = aux[key]
+    return loss
 
 
 def _prefetch(ds):
@@ -210,7 +219,7 @@ def make_train_step(graphdef, optimizer, loss_fn, grad_accum: int = 1, batch_sta
         share = ns / n
         metrics = {k: v.sum(0) if k == "num_tokens" else jnp.tensordot(share, v, axes=1) for k, v in ms.items()}
         # Expert loads add up over micro-batches; the rest (losses, drop fractions) average by token share.
-        aux = {k: v.sum(0) if k == "moe_load" else jnp.tensordot(share, v, axes=1) for k, v in auxs.items()}
+        aux = {k: v.sum(0) if k.endswith("moe_load") else jnp.tensordot(share, v, axes=1) for k, v in auxs.items()}
         return (loss / n, (metrics, aux)), grads
 
     @partial(jax.jit, donate_argnums=(0, 1))
