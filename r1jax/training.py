@@ -533,6 +533,16 @@ def tree_copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def add_balance_loss(loss, metrics: dict, aux: dict, coef: float):
+    """loss + coef * the MoE balance losses in a model's `aux` (the trunk's, and the MTP blocks' when the loss ran
+    them: more MoE layers, counted alike), each also put in `metrics` under its aux name."""
+    for key in ("moe_aux_loss", "mtp_moe_aux_loss"):
+        if coef and key in aux:
+            loss = loss + coef * aux[key]
+            metrics[key] = aux[key]
+    return loss
+
+
 def update_router_bias(ctx: RunContext, rest, aux):
     """DeepSeek-V3 aux-loss-free balancing, applied after each update outside the gradient (when configured): the
     trunk's MoE layers by their loads, and the MTP modules' blocks by theirs when the loss trained them."""

@@ -25,9 +25,9 @@ from flax import nnx
 
 from r1jax import training
 from r1jax.checkpoint import Checkpointer
+from r1jax.models.head_loss import head_nll, map_position_chunks
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
-from r1jax.models.head_loss import head_nll, map_position_chunks
 from r1jax.parallel.sharding import shard_batch, split_rows
 from r1jax.rl import dynamic_sampling, grpo, packing
 from r1jax.rl.packing import gather_positions
@@ -54,8 +54,8 @@ def rollout_mtp_loss(model, hidden_RTD, tokens_RT, mask_RT, completion_mask_RN, 
     (1-based k) from the trunk's hidden state at i and token i + k; every completion token is a target of every
     depth. Only the MTP modules learn: the hidden states, the shared embedding and output head enter as constants,
     so the policy's gradient is the same as without it. Returns (mean over depths of each depth's cross-entropy
-    averaged over completion tokens, depth 1's argmax accuracy, the MTP blocks' MoE aux). The head runs on the N positions that predict a
-    completion token, `chunk` of them at a time (the stage's logits_chunk)."""
+    averaged over completion tokens, depth 1's argmax accuracy, the MTP blocks' MoE aux). The head runs on the N
+    positions that predict a completion token, `chunk` of them at a time (the stage's logits_chunk)."""
     R, T = tokens_RT.shape
     N = completion_mask_RN.shape[1]
     P = T - N
@@ -185,11 +185,8 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
             value = value + mtp_weight * nll
             metrics = {**metrics, "mtp_nll": nll, "mtp_accuracy": acc}
             aux = {**aux, **mtp_aux}
-        if aux_loss_coef and "moe_aux_loss" in aux:
-            value = value + aux_loss_coef * aux["moe_aux_loss"]
-        if aux_loss_coef and "mtp_moe_aux_loss" in aux:
-            value = value + aux_loss_coef * aux["mtp_moe_aux_loss"]
-        return value, (metrics, aux)
+        metrics = dict(metrics)
+        return training.add_balance_loss(value, metrics, aux, aux_loss_coef), (metrics, aux)
 
     @partial(jax.jit, static_argnames=("prompt_len",), donate_argnums=(0, 1))
     def update(params, opt_state, rest, batch, inject_nan, prompt_len, entropy_coef=0.0):

@@ -153,17 +153,7 @@ def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None,
         loss = loss + mtp_weight * mtp
         metrics.update(mtp_metrics)
         aux.update(mtp_aux)
-    return add_balance_loss(loss, metrics, aux, aux_loss_coef), (metrics, aux)
-
-
-def add_balance_loss(loss, metrics: dict, aux: dict, coef: float):
-    """loss + coef * the MoE balance losses in `aux` (the trunk's, and the MTP blocks' when the loss ran them: more
-    MoE layers, counted alike), each logged under its aux name."""
-    for key in ("moe_aux_loss", "mtp_moe_aux_loss"):
-        if coef and key in aux:
-            loss = loss + coef * aux[key]
-            metrics[key] = aux[key]
-    return loss
+    return training.add_balance_loss(loss, metrics, aux, aux_loss_coef), (metrics, aux)
 
 
 def _prefetch(ds):
