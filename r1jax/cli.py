@@ -48,7 +48,8 @@ flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("data", None, "Eval data: a GSM8K/MATH/AIME/AMC/LiveCodeBench/APPS file, your own problems (JSON "
                     "lines or a JSON array: prompt/problem/question with answer and/or tests), or a task name (gsm8k, "
-                    "math500, ...) with options after a colon (livecodebench:path=FILE,start_date=2024-08-01).")
+                    "math500, ...) with options after a colon (livecodebench:path=FILE,start_date=2024-08-01; "
+                    "literals keep their commas: arithmetic:n=100,num_digits=(2, 3)).")
 flags.DEFINE_integer("k", 4, "Samples per problem (eval).")
 flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0 = all).")
 flags.DEFINE_integer("batch_size", 32, "Problems per sampler batch (eval).")
@@ -162,6 +163,25 @@ def parse_value(raw: str):
         except (ValueError, SyntaxError):
             pass
     return raw
+
+
+def split_options(text: str) -> list[str]:
+    """`text` split at the commas outside brackets and quotes: "n=5,num_digits=(1, 3),ops='+,-'" gives three
+    KEY=VALUE items, so a value can be any literal `parse_value` reads."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
 
 
 def add_config_keys(cfg, added: list[str]) -> None:
@@ -343,7 +363,7 @@ def _eval_examples(spec: str):
     name, _, opts = spec.partition(":")
     if name in list_tasks():
         kwargs = {}
-        for item in filter(None, opts.split(",")):
+        for item in filter(None, split_options(opts)):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise UsageError(f"--data {spec}: task options are KEY=VALUE pairs separated by commas, got {item!r}")

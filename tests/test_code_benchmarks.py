@@ -132,7 +132,7 @@ def test_apps_and_taco_rows(tmp_path):
 def test_eval_data_takes_task_options(tmp_path):
     """`r1jax eval --data TASK:KEY=VALUE,...`: a task with options (R1's LiveCodeBench window); values typed as on
     the command line elsewhere (numbers and booleans; a date or a path stays a string)."""
-    from r1jax.cli import UsageError, _eval_examples, parse_value
+    from r1jax.cli import UsageError, _eval_examples, parse_value, split_options
 
     assert [parse_value(v) for v in ("0.1", "8192", "1e-3", "True", "false", "[1, 2]", "'x'")] == [
         0.1, 8192, 1e-3, True, False, [1, 2], "x"]
@@ -142,6 +142,10 @@ def test_eval_data_takes_task_options(tmp_path):
     picked = _eval_examples(f"livecodebench:path={path},start_date=2024-08-01,end_date=2025-01-31")
     assert [ex["question_id"] for ex in picked] == ["3001"]
     assert len(_eval_examples("arithmetic:n=5,seed=3")) == 5
+    # Literal values keep their commas: a tuple (digits per operand), a quoted list of operators.
+    assert split_options("n=5,num_digits=(1, 3),operators='+,-'") == ["n=5", "num_digits=(1, 3)", "operators='+,-'"]
+    wide = _eval_examples("arithmetic:n=40,seed=0,num_digits=(3, 3),num_ops=(1, 1)")
+    assert len(wide) == 40 and all(len(x) == 3 for ex in wide for x in ex["expression"].split()[::2])
     with pytest.raises(UsageError, match="task options are KEY=VALUE pairs"):
         _eval_examples("arithmetic:n")
     with pytest.raises(UsageError, match="--data arithmetic:bogus=1: .*bogus"):
