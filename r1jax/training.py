@@ -533,14 +533,13 @@ def tree_copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def add_balance_loss(loss, metrics: dict, aux: dict, coef: float):
-    """loss + coef * the MoE balance losses in a model's `aux` (the trunk's, and the MTP blocks' when the loss ran
-    them: more MoE layers, counted alike), each also put in `metrics` under its aux name."""
-    for key in ("moe_aux_loss", "mtp_moe_aux_loss"):
-        if coef and key in aux:
-            loss = loss + coef * aux[key]
-            metrics[key] = aux[key]
-    return loss
+def add_balance_loss(loss, metrics: dict, aux: dict, coef: float) -> tuple:
+    """(loss + coef * the MoE balance losses in a model's `aux`, `metrics` with each of them under its aux name): the
+    trunk's, and the MTP blocks' when the loss ran them (more MoE layers, counted alike)."""
+    added = {key: aux[key] for key in ("moe_aux_loss", "mtp_moe_aux_loss") if coef and key in aux}
+    for value in added.values():
+        loss = loss + coef * value
+    return loss, {**metrics, **added}
 
 
 def update_router_bias(ctx: RunContext, rest, aux):

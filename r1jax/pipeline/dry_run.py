@@ -64,7 +64,7 @@ analytically (`flops_gmm`: 2 * k * 3 * D * F_expert per token and MoE layer forw
 backward, plus one forward recomputed under remat). On a CPU target the blocked XLA backend's tile loops count one
 tile. `flops_model` is the textbook count for comparison: 3 * forward (2 * active matmul params per token
 + 2 * H * (qk_dim + v_dim) * S attention per layer and token + 2 * D * V per logit position; MTP modules, each
-a layer and a head over every position, when the loss trains them), no remat. The lowered step includes them.
+a layer and a head like the model's, when the loss trains them), no remat. The lowered step includes them.
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ import logging
 import math
 import time
 import types
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -263,11 +262,10 @@ def _lower_step(kind: str, s: _Setup, stage_cfg, mesh, rules, platform: str, sha
             batch = _grpo_batch(stage_cfg, mesh, rules, shape["rows"], shape["P"], shape["N"])
             traced = fn.trace(s.params, s.opt_state, s.rest, batch, nan, prompt_len=shape["P"])
         else:
-            from r1jax.sft.trainer import make_train_step, mtp_stats, sft_loss
+            from r1jax.sft.trainer import make_train_step, mtp_stats, stage_loss
 
-            loss = partial(sft_loss, aux_loss_coef=coef, mtp_weight=float(stage_cfg.get("mtp_weight", 0.0)),
-                           logits_chunk=int(stage_cfg.get("logits_chunk", 0) or 0))
-            fn = make_train_step(s.graphdef, s.optimizer, loss, grad_accum=int(stage_cfg.get("grad_accum", 1) or 1),
+            fn = make_train_step(s.graphdef, s.optimizer, stage_loss(stage_cfg, coef),
+                                 grad_accum=int(stage_cfg.get("grad_accum", 1) or 1),
                                  batch_stats=mtp_stats(s.mc, stage_cfg))
             bs = logical_to_spec(("batch", None), rules, mesh)
             rows, L = shape["rows"], shape["L"]

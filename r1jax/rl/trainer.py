@@ -185,8 +185,8 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
             value = value + mtp_weight * nll
             metrics = {**metrics, "mtp_nll": nll, "mtp_accuracy": acc}
             aux = {**aux, **mtp_aux}
-        metrics = dict(metrics)
-        return training.add_balance_loss(value, metrics, aux, aux_loss_coef), (metrics, aux)
+        value, metrics = training.add_balance_loss(value, metrics, aux, aux_loss_coef)
+        return value, (metrics, aux)
 
     @partial(jax.jit, static_argnames=("prompt_len",), donate_argnums=(0, 1))
     def update(params, opt_state, rest, batch, inject_nan, prompt_len, entropy_coef=0.0):

@@ -153,7 +153,8 @@ def sft_loss(model, batch, *, aux_loss_coef: float = 0.0, teacher_graphdef=None,
         loss = loss + mtp_weight * mtp
         metrics.update(mtp_metrics)
         aux.update(mtp_aux)
-    return training.add_balance_loss(loss, metrics, aux, aux_loss_coef), (metrics, aux)
+    loss, metrics = training.add_balance_loss(loss, metrics, aux, aux_loss_coef)
+    return loss, (metrics, aux)
 
 
 def _prefetch(ds):
@@ -276,21 +277,25 @@ def sft_examples(ctx: training.RunContext, stage: str, cfg) -> list[dict]:
     raise ValueError(f"config.{stage}.data={src!r}; valid: {', '.join(_DATA_SOURCES)}")
 
 
+def stage_loss(cfg, aux_loss_coef: float):
+    """The stage's `sft_loss` without a teacher, with its settings from the stage config (the trainer and the dry
+    run lower the same loss)."""
+    return partial(sft_loss, aux_loss_coef=aux_loss_coef, mtp_weight=float(cfg.get("mtp_weight", 0.0)),
+                   logits_chunk=int(cfg.get("logits_chunk", 0) or 0))
+
+
 def _loss_fn(ctx: training.RunContext, stage: str, cfg, teacher):
     coef = ctx.model_config.moe.aux_loss_coef if ctx.model_config.moe else 0.0
     kd_weight = float(cfg.get("kd_weight", 0.0))
-    mtp_weight = float(cfg.get("mtp_weight", 0.0))
-    chunk = int(cfg.get("logits_chunk", 0) or 0)
     if teacher is None or kd_weight == 0.0:
-        return partial(sft_loss, aux_loss_coef=coef, mtp_weight=mtp_weight, logits_chunk=chunk), None
+        return stage_loss(cfg, coef), None
     v_s, v_t, v_tok = ctx.model_config.vocab_size, teacher.config.vocab_size, ctx.tokenizer.vocab_size
     if v_s != v_t and v_tok > min(v_s, v_t):
         raise ValueError(f"config.{stage}: logit distillation needs a shared vocabulary; the student has {v_s} "
                          f"logits, the teacher {v_t} and the tokenizer {v_tok} ids")
     teacher_graphdef, teacher_state = nnx.split(teacher)
-    return partial(sft_loss, aux_loss_coef=coef, teacher_graphdef=teacher_graphdef, kd_weight=kd_weight,
-                   kd_temperature=float(cfg.kd_temperature), kd_vocab=min(v_s, v_t),
-                   mtp_weight=mtp_weight, logits_chunk=chunk), teacher_state
+    return partial(stage_loss(cfg, coef), teacher_graphdef=teacher_graphdef, kd_weight=kd_weight,
+                   kd_temperature=float(cfg.kd_temperature), kd_vocab=min(v_s, v_t)), teacher_state
 
 
 def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None, *, examples=None,
