@@ -24,6 +24,7 @@ from flax import nnx
 from r1jax.models.attention import Attention, MLAttention, write_cache
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import MLP, Embed, RMSNorm, Rotary, cast, make_param
+from r1jax.models.head_loss import shift_left
 from r1jax.models.moe import MoE, balance_loss
 from r1jax.models.projection import PROJECTION, project
 from r1jax.parallel.rules import constrain
@@ -258,7 +259,6 @@ class Transformer(nnx.Module):
         cfg = self.config
         if not cfg.mtp_num_layers:
             raise ValueError("this model has no MTP modules (mtp_num_layers=0)")
-        B, L = tokens_BL.shape
         valid_BL = _valid_tokens(tokens_BL, segment_ids_BL, attention_mask_BL)
         if positions_BL is None:
             positions_BL = _default_positions(valid_BL, segment_ids_BL, None)
@@ -269,8 +269,7 @@ class Transformer(nnx.Module):
         h, out, auxes = hidden_BLD, [], []
         for k, depth_state in enumerate(split_layers(state)):
             mod = nnx.merge(graphdef, depth_state)
-            shifted = jnp.concatenate([tokens_BL[:, k + 1:], jnp.zeros((B, k + 1), tokens_BL.dtype)], axis=1)
-            emb = self.embed(shifted)
+            emb = self.embed(shift_left(tokens_BL, k + 1))
             e = mod.enorm(emb if train_shared else jax.lax.stop_gradient(emb))
             hp = project("blc,cd->bld", jnp.concatenate([e, mod.hnorm(h)], -1), cast(mod.eh_proj, e.dtype))
             h, _, block_aux = mod.block(hp, cos_sin, mask_BLS, valid_BL, segments_BL=segments_BL)

@@ -88,10 +88,11 @@ def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str 
     results = {}
     # Which models are already evaluated is decided before the first one's collectives, so a process that looked
     # after process 0 wrote a result cannot skip an evaluation the others run.
-    cached = {label: (ctx.stage_dir(stage) / f"eval_{label}.json").exists() for label in labels}
+    caches = {label: ctx.stage_dir(stage) / f"eval_{label}.json" for label in labels}
+    cached = {label: path.exists() for label, path in caches.items()}
     for label in labels:
         spec = cfg.models[label]
-        cache = ctx.stage_dir(stage) / f"eval_{label}.json"
+        cache = caches[label]
         if cached[label]:
             results[label] = json.loads(cache.read_text())
             continue
