@@ -115,7 +115,7 @@ def test_interface(tok):
 def test_sentencepiece_training(texts, tmp_path):
     t0 = time.perf_counter()
     tok = train_sentencepiece(texts, vocab_size=512, path=tmp_path / "m.model")
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < 20.0  # catches runaway trainer settings, not speed (~0.3 s here)
     assert (tmp_path / "m.model").is_file() and tok.added_markers == ()
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.id_of("<unk>")) == (0, 1, 2, 3)
     assert [tok.id_of(m) for m in MARKERS] == [4, 5, 6, 7]

@@ -264,7 +264,7 @@ CD = {"numbers": [25, 5, 3, 8], "target": 37}
 def test_countdown(expr, expected):
     t = time.monotonic()
     assert countdown(ans(expr), CD) == expected
-    assert time.monotonic() - t < 0.5
+    assert time.monotonic() - t < 2.0  # a hang guard (9**9**9**9 evaluated never ends), not a speed test
     assert not os.path.exists("/tmp/r1jax_pwned_by_reward")
 
 
