@@ -346,6 +346,8 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1,
                                               dcn_expert=1, dcn_tensor=1, rules="fsdp", context=""))
     cfg.hardware = hardware_config()
+    # A Weights & Biases run beside metrics.jsonl and TensorBoard (r1jax.logging.WandbSink): off while project is "".
+    cfg.wandb = ml_collections.ConfigDict(dict(project="", entity="", name="", group="", notes="", tags="", mode=""))
     return cfg
 
 

@@ -1,5 +1,6 @@
 """Metrics: `DIR/metrics.jsonl` (one JSON object per logged step, with `stage` and `step`), TensorBoard event
-files under `DIR/tensorboard/<stage>`, a progress display, and reward / pass@1 plots.
+files under `DIR/tensorboard/<stage>`, optionally a Weights & Biases run (see WandbSink), a progress display, and
+reward / pass@1 plots.
 
 The progress display shows each stage's step with its latest loss, reward and eval/pass@1: a tqdm bar when
 stderr is a terminal, else one short line per logged step (so logs of batch jobs stay readable).
@@ -16,9 +17,12 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import secrets
+import string
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,16 +82,95 @@ class Progress:
             self._tqdm = None
 
 
-class MetricsLogger:
-    """Appends metrics to DIR/metrics.jsonl and TensorBoard, and shows progress (`progress=True`: see Progress).
-    Only process 0 writes."""
+WANDB_MODES = ("", "online", "offline", "disabled")
+WANDB_RUN_ID_FILE = "wandb_run_id"
 
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, progress: bool = False):
+
+def wandb_settings(**kw) -> dict:
+    """The `config.wandb` settings (base_config's defaults: project "" = no W&B run), checked.
+
+    project, entity, name (default: the workdir's name), group, notes, tags (comma-separated), mode
+    ("" = wandb's default / WANDB_MODE; online, offline, disabled). Raises ValueError on a bad value and
+    ImportError, naming the extra to install, when a project is set but wandb is not installed: both before
+    anything runs.
+    """
+    out = dict(project="", entity="", name="", group="", notes="", tags="", mode="")
+    unknown = sorted(set(kw) - set(out))
+    if unknown:
+        raise ValueError(f"unknown config.wandb keys {unknown}; valid: {sorted(out)}")
+    out.update(kw)
+    for key, value in out.items():
+        if not isinstance(value, str):
+            raise ValueError(f"config.wandb.{key}={value!r} must be a string")
+    if out["mode"] not in WANDB_MODES:
+        raise ValueError(f"config.wandb.mode={out['mode']!r}; valid: {WANDB_MODES}")
+    if not out["project"] and any(out[k] for k in out if k != "project"):
+        raise ValueError(f"config.wandb sets {[k for k in out if out[k]]} but no project; "
+                         "--config.wandb.project=NAME turns the W&B run on")
+    if out["project"]:
+        try:
+            importlib.import_module("wandb")
+        except ImportError as e:
+            raise ImportError("config.wandb.project is set but wandb is not installed: pip install 'r1jax[wandb]'") \
+                from e
+    return out
+
+
+class WandbSink:
+    """One Weights & Biases run per workdir: every stage's metrics, under `<stage>/<key>` with `<stage>/step` as
+    their x axis (each stage counts its own steps). The run id is kept in DIR/wandb_run_id, so a resumed
+    workdir (preemption, a later stage) continues the same run; the run's config is the experiment config.
+    Scalars only, as TensorBoard gets. Local files go to DIR/wandb/.
+
+    Example (offline: nothing leaves the machine; `wandb sync DIR/wandb/offline-run-*` uploads it later):
+        r1jax train --config experiments/r1_zero_arith.py --workdir runs/a --config.wandb.project=r1 \\
+            --config.wandb.mode=offline
+    """
+
+    def __init__(self, workdir: str | Path, settings: dict, run_config: dict | None = None):
+        import wandb
+
+        workdir = Path(workdir)
+        id_path = workdir / WANDB_RUN_ID_FILE
+        run_id = id_path.read_text().strip() if id_path.exists() else ""
+        if not run_id:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            id_path.write_text(run_id + "\n")
+        tags = [t.strip() for t in settings["tags"].split(",") if t.strip()]
+        self.run = wandb.init(
+            project=settings["project"], entity=settings["entity"] or None, name=settings["name"] or workdir.name,
+            group=settings["group"] or None, notes=settings["notes"] or None, tags=tags or None,
+            mode=settings["mode"] or None, dir=str(workdir), id=run_id, resume="allow", config=run_config,
+        )
+        self._stages: set[str] = set()
+
+    def log(self, stage: str, step: int, record: dict):
+        if stage not in self._stages:
+            self._stages.add(stage)
+            self.run.define_metric(f"{stage}/step")
+            self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+        scalars = {f"{stage}/{k}": v for k, v in record.items()
+                   if k not in ("stage", "step") and isinstance(v, (int, float))}
+        self.run.log({f"{stage}/step": int(step), **scalars})
+
+    def close(self, exit_code: int = 0):
+        self.run.finish(exit_code=exit_code)
+
+
+class MetricsLogger:
+    """Appends metrics to DIR/metrics.jsonl and TensorBoard (and a W&B run when `wandb` settings name a project:
+    see WandbSink), and shows progress (`progress=True`: see Progress). Only process 0 writes."""
+
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, progress: bool = False,
+                 wandb: dict | None = None, run_config: dict | None = None):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0
         self._tb: dict[str, Any] = {}
         self._use_tb = tensorboard
         self.progress = Progress() if progress and self.enabled else None
+        self.wandb = None  # the W&B run starts with the first record: a run that fails its checks makes none
+        self._wandb_settings = wandb_settings(**(wandb or {}))
+        self._run_config = run_config
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._file = open(self.workdir / METRICS_FILE, "a", buffering=1)
@@ -109,6 +192,10 @@ class MetricsLogger:
                 if k not in ("stage", "step") and isinstance(v, (int, float)) and math.isfinite(v):
                     writer.add_scalar(k, v, int(step))
             writer.flush()
+        if self._wandb_settings["project"]:
+            if self.wandb is None:
+                self.wandb = WandbSink(self.workdir, self._wandb_settings, self._run_config)
+            self.wandb.log(stage, int(step), record)
         if self.progress is not None:
             self.progress.update(stage, int(step), record)
         return record
@@ -120,19 +207,22 @@ class MetricsLogger:
             self._tb[stage] = SummaryWriter(str(self.workdir / "tensorboard" / stage))
         return self._tb[stage]
 
-    def close(self):
+    def close(self, exit_code: int = 0):
+        """exit_code: non-zero marks the W&B run failed (the run stopped on an error)."""
         if self.progress is not None:
             self.progress.close()
         if self.enabled:
             self._file.close()
             for w in self._tb.values():
                 w.close()
+            if self.wandb is not None:
+                self.wandb.close(exit_code)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(1 if exc_type is not None else 0)
 
 
 def read_metrics(workdir: str | Path, stage: str | None = None) -> list[dict]:

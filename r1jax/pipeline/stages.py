@@ -22,7 +22,7 @@ import jax
 import ml_collections
 
 from r1jax import configs, training
-from r1jax.logging import MetricsLogger
+from r1jax.logging import MetricsLogger, wandb_settings
 from r1jax.parallel import hosts
 from r1jax.sampling.speculative import SPECULATIVE, check_speculative
 
@@ -233,6 +233,12 @@ def _record_config(config, workdir: Path):
         path.write_text(text)
 
 
+def wandb_config(config: ml_collections.ConfigDict) -> dict:
+    """config.wandb as a dict ({} for a config recorded before it existed)."""
+    section = config.get("wandb")
+    return section.to_dict() if section is not None else {}
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training.StopFlag | None = None, *,
           progress: bool = False, mesh=None, rules=None):
     """The run's context. `mesh` / `rules` replace config.mesh's (e.g. evaluating a finished run on other
@@ -248,7 +254,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training
     model_config = training.build_model_config(config, tokenizer)
     _record_config(config, workdir)
     ctx = training.RunContext(config=config, workdir=workdir, mesh=mesh, rules=rules or config.mesh.rules,
-                              tokenizer=tokenizer, logger=MetricsLogger(workdir, progress=progress),
+                              tokenizer=tokenizer, logger=MetricsLogger(workdir, progress=progress,
+                                                                        wandb=wandb_config(config),
+                                                                        run_config=config.to_dict()),
                               model_config=model_config, stop=stop if stop is not None else training.StopFlag(),
                               tasks=tasks, context=config.mesh.get("context", ""))
     ctx.train_rules  # noqa: B018 - a bad config.mesh.context fails here, before any model is built
@@ -266,6 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
             raise ValueError(f"config.{name}.kind={config[name].kind!r} has no runner; registered: "
                              f"{sorted(STAGE_RUNNERS)}")
     check_stages(config, names)  # before any stage runs (or the tokenizer trains)
+    wandb_settings(**wandb_config(config))
     ctx = setup(config, workdir, stop, progress=progress)
     pending = [n for n in names if not (ctx.stage_dir(n) / "DONE").exists()]
     # Every process decides which stages to run before process 0 can write a DONE this run: a process that
@@ -283,7 +292,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
         check = STAGE_DATA_CHECKS.get(config[name].kind)
         if check is not None:
             check(ctx.for_stage(name), name, config[name])
-    summaries, previous = {}, None
+    summaries, previous, ended = {}, None, False
     try:
         for name in names:
             if name not in pending:
@@ -292,7 +301,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
                 ctx.stage_dir(name).mkdir(parents=True, exist_ok=True)
                 ctx.logger.start_stage(name, config[name].get("steps"))
                 summary = STAGE_RUNNERS[config[name].kind](ctx.for_stage(name), name, config[name], previous)
-                if summary is None:
+                if summary is None:  # stopped by a signal, to resume later: not a failure
+                    ended = True
                     return {"stages": summaries, "stopped": True, "stopped_in": name}
                 summaries[name] = summary
                 # Process 0 alone writes DONE and data files (rejection, distillation): every process sees them
@@ -301,6 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
             # A reward model is no policy: "previous" passes over it as over stages that only write data.
             if training.final_dir(ctx, name).exists() and config[name].kind != "reward_model":
                 previous = name
+        ended = True
     finally:
-        ctx.logger.close()
+        ctx.logger.close(exit_code=0 if ended else 1)  # an error marks the W&B run failed
     return {"stages": summaries, "stopped": False}

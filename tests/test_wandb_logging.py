@@ -1,0 +1,172 @@
+"""The Weights & Biases run beside metrics.jsonl: settings checked up front, every stage's scalars logged against
+its own step, one run per workdir across resumes, failures marked. Runs wandb offline and reads back the run's
+record log (the .wandb file that `wandb sync` uploads), so nothing leaves the machine."""
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from wandb.proto import wandb_internal_pb2
+
+from r1jax.logging import MetricsLogger, read_metrics, wandb_settings
+from r1jax.pipeline import stages
+from r1jax.pipeline.stages import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def wandb_home(tmp_path, monkeypatch):
+    # wandb keeps settings and caches under $HOME; a test leaves none of it there.
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _config(arg):
+    spec = importlib.util.spec_from_file_location("tiny_pipeline", ROOT / "tests" / "configs" / "tiny_pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config(arg)
+    cfg.wandb.project = "r1jax-tests"
+    cfg.wandb.mode = "offline"
+    cfg.wandb.tags = "tiny, test"
+    return cfg
+
+
+def wandb_records(path: Path) -> list:
+    """The records of one .wandb file: a 7-byte header, then LevelDB-log chunks (crc32c, length, type) in 32 KiB
+    blocks; a record is one FULL chunk or FIRST, MIDDLE..., LAST."""
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    records, parts, pos = [], [], 7
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and n == 0:  # zero padding to the end of a block
+            pos += left
+            continue
+        parts.append(data[pos + 7:pos + 7 + n])
+        pos += 7 + n
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(b"".join(parts))
+            records.append(rec)
+            parts = []
+    return records
+
+
+def run_logs(workdir: Path) -> list[list]:
+    """The records of each offline run directory under workdir/wandb, oldest first."""
+    files = sorted((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert files, f"no offline W&B run under {workdir}"
+    return [wandb_records(f) for f in files]
+
+
+def history(records) -> list[dict]:
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def of_kind(records, kind: str) -> list:
+    return [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]
+
+
+class StopAfter:
+    def __init__(self, n):
+        self.n = n
+
+    def __bool__(self):
+        self.n -= 1
+        return self.n < 0
+
+
+def test_settings_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    assert wandb_settings()["project"] == ""
+    assert wandb_settings(project="p", tags="a,b")["tags"] == "a,b"
+    with pytest.raises(ValueError, match="mode='cloud'"):
+        wandb_settings(project="p", mode="cloud")
+    with pytest.raises(ValueError, match="no project"):
+        wandb_settings(entity="team")
+    with pytest.raises(ValueError, match="unknown config.wandb keys \\['projcet'\\]"):
+        wandb_settings(projcet="p")
+    with pytest.raises(ValueError, match="must be a string"):
+        wandb_settings(project="p", tags=["a"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'r1jax\[wandb\]'"):
+        wandb_settings(project="p")
+    # The command refuses the config before the tokenizer, the mesh or any stage (the workdir stays empty).
+    cfg = _config("stages=pretrain")
+    with pytest.raises(ImportError, match="wandb is not installed"):
+        run(cfg, tmp_path / "w")
+    monkeypatch.undo()
+    cfg.wandb.mode = "cloud"
+    with pytest.raises(ValueError, match="config.wandb.mode"):
+        run(cfg, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_stages_log_to_one_run_across_a_resume(tmp_path):
+    work = tmp_path / "run"
+    cfg = _config("stages=pretrain+sft")
+    cfg.sft.init = "stage:pretrain"
+    cfg.sft.data = "corpus:arith_reasoning"
+    cfg.sft.corpus = dict(cfg.pretrain.corpus)
+    first = run(cfg, work, stop=StopAfter(3 + 1))  # pretrain's 3 steps, one SFT step
+    assert first["stopped_in"] == "sft"
+    run_id = (work / "wandb_run_id").read_text().strip()
+    assert not run(cfg, work)["stopped"]
+    assert (work / "wandb_run_id").read_text().strip() == run_id
+
+    logs = run_logs(work)
+    assert len(logs) == 2  # the first command and the resumed one, both the same W&B run
+    for records, stages_logged in zip(logs, [["pretrain", "sft"], ["sft"]]):
+        (meta,) = of_kind(records, "run")
+        assert meta.run_id == run_id and meta.project == "r1jax-tests" and meta.display_name == "run"
+        assert list(meta.tags) == ["tiny", "test"]
+        config = {item.key: json.loads(item.value_json) for item in meta.config.update}
+        assert config["model"]["preset"] == "tiny_qwen2" and config["stages"] == "pretrain,sft"
+        assert config["wandb"]["mode"] == "offline"
+        axes = [(m.glob_name, m.step_metric) for m in of_kind(records, "metric") if m.glob_name]
+        assert axes == [(f"{stage}/*", f"{stage}/step") for stage in stages_logged]  # each stage its own x axis
+        assert [e.exit_code for e in of_kind(records, "exit")] == [0]  # a stop to resume is no failure
+
+    # Every scalar metrics.jsonl holds went to W&B under its stage, at its step.
+    logged = [h for records in logs for h in history(records)]
+    for rec in read_metrics(work):
+        stage = rec["stage"]
+        match = [h for h in logged if h.get(f"{stage}/step") == rec["step"]]
+        assert match, rec
+        for key, value in rec.items():
+            if key not in ("stage", "step") and isinstance(value, (int, float)):
+                assert any(h.get(f"{stage}/{key}") == pytest.approx(value, rel=1e-6) for h in match), (stage, key)
+    assert sorted({h["sft/step"] for h in logged if "sft/step" in h}) == [1, 2]
+    assert sorted({h["pretrain/step"] for h in logged if "pretrain/step" in h}) == [1, 2, 3]
+    assert not any(isinstance(v, (list, dict)) for h in logged for v in h.values())
+
+
+def test_a_failing_stage_marks_the_run_failed(tmp_path, monkeypatch):
+    def broken(ctx, name, stage_cfg, previous):
+        ctx.logger.write(name, 1, {"loss": 2.5, "moe_load": [1, 2], "note": "text"})
+        raise RuntimeError("the stage broke")
+
+    monkeypatch.setitem(stages.STAGE_RUNNERS, "sft", broken)
+    with pytest.raises(RuntimeError, match="the stage broke"):
+        run(_config("stages=pretrain"), tmp_path / "run")
+    (records,) = run_logs(tmp_path / "run")
+    assert [e.exit_code for e in of_kind(records, "exit")] == [1]
+    assert [h for h in history(records) if "pretrain/loss" in h][0]["pretrain/loss"] == 2.5
+    assert not any("moe_load" in k or "note" in k for h in history(records) for k in h)
+
+
+def test_no_project_no_run(tmp_path):
+    with MetricsLogger(tmp_path, tensorboard=False, wandb={"project": ""}) as log:
+        log.write("grpo", 1, {"reward": 0.5})
+    assert log.wandb is None and not (tmp_path / "wandb").exists() and not (tmp_path / "wandb_run_id").exists()
