@@ -379,6 +379,7 @@ def _eval_examples(spec: str):
 def cmd_eval(argv):
     import jax
 
+    from r1jax.data.io import write_jsonl
     from r1jax.eval import ProgressMismatch, check_reward, evaluate
 
     if not FLAGS.model or not FLAGS.data:
@@ -411,7 +412,7 @@ def cmd_eval(argv):
         if FLAGS.out:
             Path(FLAGS.out).write_text(json.dumps(m, indent=2))
         if FLAGS.samples_out:
-            Path(FLAGS.samples_out).write_text("".join(json.dumps(row) + "\n" for row in samples))
+            write_jsonl(FLAGS.samples_out, samples)
         if progress is not None:
             progress.unlink(missing_ok=True)
     return 0

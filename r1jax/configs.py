@@ -76,9 +76,11 @@ def eval_config(**kw) -> ml_collections.ConfigDict:
     """Held-out evaluation: the first `num_problems` problems of `split` (0: the stage does not evaluate), k samples
     each at `temperature` / `top_p`, correct by the `reward` rule. `compact`: the sampler's compaction levels
     (r1jax.sampling.sample_padded: the decode loop continues on the unfinished rows only; same samples).
-    `speculative`: "mtp" decodes with the model's MTP module as the draft (r1jax.sampling.speculative)."""
+    `speculative`: "mtp" decodes with the model's MTP module as the draft (r1jax.sampling.speculative).
+    `save_samples`: every completion of each evaluation is written to the stage's `eval_samples/` directory as JSON
+    lines (problem, prompt, reference, completion, extracted answer, correct, num_tokens)."""
     d = dict(num_problems=200, k=4, temperature=0.6, top_p=0.95, max_new_tokens=256, batch_size=64,
-             reward="accuracy", template="", split="test", compact=0, speculative="")
+             reward="accuracy", template="", split="test", compact=0, speculative="", save_samples=True)
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
@@ -170,6 +172,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         dynamic_sampling=False,     # DAPO: sample more prompts until every group in the batch has a reward signal
         max_rollouts=3,             # with dynamic_sampling: rollouts per step at most (then signal-less groups fill)
         ref_update_every=0,         # refresh the reference weights every N steps (0: never)
+        log_completions=8,          # at each logged step, this many rollout rows -> <stage>/completions.jsonl (0: off)
         rewards=ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1}),
         # Keyword arguments of the rule rewards, {name: {arg: value}}, e.g. {"overlong": {"max_len": 8192}}.
         reward_kwargs=ml_collections.ConfigDict(),

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from r1jax.checkpoint import load_params, save_params
+from r1jax.data.io import write_jsonl
 from r1jax.logging import MetricsLogger
 from r1jax.models import Transformer, config_to_hf, from_pretrained, get_preset, read_config, save_pretrained
 from r1jax.models.config import ModelConfig
@@ -513,16 +514,27 @@ def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int, **prog
                     top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens,
                     batch_size=min(eval_cfg.batch_size, len(examples)), seed=seed, mesh=ctx.mesh, rules=ctx.rules,
                     reward=eval_cfg.reward, compact=int(eval_cfg.get("compact", 0)),
-                    speculative=eval_cfg.get("speculative", ""), **progress)
+                    speculative=eval_cfg.get("speculative", ""),
+                    return_samples=bool(eval_cfg.get("save_samples", False)), **progress)
+
+
+def save_eval_samples(ctx: RunContext, stage: str, name: str, metrics: dict) -> None:
+    """Moves an evaluation's samples (present with eval.save_samples) out of `metrics` into
+    <stage>/eval_samples/<name>.jsonl (process 0 writes; every process holds the same samples)."""
+    samples = metrics.pop("samples", None)
+    if samples is not None and jax.process_index() == 0:
+        write_jsonl(ctx.stage_dir(stage) / "eval_samples" / f"{name}.jsonl", samples)
 
 
 def run_eval(ctx: RunContext, model, stage_cfg, stage: str, step: int, seed: int) -> dict:
-    """Held-out pass@1 / cons@k with the stage's eval settings, logged under eval/."""
+    """Held-out pass@1 / cons@k with the stage's eval settings, logged under eval/; with eval.save_samples, the
+    completions go to <stage>/eval_samples/step_<step>.jsonl."""
     ev = stage_cfg.eval
     examples = eval_examples(ctx, ev)
     if not examples:
         return {}
     m = evaluate_model(ctx, model, ev, examples, seed)
+    save_eval_samples(ctx, stage, f"step_{step}", m)
     out = {f"eval/{k}": v for k, v in m.items() if isinstance(v, (int, float))}
     ctx.logger.write(stage, step, out)
     return out

@@ -63,7 +63,7 @@ widths = hosts.concat(np.array([prompts["prompt_ids"].shape[1]]))
 assert widths[0] < widths[1], widths
 cfg = grpo_stage(group_size=G, max_new_tokens=N, temperature=0.0, reward_workers=1,
                  rewards={"accuracy": 1.0, "test_checksum": 1.0})
-batch, metrics, texts = rollout(model, tok, prompts, cfg, jax.random.key(0), mesh=mesh, rules="fsdp")
+batch, metrics, rows = rollout(model, tok, prompts, cfg, jax.random.key(0), mesh=mesh, rules="fsdp")
 assert batch["tokens"].shape[0] == B * G
 
 # Its own prompts' greedy samples, on one local device.
@@ -77,11 +77,14 @@ for row in range(B * G):
 
 # Sampled (temperature 1): its own rewards; advantages over the whole batch.
 cfg.temperature = 1.0
-batch, metrics, texts = rollout(model, tok, prompts, cfg, jax.random.key(1), mesh=mesh, rules="fsdp")
+batch, metrics, rows = rollout(model, tok, prompts, cfg, jax.random.key(1), mesh=mesh, rules="fsdp")
 lengths = batch["completion_mask"].sum(1)
-totals, _, own_texts = score(tok, batch["tokens"][:, -N:], lengths, prompts["examples"], cfg.rewards.to_dict(),
+totals, own_parts, own_texts = score(tok, batch["tokens"][:, -N:], lengths, prompts["examples"], cfg.rewards.to_dict(),
                              timeout_s=1.0, num_workers=1)
-assert own_texts == texts
+assert own_texts == [row["completion"] for row in rows]
+np.testing.assert_allclose([row["reward"] for row in rows], batch["rewards"], rtol=1e-6)
+for name, values in own_parts.items():  # each row's components are its own, not another process's rows'
+    np.testing.assert_allclose([row[f"reward/{name}"] for row in rows], values, rtol=1e-6)
 np.testing.assert_allclose(batch["rewards"], totals, rtol=1e-6)
 all_rewards = hosts.concat(batch["rewards"])
 all_advantages = hosts.concat(batch["advantages"])
@@ -177,7 +180,7 @@ if pid == 0:
 # An LLM judge (a model reward) on the whole batch's texts: the same verdicts as judging them on one local device.
 from r1jax.rl.judge import Judge  # noqa: E402
 
-all_texts, all_examples = hosts.concat_objects(texts), hosts.concat_objects(prompts["examples"])
+all_texts, all_examples = hosts.concat_objects(own_texts), hosts.concat_objects(prompts["examples"])
 assert len(all_texts) == len(all_examples) == pc * B * G
 spread = Judge(model, tok, max_new_tokens=3, mesh=mesh, rules="fsdp")(all_texts, all_examples)[1]["outputs"]
 alone = Judge(local, tok, max_new_tokens=3)(all_texts, all_examples)[1]["outputs"]

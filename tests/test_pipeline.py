@@ -163,6 +163,10 @@ def three_stages(tmp_path_factory):
     return work, out
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -269,7 +273,12 @@ def test_distill_into_a_smaller_student_and_compare(three_stages, tmp_path, monk
     # Each model's sampled batches were kept while it was evaluated, and removed with its results written.
     assert {"eval_teacher_test.progress.jsonl", "eval_student_test.progress.jsonl"} <= set(kept)
     assert sorted(p.name for p in (tmp_path / "compare").iterdir() if "eval_" in p.name) == [
-        "eval_student.json", "eval_teacher.json"]
+        "eval_samples", "eval_student.json", "eval_teacher.json"]
+    # Every completion each model wrote (eval.save_samples), as scored: 4 problems x k=2.
+    for label, r in results.items():
+        samples = read_jsonl(tmp_path / "compare" / "eval_samples" / f"{label}_test.jsonl")
+        assert len(samples) == 8 and np.mean([s["correct"] for s in samples]) == pytest.approx(r["pass@1"])
+        assert {"problem", "prompt", "reference", "completion", "answer", "num_tokens"} <= set(samples[0])
 
 
 def test_r1_recipe_config_wiring():

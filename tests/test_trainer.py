@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from r1jax.logging import read_metrics
@@ -121,7 +122,6 @@ def test_train_command_runs_both_stages(tmp_path):
     # ... and back into r1jax parameters, split over both devices by default (fsdp=-1): the same values.
     conv = _cli("convert", "--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "params"))
     assert conv.returncode == 0, conv.stderr[-3000:]
-    import numpy as np
     from flax import nnx
 
     from r1jax.checkpoint import load_params
@@ -184,12 +184,39 @@ def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path):
     first = run(_config(), _workdir(pretrained, tmp_path / "resumed"), stop=StopAfter(2))
     assert first["stopped"] and first["stopped_in"] == "grpo"
     assert (tmp_path / "resumed" / "grpo" / "checkpoints" / "2").exists()
+    # As a process killed after logging step 3 (before its checkpoint) leaves it: the resumed run samples it again.
+    log = tmp_path / "resumed" / "grpo" / "completions.jsonl"
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 3, "completion": "sampled before the kill"}) + "\n" + '{"step": 3, "compl')
     second = run(_config(), tmp_path / "resumed")
     assert not second["stopped"]
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     for key in ("loss", "reward", "grad_norm", "entropy", "kl", "completion_len"):
         assert _by_step(a, "grpo", key) == _by_step(b, "grpo", key), key
     assert _by_step(a, "grpo", "eval/pass@1") == _by_step(b, "grpo", "eval/pass@1")
+    assert log.read_text() == (tmp_path / "full" / "grpo" / "completions.jsonl").read_text()
+
+    # The rollout rows logged (log_completions=8: the whole batch of 2 prompts x 4 here) and the evaluations'
+    # samples (eval.save_samples) are what the metrics were computed from.
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [s for s in (1, 2, 3, 4) for _ in range(8)]
+    for step in (1, 2, 3, 4):
+        at = [r for r in rows if r["step"] == step]
+        assert np.mean([r["reward"] for r in at]) == pytest.approx(_by_step(a, "grpo", "reward")[step], rel=1e-6)
+        assert np.mean([r["num_tokens"] for r in at]) == pytest.approx(_by_step(a, "grpo", "completion_len")[step])
+        for r in at:
+            assert r["reward"] == pytest.approx(r["reward/accuracy"] + 0.1 * r["reward/format"], abs=1e-6)
+            assert r["id"].startswith("arithmetic/train/") and r["prompt"].startswith("What is")
+            assert not r["truncated"] or r["num_tokens"] == 12  # cut off at max_new_tokens
+        for group in (at[:4], at[4:]):
+            assert len({r["prompt"] for r in group}) == 1
+            assert sum(r["advantage"] for r in group) == pytest.approx(0.0, abs=1e-5)
+    for step in (0, 4):
+        samples = [json.loads(line) for line in
+                   (tmp_path / "resumed" / "grpo" / "eval_samples" / f"step_{step}.jsonl").read_text().splitlines()]
+        assert len(samples) == 4 * 4 and {s["problem"] for s in samples} == {0, 1, 2, 3}
+        pass1 = _by_step(a, "grpo", "eval/pass@1")[step]
+        assert np.mean([s["correct"] for s in samples]) == pytest.approx(pass1)
 
 
 def test_nan_loss_is_skipped_and_counted(pretrained, tmp_path):
@@ -352,14 +379,13 @@ def test_grpo_stage_with_packed_rows(pretrained, tmp_path, monkeypatch):
     parallelism over fsdp and 2 micro-batches (the update's 2 batch shards pack their 2 rows of each micro-batch)
     and without (8 shards, one row each: no packing, the padded update). The first update (its reference log-probs
     from the bins too) equals the padded one's."""
-    import numpy as np
 
     from r1jax.rl import trainer
 
     real = trainer.sample_batch
 
     def short_completions(*args, **kwargs):
-        batch, metrics = real(*args, **kwargs)
+        batch, metrics, rows = real(*args, **kwargs)
         N = batch["completion_mask"].shape[1]
         keep = batch["completion_mask"] & (np.arange(N)[None] < np.arange(len(batch["tokens"]))[:, None] % 4 + 1)
         batch["completion_mask"] = keep
@@ -367,7 +393,7 @@ def test_grpo_stage_with_packed_rows(pretrained, tmp_path, monkeypatch):
         batch["mask"] = np.concatenate([prompt, keep], 1)
         batch["tokens"] = np.where(batch["mask"], batch["tokens"], 0)
         batch["sampler_logp"] = np.where(keep, batch["sampler_logp"], 0.0)
-        return batch, metrics
+        return batch, metrics, rows
 
     monkeypatch.setattr(trainer, "sample_batch", short_completions)
     out = {}
@@ -435,7 +461,6 @@ def test_grpo_update_moves_log_probs_along_the_advantages():
     import jax
     import jax.numpy as jnp
     import ml_collections
-    import numpy as np
     from flax import nnx
 
     from r1jax.configs import grpo_stage
@@ -483,7 +508,6 @@ def test_grpo_update_moves_log_probs_along_the_advantages():
 def test_gradient_accumulation_and_chunked_logits_reproduce_the_full_batch_update(loss_type):
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from r1jax.configs import grpo_stage
@@ -596,7 +620,6 @@ def test_mask_truncated_completions():
     """DAPO's overlong filtering: rows that used all N tokens without a stop token get no loss, rows that ended
     with a stop token (also at exactly N) keep theirs, and every row keeps its attention mask."""
     import jax
-    import numpy as np
     from flax import nnx
 
     from r1jax.configs import grpo_stage
@@ -630,7 +653,6 @@ def test_grpo_update_with_context_parallelism_equals_one_device(name):
     gives one device's log-probs, loss and new parameters."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from flax import nnx
 
@@ -689,7 +711,6 @@ def test_rollout_in_prompt_chunks():
     chunk that does not divide the batch is refused."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from r1jax.models import Transformer, get_preset
@@ -722,7 +743,6 @@ def test_rollout_passes_the_reward_options():
     """config.<stage>.reward_kwargs reaches the rule rewards: with the overlong penalty's cache as long as its limit
     N, a completion of n tokens scores -n / N (the default limit, 20,480 tokens, would score 0)."""
     import jax
-    import numpy as np
     from flax import nnx
 
     from r1jax.configs import grpo_stage

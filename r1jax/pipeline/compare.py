@@ -104,9 +104,12 @@ def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str 
         # Each dataset's sampled batches are kept until the model's results are written: a stage interrupted in a
         # long evaluation resumes it.
         progress = {name: ctx.stage_dir(stage) / f"eval_{label}_{name}.progress.jsonl" for name in sets}
-        per_dataset = {name: {k: v for k, v in training.evaluate_model(
-            ctx, model, ev, ex, ctx.config.seed, progress=progress[name], progress_meta={"model": spec}).items()
-            if isinstance(v, (int, float))} for name, ex in sets.items()}
+        per_dataset = {}
+        for name, ex in sets.items():
+            m = training.evaluate_model(ctx, model, ev, ex, ctx.config.seed, progress=progress[name],
+                                        progress_meta={"model": spec})
+            training.save_eval_samples(ctx, stage, f"{label}_{name}", m)  # eval_samples/<label>_<dataset>.jsonl
+            per_dataset[name] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
         entry = {**_flatten(per_dataset), "model": spec, "template": ev.template}
         if spec.startswith("stage:"):
             done = training.stage_summary(ctx, spec[6:])

@@ -93,9 +93,10 @@ def truncated_rows(tokens_RN, lengths_R, stop_ids) -> np.ndarray:
 
 
 def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rules=None, model_rewards=None,
-            step: int = 0) -> tuple[dict, dict, list]:
+            step: int = 0) -> tuple[dict, dict, list[dict]]:
     """Samples, scores and computes advantages for one batch from `rl_prompt_dataset` (rows already repeated G
     times; the sampler takes every G-th row and shares each prompt's prefill across its G samples).
+    Returns (the update batch, metrics, this process's rows as `completion_rows` describes them).
 
     `model_rewards` (r1jax.rl.reward_model.ModelRewards): components active at `step` score the batch (reward
     models on the sampler's device arrays in one call) and add weight * normalized score to the total.
@@ -180,7 +181,27 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     for name, values in parts.items():
         metrics[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     metrics.update(reward_by_source(totals, hosts.concat_objects([ex.get("source") for ex in examples]), G))
-    return batch, metrics, texts
+    rows = completion_rows(examples, texts, lengths, truncated_rows(tokens, lengths, eos), batch["rewards"],
+                           {name: hosts.local_rows(np.asarray(v), local) for name, v in parts.items()},
+                           batch["advantages"])
+    return batch, metrics, rows
+
+
+def completion_rows(examples, texts, lengths_R, truncated_R, rewards_R, parts: dict, advantages_R) -> list[dict]:
+    """One dict per rollout row, for reading what the policy wrote: the example's `id`, `prompt` and gold `answer`
+    (when it has them), the `completion` text, `num_tokens`, `truncated` (cut off at max_new_tokens), the total
+    `reward`, each component as `reward/<name>`, and the row's `advantage`."""
+    def number(x):
+        return float(x) if np.isfinite(x) else None  # an unscored row (NaN) stays valid JSON
+
+    out = []
+    for i, (ex, text) in enumerate(zip(examples, texts)):
+        row = {key: ex[key] for key in ("id", "prompt", "answer") if key in ex}
+        row.update(completion=text, num_tokens=int(lengths_R[i]), truncated=bool(truncated_R[i]),
+                   reward=number(rewards_R[i]), **{f"reward/{k}": number(v[i]) for k, v in parts.items()},
+                   advantage=number(advantages_R[i]))
+        out.append(row)
+    return out
 
 
 def reward_by_source(totals_R: np.ndarray, sources_B: list, group_size: int) -> dict[str, float]:

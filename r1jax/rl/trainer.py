@@ -7,7 +7,8 @@ r1jax.rl.dynamic_sampling), then run `mu` passes of `minibatches` optimizer upda
 (r1jax.rl.grpo). The ratio's old log-probs are the sampler's when each rollout gets exactly one update (they are the
 rollout policy's), else recomputed once before the updates; the reference log-probs come from frozen reference
 weights (refreshed every `ref_update_every` steps, as R1 did; never computed when beta = 0). One jit per phase
-(sampling, log-probs, update), state buffers donated.
+(sampling, log-probs, update), state buffers donated. At each logged step the first `log_completions` rows of the
+rollout (prompt, completion, reward components, advantage) are appended to `<stage>/completions.jsonl`.
 
 Example (a tiny run; the experiment configs and `r1jax train` drive this through r1jax.pipeline):
     r1jax train --config experiments/r1_zero_arith.py --workdir /tmp/r1zero
@@ -25,6 +26,7 @@ from flax import nnx
 
 from r1jax import training
 from r1jax.checkpoint import Checkpointer
+from r1jax.data.io import append_jsonl, trim_jsonl
 from r1jax.models.head_loss import head_nll, map_position_chunks
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
@@ -32,6 +34,8 @@ from r1jax.parallel.sharding import shard_batch, split_rows
 from r1jax.rl import dynamic_sampling, grpo, packing
 from r1jax.rl.packing import gather_positions
 from r1jax.rl.rollout import rollout
+
+COMPLETIONS_FILE = "completions.jsonl"
 
 
 def token_logp_entropy(logits_RNV, targets_RN):
@@ -260,13 +264,17 @@ def grpo_memory_knobs(cfg, stage: str) -> tuple[int, int, int]:
 
 
 def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, step: int,
-                 prompts: int) -> tuple[dict, dict]:
-    """One step's update batch (this process's `prompts` groups) and rollout metrics: one rollout of the next
-    prompts, or with `dynamic_sampling` as many as it takes (r1jax.rl.dynamic_sampling; rollout r > 0 samples with
-    fold_in(rng, r))."""
+                 prompts: int) -> tuple[dict, dict, list[dict]]:
+    """One step's update batch (this process's `prompts` groups), rollout metrics, and the rows of its first rollout
+    (r1jax.rl.rollout.completion_rows): one rollout of the next prompts, or with `dynamic_sampling` as many as it
+    takes (r1jax.rl.dynamic_sampling; rollout r > 0 samples with fold_in(rng, r))."""
+    first_rows = []
+
     def draw(r):
-        batch, metrics, _ = rollout(model, ctx.tokenizer, next(it), cfg, jax.random.fold_in(rng, r) if r else rng,
-                                    mesh=ctx.mesh, rules=ctx.rules, model_rewards=model_rewards, step=step)
+        batch, metrics, rows = rollout(model, ctx.tokenizer, next(it), cfg, jax.random.fold_in(rng, r) if r else rng,
+                                       mesh=ctx.mesh, rules=ctx.rules, model_rewards=model_rewards, step=step)
+        if r == 0:
+            first_rows.extend(rows)
         return batch, metrics
 
     if cfg.dynamic_sampling:
@@ -277,7 +285,7 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
     else:
         batch, metrics = draw(0)
     batch.pop("rewards")
-    return batch, metrics
+    return batch, metrics, first_rows
 
 
 def check_grpo_stage(stage: str, cfg) -> None:
@@ -290,6 +298,8 @@ def check_grpo_stage(stage: str, cfg) -> None:
     if R % cfg.minibatches:
         raise ValueError(f"config.{stage}: batch_prompts * group_size = {R} rows do not split into "
                          f"minibatches={cfg.minibatches}")
+    if cfg.get("log_completions", 0) < 0:
+        raise ValueError(f"config.{stage}.log_completions={cfg.log_completions} must be >= 0 (rows logged per step)")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
     check_loss_options(stage, cfg)
@@ -412,6 +422,9 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     nan_at = training.nan_steps(cfg.debug_nan_steps)
     old_from_sampler, keep_sampler_logp = old_logp_source(cfg)
     key = jax.random.key(ctx.config.seed)
+    completions = ctx.stage_dir(stage) / COMPLETIONS_FILE
+    if jax.process_index() == 0:  # rows of steps past the checkpoint are sampled again
+        trim_jsonl(completions, lambda row: row.get("step", 0) <= step)
 
     def save(at):
         st = {"params": params, "opt_state": opt_state, "rest": rest, **({"ref": ref} if use_ref else {})}
@@ -433,8 +446,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
             if use_ref and cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
                 ref = training.tree_copy(params)
             with axis_rules(ctx.mesh, ctx.rules):
-                batch, metrics = sample_batch(ctx, cfg, current_model(), it, jax.random.fold_in(key, step),
-                                              model_rewards, step, prompts)
+                batch, metrics, rows = sample_batch(ctx, cfg, current_model(), it, jax.random.fold_in(key, step),
+                                                    model_rewards, step, prompts)
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
             bins = {}
             if pack:
@@ -484,6 +497,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 tokens_per_s=metrics["generated_tokens"] / (t2 - t0))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 ctx.logger.write(stage, step, metrics)
+                if jax.process_index() == 0 and cfg.get("log_completions", 0):
+                    append_jsonl(completions, [{"step": step, **row} for row in rows[:cfg.log_completions]])
             if all(oks) and step % cfg.checkpoint_every == 0:
                 save(step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
