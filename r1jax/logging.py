@@ -144,14 +144,25 @@ class WandbSink:
         )
         self._stages: set[str] = set()
 
-    def log(self, stage: str, step: int, record: dict):
+    def _axis(self, stage: str):
         if stage not in self._stages:
             self._stages.add(stage)
             self.run.define_metric(f"{stage}/step")
             self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+
+    def log(self, stage: str, step: int, record: dict):
+        self._axis(stage)
         scalars = {f"{stage}/{k}": v for k, v in record.items()
                    if k not in ("stage", "step") and isinstance(v, (int, float))}
         self.run.log({f"{stage}/step": int(step), **scalars})
+
+    def log_table(self, stage: str, step: int, name: str, rows: list[dict]):
+        import wandb
+
+        self._axis(stage)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        self.run.log({f"{stage}/step": int(step), f"{stage}/{name}": table})
 
     def close(self, exit_code: int = 0):
         self.run.finish(exit_code=exit_code)
@@ -193,12 +204,21 @@ class MetricsLogger:
                     writer.add_scalar(k, v, int(step))
             writer.flush()
         if self._wandb_settings["project"]:
-            if self.wandb is None:
-                self.wandb = WandbSink(self.workdir, self._wandb_settings, self._run_config)
-            self.wandb.log(stage, int(step), record)
+            self._wandb_run().log(stage, int(step), record)
         if self.progress is not None:
             self.progress.update(stage, int(step), record)
         return record
+
+    def write_table(self, stage: str, step: int, name: str, rows: list[dict]) -> None:
+        """Rows of text and numbers (e.g. GRPO's logged completions) as a W&B table `<stage>/<name>` at `step`; only
+        the W&B run takes tables (the caller keeps its own file of them)."""
+        if self.enabled and rows and self._wandb_settings["project"]:
+            self._wandb_run().log_table(stage, int(step), name, rows)
+
+    def _wandb_run(self) -> WandbSink:
+        if self.wandb is None:
+            self.wandb = WandbSink(self.workdir, self._wandb_settings, self._run_config)
+        return self.wandb
 
     def _writer(self, stage: str):
         if stage not in self._tb:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wandb_records import tables
+
 from r1jax.logging import read_metrics
 from r1jax.pipeline.stages import run
 from r1jax.training import NonFiniteError
@@ -177,8 +179,10 @@ def test_hf_export_carries_the_run_tokenizer_files(tmp_path):
     assert tokenizer_files({"kind": "byte"}, tmp_path) == []
 
 
-def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path):
-    full = run(_config(), _workdir(pretrained, tmp_path / "full"))
+def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path, wandb_offline):
+    with_wandb = _config()
+    with_wandb.wandb.update(project="r1jax-tests", mode="offline")
+    full = run(with_wandb, _workdir(pretrained, tmp_path / "full"))
     assert not full["stopped"]
     # The GRPO loop checks the flag before each step: the third check (step 2) trips.
     first = run(_config(), _workdir(pretrained, tmp_path / "resumed"), stop=StopAfter(2))
@@ -200,6 +204,7 @@ def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path):
     # samples (eval.save_samples) are what the metrics were computed from.
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [s for s in (1, 2, 3, 4) for _ in range(8)]
+    assert sum(tables(tmp_path / "full", "grpo", "completions"), []) == rows  # the W&B run's tables, step by step
     for step in (1, 2, 3, 4):
         at = [r for r in rows if r["step"] == step]
         assert np.mean([r["reward"] for r in at]) == pytest.approx(_by_step(a, "grpo", "reward")[step], rel=1e-6)

@@ -3,28 +3,18 @@ its own step, one run per workdir across resumes, failures marked. Runs wandb of
 record log (the .wandb file that `wandb sync` uploads), so nothing leaves the machine."""
 import importlib.util
 import json
-import struct
 import sys
 from pathlib import Path
 
 import pytest
-from wandb.proto import wandb_internal_pb2
+from wandb_records import history, of_kind, run_logs
 
 from r1jax.logging import MetricsLogger, read_metrics, wandb_settings
 from r1jax.pipeline import stages
 from r1jax.pipeline.stages import run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def wandb_home(tmp_path, monkeypatch):
-    # wandb keeps settings and caches under $HOME; a test leaves none of it there.
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_API_KEY"):
-        monkeypatch.delenv(var, raising=False)
+pytestmark = pytest.mark.usefixtures("wandb_offline")
 
 
 def _config(arg):
@@ -36,47 +26,6 @@ def _config(arg):
     cfg.wandb.mode = "offline"
     cfg.wandb.tags = "tiny, test"
     return cfg
-
-
-def wandb_records(path: Path) -> list:
-    """The records of one .wandb file: a 7-byte header, then LevelDB-log chunks (crc32c, length, type) in 32 KiB
-    blocks; a record is one FULL chunk or FIRST, MIDDLE..., LAST."""
-    data, block = path.read_bytes(), 32768
-    assert data[:4] == b":W&B"
-    records, parts, pos = [], [], 7
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and n == 0:  # zero padding to the end of a block
-            pos += left
-            continue
-        parts.append(data[pos + 7:pos + 7 + n])
-        pos += 7 + n
-        if kind in (1, 4):
-            rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(b"".join(parts))
-            records.append(rec)
-            parts = []
-    return records
-
-
-def run_logs(workdir: Path) -> list[list]:
-    """The records of each offline run directory under workdir/wandb, oldest first."""
-    files = sorted((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert files, f"no offline W&B run under {workdir}"
-    return [wandb_records(f) for f in files]
-
-
-def history(records) -> list[dict]:
-    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-            for r in records if r.WhichOneof("record_type") == "history"]
-
-
-def of_kind(records, kind: str) -> list:
-    return [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]
 
 
 class StopAfter:

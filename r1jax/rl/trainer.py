@@ -498,7 +498,9 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
             if step % cfg.log_every == 0 or step == cfg.steps:
                 ctx.logger.write(stage, step, metrics)
                 if jax.process_index() == 0 and cfg.get("log_completions", 0):
-                    append_jsonl(completions, [{"step": step, **row} for row in rows[:cfg.log_completions]])
+                    logged = [{"step": step, **row} for row in rows[:cfg.log_completions]]
+                    append_jsonl(completions, logged)
+                    ctx.logger.write_table(stage, step, "completions", logged)
             if all(oks) and step % cfg.checkpoint_every == 0:
                 save(step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
