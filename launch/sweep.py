@@ -6,7 +6,9 @@ the launch command of each for a TPU pod or a SLURM GPU cluster.
         [--launcher local|tpu|slurm] [--tpu NAME --zone ZONE] [extra r1jax train flags ...]
 
 Point i runs in WORKDIR/<i>-<key=value,...> with its overrides as `--config.key=value` flags; re-running the
-sweep resumes each point (finished stages are skipped).
+sweep resumes each point (finished stages are skipped). With `--config.wandb.project=P` among the extra flags,
+each point is a W&B run named after its directory, grouped under WORKDIR's name unless `--config.wandb.group` is
+given.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def commands(config_arg: str, workdir: str, extra: list[str], launcher: str = "l
              zone: str = "") -> list[list[str]]:
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher={launcher!r}; valid: {LAUNCHERS}")
+    extra = list(extra)
+    flags = [x.split("=", 1)[0] for x in extra]
+    if "--config.wandb.project" in flags and "--config.wandb.group" not in flags:
+        extra.append(f"--config.wandb.group={Path(workdir).name}")  # the sweep's runs together in the W&B UI
     out = []
     for i, point in enumerate(load_sweep(config_arg)):
         run = ["r1jax", "train", "--config", config_arg, "--workdir", str(Path(workdir) / point_name(i, point))]

@@ -453,6 +453,10 @@ def test_sweep_expansion():
     assert "--config.grpo.lr=0.001" in cmds[1] and "--config.grpo.beta=0.04" in cmds[1]
     assert cmds[1][-1] == "--config.grpo.steps=2"
     assert len({c[5] for c in cmds}) == 4  # one workdir per point
+    logged = sweep.commands(CONFIG, "/tmp/sw", ["--config.wandb.project=r1"])
+    assert all(c[-2:] == ["--config.wandb.project=r1", "--config.wandb.group=sw"] for c in logged)
+    own = sweep.commands(CONFIG, "/tmp/sw", ["--config.wandb.project=r1", "--config.wandb.group=g"])
+    assert all(c[-2:] == ["--config.wandb.project=r1", "--config.wandb.group=g"] for c in own)
     slurm = sweep.commands(CONFIG, "/tmp/sw", [], launcher="slurm")
     assert slurm[0][:2] == ["sbatch", "launch/slurm_gpu.sbatch"]
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", CONFIG, "--workdir", "/tmp/s",
