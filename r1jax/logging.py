@@ -261,8 +261,10 @@ def read_metrics(workdir: str | Path, stage: str | None = None) -> list[dict]:
     return out
 
 
-def plot(workdir: str | Path, out: str | Path | None = None, keys=("reward", "eval/pass@1", "eval/cons@k")) -> Path:
-    """Draws each of `keys` over steps, one curve per stage, into a PNG (default DIR/curves.png)."""
+def plot(workdir: str | Path, out: str | Path | None = None,
+         keys=("reward", "eval/pass@1", "eval/cons@k", "completion_len")) -> Path:
+    """Draws each of `keys` over steps, one curve per stage, into a PNG (default DIR/curves.png). The defaults are
+    R1-Zero's curves: reward, held-out pass@1 and cons@k, and the mean response length (R1 paper, Figures 2 and 3)."""
     import matplotlib
 
     matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
