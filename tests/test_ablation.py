@@ -1,7 +1,6 @@
 """The RL-versus-distillation ablation configs: the full-scale Qwen2.5-32B config passes the dry run (every stage's
 step and sampler lowered for TPU on an abstract mesh), and the toy ablation runs on this CPU (slow)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_helpers import load_module
 
 from r1jax import configs
 
@@ -19,23 +19,8 @@ TOY = ROOT / "experiments" / "ablation_rl_vs_distill_toy.py"
 ARMS = ["teacher", "student_base", "student_rl", "student_distill"]
 
 
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _dry_run():
-    if importlib.util.find_spec("r1jax.pipeline.dry_run") is None:
-        pytest.skip("r1jax.pipeline.dry_run is not in this tree yet (it lands with the --dry_run command)")
-    from r1jax.pipeline.dry_run import dry_run
-
-    return dry_run
-
-
 def test_qwen32b_ablation_config():
-    mod = _load(QWEN32B)
+    mod = load_module(QWEN32B)
     cfg = mod.get_config()
     assert configs.validate(cfg) == ["rl_32k", "rl_64k", "distill", "compare"]
     # Both arms start from the same base checkpoint and are compared on the same problems.
@@ -59,8 +44,9 @@ def test_qwen32b_ablation_config():
 
 
 def test_qwen32b_ablation_dry_run():
-    dry_run = _dry_run()
-    report = dry_run(_load(QWEN32B).get_config(), flops=False)
+    from r1jax.pipeline.dry_run import dry_run
+
+    report = dry_run(load_module(QWEN32B).get_config(), flops=False)
     assert report["ok"], {k: s.get("error") for k, s in report["stages"].items()}
     assert report["num_devices"] == 64 and report["mesh"]["tensor"] == 8
     assert set(report["stages"]) == {"rl_32k", "rl_64k", "distill", "compare"}
@@ -72,7 +58,7 @@ def test_qwen32b_ablation_dry_run():
 
 
 def test_toy_ablation_config():
-    cfg = _load(TOY).get_config()
+    cfg = load_module(TOY).get_config()
     names = configs.validate(cfg)
     assert names == ["teacher_base", "teacher", "student_base", "student_rl", "student_distill", "compare"]
     assert cfg.compare.order.split(",") == ARMS and sorted(cfg.compare.models) == sorted(ARMS)

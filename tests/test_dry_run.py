@@ -3,7 +3,6 @@ parameter / memory / FLOP numbers; layout errors read as r1jax.parallel says the
 
 import doctest
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from run_helpers import load_module
 
 from r1jax.pipeline.dry_run import GiB, check_hardware, dry_run, lowered_flops, mesh_sizes
 from r1jax.pipeline import dry_run_report
@@ -25,19 +25,12 @@ OURS = ["grpo_qwen2_5_1_5b_gsm8k", "deepscaler_1_5b", "r1_zero_deepseek_v3", "rl
         "dapo_qwen3_30b_a3b"]
 
 
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _config(name: str, arg=None):
-    return _load(ROOT / "experiments" / f"{name}.py").get_config(arg)
+    return load_module(ROOT / "experiments" / f"{name}.py").get_config(arg)
 
 
 def _platform(path: Path) -> str:
-    hw = _load(path).get_config().get("hardware")
+    hw = load_module(path).get_config().get("hardware")
     return hw.platform if hw is not None else "cpu"
 
 
@@ -58,7 +51,7 @@ def test_full_scale_tasks_load_and_take_other_files(path, tmp_path):
     from r1jax.cli import check_overrides
     from r1jax.pipeline.stages import load_tasks
 
-    cfg = _load(path).get_config()
+    cfg = load_module(path).get_config()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         tasks = load_tasks(cfg)
@@ -83,14 +76,14 @@ def test_dry_run_reports_stage_settings_a_run_would_refuse():
 
 @functools.lru_cache(maxsize=None)
 def _full_report(path: Path) -> dict:
-    cfg = _load(path).get_config()
+    cfg = load_module(path).get_config()
     first = cfg.stages.split(",")[0].strip()
     return dry_run(cfg, flops=[first])  # FLOPs (extra shallow lowerings) for the first stage only
 
 
 @pytest.mark.parametrize("path", FULL_SCALE, ids=[p.stem for p in FULL_SCALE])
 def test_dry_run_full_scale(path):
-    cfg = _load(path).get_config()
+    cfg = load_module(path).get_config()
     report = _full_report(path)
     text = format_report(report, path.name)
     assert report["ok"], text

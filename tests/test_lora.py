@@ -3,7 +3,6 @@ cached decoding, expert parallelism against one device, a GRPO stage that trains
 merged weights, the dry run's accounting, and refused settings."""
 
 import functools
-import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from run_helpers import TINY_R1ZERO, load_config
 
 from r1jax import parallel, training
 from r1jax.checkpoint import load_params
@@ -236,10 +236,7 @@ def test_expert_adapters_under_expert_parallelism(dispatch, shape, rules):
 
 
 def _tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny_r1zero", ROOT / "tests" / "configs" / "tiny_r1zero.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return load_config(TINY_R1ZERO)
 
 
 def _moved(before, after, atol=0.0) -> set:

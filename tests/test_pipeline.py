@@ -1,13 +1,13 @@
 """The R1 recipe's stages: the rejection filter on crafted completions, the non-reasoning mix, per-stage model
 configs and stage references, and a tiny multi-stage pipeline end to end with its resume."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import TINY_PIPELINE, StopAfter, load_config, load_module
 
 from r1jax import configs, training
 from r1jax.configs import sampling_config
@@ -17,16 +17,12 @@ from r1jax.pipeline.rejection import language_consistency, mix_in, score_samples
 from r1jax.pipeline.stages import run
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "tests" / "configs" / "tiny_pipeline.py"
 
 GOOD = "<think> 3 * 4 = 12, 2 + 12 = 14 </think> <answer> 14 </answer>"
 
 
 def _config(arg=None):
-    spec = importlib.util.spec_from_file_location("tiny_pipeline", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return load_config(TINY_PIPELINE, arg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,15 +168,6 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-class StopAfter:
-    def __init__(self, n):
-        self.n = n
-
-    def __bool__(self):
-        self.n -= 1
-        return self.n < 0
-
-
 def test_two_stage_pipeline_and_resume(three_stages, tmp_path):
     # pretrain -> rejection sampling -> SFT of the base on the kept samples.
     cfg = _config("stages=pretrain+samples+sft")
@@ -282,9 +269,7 @@ def test_distill_into_a_smaller_student_and_compare(three_stages, tmp_path, monk
 
 
 def test_r1_recipe_config_wiring():
-    spec = importlib.util.spec_from_file_location("r1_pipeline_arith", ROOT / "experiments" / "r1_pipeline_arith.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_module(ROOT / "experiments" / "r1_pipeline_arith.py")
     for arg in (None, "runlocal"):
         cfg = mod.get_config(arg)
         names = configs.validate(cfg)

@@ -2,7 +2,6 @@
 on-device batched scoring, schedules and normalization, the generative judge's parsing, preference data, and the
 reward_model stage through the stage runner (with resume) feeding GRPO."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from run_helpers import StopAfter, load_config
 
 from r1jax.configs import model_reward, sampling_config
 from r1jax.data import ByteTokenizer
@@ -29,13 +29,6 @@ from r1jax.rl.reward_model import (ModelRewards, RewardModelComponent, bradley_t
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 2e-3
 LOSS_TOL = 1e-5
-
-
-def _load_config(path, arg=None):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 def _tiny_rm(seed=0):
@@ -300,19 +293,10 @@ def test_preference_jsonl_errors_name_row_and_field(tmp_path):
 CONFIG = ROOT / "tests" / "configs" / "tiny_reward.py"
 
 
-class StopAfter:
-    def __init__(self, n):
-        self.n = n
-
-    def __bool__(self):
-        self.n -= 1
-        return self.n < 0
-
-
 @pytest.fixture(scope="module")
 def rm_workdir(tmp_path_factory):
     work = tmp_path_factory.mktemp("rm") / "full"
-    out = run(_load_config(CONFIG, "stages=pretrain+rm"), work)
+    out = run(load_config(CONFIG, "stages=pretrain+rm"), work)
     assert not out["stopped"]
     return work, out
 
@@ -330,9 +314,9 @@ def test_reward_model_stage_runs_and_resumes(rm_workdir, tmp_path):
     work = tmp_path / "resumed"
     shutil.copytree(full / "pretrain", work / "pretrain")
     shutil.copy(full / "config.json", work / "config.json")
-    first = run(_load_config(CONFIG, "stages=pretrain+rm"), work, stop=StopAfter(1))
+    first = run(load_config(CONFIG, "stages=pretrain+rm"), work, stop=StopAfter(1))
     assert first["stopped"] and first["stopped_in"] == "rm"
-    run(_load_config(CONFIG, "stages=pretrain+rm"), work)
+    run(load_config(CONFIG, "stages=pretrain+rm"), work)
     losses = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if r["stage"] == "rm" and "loss" in r}  # noqa
     assert losses(work) == pytest.approx(losses(full), abs=LOSS_TOL) and sorted(losses(work)) == [1, 2, 3]
 
@@ -341,7 +325,7 @@ def test_grpo_with_a_scheduled_reward_model(rm_workdir, tmp_path):
     full, _ = rm_workdir
     work = tmp_path / "grpo"
     shutil.copytree(full, work)
-    out = run(_load_config(CONFIG), work)
+    out = run(load_config(CONFIG), work)
     assert not out["stopped"] and out["stages"]["grpo"]["steps"] == 2
     rows = {r["step"]: r for r in read_metrics(work) if r["stage"] == "grpo" and "reward" in r}
     # start_step=1: the first step (logged as 1) has no reward-model score; the second has it.
@@ -353,7 +337,7 @@ def test_grpo_with_a_scheduled_reward_model(rm_workdir, tmp_path):
 def test_reward_model_toy_end_to_end(tmp_path):
     """The full toy (about 10 minutes on 2 cores): held-out pairwise accuracy >= 0.9 and GRPO with the reward
     model raises the verifiable property's held-out rate."""
-    out = run(_load_config(ROOT / "experiments" / "reward_model_toy.py"), tmp_path)
+    out = run(load_config(ROOT / "experiments" / "reward_model_toy.py"), tmp_path)
     assert out["stages"]["rm"]["eval/pairwise_accuracy"] >= 0.9
     evals = [r for r in read_metrics(tmp_path) if r["stage"] == "grpo" and "eval/pass@1" in r]
     assert evals[-1]["eval/pass@1"] > evals[0]["eval/pass@1"]
@@ -362,13 +346,13 @@ def test_reward_model_toy_end_to_end(tmp_path):
 def test_reward_model_toy_config_variants():
     from r1jax import configs
 
-    cfg = _load_config(ROOT / "experiments" / "reward_model_toy.py")
+    cfg = load_config(ROOT / "experiments" / "reward_model_toy.py")
     assert configs.validate(cfg) == ["pretrain", "rm", "grpo"]
     # Default: the accuracy rule mixed with the group-normalized reward model (R1's last stage); politeness is only
     # measured by rules, never rewarded by them.
     assert cfg.grpo.rewards.accuracy == 1.0 and cfg.grpo.rewards.polite_correct == 0.0
     assert cfg.grpo.model_rewards.rm.normalize == "group" and cfg.grpo.model_rewards.rm.model == "stage:rm"
-    only = _load_config(ROOT / "experiments" / "reward_model_toy.py", "rm_only,grpo_steps=5")
+    only = load_config(ROOT / "experiments" / "reward_model_toy.py", "rm_only,grpo_steps=5")
     assert only.grpo.rewards.accuracy == 0.0 and only.grpo.model_rewards.rm.normalize == "none"
     assert only.grpo.steps == 5
 
@@ -378,7 +362,7 @@ def test_reward_model_settings_are_checked_before_any_stage_runs(tmp_path):
             ("data", "csv:/x", r"config.rm.data='csv:/x'; valid: jsonl:PATH, pairs:NAME"),
             ("eval_data", "/x.jsonl", r"config.rm.eval_data='/x.jsonl'; valid: '' or jsonl:PATH"),
             ("eval_fraction", 1.0, r"config.rm.eval_fraction=1.0 must be in \[0, 1\)")]):
-        cfg = _load_config(CONFIG, "stages=pretrain+rm")
+        cfg = load_config(CONFIG, "stages=pretrain+rm")
         cfg.rm[key] = value
         with pytest.raises(ValueError, match=match):
             run(cfg, tmp_path / str(i))

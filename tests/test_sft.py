@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from run_helpers import TINY_R1ZERO, load_config
 
 from r1jax.data import ByteTokenizer, get_task, sft_dataset, tokenize_sft_example
 from r1jax.models import Transformer, get_preset, head_loss
@@ -203,16 +204,10 @@ def test_logits_chunk_gives_the_same_loss_and_gradients_in_less_memory(examples)
 def test_stage_ends_when_a_finite_data_epoch_runs_out(tmp_path):
     """num_epochs=1 with fewer batches than steps: the stage stops after the last batch (through the prefetching
     iterator), says so in its summary and logs, and finishes like any other stage."""
-    import importlib.util
-    from pathlib import Path
-
     from r1jax.logging import read_metrics
     from r1jax.pipeline.stages import run
 
-    spec = importlib.util.spec_from_file_location("tiny_r1zero", Path(__file__).parent / "configs" / "tiny_r1zero.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = load_config(TINY_R1ZERO)
     cfg.stages = "pretrain"
     cfg.pretrain.steps, cfg.pretrain.num_epochs, cfg.pretrain.corpus.n = 50, 1, 24
     cfg.pretrain.pack = False  # 24 examples, one per row: 3 batches of 8
@@ -299,9 +294,7 @@ def test_packed_distillation_step_with_context_parallelism_equals_one_device(exa
 def test_save_hf_export_carries_the_tokenizer_files(tmp_path):
     """A stage with save_hf=True writes an export that transformers reads as the run did: the weights plus the run's
     tokenizer, chat template and generation_config.json (its stop ids)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     from tokenizers import Tokenizer as HFTok
     from tokenizers import models, pre_tokenizers, trainers
@@ -321,10 +314,7 @@ def test_save_hf_export_carries_the_tokenizer_files(tmp_path):
                                                                "eos_token": "</s>", "pad_token": "<pad>"}))
     (tok_dir / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}<eot>{% endfor %}")
     (tok_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
-    spec = importlib.util.spec_from_file_location("tiny_r1zero", Path(__file__).parent / "configs" / "tiny_r1zero.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = load_config(TINY_R1ZERO)
     cfg.stages = "pretrain"
     cfg.tokenizer.update(kind="path", path=str(tok_dir))
     cfg.model.overrides.vocab_size = 320

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from run_helpers import TINY_R1ZERO, StopAfter, load_config
 from wandb_records import tables
 
 from r1jax.logging import read_metrics
@@ -20,16 +21,11 @@ from r1jax.pipeline.stages import run
 from r1jax.training import NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "tests" / "configs" / "tiny_r1zero.py")
+CONFIG = str(TINY_R1ZERO)
 
 
 def _config(arg=None, **grpo):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_r1zero", CONFIG)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config(arg)
+    cfg = load_config(CONFIG, arg)
     for k, v in grpo.items():
         cfg.grpo[k] = v
     return cfg
@@ -60,17 +56,6 @@ def _workdir(pretrained, path):
 
 def _by_step(records, stage, key):
     return {r["step"]: r[key] for r in records if r["stage"] == stage and key in r}
-
-
-class StopAfter:
-    """A stop flag that trips on its n-th check (the GRPO loop checks once per step)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __bool__(self):
-        self.n -= 1
-        return self.n < 0
 
 
 def test_train_command_runs_both_stages(tmp_path):

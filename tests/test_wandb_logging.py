@@ -1,12 +1,12 @@
 """The Weights & Biases run beside metrics.jsonl: settings checked up front, every stage's scalars logged against
 its own step, one run per workdir across resumes, failures marked. Runs wandb offline and reads back the run's
 record log (the .wandb file that `wandb sync` uploads), so nothing leaves the machine."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from run_helpers import TINY_PIPELINE, StopAfter, load_config
 from wandb_records import history, of_kind, run_logs
 
 from r1jax.logging import MetricsLogger, read_metrics, wandb_settings
@@ -18,23 +18,11 @@ pytestmark = pytest.mark.usefixtures("wandb_offline")
 
 
 def _config(arg):
-    spec = importlib.util.spec_from_file_location("tiny_pipeline", ROOT / "tests" / "configs" / "tiny_pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config(arg)
+    cfg = load_config(TINY_PIPELINE, arg)
     cfg.wandb.project = "r1jax-tests"
     cfg.wandb.mode = "offline"
     cfg.wandb.tags = "tiny, test"
     return cfg
-
-
-class StopAfter:
-    def __init__(self, n):
-        self.n = n
-
-    def __bool__(self):
-        self.n -= 1
-        return self.n < 0
 
 
 def test_settings_are_checked_before_anything_runs(tmp_path, monkeypatch):
