@@ -120,7 +120,7 @@ class WandbSink:
     """One Weights & Biases run per workdir: every stage's metrics, under `<stage>/<key>` with `<stage>/step` as
     their x axis (each stage counts its own steps). The run id is kept in DIR/wandb_run_id, so a resumed
     workdir (preemption, a later stage) continues the same run; the run's config is the experiment config.
-    Scalars only, as TensorBoard gets. Local files go to DIR/wandb/.
+    Scalars, as TensorBoard gets them, and tables of rows (`log_table`). Local files go to DIR/wandb/.
 
     Example (offline: nothing leaves the machine; `wandb sync DIR/wandb/offline-run-*` uploads it later):
         r1jax train --config experiments/r1_zero_arith.py --workdir runs/a --config.wandb.project=r1 \\
