@@ -245,20 +245,42 @@ class MetricsLogger:
         self.close(1 if exc_type is not None else 0)
 
 
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log (metrics.jsonl, a stage's completions.jsonl); a line a killed writer cut off
+    is skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_records(path: str | Path, rows) -> None:
+    """Appends rows to a JSON-lines log, written at once so a killed process leaves whole lines."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+def trim_records(path: str | Path, keep) -> None:
+    """Rewrites a JSON-lines log with only the records `keep(record)` accepts (a torn line goes too), e.g. without
+    the rows a resumed stage writes again; no file, nothing to do."""
+    if Path(path).exists():
+        from r1jax.data.io import write_jsonl  # (not at import: `r1jax plot` needs no data pipeline)
+
+        write_jsonl(path, [row for row in read_records(path) if keep(row)])
+
+
 def read_metrics(workdir: str | Path, stage: str | None = None) -> list[dict]:
     """Every record of DIR/metrics.jsonl (optionally of one stage); a torn last line (killed mid-write) is skipped."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {METRICS_FILE} in {workdir}")
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if stage is None or rec.get("stage") == stage:
-            out.append(rec)
-    return out
+    return [rec for rec in read_records(path) if stage is None or rec.get("stage") == stage]
 
 
 def plot(workdir: str | Path, out: str | Path | None = None,

@@ -73,28 +73,3 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping]) -> int:
             n += 1
     tmp.replace(path)
     return n
-
-
-def append_jsonl(path: str | Path, rows: Iterable[Mapping]) -> int:
-    """Appends rows (one line each, written at once so a killed process leaves whole lines); returns the count."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-    return text.count("\n")
-
-
-def trim_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> None:
-    """Rewrites a JSON-lines log with only the rows `keep` accepts (a torn last line goes too), e.g. the rows a
-    resumed stage will write again; no file, nothing to do."""
-    path = Path(path)
-    if not path.exists():
-        return
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    write_jsonl(path, [row for row in rows if keep(row)])

@@ -148,11 +148,12 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     completion_mask = np.arange(N)[None, :] < lengths[:, None]
     full_prompt_ids = np.repeat(prompt_ids, G, axis=0)
     full_prompt_mask = np.repeat(prompt_mask, G, axis=0)
+    truncated = truncated_rows(tokens, lengths, eos)
     loss_mask = completion_mask
     if cfg.get("mask_truncated_completions", False):
         # DAPO's overlong filtering: a completion cut off at the limit (no stop token) gets no loss; it still counts
         # in its group's advantages and keeps its tokens as attention context.
-        loss_mask = completion_mask & ~truncated_rows(tokens, lengths, eos)[:, None]
+        loss_mask = completion_mask & ~truncated[:, None]
     batch = {
         "tokens": np.concatenate([full_prompt_ids, tokens], axis=1).astype(np.int32),
         "mask": np.concatenate([full_prompt_mask, completion_mask], axis=1),
@@ -181,7 +182,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     for name, values in parts.items():
         metrics[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     metrics.update(reward_by_source(totals, hosts.concat_objects([ex.get("source") for ex in examples]), G))
-    rows = completion_rows(examples, texts, lengths, truncated_rows(tokens, lengths, eos), batch["rewards"],
+    rows = completion_rows(examples, texts, lengths, truncated, batch["rewards"],
                            {name: hosts.local_rows(np.asarray(v), local) for name, v in parts.items()},
                            batch["advantages"])
     return batch, metrics, rows

@@ -26,7 +26,7 @@ from flax import nnx
 
 from r1jax import training
 from r1jax.checkpoint import Checkpointer
-from r1jax.data.io import append_jsonl, trim_jsonl
+from r1jax.logging import append_records, trim_records
 from r1jax.models.head_loss import head_nll, map_position_chunks
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
@@ -424,7 +424,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     key = jax.random.key(ctx.config.seed)
     completions = ctx.stage_dir(stage) / COMPLETIONS_FILE
     if jax.process_index() == 0:  # rows of steps past the checkpoint are sampled again
-        trim_jsonl(completions, lambda row: row.get("step", 0) <= step)
+        trim_records(completions, lambda row: row.get("step", 0) <= step)
 
     def save(at):
         st = {"params": params, "opt_state": opt_state, "rest": rest, **({"ref": ref} if use_ref else {})}
@@ -499,7 +499,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 ctx.logger.write(stage, step, metrics)
                 if jax.process_index() == 0 and cfg.get("log_completions", 0):
                     logged = [{"step": step, **row} for row in rows[:cfg.log_completions]]
-                    append_jsonl(completions, logged)
+                    append_records(completions, logged)
                     ctx.logger.write_table(stage, step, "completions", logged)
             if all(oks) and step % cfg.checkpoint_every == 0:
                 save(step)
