@@ -45,6 +45,7 @@ flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate (sample, eval)."
 flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
 flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+flags.DEFINE_float("min_p", 0.0, "Min-p sampling: keep tokens with probability >= min_p x the top one's (0 = off).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("data", None, "Eval data: a GSM8K/MATH/AIME/AMC/LiveCodeBench/APPS file, your own problems (JSON "
                     "lines or a JSON array: prompt/problem/question with answer and/or tests), or a task name (gsm8k, "
@@ -313,6 +314,16 @@ def _load_model_and_tokenizer(path: str):
                      f"stage directory WORKDIR/<stage> with final/")
 
 
+def _check_sampling_flags() -> None:
+    """--temperature / --top_k / --top_p / --min_p, checked before the model loads."""
+    from r1jax.sampling import make_strategy
+
+    try:
+        make_strategy(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+
+
 def _template_flag() -> str:
     """--template, checked before the model loads; 'hf' is the chat template of --tokenizer (its directory), else of
     --model."""
@@ -338,12 +349,14 @@ def cmd_sample(argv):
 
     if not FLAGS.model or FLAGS.prompt is None:
         raise UsageError("sample needs --model DIR and --prompt TEXT")
+    _check_sampling_flags()
     template = _template_flag()
     model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
     ex = {"prompt": FLAGS.prompt}
     prompts = encode_prompts(tok, [ex], template)
     out = generate(model, prompts, num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
-                   temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, eos_id=tok.stop_ids,
+                   temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
+                   eos_id=tok.stop_ids,
                    pad_id=tok.pad_id or 0, seed=FLAGS.seed, mesh=mesh, rules=rules, compact=FLAGS.compact,
                    speculative=FLAGS.speculative)
     print(render(template, ex))
@@ -391,6 +404,7 @@ def cmd_eval(argv):
         check_reward(FLAGS.reward, examples)
     except ValueError as e:
         raise UsageError(f"--reward {FLAGS.reward}: {e}") from None
+    _check_sampling_flags()
     template = _template_flag()
     model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
     # Sampled batches are kept beside the output, so an interrupted evaluation run again resumes.
@@ -399,7 +413,8 @@ def cmd_eval(argv):
     meta = {"model": str(Path(FLAGS.model).resolve()), "dtype": FLAGS.dtype}
     try:
         m = evaluate(model, tok, examples, k=FLAGS.k, template=template, temperature=FLAGS.temperature,
-                     top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
+                     top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
+                     max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                      seed=FLAGS.seed, mesh=mesh, rules=rules, reward=FLAGS.reward,
                      return_samples=bool(FLAGS.samples_out),
                      compact=FLAGS.compact, speculative=FLAGS.speculative, progress=progress, progress_meta=meta)

@@ -74,13 +74,14 @@ def _common(kind: str, **kw) -> dict:
 
 def eval_config(**kw) -> ml_collections.ConfigDict:
     """Held-out evaluation: the first `num_problems` problems of `split` (0: the stage does not evaluate), k samples
-    each at `temperature` / `top_p`, correct by the `reward` rule. `compact`: the sampler's compaction levels
-    (r1jax.sampling.sample_padded: the decode loop continues on the unfinished rows only; same samples).
+    each at `temperature` / `top_p` (and `top_k`, `min_p`: 0 = off), correct by the `reward` rule. `compact`: the
+    sampler's compaction levels (r1jax.sampling.sample_padded: the decode loop continues on the unfinished rows only;
+    same samples).
     `speculative`: "mtp" decodes with the model's MTP module as the draft (r1jax.sampling.speculative).
     `save_samples`: every completion of each evaluation is written to the stage's `eval_samples/` directory as JSON
     lines (problem, prompt, reference, completion, extracted answer, correct, num_tokens)."""
-    d = dict(num_problems=200, k=4, temperature=0.6, top_p=0.95, max_new_tokens=256, batch_size=64,
-             reward="accuracy", template="", split="test", compact=0, speculative="", save_samples=True)
+    d = dict(num_problems=200, k=4, temperature=0.6, top_p=0.95, top_k=0, min_p=0.0, max_new_tokens=256,
+             batch_size=64, reward="accuracy", template="", split="test", compact=0, speculative="", save_samples=True)
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
@@ -126,6 +127,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         temperature=1.0,
         top_p=1.0,
         top_k=0,
+        min_p=0.0,                  # keep tokens with probability >= min_p x the top one's (0: off)
         mu=1,                       # optimization passes over each rollout batch (num_iterations)
         grad_accum=1,               # micro-batches per minibatch, gradients accumulated (memory, not semantics)
         logits_chunk=0,             # completion positions per output-head chunk (0: all at once)
@@ -245,6 +247,7 @@ def sampling_config(**kw) -> ml_collections.ConfigDict:
         temperature=0.6,
         top_p=0.95,
         top_k=0,
+        min_p=0.0,
         max_new_tokens=256,
         batch_size=64,              # prompts per sampler call (and per resumable chunk)
         template="",                # "" : config.task.template

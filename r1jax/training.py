@@ -511,7 +511,8 @@ def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int, **prog
 
     return evaluate(model, ctx.tokenizer, examples, k=eval_cfg.k,
                     template=eval_cfg.template or ctx.config.task.template, temperature=eval_cfg.temperature,
-                    top_p=eval_cfg.top_p, max_new_tokens=eval_cfg.max_new_tokens,
+                    top_p=eval_cfg.top_p, top_k=int(eval_cfg.get("top_k", 0)), min_p=eval_cfg.get("min_p", 0.0),
+                    max_new_tokens=eval_cfg.max_new_tokens,
                     batch_size=min(eval_cfg.batch_size, len(examples)), seed=seed, mesh=ctx.mesh, rules=ctx.rules,
                     reward=eval_cfg.reward, compact=int(eval_cfg.get("compact", 0)),
                     speculative=eval_cfg.get("speculative", ""),

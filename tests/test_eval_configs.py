@@ -9,6 +9,7 @@ import pytest
 from r1jax import configs
 from r1jax.data.corpora import arithmetic_solution, left_to_right_solution, reasoning_corpus
 from r1jax.eval.metrics import answer_key, majority_vote, pass_at_k, summarize
+from run_helpers import TINY_PIPELINE, load_config
 
 
 def test_pass_at_k_unbiased_estimator():
@@ -82,12 +83,15 @@ def test_compact_sampling_reaches_every_sampling_stage():
     assert "rollout_compact" not in cfg.sft and "compact" not in cfg.sft
 
 
-def test_rollout_and_evaluation_pass_compaction_to_the_sampler(monkeypatch):
-    """rollout_compact reaches the rollout's sampler and eval.compact the evaluation's (both give the same samples
-    as without, tested in test_sampling)."""
+def test_rollout_and_evaluation_pass_sampler_settings(monkeypatch):
+    """rollout_compact / top_k / min_p reach the rollout's sampler and the eval config's the evaluation's (their
+    effect on the samples is tested in test_sampling)."""
+    import types
+
     import jax
     from flax import nnx
 
+    from r1jax import training
     from r1jax.data import ByteTokenizer, get_task, rl_prompt_dataset
     from r1jax.eval import run as eval_run
     from r1jax.models import Transformer, get_preset
@@ -95,18 +99,42 @@ def test_rollout_and_evaluation_pass_compaction_to_the_sampler(monkeypatch):
 
     seen = []
     real_sample, real_generate = rollout_module.sample_padded, eval_run.generate
-    monkeypatch.setattr(rollout_module, "sample_padded", lambda *a, **kw: seen.append(("rollout", kw["compact"]))
-                        or real_sample(*a, **kw))
-    monkeypatch.setattr(eval_run, "generate", lambda *a, **kw: seen.append(("eval", kw["compact"]))
-                        or real_generate(*a, **kw))
+    monkeypatch.setattr(rollout_module, "sample_padded", lambda *a, **kw: seen.append(
+        ("rollout", kw["compact"], kw["strategy"].top_k, kw["strategy"].min_p)) or real_sample(*a, **kw))
+    monkeypatch.setattr(eval_run, "generate", lambda *a, **kw: seen.append(
+        ("eval", kw["compact"], kw["top_k"], kw["min_p"])) or real_generate(*a, **kw))
     model, tok = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), ByteTokenizer()
     task = get_task("arithmetic", n=2, seed=0)
-    cfg = configs.grpo_stage(group_size=2, max_new_tokens=4, reward_workers=1, rollout_compact=2)
+    cfg = configs.grpo_stage(group_size=2, max_new_tokens=4, reward_workers=1, rollout_compact=2, top_k=7, min_p=0.05)
     batch = next(iter(rl_prompt_dataset(task, tok, batch_size=2, group_size=2, template="plain", shuffle=False,
                                         max_prompt_len=64)))
     rollout_module.rollout(model, tok, batch, cfg, jax.random.key(0))
-    eval_run.evaluate(model, tok, task, k=2, max_new_tokens=4, template="plain", compact=1)
-    assert seen == [("rollout", 2), ("eval", 1)]
+    ctx = types.SimpleNamespace(tokenizer=tok, config=types.SimpleNamespace(task=types.SimpleNamespace(
+        template="plain")), mesh=None, rules="fsdp")
+    training.evaluate_model(ctx, model, configs.eval_config(k=2, max_new_tokens=4, compact=1, top_k=3, min_p=0.1),
+                            task, seed=0)
+    assert seen == [("rollout", 2, 7, 0.05), ("eval", 1, 3, 0.1)]
+
+
+def test_sampler_settings_refused_before_any_stage_runs():
+    """A temperature, top_p, top_k or min_p out of range in any stage's sampler settings (rollouts, evaluations, a
+    teacher's samples, rejection sampling) is refused by the config check, naming the key."""
+    from r1jax.pipeline.stages import check_stages
+
+    cfg = load_config(TINY_PIPELINE, "stages=pretrain+samples+sft+distill+compare")
+    check_stages(cfg, read_files=False)
+    for key, value, message in [("samples.min_p", 1.5, r"config.samples.min_p=1.5 must be in \[0, 1\]"),
+                                ("sft.eval.top_p", 0.0, r"config.sft.eval.top_p=0.0 must be in \(0, 1\]"),
+                                ("distill.samples.temperature", -1.0, r"config.distill.samples.temperature=-1.0 must"),
+                                ("compare.eval.top_k", -2, r"config.compare.eval.top_k=-2 must be >= 0")]:
+        bad = load_config(TINY_PIPELINE, "stages=pretrain+samples+sft+distill+compare")
+        *path, last = key.split(".")
+        node = bad
+        for part in path:
+            node = node[part]
+        node[last] = value
+        with pytest.raises(ValueError, match=message):
+            check_stages(bad, read_files=False)
 
 
 def test_interrupted_evaluation_resumes_from_its_progress_file(tmp_path, monkeypatch):

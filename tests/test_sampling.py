@@ -230,11 +230,12 @@ def _chi_square(counts, probs):
 _CHI2_999 = {3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88}
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 4, 1.0), (1.0, 0, 0.8),
-                                                     (0.9, 6, 0.9)])
-def test_sampled_frequencies_match_truncated_softmax(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.3, 4, 1.0, 0.0),
+                                                           (1.0, 0, 0.8, 0.0), (0.9, 6, 0.9, 0.0), (1.0, 0, 1.0, 0.2),
+                                                           (1.4, 0, 0.95, 0.05)])
+def test_sampled_frequencies_match_truncated_softmax(temperature, top_k, top_p, min_p):
     logits = jnp.asarray([[2.0, 1.5, 1.0, 0.6, 0.2, -0.1, -0.5, -1.0, -3.0, -4.0]])
-    strategy = make_strategy(temperature, top_k, top_p)
+    strategy = make_strategy(temperature, top_k, top_p, min_p)
     n = 40_000
     tokens, logp, slogp = select(jnp.repeat(logits, n, 0), jax.random.key(0), strategy, temperature, top_p)
     probs = np.exp(np.asarray(sampling_distribution(logits, strategy, temperature, top_p))[0])
@@ -259,6 +260,44 @@ def test_top_k_and_top_p_truncate_exactly():
     # The kept mass renormalizes.
     dist = np.exp(np.asarray(sampling_distribution(logits, make_strategy(1.0, 0, 0.85), 1.0, 0.85))[0])
     np.testing.assert_allclose(dist[:3], np.array([0.4, 0.3, 0.15]) / 0.85, rtol=1e-6)
+
+
+def test_min_p_truncates_exactly():
+    logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.08, 0.02]]))
+    keep = lambda m, t=1.0: np.isfinite(np.asarray(sampling_distribution(logits, make_strategy(t, 0, 1.0, m), t,
+                                                                         1.0))[0])
+    assert keep(0.49).tolist() == [True, True, True, False, False]   # 0.2 >= 0.49 x 0.4
+    assert keep(0.51).tolist() == [True, True, False, False, False]
+    assert keep(0.04).tolist() == [True] * 5                          # 0.02 >= 0.04 x 0.4
+    assert keep(1.0).tolist() == [True, False, False, False, False]   # only the most likely
+    assert keep(0.4, t=2.0).tolist() == [True, True, True, True, False]  # after the temperature: sqrt(0.08 / 0.4)
+    assert make_strategy(0.0, 0, 1.0, 0.5).greedy  # greedy ignores it
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.1), (0.6, 0, 1.0, 0.05),
+                                                           (1.0, 20, 0.9, 0.1), (1.3, 0, 0.95, 0.2),
+                                                           (0.7, 50, 1.0, 0.3), (1.0, 0, 1.0, 1.0)])
+def test_truncation_equals_transformers_logits_warpers(temperature, top_k, top_p, min_p):
+    """The kept tokens and the renormalized distribution equal transformers' warper chain (temperature, top-k,
+    top-p, min-p, in generate's order) on random rows, ties and -inf entries included."""
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((32, 300)) * rng.uniform(0.5, 5, (32, 1))).astype(np.float32)
+    x[:4, ::5] = np.round(x[:4, ::5])
+    x[4:8, rng.integers(0, 300, 100)] = -np.inf
+    chain = [TemperatureLogitsWarper(temperature)]
+    chain += [TopKLogitsWarper(top_k)] if top_k else []
+    chain += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    chain += [MinPLogitsWarper(min_p)]
+    ref = LogitsProcessorList(chain)(None, torch.from_numpy(x)).numpy()
+    got = np.asarray(sampling_distribution(jnp.asarray(x), make_strategy(temperature, top_k, top_p, min_p),
+                                           temperature, top_p))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
+    ref_logp = np.asarray(torch.log_softmax(torch.from_numpy(ref), -1))
+    np.testing.assert_allclose(got[np.isfinite(got)], ref_logp[np.isfinite(ref)], atol=1e-5)
 
 
 def test_two_level_inverse_cdf_across_blocks():
@@ -351,6 +390,17 @@ def test_bad_inputs_are_named():
         generate(model, [[1, 999]], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p=0"):
         generate(model, [[1]], max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match=r"min_p=1.5 must be in \[0, 1\]"):
+        generate(model, [[1]], max_new_tokens=2, min_p=1.5)
+
+
+def test_min_p_one_samples_the_greedy_tokens():
+    """min_p=1 keeps only the most likely token: sampling at any temperature gives the greedy completion."""
+    model = _model()
+    greedy = generate(model, PROMPTS, num_samples=2, max_new_tokens=6, temperature=0.0)
+    sampled = generate(model, PROMPTS, num_samples=2, max_new_tokens=6, temperature=1.5, min_p=1.0, seed=3)
+    np.testing.assert_array_equal(sampled.tokens, greedy.tokens)
+    np.testing.assert_allclose(sampled.logprobs, greedy.logprobs, atol=1e-6)
 
 
 def test_positions_past_the_trained_range_are_sampled_with_a_warning(caplog):

@@ -119,10 +119,11 @@ def test_train_command_runs_both_stages(tmp_path):
                                  nnx.to_flat_state(exported)):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
     evals = {}
-    for mesh in ("data=2", "fsdp=2"):  # the run's mesh is data=2 by default (-1); fsdp shards the weights instead
+    # The run's mesh is data=2 by default (-1); fsdp shards the weights instead. Greedy there, top-k 1 here.
+    for mesh, sampling in (("data=2", ["--temperature", "0"]), ("fsdp=2", ["--temperature", "1", "--top_k", "1"])):
         out = tmp_path / f"eval_{mesh}.json"
         ev = _cli("eval", "--model", model, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max_new_tokens",
-                  "8", "--template", "plain", "--temperature", "0", "--mesh", mesh, "--out", str(out),
+                  "8", "--template", "plain", *sampling, "--mesh", mesh, "--out", str(out),
                   "--samples_out", str(out.with_suffix(".jsonl")))
         assert ev.returncode == 0, ev.stderr[-3000:]
         evals[mesh] = json.loads(out.read_text())
@@ -136,7 +137,9 @@ def test_train_command_runs_both_stages(tmp_path):
     assert (tmp_path / "eval_fsdp=2.jsonl").read_text() == (tmp_path / "eval_data=2.jsonl").read_text()
     assert a["num_problems"] == 3 and a["k"] == 2 and 0 <= a["pass@1"] <= 1
     assert a.pop("mesh")["data"] == 2 and b.pop("mesh")["fsdp"] == 2
-    assert a == b  # greedy: the same completions on either layout
+    assert a == b  # greedy and top-k 1: the same completions on either layout
+    bad = _cli("eval", "--model", model, "--data", "arithmetic", "--min_p", "1.5")
+    assert bad.returncode == 2 and "--min_p=1.5 must be in [0, 1]" in bad.stderr, bad.stderr[-3000:]
     bad = _cli("eval", "--model", model, "--data", "arithmetic", "--mesh", "data=3")
     assert bad.returncode == 2 and "--mesh: device mesh data=3" in bad.stderr, bad.stderr[-3000:]
     bad = _cli("eval", "--model", model, "--data", "arithmetic", "--mesh", "tensor=2", "--rules", "fsdp_tensor")

@@ -138,15 +138,16 @@ def check_reward(reward: str, examples: Sequence[Mapping]) -> None:
 
 
 def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, template: str = "r1_zero",
-             temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, batch_size: int = 64,
+             temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, min_p: float = 0.0,
+             max_new_tokens: int = 256, batch_size: int = 64,
              seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", solved_at: float = 1.0,
              timeout_s: float = 1.0, return_samples: bool = False, compact: int = 0, speculative: str = "",
              progress: str | Path | None = None, progress_meta: Mapping | None = None) -> dict:
-    """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95); a sample is correct when its `reward`
-    rule scores at least `solved_at` (1.0: accuracy's right answer; with `code_tests`, every test passed). cons@k
-    votes on `vote_answer`: the final answer, the program where tests judge, the letter of a multiple choice.
-    `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion, answer,
-    correct, num_tokens}, a problem's k samples consecutive).
+    """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95; top_k / min_p 0 = off); a sample is correct
+    when its `reward` rule scores at least `solved_at` (1.0: accuracy's right answer; with `code_tests`, every test
+    passed). cons@k votes on `vote_answer`: the final answer, the program where tests judge, the letter of a multiple
+    choice. `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion,
+    answer, correct, num_tokens}, a problem's k samples consecutive).
 
     Prompts go through the sampler in batches of `batch_size` problems; the last batch is padded with repeats
     of its first problem so every batch compiles to the same shapes. Batch i samples with seed + its first problem's
@@ -166,7 +167,9 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         fingerprint = _fingerprint(prompts, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, seed=seed, **dict(progress_meta or {}),
                                    # other random draws, so other samples (compact keeps them the same)
-                                   **({"speculative": speculative} if speculative else {}))
+                                   **({"speculative": speculative} if speculative else {}),
+                                   # only when set, so a progress file from before these settings still resumes
+                                   **{name: v for name, v in (("top_k", top_k), ("min_p", min_p)) if v})
         # Process 0's reading decides for every process (each skips the same batches, or each raises): the others
         # may not see the file, and a process that sampled alone would wait in the sampler's collectives.
         read = None
@@ -195,7 +198,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
             continue
         chunk = chunk + [chunk[0]] * (batch_size - n_real) if len(prompts) > batch_size else chunk
         out = generate(model, chunk, num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id or 0,
+                       top_p=top_p, top_k=top_k, min_p=min_p, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id or 0,
                        seed=seed + start, mesh=mesh, rules=rules, compact=compact, speculative=speculative)
         if speculative:
             drafts += (out.stats["drafted"], out.stats["accepted"])

@@ -330,7 +330,8 @@ def lowered_flops(kind, mc, stage_cfg, mesh, rules, platform, shape) -> float:
 
 
 def _lower_sampler(mc: ModelConfig, mesh, rules, platform: str, *, prompts: int, P: int, N: int, G: int,
-                   temperature: float, top_p: float, top_k: int, compact: int = 0, speculative: str = "") -> dict:
+                   temperature: float, top_p: float, top_k: int, min_p: float = 0.0, compact: int = 0,
+                   speculative: str = "") -> dict:
     from r1jax.sampling import make_strategy, sample_padded
 
     abstract = training.abstract_model(mc)
@@ -347,7 +348,7 @@ def _lower_sampler(mc: ModelConfig, mesh, rules, platform: str, *, prompts: int,
             _sds((), jnp.int32, mesh), _sds((1,), jnp.int32, mesh))
     t0 = time.perf_counter()
     lowered = sample_padded.trace(*args, num_samples=G, max_new_bucket=N, strategy=make_strategy(temperature, top_k,
-                                  top_p), mesh=mesh, rules=rules, compact=compact,
+                                  top_p, min_p), mesh=mesh, rules=rules, compact=compact,
                                   speculative=speculative).lower(lowering_platforms=(platform,))
     seconds = time.perf_counter() - t0
     # Speculative decoding spends 2 slots per step whether or not the draft is kept, and the MTP block has its own.
@@ -458,13 +459,14 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
         if kind == "grpo":
             sp = dict(prompts=int(knobs[2]), P=int(cfg.max_prompt_len), N=int(cfg.max_new_tokens),
                       G=int(cfg.group_size), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                      compact=int(cfg.get("rollout_compact", 0)), speculative=cfg.get("rollout_speculative", ""))
+                      min_p=cfg.get("min_p", 0.0), compact=int(cfg.get("rollout_compact", 0)),
+                      speculative=cfg.get("rollout_speculative", ""))
         else:
             smp = cfg.get("samples", cfg) if kind != "evaluate" else cfg.eval
             sp = dict(prompts=int(smp.batch_size), P=int(config[name].get("max_prompt_len", 512)),
                       N=int(smp.max_new_tokens), G=int(smp.get("k", 1)), temperature=smp.temperature,
-                      top_p=smp.top_p, top_k=int(smp.get("top_k", 0)), compact=int(smp.get("compact", 0)),
-                      speculative=smp.get("speculative", ""))
+                      top_p=smp.top_p, top_k=int(smp.get("top_k", 0)), min_p=smp.get("min_p", 0.0),
+                      compact=int(smp.get("compact", 0)), speculative=smp.get("speculative", ""))
         try:
             out["rollout"] = _lower_sampler(mc, mesh, rules, platform, **sp)
         except Exception as e:  # noqa: BLE001 - reported with the stage (raised with strict)

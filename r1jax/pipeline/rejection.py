@@ -257,7 +257,8 @@ def sample_chunk(model, tokenizer, examples: Sequence[Mapping], cfg, template: s
     n_real = len(prompts)
     prompts = prompts + [prompts[0]] * (cfg.batch_size - n_real)
     out = generate(model, prompts, num_samples=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_id=tokenizer.stop_ids,
+                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.get("min_p", 0.0),
+                   eos_id=tokenizer.stop_ids,
                    pad_id=tokenizer.pad_id or 0, seed=seed, mesh=mesh, rules=rules,
                    compact=int(cfg.get("compact", 0)), speculative=cfg.get("speculative", ""))
     R = n_real * cfg.k
@@ -300,6 +301,8 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
     samples_dir = ctx.stage_dir(stage) / "samples"
     fingerprint = {k: cfg[k] for k in _FINGERPRINT_KEYS} | {"model": model_name, "model_step": model_step,
                                                             "seed": seed, "run_template": template}
+    if cfg.get("min_p", 0.0):  # only when set, so chunks sampled before min_p existed still resume
+        fingerprint["min_p"] = cfg.min_p
     if cfg.require_correct and correct_reward(cfg) != "accuracy":  # chunks hold that rule's scores
         fingerprint["correct_reward"] = correct_reward(cfg)
     if judge_enabled(cfg):  # judged chunks hold the judge's scores

@@ -24,6 +24,7 @@ import ml_collections
 from r1jax import configs, training
 from r1jax.logging import MetricsLogger, wandb_settings
 from r1jax.parallel import hosts
+from r1jax.sampling import make_strategy
 from r1jax.sampling.speculative import SPECULATIVE, check_speculative
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,26 @@ def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = No
             if value not in SPECULATIVE:
                 raise ValueError(f"config.{name}.{key}={value!r}; valid: '' (off) or 'mtp' (DeepSeek-V3's MTP module "
                                  "drafts, the model verifies)")
+        for prefix, node in sampling_nodes(config[name]):
+            try:
+                make_strategy(node.temperature, int(node.get("top_k", 0)), node.get("top_p", 1.0),
+                              node.get("min_p", 0.0))
+            except ValueError as e:
+                raise ValueError(f"config.{name}.{prefix}{e}") from None
         check = STAGE_CHECKS.get(config[name].kind)
         if check is not None:
             check(name, config[name])
+
+
+def sampling_nodes(stage: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """(key prefix, config) of every sampler setting group a stage holds (temperature, top_p, top_k, min_p): the stage
+    itself (GRPO rollouts, rejection sampling) and its `eval` / `samples` (a distill stage's teacher)."""
+    found = []
+    for sub in ("", "eval", "samples"):
+        node = stage.get(sub) if sub else stage
+        if isinstance(node, ml_collections.ConfigDict) and "temperature" in node:
+            found.append((f"{sub}." if sub else "", node))
+    return found
 
 
 def speculative_settings(stage: ml_collections.ConfigDict) -> list[tuple[str, str]]:

@@ -27,6 +27,7 @@ from r1jax.sampling import make_strategy, sample_padded
 
 def sample_group(model, prompt_ids_BP, prompt_mask_BP, *, group_size: int, max_new_tokens: int, temperature: float,
                  top_p: float, top_k: int, eos_ids: Sequence[int], pad_id: int, rng, mesh=None, rules=None,
+                 min_p: float = 0.0,
                  compact: int = 0, speculative: str = "", return_stats: bool = False):
     """Samples `group_size` completions for each of B left-padded prompts -> device arrays (tokens [R, N],
     lengths [R], logp [R, N]) with N = max_new_tokens (the compiled loop stops early when all rows end), and with
@@ -36,7 +37,7 @@ def sample_group(model, prompt_ids_BP, prompt_mask_BP, *, group_size: int, max_n
         graphdef, state, prompt_ids_BP, prompt_mask_BP, rng, jnp.int32(max_new_tokens),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(pad_id),
         jnp.asarray(list(eos_ids), jnp.int32), num_samples=group_size, max_new_bucket=max_new_tokens,
-        strategy=make_strategy(temperature, top_k, top_p), mesh=mesh, rules=rules, compact=compact,
+        strategy=make_strategy(temperature, top_k, top_p, min_p), mesh=mesh, rules=rules, compact=compact,
         speculative=speculative, return_stats=True)
     return (tokens, lengths, logp, stats) if return_stats else (tokens, lengths, logp)
 
@@ -120,7 +121,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     tokens, lengths, logp, sampler_stats = sample_groups_in_chunks(
         model, jnp.asarray(all_ids), jnp.asarray(all_mask), chunk=int(cfg.get("rollout_prompts", 0) or 0),
         group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-        top_k=cfg.top_k, eos_ids=eos, pad_id=pad, rng=rng, mesh=mesh, rules=rules,
+        top_k=cfg.top_k, min_p=cfg.get("min_p", 0.0), eos_ids=eos, pad_id=pad, rng=rng, mesh=mesh, rules=rules,
         compact=int(cfg.get("rollout_compact", 0)), speculative=speculative, return_stats=True)
     device_out = {"tokens_RN": tokens, "lengths_R": lengths}
     # Each process reads only its own rows of the big arrays (from its shards when they hold them); the lengths,

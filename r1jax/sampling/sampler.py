@@ -185,25 +185,27 @@ def _sample(graphdef, state, tokens_BP, mask_BP, rng, max_new_tokens, temperatur
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_id=None, pad_id: int = 0,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, eos_id=None,
+             pad_id: int = 0,
              seed: int = 0, mesh=None, rules="fsdp", min_prompt_bucket: int = 16, compact: int = 0,
              speculative: str = "") -> SamplingResult:
     """Samples `num_samples` completions of up to `max_new_tokens` for each prompt (lists of token ids).
 
-    temperature 0 is greedy. eos_id: an int, a list of ints, or None (never stop early). With a mesh, rows are
-    sharded over the batch axes by `rules` (the model should already be sharded, e.g. by
-    `from_pretrained(..., mesh=mesh)`). In a multi-process run every process passes the same prompts and seed and
-    gets every sample. compact: halve the rows the decode loop computes up to this many times as rows finish
-    (`sample_padded`); the same tokens, for one compiled loop body more per level. speculative="mtp": a DeepSeek-V3
-    model's MTP module drafts the token after next and the model verifies it (`r1jax.sampling.speculative`): the
-    same distribution (greedy: the same tokens), other random draws, up to 2 tokens per step."""
+    temperature 0 is greedy; top_k, top_p and min_p truncate the distribution (r1jax.sampling.strategies). eos_id:
+    an int, a list of ints, or None (never stop early). With a mesh, rows are sharded over the batch axes by `rules`
+    (the model should already be sharded, e.g. by `from_pretrained(..., mesh=mesh)`). In a multi-process run every
+    process passes the same prompts and seed and gets every sample. compact: halve the rows the decode loop computes
+    up to this many times as rows finish (`sample_padded`); the same tokens, for one compiled loop body more per
+    level. speculative="mtp": a DeepSeek-V3 model's MTP module drafts the token after next and the model verifies it
+    (`r1jax.sampling.speculative`): the same distribution (greedy: the same tokens), other random draws, up to 2
+    tokens per step."""
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
-    strategy = make_strategy(temperature, top_k, top_p)
+    strategy = make_strategy(temperature, top_k, top_p, min_p)
     check_speculative(speculative, model.config)
     P = bucket(max(len(p) for p in prompts), min_prompt_bucket)
     N = bucket(max_new_tokens)

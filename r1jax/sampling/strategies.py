@@ -1,10 +1,13 @@
-"""Token selection strategies in one place: greedy, temperature, top-k and top-p (nucleus) sampling.
+"""Token selection strategies in one place: greedy, temperature, top-k, top-p (nucleus) and min-p sampling.
 
 `select(logits_BV, rng, strategy, temperature, top_p)` returns the chosen tokens, their log-probability under the
 model at temperature 1 (what GRPO's ratio needs) and under the distribution actually sampled from.
 
 Top-k keeps the k highest logits (ties with the k-th kept). Top-p keeps the smallest prefix of tokens sorted by
 probability whose mass reaches p (the token that crosses p is kept); ties with the last kept logit are kept too.
+Min-p keeps the tokens whose probability is at least min_p times the most likely token's. They apply in that order,
+after the temperature, as transformers' logits warpers do (`TopKLogitsWarper`, `TopPLogitsWarper`,
+`MinPLogitsWarper`).
 """
 
 from __future__ import annotations
@@ -23,18 +26,21 @@ class Strategy(NamedTuple):
     greedy: bool = False
     top_k: int = 0          # 0 = off
     use_top_p: bool = False
+    min_p: float = 0.0      # 0 = off; static like top_k (a run keeps one value, so one compile)
 
 
-def make_strategy(temperature: float, top_k: int = 0, top_p: float = 1.0) -> Strategy:
+def make_strategy(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Strategy:
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p={min_p} must be in [0, 1] (0 = off)")
     if temperature == 0:
         return Strategy(greedy=True)
-    return Strategy(top_k=int(top_k), use_top_p=top_p < 1.0)
+    return Strategy(top_k=int(top_k), use_top_p=top_p < 1.0, min_p=float(min_p))
 
 
 def truncate(logits_BV, strategy: Strategy, top_p):
@@ -44,7 +50,16 @@ def truncate(logits_BV, strategy: Strategy, top_p):
         logits_BV = jnp.where(logits_BV >= kth, logits_BV, _NEG)
     if strategy.use_top_p:
         logits_BV = jnp.where(top_p_keep(logits_BV, top_p), logits_BV, _NEG)
+    if strategy.min_p:
+        logits_BV = jnp.where(min_p_keep(logits_BV, strategy.min_p), logits_BV, _NEG)
     return logits_BV
+
+
+def min_p_keep(logits_BV, min_p: float):
+    """Tokens whose probability is at least min_p times the row's largest, compared as probabilities (as
+    transformers' MinPLogitsWarper does, so the boundary rounds the same way); the most likely token always stays."""
+    probs = jax.nn.softmax(logits_BV, axis=-1)
+    return probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
 
 
 def _order_keys(x):
