@@ -86,6 +86,11 @@ def eval_config(**kw) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(d)
 
 
+# The stage's final weights: those of its last step, or with best_metric (e.g. "eval/pass@1") those of the held-out
+# evaluation with the highest (best_mode="min": lowest) value (r1jax.best_weights).
+_BEST = dict(best_metric="", best_mode="max")
+
+
 def sft_stage(**kw) -> ml_collections.ConfigDict:
     """Supervised fine-tuning / pretraining: next-token loss on completion tokens (the prompt is masked)."""
     d = _common("sft", lr=1e-4, warmup_steps=10)
@@ -110,6 +115,7 @@ def sft_stage(**kw) -> ml_collections.ConfigDict:
         # LoRA the MTP blocks' adapters train (eh_proj and the MTP norms stay frozen, like every base weight).
         mtp_weight=0.0,
     )
+    d.update(_BEST)
     d.update(kw)
     cfg = ml_collections.ConfigDict(d)
     cfg.eval = eval_config()
@@ -186,6 +192,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         # (r1jax.rl.reward_model); each logged as reward/<name>.
         model_rewards=ml_collections.ConfigDict(),
     )
+    d.update(_BEST)
     d.update(kw)
     cfg = ml_collections.ConfigDict(d)
     cfg.eval = eval_config()

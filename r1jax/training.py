@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from r1jax import best_weights
 from r1jax.checkpoint import load_params, save_params
 from r1jax.data.io import write_jsonl
 from r1jax.logging import MetricsLogger
@@ -344,10 +345,16 @@ def save_stage_adapter(ctx: RunContext, stage: str, model: Transformer, summary:
     summary["peft_adapter"] = str(out)
 
 
-def finish_stage(ctx: RunContext, stage: str, model: Transformer, summary: dict, *, save_hf: bool = False):
+def finish_stage(ctx: RunContext, stage: str, model: Transformer, summary: dict, *, save_hf: bool = False,
+                 best_metric: str = ""):
     """Writes the stage's final weights (and optionally a Hugging Face copy with the run's tokenizer files), then
-    the DONE marker. A stage with LoRA adapters also writes them as a PEFT adapter, before merging them."""
+    the DONE marker. A stage with LoRA adapters also writes them as a PEFT adapter, before merging them. With
+    `best_metric`, the final weights are those of the best evaluation (r1jax.best_weights), not the last step's."""
     out = final_dir(ctx, stage)
+    if best_metric:
+        summary["best"] = best_weights.restore(ctx.stage_dir(stage), stage, model)
+        log.info("stage %r: final weights from step %d (%s = %.4f)", stage, summary["best"]["step"], best_metric,
+                 summary["best"]["value"])
     if has_lora(model):  # later stages, evaluation and exports see a plain model
         save_stage_adapter(ctx, stage, model, summary)
         merge_lora(model)
@@ -529,7 +536,8 @@ def save_eval_samples(ctx: RunContext, stage: str, name: str, metrics: dict) -> 
 
 def run_eval(ctx: RunContext, model, stage_cfg, stage: str, step: int, seed: int) -> dict:
     """Held-out pass@1 / cons@k with the stage's eval settings, logged under eval/; with eval.save_samples, the
-    completions go to <stage>/eval_samples/step_<step>.jsonl."""
+    completions go to <stage>/eval_samples/step_<step>.jsonl; with the stage's best_metric, weights that beat every
+    earlier evaluation are kept (r1jax.best_weights)."""
     ev = stage_cfg.eval
     examples = eval_examples(ctx, ev)
     if not examples:
@@ -538,6 +546,7 @@ def run_eval(ctx: RunContext, model, stage_cfg, stage: str, step: int, seed: int
     save_eval_samples(ctx, stage, f"step_{step}", m)
     out = {f"eval/{k}": v for k, v in m.items() if isinstance(v, (int, float))}
     ctx.logger.write(stage, step, out)
+    best_weights.keep_if_best(ctx.stage_dir(stage), stage, stage_cfg, step, out, model)
     return out
 
 

@@ -96,10 +96,11 @@ def test_grpo_rollout_across_two_processes():
 @pytest.mark.slow
 def test_train_command_across_two_processes(tmp_path):
     """The tiny R1-Zero config (SFT pretraining, then GRPO with evaluations) through `r1jax train` on 2 processes x
-    2 devices: both finish, process 0 alone writes the metrics, each GRPO step logs the whole batch's numbers."""
+    2 devices: both finish, process 0 alone writes the metrics, each GRPO step logs the whole batch's numbers. The
+    GRPO stage keeps its best evaluation's weights (collective saves, process 0's files)."""
     cmd = [str(LAUNCH / "local_multiprocess.sh"), "-d", "2", "2", sys.executable, "-m", "r1jax.cli", "train",
            "--config", str(ROOT / "tests" / "configs" / "tiny_r1zero.py"), "--workdir", str(tmp_path),
-           "--config.grpo.steps=2"]
+           "--config.grpo.steps=2", "--config.grpo.best_metric=eval/pass@1"]
     run = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "pretrain" / "DONE").exists() and (tmp_path / "grpo" / "DONE").exists()
@@ -115,6 +116,8 @@ def test_train_command_across_two_processes(tmp_path):
                  if f"] {stage}: {{" in line]
         assert len(found) == 2 and [{k: v for k, v in f.items() if k != "wall_s"} for f in found] == [
             {k: v for k, v in found[0].items() if k != "wall_s"}] * 2, found
+    best = json.loads((tmp_path / "grpo" / "best" / "best.json").read_text())
+    assert best["step"] in (0, 2) and found[0]["best"] == best and (tmp_path / "grpo" / "best" / best["dir"]).is_dir()
 
 
 @pytest.mark.slow

@@ -167,22 +167,32 @@ def test_hf_export_carries_the_run_tokenizer_files(tmp_path):
     assert tokenizer_files({"kind": "byte"}, tmp_path) == []
 
 
+def _with_length_reward():
+    """The tiny config's GRPO stage with DAPO's overlong penalty over its 12 new tokens: the barely pretrained model
+    is never right, but its completions' lengths differ within groups, so the updates have a signal."""
+    cfg = _config()
+    cfg.grpo.rewards.overlong = 1.0
+    cfg.grpo.reward_kwargs.overlong = dict(max_len=12, cache_len=8)
+    return cfg
+
+
 def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path, wandb_offline):
-    with_wandb = _config()
+    with_wandb = _with_length_reward()
     with_wandb.wandb.update(project="r1jax-tests", mode="offline")
     full = run(with_wandb, _workdir(pretrained, tmp_path / "full"))
     assert not full["stopped"]
     # The GRPO loop checks the flag before each step: the third check (step 2) trips.
-    first = run(_config(), _workdir(pretrained, tmp_path / "resumed"), stop=StopAfter(2))
+    first = run(_with_length_reward(), _workdir(pretrained, tmp_path / "resumed"), stop=StopAfter(2))
     assert first["stopped"] and first["stopped_in"] == "grpo"
     assert (tmp_path / "resumed" / "grpo" / "checkpoints" / "2").exists()
     # As a process killed after logging step 3 (before its checkpoint) leaves it: the resumed run samples it again.
     log = tmp_path / "resumed" / "grpo" / "completions.jsonl"
     with open(log, "a") as f:
         f.write(json.dumps({"step": 3, "completion": "sampled before the kill"}) + "\n" + '{"step": 3, "compl')
-    second = run(_config(), tmp_path / "resumed")
+    second = run(_with_length_reward(), tmp_path / "resumed")
     assert not second["stopped"]
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert all(_by_step(a, "grpo", "grad_norm")[step] > 0 for step in (1, 2, 3))  # the updates move the weights
     for key in ("loss", "reward", "grad_norm", "entropy", "kl", "completion_len"):
         assert _by_step(a, "grpo", key) == _by_step(b, "grpo", key), key
     assert _by_step(a, "grpo", "eval/pass@1") == _by_step(b, "grpo", "eval/pass@1")
@@ -198,7 +208,9 @@ def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path, wandb_offl
         assert np.mean([r["reward"] for r in at]) == pytest.approx(_by_step(a, "grpo", "reward")[step], rel=1e-6)
         assert np.mean([r["num_tokens"] for r in at]) == pytest.approx(_by_step(a, "grpo", "completion_len")[step])
         for r in at:
-            assert r["reward"] == pytest.approx(r["reward/accuracy"] + 0.1 * r["reward/format"], abs=1e-6)
+            assert r["reward"] == pytest.approx(r["reward/accuracy"] + 0.1 * r["reward/format"] + r["reward/overlong"],
+                                                abs=1e-6)
+            assert r["reward/overlong"] == pytest.approx(min(0, 4 - r["num_tokens"]) / 8)
             assert r["id"].startswith("arithmetic/train/") and r["prompt"].startswith("What is")
             assert not r["truncated"] or r["num_tokens"] == 12  # cut off at max_new_tokens
         for group in (at[:4], at[4:]):
@@ -210,6 +222,56 @@ def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path, wandb_offl
         assert len(samples) == 4 * 4 and {s["problem"] for s in samples} == {0, 1, 2, 3}
         pass1 = _by_step(a, "grpo", "eval/pass@1")[step]
         assert np.mean([s["correct"] for s in samples]) == pytest.approx(pass1)
+
+
+def test_best_metric_makes_the_best_evaluation_the_final_weights(tmp_path, monkeypatch):
+    """With best_metric, the stage's final weights are those of its best evaluation (a pretraining stage here,
+    whose weights move every step, with a scripted pass@1 that peaks at step 2 of 3), across a stop and a kill: the
+    resumed stage gives the uninterrupted run's final weights. A fresh stage drops what an earlier attempt kept."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from r1jax import configs, training
+    from r1jax.checkpoint import load_params
+
+    scores, seen, real = {1: 0.2, 2: 0.6, 3: 0.3}, {}, training.evaluate_model
+
+    def scripted(ctx, model, eval_cfg, examples, seed, **kw):
+        step = seed - ctx.config.seed  # run_eval's seed
+        seen[step] = jax.tree.map(np.array, nnx.state(model))  # copies: the trainer donates its buffers
+        return {**real(ctx, model, eval_cfg, examples, seed, **kw), "pass@1": scores[step]}
+
+    monkeypatch.setattr(training, "evaluate_model", scripted)
+
+    def cfg():
+        c = _config()
+        c.stages = "pretrain"
+        c.pretrain.update(eval_every=1, checkpoint_every=1, keep_checkpoints=3, best_metric="eval/pass@1")
+        c.pretrain.eval = configs.eval_config(num_problems=2, k=2, max_new_tokens=8, batch_size=2)
+        return c
+
+    full = tmp_path / "full"
+    (full / "pretrain" / "best").mkdir(parents=True)  # an earlier attempt's, better than anything here: dropped
+    (full / "pretrain" / "best" / "best.json").write_text(json.dumps({"step": 3, "metric": "eval/pass@1",
+                                                                      "value": 1.0, "dir": "step_3"}))
+    out = run(cfg(), full)["stages"]["pretrain"]
+    assert out["best"] == {"step": 2, "metric": "eval/pass@1", "value": 0.6, "dir": "step_2"}
+    assert out["eval/pass@1"] == 0.3  # the summary's evaluation is still the last step's
+    assert _by_step(read_metrics(full), "pretrain", "eval/pass@1") == scores
+    assert sorted(p.name for p in (full / "pretrain" / "best").iterdir()) == ["best.json", "step_2"]
+    final = lambda workdir: jax.tree.leaves(load_params(workdir / "pretrain" / "final",
+                                                        jax.tree.map(jnp.asarray, seen[2])))
+    for a, b in zip(final(full), jax.tree.leaves(seen[2])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(seen[2]), jax.tree.leaves(seen[3])))
+
+    resumed = tmp_path / "resumed"
+    assert run(cfg(), resumed, stop=StopAfter(2))["stopped"]  # stops after step 2 and its evaluation
+    shutil.rmtree(resumed / "pretrain" / "checkpoints" / "2")  # as if killed before that checkpoint: step 2 replays
+    assert not run(cfg(), resumed)["stopped"]
+    for a, b in zip(final(resumed), final(full)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nan_loss_is_skipped_and_counted(pretrained, tmp_path):

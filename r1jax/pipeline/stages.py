@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import ml_collections
 
-from r1jax import configs, training
+from r1jax import best_weights, configs, training
 from r1jax.logging import MetricsLogger, wandb_settings
 from r1jax.parallel import hosts
 from r1jax.sampling import make_strategy
@@ -93,6 +93,7 @@ def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = No
                               node.get("min_p", 0.0))
             except ValueError as e:
                 raise ValueError(f"config.{name}.{prefix}{e}") from None
+        best_weights.check(name, config[name])
         check = STAGE_CHECKS.get(config[name].kind)
         if check is not None:
             check(name, config[name])

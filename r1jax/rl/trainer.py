@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from r1jax import training
+from r1jax import best_weights, training
 from r1jax.checkpoint import Checkpointer
 from r1jax.logging import append_records, trim_records
 from r1jax.models.head_loss import head_nll, map_position_chunks
@@ -410,6 +410,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     ckpt = Checkpointer(ctx.stage_dir(stage) / "checkpoints", keep=cfg.keep_checkpoints)
     it = iter(ds)
     step, state, meta = ckpt.restore_latest(target)
+    if step is None:
+        best_weights.reset(ctx.stage_dir(stage))
     step = step or 0
     if meta:
         params, opt_state, rest = state["params"], state["opt_state"], state["rest"]
@@ -508,7 +510,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
         model = current_model()
         summary = {"steps": step, "skipped_updates": skipped}
         summary.update(training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
-        training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf)
+        training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf,
+                              best_metric=cfg.get("best_metric", ""))
         return summary
     finally:
         ckpt.close()

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from r1jax import training
+from r1jax import best_weights, training
 from r1jax.checkpoint import Checkpointer
 from r1jax.models.head_loss import head_nll, map_position_chunks, nll_and_hit, shift_left
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
@@ -328,6 +328,8 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
     ckpt = Checkpointer(ctx.stage_dir(stage) / "checkpoints", keep=cfg.keep_checkpoints)
     it = iter(ds)
     step, state, meta = ckpt.restore_latest({"params": params, "opt_state": opt_state, "rest": rest})
+    if step is None:
+        best_weights.reset(ctx.stage_dir(stage))
     step = step or 0
     if meta:
         params, opt_state, rest = state["params"], state["opt_state"], state["rest"]
@@ -385,7 +387,8 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
         if exhausted:
             summary["data_exhausted"] = True
         summary.update(training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
-        training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf)
+        training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf,
+                              best_metric=cfg.get("best_metric", ""))
         return summary
     finally:
         if hasattr(it, "close"):

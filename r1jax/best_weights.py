@@ -1,0 +1,116 @@
+"""A training stage's best-evaluated weights: with `best_metric` set (e.g. "eval/pass@1"), each held-out evaluation
+whose value beats every earlier one keeps the model's weights under WORKDIR/<stage>/best/, and when the stage ends
+those weights become its final ones, so later stages, `eval`, `convert` and Hugging Face exports read them (as
+transformers' Trainer does with `load_best_model_at_end` and `metric_for_best_model`). RL runs can peak and decline
+(reward over-optimization, entropy collapse); this keeps the peak.
+
+    cfg.grpo.best_metric = "eval/pass@1"   # or --config.grpo.best_metric=eval/pass@1; best_mode="min" for lengths
+
+Layout: best/step_<n>/ (parameters, as final/) and best/best.json ({"step", "metric", "value", "dir"}), replaced
+atomically after the weights are complete, so a run killed at any point leaves best.json naming whole weights.
+A stage that starts afresh (no checkpoint) drops what an earlier attempt left; a resumed stage keeps it, and
+evaluations that replay steps of the interrupted attempt give the same values, which replace nothing (strictly
+better only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from r1jax.checkpoint import load_params, save_params
+from r1jax.parallel import hosts
+
+log = logging.getLogger(__name__)
+
+# Every number r1jax.eval.evaluate reports; a mixture task adds eval/by_source/<part>/{pass@1, cons@k}.
+METRICS = ("eval/pass@1", "eval/pass@k", "eval/cons@k", "eval/format_rate", "eval/answer_rate",
+           "eval/completion_len", "eval/draft_acceptance")
+_BY_SOURCE = re.compile(r"eval/by_source/[^/]+/(pass@1|cons@k)")
+MODES = ("max", "min")
+
+
+def check(stage: str, cfg) -> None:
+    """Refuses a best_metric that no evaluation of the stage reports, a bad best_mode, or a stage that never
+    evaluates (before any stage runs)."""
+    metric = cfg.get("best_metric", "")
+    if not metric:
+        return
+    if metric not in METRICS and not _BY_SOURCE.fullmatch(metric):
+        raise ValueError(f"config.{stage}.best_metric={metric!r}; valid: '' (the last step's weights are final), "
+                         f"{', '.join(METRICS)} or eval/by_source/<part>/pass@1 | cons@k (a mixture task)")
+    if cfg.get("best_mode", "max") not in MODES:
+        raise ValueError(f"config.{stage}.best_mode={cfg.best_mode!r}; valid: {MODES}")
+    if not cfg.eval.num_problems:
+        raise ValueError(f"config.{stage}.best_metric={metric!r} needs held-out evaluations, but "
+                         f"config.{stage}.eval.num_problems=0")
+
+
+def read(stage_dir: Path) -> dict | None:
+    """best.json of a stage (None: no evaluation kept yet). Process 0 reads, every process gets its answer."""
+    found = None
+    if jax.process_index() == 0:
+        path = Path(stage_dir) / "best" / "best.json"
+        found = json.loads(path.read_text()) if path.exists() else None
+    return hosts.concat_objects([found] if jax.process_index() == 0 else [])[0]
+
+
+def reset(stage_dir: Path) -> None:
+    """Drops the best weights an earlier attempt of a stage left (called when the stage starts without a
+    checkpoint: its evaluations start over)."""
+    if jax.process_index() == 0:
+        shutil.rmtree(Path(stage_dir) / "best", ignore_errors=True)
+    hosts.barrier("best_weights_reset")
+
+
+def keep_if_best(stage_dir: Path, stage: str, cfg, step: int, metrics: dict, model) -> dict | None:
+    """After an evaluation at `step` (`metrics` as logged, eval/...): keeps `model`'s weights when its best_metric
+    beats the best so far. Returns the new best.json record, or None."""
+    metric = cfg.get("best_metric", "")
+    if not metric:
+        return None
+    if metric not in metrics:
+        raise ValueError(f"config.{stage}.best_metric={metric!r}: the evaluation at step {step} reports "
+                         f"{sorted(metrics)}")
+    value, best = float(metrics[metric]), read(stage_dir)
+    if best is not None and not (value > best["value"] if cfg.get("best_mode", "max") == "max"
+                                 else value < best["value"]):
+        return None
+    root = Path(stage_dir) / "best"
+    # Never the directory best.json names (a resumed stage may evaluate that step again, a little differently).
+    name = f"step_{step}" if best is None or best["dir"] != f"step_{step}" else f"step_{step}_again"
+    if jax.process_index() == 0:
+        shutil.rmtree(root / name, ignore_errors=True)  # left by a run killed while writing it
+        root.mkdir(parents=True, exist_ok=True)
+    hosts.barrier("best_weights_save")
+    save_params(root / name, nnx.state(model))
+    record = {"step": step, "metric": metric, "value": value, "dir": name}
+    if jax.process_index() == 0:
+        tmp = root / "best.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, root / "best.json")
+        for old in root.iterdir():
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    hosts.barrier("best_weights_saved")
+    log.info("stage %r: %s = %.4f at step %d is the best so far; weights kept in %s", stage, metric, value, step,
+             root / name)
+    return record
+
+
+def restore(stage_dir: Path, stage: str, model) -> dict:
+    """Loads the kept best weights into `model` (in place: its structure, dtypes and shardings). Returns the
+    best.json record."""
+    best = read(stage_dir)
+    if best is None:
+        raise FileNotFoundError(f"stage {stage!r} sets best_metric but kept no weights under {Path(stage_dir) / 'best'}"
+                                " (no evaluation ran)")
+    nnx.update(model, load_params(Path(stage_dir) / "best" / best["dir"], nnx.state(model)))
+    return best

@@ -1,0 +1,82 @@
+"""A stage's best-evaluated weights (r1jax.best_weights): which evaluation wins, the files it leaves, the checks.
+The stages' use of them (final weights, resume) is tested end to end in test_trainer."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from r1jax import best_weights, configs
+from r1jax.models import Transformer, get_preset
+
+
+def _model(seed):
+    return Transformer(get_preset("tiny_qwen2", num_layers=1), rngs=nnx.Rngs(seed))
+
+
+def _leaves(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def _stage(**kw):
+    return configs.grpo_stage(**{"best_metric": "eval/pass@1", **kw})
+
+
+def test_the_best_evaluation_is_kept_and_restored(tmp_path):
+    cfg = _stage()
+    kept = {}
+    # Strictly better only: the tie at step 30 keeps step 10's weights.
+    for step, value in [(0, 0.2), (10, 0.5), (20, 0.4), (30, 0.5), (40, 0.45)]:
+        model = _model(step)
+        record = best_weights.keep_if_best(tmp_path, "grpo", cfg, step, {"eval/pass@1": value, "eval/k": 4}, model)
+        if record is not None:
+            kept[step] = _leaves(model)
+    assert sorted(kept) == [0, 10]
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best == {"step": 10, "metric": "eval/pass@1", "value": 0.5, "dir": "step_10"}
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", "step_10"]  # step_0 removed
+    target = _model(99)
+    assert best_weights.restore(tmp_path, "grpo", target) == best
+    for a, b in zip(_leaves(target), kept[10]):
+        np.testing.assert_array_equal(a, b)
+
+    # A resumed stage evaluating step 10 again, better: new weights in another directory, best.json moved to them.
+    record = best_weights.keep_if_best(tmp_path, "grpo", cfg, 10, {"eval/pass@1": 0.55}, _model(7))
+    assert record["dir"] == "step_10_again"
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", "step_10_again"]
+    best_weights.restore(tmp_path, "grpo", target)
+    for a, b in zip(_leaves(target), _leaves(_model(7))):
+        np.testing.assert_array_equal(a, b)
+
+    best_weights.reset(tmp_path)  # a fresh start drops them
+    assert not (tmp_path / "best").exists() and best_weights.read(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="stage 'grpo' sets best_metric but kept no weights"):
+        best_weights.restore(tmp_path, "grpo", target)
+
+
+def test_min_mode_and_no_metric(tmp_path):
+    cfg = _stage(best_metric="eval/completion_len", best_mode="min")
+    for step, value in [(0, 90.0), (5, 70.0), (10, 80.0)]:
+        best_weights.keep_if_best(tmp_path, "grpo", cfg, step, {"eval/completion_len": value}, _model(step))
+    assert best_weights.read(tmp_path)["step"] == 5
+    assert best_weights.keep_if_best(tmp_path / "off", "grpo", configs.grpo_stage(), 0, {}, _model(0)) is None
+    assert not (tmp_path / "off").exists()
+    with pytest.raises(ValueError, match=r"best_metric='eval/completion_len': the evaluation at step 3 reports "
+                                         r"\['eval/pass@1'\]"):
+        best_weights.keep_if_best(tmp_path, "grpo", cfg, 3, {"eval/pass@1": 0.5}, _model(0))
+
+
+def test_settings_are_checked():
+    best_weights.check("grpo", _stage())
+    best_weights.check("grpo", _stage(best_metric="eval/by_source/math/pass@1"))
+    best_weights.check("grpo", configs.grpo_stage())  # off
+    with pytest.raises(ValueError, match=r"config.grpo.best_metric='pass@1'; valid: '' \(the last step's weights"):
+        best_weights.check("grpo", _stage(best_metric="pass@1"))
+    with pytest.raises(ValueError, match=r"config.grpo.best_mode='high'; valid: \('max', 'min'\)"):
+        best_weights.check("grpo", _stage(best_mode="high"))
+    cfg = _stage()
+    cfg.eval.num_problems = 0
+    with pytest.raises(ValueError, match=r"needs held-out evaluations, but config.grpo.eval.num_problems=0"):
+        best_weights.check("grpo", cfg)
