@@ -33,17 +33,19 @@ log = logging.getLogger(__name__)
 # Every number r1jax.eval.evaluate reports; a mixture task adds eval/by_source/<part>/{pass@1, cons@k}.
 METRICS = ("eval/pass@1", "eval/pass@k", "eval/cons@k", "eval/format_rate", "eval/answer_rate",
            "eval/completion_len", "eval/draft_acceptance")
-_BY_SOURCE = re.compile(r"eval/by_source/[^/]+/(pass@1|cons@k)")
+_BY_SOURCE = re.compile(r"eval/by_source/([^/]+)/(pass@1|cons@k)")
 MODES = ("max", "min")
 
 
-def check(stage: str, cfg) -> None:
-    """Refuses a best_metric that no evaluation of the stage reports, a bad best_mode, or a stage that never
-    evaluates (before any stage runs)."""
+def check(stage: str, cfg, task=None) -> None:
+    """Refuses, before any stage runs, a best_metric that the stage's evaluations do not report (with `task`, the
+    run's config.task, a mixture part the evaluated split lacks), a bad best_mode, or a stage that never evaluates:
+    a stage that evaluates only at its end would otherwise find out there."""
     metric = cfg.get("best_metric", "")
     if not metric:
         return
-    if metric not in METRICS and not _BY_SOURCE.fullmatch(metric):
+    by_source = _BY_SOURCE.fullmatch(metric)
+    if metric not in METRICS and not by_source:
         raise ValueError(f"config.{stage}.best_metric={metric!r}; valid: '' (the last step's weights are final), "
                          f"{', '.join(METRICS)} or eval/by_source/<part>/pass@1 | cons@k (a mixture task)")
     if cfg.get("best_mode", "max") not in MODES:
@@ -51,6 +53,16 @@ def check(stage: str, cfg) -> None:
     if not cfg.eval.num_problems:
         raise ValueError(f"config.{stage}.best_metric={metric!r} needs held-out evaluations, but "
                          f"config.{stage}.eval.num_problems=0")
+    if metric == "eval/draft_acceptance" and not cfg.eval.get("speculative", ""):
+        raise ValueError(f"config.{stage}.best_metric={metric!r} is reported by speculative evaluations only; "
+                         f"config.{stage}.eval.speculative is off")
+    if by_source and task is not None:
+        split = task.get(cfg.eval.split)
+        parts = split.get("parts") if task.get("name") == "mixture" and split is not None else None
+        if not parts or by_source.group(1) not in parts:
+            raise ValueError(f"config.{stage}.best_metric={metric!r}: the evaluated split config.task."
+                             f"{cfg.eval.split} has no part {by_source.group(1)!r} (parts: "
+                             f"{sorted(parts) if parts else 'none, not a mixture task'})")
 
 
 def read(stage_dir: Path) -> dict | None:
@@ -58,8 +70,16 @@ def read(stage_dir: Path) -> dict | None:
     found = None
     if jax.process_index() == 0:
         path = Path(stage_dir) / "best" / "best.json"
-        found = json.loads(path.read_text()) if path.exists() else None
-    return hosts.concat_objects([found] if jax.process_index() == 0 else [])[0]
+        try:
+            found = json.loads(path.read_text()) if path.exists() else None
+            if found is not None and not {"step", "value", "dir"} <= set(found):
+                raise ValueError(f"lacks step / value / dir: {found}")
+        except ValueError as e:  # written atomically by r1jax, so edited or damaged by hand
+            found = ValueError(f"{path} is not a best-weights record ({e}); delete {path.parent} to start over")
+    found = hosts.concat_objects([found] if jax.process_index() == 0 else [])[0]
+    if isinstance(found, Exception):  # raised on every process, or the others would wait in a collective
+        raise found
+    return found
 
 
 def reset(stage_dir: Path) -> None:

@@ -50,6 +50,9 @@ def test_the_best_evaluation_is_kept_and_restored(tmp_path):
     for a, b in zip(_leaves(target), _leaves(_model(7))):
         np.testing.assert_array_equal(a, b)
 
+    (tmp_path / "best" / "best.json").write_text('{"step": 10, "val')
+    with pytest.raises(ValueError, match=r"best.json is not a best-weights record .* delete .*best to start over"):
+        best_weights.keep_if_best(tmp_path, "grpo", cfg, 20, {"eval/pass@1": 0.9}, _model(7))
     best_weights.reset(tmp_path)  # a fresh start drops them
     assert not (tmp_path / "best").exists() and best_weights.read(tmp_path) is None
     with pytest.raises(FileNotFoundError, match="stage 'grpo' sets best_metric but kept no weights"):
@@ -80,3 +83,13 @@ def test_settings_are_checked():
     cfg.eval.num_problems = 0
     with pytest.raises(ValueError, match=r"needs held-out evaluations, but config.grpo.eval.num_problems=0"):
         best_weights.check("grpo", cfg)
+    with pytest.raises(ValueError, match=r"speculative evaluations only; config.grpo.eval.speculative is off"):
+        best_weights.check("grpo", _stage(best_metric="eval/draft_acceptance"))
+    # A mixture part, against the run's task: one its evaluated split has, one it lacks, and no mixture at all.
+    task = configs.base_config().task
+    task.name, task.test = "mixture", {"parts": {"math": {}, "countdown": {"n": 8}}}
+    best_weights.check("grpo", _stage(best_metric="eval/by_source/countdown/cons@k"), task)
+    with pytest.raises(ValueError, match=r"config.task.test has no part 'amc' \(parts: \['countdown', 'math'\]\)"):
+        best_weights.check("grpo", _stage(best_metric="eval/by_source/amc/pass@1"), task)
+    with pytest.raises(ValueError, match=r"no part 'math' \(parts: none, not a mixture task\)"):
+        best_weights.check("grpo", _stage(best_metric="eval/by_source/math/pass@1"), configs.base_config().task)

@@ -167,10 +167,10 @@ def test_hf_export_carries_the_run_tokenizer_files(tmp_path):
     assert tokenizer_files({"kind": "byte"}, tmp_path) == []
 
 
-def _with_length_reward():
+def _with_length_reward(**grpo):
     """The tiny config's GRPO stage with DAPO's overlong penalty over its 12 new tokens: the barely pretrained model
     is never right, but its completions' lengths differ within groups, so the updates have a signal."""
-    cfg = _config()
+    cfg = _config(**grpo)
     cfg.grpo.rewards.overlong = 1.0
     cfg.grpo.reward_kwargs.overlong = dict(max_len=12, cache_len=8)
     return cfg
@@ -414,7 +414,7 @@ def test_grpo_stage_with_context_parallelism(pretrained, tmp_path, monkeypatch):
         dict(canonical_rules(rules)).get("length")) or real(mesh, rules))
     out = {}
     for context in ("", "fsdp"):
-        cfg = _config(steps=1, grad_accum=2)
+        cfg = _with_length_reward(steps=1, grad_accum=2)
         cfg.grpo.eval.num_problems = 0  # the update is under test, not the evaluation
         cfg.mesh.update(data=2, fsdp=4, context=context)
         result = run(cfg, _workdir(pretrained, tmp_path / (context or "plain")))
@@ -422,6 +422,7 @@ def test_grpo_stage_with_context_parallelism(pretrained, tmp_path, monkeypatch):
         out[context] = read_metrics(tmp_path / (context or "plain"))
     # Each run's one step: the rollout under the plain rules, then the update under the training rules.
     assert used == [None, None, None, ("fsdp",)], used
+    assert _by_step(out[""], "grpo", "grad_norm")[1] > 0
     for key in ("reward", "completion_len", "loss", "grad_norm", "entropy"):
         a, b = _by_step(out[""], "grpo", key)[1], _by_step(out["fsdp"], "grpo", key)[1]
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6), key
@@ -453,7 +454,7 @@ def test_grpo_stage_with_packed_rows(pretrained, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "sample_batch", short_completions)
     out = {}
     for pack, context, accum in ((False, "", 2), (True, "fsdp", 2), (True, "", 1)):
-        cfg = _config(steps=1, grad_accum=accum, pack_rows=pack)
+        cfg = _with_length_reward(steps=1, grad_accum=accum, pack_rows=pack)
         cfg.grpo.eval.num_problems = 0
         cfg.mesh.update(data=2, fsdp=4, context=context)
         name = f"{pack}{context}"
@@ -463,6 +464,7 @@ def test_grpo_stage_with_packed_rows(pretrained, tmp_path, monkeypatch):
         for key in ("reward", "loss", "grad_norm", "entropy", "kl"):
             a, b = _by_step(out["False"], "grpo", key)[1], _by_step(out[name], "grpo", key)[1]
             assert b == pytest.approx(a, rel=1e-5, abs=1e-6), (name, key)
+    assert _by_step(out["False"], "grpo", "grad_norm")[1] > 0
     assert _by_step(out["Truefsdp"], "grpo", "pack_bins_per_unit")[1] == 1
     assert _by_step(out["Truefsdp"], "grpo", "pack_token_ratio")[1] == 0.5
     assert _by_step(out["True"], "grpo", "pack_token_ratio")[1] == 1.0  # one row per unit: the padded update

@@ -93,7 +93,7 @@ def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = No
                               node.get("min_p", 0.0))
             except ValueError as e:
                 raise ValueError(f"config.{name}.{prefix}{e}") from None
-        best_weights.check(name, config[name])
+        best_weights.check(name, config[name], config.task)
         check = STAGE_CHECKS.get(config[name].kind)
         if check is not None:
             check(name, config[name])
