@@ -3,6 +3,7 @@ prompt widths merge, advantages over the kept groups, metrics, the rollout bound
 The GRPO stage with it on runs in tests/test_trainer.py."""
 import doctest
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,6 +59,7 @@ def test_keeps_the_first_groups_with_a_signal_and_stops_when_enough():
     np.testing.assert_array_equal(batch["rewards"], [1, 0, 0, 1, 1, 0])
     assert signal_groups(batch["advantages"], G).all()
     assert {k: v.shape[0] for k, v in batch.items()} == dict.fromkeys(batch, 6)
+    assert batch["rollout_row"].tolist() == [0, 1, 6 + 2, 6 + 3, 12 + 0, 12 + 1]  # rows of rollouts 0, 1, 2 in turn
 
 
 def test_fills_with_signal_less_groups_when_the_rollouts_run_out():
@@ -67,6 +69,38 @@ def test_fills_with_signal_less_groups_when_the_rollouts_run_out():
     # the two groups with a signal, then the first without one (rollout 0 group 1)
     assert batch["tokens"][:, 0].tolist() == [0, 1, 102, 103, 2, 3]
     np.testing.assert_array_equal(batch["advantages"][4:], 0.0)
+    assert batch["rollout_row"].tolist() == [0, 1, 8, 9, 2, 3]
+
+
+def test_the_trainer_logs_the_kept_rows_with_their_advantages(monkeypatch):
+    """With dynamic sampling a GRPO step's logged rows are those of the groups it trains on, in the batch's order,
+    each with its rollout and the advantage recomputed over the kept groups (batch scaling changes it)."""
+    import types
+
+    from r1jax import configs
+    from r1jax.rl import trainer
+
+    rounds = [[[3, 0], [1, 1]], [[1, 0], [5, 5]]]
+
+    def fake(model, tokenizer, prompts, cfg, rng, **kw):
+        batch, metrics = fake_rollout(rounds[prompts], prompts, scale="batch")
+        rows = [{"id": f"{prompts}-{i}", "reward": float(x), "advantage": float(a)}
+                for i, (x, a) in enumerate(zip(batch["rewards"], batch["advantages"]))]
+        return batch, metrics, rows
+
+    monkeypatch.setattr(trainer, "rollout", fake)
+    ctx = types.SimpleNamespace(tokenizer=types.SimpleNamespace(pad_id=0), mesh=None, rules=None)
+    cfg = configs.grpo_stage(group_size=G, max_new_tokens=N, dynamic_sampling=True, max_rollouts=2,
+                             advantage_scale="batch")
+    batch, metrics, rows = trainer.sample_batch(ctx, cfg, None, iter([0, 1]), jax.random.key(0), None, 1, prompts=2)
+    assert "rollout_row" not in batch and "rewards" not in batch and metrics["rollouts"] == 2
+    assert [(r["id"], r["rollout"], r["reward"]) for r in rows] == [("0-0", 0, 3), ("0-1", 0, 0), ("1-0", 1, 1),
+                                                                    ("1-1", 1, 0)]
+    np.testing.assert_allclose([r["advantage"] for r in rows], batch["advantages"], rtol=0, atol=0)
+    assert rows[0]["advantage"] != pytest.approx(fake_rollout(rounds[0], 0, scale="batch")[0]["advantages"][0])
+    cfg.dynamic_sampling = False  # one rollout: its rows as they came
+    _, _, rows = trainer.sample_batch(ctx, cfg, None, iter([1]), jax.random.key(0), None, 1, prompts=2)
+    assert [r["id"] for r in rows] == ["1-0", "1-1", "1-2", "1-3"] and "rollout" not in rows[0]
 
 
 def test_one_rollout_with_signal_everywhere_is_the_plain_batch():

@@ -78,8 +78,9 @@ def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, gro
 
     `draw(r)` returns (batch, metrics) as `r1jax.rl.rollout.rollout` does, with the batch's float `rewards` [R].
     The returned batch has the same keys, rows of the chosen groups, prompts left-padded to the widest rollout,
-    advantages recomputed over it; metrics average the rollouts' (times and token counts add up) and add
-    `rollouts` and `ds_filled_groups`."""
+    advantages recomputed over it, and `rollout_row` [R]: each row's index in the rollouts' rows one after another
+    (to find what else a rollout returned about it); metrics average the rollouts' (times and token counts add up)
+    and add `rollouts` and `ds_filled_groups`."""
     if max_rollouts < 1:
         raise ValueError(f"max_rollouts={max_rollouts} must be >= 1 (rollouts per step with dynamic sampling)")
     batches, metrics = [], []
@@ -103,4 +104,5 @@ def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, gro
     out = {k: v[rows] for k, v in merged.items()}
     advantages = group_advantages(jnp.asarray(out["rewards"], jnp.float32), group_size, scale=advantage_scale)
     out["advantages"] = np.asarray(advantages, np.float32)
+    out["rollout_row"] = rows
     return out, {**_combine(metrics), "rollouts": len(batches), "ds_filled_groups": filled}

@@ -265,16 +265,16 @@ def grpo_memory_knobs(cfg, stage: str) -> tuple[int, int, int]:
 
 def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, step: int,
                  prompts: int) -> tuple[dict, dict, list[dict]]:
-    """One step's update batch (this process's `prompts` groups), rollout metrics, and the rows of its first rollout
-    (r1jax.rl.rollout.completion_rows): one rollout of the next prompts, or with `dynamic_sampling` as many as it
-    takes (r1jax.rl.dynamic_sampling; rollout r > 0 samples with fold_in(rng, r))."""
-    first_rows = []
+    """One step's update batch (this process's `prompts` groups), rollout metrics, and the batch's rows as
+    r1jax.rl.rollout.completion_rows describes them: one rollout of the next prompts, or with `dynamic_sampling` as
+    many as it takes (r1jax.rl.dynamic_sampling; rollout r > 0 samples with fold_in(rng, r)), whose rows are the
+    groups kept for the update, each with its `rollout` and the advantage it is trained with."""
+    drawn = []
 
     def draw(r):
         batch, metrics, rows = rollout(model, ctx.tokenizer, next(it), cfg, jax.random.fold_in(rng, r) if r else rng,
                                        mesh=ctx.mesh, rules=ctx.rules, model_rewards=model_rewards, step=step)
-        if r == 0:
-            first_rows.extend(rows)
+        drawn.extend({**row, "rollout": r} if cfg.dynamic_sampling else row for row in rows)
         return batch, metrics
 
     if cfg.dynamic_sampling:
@@ -282,10 +282,12 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
             draw, batch_prompts=prompts, group_size=cfg.group_size,
             max_rollouts=cfg.max_rollouts, max_new_tokens=cfg.max_new_tokens, advantage_scale=cfg.advantage_scale,
             pad_id=ctx.tokenizer.pad_id or 0)
+        rows = [{**drawn[i], "advantage": float(a)} for i, a in zip(batch.pop("rollout_row"), batch["advantages"])]
     else:
         batch, metrics = draw(0)
+        rows = drawn
     batch.pop("rewards")
-    return batch, metrics, first_rows
+    return batch, metrics, rows
 
 
 def check_grpo_stage(stage: str, cfg) -> None:
