@@ -5,12 +5,13 @@ transformers' Trainer does with `load_best_model_at_end` and `metric_for_best_mo
 (reward over-optimization, entropy collapse); this keeps the peak.
 
     cfg.grpo.best_metric = "eval/pass@1"   # or --config.grpo.best_metric=eval/pass@1; best_mode="min" for lengths
+    cfg.sft.best_patience = 3               # also stop the stage after 3 evaluations in a row without a new best
 
-Layout: best/step_<n>/ (parameters, as final/) and best/best.json ({"step", "metric", "value", "dir"}), replaced
-atomically after the weights are complete, so a run killed at any point leaves best.json naming whole weights.
-A stage that starts afresh (no checkpoint) drops what an earlier attempt left; a resumed stage keeps it, and
-evaluations that replay steps of the interrupted attempt give the same values, which replace nothing (strictly
-better only).
+Layout: best/step_<n>/ (parameters, as final/) and best/best.json ({"step", "metric", "value", "dir",
+"last_step", "evals_since"}), replaced atomically after the weights are complete, so a run killed at any point
+leaves best.json naming whole weights. Strictly better values only replace the best. A stage that starts afresh (no
+checkpoint) drops what an earlier attempt left; a resumed stage keeps it and ignores the evaluations it replays
+(steps up to `last_step`, already counted).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def check(stage: str, cfg, task=None) -> None:
     a stage that evaluates only at its end would otherwise find out there."""
     metric = cfg.get("best_metric", "")
     if not metric:
+        if int(cfg.get("best_patience", 0) or 0):
+            raise ValueError(f"config.{stage}.best_patience={cfg.best_patience} counts evaluations without a new "
+                             f"best: set config.{stage}.best_metric too")
         return
     by_source = _BY_SOURCE.fullmatch(metric)
     if metric not in METRICS and not by_source:
@@ -50,6 +54,11 @@ def check(stage: str, cfg, task=None) -> None:
                          f"{', '.join(METRICS)} or eval/by_source/<part>/pass@1 | cons@k (a mixture task)")
     if cfg.get("best_mode", "max") not in MODES:
         raise ValueError(f"config.{stage}.best_mode={cfg.best_mode!r}; valid: {MODES}")
+    if int(cfg.get("best_patience", 0)) < 0:
+        raise ValueError(f"config.{stage}.best_patience={cfg.best_patience} must be >= 0 (0: never stop early)")
+    if int(cfg.get("best_patience", 0)) and not cfg.get("eval_every", 0):
+        raise ValueError(f"config.{stage}.best_patience={cfg.best_patience} needs evaluations during the stage; "
+                         f"set config.{stage}.eval_every")
     if not cfg.eval.num_problems:
         raise ValueError(f"config.{stage}.best_metric={metric!r} needs held-out evaluations, but "
                          f"config.{stage}.eval.num_problems=0")
@@ -90,9 +99,19 @@ def reset(stage_dir: Path) -> None:
     hosts.barrier("best_weights_reset")
 
 
+def _write(root: Path, record: dict) -> None:
+    """best.json, replaced atomically (process 0)."""
+    if jax.process_index() == 0:
+        tmp = root / "best.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, root / "best.json")
+
+
 def keep_if_best(stage_dir: Path, stage: str, cfg, step: int, metrics: dict, model) -> dict | None:
     """After an evaluation at `step` (`metrics` as logged, eval/...): keeps `model`'s weights when its best_metric
-    beats the best so far. Returns the new best.json record, or None."""
+    beats the best so far, and counts the evaluations since the best (`evals_since`, for best_patience). Returns
+    the best.json record (None without best_metric). An evaluation at a step already counted (a resumed stage
+    replaying the steps after its checkpoint) changes nothing."""
     metric = cfg.get("best_metric", "")
     if not metric:
         return None
@@ -100,22 +119,23 @@ def keep_if_best(stage_dir: Path, stage: str, cfg, step: int, metrics: dict, mod
         raise ValueError(f"config.{stage}.best_metric={metric!r}: the evaluation at step {step} reports "
                          f"{sorted(metrics)}")
     value, best = float(metrics[metric]), read(stage_dir)
+    root = Path(stage_dir) / "best"
+    if best is not None and step <= best.get("last_step", best["step"]):
+        return best
     if best is not None and not (value > best["value"] if cfg.get("best_mode", "max") == "max"
                                  else value < best["value"]):
-        return None
-    root = Path(stage_dir) / "best"
-    # Never the directory best.json names (a resumed stage may evaluate that step again, a little differently).
-    name = f"step_{step}" if best is None or best["dir"] != f"step_{step}" else f"step_{step}_again"
+        record = {**best, "last_step": step, "evals_since": best.get("evals_since", 0) + 1}
+        _write(root, record)
+        return record
+    name = f"step_{step}"  # a later step than any best.json has named
     if jax.process_index() == 0:
         shutil.rmtree(root / name, ignore_errors=True)  # left by a run killed while writing it
         root.mkdir(parents=True, exist_ok=True)
     hosts.barrier("best_weights_save")
     save_params(root / name, nnx.state(model))
-    record = {"step": step, "metric": metric, "value": value, "dir": name}
+    record = {"step": step, "metric": metric, "value": value, "dir": name, "last_step": step, "evals_since": 0}
+    _write(root, record)
     if jax.process_index() == 0:
-        tmp = root / "best.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, root / "best.json")
         for old in root.iterdir():
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -123,6 +143,13 @@ def keep_if_best(stage_dir: Path, stage: str, cfg, step: int, metrics: dict, mod
     log.info("stage %r: %s = %.4f at step %d is the best so far; weights kept in %s", stage, metric, value, step,
              root / name)
     return record
+
+
+def patience_spent(record: dict | None, cfg) -> bool:
+    """True when the stage's best_patience (0: off) evaluations in a row have not beaten the best: the stage stops
+    there (its final weights are the best's anyway)."""
+    patience = int(cfg.get("best_patience", 0) or 0)
+    return bool(patience and record is not None and record.get("evals_since", 0) >= patience)
 
 
 def restore(stage_dir: Path, stage: str, model) -> dict:

@@ -87,8 +87,9 @@ def eval_config(**kw) -> ml_collections.ConfigDict:
 
 
 # The stage's final weights: those of its last step, or with best_metric (e.g. "eval/pass@1") those of the held-out
-# evaluation with the highest (best_mode="min": lowest) value (r1jax.best_weights).
-_BEST = dict(best_metric="", best_mode="max")
+# evaluation with the highest (best_mode="min": lowest) value (r1jax.best_weights); best_patience > 0 also ends the
+# stage after that many evaluations in a row without a new best.
+_BEST = dict(best_metric="", best_mode="max", best_patience=0)
 
 
 def sft_stage(**kw) -> ml_collections.ConfigDict:

@@ -550,6 +550,17 @@ def run_eval(ctx: RunContext, model, stage_cfg, stage: str, step: int, seed: int
     return out
 
 
+def stops_early(ctx: RunContext, stage: str, stage_cfg) -> bool:
+    """The stage's best_patience is spent (r1jax.best_weights.patience_spent): it ends at this evaluation."""
+    if not int(stage_cfg.get("best_patience", 0) or 0):
+        return False
+    if best_weights.patience_spent(best_weights.read(ctx.stage_dir(stage)), stage_cfg):
+        log.info("stage %r: %d evaluations in a row without a new best %s: the stage ends here", stage,
+                 stage_cfg.best_patience, stage_cfg.best_metric)
+        return True
+    return False
+
+
 @jax.jit
 def tree_copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)

@@ -28,27 +28,29 @@ def test_the_best_evaluation_is_kept_and_restored(tmp_path):
     cfg = _stage()
     kept = {}
     # Strictly better only: the tie at step 30 keeps step 10's weights.
+    since = []
     for step, value in [(0, 0.2), (10, 0.5), (20, 0.4), (30, 0.5), (40, 0.45)]:
         model = _model(step)
         record = best_weights.keep_if_best(tmp_path, "grpo", cfg, step, {"eval/pass@1": value, "eval/k": 4}, model)
-        if record is not None:
+        if record["step"] == step:
             kept[step] = _leaves(model)
-    assert sorted(kept) == [0, 10]
+        since.append(record["evals_since"])
+    assert sorted(kept) == [0, 10] and since == [0, 0, 1, 2, 3]
     best = json.loads((tmp_path / "best" / "best.json").read_text())
-    assert best == {"step": 10, "metric": "eval/pass@1", "value": 0.5, "dir": "step_10"}
+    assert best == {"step": 10, "metric": "eval/pass@1", "value": 0.5, "dir": "step_10", "last_step": 40,
+                    "evals_since": 3}
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", "step_10"]  # step_0 removed
     target = _model(99)
     assert best_weights.restore(tmp_path, "grpo", target) == best
     for a, b in zip(_leaves(target), kept[10]):
         np.testing.assert_array_equal(a, b)
 
-    # A resumed stage evaluating step 10 again, better: new weights in another directory, best.json moved to them.
-    record = best_weights.keep_if_best(tmp_path, "grpo", cfg, 10, {"eval/pass@1": 0.55}, _model(7))
-    assert record["dir"] == "step_10_again"
-    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", "step_10_again"]
-    best_weights.restore(tmp_path, "grpo", target)
-    for a, b in zip(_leaves(target), _leaves(_model(7))):
-        np.testing.assert_array_equal(a, b)
+    # A resumed stage replaying evaluations it already counted (steps up to 40) changes nothing, however they come
+    # out; the next new one counts.
+    assert best_weights.keep_if_best(tmp_path, "grpo", cfg, 30, {"eval/pass@1": 0.9}, _model(7)) == best
+    assert best_weights.read(tmp_path) == best
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", "step_10"]
+    assert best_weights.keep_if_best(tmp_path, "grpo", cfg, 50, {"eval/pass@1": 0.1}, _model(7))["evals_since"] == 4
 
     (tmp_path / "best" / "best.json").write_text('{"step": 10, "val')
     with pytest.raises(ValueError, match=r"best.json is not a best-weights record .* delete .*best to start over"):
@@ -57,6 +59,14 @@ def test_the_best_evaluation_is_kept_and_restored(tmp_path):
     assert not (tmp_path / "best").exists() and best_weights.read(tmp_path) is None
     with pytest.raises(FileNotFoundError, match="stage 'grpo' sets best_metric but kept no weights"):
         best_weights.restore(tmp_path, "grpo", target)
+
+
+def test_patience_counts_evaluations_without_a_new_best():
+    cfg = _stage(best_patience=2)
+    record = {"step": 10, "value": 0.5, "dir": "step_10", "last_step": 30, "evals_since": 1}
+    assert not best_weights.patience_spent(record, cfg) and not best_weights.patience_spent(None, cfg)
+    assert best_weights.patience_spent({**record, "evals_since": 2}, cfg)
+    assert not best_weights.patience_spent({**record, "evals_since": 9}, _stage())  # 0: off
 
 
 def test_min_mode_and_no_metric(tmp_path):
@@ -83,6 +93,15 @@ def test_settings_are_checked():
     cfg.eval.num_problems = 0
     with pytest.raises(ValueError, match=r"needs held-out evaluations, but config.grpo.eval.num_problems=0"):
         best_weights.check("grpo", cfg)
+    with pytest.raises(ValueError, match=r"config.grpo.best_patience=2 needs evaluations during the stage; set "
+                                         r"config.grpo.eval_every"):
+        best_weights.check("grpo", _stage(best_patience=2))
+    with pytest.raises(ValueError, match=r"best_patience=2 counts evaluations without a new best: set "
+                                         r"config.grpo.best_metric too"):
+        best_weights.check("grpo", configs.grpo_stage(best_patience=2, eval_every=5))
+    with pytest.raises(ValueError, match=r"best_patience=-1 must be >= 0"):
+        best_weights.check("grpo", _stage(best_patience=-1))
+    best_weights.check("grpo", _stage(best_patience=2, eval_every=5))
     with pytest.raises(ValueError, match=r"speculative evaluations only; config.grpo.eval.speculative is off"):
         best_weights.check("grpo", _stage(best_metric="eval/draft_acceptance"))
     # A mixture part, against the run's task: one its evaluated split has, one it lacks, and no mixture at all.

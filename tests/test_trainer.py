@@ -227,7 +227,8 @@ def test_resume_gives_the_uninterrupted_metrics(pretrained, tmp_path, wandb_offl
 def test_best_metric_makes_the_best_evaluation_the_final_weights(tmp_path, monkeypatch):
     """With best_metric, the stage's final weights are those of its best evaluation (a pretraining stage here,
     whose weights move every step, with a scripted pass@1 that peaks at step 2 of 3), across a stop and a kill: the
-    resumed stage gives the uninterrupted run's final weights. A fresh stage drops what an earlier attempt kept."""
+    resumed stage gives the uninterrupted run's final weights. A fresh stage drops what an earlier attempt kept. With
+    best_patience the stage ends after that many evaluations without a new best."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -235,10 +236,12 @@ def test_best_metric_makes_the_best_evaluation_the_final_weights(tmp_path, monke
     from r1jax import configs, training
     from r1jax.checkpoint import load_params
 
-    scores, seen, real = {1: 0.2, 2: 0.6, 3: 0.3}, {}, training.evaluate_model
+    scores, seen, real = {1: 0.2, 2: 0.6, 3: 0.3, 4: 0.5, 5: 0.1}, {}, training.evaluate_model
+    calls = []
 
     def scripted(ctx, model, eval_cfg, examples, seed, **kw):
         step = seed - ctx.config.seed  # run_eval's seed
+        calls.append(step)
         seen[step] = jax.tree.map(np.array, nnx.state(model))  # copies: the trainer donates its buffers
         return {**real(ctx, model, eval_cfg, examples, seed, **kw), "pass@1": scores[step]}
 
@@ -256,9 +259,10 @@ def test_best_metric_makes_the_best_evaluation_the_final_weights(tmp_path, monke
     (full / "pretrain" / "best" / "best.json").write_text(json.dumps({"step": 3, "metric": "eval/pass@1",
                                                                       "value": 1.0, "dir": "step_3"}))
     out = run(cfg(), full)["stages"]["pretrain"]
-    assert out["best"] == {"step": 2, "metric": "eval/pass@1", "value": 0.6, "dir": "step_2"}
+    assert out["best"] == {"step": 2, "metric": "eval/pass@1", "value": 0.6, "dir": "step_2", "last_step": 3,
+                           "evals_since": 1}
     assert out["eval/pass@1"] == 0.3  # the summary's evaluation is still the last step's
-    assert _by_step(read_metrics(full), "pretrain", "eval/pass@1") == scores
+    assert _by_step(read_metrics(full), "pretrain", "eval/pass@1") == {s: scores[s] for s in (1, 2, 3)}
     assert sorted(p.name for p in (full / "pretrain" / "best").iterdir()) == ["best.json", "step_2"]
     final = lambda workdir: jax.tree.leaves(load_params(workdir / "pretrain" / "final",
                                                         jax.tree.map(jnp.asarray, seen[2])))
@@ -272,6 +276,15 @@ def test_best_metric_makes_the_best_evaluation_the_final_weights(tmp_path, monke
     assert not run(cfg(), resumed)["stopped"]
     for a, b in zip(final(resumed), final(full)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    patient = cfg()
+    patient.pretrain.update(steps=5, best_patience=2)
+    calls.clear()
+    out = run(patient, tmp_path / "patient")["stages"]["pretrain"]
+    assert calls == [1, 2, 3, 4]  # steps 3 and 4 do not beat step 2: the stage ends at 4 (its evaluation reused)
+    assert out["steps"] == 4 and out["stopped_early"] and out["best"]["step"] == 2 and out["eval/pass@1"] == 0.5
+    for a, b in zip(final(tmp_path / "patient"), jax.tree.leaves(seen[2])):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_nan_loss_is_skipped_and_counted(pretrained, tmp_path):

@@ -438,6 +438,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     def current_model():
         return nnx.merge(graphdef, params, rest)
 
+    evaluated = {}  # step -> its evaluation, for a stage that ends at one (best_patience)
     try:
         if step == 0:
             training.run_eval(ctx, current_model(), cfg, stage, 0, ctx.config.seed)
@@ -508,10 +509,13 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
             if all(oks) and step % cfg.checkpoint_every == 0:
                 save(step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                training.run_eval(ctx, current_model(), cfg, stage, step, ctx.config.seed + step)
+                evaluated[step] = training.run_eval(ctx, current_model(), cfg, stage, step, ctx.config.seed + step)
+                if training.stops_early(ctx, stage, cfg):
+                    break
         model = current_model()
-        summary = {"steps": step, "skipped_updates": skipped}
-        summary.update(training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
+        summary = {"steps": step, "skipped_updates": skipped, **({"stopped_early": True} if step < cfg.steps else {})}
+        summary.update(evaluated[step] if step in evaluated else
+                       training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
         training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf,
                               best_metric=cfg.get("best_metric", ""))
         return summary

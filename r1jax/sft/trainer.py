@@ -339,7 +339,8 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
     tokens = int(meta.get("tokens", 0))  # real (non-padding) tokens trained on
     nan_at = training.nan_steps(cfg.debug_nan_steps)
     t_last, tokens_last = time.perf_counter(), tokens
-    exhausted = False
+    exhausted = stopped_early = False
+    evaluated = {}  # step -> its evaluation, for a stage that ends at one (data ran out, best_patience)
 
     def save(at):
         ckpt.save(at, {"params": params, "opt_state": opt_state, "rest": rest},
@@ -380,13 +381,20 @@ def run_sft_stage(ctx: training.RunContext, stage: str, cfg, previous: str | Non
             if ok and (step % cfg.checkpoint_every == 0):
                 save(step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                training.run_eval(ctx, nnx.merge(graphdef, params, rest), cfg, stage, step, ctx.config.seed + step)
+                evaluated[step] = training.run_eval(ctx, nnx.merge(graphdef, params, rest), cfg, stage, step,
+                                                    ctx.config.seed + step)
+                if training.stops_early(ctx, stage, cfg):
+                    stopped_early = True
+                    break
         model = nnx.merge(graphdef, params, rest)
         summary = {"steps": step, "skipped_updates": skipped, "tokens": tokens, "examples": len(examples),
                    **(summary_extra or {})}
         if exhausted:
             summary["data_exhausted"] = True
-        summary.update(training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
+        if stopped_early:
+            summary["stopped_early"] = True
+        summary.update(evaluated[step] if step in evaluated else
+                       training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
         training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf,
                               best_metric=cfg.get("best_metric", ""))
         return summary
