@@ -27,6 +27,7 @@ import jax
 from flax import nnx
 
 from r1jax.checkpoint import load_params, save_params
+from r1jax.eval.metrics import parse_pass_at
 from r1jax.parallel import hosts
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 METRICS = ("eval/pass@1", "eval/pass@k", "eval/cons@k", "eval/format_rate", "eval/answer_rate",
            "eval/completion_len", "eval/draft_acceptance")
 _BY_SOURCE = re.compile(r"eval/by_source/([^/]+)/(pass@1|cons@k)")
+_PASS_AT = re.compile(r"eval/pass@([0-9]+)")  # eval.pass_at's
 MODES = ("max", "min")
 
 
@@ -48,10 +50,14 @@ def check(stage: str, cfg, task=None) -> None:
             raise ValueError(f"config.{stage}.best_patience={cfg.best_patience} counts evaluations without a new "
                              f"best: set config.{stage}.best_metric too")
         return
-    by_source = _BY_SOURCE.fullmatch(metric)
-    if metric not in METRICS and not by_source:
+    by_source, pass_at = _BY_SOURCE.fullmatch(metric), _PASS_AT.fullmatch(metric)
+    if metric not in METRICS and not by_source and not pass_at:
         raise ValueError(f"config.{stage}.best_metric={metric!r}; valid: '' (the last step's weights are final), "
-                         f"{', '.join(METRICS)} or eval/by_source/<part>/pass@1 | cons@k (a mixture task)")
+                         f"{', '.join(METRICS)}, eval/pass@<j> (with eval.pass_at) or eval/by_source/<part>/pass@1 | "
+                         "cons@k (a mixture task)")
+    if pass_at and metric != "eval/pass@1" and int(pass_at.group(1)) not in parse_pass_at(cfg.eval.get("pass_at", "")):
+        raise ValueError(f"config.{stage}.best_metric={metric!r} is not reported: config.{stage}.eval.pass_at="
+                         f"{cfg.eval.get('pass_at', '')!r}")
     if cfg.get("best_mode", "max") not in MODES:
         raise ValueError(f"config.{stage}.best_mode={cfg.best_mode!r}; valid: {MODES}")
     if int(cfg.get("best_patience", 0)) < 0:

@@ -45,6 +45,7 @@ flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate (sample, eval)."
 flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")
 flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
 flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+flags.DEFINE_string("pass_at", "", "eval: also report pass@j for these sample counts, e.g. 1,4,16 (each <= --k).")
 flags.DEFINE_float("min_p", 0.0, "Min-p sampling: keep tokens with probability >= min_p x the top one's (0 = off).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_string("data", None, "Eval data: a GSM8K/MATH/AIME/AMC/LiveCodeBench/APPS file, your own problems (JSON "
@@ -393,7 +394,7 @@ def cmd_eval(argv):
     import jax
 
     from r1jax.data.io import write_jsonl
-    from r1jax.eval import ProgressMismatch, check_reward, evaluate
+    from r1jax.eval import ProgressMismatch, check_reward, evaluate, parse_pass_at
 
     if not FLAGS.model or not FLAGS.data:
         raise UsageError("eval needs --model DIR and --data FILE|TASK")
@@ -404,6 +405,10 @@ def cmd_eval(argv):
         check_reward(FLAGS.reward, examples)
     except ValueError as e:
         raise UsageError(f"--reward {FLAGS.reward}: {e}") from None
+    try:
+        parse_pass_at(FLAGS.pass_at, FLAGS.k)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
     _check_sampling_flags()
     template = _template_flag()
     model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
@@ -417,7 +422,8 @@ def cmd_eval(argv):
                      max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                      seed=FLAGS.seed, mesh=mesh, rules=rules, reward=FLAGS.reward,
                      return_samples=bool(FLAGS.samples_out),
-                     compact=FLAGS.compact, speculative=FLAGS.speculative, progress=progress, progress_meta=meta)
+                     compact=FLAGS.compact, speculative=FLAGS.speculative, progress=progress, progress_meta=meta,
+                     pass_at=FLAGS.pass_at)
     except ProgressMismatch as e:
         raise UsageError(str(e)) from None
     m["mesh"] = dict(mesh.shape)

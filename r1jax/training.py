@@ -523,7 +523,8 @@ def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int, **prog
                     batch_size=min(eval_cfg.batch_size, len(examples)), seed=seed, mesh=ctx.mesh, rules=ctx.rules,
                     reward=eval_cfg.reward, compact=int(eval_cfg.get("compact", 0)),
                     speculative=eval_cfg.get("speculative", ""),
-                    return_samples=bool(eval_cfg.get("save_samples", False)), **progress)
+                    return_samples=bool(eval_cfg.get("save_samples", False)), pass_at=eval_cfg.get("pass_at", ""),
+                    **progress)
 
 
 def save_eval_samples(ctx: RunContext, stage: str, name: str, metrics: dict) -> None:

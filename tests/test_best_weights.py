@@ -102,6 +102,11 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match=r"best_patience=-1 must be >= 0"):
         best_weights.check("grpo", _stage(best_patience=-1))
     best_weights.check("grpo", _stage(best_patience=2, eval_every=5))
+    with pytest.raises(ValueError, match=r"best_metric='eval/pass@4' is not reported: config.grpo.eval.pass_at=''"):
+        best_weights.check("grpo", _stage(best_metric="eval/pass@4"))
+    cfg = _stage(best_metric="eval/pass@4")
+    cfg.eval.pass_at = "1,4"
+    best_weights.check("grpo", cfg)
     with pytest.raises(ValueError, match=r"speculative evaluations only; config.grpo.eval.speculative is off"):
         best_weights.check("grpo", _stage(best_metric="eval/draft_acceptance"))
     # A mixture part, against the run's task: one its evaluated split has, one it lacks, and no mixture at all.

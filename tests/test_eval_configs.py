@@ -21,6 +21,31 @@ def test_pass_at_k_unbiased_estimator():
         pass_at_k(n=2, c=3, k=1)
 
 
+def test_pass_at_j_curves_equal_counting_every_subset():
+    """summarize(pass_at=...) against its definition: over every size-j subset of a problem's k samples, the share
+    with a correct one (the estimator is unbiased: this is its expectation)."""
+    import itertools
+
+    from r1jax.eval.metrics import parse_pass_at
+
+    rng = np.random.default_rng(0)
+    correct = rng.random((7, 6)) < rng.random((7, 1))
+    correct[0], correct[1] = False, True
+    answers = [["1"] * 6 for _ in range(7)]
+    m = summarize(correct, answers, pass_at="1, 2,4,6")
+    for j in (1, 2, 4, 6):
+        want = np.mean([np.mean([row[list(s)].any() for s in itertools.combinations(range(6), j)])
+                        for row in correct])
+        assert m[f"pass@{j}"] == pytest.approx(want, abs=1e-12), j
+    assert m["pass@6"] == m["pass@k"] and m["pass@1"] == correct.mean()
+    assert set(summarize(correct, answers)) == {"pass@1", "pass@k", "cons@k", "k", "num_problems"}
+    assert parse_pass_at("") == () and parse_pass_at([4, 1, 4]) == (1, 4)
+    with pytest.raises(ValueError, match=r"pass_at='1,8': each must be in \[1, k=6\]"):
+        summarize(correct, answers, pass_at="1,8")
+    with pytest.raises(ValueError, match=r"pass_at='1,x': comma-separated sample counts"):
+        parse_pass_at("1,x")
+
+
 def test_majority_vote_uses_canonical_answers():
     assert answer_key("3.00") == answer_key("3") == answer_key("6/2")
     assert majority_vote(["4", "4.0", "5", None], [True, True, False, False])
@@ -126,7 +151,9 @@ def test_sampler_settings_refused_before_any_stage_runs():
     for key, value, message in [("samples.min_p", 1.5, r"config.samples.min_p=1.5 must be in \[0, 1\]"),
                                 ("sft.eval.top_p", 0.0, r"config.sft.eval.top_p=0.0 must be in \(0, 1\]"),
                                 ("distill.samples.temperature", -1.0, r"config.distill.samples.temperature=-1.0 must"),
-                                ("compare.eval.top_k", -2, r"config.compare.eval.top_k=-2 must be >= 0")]:
+                                ("compare.eval.top_k", -2, r"config.compare.eval.top_k=-2 must be >= 0"),
+                                ("compare.eval.pass_at", "1,4", r"config.compare.eval.pass_at='1,4': each must be in "
+                                                                r"\[1, k=2\]")]:
         bad = load_config(TINY_PIPELINE, "stages=pretrain+samples+sft+distill+compare")
         *path, last = key.split(".")
         node = bad

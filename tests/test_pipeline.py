@@ -253,9 +253,10 @@ def test_distill_into_a_smaller_student_and_compare(three_stages, tmp_path, monk
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results) == ["teacher", "student"]
     for r in results.values():
-        assert {"pass@1", "cons@k", "pass@k", "model", "wall_s"} <= set(r)
+        assert {"pass@1", "cons@k", "pass@k", "pass@2", "model", "wall_s"} <= set(r)
+        assert r["pass@2"] == r["pass@k"]  # eval.pass_at="1,2" with k=2
     table = (tmp_path / "results.md").read_text()
-    assert "| model | pass@1 | cons@k |" in table and "`stage:distill`" in table
+    assert "| model | pass@1 | pass@2 | cons@k | pass@k |" in table and "`stage:distill`" in table
     assert (tmp_path / "results.png").stat().st_size > 1000
     # Each model's sampled batches were kept while it was evaluated, and removed with its results written.
     assert {"eval_teacher_test.progress.jsonl", "eval_student_test.progress.jsonl"} <= set(kept)

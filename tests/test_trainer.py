@@ -120,7 +120,8 @@ def test_train_command_runs_both_stages(tmp_path):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
     evals = {}
     # The run's mesh is data=2 by default (-1); fsdp shards the weights instead. Greedy there, top-k 1 here.
-    for mesh, sampling in (("data=2", ["--temperature", "0"]), ("fsdp=2", ["--temperature", "1", "--top_k", "1"])):
+    for mesh, sampling in (("data=2", ["--temperature", "0", "--pass_at", "1,2"]),
+                           ("fsdp=2", ["--temperature", "1", "--top_k", "1", "--pass_at", "1,2"])):
         out = tmp_path / f"eval_{mesh}.json"
         ev = _cli("eval", "--model", model, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max_new_tokens",
                   "8", "--template", "plain", *sampling, "--mesh", mesh, "--out", str(out),
@@ -135,7 +136,7 @@ def test_train_command_runs_both_stages(tmp_path):
     assert sum(r["correct"] for r in rows) / 6 == a["pass@1"]
     assert all(0 < r["num_tokens"] <= 8 and r["reference"] is not None for r in rows)
     assert (tmp_path / "eval_fsdp=2.jsonl").read_text() == (tmp_path / "eval_data=2.jsonl").read_text()
-    assert a["num_problems"] == 3 and a["k"] == 2 and 0 <= a["pass@1"] <= 1
+    assert a["num_problems"] == 3 and a["k"] == 2 and 0 <= a["pass@1"] <= 1 and a["pass@2"] == a["pass@k"]
     assert a.pop("mesh")["data"] == 2 and b.pop("mesh")["fsdp"] == 2
     assert a == b  # greedy and top-k 1: the same completions on either layout
     bad = _cli("eval", "--model", model, "--data", "arithmetic", "--min_p", "1.5")

@@ -6,8 +6,8 @@ Example:
     1.0
 """
 
-from r1jax.eval.metrics import answer_key, majority_vote, pass_at_k, summarize
+from r1jax.eval.metrics import answer_key, majority_vote, parse_pass_at, pass_at_k, summarize
 from r1jax.eval.run import ProgressMismatch, check_reward, decode_completions, encode_prompts, evaluate
 
 __all__ = ["ProgressMismatch", "answer_key", "check_reward", "decode_completions", "encode_prompts", "evaluate",
-           "majority_vote", "pass_at_k", "summarize"]
+           "majority_vote", "parse_pass_at", "pass_at_k", "summarize"]

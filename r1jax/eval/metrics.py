@@ -3,7 +3,8 @@
 pass@1 = mean over problems of the fraction of the k samples that are correct (R1's "pass@1" with k samples
 at temperature 0.6, top-p 0.95). pass@k uses the unbiased estimator 1 - C(n-c, k)/C(n, k) (Chen et al., 2021).
 cons@k = majority vote: the most frequent extracted final answer among the k samples (ties: the answer seen
-first), correct if that answer is.
+first), correct if that answer is. `pass_at` adds pass@j for smaller j by the same estimator over the k samples
+(pass@k curves: does RL raise pass@1 only, or pass@large j too?).
 
 Example:
     >>> from r1jax.eval.metrics import pass_at_k, majority_vote
@@ -67,16 +68,34 @@ def group_by_source(sources: Sequence) -> dict[str, list[int]]:
     return dict(sorted(groups.items()))
 
 
-def summarize(correct_PK: np.ndarray, answers_PK: Sequence[Sequence[str | None]]) -> dict[str, float]:
-    """pass@1, pass@k and cons@k over P problems with k samples each."""
+def parse_pass_at(spec, k: int | None = None) -> tuple[int, ...]:
+    """"1,4,16" (or a sequence of ints) -> (1, 4, 16): the j of the pass@j to report; with `k` (samples per
+    problem) each must be at most k. "" -> ()."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    try:
+        out = tuple(sorted({int(s) for s in items if s != ""}))
+    except (TypeError, ValueError):
+        raise ValueError(f"pass_at={spec!r}: comma-separated sample counts, e.g. '1,4,16'") from None
+    if out and (out[0] < 1 or (k is not None and out[-1] > k)):
+        raise ValueError(f"pass_at={spec!r}: each must be in [1, k={k}] (samples per problem)" if k is not None
+                         else f"pass_at={spec!r}: each must be >= 1")
+    return out
+
+
+def summarize(correct_PK: np.ndarray, answers_PK: Sequence[Sequence[str | None]], pass_at=()) -> dict[str, float]:
+    """pass@1, pass@k and cons@k over P problems with k samples each, and pass@j for each j of `pass_at`."""
     correct_PK = np.asarray(correct_PK, bool)
     P, k = correct_PK.shape
     if P == 0:
         raise ValueError("no problems to summarize")
-    return {
+    counts = correct_PK.sum(1)
+    out = {
         "pass@1": float(correct_PK.mean()),
-        "pass@k": float(np.mean([pass_at_k(k, int(c), k) for c in correct_PK.sum(1)])),
+        "pass@k": float(np.mean([pass_at_k(k, int(c), k) for c in counts])),
         "cons@k": float(np.mean([majority_vote(answers_PK[p], correct_PK[p]) for p in range(P)])),
         "k": k,
         "num_problems": P,
     }
+    for j in parse_pass_at(pass_at, k):
+        out[f"pass@{j}"] = float(np.mean([pass_at_k(k, int(c), j) for c in counts]))
+    return out

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from r1jax.data.templates import render
-from r1jax.eval.metrics import group_by_source, summarize
+from r1jax.eval.metrics import group_by_source, parse_pass_at, summarize
 from r1jax.parallel import hosts
 from r1jax.rl.rewards import check_examples, extract_choice, get_reward, score_batch
 from r1jax.rl.rewards_math import extract_final_answer
@@ -142,12 +142,13 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
              max_new_tokens: int = 256, batch_size: int = 64,
              seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", solved_at: float = 1.0,
              timeout_s: float = 1.0, return_samples: bool = False, compact: int = 0, speculative: str = "",
-             progress: str | Path | None = None, progress_meta: Mapping | None = None) -> dict:
+             progress: str | Path | None = None, progress_meta: Mapping | None = None, pass_at=()) -> dict:
     """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95; top_k / min_p 0 = off); a sample is correct
     when its `reward` rule scores at least `solved_at` (1.0: accuracy's right answer; with `code_tests`, every test
     passed). cons@k votes on `vote_answer`: the final answer, the program where tests judge, the letter of a multiple
     choice. `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion,
-    answer, correct, num_tokens}, a problem's k samples consecutive).
+    answer, correct, num_tokens}, a problem's k samples consecutive). `pass_at` ("1,4,16" or ints <= k): also
+    pass@j for each j, unbiased over the k samples (r1jax.eval.metrics.summarize).
 
     Prompts go through the sampler in batches of `batch_size` problems; the last batch is padded with repeats
     of its first problem so every batch compiles to the same shapes. Batch i samples with seed + its first problem's
@@ -160,6 +161,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
     if not examples:
         raise ValueError("evaluate needs at least one example")
     check_reward(reward, examples)
+    parse_pass_at(pass_at, k)  # before anything is sampled
     prompts = encode_prompts(tokenizer, examples, template)
     done, path = {}, None
     if progress is not None:
@@ -212,7 +214,7 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
     correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) >= solved_at  # NaN: the checker failed
     answers = [vote_answer(c, ex, reward) for c, ex in zip(completions, rows)]
     answers_PK = [answers[p * k:(p + 1) * k] for p in range(len(examples))]
-    metrics = summarize(correct, answers_PK)
+    metrics = summarize(correct, answers_PK, pass_at)
     for source, idx in group_by_source([ex.get("source") for ex in examples]).items():  # a mixture's parts
         part = summarize(correct[idx], [answers_PK[p] for p in idx])
         metrics.update({f"by_source/{source}/{key}": part[key] for key in ("pass@1", "cons@k", "num_problems")})

@@ -23,6 +23,16 @@ from r1jax.pipeline.stages import register_stage_kind
 TABLE_METRICS = ("pass@1", "cons@k", "pass@k", "format_rate", "completion_len")
 
 
+def _column_order(name: str):
+    """A metric's place among the table's columns (None: not a column): TABLE_METRICS, with eval.pass_at's pass@j
+    after pass@1 in order of j."""
+    if name in TABLE_METRICS:
+        return (TABLE_METRICS.index(name), 0)
+    if name.startswith("pass@") and name[5:].isdigit():
+        return (0, int(name[5:]))
+    return None
+
+
 def datasets(ctx: training.RunContext, cfg) -> dict[str, list]:
     """{name: examples}: "test" is the run's task test split, any other name a registered task's test split (with
     its `dataset_options`, e.g. a LiveCodeBench file and date window); each cut to its first eval.num_problems."""
@@ -131,8 +141,8 @@ def run_evaluate_stage(ctx: training.RunContext, stage: str, cfg, previous: str 
 def markdown_table(results: dict[str, dict]) -> str:
     """One row per model: every TABLE_METRICS column present (per dataset when there are several), then the
     training stage's wall-clock seconds when known."""
-    keys = [k for k in next(iter(results.values())) if k.split("/")[-1] in TABLE_METRICS]
-    keys.sort(key=lambda k: (k.rsplit("/", 1)[0] if "/" in k else "", TABLE_METRICS.index(k.split("/")[-1])))
+    keys = [k for k in next(iter(results.values())) if _column_order(k.split("/")[-1]) is not None]
+    keys.sort(key=lambda k: (k.rsplit("/", 1)[0] if "/" in k else "", _column_order(k.split("/")[-1])))
     has_wall = any("wall_s" in r for r in results.values())
     header = ["model", *keys, *(["stage wall s"] if has_wall else []), "weights"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

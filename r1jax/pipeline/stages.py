@@ -22,6 +22,7 @@ import jax
 import ml_collections
 
 from r1jax import best_weights, configs, training
+from r1jax.eval.metrics import parse_pass_at
 from r1jax.logging import MetricsLogger, wandb_settings
 from r1jax.parallel import hosts
 from r1jax.sampling import make_strategy
@@ -93,6 +94,12 @@ def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = No
                               node.get("min_p", 0.0))
             except ValueError as e:
                 raise ValueError(f"config.{name}.{prefix}{e}") from None
+        ev = config[name].get("eval")
+        if isinstance(ev, ml_collections.ConfigDict) and "pass_at" in ev:
+            try:
+                parse_pass_at(ev.pass_at, ev.k)
+            except ValueError as e:
+                raise ValueError(f"config.{name}.eval.{e}") from None
         best_weights.check(name, config[name], config.task)
         check = STAGE_CHECKS.get(config[name].kind)
         if check is not None:

@@ -43,5 +43,5 @@ def get_config(arg=None):
     cfg.compare = evaluate_stage(datasets="test")
     cfg.compare.models = {"teacher": "stage:sft", "student": "stage:distill"}
     cfg.compare.order = "teacher,student"
-    cfg.compare.eval = eval_config(num_problems=4, k=2, max_new_tokens=12, batch_size=4)
+    cfg.compare.eval = eval_config(num_problems=4, k=2, max_new_tokens=12, batch_size=4, pass_at="1,2")
     return cfg
