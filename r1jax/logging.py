@@ -283,10 +283,20 @@ def read_metrics(workdir: str | Path, stage: str | None = None) -> list[dict]:
     return [rec for rec in read_records(path) if stage is None or rec.get("stage") == stage]
 
 
+def _best_record(stage_dir: Path) -> dict | None:
+    """A stage's best/best.json (r1jax.best_weights), if it kept one and it reads."""
+    try:
+        return json.loads((stage_dir / "best" / "best.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def plot(workdir: str | Path, out: str | Path | None = None,
          keys=("reward", "eval/pass@1", "eval/cons@k", "completion_len")) -> Path:
     """Draws each of `keys` over steps, one curve per stage, into a PNG (default DIR/curves.png). The defaults are
-    R1-Zero's curves: reward, held-out pass@1 and cons@k, and the mean response length (R1 paper, Figures 2 and 3)."""
+    R1-Zero's curves: reward, held-out pass@1 and cons@k, and the mean response length (R1 paper, Figures 2 and 3).
+    A stage that keeps its best evaluation's weights (best_metric) has that evaluation starred on its metric's
+    curve."""
     import matplotlib
 
     matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
@@ -301,7 +311,12 @@ def plot(workdir: str | Path, out: str | Path | None = None,
         stages = dict.fromkeys(r["stage"] for r in records if key in r)
         for stage in stages:
             pts = sorted((r["step"], r[key]) for r in records if r.get("stage") == stage and key in r)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, label=stage)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
+                            label=stage)
+            best = _best_record(Path(workdir) / stage)
+            if best is not None and best.get("metric") == key:
+                ax.plot([best["step"]], [best["value"]], marker="*", markersize=14, color=line.get_color(),
+                        linestyle="none", label=f"{stage} final (best)")
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -27,6 +27,24 @@ def test_plot_draws_the_r1_zero_curves_present(tmp_path):
         plot(tmp_path, keys=("eval/pass@1",))
 
 
+def test_plot_stars_a_stage_best_evaluation(tmp_path, monkeypatch):
+    import json
+
+    from matplotlib.axes import Axes
+
+    with MetricsLogger(tmp_path, tensorboard=False) as log:
+        for step, value in ((0, 0.2), (10, 0.6), (20, 0.4)):
+            log.write("grpo", step, {"eval/pass@1": value})
+    (tmp_path / "grpo" / "best").mkdir(parents=True)
+    (tmp_path / "grpo" / "best" / "best.json").write_text(json.dumps(
+        {"step": 10, "metric": "eval/pass@1", "value": 0.6, "dir": "step_10"}))
+    drawn, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, **kw: drawn.append((list(x), list(y), kw.get("marker")))
+                        or real(self, x, y, **kw))
+    plot(tmp_path)
+    assert drawn == [([0, 10, 20], [0.2, 0.6, 0.4], "o"), ([10], [0.6], "*")]
+
+
 def test_progress_lines():
     stream = io.StringIO()
     p = Progress(stream, bar=False)
