@@ -44,9 +44,9 @@ def check(stage: str, cfg, task=None) -> None:
     """Refuses, before any stage runs, a best_metric that the stage's evaluations do not report (with `task`, the
     run's config.task, a mixture part the evaluated split lacks), a bad best_mode, or a stage that never evaluates:
     a stage that evaluates only at its end would otherwise find out there."""
-    metric = cfg.get("best_metric", "")
+    metric, patience = cfg.get("best_metric", ""), int(cfg.get("best_patience", 0) or 0)
     if not metric:
-        if int(cfg.get("best_patience", 0) or 0):
+        if patience:
             raise ValueError(f"config.{stage}.best_patience={cfg.best_patience} counts evaluations without a new "
                              f"best: set config.{stage}.best_metric too")
         return
@@ -60,9 +60,9 @@ def check(stage: str, cfg, task=None) -> None:
                          f"{cfg.eval.get('pass_at', '')!r}")
     if cfg.get("best_mode", "max") not in MODES:
         raise ValueError(f"config.{stage}.best_mode={cfg.best_mode!r}; valid: {MODES}")
-    if int(cfg.get("best_patience", 0)) < 0:
+    if patience < 0:
         raise ValueError(f"config.{stage}.best_patience={cfg.best_patience} must be >= 0 (0: never stop early)")
-    if int(cfg.get("best_patience", 0)) and not cfg.get("eval_every", 0):
+    if patience and not cfg.get("eval_every", 0):
         raise ValueError(f"config.{stage}.best_patience={cfg.best_patience} needs evaluations during the stage; "
                          f"set config.{stage}.eval_every")
     if not cfg.eval.num_problems:

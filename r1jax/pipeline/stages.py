@@ -106,26 +106,27 @@ def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = No
             check(name, config[name])
 
 
-def sampling_nodes(stage: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
-    """(key prefix, config) of every sampler setting group a stage holds (temperature, top_p, top_k, min_p): the stage
-    itself (GRPO rollouts, rejection sampling) and its `eval` / `samples` (a distill stage's teacher)."""
-    found = []
-    for sub in ("", "eval", "samples"):
+def _sub_configs(stage: ml_collections.ConfigDict, subs=("", "eval", "samples")):
+    """(key prefix, config) for the stage itself ("") and each of its `subs` sub-configs it has: where sampler
+    settings, speculative decoding and prompt templates live (rollouts / rejection sampling, evaluations, a distill
+    stage's teacher samples)."""
+    for sub in subs:
         node = stage.get(sub) if sub else stage
-        if isinstance(node, ml_collections.ConfigDict) and "temperature" in node:
-            found.append((f"{sub}." if sub else "", node))
-    return found
+        if isinstance(node, ml_collections.ConfigDict):
+            yield (f"{sub}." if sub else ""), node
+
+
+def sampling_nodes(stage: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """(key prefix, config) of every sampler setting group a stage holds (temperature, top_p, top_k, min_p)."""
+    return [(prefix, node) for prefix, node in _sub_configs(stage) if "temperature" in node]
 
 
 def speculative_settings(stage: ml_collections.ConfigDict) -> list[tuple[str, str]]:
     """(key, value) of every speculative-decoding setting a stage config holds: GRPO's `rollout_speculative`, and
     `speculative` of the stage itself (rejection sampling) or of its `eval` / `samples`."""
     found = [("rollout_speculative", stage.rollout_speculative)] if "rollout_speculative" in stage else []
-    for sub in ("", "eval", "samples"):
-        node = stage.get(sub) if sub else stage
-        if isinstance(node, ml_collections.ConfigDict) and "speculative" in node:
-            found.append((f"{sub}.speculative" if sub else "speculative", node.speculative))
-    return found
+    return found + [(f"{prefix}speculative", node.speculative) for prefix, node in _sub_configs(stage)
+                    if "speculative" in node]
 
 
 def check_speculative_model(stage: str, cfg, model_config_for) -> None:
@@ -147,11 +148,9 @@ def check_speculative_model(stage: str, cfg, model_config_for) -> None:
 def prompt_templates(stage: ml_collections.ConfigDict) -> list[tuple[str, str]]:
     """(key, template) for every prompt template a stage config names ("" = the task's). Judges' `template`s
     (model_rewards, rejection's judge) are question formats of another kind and are checked by their stages."""
-    found = []
-    for sub in ("", "eval", "corpus", "samples"):
-        node = stage.get(sub) if sub else stage
-        if isinstance(node, ml_collections.ConfigDict) and isinstance(node.get("template"), str) and node.template:
-            found.append((f"{sub}.template" if sub else "template", node.template))
+    found = [(f"{prefix}template", node.template)
+             for prefix, node in _sub_configs(stage, ("", "eval", "corpus", "samples"))
+             if isinstance(node.get("template"), str) and node.template]
     templates = stage.get("templates")
     if isinstance(templates, ml_collections.ConfigDict):  # an evaluate stage's per-model templates
         found += [(f"templates.{label}", t) for label, t in templates.items() if t]
