@@ -128,6 +128,10 @@ def check_reward(reward: str, examples: Sequence[Mapping]) -> None:
     """Raises ValueError, before anything is sampled, when `reward` is not registered or some problems lack the
     fields it reads (e.g. `code_tests` needs each problem's `tests`)."""
     fn = get_reward(reward)
+    if fn.group is not None or "num_tokens" in fn.accepted_kwargs:
+        raise ValueError(f"reward {reward!r} scores a completion's length, not whether it solves the problem; an "
+                         "evaluation's reward is a correctness rule, e.g. accuracy, code_tests, multiple_choice or "
+                         "verifiable")
     lacking = [i for i, ex in enumerate(examples) if any(f not in ex for f in fn.required_fields)]
     if lacking:
         first = lacking[0]

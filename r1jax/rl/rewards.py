@@ -17,6 +17,10 @@ Built-in rewards and the example fields they read:
 | `verifiable`           | `tests`, else `answer`              | code_tests / multiple_choice (`choices`) / accuracy|
 | `polite_closing`       | -                                   | 1/0: ends with a polite closing sentence           |
 | `polite_correct`       | `answer`                            | 1/0: accuracy and polite_closing                   |
+| `cosine`               | as verifiable; `num_tokens`         | cosine of the length, by correctness (Yeo et al.)  |
+| `length`               | as verifiable; `num_tokens`         | Kimi k1.5 length reward over a prompt's G samples  |
+| `repetition`           | -                                   | share of repeated word n-grams x max_penalty (<0)  |
+| `reasoning_steps`      | -                                   | min(1, step markers / 3) (open-r1)                 |
 
 Guarantees (what makes a reward safe to train on):
 - bounded input: a completion that is not a str (bytes are decoded leniently) or is longer than
@@ -55,7 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from r1jax.rl import rewards_countdown, rewards_math, sandbox
+from r1jax.rl import rewards_countdown, rewards_math, rewards_shaping, sandbox
 
 MAX_COMPLETION_CHARS = 512 * 1024  # ~4x a 32k-token generation; a megabyte string is hostile, not an answer
 
@@ -74,7 +78,7 @@ def _coerce(completion, reads_text: bool) -> str:
 
 
 def register_reward(name: str, *, fields: Sequence[str] = (), reads_text: bool = True, blocking: bool = False,
-                    quick: RewardFn | None = None):
+                    quick: RewardFn | None = None, group: Callable | None = None):
     """Register `fn(completion, example, **kwargs) -> float` under `name`.
 
     `fields`: example keys the reward requires (checked by `score_batch` before scoring).
@@ -83,6 +87,9 @@ def register_reward(name: str, *, fields: Sequence[str] = (), reads_text: bool =
       pure-Python rewards run in the calling thread, where they do not fight over the GIL.
     `quick`: optional `quick(completion, example, **kwargs) -> float | None`, a cheap version that `score_batch`
       tries first in the calling thread; None sends the item to `fn` in the threads.
+    `group`: optional `group(correct_G, num_tokens_G) -> values_G` for a reward that compares the G samples of a
+      prompt: `fn` then scores each completion's correctness (1.0 = correct) and `score_batch(group_size=G)`
+      replaces each group's values by `group`'s (NaN stays NaN).
     The registered (and returned) function coerces the completion and applies the size cap.
     """
 
@@ -101,6 +108,7 @@ def register_reward(name: str, *, fields: Sequence[str] = (), reads_text: bool =
         reward.blocking = blocking
         reward.quick = None if quick is None else quick_reward
         reward.required_fields = tuple(fields)
+        reward.group = group
         reward.accepted_kwargs = frozenset(
             p.name for p in params.values() if p.kind == inspect.Parameter.KEYWORD_ONLY
         )
@@ -383,6 +391,66 @@ def verifiable(completion: str, example: Mapping, *, timeout_s: float = 1.0, mem
     return accuracy(completion, example, timeout_s=timeout_s)
 
 
+# ------------------------------------------------------------------------------------------------ length shaping
+def _tokens(num_tokens, example: Mapping, name: str) -> int:
+    if num_tokens is not None:
+        return num_tokens
+    if not isinstance(example, Mapping) or "num_tokens" not in example:
+        raise ValueError(f"reward {name!r} needs the completion's length in tokens: pass num_tokens= "
+                         "(score_batch(num_tokens=...)) or put 'num_tokens' in the example")
+    return example["num_tokens"]
+
+
+def _correct(value: float | None) -> float | None:
+    return None if value is None else float(value == 1.0)
+
+
+def _cosine_quick(completion: str, example: Mapping, *, num_tokens: int | None = None, timeout_s: float = 1.0,
+                  memory_mb: int = 1024, **kw) -> float | None:
+    correct = _correct(_verifiable_quick(completion, example))
+    if correct is None:
+        return None
+    return rewards_shaping.cosine_scaled(bool(correct), _tokens(num_tokens, example, "cosine"), **kw)
+
+
+@register_reward("cosine", blocking=True, quick=_cosine_quick)
+def cosine(completion: str, example: Mapping, *, num_tokens: int | None = None, max_len: int = 0,
+           min_value_wrong: float = -1.0, max_value_wrong: float = -0.5, min_value_correct: float = 0.5,
+           max_value_correct: float = 1.0, exceed_length: float | None = None, timeout_s: float = 1.0,
+           memory_mb: int = 1024) -> float:
+    """`rewards_shaping.cosine_scaled` of the completion's token length (`num_tokens`, as `overlong` reads it),
+    correct when `verifiable` gives 1.0 (every code test passed). `max_len` (tokens) has no default: set it,
+    typically to the stage's max_new_tokens."""
+    tokens = _tokens(num_tokens, example, "cosine")
+    correct = verifiable(completion, example, timeout_s=timeout_s, memory_mb=memory_mb) == 1.0
+    return rewards_shaping.cosine_scaled(correct, tokens, max_len=max_len, min_value_wrong=min_value_wrong,
+                                         max_value_wrong=max_value_wrong, min_value_correct=min_value_correct,
+                                         max_value_correct=max_value_correct, exceed_length=exceed_length)
+
+
+def _length_quick(completion: str, example: Mapping, **_) -> float | None:
+    return _correct(_verifiable_quick(completion, example))
+
+
+@register_reward("length", blocking=True, quick=_length_quick, group=rewards_shaping.kimi_length)
+def length(completion: str, example: Mapping, *, timeout_s: float = 1.0, memory_mb: int = 1024) -> float:
+    """Kimi k1.5's length reward (`rewards_shaping.kimi_length`) over each prompt's G samples: this scores a
+    sample's correctness (`verifiable` gives 1.0), `score_batch(group_size=G, num_tokens=...)` the rest."""
+    return _correct(verifiable(completion, example, timeout_s=timeout_s, memory_mb=memory_mb))
+
+
+@register_reward("repetition")
+def repetition(completion: str, example: Mapping, *, ngram_size: int = 3, max_penalty: float = -1.0) -> float:
+    """`rewards_shaping.repetition_penalty`: the share of repeated word n-grams times max_penalty (<= 0)."""
+    return rewards_shaping.repetition_penalty(completion, ngram_size=ngram_size, max_penalty=max_penalty)
+
+
+@register_reward("reasoning_steps")
+def reasoning_steps(completion: str, example: Mapping, *, target: int = 3) -> float:
+    """`rewards_shaping.reasoning_steps`: min(1, step markers / target)."""
+    return rewards_shaping.reasoning_steps(completion, target=target)
+
+
 # ------------------------------------------------------------------------------------------------ politeness
 def _polite(completion: str) -> bool:
     from r1jax.data.corpora import polite_closing
@@ -464,7 +532,7 @@ def check_examples(examples: Sequence[Mapping], names: Sequence[str], *, reward_
 
 def score_batch(completions: Sequence[str], examples: Sequence[Mapping], weights: Mapping[str, float], *,
                 timeout_s: float = 1.0, num_workers: int | None = None, num_tokens: Sequence[int] | None = None,
-                reward_kwargs: Mapping[str, Mapping] | None = None):
+                reward_kwargs: Mapping[str, Mapping] | None = None, group_size: int | None = None):
     """Score B completions with the weighted rewards (`num_workers` threads, default the CPU count).
 
     Returns `(totals_B, {name: values_B})` as float64 arrays: the components are the unweighted rewards (log
@@ -473,6 +541,7 @@ def score_batch(completions: Sequence[str], examples: Sequence[Mapping], weights
     samples). `num_tokens[i]` is completion i's length in tokens, passed to rewards that take it (`overlong`).
     `reward_kwargs` maps a reward name to its options, e.g.
     `{"overlong": {"max_len": 4096, "cache_len": 512}, "language_consistency": {"target": "zh"}}`.
+    `group_size` G: completions i*G .. i*G+G-1 are one prompt's samples, for rewards that compare them (`length`).
 
     Each distinct example is first scored against an empty completion, so that bad data or options raise
     ValueError before any work. Cheap rewards and the quick path of `accuracy` (plain numbers) then run in the
@@ -490,6 +559,7 @@ def score_batch(completions: Sequence[str], examples: Sequence[Mapping], weights
         if name not in weights:
             raise ValueError(f"reward_kwargs names {name!r}, which is not among the weighted rewards {sorted(weights)}")
     names = list(weights)
+    _check_groups(names, B, group_size, num_tokens is not None)
     kwargs = {n: _kwargs_for(n, reward_kwargs, {"timeout_s": timeout_s}) for n in names}
     # Configuration and data errors must surface now, loudly, not as NaNs.
     check_examples(examples, names, reward_kwargs=reward_kwargs, timeout_s=timeout_s, num_tokens=num_tokens is not None)
@@ -541,7 +611,30 @@ def score_batch(completions: Sequence[str], examples: Sequence[Mapping], weights
             t.start()
         for t in threads:
             t.join()
+    for n in names:
+        if REWARDS[n].group is not None:
+            parts[n] = _group_values(REWARDS[n].group, parts[n], lengths, group_size)
     totals = np.zeros(B, np.float64)
     for n in names:
         totals += weights[n] * parts[n]
     return totals, parts
+
+
+def _check_groups(names: Sequence[str], B: int, group_size: int | None, has_tokens: bool) -> None:
+    for n in names:
+        if REWARDS[n].group is None:
+            continue
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or B % group_size:
+            raise ValueError(f"reward {n!r} compares the samples of each prompt: score_batch needs group_size, a "
+                             f"positive int dividing the {B} completions; got {group_size!r}")
+        if not has_tokens:
+            raise ValueError(f"reward {n!r} reads completion lengths: pass score_batch(num_tokens=...)")
+
+
+def _group_values(group: Callable, correct_B: np.ndarray, lengths: list[int], G: int) -> np.ndarray:
+    out = np.empty_like(correct_B)
+    for lo in range(0, len(correct_B), G):
+        c = correct_B[lo:lo + G]
+        out[lo:lo + G] = group([v == 1.0 for v in c], lengths[lo:lo + G])
+        out[lo:lo + G][np.isnan(c)] = np.nan
+    return out

@@ -60,13 +60,16 @@ def sample_groups_in_chunks(model, prompt_ids_BP, prompt_mask_BP, *, chunk: int,
 
 
 def score(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray, examples: Sequence[Mapping],
-          weights: Mapping[str, float], *, timeout_s: float, num_workers: int, reward_kwargs=None):
-    """Decodes completions and scores them: (totals_R, {component: values_R}, texts)."""
+          weights: Mapping[str, float], *, timeout_s: float, num_workers: int, reward_kwargs=None,
+          group_size: int = 1):
+    """Decodes completions and scores them: (totals_R, {component: values_R}, texts); rows come in groups of
+    `group_size` samples of one prompt."""
     texts = decode_completions(tokenizer, tokens_RN, lengths_R)
     if not weights:  # only model rewards this stage
         return np.zeros(len(texts), np.float64), {}, texts
     totals, parts = score_batch(texts, examples, dict(weights), timeout_s=timeout_s, num_workers=num_workers,
-                                num_tokens=[int(n) for n in lengths_R], reward_kwargs=reward_kwargs)
+                                num_tokens=[int(n) for n in lengths_R], reward_kwargs=reward_kwargs,
+                                group_size=group_size)
     return totals, parts, texts
 
 
@@ -133,7 +136,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     kwargs = cfg.get("reward_kwargs")
     totals, parts, texts = score(tokenizer, tokens, lengths, examples, cfg.rewards.to_dict(),
                                  timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers,
-                                 reward_kwargs=kwargs.to_dict() if kwargs else None)
+                                 reward_kwargs=kwargs.to_dict() if kwargs else None, group_size=G)
     totals, parts = hosts.concat_scores(totals, parts)
     t2 = time.perf_counter()
     if model_rewards:

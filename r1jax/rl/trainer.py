@@ -321,6 +321,10 @@ def check_grpo_stage(stage: str, cfg) -> None:
             get_reward(name)
         except ValueError as e:
             raise ValueError(f"config.{stage}: {e}") from None
+    grouped = [name for name in cfg.rewards if get_reward(name).group is not None]
+    if grouped and cfg.group_size < 2:
+        raise ValueError(f"config.{stage}.rewards: {grouped} compare(s) the samples of each prompt, which needs "
+                         f"group_size >= 2 (got {cfg.group_size})")
 
 
 def check_loss_options(stage: str, cfg) -> None:
