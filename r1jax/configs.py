@@ -18,7 +18,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-STAGE_KINDS = ("sft", "grpo", "rejection", "distill", "evaluate", "reward_model")
+STAGE_KINDS = ("sft", "grpo", "rejection", "distill", "evaluate", "reward_model", "difficulty")
 # Stage keys whose value may name another stage as "stage:NAME" (which must come earlier in config.stages).
 STAGE_REF_KEYS = ("init", "teacher", "data", "prompts")
 
@@ -191,6 +191,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         reward_workers=4,
         template="",
         train_split="train",
+        prompts="task",             # task (the task's train_split), stage:NAME (a difficulty stage's), jsonl:PATH
         # Rewards from models, {name: model_reward(...) | judge_reward(...)}, added to the rule rewards' total
         # (r1jax.rl.reward_model); each logged as reward/<name>.
         model_rewards=ml_collections.ConfigDict(),
@@ -292,6 +293,23 @@ def rejection_stage(**kw) -> ml_collections.ConfigDict:
     cfg.kind = "rejection"
     cfg.init = "previous"
     cfg.model = stage_model()
+    cfg.update(kw)
+    return cfg
+
+
+def difficulty_stage(**kw) -> ml_collections.ConfigDict:
+    """Difficulty filtering (r1jax.pipeline.difficulty): k samples of each prompt with the model named by `init`
+    (default: the previous stage's), judged by `correct_reward`; the prompts whose pass rate the filter keeps go to
+    WORKDIR/<stage>/problems.jsonl, which a later GRPO stage trains on with prompts="stage:<name>". Sampling
+    settings are sampling_config's (its SFT-data filters and mix do not apply)."""
+    cfg = sampling_config(k=8, temperature=1.0, top_p=1.0, correct_reward="verifiable")
+    cfg.kind = "difficulty"
+    cfg.init = "previous"
+    cfg.model = stage_model()
+    cfg.drop_solved = True          # drop prompts solved by every sample: no reward variance, no gradient
+    cfg.drop_unsolved = True        # ... and by none
+    cfg.min_pass_rate = 0.0         # then keep pass rates in [min_pass_rate, max_pass_rate]
+    cfg.max_pass_rate = 1.0
     cfg.update(kw)
     return cfg
 
@@ -420,7 +438,7 @@ def compact_sampling(cfg: ml_collections.ConfigDict, levels: int) -> ml_collecti
         stage = cfg[name]
         if stage.kind == "grpo":
             stage.rollout_compact = levels
-        if stage.kind == "rejection":
+        if stage.kind in ("rejection", "difficulty"):
             stage.compact = levels
         for sub in ("eval", "samples"):
             if sub in stage and "compact" in stage[sub]:

@@ -17,7 +17,7 @@ for a tokenizer trained for the run), shardings from the config's rules, and the
     per stack since its layers are unrolled and identical; the KV cache is sized for all layers);
   - sft / distill: lowers the SFT step (`r1jax.sft.trainer.make_train_step`; a distillation teacher is not
     included; with mtp_weight > 0 the MTP modules' forward and backward are, in every estimate);
-  - rejection / evaluate: lowers the sampler only.
+  - rejection / difficulty / evaluate: lowers the sampler only.
 
 Layout errors are the ones r1jax.parallel raises (heads / experts / vocab not divisible by their mesh axes, a batch
 that does not split over the batch axes). Nothing is compiled, so nothing is known about the target's real memory
@@ -391,7 +391,7 @@ def _dry_stage(config, name: str, mesh, rules, platform: str, hw, *, flops: bool
     out = {"kind": kind, "model": source, "dtype": mc.dtype, "param_dtype": mc.param_dtype, "remat": mc.remat,
            "lora_rank": int(cfg.get("lora_rank", 0) or 0)}
     train_kind = {"grpo": "grpo", "sft": "sft", "distill": "sft"}.get(kind)
-    samples = kind in ("grpo", "rejection", "evaluate")
+    samples = kind in ("grpo", "rejection", "difficulty", "evaluate")
     if train_kind is None and not samples:
         return {**out, "status": "skipped", "note": f"no dry run for stage kind {kind!r}"}
     validate_layout(mc, mesh, rules)

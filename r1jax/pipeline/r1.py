@@ -19,6 +19,9 @@ Stage kinds registered here:
   same code, data.jsonl in the distill stage's directory), then the student learns by SFT; kd_weight > 0 adds
   logit distillation against the teacher's forward pass on the same batch (r1jax.sft.trainer.sft_loss).
 - `evaluate` (`r1jax.configs.evaluate_stage`, r1jax.pipeline.compare).
+- `difficulty` (`r1jax.configs.difficulty_stage`): the prompts the model named by `init` solves sometimes, by its
+  pass rate over k samples, into WORKDIR/<stage>/problems.jsonl, which a GRPO stage reads with
+  prompts="stage:<name>" (r1jax.pipeline.difficulty).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 from r1jax import training
 from r1jax.data.io import read_sft_jsonl
 from r1jax.pipeline import compare  # noqa: F401  (registers the "evaluate" stage kind)
+from r1jax.pipeline.difficulty import check_difficulty, filter_prompts
 from r1jax.pipeline.rejection import check_sampling, generate_dataset
 from r1jax.pipeline.stages import register_stage_kind
 from r1jax.sft.trainer import check_sft_model, check_sft_stage, run_sft_stage, sft_examples
@@ -61,6 +65,16 @@ def run_rejection_stage(ctx: training.RunContext, stage: str, cfg, previous: str
     load, name = _sampler(ctx, cfg.init, previous)
     summary = generate_dataset(ctx, stage, cfg, load, name, ctx.stage_dir(stage) / "data.jsonl",
                                model_step=training.model_step(ctx, name), judge_fn=_judge_fn(ctx, stage, cfg, previous))
+    if summary is None:
+        return None
+    training.write_done(ctx, stage, summary)
+    return summary
+
+
+@register_stage_kind("difficulty", check=check_difficulty)
+def run_difficulty_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
+    load, name = _sampler(ctx, cfg.init, previous)
+    summary = filter_prompts(ctx, stage, cfg, load, name, model_step=training.model_step(ctx, name))
     if summary is None:
         return None
     training.write_done(ctx, stage, summary)

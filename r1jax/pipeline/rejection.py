@@ -288,13 +288,14 @@ def _check_fingerprint(path: Path, fingerprint: dict):
         path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
 
 
-def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model_name: str,
-                     out: Path, *, model_step: int | None = None, judge_fn: Callable[[], object] | None = None
-                     ) -> dict | None:
-    """Samples (resuming at the first missing chunk), filters, mixes and writes `out` (data.jsonl) atomically.
-    `model_fn()` loads the sampling model, only when a chunk is missing; so does `judge_fn()` the judge (when
-    cfg.judge.model is set). Returns the data summary (also written to `out` with suffix .summary.json), or None
-    when stopped by a signal."""
+def sample_records(ctx, stage: str, cfg, model_fn: Callable[[], object], model_name: str, *,
+                   model_step: int | None = None, judge_fn: Callable[[], object] | None = None
+                   ) -> tuple[list[dict], list[dict]] | None:
+    """(prompts, records): cfg.k scored samples of each prompt (`sample_chunk`'s records, "example" indexing the
+    prompts), sampled in chunks of cfg.batch_size prompts under WORKDIR/<stage>/samples/ and read back from there
+    when a chunk exists (a stopped stage resumes at the first missing one). `model_fn()` loads the sampling model,
+    only when a chunk is missing; so does `judge_fn()` the judge (when cfg.judge.model is set). None when stopped
+    by a signal."""
     seed = ctx.config.seed
     template = cfg.template or ctx.config.task.template
     examples = prompt_examples(cfg, ctx.tasks, seed)
@@ -338,7 +339,20 @@ def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model
         else:
             recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         records += recs
-    del model, judge
+    return examples, records
+
+
+def generate_dataset(ctx, stage: str, cfg, model_fn: Callable[[], object], model_name: str,
+                     out: Path, *, model_step: int | None = None, judge_fn: Callable[[], object] | None = None
+                     ) -> dict | None:
+    """Samples (`sample_records`), filters, mixes and writes `out` (data.jsonl) atomically. Returns the data
+    summary (also written to `out` with suffix .summary.json), or None when stopped by a signal."""
+    sampled = sample_records(ctx, stage, cfg, model_fn, model_name, model_step=model_step, judge_fn=judge_fn)
+    if sampled is None:
+        return None
+    examples, records = sampled
+    seed = ctx.config.seed
+    template = cfg.template or ctx.config.task.template
     kept, rejected = select_samples(records, cfg)
     rows = []
     for rec in kept:
