@@ -38,16 +38,24 @@ QUERY_TEMPLATE = ("Answer the following multiple choice question. The last line 
                   "step before answering.\n\n{Question}\n\nA) {A}\nB) {B}\nC) {C}\nD) {D}")
 
 
-def _csv_records(path: Path):
-    """(line number, row) of the CSV's records, the header checked first."""
+def csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file's header row."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
+def csv_records(path: Path, fields=FIELDS, what: str = "GPQA's"):
+    """(line number, row) of the CSV's records, the header checked for `fields` first."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [k for k in FIELDS if k not in (reader.fieldnames or [])]
+        missing = [k for k in fields if k not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: the CSV header lacks {missing} (has {reader.fieldnames}); expected GPQA's "
-                             f"columns {list(FIELDS)}")
+            raise ValueError(f"{path}: the CSV header lacks {missing} (has {reader.fieldnames}); expected {what} "
+                             f"columns {list(fields)}")
         line = reader.line_num + 1
         for row in reader:
             yield line, {k: v for k, v in row.items() if k}
@@ -77,7 +85,7 @@ def load_gpqa(path: str | os.PathLike, *, seed: int = 0, on_invalid: str = "rais
         extra = {k: v for k, v in rec.items() if k not in FIELDS}
         return {**extra, "prompt": prompt, "choices": choices, "answer": LETTERS[choices.index(options[0])]}
 
-    records = _csv_records(path) if path.suffix.lower() == ".csv" else _iter_records(path)
+    records = csv_records(path) if path.suffix.lower() == ".csv" else _iter_records(path)
     return _load_records(path, task="gpqa", fields={k: str for k in FIELDS}, convert=convert,
                          on_invalid=on_invalid, limit=limit, records=with_permutations(records))
 

@@ -208,19 +208,24 @@ def load_problem_file(path: str | os.PathLike, **kwargs) -> list[Example]:
     told apart by the first record's fields: GSM8K has `question` and an `answer` with '#### final'; AIME has
     `problem`, `solution` and `answer`; AMC a numeric `answer`; MATH `problem` and a string `answer`; LiveCodeBench
     `question_content`; APPS / TACO `question` and `input_output`; GPQA is a .csv or has its `Question`,
-    `Correct Answer` and `Incorrect Answer 1-3`."""
+    `Correct Answer` and `Incorrect Answer 1-3`; MMLU / MMLU-Redux / MMLU-Pro / C-Eval (`load_mmlu`) have a
+    `question`, an `answer` and `choices`, `options` or `A`-`D` (simple-evals' mmlu.csv: `Question`, `A`-`D`,
+    `Answer`)."""
     from r1jax.data.code_benchmarks import load_apps, load_livecodebench
     from r1jax.data.gpqa import FIELDS as GPQA_FIELDS
     from r1jax.data.gpqa import load_gpqa
+    from r1jax.data.mmlu import is_mmlu_csv, is_mmlu_record, load_mmlu
 
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        return load_gpqa(path, **kwargs)
+        return load_mmlu(path, **kwargs) if is_mmlu_csv(path) else load_gpqa(path, **kwargs)
     first = next(iter(_iter_records(path)), (0, None))[1]
     if not isinstance(first, dict):
         return load_problems(path, **kwargs)  # the row's error names its line
     if set(GPQA_FIELDS) <= set(first):
         return load_gpqa(path, **kwargs)
+    if is_mmlu_record(first):
+        return load_mmlu(path, **kwargs)
     if "question_content" in first:
         return load_livecodebench(path, **kwargs)
     if "question" in first and "input_output" in first:

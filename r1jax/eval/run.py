@@ -27,7 +27,7 @@ import numpy as np
 from r1jax.data.templates import render
 from r1jax.eval.metrics import group_by_source, parse_pass_at, summarize
 from r1jax.parallel import hosts
-from r1jax.rl.rewards import check_examples, extract_choice, get_reward, score_batch
+from r1jax.rl.rewards import check_examples, extract_choice, get_reward, num_choices, score_batch
 from r1jax.rl.rewards_math import extract_final_answer
 from r1jax.rl.sandbox import extract_code
 from r1jax.sampling import generate
@@ -52,7 +52,7 @@ def vote_answer(completion: str, example: Mapping, reward: str) -> str | None:
     if reward == "code_tests" or (reward == "verifiable" and example.get("tests")):
         return extract_code(completion)
     if reward == "multiple_choice" or (reward == "verifiable" and example.get("choices")):
-        return extract_choice(completion)
+        return extract_choice(completion, num_choices(example))
     return extract_final_answer(completion)
 
 
