@@ -97,13 +97,14 @@ def _config_key_paths(cfg, prefix="config") -> dict[str, object]:
     return out
 
 
-# Config dicts whose keys are names the user picks: rule-reward weights, reward options, model-config fields, task
-# options and an evaluate stage's dataset options. `--config.<dict>.<new key>=value` adds the key (ml_collections
+# Config dicts whose keys are names the user picks: rule-reward weights, options and schedules, model-config fields,
+# task options and an evaluate stage's dataset options. `--config.<dict>.<new key>=value` adds the key (ml_collections
 # refuses keys a config lacks), so a reward can join a run, or a sweep, from the command line. The stage checks and
 # the model / task builders still refuse names that mean nothing (an unregistered reward, an unknown model field).
 OPEN_DICTS = tuple(re.compile(p) for p in (
     r"config\.[^.]+\.rewards\.[^.]+",
     r"config\.[^.]+\.reward_kwargs\.[^.]+\.[^.]+",
+    r"config\.[^.]+\.reward_schedule\.[^.]+\.[^.]+",
     r"config\.(?:[^.]+\.)?model\.overrides\.[^.]+(?:\.[^.]+)?",
     r"config\.task\.(?:train|test)(?:\.[^.]+)+",  # a mixture's parts nest: task.train.parts.<label>.<option>
     r"config\.[^.]+\.dataset_options\.[^.]+\.[^.]+",

@@ -228,3 +228,53 @@ def test_rollout_scores_each_group(tmp_path):
         assert [r["reward/cosine"] for r in group] == pytest.approx(
             [cosine_scaled(False, n, max_len=12) for n in lengths[g:g + 4]])
     assert np.isfinite([r["reward"] for r in rows]).all()
+
+
+def test_reward_schedules():
+    from r1jax.rl.rewards import check_schedule, scheduled_weights
+
+    weights = {"accuracy": 1.0, "length": 0.5, "cosine": 2.0}
+    schedule = {"length": {"start_step": 2, "warmup_steps": 4}, "cosine": {"end_step": 3}}
+    got = [scheduled_weights(weights, schedule, step) for step in range(8)]
+    assert [w["length"] for w in got] == [0.0, 0.0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert [w["cosine"] for w in got] == [2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert all(w["accuracy"] == 1.0 for w in got) and scheduled_weights(weights, None, 5) == weights
+    check_schedule(schedule, weights)
+    for bad, match in [({"format": {"start_step": 1}}, "'format', which is not among"),
+                       ({"length": {"start": 1}}, "give a dict of"),
+                       ({"length": {"warmup_steps": -1}}, "warmup_steps=-1 must be an int"),
+                       ({"length": {"start_step": 5, "end_step": 5}}, "end_step=5 must come after")]:
+        with pytest.raises(ValueError, match=match):
+            check_schedule(bad, weights)
+
+
+def test_grpo_stage_checks_its_schedule():
+    from r1jax import configs
+    from r1jax.rl.trainer import check_grpo_stage
+
+    cfg = configs.grpo_stage(reward_schedule={"format": {"warmup_steps": 0.5}})
+    with pytest.raises(ValueError, match=r"config.grpo.reward_schedule.format.warmup_steps=0.5 must be an int"):
+        check_grpo_stage("grpo", cfg)
+
+
+def test_rollout_applies_the_schedule():
+    """A reward scheduled to start at step 1 is scored at step 0 but left out of the totals; from step 1 it counts."""
+    import jax
+    from flax import nnx
+
+    from r1jax import configs
+    from r1jax.data import ByteTokenizer, get_task, rl_prompt_dataset
+    from r1jax.models import Transformer, get_preset
+    from r1jax.rl.rollout import rollout
+
+    model, tok = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0)), ByteTokenizer()
+    cfg = configs.grpo_stage(group_size=2, max_new_tokens=8, reward_workers=1, rewards={"accuracy": 1.0, "length": 1.0},
+                             reward_schedule={"length": {"start_step": 1}})
+    batch = next(iter(rl_prompt_dataset(get_task("arithmetic", n=4, seed=0), tok, batch_size=2, group_size=2,
+                                        template="plain", shuffle=False, max_prompt_len=64)))
+    for step, weight in ((0, 0.0), (1, 1.0)):
+        _, metrics, rows = rollout(model, tok, batch, cfg, jax.random.key(0), step=step)
+        assert metrics["reward_weight/length"] == weight
+        assert [r["reward"] for r in rows] == pytest.approx(
+            [r["reward/accuracy"] + weight * r["reward/length"] for r in rows])
+    assert any(r["reward/length"] != 0 for r in rows)  # the comparison above weighs something

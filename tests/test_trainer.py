@@ -62,7 +62,7 @@ def test_train_command_runs_both_stages(tmp_path):
     """`r1jax train` runs both stages (and only reports them the second time), then `plot`, `sample` and `eval`
     on what it trained. A reward the config lacks joins from the command line, with its options."""
     added = ("--config.grpo.rewards.overlong=0.5", "--config.grpo.reward_kwargs.overlong.max_len=6",
-             "--config.grpo.reward_kwargs.overlong.cache_len=4")
+             "--config.grpo.reward_kwargs.overlong.cache_len=4", "--config.grpo.reward_schedule.overlong.start_step=1")
     r = _cli("train", "--config", CONFIG, "--workdir", str(tmp_path), "--config.grpo.steps=3", *added)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "config.json").read_text())["grpo"]["reward_kwargs"] == {"overlong": {"max_len": 6,
@@ -71,6 +71,8 @@ def test_train_command_runs_both_stages(tmp_path):
     grpo = [x for x in records if x["stage"] == "grpo" and "reward" in x]
     assert [x["step"] for x in grpo] == [1, 2, 3]
     assert any(x["reward/overlong"] < 0 for x in grpo)  # completions past 2 tokens are penalized
+    # ... from the second step on (its weight is scheduled; the first step's totals leave it out)
+    assert [x["reward_weight/overlong"] for x in grpo] == [0.0, 0.5, 0.5]
     for key in ("reward", "reward/accuracy", "reward/format", "reward_std", "frac_zero_std", "kl", "clip_frac",
                 "entropy", "completion_len", "loss", "lr", "grad_norm", "tokens_per_s", "step_s"):
         assert key in grpo[-1], key

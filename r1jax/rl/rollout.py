@@ -21,7 +21,7 @@ from r1jax.eval.metrics import group_by_source
 from r1jax.eval.run import decode_completions
 from r1jax.parallel import hosts
 from r1jax.rl.grpo import group_advantages
-from r1jax.rl.rewards import score_batch
+from r1jax.rl.rewards import scheduled_weights, score_batch
 from r1jax.sampling import make_strategy, sample_padded
 
 
@@ -133,8 +133,9 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     all_lengths = hosts.fetch(lengths)
     lengths = hosts.local_rows(all_lengths, local)
     t1 = time.perf_counter()
-    kwargs = cfg.get("reward_kwargs")
-    totals, parts, texts = score(tokenizer, tokens, lengths, examples, cfg.rewards.to_dict(),
+    kwargs, schedule = cfg.get("reward_kwargs"), cfg.get("reward_schedule")
+    weights = scheduled_weights(cfg.rewards.to_dict(), schedule.to_dict() if schedule else None, step)
+    totals, parts, texts = score(tokenizer, tokens, lengths, examples, weights,
                                  timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers,
                                  reward_kwargs=kwargs.to_dict() if kwargs else None, group_size=G)
     totals, parts = hosts.concat_scores(totals, parts)
@@ -185,6 +186,8 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         metrics["draft_acceptance"] = hosts.replicated_int(sampler_stats["accepted"]) / drafted
     for name, values in parts.items():
         metrics[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    for name in (schedule or {}):
+        metrics[f"reward_weight/{name}"] = weights[name]
     metrics.update(reward_by_source(totals, hosts.concat_objects([ex.get("source") for ex in examples]), G))
     rows = completion_rows(examples, texts, lengths, truncated, batch["rewards"],
                            {name: hosts.local_rows(np.asarray(v), local) for name, v in parts.items()},

@@ -292,7 +292,7 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
 
 def check_grpo_stage(stage: str, cfg) -> None:
     """The GRPO settings that the config alone shows are wrong (r1jax.pipeline.stages checks them before a run)."""
-    from r1jax.rl.rewards import get_reward
+    from r1jax.rl.rewards import check_schedule, get_reward
 
     if cfg.mu < 1 or cfg.minibatches < 1:
         raise ValueError(f"config.{stage}: mu={cfg.mu} and minibatches={cfg.minibatches} must be >= 1")
@@ -324,6 +324,12 @@ def check_grpo_stage(stage: str, cfg) -> None:
             get_reward(name)
         except ValueError as e:
             raise ValueError(f"config.{stage}: {e}") from None
+    schedule = cfg.get("reward_schedule")
+    if schedule:
+        try:
+            check_schedule(schedule.to_dict(), cfg.rewards)
+        except ValueError as e:
+            raise ValueError(f"config.{stage}.{e}") from None
     grouped = [name for name in cfg.rewards if get_reward(name).group is not None]
     if grouped and cfg.group_size < 2:
         raise ValueError(f"config.{stage}.rewards: {grouped} compare(s) the samples of each prompt, which needs "
