@@ -40,9 +40,10 @@ Loss, `loss(...)`, minimised, so L = -J. Per valid token:
     "dapo"     L = sum_i sum_t l_{i,t} / sum_i |o_i|       DAPO token-level loss; the token count is global across
                                                            data-parallel shards (psum over `axis_name`)
     "luspo"    L = 1/B sum_i sum_t l_{i,t}                 LUSPO (meant with importance_sampling_level="sequence")
-    "cispo", "vespo"  aggregate as dapo and "sapo" as grpo, with their own per-token policy terms in place of the
-               clipped one (r1jax.rl.grpo_variants: MiniMax-M1's CISPO caps the ratio at epsilon_high and keeps
-               the gradient, SAPO gates it softly, VESPO weighs each sequence by a gamma function of its ratio).
+    "cispo", "vespo", "kl_cov"  aggregate as dapo and "sapo" as grpo, with their own per-token policy terms in
+               place of the clipped one (r1jax.rl.grpo_variants: MiniMax-M1's CISPO caps the ratio at epsilon_high
+               and keeps the gradient, SAPO gates it softly, VESPO weighs each sequence by a gamma function of its
+               ratio, KL-Cov penalizes |log ratio| on the tokens whose advantage and log-prob covary most).
   Further terms (r1jax.rl.grpo_variants has the formulas): `off_policy_mask_threshold` drops negative-advantage
   sequences that drifted from the sampler (DeepSeek-V3.2), `top_entropy_quantile` keeps the policy term on the
   highest-entropy tokens only, `entropy_coef` subtracts coef x their mean entropy, `sampler_correction` weighs tokens
@@ -179,6 +180,7 @@ TOKEN_MEAN_AGGREGATIONS = (_aggregate_bnpo, _aggregate_dapo)
 register_loss_type("cispo", surrogate="cispo")(_aggregate_dapo)
 register_loss_type("vespo", surrogate="vespo")(_aggregate_dapo)
 register_loss_type("sapo", surrogate="sapo")(_aggregate_grpo)
+register_loss_type("kl_cov", surrogate="kl_cov")(_aggregate_dapo)  # verl's token-mean
 
 
 @register_loss_type("luspo")
@@ -275,7 +277,8 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
          sampler_correction_max: float | None = None, off_policy_mask_threshold: float | None = None,
          top_entropy_quantile: float = 1.0, entropy_coef=0.0, kl_bias_correction: bool = False,
          sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0,
-         vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
+         vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+         kl_cov_ratio: float = 2e-4, kl_cov_coef: float = 1.0):
     """GRPO-family policy loss (see the module docstring). Returns (loss, metrics), f32 scalars.
 
     logp_BT: log pi_theta of the sampled tokens (differentiated); old_logp_BT: log pi_theta_old (None: one update
@@ -311,6 +314,11 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
     if sampler_correction != "none" and (sampler_logp_BT is None or old_logp_BT is None):
         raise ValueError(f"sampler_correction={sampler_correction!r} weighs by pi_old / pi_sampler: pass both "
                          "old_logp_BT (recomputed by the trainer) and sampler_logp_BT")
+    if surrogate == "kl_cov" and (importance_sampling_level != "token" or not 0.0 < kl_cov_ratio <= 1.0
+                                  or kl_cov_coef < 0):
+        raise ValueError(f"loss_type 'kl_cov' needs importance_sampling_level='token' (got "
+                         f"{importance_sampling_level!r}), 0 < kl_cov_ratio <= 1 (got {kl_cov_ratio!r}) and "
+                         f"kl_cov_coef >= 0 (got {kl_cov_coef!r})")
     if surrogate == "vespo" and sampler_correction.startswith("sequence"):
         raise ValueError(f"loss_type 'vespo' folds token-level sampler weights into its sequence weight; "
                          f"sampler_correction={sampler_correction!r} is not one: use token_truncate or token_mask")
@@ -376,6 +384,14 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
     elif surrogate == "sapo":
         pg = variants.sapo(ratio, adv_B1, temperature_pos=sapo_temperature_pos,
                            temperature_neg=sapo_temperature_neg)
+    elif surrogate == "kl_cov":
+        selected = variants.kl_cov_tokens(logp, adv_B1, valid_BT, kl_cov_ratio, axis_name)
+        # |x| as x sign(x): derivative sign(x), 0 at x = 0 as torch's abs (jax's is 1 there); on a rollout's first
+        # update (log ratio 0) the penalty then adds no gradient, as in verl.
+        abs_kl = log_ratio_BT * jnp.sign(log_ratio_BT)
+        pg = -ratio * adv_B1 + kl_cov_coef * abs_kl * selected
+        metrics["kl_cov/frac_selected"] = _masked_mean(selected.astype(jnp.float32), valid_BT, axis_name)
+        metrics["kl_cov/abs_kl"] = _masked_mean(jnp.abs(log_ratio_BT), valid_BT, axis_name)
     else:
         log_sampler = None if sampler_w is None else jnp.log(sampler_w)
         phi_B1 = variants.vespo_weights(log_ratio_BT, valid_BT, adv_B1, log_sampler, k_pos=vespo_k_pos,

@@ -13,6 +13,11 @@ Surrogates (the per-token policy term before aggregation), chosen by loss_type:
     "vespo"  -sg[phi(w)] A logp                         VESPO: w = prod_t rho_t (x the sampler weights when
                                                         given) per sequence, phi(w) = exp(lam) w^k exp(-lam w),
                                                         (k, lam) = (k_pos, lambda_pos) for A >= 0 else the _neg pair
+    "kl_cov" -rho A + c |logp - logp_old| [t in top]    KL-Cov (Cui et al. 2025, "The Entropy Mechanism of RL for
+                                                        Reasoning LMs"): no clipping; the max(1, int(n r)) valid
+                                                        tokens with the largest (A - mean A)(logp - mean logp), means
+                                                        over the n valid tokens, get the |log ratio| penalty
+                                                        (r = kl_cov_ratio, c = kl_cov_coef); verl's kl_cov loss
 Masks and weights (multiply the policy term only, never the KL term):
     off-policy sequence mask   DeepSeek-V3.2 eq. 9: a sequence with A < 0 whose mean of log pi_sampler - log pi_theta
                                over its tokens exceeds `off_policy_mask_threshold` is dropped
@@ -24,6 +29,8 @@ Masks and weights (multiply the policy term only, never the KL term):
                                weights outside it (TRL's vllm_importance_sampling_mode)
 All match TRL 1.16's GRPOTrainer (`_compute_loss`, `get_high_entropy_mask`, `get_off_policy_mask`,
 `get_gamma_weights` and its sampler-ratio code) term by term; tests/test_grpo_variants.py runs TRL's own code.
+KL-Cov matches verl's `compute_policy_loss_kl_cov` (tests/test_kl_cov.py: its code, typed in independently); where
+covariances tie at the cut, every tied token is penalized (verl's top-k picks some of them).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-SURROGATES = ("clip", "cispo", "sapo", "vespo")
+SURROGATES = ("clip", "cispo", "sapo", "vespo", "kl_cov")
 SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 VESPO_LOG_FLOOR = math.log(1e-8)  # VESPO clamps log w to [log 1e-8, 20], as its reference code does
 # Beyond 20 nats a ratio is meaningless anyway, and exp(20) ~ 4.9e8 keeps every product far from f32 overflow.
@@ -99,6 +106,25 @@ def high_entropy_tokens(entropy_BT, valid_BT, quantile: float, axis_name=None):
     threshold = jnp.nanquantile(jnp.where(valid, values, jnp.nan), 1.0 - quantile)
     any_valid = psum(count(valid_BT), axis_name) > 0
     return (jnp.where(valid_BT, entropy_BT, 0.0) >= threshold) & valid_BT & any_valid
+
+
+def kl_cov_tokens(logp_BT, adv_B1, valid_BT, ratio: float, axis_name=None):
+    """KL-Cov's penalized tokens: the max(1, int(n * ratio)) valid tokens (n of them, over shards with
+    `axis_name`) with the largest centered covariance (A - mean A)(logp - mean logp); no valid token -> none."""
+    logp_BT = jax.lax.stop_gradient(logp_BT)
+    adv_BT = jnp.broadcast_to(adv_B1, logp_BT.shape)
+    values = (adv_BT, logp_BT, valid_BT)
+    if axis_name is not None:
+        values = tuple(jax.lax.all_gather(x, axis_name, tiled=True) for x in values)
+    adv, logp, valid = values
+    n = count(valid)
+    mean_adv = jnp.where(valid, adv, 0.0).sum() / jnp.maximum(n, 1.0)
+    mean_logp = jnp.where(valid, logp, 0.0).sum() / jnp.maximum(n, 1.0)
+    cov_all = jnp.where(valid, (adv - mean_adv) * (logp - mean_logp), -jnp.inf).reshape(-1)
+    k = jnp.maximum(jnp.floor(n * ratio), 1.0).astype(jnp.int32)
+    cut = jnp.sort(cov_all)[::-1][jnp.minimum(k, cov_all.size) - 1]
+    cov_BT = (adv_BT - mean_adv) * (logp_BT - mean_logp)
+    return valid_BT & (cov_BT >= cut) & (n > 0)
 
 
 def sampler_weights(old_logp_BT, sampler_logp_BT, valid_BT, mode: str, c_min: float | None, c_max: float | None):

@@ -122,7 +122,7 @@ def make_logp_fn(graphdef, chunk: int = 0, pack_shards: int = 1, pack_parts: int
 LOSS_OPTIONS = dict(sampler_correction="none", sampler_correction_min=None, sampler_correction_max=None,
                     off_policy_mask_threshold=None, top_entropy_quantile=1.0, kl_bias_correction=False,
                     sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
-                    vespo_k_neg=3.0, vespo_lambda_neg=2.0)
+                    vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_cov_ratio=2e-4, kl_cov_coef=1.0)
 
 
 def loss_kwargs(cfg) -> dict:
