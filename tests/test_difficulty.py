@@ -66,7 +66,7 @@ def test_select_problems(settings, kept, dropped):
     (dict(require_correct=False), "require_correct=False"),
     (dict(mix_data="task:arithmetic", mix_ratio=0.2), "writes prompts only"),
     (dict(correct_reward="nope"), "unknown reward 'nope'"),
-    (dict(prompts="stage:x"), "valid: task, jsonl:PATH"),
+    (dict(prompts="csv:x"), "valid: task, jsonl:PATH, stage:NAME"),
 ])
 def test_bad_settings_are_refused(settings, match):
     with pytest.raises(ValueError, match=match):
@@ -75,9 +75,12 @@ def test_bad_settings_are_refused(settings, match):
 
 def _config(**filter_settings):
     cfg = load_config(TINY_R1ZERO, "steps=2")
-    cfg.stages = "pretrain,filter,grpo"
+    cfg.stages = "pretrain,filter,grpo,refilter"
     cfg.filter = configs.difficulty_stage(num_prompts=16, k=4, batch_size=8, max_new_tokens=12, reward_workers=1,
                                           correct_reward=ODD, **filter_settings)
+    # Skywork-OR1 filters again between stages, with the policy trained so far, among the prompts kept before.
+    cfg.refilter = configs.difficulty_stage(prompts="stage:filter", k=4, batch_size=8, max_new_tokens=12,
+                                            reward_workers=1, correct_reward=ODD)
     cfg.grpo.prompts = "stage:filter"
     cfg.grpo.eval = configs.eval_config(num_problems=0)
     return cfg
@@ -120,6 +123,10 @@ def test_difficulty_stage_feeds_grpo_and_resumes(tmp_path, monkeypatch):
     kept = {r["prompt"] for r in rows}
     trained = [json.loads(line) for line in (work / "grpo" / "completions.jsonl").read_text().splitlines()]
     assert trained and {r["prompt"] for r in trained} <= kept
+    # The second filter sampled the first one's prompts with the GRPO stage's weights.
+    again_kept = [json.loads(line) for line in (work / "refilter" / "problems.jsonl").read_text().splitlines()]
+    assert out["stages"]["refilter"]["prompts"] == len(rows) and out["stages"]["refilter"]["model"] == "stage:grpo"
+    assert {r["prompt"] for r in again_kept} <= kept
 
     # Resumed with its samples on disk (problems.jsonl lost, DONE not yet written): the same file, nothing sampled.
     again = tmp_path / "again"

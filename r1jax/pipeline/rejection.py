@@ -70,8 +70,8 @@ def check_sampling(where: str, cfg) -> None:
     run starts."""
     from r1jax.rl.rewards import get_reward
 
-    if cfg.prompts != "task" and not cfg.prompts.startswith("jsonl:"):
-        raise ValueError(f"config.{where}.prompts={cfg.prompts!r}; valid: task, jsonl:PATH")
+    if cfg.prompts != "task" and not cfg.prompts.startswith(("jsonl:", "stage:")):
+        raise ValueError(f"config.{where}.prompts={cfg.prompts!r}; valid: task, jsonl:PATH, stage:NAME")
     if cfg.require_correct:
         try:
             get_reward(correct_reward(cfg))
@@ -210,10 +210,18 @@ def mix_in(rows: list[dict], extra: list[dict], ratio: float, seed: int) -> tupl
 # driving it over a prompt set
 
 
-def prompt_examples(cfg, tasks: Mapping[str, list], seed: int) -> list[dict]:
-    """The prompts to sample: cfg.prompts = "task" (tasks[cfg.split]) or "jsonl:PATH" (rows with a prompt, and an
-    answer when correctness is required); `num_prompts` > 0 takes a seeded random subset."""
-    if cfg.prompts == "task":
+def prompt_examples(cfg, tasks: Mapping[str, list], seed: int, ctx=None, stage: str = "") -> list[dict]:
+    """The prompts to sample: cfg.prompts = "task" (tasks[cfg.split]), "jsonl:PATH" (rows with a prompt, and an
+    answer when correctness is required) or "stage:NAME" (the problems a difficulty stage kept: filtering again with
+    a later policy, as Skywork-OR1 does between its stages; needs the run context `ctx`); `num_prompts` > 0 takes a
+    seeded random subset."""
+    if cfg.prompts.startswith("stage:"):
+        from r1jax.pipeline.difficulty import read_problems
+
+        if ctx is None:
+            raise ValueError(f"prompts={cfg.prompts!r} reads a stage's files: pass the run context")
+        examples = read_problems(ctx, stage, cfg.prompts[6:])
+    elif cfg.prompts == "task":
         if cfg.split not in tasks:
             raise ValueError(f"prompts='task' with split={cfg.split!r}; the run has splits {sorted(tasks)}")
         examples = list(tasks[cfg.split])
@@ -226,7 +234,7 @@ def prompt_examples(cfg, tasks: Mapping[str, list], seed: int) -> list[dict]:
             if "prompt" not in ex and "messages" not in ex:
                 raise ValueError(f"{path}:{i + 1}: a prompt row needs 'prompt' or 'messages'; has {sorted(ex)}")
     else:
-        raise ValueError(f"prompts={cfg.prompts!r}; valid: task, jsonl:PATH")
+        raise ValueError(f"prompts={cfg.prompts!r}; valid: task, jsonl:PATH, stage:NAME")
     if cfg.require_correct:  # every prompt must be checkable by the rule, before anything is sampled
         from r1jax.eval.run import check_reward
 
@@ -298,10 +306,12 @@ def sample_records(ctx, stage: str, cfg, model_fn: Callable[[], object], model_n
     by a signal."""
     seed = ctx.config.seed
     template = cfg.template or ctx.config.task.template
-    examples = prompt_examples(cfg, ctx.tasks, seed)
+    examples = prompt_examples(cfg, ctx.tasks, seed, ctx, stage)
     samples_dir = ctx.stage_dir(stage) / "samples"
     fingerprint = {k: cfg[k] for k in _FINGERPRINT_KEYS} | {"model": model_name, "model_step": model_step,
                                                             "seed": seed, "run_template": template}
+    if cfg.prompts.startswith("stage:"):  # that stage's problems may be rewritten: the chunks hold these ones
+        fingerprint["prompts_crc"] = zlib.crc32(json.dumps([ex.get("prompt") for ex in examples]).encode())
     if cfg.get("min_p", 0.0):  # only when set, so chunks sampled before min_p existed still resume
         fingerprint["min_p"] = cfg.min_p
     if cfg.require_correct and correct_reward(cfg) != "accuracy":  # chunks hold that rule's scores
