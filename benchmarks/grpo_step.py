@@ -57,18 +57,20 @@ def count_t7(completion: str) -> float:
     return float(completion.split().count("t7"))
 
 
-def run_r1jax(args, ckpt: str, tok_dir: Path, prompts: list[str], workdir: Path) -> list[dict]:
+def run_r1jax(args, ckpt: str, tok_dir: Path, prompts: list[str], workdir: Path, ahead: int = 0) -> list[dict]:
     from r1jax.configs import base_config, eval_config, grpo_stage
     from r1jax.data.tasks import register_task
     from r1jax.pipeline.stages import run
     from r1jax.rl.rewards import register_reward
 
-    register_task("bench_prompts")(lambda split="train", **kw: [
-        {"id": f"p{i}", "prompt": p, "answer": "0"} for i, p in enumerate(prompts)])
+    from r1jax.data.tasks import _TASKS
+    from r1jax.rl.rewards import REWARDS
 
-    @register_reward("bench_t7")
-    def bench_t7(completion, example):
-        return count_t7(completion)
+    if "bench_prompts" not in _TASKS:  # (a second run in this process reuses both)
+        register_task("bench_prompts")(lambda split="train", **kw: [
+            {"id": f"p{i}", "prompt": p, "answer": "0"} for i, p in enumerate(prompts)])
+    if "bench_t7" not in REWARDS:
+        register_reward("bench_t7")(lambda completion, example: count_t7(completion))
 
     cfg = base_config()
     cfg.stages = "grpo"
@@ -85,7 +87,7 @@ def run_r1jax(args, ckpt: str, tok_dir: Path, prompts: list[str], workdir: Path)
     cfg.grpo = grpo_stage(init="previous", steps=args.steps, batch_prompts=args.prompts, group_size=args.group,
                           max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens, temperature=1.0,
                           lr=1e-6, beta=args.beta, loss_type="grpo", log_every=1, checkpoint_every=10**9,
-                          reward_workers=1)
+                          reward_workers=1, rollout_ahead=ahead)
     cfg.grpo.rewards = {"bench_t7": 1.0}
     cfg.grpo.eval = eval_config(num_problems=0)
     # No EOS: every completion has exactly new_tokens tokens, as on the TRL side.
@@ -154,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--scan_unroll", type=int, default=QWEN2_12M["num_hidden_layers"],
                     help="config.model.overrides.scan_unroll for r1jax (1 = the plain layer scan)")
     ap.add_argument("--skip_trl", action="store_true")
+    ap.add_argument("--ahead", action="store_true",
+                    help="also run r1jax with rollout_ahead=1 (the next batch sampled during the update) and compare")
     args = ap.parse_args(argv)
 
     dot_peak_flops()  # measured again after the runs; the best counts
@@ -185,6 +189,14 @@ def main(argv=None):
         trl_step = float(np.median(times[2:] or times[1:] or times))
         print(f"TRL:    {trl_step:6.2f} s/step (GRPOTrainer, transformers generate)")
         print(f"ratio TRL / r1jax: {trl_step / r1_step:.2f}x")
+    if args.ahead:
+        ahead = run_r1jax(args, ckpt, tok_dir, prompts, tmp / "run_ahead", ahead=1)
+        steady = ahead[2:] or ahead[1:] or ahead
+        step = float(np.median([r["step_s"] for r in steady]))
+        wait = float(np.median([r.get("rollout_wait_s", 0.0) for r in steady]))
+        print(f"r1jax rollout_ahead=1: {step:6.2f} s/step (waited {wait:.2f} s for the batch sampled ahead; its "
+              f"rollout {float(np.median([r['rollout_s'] for r in steady])):.2f} s beside the update); "
+              f"plain / ahead: {r1_step / step:.2f}x")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         pack_rows=False,            # updates run over the rows' real tokens packed into bins (r1jax.rl.packing)
         rollout_prompts=0,          # prompts per sampler call, run one after another (0: all B at once); divides B
         rollout_compact=0,          # the sampler halves its rows up to this many times as they finish (same samples)
+        rollout_ahead=0,            # 1: sample the next step's batch during this step's update (r1jax.rl.rollout_ahead)
         rollout_speculative="",     # "mtp": DeepSeek-V3's MTP module drafts, the policy verifies (same distribution)
         mtp_weight=0.0,             # > 0: the MTP modules also learn from the rollouts (the policy gradient unchanged)
         minibatches=1,              # optimizer steps per pass; minibatch k of m holds rows k, k + m, ...

@@ -31,7 +31,7 @@ from r1jax.models.head_loss import head_nll, map_position_chunks
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
 from r1jax.parallel.sharding import shard_batch, split_rows
-from r1jax.rl import dynamic_sampling, grpo, packing
+from r1jax.rl import dynamic_sampling, grpo, packing, rollout_ahead
 from r1jax.rl.packing import gather_positions
 from r1jax.rl.rollout import rollout
 
@@ -305,6 +305,7 @@ def check_grpo_stage(stage: str, cfg) -> None:
     src = cfg.get("prompts", "task")
     if src != "task" and not src.startswith(("stage:", "jsonl:")):
         raise ValueError(f"config.{stage}.prompts={src!r}; valid: {', '.join(GRPO_PROMPTS)}")
+    rollout_ahead.check(stage, cfg, 1)  # (the process count is checked when the stage starts)
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
     check_loss_options(stage, cfg)
@@ -403,13 +404,13 @@ def check_prompts(ctx: training.RunContext, stage: str, cfg, examples) -> None:
     from r1jax.rl.rewards import check_examples
 
     src = cfg.get("prompts", "task")
-    what = f"{cfg.train_split} split" if src == "task" else src
+    what = cfg.train_split if src == "task" else src
     if not examples:
-        raise ValueError(f"config.{stage}: the prompts ({what}) are empty")
+        raise ValueError(f"config.{stage}: the {what} prompts are empty")
     lengths = [len(ids) for ids in prompt_token_ids(ctx.tokenizer, examples, cfg.template or ctx.config.task.template)]
     long = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_len]
     if long:
-        raise ValueError(f"config.{stage}: {len(long)} of {len(examples)} prompts ({what}) are longer than "
+        raise ValueError(f"config.{stage}: {len(long)} of {len(examples)} {what} prompts are longer than "
                          f"max_prompt_len={cfg.max_prompt_len} tokens (the longest has {max(lengths)}; the first, "
                          f"example {long[0]}, has {lengths[long[0]]}); raise max_prompt_len or leave them out of "
                          "the data")
@@ -475,8 +476,22 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     if jax.process_index() == 0:  # rows of steps past the checkpoint are sampled again
         trim_records(completions, lambda row: row.get("step", 0) <= step)
 
+    ahead = rollout_ahead.check(stage, cfg, jax.process_count())
+    sampler = rollout_ahead.AheadSampler()
+    if meta:  # the batch an interrupted rollout_ahead run had sampled for this step (None after a plain run)
+        restored = rollout_ahead.load(ctx.stage_dir(stage), step)
+        if restored is not None:
+            sampler.put(step, restored)
+
+    def draw(at, model):
+        with axis_rules(ctx.mesh, ctx.rules):  # (thread-local: set again in the worker)
+            return sample_batch(ctx, cfg, model, it, jax.random.fold_in(key, at), model_rewards, at, prompts)
+
     def save(at):
         st = {"params": params, "opt_state": opt_state, "rest": rest, **({"ref": ref} if use_ref else {})}
+        sampled = sampler.peek()  # waits for a rollout in flight: it draws from the data iterator
+        if sampled is not None and sampled[0] == at:
+            rollout_ahead.save(ctx.stage_dir(stage), at, sampled[1], cfg.keep_checkpoints)
         ckpt.save(at, st, {"data": it.get_state(), "nonfinite": nonfinite, "skipped": skipped,
                            "entropy_coef": entropy_coef, "last_entropy": last_entropy})
 
@@ -495,9 +510,13 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
             t0 = time.perf_counter()
             if use_ref and cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
                 ref = training.tree_copy(params)
-            with axis_rules(ctx.mesh, ctx.rules):
-                batch, metrics, rows = sample_batch(ctx, cfg, current_model(), it, jax.random.fold_in(key, step),
-                                                    model_rewards, step, prompts)
+            if sampler.has(step):
+                batch, metrics, rows = sampler.take(step)
+                metrics = {**metrics, "rollout_wait_s": time.perf_counter() - t0}
+            else:
+                batch, metrics, rows = draw(step, current_model())
+            if ahead and step + 1 < cfg.steps:  # the next batch, by these weights (the update donates them: a copy)
+                sampler.submit(step + 1, draw, step + 1, nnx.merge(graphdef, training.tree_copy(params), rest))
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
             bins = {}
             if pack:
@@ -565,5 +584,6 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                               best_metric=cfg.get("best_metric", ""))
         return summary
     finally:
+        sampler.close()
         ckpt.close()
 

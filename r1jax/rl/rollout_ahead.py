@@ -1,0 +1,118 @@
+"""One-step off-policy GRPO: the next step's rollout is sampled while this step's update runs.
+
+With `rollout_ahead=1` in a GRPO stage, step s + 1's batch is sampled (in a worker thread) by the weights that step
+s starts from, while step s's update runs, as verl's one-step off-policy recipe and asynchronous RL systems do: the
+host work of a rollout (decoding, rule rewards in worker processes, the sampler's Python loop) overlaps the update's
+device work, and on hardware where sampling and training leave each other room the device work overlaps too. Each
+batch is then sampled by the policy one update behind the one it trains (step 0's by the starting weights). With
+`old_logp="auto"` and one update per rollout the loss's old log-probs are the sampler's, the policy that really
+sampled, so the clipped ratio accounts for the lag; `old_logp="recompute"` with `sampler_correction` weighs it
+instead (the decoupled form).
+
+The random draws and the prompt order are those of the synchronous run, so with a learning rate of 0 both give the
+same batches. A checkpoint at step s also keeps the batch sampled ahead for step s + 1 (WORKDIR/<stage>/
+rollout_ahead/step_<s>.npz and .json), so a resumed stage trains on exactly what the uninterrupted one would.
+
+Example:
+    r1jax train --config experiments/r1_zero_arith.py --workdir /tmp/ahead --config.grpo.rollout_ahead=1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+AHEAD_DIR = "rollout_ahead"
+_FILE = re.compile(r"step_(\d+)\.npz")
+
+
+def check(stage: str, cfg, process_count: int) -> int:
+    """The stage's rollout_ahead (0 or 1), checked."""
+    ahead = cfg.get("rollout_ahead", 0)
+    if isinstance(ahead, bool) or ahead not in (0, 1):
+        raise ValueError(f"config.{stage}.rollout_ahead={ahead!r}; valid: 0 (sample, then update) or 1 (sample the "
+                         "next step's batch during this step's update)")
+    if ahead and process_count > 1:
+        raise ValueError(f"config.{stage}.rollout_ahead=1 samples in a thread beside the update; with "
+                         f"{process_count} processes the two threads could issue their collectives in different "
+                         "orders on different hosts, so it runs on one process only for now")
+    return int(ahead)
+
+
+class AheadSampler:
+    """Runs `sample(step, model)` for the next step in one worker thread; `take(step)` returns its result."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
+        self._pending: tuple[int, Future] | None = None
+        self._ready: tuple[int, tuple] | None = None
+
+    def submit(self, step: int, fn, *args) -> None:
+        self._pending = (step, self._pool.submit(fn, *args))
+
+    def put(self, step: int, result: tuple) -> None:
+        """A batch sampled earlier (read back from a checkpoint) for `step`."""
+        self._ready = (step, result)
+
+    def has(self, step: int) -> bool:
+        return any(x is not None and x[0] == step for x in (self._pending, self._ready))
+
+    def take(self, step: int) -> tuple:
+        if self._ready is not None and self._ready[0] == step:
+            out, self._ready = self._ready[1], None
+            return out
+        at, future = self._pending
+        assert at == step, (at, step)
+        self._pending = None
+        return future.result()
+
+    def peek(self) -> tuple[int, tuple] | None:
+        """The batch sampled ahead, waiting for it (for a checkpoint), without handing it over."""
+        if self._pending is not None:
+            self._ready, self._pending = (self._pending[0], self._pending[1].result()), None
+        return self._ready
+
+    def close(self) -> None:
+        """Waits for a sampling in flight (its errors are not raised again) and stops the worker."""
+        if self._pending is not None:
+            self._pending[1].exception()
+            self._pending = None
+        self._pool.shutdown(wait=True)
+
+
+def save(stage_dir: Path, step: int, result: tuple, keep: int) -> None:
+    """Writes the batch sampled ahead of checkpoint `step` (arrays in .npz, metrics and rows in .json), each file
+    atomically, and keeps those of the `keep` latest checkpoints only (as the checkpointer keeps them)."""
+    batch, metrics, rows = result
+    d = Path(stage_dir) / AHEAD_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    bad = [k for k, v in batch.items() if not isinstance(v, np.ndarray) or v.dtype == object]
+    if bad:
+        raise ValueError(f"rollout_ahead: batch entries {bad} are not numeric arrays")
+    for suffix, write in ((".npz", lambda f: np.savez(f, **batch)),
+                          (".json", lambda f: f.write(json.dumps({"metrics": metrics, "rows": rows}).encode()))):
+        path = d / f"step_{step}{suffix}"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    steps = sorted((int(m.group(1)) for f in d.iterdir() if (m := _FILE.fullmatch(f.name))), reverse=True)
+    for old in steps[max(keep, 1):]:
+        (d / f"step_{old}.npz").unlink()
+        (d / f"step_{old}.json").unlink(missing_ok=True)
+
+
+def load(stage_dir: Path, step: int) -> tuple | None:
+    """(batch, metrics, rows) sampled ahead of checkpoint `step`, or None when that checkpoint has none."""
+    path = Path(stage_dir) / AHEAD_DIR / f"step_{step}.npz"
+    if not path.exists() or not path.with_suffix(".json").exists():
+        return None
+    with np.load(path) as z:
+        batch = {k: z[k] for k in z.files}
+    extra = json.loads(path.with_suffix(".json").read_text())
+    return batch, extra["metrics"], extra["rows"]

@@ -1,0 +1,93 @@
+"""One-step off-policy GRPO (rollout_ahead=1): each batch is sampled by the weights one update behind, with the draws
+of the plain run (a learning rate of 0 gives the plain run's numbers), and a stop and resume trains on exactly what
+the uninterrupted run did."""
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+import test_trainer
+from run_helpers import StopAfter
+from test_trainer import _by_step, _with_length_reward, _workdir
+
+from r1jax import configs
+from r1jax.logging import read_metrics
+from r1jax.pipeline.stages import run
+from r1jax.rl import rollout_ahead, trainer
+
+pretrained = test_trainer.pretrained  # the session fixture: a workdir whose pretraining stage is done
+
+
+def _checksum(params) -> float:
+    return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(params)))
+
+
+def _record_weights(monkeypatch):
+    """[(step sampled, checksum of the sampling weights)] and [checksum of each update's starting weights]."""
+    sampled, updated = [], []
+    real_sample, real_make = trainer.sample_batch, trainer.make_update_fn
+
+    def sample_batch(ctx, cfg, model, it, rng, model_rewards, step, prompts):
+        sampled.append((step, _checksum(nnx.state(model, nnx.Param))))
+        return real_sample(ctx, cfg, model, it, rng, model_rewards, step, prompts)
+
+    def make_update_fn(*args, **kw):
+        update = real_make(*args, **kw)
+
+        def recorded(params, *rest, **kws):
+            updated.append(_checksum(params))
+            return update(params, *rest, **kws)
+        return recorded
+
+    monkeypatch.setattr(trainer, "sample_batch", sample_batch)
+    monkeypatch.setattr(trainer, "make_update_fn", make_update_fn)
+    return sampled, updated
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_each_batch_is_sampled_by_the_weights_one_update_behind(pretrained, tmp_path, monkeypatch, ahead):
+    sampled, updated = _record_weights(monkeypatch)
+    cfg = _with_length_reward(rollout_ahead=ahead)
+    cfg.grpo.eval = configs.eval_config(num_problems=0)
+    run(cfg, _workdir(pretrained, tmp_path / "w"))
+    assert len(updated) == 4 and len(set(updated)) == 4  # the weights move at every step
+    behind = [0, 0, 1, 2] if ahead else [0, 1, 2, 3]
+    assert sorted(sampled) == [(s, updated[b]) for s, b in enumerate(behind)]
+    metrics = read_metrics(tmp_path / "w", "grpo")
+    assert ("rollout_wait_s" in metrics[-1]) == bool(ahead)
+
+
+def test_with_no_learning_it_is_the_plain_run(pretrained, tmp_path):
+    plain, ahead = _with_length_reward(lr=0.0), _with_length_reward(lr=0.0, rollout_ahead=1)
+    run(plain, _workdir(pretrained, tmp_path / "plain"))
+    run(ahead, _workdir(pretrained, tmp_path / "ahead"))
+    a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ahead")
+    for key in ("loss", "reward", "reward/overlong", "completion_len", "kl", "entropy", "eval/pass@1"):
+        assert _by_step(a, "grpo", key) == _by_step(b, "grpo", key), key
+    assert (tmp_path / "plain" / "grpo" / "completions.jsonl").read_text() == \
+        (tmp_path / "ahead" / "grpo" / "completions.jsonl").read_text()
+
+
+def test_resume_trains_on_the_batch_sampled_before_the_stop(pretrained, tmp_path):
+    full = run(_with_length_reward(rollout_ahead=1), _workdir(pretrained, tmp_path / "full"))
+    assert not full["stopped"]
+    first = run(_with_length_reward(rollout_ahead=1), _workdir(pretrained, tmp_path / "resumed"), stop=StopAfter(2))
+    assert first["stopped"]
+    # The checkpoint at step 2 keeps the batch sampled ahead for step 3 (by step 1's weights, not in the checkpoint).
+    assert (tmp_path / "resumed" / "grpo" / "rollout_ahead" / "step_2.npz").exists()
+    assert not run(_with_length_reward(rollout_ahead=1), tmp_path / "resumed")["stopped"]
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert all(_by_step(a, "grpo", "grad_norm")[s] > 0 for s in (1, 2, 3))
+    for key in ("loss", "reward", "grad_norm", "entropy", "kl", "completion_len", "eval/pass@1"):
+        assert _by_step(a, "grpo", key) == _by_step(b, "grpo", key), key
+    assert (tmp_path / "full" / "grpo" / "completions.jsonl").read_text() == \
+        (tmp_path / "resumed" / "grpo" / "completions.jsonl").read_text()
+
+
+def test_settings_are_checked():
+    cfg = configs.grpo_stage(rollout_ahead=2)
+    with pytest.raises(ValueError, match=r"config.grpo.rollout_ahead=2; valid: 0 .* or 1"):
+        trainer.check_grpo_stage("grpo", cfg)
+    cfg.rollout_ahead = 1
+    trainer.check_grpo_stage("grpo", cfg)
+    with pytest.raises(ValueError, match="with 2 processes"):
+        rollout_ahead.check("grpo", cfg, 2)
