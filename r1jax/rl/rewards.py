@@ -265,6 +265,15 @@ def language_consistency(completion: str, example: Mapping, *, target: str | Non
 
 
 # ------------------------------------------------------------------------------------------------ overlong
+def _tokens(num_tokens, example: Mapping, name: str) -> int:
+    if num_tokens is not None:
+        return num_tokens
+    if not isinstance(example, Mapping) or "num_tokens" not in example:
+        raise ValueError(f"reward {name!r} needs the completion's length in tokens: pass num_tokens= "
+                         "(score_batch(num_tokens=...)) or put 'num_tokens' in the example")
+    return example["num_tokens"]
+
+
 def overlong_penalty(num_tokens: int, max_len: int = 20480, cache_len: int = 4096) -> float:
     """DAPO's soft overlong punishment: 0 up to `max_len - cache_len` tokens, then linear down to -1 at
     `max_len`, and -1 beyond. Defaults are DAPO's (L_max 20480, L_cache 4096)."""
@@ -286,12 +295,7 @@ def overlong(completion: str, example: Mapping, *, num_tokens: int | None = None
              cache_len: int = 4096) -> float:
     """`overlong_penalty` of the completion's token length: the `num_tokens` kwarg (what `score_batch` passes
     from its `num_tokens` argument), else `example["num_tokens"]`."""
-    if num_tokens is None:
-        if not isinstance(example, Mapping) or "num_tokens" not in example:
-            raise ValueError("reward 'overlong' needs the completion's length in tokens: pass num_tokens= "
-                             "(score_batch(num_tokens=...)) or put 'num_tokens' in the example")
-        num_tokens = example["num_tokens"]
-    return overlong_penalty(num_tokens, max_len, cache_len)
+    return overlong_penalty(_tokens(num_tokens, example, "overlong"), max_len, cache_len)
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -416,15 +420,6 @@ def verifiable(completion: str, example: Mapping, *, timeout_s: float = 1.0, mem
 
 
 # ------------------------------------------------------------------------------------------------ length shaping
-def _tokens(num_tokens, example: Mapping, name: str) -> int:
-    if num_tokens is not None:
-        return num_tokens
-    if not isinstance(example, Mapping) or "num_tokens" not in example:
-        raise ValueError(f"reward {name!r} needs the completion's length in tokens: pass num_tokens= "
-                         "(score_batch(num_tokens=...)) or put 'num_tokens' in the example")
-    return example["num_tokens"]
-
-
 def _correct(value: float | None) -> float | None:
     return None if value is None else float(value == 1.0)
 

@@ -511,8 +511,9 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
             if use_ref and cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
                 ref = training.tree_copy(params)
             if sampler.has(step):
+                t_wait = time.perf_counter()
                 batch, metrics, rows = sampler.take(step)
-                metrics = {**metrics, "rollout_wait_s": time.perf_counter() - t0}
+                metrics = {**metrics, "rollout_wait_s": time.perf_counter() - t_wait}
             else:
                 batch, metrics, rows = draw(step, current_model())
             if ahead and step + 1 < cfg.steps:  # the next batch, by these weights (the update donates them: a copy)
