@@ -73,6 +73,10 @@ flags.DEFINE_integer("compact", 3, "sample, eval: the decode loop continues on t
 flags.DEFINE_string("speculative", "", "sample, eval: 'mtp' decodes with a DeepSeek-V3 model's multi-token-"
                     "prediction module as the draft, verified by the model (the same distribution; greedy: the same "
                     "tokens), up to 2 tokens per step.")
+flags.DEFINE_string("problems_out", None, "eval: also write each problem with its pass_rate over the --k samples to "
+                    "this JSONL file (a problem file: prompts='jsonl:FILE' in a GRPO stage).")
+flags.DEFINE_string("keep_pass_rates", "", "eval --problems_out: only the problems whose pass rate lies in this "
+                    "interval, e.g. '(0,1)' (drop those never or always solved) or '[0.25,0.75]'.")
 flags.DEFINE_string("samples_out", None, "eval: also write every completion to this JSONL file (problem, prompt, "
                     "reference, completion, extracted answer, correct, num_tokens). With it or --out, sampled batches "
                     "are kept in <file>.progress.jsonl until the end, and an interrupted eval run again resumes.")
@@ -411,10 +415,20 @@ def cmd_eval(argv):
     except ValueError as e:
         raise UsageError(f"--{e}") from None
     _check_sampling_flags()
+    keep = None
+    if FLAGS.keep_pass_rates:
+        from r1jax.pipeline.difficulty import parse_interval
+
+        if not FLAGS.problems_out:
+            raise UsageError("--keep_pass_rates selects the problems --problems_out writes: give --problems_out FILE")
+        try:
+            keep = parse_interval(FLAGS.keep_pass_rates)
+        except ValueError as e:
+            raise UsageError(f"--keep_pass_rates: {e}") from None
     template = _template_flag()
     model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
     # Sampled batches are kept beside the output, so an interrupted evaluation run again resumes.
-    out = FLAGS.samples_out or FLAGS.out
+    out = FLAGS.samples_out or FLAGS.out or FLAGS.problems_out
     progress = Path(f"{out}.progress.jsonl") if out else None
     meta = {"model": str(Path(FLAGS.model).resolve()), "dtype": FLAGS.dtype}
     try:
@@ -422,7 +436,7 @@ def cmd_eval(argv):
                      top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
                      max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                      seed=FLAGS.seed, mesh=mesh, rules=rules, reward=FLAGS.reward,
-                     return_samples=bool(FLAGS.samples_out),
+                     return_samples=bool(FLAGS.samples_out or FLAGS.problems_out),
                      compact=FLAGS.compact, speculative=FLAGS.speculative, progress=progress, progress_meta=meta,
                      pass_at=FLAGS.pass_at)
     except ProgressMismatch as e:
@@ -435,6 +449,13 @@ def cmd_eval(argv):
             Path(FLAGS.out).write_text(json.dumps(m, indent=2))
         if FLAGS.samples_out:
             write_jsonl(FLAGS.samples_out, samples)
+        if FLAGS.problems_out:
+            from r1jax.pipeline.difficulty import problem_pass_rates
+
+            rows = problem_pass_rates(examples, samples, keep)
+            write_jsonl(FLAGS.problems_out, rows)
+            print(f"wrote {len(rows)} of {len(examples)} problems with their pass rates to {FLAGS.problems_out}",
+                  file=sys.stderr)
         if progress is not None:
             progress.unlink(missing_ok=True)
     return 0

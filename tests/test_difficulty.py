@@ -160,3 +160,20 @@ def test_grpo_prompts_from_a_problem_file(tmp_path):
     ctx = types.SimpleNamespace(stage_dir=lambda name: tmp_path / name)
     with pytest.raises(FileNotFoundError, match="which stage 'filter' has not written"):
         grpo_examples(ctx, "grpo", cfg)
+
+
+def test_pass_rate_intervals_and_problem_rows():
+    from r1jax.pipeline.difficulty import in_interval, parse_interval, problem_pass_rates
+
+    assert parse_interval("(0, 1)") == (0.0, 1.0, False, False) and parse_interval("[0.25,0.75]")[2:] == (True, True)
+    assert [in_interval(r, parse_interval("(0,1]")) for r in (0.0, 0.5, 1.0)] == [False, True, True]
+    for bad in ("0,1", "(1,0)", "[0,2]", "(a,b)", "(0;1)"):
+        with pytest.raises(ValueError, match="pass-rate interval"):
+            parse_interval(bad)
+    examples = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    samples = [{"problem": p, "correct": c} for p, c in [(0, True), (0, True), (1, False), (1, True), (2, False),
+                                                          (2, False)]]
+    assert [(r["prompt"], r["pass_rate"]) for r in problem_pass_rates(examples, samples)] == [
+        ("a", 1.0), ("b", 0.5), ("c", 0.0)]
+    kept = problem_pass_rates(examples, samples, parse_interval("(0,1)"))
+    assert kept == [{"prompt": "b", "pass_rate": 0.5, "pass_samples": 2}]

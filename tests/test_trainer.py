@@ -127,7 +127,8 @@ def test_train_command_runs_both_stages(tmp_path):
         out = tmp_path / f"eval_{mesh}.json"
         ev = _cli("eval", "--model", model, "--data", "arithmetic", "--limit", "3", "--k", "2", "--max_new_tokens",
                   "8", "--template", "plain", *sampling, "--mesh", mesh, "--out", str(out),
-                  "--samples_out", str(out.with_suffix(".jsonl")))
+                  "--samples_out", str(out.with_suffix(".jsonl")), "--problems_out", str(out.with_suffix(".p.jsonl")),
+                  "--keep_pass_rates", "[0,1]")
         assert ev.returncode == 0, ev.stderr[-3000:]
         evals[mesh] = json.loads(out.read_text())
     a, b = evals.values()
@@ -136,6 +137,10 @@ def test_train_command_runs_both_stages(tmp_path):
     assert [r["problem"] for r in rows] == [0, 0, 1, 1, 2, 2]
     assert rows[0]["completion"] == rows[1]["completion"]  # greedy
     assert sum(r["correct"] for r in rows) / 6 == a["pass@1"]
+    problems = [json.loads(line) for line in (tmp_path / "eval_data=2.p.jsonl").read_text().splitlines()]
+    assert [p["pass_rate"] for p in problems] == [(rows[2 * i]["correct"] + rows[2 * i + 1]["correct"]) / 2
+                                                  for i in range(3)]
+    assert all(p["pass_samples"] == 2 and "prompt" in p and "answer" in p for p in problems)
     assert all(0 < r["num_tokens"] <= 8 and r["reference"] is not None for r in rows)
     assert (tmp_path / "eval_fsdp=2.jsonl").read_text() == (tmp_path / "eval_data=2.jsonl").read_text()
     assert a["num_problems"] == 3 and a["k"] == 2 and 0 <= a["pass@1"] <= 1 and a["pass@2"] == a["pass@k"]
@@ -143,6 +148,9 @@ def test_train_command_runs_both_stages(tmp_path):
     assert a == b  # greedy and top-k 1: the same completions on either layout
     bad = _cli("eval", "--model", model, "--data", "arithmetic", "--min_p", "1.5")
     assert bad.returncode == 2 and "--min_p=1.5 must be in [0, 1]" in bad.stderr, bad.stderr[-3000:]
+    bad = _cli("eval", "--model", model, "--data", "arithmetic", "--problems_out", "p.jsonl",
+               "--keep_pass_rates", "0-1")
+    assert bad.returncode == 2 and "--keep_pass_rates: pass-rate interval '0-1'" in bad.stderr, bad.stderr[-3000:]
     bad = _cli("eval", "--model", model, "--data", "arithmetic", "--mesh", "data=3")
     assert bad.returncode == 2 and "--mesh: device mesh data=3" in bad.stderr, bad.stderr[-3000:]
     bad = _cli("eval", "--model", model, "--data", "arithmetic", "--mesh", "tensor=2", "--rules", "fsdp_tensor")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -89,6 +90,39 @@ def select_problems(prompts: Sequence[Mapping], rates: Sequence[Mapping], cfg) -
         else:
             rows.append({**ex, "pass_rate": rate, "pass_samples": r["scored"]})
     return rows, dropped
+
+
+def parse_interval(text: str) -> tuple[float, float, bool, bool]:
+    """"(0,1)" / "[0.25, 0.75]" / "(0,1]" -> (low, high, low included, high included), 0 <= low <= high <= 1."""
+    t = text.replace(" ", "")
+    m = re.fullmatch(r"([\[(])([0-9.eE+-]+),([0-9.eE+-]+)([\])])", t)
+    try:
+        lo, hi = (float(m.group(2)), float(m.group(3))) if m else (math.nan, math.nan)
+    except ValueError:
+        lo = hi = math.nan
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise ValueError(f"pass-rate interval {text!r}: expected e.g. '(0,1)' (both ends excluded: drop prompts never "
+                         "or always solved) or '[0.25,0.75]', with 0 <= low <= high <= 1")
+    return lo, hi, m.group(1) == "[", m.group(4) == "]"
+
+
+def in_interval(rate: float, interval: tuple[float, float, bool, bool]) -> bool:
+    lo, hi, lo_in, hi_in = interval
+    return (lo < rate or (lo_in and rate == lo)) and (rate < hi or (hi_in and rate == hi))
+
+
+def problem_pass_rates(examples: Sequence[Mapping], samples: Sequence[Mapping],
+                       keep: tuple[float, float, bool, bool] | None = None) -> list[dict]:
+    """Each problem's example with `pass_rate` (its samples' share marked `correct`) and `pass_samples`, from
+    `r1jax.eval.evaluate(..., return_samples=True)`'s samples; with `keep` (a `parse_interval`) only the problems
+    whose pass rate lies in it. `r1jax eval --problems_out FILE --keep_pass_rates '(0,1)'` writes them, a problem
+    file for a GRPO stage's prompts="jsonl:FILE"."""
+    solved, count = [0] * len(examples), [0] * len(examples)
+    for smp in samples:
+        count[smp["problem"]] += 1
+        solved[smp["problem"]] += int(bool(smp["correct"]))
+    rows = [{**ex, "pass_rate": s / n, "pass_samples": n} for ex, s, n in zip(examples, solved, count) if n]
+    return [r for r in rows if keep is None or in_interval(r["pass_rate"], keep)]
 
 
 def filter_prompts(ctx, stage: str, cfg, model_fn, model_name: str, *, model_step: int | None = None
