@@ -183,6 +183,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         sampler_correction_min=config_dict.placeholder(float),
         sampler_correction_max=3.0,
         mask_truncated_completions=False,  # DAPO: completions cut at max_new_tokens get no loss
+        skip_zero_std_groups=False,  # Skywork-OR1: groups whose rewards are all equal get no loss (no resampling)
         dynamic_sampling=False,     # DAPO: sample more prompts until every group in the batch has a reward signal
         max_rollouts=3,             # with dynamic_sampling: rollouts per step at most (then signal-less groups fill)
         ref_update_every=0,         # refresh the reference weights every N steps (0: never)

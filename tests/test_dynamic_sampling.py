@@ -183,3 +183,25 @@ def test_left_padding_changes_no_completion_log_prob():
     a = completion_logp(model, jnp.asarray(tokens), jnp.asarray(mask), P)[0]
     b = completion_logp(model, jnp.asarray(wide["tokens"]), jnp.asarray(wide["mask"]), P + 3)[0]
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
+
+
+def test_zero_std_groups_leave_the_loss(monkeypatch):
+    """skip_zero_std_groups (Skywork-OR1's "rejection sampling"): the rows of groups whose rewards are all equal get
+    no loss; nothing is sampled again and the other rows are untouched."""
+    import types
+
+    from r1jax import configs
+    from r1jax.rl import trainer
+
+    batch, metrics = fake_rollout([[1, 0], [1, 1], [0, 0]], 0)
+    monkeypatch.setattr(trainer, "rollout", lambda *a, **k: (dict(batch), dict(metrics), [{}] * 6))
+    ctx = types.SimpleNamespace(tokenizer=None, mesh=None, rules=None)
+    out = {}
+    for flag in (False, True):
+        cfg = configs.grpo_stage(group_size=G, skip_zero_std_groups=flag)
+        out[flag], m, _ = trainer.sample_batch(ctx, cfg, None, iter([{}]), jax.random.key(0), None, 0, 3)
+    assert out[False]["completion_mask"].all()
+    assert out[True]["completion_mask"].all(axis=1).tolist() == [True, True, False, False, False, False]
+    for key in ("tokens", "mask", "advantages", "sampler_logp"):
+        np.testing.assert_array_equal(out[True][key], out[False][key])
+    assert m["frac_zero_std"] == pytest.approx(2 / 3)  # the share of groups left out

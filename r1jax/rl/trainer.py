@@ -268,7 +268,9 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
     """One step's update batch (this process's `prompts` groups), rollout metrics, and the batch's rows as
     r1jax.rl.rollout.completion_rows describes them: one rollout of the next prompts, or with `dynamic_sampling` as
     many as it takes (r1jax.rl.dynamic_sampling; rollout r > 0 samples with fold_in(rng, r)), whose rows are the
-    groups kept for the update, each with its `rollout` and the advantage it is trained with."""
+    groups kept for the update, each with its `rollout` and the advantage it is trained with. With
+    `skip_zero_std_groups` the groups whose rewards are all equal get no loss (Skywork-OR1's "rejection sampling":
+    token means then count the informative groups only, and the KL term skips those rows too)."""
     drawn = []
 
     def draw(r):
@@ -287,6 +289,9 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
         batch, metrics = draw(0)
         rows = drawn
     batch.pop("rewards")
+    if cfg.get("skip_zero_std_groups", False):  # frac_zero_std is the share of groups this leaves out
+        keep_R = np.repeat(dynamic_sampling.signal_groups(batch["advantages"], cfg.group_size), cfg.group_size)
+        batch["completion_mask"] = batch["completion_mask"] & keep_R[:, None]
     return batch, metrics, rows
 
 
