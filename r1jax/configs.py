@@ -166,6 +166,9 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         vespo_lambda_neg=2.0,
         kl_cov_ratio=2e-4,          # loss_type kl_cov: share of tokens penalized (verl's default)
         kl_cov_coef=1.0,            # loss_type kl_cov: coefficient of their |log ratio| (verl's ppo_kl_coef)
+        clip_cov_ratio=2e-4,        # loss_type clip_cov: share of tokens detached (verl's default) ...
+        clip_cov_lb=1.0,            # ... among those whose covariance lies in (clip_cov_lb, clip_cov_ub)
+        clip_cov_ub=5.0,
         off_policy_mask_threshold=config_dict.placeholder(float),  # DeepSeek-V3.2's off-policy sequence mask
         # Keep the policy term on this top fraction of tokens by entropy (0.2: the 80/20 paper). Its threshold, like
         # the entropy bonus's mean, is taken per micro-batch (as TRL does per accumulation step).

@@ -204,6 +204,8 @@ def test_variants_under_shard_map_equal_single_device():
         "vespo": dict(loss_type="vespo", sampler_correction="token_truncate", sampler_correction_max=2.0),
         "sapo": dict(loss_type="sapo", entropy_coef=0.02, kl_bias_correction=True),
         "kl_cov": dict(loss_type="kl_cov", kl_cov_ratio=0.1, kl_cov_coef=2.0),
+        "clip_cov": dict(loss_type="clip_cov", clip_cov_ratio=0.05, clip_cov_lb=0.0, clip_cov_ub=5.0,
+                         rng=jax.random.key(3)),
     }
 
     def run(lp, o, r, a, m, e, s, axis_name=None):

@@ -260,7 +260,10 @@ def _lower_step(kind: str, s: _Setup, stage_cfg, mesh, rules, platform: str, sha
 
             fn = make_update_fn(s.graphdef, s.optimizer, stage_cfg, coef)
             batch = _grpo_batch(stage_cfg, mesh, rules, shape["rows"], shape["P"], shape["N"])
-            traced = fn.trace(s.params, s.opt_state, s.rest, batch, nan, prompt_len=shape["P"])
+            from r1jax.rl.grpo import SURROGATE_OF
+
+            rng = jax.random.key(0) if SURROGATE_OF.get(stage_cfg.loss_type) == "clip_cov" else None
+            traced = fn.trace(s.params, s.opt_state, s.rest, batch, nan, prompt_len=shape["P"], loss_rng=rng)
         else:
             from r1jax.sft.trainer import make_train_step, mtp_stats, stage_loss
 

@@ -40,10 +40,11 @@ Loss, `loss(...)`, minimised, so L = -J. Per valid token:
     "dapo"     L = sum_i sum_t l_{i,t} / sum_i |o_i|       DAPO token-level loss; the token count is global across
                                                            data-parallel shards (psum over `axis_name`)
     "luspo"    L = 1/B sum_i sum_t l_{i,t}                 LUSPO (meant with importance_sampling_level="sequence")
-    "cispo", "vespo", "kl_cov"  aggregate as dapo and "sapo" as grpo, with their own per-token policy terms in
-               place of the clipped one (r1jax.rl.grpo_variants: MiniMax-M1's CISPO caps the ratio at epsilon_high
-               and keeps the gradient, SAPO gates it softly, VESPO weighs each sequence by a gamma function of its
-               ratio, KL-Cov penalizes |log ratio| on the tokens whose advantage and log-prob covary most).
+    "cispo", "vespo", "kl_cov", "clip_cov"  aggregate as dapo and "sapo" as grpo, with their own per-token policy
+               terms in place of the clipped one (r1jax.rl.grpo_variants: MiniMax-M1's CISPO caps the ratio at
+               epsilon_high and keeps the gradient, SAPO gates it softly, VESPO weighs each sequence by a gamma
+               function of its ratio, KL-Cov penalizes |log ratio| on the tokens whose advantage and log-prob covary
+               most, Clip-Cov detaches a random few of the tokens whose covariance lies in a band).
   Further terms (r1jax.rl.grpo_variants has the formulas): `off_policy_mask_threshold` drops negative-advantage
   sequences that drifted from the sampler (DeepSeek-V3.2), `top_entropy_quantile` keeps the policy term on the
   highest-entropy tokens only, `entropy_coef` subtracts coef x their mean entropy, `sampler_correction` weighs tokens
@@ -181,6 +182,7 @@ register_loss_type("cispo", surrogate="cispo")(_aggregate_dapo)
 register_loss_type("vespo", surrogate="vespo")(_aggregate_dapo)
 register_loss_type("sapo", surrogate="sapo")(_aggregate_grpo)
 register_loss_type("kl_cov", surrogate="kl_cov")(_aggregate_dapo)  # verl's token-mean
+register_loss_type("clip_cov", surrogate="clip_cov")(_aggregate_dapo)
 
 
 @register_loss_type("luspo")
@@ -278,7 +280,8 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
          top_entropy_quantile: float = 1.0, entropy_coef=0.0, kl_bias_correction: bool = False,
          sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0,
          vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
-         kl_cov_ratio: float = 2e-4, kl_cov_coef: float = 1.0):
+         kl_cov_ratio: float = 2e-4, kl_cov_coef: float = 1.0, clip_cov_ratio: float = 2e-4,
+         clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0, rng=None):
     """GRPO-family policy loss (see the module docstring). Returns (loss, metrics), f32 scalars.
 
     logp_BT: log pi_theta of the sampled tokens (differentiated); old_logp_BT: log pi_theta_old (None: one update
@@ -287,7 +290,8 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
     axis when called inside `jax.shard_map` on per-shard rows. sampler_logp_BT: the sampler's log-probs when the
     old ones were recomputed (sampler_correction, and the off-policy mask's behaviour policy; default old_logp_BT);
     entropy_BT: per-token entropies of pi_theta (top_entropy_quantile < 1, the entropy bonus; differentiated).
-    entropy_coef may be a traced scalar (an adaptive coefficient does not recompile).
+    entropy_coef may be a traced scalar (an adaptive coefficient does not recompile). rng: a PRNG key, for
+    loss_type "clip_cov" (which tokens it detaches is drawn at random).
     """
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
@@ -319,6 +323,12 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
         raise ValueError(f"loss_type 'kl_cov' needs importance_sampling_level='token' (got "
                          f"{importance_sampling_level!r}), 0 < kl_cov_ratio <= 1 (got {kl_cov_ratio!r}) and "
                          f"kl_cov_coef >= 0 (got {kl_cov_coef!r})")
+    if surrogate == "clip_cov" and (importance_sampling_level != "token" or not 0.0 < clip_cov_ratio <= 1.0
+                                    or not clip_cov_lb < clip_cov_ub or rng is None):
+        raise ValueError(f"loss_type 'clip_cov' needs importance_sampling_level='token' (got "
+                         f"{importance_sampling_level!r}), 0 < clip_cov_ratio <= 1 (got {clip_cov_ratio!r}), "
+                         f"clip_cov_lb < clip_cov_ub (got {clip_cov_lb!r}, {clip_cov_ub!r}) and a PRNG key rng "
+                         f"({'none' if rng is None else 'given'}): it draws the tokens it detaches")
     if surrogate == "vespo" and sampler_correction.startswith("sequence"):
         raise ValueError(f"loss_type 'vespo' folds token-level sampler weights into its sequence weight; "
                          f"sampler_correction={sampler_correction!r} is not one: use token_truncate or token_mask")
@@ -372,10 +382,15 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
 
     metrics = {}
     capped = ratio
-    if surrogate == "clip":
+    if surrogate in ("clip", "clip_cov"):
         clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
         capped = ratio if delta is None else jnp.minimum(ratio, delta)
         pg = -jnp.minimum(capped * adv_B1, clipped * adv_B1)
+        if surrogate == "clip_cov":
+            keep = variants.clip_cov_keep(logp, adv_B1, valid_BT, (clipped - ratio) * adv_B1 < 0, rng,
+                                          clip_cov_ratio, clip_cov_lb, clip_cov_ub, axis_name)
+            pg = pg * keep
+            metrics["clip_cov/frac_detached"] = _masked_mean(1.0 - keep, valid_BT, axis_name)
     elif surrogate == "cispo":
         pg = variants.cispo(ratio, logp, adv_B1, eps_max=eps_high)
         metrics["cispo_clip_ratio"] = _masked_mean(
@@ -447,7 +462,7 @@ def loss(logp_BT, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, *, loss_type:
             total = total - entropy_coef * selected
 
     unit_valid = jnp.broadcast_to(unit_valid, ratio.shape)
-    if surrogate == "clip":
+    if surrogate in ("clip", "clip_cov"):
         low = (capped < 1.0 - eps_low) & (adv_B1 < 0)
         high = (capped > 1.0 + eps_high) & (adv_B1 > 0)
         for name, flag in (("low", low), ("high", high), ("region", low | high)):

@@ -18,6 +18,10 @@ Surrogates (the per-token policy term before aggregation), chosen by loss_type:
                                                         tokens with the largest (A - mean A)(logp - mean logp), means
                                                         over the n valid tokens, get the |log ratio| penalty
                                                         (r = kl_cov_ratio, c = kl_cov_coef); verl's kl_cov loss
+    "clip_cov" the clipped term x [t not detached]      Clip-Cov (same paper): of the valid tokens the clip left
+                                                        alone whose covariance lies in (clip_cov_lb, clip_cov_ub),
+                                                        max(1, int(n clip_cov_ratio)) drawn at random (all when
+                                                        fewer) get no loss and no gradient; verl's clip_cov loss
 Masks and weights (multiply the policy term only, never the KL term):
     off-policy sequence mask   DeepSeek-V3.2 eq. 9: a sequence with A < 0 whose mean of log pi_sampler - log pi_theta
                                over its tokens exceeds `off_policy_mask_threshold` is dropped
@@ -29,8 +33,9 @@ Masks and weights (multiply the policy term only, never the KL term):
                                weights outside it (TRL's vllm_importance_sampling_mode)
 All match TRL 1.16's GRPOTrainer (`_compute_loss`, `get_high_entropy_mask`, `get_off_policy_mask`,
 `get_gamma_weights` and its sampler-ratio code) term by term; tests/test_grpo_variants.py runs TRL's own code.
-KL-Cov matches verl's `compute_policy_loss_kl_cov` (tests/test_kl_cov.py: its code, typed in independently); where
-covariances tie at the cut, every tied token is penalized (verl's top-k picks some of them).
+KL-Cov and Clip-Cov match verl's `compute_policy_loss_kl_cov` / `_clip_cov` (tests/test_kl_cov.py: its code, typed
+in independently); where covariances tie at KL-Cov's cut every tied token is penalized (verl's top-k picks some of
+them), and Clip-Cov's random draw is jax.random's (the same distribution as verl's torch.randperm, other draws).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-SURROGATES = ("clip", "cispo", "sapo", "vespo", "kl_cov")
+SURROGATES = ("clip", "cispo", "sapo", "vespo", "kl_cov", "clip_cov")
 SAMPLER_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 VESPO_LOG_FLOOR = math.log(1e-8)  # VESPO clamps log w to [log 1e-8, 20], as its reference code does
 # Beyond 20 nats a ratio is meaningless anyway, and exp(20) ~ 4.9e8 keeps every product far from f32 overflow.
@@ -111,20 +116,42 @@ def high_entropy_tokens(entropy_BT, valid_BT, quantile: float, axis_name=None):
 def kl_cov_tokens(logp_BT, adv_B1, valid_BT, ratio: float, axis_name=None):
     """KL-Cov's penalized tokens: the max(1, int(n * ratio)) valid tokens (n of them, over shards with
     `axis_name`) with the largest centered covariance (A - mean A)(logp - mean logp); no valid token -> none."""
+    cov_BT, n = _centered_cov(logp_BT, adv_B1, valid_BT, axis_name)
+    cov = jnp.where(valid_BT, cov_BT, -jnp.inf)
+    everything = cov if axis_name is None else jax.lax.all_gather(cov, axis_name, tiled=True)
+    k = jnp.maximum(jnp.floor(n * ratio), 1.0).astype(jnp.int32)
+    cut = jnp.sort(everything.reshape(-1))[::-1][jnp.minimum(k, everything.size) - 1]
+    return valid_BT & (cov_BT >= cut) & (n > 0)
+
+
+def _centered_cov(logp_BT, adv_B1, valid_BT, axis_name):
+    """(A - mean A)(logp - mean logp) per token, means over the valid tokens of every shard; and the gathered
+    (adv, logp, valid) it came from when `axis_name` is given."""
     logp_BT = jax.lax.stop_gradient(logp_BT)
     adv_BT = jnp.broadcast_to(adv_B1, logp_BT.shape)
-    values = (adv_BT, logp_BT, valid_BT)
-    if axis_name is not None:
-        values = tuple(jax.lax.all_gather(x, axis_name, tiled=True) for x in values)
-    adv, logp, valid = values
-    n = count(valid)
-    mean_adv = jnp.where(valid, adv, 0.0).sum() / jnp.maximum(n, 1.0)
-    mean_logp = jnp.where(valid, logp, 0.0).sum() / jnp.maximum(n, 1.0)
-    cov_all = jnp.where(valid, (adv - mean_adv) * (logp - mean_logp), -jnp.inf).reshape(-1)
+    n = psum(count(valid_BT), axis_name)
+    mean_adv = psum(jnp.where(valid_BT, adv_BT, 0.0).sum(), axis_name) / jnp.maximum(n, 1.0)
+    mean_logp = psum(jnp.where(valid_BT, logp_BT, 0.0).sum(), axis_name) / jnp.maximum(n, 1.0)
+    return (adv_BT - mean_adv) * (logp_BT - mean_logp), n
+
+
+def clip_cov_keep(logp_BT, adv_B1, valid_BT, clipped_BT, rng, ratio: float, lb: float, ub: float, axis_name=None):
+    """[B, T] float, 0 on the tokens Clip-Cov detaches: among the valid tokens not clipped by the ratio clip
+    (`clipped_BT`) whose centered covariance lies in (lb, ub), a uniformly random max(1, int(n * ratio)) of them (n:
+    valid tokens, over shards with `axis_name`), or all of them when fewer. `rng` draws the same numbers on every
+    shard."""
+    cov_BT, n = _centered_cov(logp_BT, adv_B1, valid_BT, axis_name)
+    candidate_BT = valid_BT & ~clipped_BT & (cov_BT > lb) & (cov_BT < ub)
+    u_BT = jax.random.uniform(rng, candidate_BT.shape if axis_name is None else
+                              (candidate_BT.shape[0] * jax.lax.psum(1, axis_name),) + candidate_BT.shape[1:])
+    if axis_name is not None:  # this shard's rows of one draw over the whole batch
+        u_BT = jax.lax.dynamic_slice_in_dim(u_BT, jax.lax.axis_index(axis_name) * candidate_BT.shape[0],
+                                            candidate_BT.shape[0])
+    u = jnp.where(candidate_BT, u_BT, jnp.inf)
+    everything = u if axis_name is None else jax.lax.all_gather(u, axis_name, tiled=True)
     k = jnp.maximum(jnp.floor(n * ratio), 1.0).astype(jnp.int32)
-    cut = jnp.sort(cov_all)[::-1][jnp.minimum(k, cov_all.size) - 1]
-    cov_BT = (adv_BT - mean_adv) * (logp_BT - mean_logp)
-    return valid_BT & (cov_BT >= cut) & (n > 0)
+    cut = jnp.sort(everything.reshape(-1))[jnp.minimum(k, everything.size) - 1]
+    return 1.0 - (candidate_BT & (u <= cut)).astype(jnp.float32)
 
 
 def sampler_weights(old_logp_BT, sampler_logp_BT, valid_BT, mode: str, c_min: float | None, c_max: float | None):

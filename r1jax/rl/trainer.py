@@ -122,7 +122,8 @@ def make_logp_fn(graphdef, chunk: int = 0, pack_shards: int = 1, pack_parts: int
 LOSS_OPTIONS = dict(sampler_correction="none", sampler_correction_min=None, sampler_correction_max=None,
                     off_policy_mask_threshold=None, top_entropy_quantile=1.0, kl_bias_correction=False,
                     sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
-                    vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_cov_ratio=2e-4, kl_cov_coef=1.0)
+                    vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_cov_ratio=2e-4, kl_cov_coef=1.0, clip_cov_ratio=2e-4,
+                    clip_cov_lb=1.0, clip_cov_ub=5.0)
 
 
 def loss_kwargs(cfg) -> dict:
@@ -176,13 +177,14 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
     bonus = entropy_bonus(cfg)  # static: without a bonus no gradient flows through the entropies
     mtp_weight = float(cfg.get("mtp_weight", 0.0))
 
-    def objective(p, rest, batch, prompt_len, entropy_coef):
+    def objective(p, rest, batch, prompt_len, entropy_coef, loss_rng):
         model = nnx.merge(graphdef, p, rest)
         logp, entropy, aux, *hidden = completion_logp(model, batch["tokens"], batch["mask"], prompt_len, chunk,
                                                       packed_arrays(batch), pack_shards, with_hidden=bool(mtp_weight))
         value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"],
                                    batch["completion_mask"], sampler_logp_BT=batch.get("sampler_logp"),
-                                   entropy_BT=entropy, entropy_coef=entropy_coef if bonus else 0.0, **kw)
+                                   entropy_BT=entropy, entropy_coef=entropy_coef if bonus else 0.0, rng=loss_rng,
+                                   **kw)
         if mtp_weight:  # the MTP modules alone learn from it: the policy's gradient is unchanged
             nll, acc, mtp_aux = rollout_mtp_loss(model, hidden[0], batch["tokens"], batch["mask"],
                                                  batch["completion_mask"], chunk)
@@ -193,10 +195,10 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
         return value, (metrics, aux)
 
     @partial(jax.jit, static_argnames=("prompt_len",), donate_argnums=(0, 1))
-    def update(params, opt_state, rest, batch, inject_nan, prompt_len, entropy_coef=0.0):
+    def update(params, opt_state, rest, batch, inject_nan, prompt_len, entropy_coef=0.0, loss_rng=None):
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if accum == 1:
-            (value, (metrics, aux)), grads = grad_fn(params, rest, batch, prompt_len, entropy_coef)
+            (value, (metrics, aux)), grads = grad_fn(params, rest, batch, prompt_len, entropy_coef, loss_rng)
         else:
             R = batch["tokens"].shape[0]
             if R % accum:
@@ -209,13 +211,15 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
                 weights = jnp.full((accum,), 1.0 / accum, jnp.float32)
 
             def body(acc, xs):
-                mb, w = xs
-                (v, (m, a)), g = grad_fn(params, rest, mb, prompt_len, entropy_coef)
+                mb, w, r = xs
+                (v, (m, a)), g = grad_fn(params, rest, mb, prompt_len, entropy_coef, r)
                 acc_g, acc_v = acc
                 return (jax.tree.map(lambda s, x: s + w * x, acc_g, g), acc_v + w * v), (m, a)
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, value), (ms, auxs) = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, weights))
+            rngs = None if loss_rng is None else jax.random.split(loss_rng, accum)
+            (grads, value), (ms, auxs) = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                                      (micro, weights, rngs))
             metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), ms)
             # Expert loads add up over micro-batches; losses and drop fractions average.
             aux = {k: v.sum(0) if k.endswith("moe_load") else v.mean(0) for k, v in auxs.items()}
@@ -357,7 +361,7 @@ def check_loss_options(stage: str, cfg) -> None:
     z = jnp.zeros((1, 1), jnp.float32)
     try:
         grpo.loss(z, z, z, jnp.zeros((1,)), jnp.ones((1, 1)), sampler_logp_BT=z, entropy_BT=z,
-                  entropy_coef=float(cfg.get("entropy_coef", 0.0)), **loss_kwargs(cfg))
+                  entropy_coef=float(cfg.get("entropy_coef", 0.0)), rng=jax.random.key(0), **loss_kwargs(cfg))
     except ValueError as e:
         raise ValueError(f"config.{stage}: {e}") from None
 
@@ -477,6 +481,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     nan_at = training.nan_steps(cfg.debug_nan_steps)
     old_from_sampler, keep_sampler_logp = old_logp_source(cfg)
     key = jax.random.key(ctx.config.seed)
+    # Clip-Cov draws the tokens it detaches: a key per optimizer step, so a resumed stage draws the same.
+    draws, loss_key = grpo.SURROGATE_OF[cfg.loss_type] == "clip_cov", jax.random.fold_in(key, 2**30)
     completions = ctx.stage_dir(stage) / COMPLETIONS_FILE
     if jax.process_index() == 0:  # rows of steps past the checkpoint are sampled again
         trim_records(completions, lambda row: row.get("step", 0) <= step)
@@ -549,8 +555,10 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                     for mb in range(cfg.minibatches):
                         sub = jax.tree.map(lambda x: x[mb], parts) if parts is not None else dev
                         bonus_coef = applied_entropy_coef(cfg, entropy_coef, last_entropy)
+                        loss_rng = None if not draws else jax.random.fold_in(
+                            loss_key, step * cfg.mu * cfg.minibatches + len(step_metrics))
                         params, opt_state, m, aux = update(params, opt_state, rest, sub, step + 1 in nan_at, P,
-                                                           jnp.float32(bonus_coef))
+                                                           jnp.float32(bonus_coef), loss_rng)
                         rest = training.update_router_bias(ctx, rest, aux)
                         m = training.to_float_dict(m)
                         if entropy_bonus(cfg):
