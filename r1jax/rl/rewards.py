@@ -513,7 +513,8 @@ def check_schedule(schedule: Mapping[str, Mapping], weights: Mapping[str, float]
     """Raises ValueError, naming the reward and key, for a `reward_schedule` that `scheduled_weights` cannot apply."""
     for name, entry in schedule.items():
         if name not in weights:
-            raise ValueError(f"reward_schedule names {name!r}, which is not among the weighted rewards {sorted(weights)}")
+            raise ValueError(f"reward_schedule names {name!r}, which is not among the weighted rewards "
+                             f"{sorted(weights)}")
         if not isinstance(entry, Mapping) or set(entry) - set(SCHEDULE_KEYS):
             raise ValueError(f"reward_schedule.{name}={entry!r}; give a dict of {list(SCHEDULE_KEYS)}")
         for key, value in entry.items():
