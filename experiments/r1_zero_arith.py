@@ -21,15 +21,16 @@ Variants: `:runlocal` shrinks everything for a smoke run (about a minute). `:dee
 DeepSeek-V3-style model (MLA, shared + routed experts, one multi-token-prediction module trained in `pretrain` with
 DeepSeek-V3's MTP loss at weight 0.3), whose MTP module then drafts tokens for the GRPO rollouts and evaluations
 (speculative decoding, `rollout_speculative="mtp"`: the same samples' distribution, fewer model calls; the
-acceptance rate is logged as `draft_acceptance`). Sweep with
+acceptance rate is logged as `draft_acceptance`). `:filter` adds a difficulty stage before GRPO (8 samples of each
+training prompt with the base; GRPO trains on the prompts solved 1-7 times, r1jax.pipeline.difficulty). Sweep with
 `python launch/sweep.py --config experiments/r1_zero_arith.py --workdir /tmp/sweep`.
 """
 
-from r1jax.configs import base_config, eval_config, grpo_stage, parse_arg, sft_stage
+from r1jax.configs import base_config, difficulty_stage, eval_config, grpo_stage, parse_arg, sft_stage
 
 
 def get_config(arg=None):
-    opts = parse_arg(arg, runlocal=False, deepseek=False)
+    opts = parse_arg(arg, runlocal=False, deepseek=False, filter=False)
     cfg = base_config()
     cfg.seed = 0
     cfg.stages = "pretrain,grpo"
@@ -80,6 +81,11 @@ def get_config(arg=None):
         cfg.pretrain.mtp_weight = 0.3  # DeepSeek-V3's lambda for its first 10T tokens
         cfg.grpo.rollout_speculative = "mtp"
         cfg.grpo.eval.speculative = "mtp"
+    if opts.filter:  # difficulty filtering first: GRPO trains on the prompts the base solves 1-7 times of 8
+        cfg.stages = "pretrain,filter,grpo"
+        cfg.filter = difficulty_stage(k=8, temperature=1.0, top_p=1.0, max_new_tokens=48, batch_size=200,
+                                      correct_reward="accuracy", reward_workers=2)
+        cfg.grpo.prompts = "stage:filter"
     if opts.runlocal:
         cfg.task.test.n = 16
         cfg.pretrain.corpus.n = 400
@@ -87,6 +93,8 @@ def get_config(arg=None):
         cfg.grpo.steps, cfg.grpo.batch_prompts, cfg.grpo.group_size, cfg.grpo.eval_every = 3, 4, 4, 0
         cfg.grpo.log_every = 1
         cfg.grpo.eval.num_problems, cfg.grpo.eval.k, cfg.grpo.eval.batch_size = 16, 2, 16
+        if opts.filter:  # a 20-step base solves next to nothing: keep the unsolved prompts too
+            cfg.filter.update(num_prompts=32, k=4, batch_size=32, drop_unsolved=False)
     return cfg
 
 

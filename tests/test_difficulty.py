@@ -177,3 +177,12 @@ def test_pass_rate_intervals_and_problem_rows():
         ("a", 1.0), ("b", 0.5), ("c", 0.0)]
     kept = problem_pass_rates(examples, samples, parse_interval("(0,1)"))
     assert kept == [{"prompt": "b", "pass_rate": 0.5, "pass_samples": 2}]
+
+
+def test_the_toy_experiments_filter_variant_is_a_valid_config():
+    from run_helpers import ROOT
+
+    for variant in ("filter", "filter,runlocal"):
+        cfg = load_config(ROOT / "experiments" / "r1_zero_arith.py", variant)
+        assert cfg.stages == "pretrain,filter,grpo" and cfg.grpo.prompts == "stage:filter"
+        check_stages(cfg, read_files=False)
