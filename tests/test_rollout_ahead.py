@@ -3,6 +3,7 @@ of the plain run (a learning rate of 0 gives the plain run's numbers), and a sto
 the uninterrupted run did."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 import test_trainer
@@ -91,3 +92,21 @@ def test_settings_are_checked():
     trainer.check_grpo_stage("grpo", cfg)
     with pytest.raises(ValueError, match="with 2 processes"):
         rollout_ahead.check("grpo", cfg, 2)
+
+
+def test_a_damaged_batch_file_is_named(tmp_path):
+    batch = {"tokens": np.arange(6, dtype=np.int32).reshape(2, 3), "advantages": np.ones(2, np.float32)}
+    rollout_ahead.save(tmp_path, 4, (batch, {"reward": 1.0}, [{"completion": "x"}]), keep=2)
+    got, metrics, rows = rollout_ahead.load(tmp_path, 4)
+    np.testing.assert_array_equal(got["tokens"], batch["tokens"])
+    assert metrics == {"reward": 1.0} and rows == [{"completion": "x"}] and rollout_ahead.load(tmp_path, 5) is None
+    for step in (5, 6):
+        rollout_ahead.save(tmp_path, step, (batch, {}, []), keep=2)
+    assert sorted(p.name for p in (tmp_path / "rollout_ahead").iterdir()) == [
+        "step_5.json", "step_5.npz", "step_6.json", "step_6.npz"]  # as many as the checkpoints kept
+    path = tmp_path / "rollout_ahead" / "step_6.npz"
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match=r"step_6.npz / .json \(the batch sampled ahead of checkpoint 6\) cannot be "
+                                         r"read .*delete both"):
+        rollout_ahead.load(tmp_path, 6)
+    assert path.exists()

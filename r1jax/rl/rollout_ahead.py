@@ -112,7 +112,12 @@ def load(stage_dir: Path, step: int) -> tuple | None:
     path = Path(stage_dir) / AHEAD_DIR / f"step_{step}.npz"
     if not path.exists() or not path.with_suffix(".json").exists():
         return None
-    with np.load(path) as z:
-        batch = {k: z[k] for k in z.files}
-    extra = json.loads(path.with_suffix(".json").read_text())
-    return batch, extra["metrics"], extra["rows"]
+    try:
+        with np.load(path) as z:
+            batch = {k: z[k] for k in z.files}
+        extra = json.loads(path.with_suffix(".json").read_text())
+        return batch, extra["metrics"], extra["rows"]
+    except Exception as e:  # noqa: BLE001 - any damage: say which files, lose nothing
+        raise ValueError(f"{path} / .json (the batch sampled ahead of checkpoint {step}) cannot be read ({e!r}); "
+                         "delete both to sample that step again with the checkpoint's weights (the resumed run then "
+                         "differs from an uninterrupted one)") from None
