@@ -35,3 +35,18 @@ def wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     for var in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """A workdir of the tiny R1-Zero config whose pretrain stage is done (once per test process); GRPO stage tests
+    copy it (test_trainer._workdir) so each runs only its own stage."""
+    from run_helpers import TINY_R1ZERO, load_config
+
+    from r1jax.pipeline.stages import run
+
+    base = tmp_path_factory.mktemp("pretrained")
+    cfg = load_config(TINY_R1ZERO, None)
+    cfg.stages = "pretrain"
+    run(cfg, base)
+    return base

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_trainer
 import torch
 
 from r1jax.rl.grpo import loss
@@ -207,19 +208,15 @@ def test_grpo_stage_takes_kl_cov():
         check_grpo_stage("grpo", cfg)
 
 
-def test_clip_cov_stage_resumes_with_the_same_draws(tmp_path):
+def test_clip_cov_stage_resumes_with_the_same_draws(pretrained, tmp_path):
     """A GRPO stage with Clip-Cov, two minibatches of two accumulated micro-batches each: tokens are detached, and a
     stop and resume gives the uninterrupted numbers (each optimizer step's key derives from its step)."""
-    import test_trainer
     from run_helpers import StopAfter
 
     from r1jax.logging import read_metrics
     from r1jax.pipeline.stages import run
 
-    base = tmp_path / "base"
-    cfg = test_trainer._config()
-    cfg.stages = "pretrain"
-    run(cfg, base)
+    base = pretrained
     opts = dict(loss_type="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=0.0, minibatches=2, grad_accum=2)
     full = test_trainer._with_length_reward(**opts)
     full.grpo.eval.num_problems = 0

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-import test_trainer
 from run_helpers import StopAfter
 from test_trainer import _by_step, _with_length_reward, _workdir
 
@@ -14,8 +13,6 @@ from r1jax import configs
 from r1jax.logging import read_metrics
 from r1jax.pipeline.stages import run
 from r1jax.rl import rollout_ahead, trainer
-
-pretrained = test_trainer.pretrained  # the session fixture: a workdir whose pretraining stage is done
 
 
 def _checksum(params) -> float:

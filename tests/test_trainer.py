@@ -38,16 +38,6 @@ def _cli(*args, timeout=600, **popen):
                           timeout=timeout, env=env, cwd=ROOT, **popen)
 
 
-@pytest.fixture(scope="session")
-def pretrained(tmp_path_factory):
-    """A workdir whose pretrain stage is done; tests copy it so each runs only the GRPO stage."""
-    base = tmp_path_factory.mktemp("pretrained")
-    cfg = _config()
-    cfg.stages = "pretrain"
-    run(cfg, base)
-    return base
-
-
 def _workdir(pretrained, path):
     shutil.copytree(pretrained, path)
     (path / "metrics.jsonl").unlink()
