@@ -67,6 +67,7 @@ def test_select_problems(settings, kept, dropped):
     (dict(mix_data="task:arithmetic", mix_ratio=0.2), "writes prompts only"),
     (dict(correct_reward="nope"), "unknown reward 'nope'"),
     (dict(prompts="csv:x"), "valid: task, jsonl:PATH, stage:NAME"),
+    (dict(judge=configs.judge_reward(model="stage:rm")), "judges samples by its correct_reward rule only"),
 ])
 def test_bad_settings_are_refused(settings, match):
     with pytest.raises(ValueError, match=match):

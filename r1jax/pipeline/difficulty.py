@@ -59,6 +59,9 @@ def check_difficulty(stage: str, cfg) -> None:
     if cfg.mix_ratio or cfg.mix_data:
         raise ValueError(f"config.{stage}: mix_data / mix_ratio mix SFT rows into rejection-sampled data; a "
                          "difficulty stage writes prompts only")
+    if cfg.get("judge") is not None and cfg.judge.get("model"):
+        raise ValueError(f"config.{stage}.judge.model={cfg.judge.model!r}: a difficulty stage judges samples by its "
+                         "correct_reward rule only")
 
 
 def pass_rates(records: Sequence[Mapping], num_prompts: int, reward: str) -> list[dict]:
