@@ -32,7 +32,7 @@ from pathlib import Path
 from r1jax.data.gpqa import csv_header, csv_records
 from r1jax.data.tasks import Example, _iter_records, _load_records, register_file_task
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJ"  # r1jax.rl.rewards.CHOICE_LETTERS: the multiple_choice reward reads the same letters
 CSV_FIELDS = ("Question", "A", "B", "C", "D", "Answer")
 _CONSUMED = ("question", "Question", "choices", "options", "answer", "Answer", "answer_index", "A", "B", "C", "D")
 
