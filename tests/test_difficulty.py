@@ -102,8 +102,9 @@ def test_grpo_prompts_are_checked_before_any_stage_runs(tmp_path):
     assert not (tmp_path / "pretrain").exists()
 
 
-def test_difficulty_stage_feeds_grpo_and_resumes(tmp_path, monkeypatch):
+def test_difficulty_stage_feeds_grpo_and_resumes(pretrained, tmp_path, monkeypatch):
     work = tmp_path / "run"
+    shutil.copytree(pretrained, work)  # the tiny config's pretraining, done once per test process
     out = run(_config(), work)
     assert not out["stopped"]
     summary = out["stages"]["filter"]

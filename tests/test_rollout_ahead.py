@@ -55,11 +55,14 @@ def test_each_batch_is_sampled_by_the_weights_one_update_behind(pretrained, tmp_
 
 
 def test_with_no_learning_it_is_the_plain_run(pretrained, tmp_path):
-    plain, ahead = _with_length_reward(lr=0.0), _with_length_reward(lr=0.0, rollout_ahead=1)
+    plain, ahead = _with_length_reward(lr=0.0, steps=3), _with_length_reward(lr=0.0, steps=3, rollout_ahead=1)
+    for cfg in (plain, ahead):
+        cfg.grpo.eval.num_problems = 0
     run(plain, _workdir(pretrained, tmp_path / "plain"))
     run(ahead, _workdir(pretrained, tmp_path / "ahead"))
     a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ahead")
-    for key in ("loss", "reward", "reward/overlong", "completion_len", "kl", "entropy", "eval/pass@1"):
+    assert len(_by_step(a, "grpo", "loss")) == 3
+    for key in ("loss", "reward", "reward/overlong", "completion_len", "kl", "entropy"):
         assert _by_step(a, "grpo", key) == _by_step(b, "grpo", key), key
     assert (tmp_path / "plain" / "grpo" / "completions.jsonl").read_text() == \
         (tmp_path / "ahead" / "grpo" / "completions.jsonl").read_text()
