@@ -20,7 +20,7 @@ from ml_collections import config_dict
 
 STAGE_KINDS = ("sft", "grpo", "rejection", "distill", "evaluate", "reward_model", "difficulty")
 # Stage keys whose value may name another stage as "stage:NAME" (which must come earlier in config.stages).
-STAGE_REF_KEYS = ("init", "teacher", "data", "prompts")
+STAGE_REF_KEYS = ("init", "teacher", "data", "prompts", "drop_solved_in")
 
 
 def _optim(**kw) -> dict:
@@ -202,6 +202,8 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         template="",
         train_split="train",
         prompts="task",             # task (the task's train_split), stage:NAME (a difficulty stage's), jsonl:PATH
+        drop_solved_in="",          # stage:NAME (a GRPO stage): leave out the prompts it last saw solved every time
+        solved_reward="",           # its 1.0 means solved in prompt_pass.jsonl ("": verifiable, accuracy, ... if weighted)
         # Rewards from models, {name: model_reward(...) | judge_reward(...)}, added to the rule rewards' total
         # (r1jax.rl.reward_model); each logged as reward/<name>.
         model_rewards=ml_collections.ConfigDict(),

@@ -31,7 +31,8 @@ from r1jax.models.head_loss import head_nll, map_position_chunks
 from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
 from r1jax.parallel.sharding import shard_batch, split_rows
-from r1jax.rl import dynamic_sampling, grpo, packing, rollout_ahead
+from r1jax.parallel import hosts
+from r1jax.rl import dynamic_sampling, grpo, packing, prompt_pass, rollout_ahead
 from r1jax.rl.packing import gather_positions
 from r1jax.rl.rollout import rollout
 
@@ -296,6 +297,9 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
     if cfg.get("skip_zero_std_groups", False):  # frac_zero_std is the share of groups this leaves out
         keep_R = np.repeat(dynamic_sampling.signal_groups(batch["advantages"], cfg.group_size), cfg.group_size)
         batch["completion_mask"] = batch["completion_mask"] & keep_R[:, None]
+    rule = prompt_pass.solved_rule("grpo", cfg)
+    if rule is not None:  # every rollout's groups, also those dynamic sampling discarded (run_grpo_stage records them)
+        metrics = {**metrics, "prompt_pass": prompt_pass.count_solved(drawn, cfg.group_size, rule)}
     return batch, metrics, rows
 
 
@@ -315,6 +319,10 @@ def check_grpo_stage(stage: str, cfg) -> None:
     if src != "task" and not src.startswith(("stage:", "jsonl:")):
         raise ValueError(f"config.{stage}.prompts={src!r}; valid: {', '.join(GRPO_PROMPTS)}")
     rollout_ahead.check(stage, cfg, 1)  # (the process count is checked when the stage starts)
+    prompt_pass.solved_rule(stage, cfg)
+    source = cfg.get("drop_solved_in", "")
+    if source and not source.startswith("stage:"):
+        raise ValueError(f"config.{stage}.drop_solved_in={source!r}; valid: '' or stage:NAME (an earlier GRPO stage)")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
     check_loss_options(stage, cfg)
@@ -437,6 +445,9 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     examples = grpo_examples(ctx, stage, cfg)
     if cfg.get("prompts", "task").startswith("stage:"):  # written by this run: not checked before it started
         check_prompts(ctx, stage, cfg, examples)
+    dropped = None
+    if cfg.get("drop_solved_in", ""):  # Skywork-OR1's online filter (r1jax.rl.prompt_pass)
+        examples, dropped = prompt_pass.drop_solved(ctx, stage, cfg.drop_solved_in, examples)
     template = cfg.template or ctx.config.task.template
     prompts = training.process_share(cfg.batch_prompts, f"config.{stage}.batch_prompts", "prompts")
     ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=prompts,
@@ -484,8 +495,10 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     # Clip-Cov draws the tokens it detaches: a key per optimizer step, so a resumed stage draws the same.
     draws, loss_key = grpo.SURROGATE_OF[cfg.loss_type] == "clip_cov", jax.random.fold_in(key, 2**30)
     completions = ctx.stage_dir(stage) / COMPLETIONS_FILE
+    passes_file = ctx.stage_dir(stage) / prompt_pass.PASS_FILE
     if jax.process_index() == 0:  # rows of steps past the checkpoint are sampled again
-        trim_records(completions, lambda row: row.get("step", 0) <= step)
+        for path in (completions, passes_file):
+            trim_records(path, lambda row: row.get("step", 0) <= step)
 
     ahead = rollout_ahead.check(stage, cfg, jax.process_count())
     sampler = rollout_ahead.AheadSampler()
@@ -527,6 +540,11 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 metrics = {**metrics, "rollout_wait_s": time.perf_counter() - t_wait}
             else:
                 batch, metrics, rows = draw(step, current_model())
+            passes = metrics.pop("prompt_pass", None)
+            if passes is not None:
+                passes = hosts.concat_objects(passes)  # (every process: a collective)
+                if jax.process_index() == 0:
+                    append_records(passes_file, [{"step": step + 1, **p} for p in passes])
             if ahead and step + 1 < cfg.steps:  # the next batch, by these weights (the update donates them: a copy)
                 sampler.submit(step + 1, draw, step + 1, nnx.merge(graphdef, training.tree_copy(params), rest))
             P = batch["tokens"].shape[1] - cfg.max_new_tokens
@@ -591,7 +609,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 if training.stops_early(ctx, stage, cfg):
                     break
         model = current_model()
-        summary = {"steps": step, "skipped_updates": skipped, **({"stopped_early": True} if step < cfg.steps else {})}
+        summary = {"steps": step, "skipped_updates": skipped, **({"stopped_early": True} if step < cfg.steps else {}),
+                   **({"dropped_solved_prompts": dropped} if dropped is not None else {})}
         summary.update(evaluated[step] if step in evaluated else
                        training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
         training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf,
