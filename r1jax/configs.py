@@ -203,7 +203,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         train_split="train",
         prompts="task",             # task (the task's train_split), stage:NAME (a difficulty stage's), jsonl:PATH
         drop_solved_in="",          # stage:NAME (a GRPO stage): leave out the prompts it last saw solved every time
-        solved_reward="",           # its 1.0 means solved in prompt_pass.jsonl ("": verifiable, accuracy, ... if weighted)
+        solved_reward="",           # its 1.0 means solved in prompt_pass.jsonl ("": verifiable, accuracy, ...)
         # Rewards from models, {name: model_reward(...) | judge_reward(...)}, added to the rule rewards' total
         # (r1jax.rl.reward_model); each logged as reward/<name>.
         model_rewards=ml_collections.ConfigDict(),
