@@ -71,7 +71,7 @@ def _two_stages():
     return cfg
 
 
-def test_a_later_stage_leaves_out_the_prompts_solved_every_time(pretrained, tmp_path):
+def test_a_later_stage_leaves_out_the_prompts_solved_every_time_and_resumes(pretrained, tmp_path):
     work = _workdir(pretrained, tmp_path / "w")
     out = run(_two_stages(), work)
     records = [json.loads(line) for line in (work / "grpo" / "prompt_pass.jsonl").read_text().splitlines()]
@@ -89,19 +89,17 @@ def test_a_later_stage_leaves_out_the_prompts_solved_every_time(pretrained, tmp_
     trained = {json.loads(line)["id"] for line in (work / "grpo2" / "completions.jsonl").read_text().splitlines()}
     assert trained and not trained & solved
 
-
-def test_resume_keeps_the_records_of_the_checkpointed_steps(pretrained, tmp_path):
+    # The first stage stopped after step 2 (its checkpoint) with a step 3 sampled and recorded, then resumed: the
+    # records are the uninterrupted ones.
     cfg = _two_stages()
     cfg.stages = "pretrain,grpo"
-    full = _workdir(pretrained, tmp_path / "full")
-    run(cfg, full)
     resumed = _workdir(pretrained, tmp_path / "resumed")
     run(cfg, resumed, stop=StopAfter(2))
-    with open(resumed / "grpo" / "prompt_pass.jsonl", "a") as f:  # a step sampled after the checkpoint, then killed
+    with open(resumed / "grpo" / "prompt_pass.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "id": "x", "solved": 2, "samples": 2}) + "\n")
     run(cfg, resumed)
-    assert (full / "grpo" / "prompt_pass.jsonl").read_text() == (resumed / "grpo" / "prompt_pass.jsonl").read_text()
-    assert _by_step(read_metrics(full), "grpo", "loss") == _by_step(read_metrics(resumed), "grpo", "loss")
+    assert (work / "grpo" / "prompt_pass.jsonl").read_text() == (resumed / "grpo" / "prompt_pass.jsonl").read_text()
+    assert _by_step(read_metrics(work), "grpo", "loss") == _by_step(read_metrics(resumed), "grpo", "loss")
 
 
 def test_settings_are_checked_before_anything_runs(tmp_path):
