@@ -7,6 +7,7 @@ import types
 
 import pytest
 from run_helpers import StopAfter
+from test_difficulty import ODD  # a rule a random model passes about half the time (registered there)
 from test_trainer import _by_step, _with_length_reward, _workdir
 
 from r1jax import configs
@@ -14,14 +15,6 @@ from r1jax.logging import read_metrics
 from r1jax.pipeline.stages import check_stages, run
 from r1jax.rl import prompt_pass
 from r1jax.rl.prompt_pass import count_solved, drop_solved, solved_ids, solved_rule
-from r1jax.rl.rewards import REWARDS, register_reward
-
-ODD = "_test_odd_length_pp"
-if ODD not in REWARDS:
-    # Solved about half the time by a random model: some prompts' groups are solved by every sample.
-    @register_reward(ODD)
-    def _odd_length(completion, example):
-        return float(len(completion) % 2)
 
 
 def test_docstring_example():
