@@ -194,7 +194,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         rewards=ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1}),
         # Keyword arguments of the rule rewards, {name: {arg: value}}, e.g. {"overlong": {"max_len": 8192}}.
         reward_kwargs=ml_collections.ConfigDict(),
-        # {name: {start_step, warmup_steps, end_step}}: a rule reward's weight over the steps (r1jax.rl.rewards.
+        # {name: {start_step, warmup_steps, end_step}}: a rule reward's weight over the steps (r1jax.rl.reward_schedule.
         # scheduled_weights), e.g. Kimi k1.5's length penalty warmed up: {"length": {"warmup_steps": 100}}
         reward_schedule=ml_collections.ConfigDict(),
         reward_timeout_s=1.0,

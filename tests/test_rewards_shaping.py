@@ -231,7 +231,7 @@ def test_rollout_scores_each_group(tmp_path):
 
 
 def test_reward_schedules():
-    from r1jax.rl.rewards import check_schedule, scheduled_weights
+    from r1jax.rl.reward_schedule import check_schedule, scheduled_weights
 
     weights = {"accuracy": 1.0, "length": 0.5, "cosine": 2.0}
     schedule = {"length": {"start_step": 2, "warmup_steps": 4}, "cosine": {"end_step": 3}}

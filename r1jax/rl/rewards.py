@@ -60,6 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from r1jax.rl import rewards_countdown, rewards_math, rewards_shaping, sandbox
+from r1jax.rl.rewards_choice import CHOICE_LETTERS, extract_choice, num_choices
 
 MAX_COMPLETION_CHARS = 512 * 1024  # ~4x a 32k-token generation; a megabyte string is hostile, not an answer
 
@@ -327,48 +328,6 @@ def code_tests(completion: str, example: Mapping, *, timeout_s: float = 1.0, mem
 
 
 # ------------------------------------------------------------------------------------------------ multiple choice
-# openai/simple-evals' multiple-choice answer pattern (GPQA), matched as it matches: the first occurrence, the
-# letter as written (a lowercase "answer: b" is not "B"); for questions with more options than ABCD (MMLU-Pro: up to
-# ten) the letters run on to the last option's.
-CHOICE_LETTERS = "ABCDEFGHIJ"
-
-
-@functools.lru_cache(maxsize=None)
-def _choice_patterns(num_choices: int) -> tuple[re.Pattern, re.Pattern]:
-    letters = f"A-{CHOICE_LETTERS[num_choices - 1]}"
-    return (re.compile(rf"(?i)Answer[ \t]*:[ \t]*\$?([{letters}])\$?"),
-            re.compile(rf"[ \t\n]*\(?([{letters}])\)?[ \t\n.]*"))
-
-
-CHOICE_PATTERN, _LONE_LETTER = _choice_patterns(4)
-
-
-def num_choices(example: Mapping) -> int:
-    """How many options a multiple-choice example has: len(example["choices"]) (2-10), else 4 (ABCD)."""
-    choices = example.get("choices") if isinstance(example, Mapping) else None
-    if choices is None:
-        return 4
-    if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(CHOICE_LETTERS):
-        raise ValueError(f"multiple_choice needs example['choices'] to be a list of 2-{len(CHOICE_LETTERS)} options; "
-                         f"got {choices!r:.100}")
-    return len(choices)
-
-
-def extract_choice(completion: str, num_choices: int = 4) -> str | None:
-    """The answer letter of a multiple-choice completion with `num_choices` options: simple-evals' `Answer: X` in
-    the response after the reasoning (`</think>`; what a reasoning model's API returns as the answer), else a letter
-    alone in the final `<answer>` block or `\\boxed{}` (the R1-Zero template's answer). None if there is none."""
-    answer_pattern, lone_letter = _choice_patterns(num_choices)
-    think = completion.rfind("</think>")
-    response = completion[think + 8:] if think >= 0 else completion
-    match = answer_pattern.search(response)
-    if match:
-        return match.group(1)
-    final = rewards_math.extract_final_answer(response)
-    lone = lone_letter.fullmatch(final) if final and len(final) < 16 else None
-    return lone.group(1) if lone else None
-
-
 @register_reward("multiple_choice", fields=("answer",))
 def multiple_choice(completion: str, example: Mapping) -> float:
     """1/0: the completion's answer letter (`extract_choice`) is `example["answer"]` (GPQA: r1jax.data.load_gpqa)."""
@@ -504,42 +463,6 @@ def _check_weights(weights: Mapping[str, float]) -> None:
         get_reward(name)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"weight of reward {name!r} must be a finite number; got {w!r}")
-
-
-SCHEDULE_KEYS = ("start_step", "warmup_steps", "end_step")
-
-
-def check_schedule(schedule: Mapping[str, Mapping], weights: Mapping[str, float]) -> None:
-    """Raises ValueError, naming the reward and key, for a `reward_schedule` that `scheduled_weights` cannot apply."""
-    for name, entry in schedule.items():
-        if name not in weights:
-            raise ValueError(f"reward_schedule names {name!r}, which is not among the weighted rewards "
-                             f"{sorted(weights)}")
-        if not isinstance(entry, Mapping) or set(entry) - set(SCHEDULE_KEYS):
-            raise ValueError(f"reward_schedule.{name}={entry!r}; give a dict of {list(SCHEDULE_KEYS)}")
-        for key, value in entry.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"reward_schedule.{name}.{key}={value!r} must be an int >= 0")
-        start, end = entry.get("start_step", 0), entry.get("end_step", 0)
-        if end and end <= start:
-            raise ValueError(f"reward_schedule.{name}: end_step={end} must come after start_step={start} (0: never "
-                             "ends)")
-
-
-def scheduled_weights(weights: Mapping[str, float], schedule: Mapping[str, Mapping] | None,
-                      step: int) -> dict[str, float]:
-    """The reward weights at training step `step` (0-based: the step being sampled): a scheduled reward's weight is
-    0 before `start_step`, rises linearly over `warmup_steps` (the weight times (step - start + 1) / warmup), and
-    is 0 again from `end_step` on (0: never); unscheduled rewards keep theirs. A zero-weight reward is still scored
-    and logged. Kimi k1.5 warms its length penalty up this way: `{"length": {"warmup_steps": 100}}`."""
-    out = dict(weights)
-    for name, entry in (schedule or {}).items():
-        start, warmup, end = (int(entry.get(k, 0)) for k in SCHEDULE_KEYS)
-        if step < start or (end and step >= end):
-            out[name] = 0.0
-        elif warmup:
-            out[name] = weights[name] * min(1.0, (step - start + 1) / warmup)
-    return out
 
 
 def _kwargs_for(name: str, reward_kwargs: Mapping, ctx: Mapping) -> dict:

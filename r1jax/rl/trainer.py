@@ -34,6 +34,7 @@ from r1jax.parallel.sharding import shard_batch, split_rows
 from r1jax.parallel import hosts
 from r1jax.rl import dynamic_sampling, grpo, packing, prompt_pass, rollout_ahead
 from r1jax.rl.packing import gather_positions
+from r1jax.rl.prompt_source import GRPO_PROMPTS, check_prompts, grpo_examples
 from r1jax.rl.rollout import rollout
 
 COMPLETIONS_FILE = "completions.jsonl"
@@ -305,7 +306,8 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
 
 def check_grpo_stage(stage: str, cfg) -> None:
     """The GRPO settings that the config alone shows are wrong (r1jax.pipeline.stages checks them before a run)."""
-    from r1jax.rl.rewards import check_schedule, get_reward
+    from r1jax.rl.reward_schedule import check_schedule
+    from r1jax.rl.rewards import get_reward
 
     if cfg.mu < 1 or cfg.minibatches < 1:
         raise ValueError(f"config.{stage}: mu={cfg.mu} and minibatches={cfg.minibatches} must be >= 1")
@@ -374,67 +376,26 @@ def check_loss_options(stage: str, cfg) -> None:
         raise ValueError(f"config.{stage}: {e}") from None
 
 
-GRPO_PROMPTS = ("task", "stage:NAME", "jsonl:PATH")
-
-
-def grpo_examples(ctx: training.RunContext, stage: str, cfg) -> list:
-    """The stage's training prompts from `cfg.prompts`: "task" (the task's `train_split`), "stage:NAME" (the
-    problems a difficulty stage kept, r1jax.pipeline.difficulty) or "jsonl:PATH" (r1jax.data.load_problems)."""
-    src = cfg.get("prompts", "task")
-    if src == "task":
-        return ctx.tasks[cfg.train_split]
-    if src.startswith("stage:"):
-        from r1jax.pipeline.difficulty import read_problems
-
-        return read_problems(ctx, stage, src[6:])
-    if src.startswith("jsonl:"):
-        from r1jax.data import load_problems
-
-        return load_problems(src[6:])
-    raise ValueError(f"config.{stage}.prompts={src!r}; valid: {', '.join(GRPO_PROMPTS)}")
-
-
 def check_grpo_data(ctx: training.RunContext, stage: str, cfg) -> None:
     """What the run's data and mesh show is wrong for the stage: prompts longer than max_prompt_len, examples that a
     rule reward (or the evaluation's reward) cannot judge, and pack_rows units that the mesh does not allow.
     r1jax.pipeline.stages.run checks it after setup for every stage that would start after another, so a bad prompt
     set costs no earlier stage's hours."""
     from r1jax.eval import check_reward
+    from r1jax.pipeline.difficulty import PROBLEMS_FILE
 
     if cfg.get("pack_rows", False):  # the update's units need the mesh: known after setup
         packing.pack_plan(ctx.mesh, ctx.train_rules, stage, cfg,
                           training.process_share(cfg.batch_prompts, f"config.{stage}.batch_prompts", "prompts"))
     src = cfg.get("prompts", "task")
     # A difficulty stage of this run writes them, if it has not yet: the GRPO stage checks them as it starts.
-    if not src.startswith("stage:") or (ctx.stage_dir(src[6:]) / "problems.jsonl").exists():
+    if not src.startswith("stage:") or (ctx.stage_dir(src[6:]) / PROBLEMS_FILE).exists():
         check_prompts(ctx, stage, cfg, grpo_examples(ctx, stage, cfg))
     if "eval" in cfg and cfg.eval.num_problems:
         try:
             check_reward(cfg.eval.reward, ctx.tasks[cfg.eval.split][:cfg.eval.num_problems])
         except ValueError as e:
             raise ValueError(f"config.{stage}.eval: {cfg.eval.split} {e}") from None
-
-
-def check_prompts(ctx: training.RunContext, stage: str, cfg, examples) -> None:
-    """The stage's prompts fit max_prompt_len and every rule reward can judge them (ValueError naming one)."""
-    from r1jax.data.pipeline import prompt_token_ids
-    from r1jax.rl.rewards import check_examples
-
-    src = cfg.get("prompts", "task")
-    what = cfg.train_split if src == "task" else src
-    if not examples:
-        raise ValueError(f"config.{stage}: the {what} prompts are empty")
-    lengths = [len(ids) for ids in prompt_token_ids(ctx.tokenizer, examples, cfg.template or ctx.config.task.template)]
-    long = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_len]
-    if long:
-        raise ValueError(f"config.{stage}: {len(long)} of {len(examples)} {what} prompts are longer than "
-                         f"max_prompt_len={cfg.max_prompt_len} tokens (the longest has {max(lengths)}; the first, "
-                         f"example {long[0]}, has {lengths[long[0]]}); raise max_prompt_len or leave them out of "
-                         "the data")
-    kwargs = cfg.get("reward_kwargs")
-    check_examples(examples, list(cfg.rewards), reward_kwargs=kwargs.to_dict() if kwargs else None,
-                   timeout_s=cfg.reward_timeout_s, num_tokens=True,
-                   where=lambda i: f"config.{stage}.rewards: {what} example {i}")
 
 
 def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | None) -> dict | None:
