@@ -189,7 +189,8 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         metrics[f"reward/{name}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     for name in (schedule or {}):
         metrics[f"reward_weight/{name}"] = weights[name]
-    metrics.update(reward_by_source(totals, hosts.concat_objects([ex.get("source") for ex in examples]), G))
+    # one source per prompt: the batch's examples are its rows, each prompt's repeated G times
+    metrics.update(reward_by_source(totals, hosts.concat_objects([ex.get("source") for ex in examples[::G]]), G))
     rows = completion_rows(examples, texts, lengths, truncated, batch["rewards"],
                            {name: hosts.local_rows(np.asarray(v), local) for name, v in parts.items()},
                            batch["advantages"])
