@@ -35,7 +35,16 @@ Choices, and why:
     per chip of 95, of which the rollout's KV cache is 42 GiB; dynamic sampling makes more rollouts, not bigger.
 
 Variants: `:runlocal` runs the same recipe on a tiny Qwen2-style model with synthetic arithmetic, in about a minute
-on this CPU.
+on this CPU. `:dapo17k=PATH,dapo_aime=PATH` trains on DAPO's own data as published (BytedTsinghua-SIA/DAPO-Math-17k's
+parquet, verl's layout) and evaluates on its AIME 2024 file in the same prompt format, as DAPO did: each prompt is
+rendered by the tokenizer's own chat template (template "hf": config.tokenizer.path's, verl's apply_chat_template), the
+reward reads the "Answer:" line DAPO's prompt asks for (`answer_line`, verl's math_dapo extraction; weight 2 as
+above), and the periodic evaluation and the final comparison (its first 30 rows, so give it one row per problem; k
+samples are drawn per row) run on that AIME file with the same rule:
+
+    r1jax train --config \
+        experiments/dapo_qwen2_5_32b.py:dapo17k=/data/dapo-math-17k.parquet,dapo_aime=/data/aime-2024.parquet \
+        --workdir gs://bucket/dapo32b --config.model.hf_path=/ckpt/Qwen2.5-32B --config.tokenizer.path=/ckpt/Qwen2.5-32B
 """
 
 from r1jax.configs import (base_config, compact_sampling, eval_config, evaluate_stage, grpo_stage, hardware_config,
@@ -43,7 +52,7 @@ from r1jax.configs import (base_config, compact_sampling, eval_config, evaluate_
 
 
 def get_config(arg=None):
-    opts = parse_arg(arg, runlocal=False)
+    opts = parse_arg(arg, runlocal=False, dapo17k="", dapo_aime="")
     cfg = base_config()
     cfg.seed = 0
     cfg.stages = "grpo,compare"
@@ -89,7 +98,24 @@ def get_config(arg=None):
         cfg.compare.datasets = "test"
         cfg.compare.eval = eval_config(num_problems=8, k=4, temperature=1.0, top_p=0.7, max_new_tokens=24,
                                        batch_size=8)
+    if opts.dapo17k:
+        dapo_data(cfg, opts.dapo17k, opts.dapo_aime)
     return cfg
+
+
+def dapo_data(cfg, train_path: str, aime_path: str):
+    """DAPO-Math-17k and DAPO's AIME 2024 file as published (see the module docstring)."""
+    if not aime_path:
+        raise ValueError("dapo17k=PATH needs dapo_aime=PATH too: DAPO's AIME 2024 in its own prompt format (the "
+                         "built-in AIME prompts lack the \"Answer:\" instruction its reward reads)")
+    cfg.task.name = "problems"
+    cfg.task.train = dict(path=train_path, on_invalid="raise")
+    cfg.task.test = dict(path=aime_path, on_invalid="raise")
+    cfg.task.template = "hf"  # config.tokenizer.path's own chat template
+    cfg.grpo.rewards = dict(answer_line=2.0, overlong=1.0)
+    cfg.grpo.eval.reward = "answer_line"
+    cfg.compare.datasets = "test"
+    cfg.compare.eval.reward = "answer_line"  # its num_problems (30) takes the file's first 30 rows: one per problem
 
 
 def get_sweep(h):

@@ -6,12 +6,16 @@
     r1jax convert --to_hf --workdir DIR --stage NAME --out DIR        (r1jax stage weights -> Hugging Face)
     r1jax convert --from_hf DIR --out DIR                             (Hugging Face -> r1jax parameters)
     r1jax plot    DIR [--out FILE.png]
+    r1jax inspect --data FILE|TASK [--template T --tokenizer PATH --reward R --max_prompt_len N --show 2]
 
 `--model` is a Hugging Face checkpoint directory, or a stage directory of a workdir (WORKDIR/<stage>, whose
 weights are read with the run's config and tokenizer). `sample` and `eval` run on a mesh over every device (of every
 process): `--mesh data=-1` (the default for a checkpoint: weights replicated, rows split), `--mesh fsdp=-1` or
 `--mesh data=2,tensor=4` for a model one device cannot hold, with `--rules` choosing the sharding preset.
-Re-running `train` with the same workdir resumes.
+Re-running `train` with the same workdir resumes. `inspect` shows what a dataset looks like to a run before one
+starts (r1jax.data.describe): counts, fields, sources, gold kinds, whether --reward judges every problem, prompt
+tokens under --template with --tokenizer, and the first --show prompts as the model reads them; it exits 1 when the
+reward or the template cannot take every problem.
 `train --dry_run` checks the config for its `config.hardware` on this machine instead (r1jax.pipeline.dry_run:
 abstract mesh, shardings, lowering for the target platform, memory per device; no files, no weights) and writes
 WORKDIR/dry_run.json when --workdir is given.
@@ -28,7 +32,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval", "convert", "plot")
+COMMANDS = ("train", "sample", "eval", "convert", "plot", "inspect")
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).",
@@ -80,6 +84,8 @@ flags.DEFINE_string("keep_pass_rates", "", "eval --problems_out: only the proble
 flags.DEFINE_string("samples_out", None, "eval: also write every completion to this JSONL file (problem, prompt, "
                     "reference, completion, extracted answer, correct, num_tokens). With it or --out, sampled batches "
                     "are kept in <file>.progress.jsonl until the end, and an interrupted eval run again resumes.")
+flags.DEFINE_integer("show", 2, "inspect: how many prompts to print as rendered.")
+flags.DEFINE_integer("max_prompt_len", 0, "inspect: also count the prompts longer than this many tokens.")
 flags.DEFINE_bool("dry_run", False, "train: check the config for config.hardware without running it (no weights).")
 
 
@@ -395,6 +401,33 @@ def _eval_examples(spec: str):
                      "livecodebench:path=FILE,start_date=2024-08-01,end_date=2025-01-31)")
 
 
+def cmd_inspect(argv):
+    from r1jax.data import ByteTokenizer, load_tokenizer
+    from r1jax.data.describe import describe, format_description
+
+    if argv:
+        raise UsageError(f"unexpected arguments {argv}")
+    if not FLAGS.data:
+        raise UsageError("inspect needs --data FILE|TASK")
+    if (FLAGS.template == "hf" or FLAGS.template.startswith("hf?")) and FLAGS.tokenizer in (None, "byte"):
+        raise UsageError("--template hf is the chat template of --tokenizer: pass the tokenizer's directory")
+    template = _template_flag()
+    examples = _eval_examples(FLAGS.data)
+    if FLAGS.limit:
+        examples = examples[:FLAGS.limit]
+    tokenizer = None
+    if FLAGS.tokenizer:
+        try:  # the checkpoint's own ids, as `eval` reads them
+            tokenizer = ByteTokenizer() if FLAGS.tokenizer == "byte" else load_tokenizer(FLAGS.tokenizer,
+                                                                                         add_markers=False)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--tokenizer {FLAGS.tokenizer}: {e}") from None
+    d = describe(examples, template=template, tokenizer=tokenizer, reward=FLAGS.reward,
+                 max_prompt_len=FLAGS.max_prompt_len, show=FLAGS.show)
+    print(format_description(d, name=FLAGS.data))
+    return 0 if d.get("reward_check", "ok") == "ok" and "template_error" not in d else 1
+
+
 def cmd_eval(argv):
     import jax
 
@@ -513,7 +546,7 @@ def _main(argv):
         initialize()  # jax.distributed from the environment, before any device is touched; no-op for one process
     try:
         return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert": cmd_convert,
-                "plot": cmd_plot}[cmd](rest)
+                "plot": cmd_plot, "inspect": cmd_inspect}[cmd](rest)
     except UsageError as e:
         print(f"r1jax {cmd}: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from r1jax.data.code_benchmarks import code_prompt, load_apps, load_livecodebenc
 from r1jax.data.gpqa import load_gpqa
 from r1jax.data.mixture import load_mixture
 from r1jax.data.mmlu import load_mmlu
+from r1jax.data.parquet import iter_parquet
 from r1jax.data.pipeline import (
     bucket_length,
     default_buckets,
@@ -66,7 +67,8 @@ __all__ = [
     "Example", "HFTokenizer", "InexactDivisionError", "MARKERS", "R1_ZERO_TEMPLATE", "SentencePieceTokenizer",
     "THINK_END", "THINK_START", "Tokenizer", "bucket_length", "check_template", "code_prompt", "countdown_prompt",
     "default_buckets", "default_data_dir", "evaluate_expression", "generate_arithmetic", "generate_countdown",
-    "generate_multiplication", "get_task", "list_tasks", "list_templates", "load_aime", "load_amc", "load_apps",
+    "generate_multiplication", "get_task", "iter_parquet", "list_tasks", "list_templates", "load_aime", "load_amc",
+    "load_apps",
     "load_chat_template", "load_gpqa", "load_mmlu", "load_gsm8k", "load_livecodebench", "load_math", "load_mixture",
     "load_problem_file", "load_problems", "load_tokenizer", "normalize_tests", "pad_sequences", "register_task",
     "register_template", "render", "rl_prompt_dataset", "sft_dataset", "split_of", "tokenize_sft_example",

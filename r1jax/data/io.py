@@ -1,7 +1,8 @@
 """Reading and writing JSONL datasets for SFT, rejection sampling and distillation.
 
 Rows are {"prompt": str, "completion": str, ...} or chat {"messages": [{"role", "content"}, ...]} whose last
-message is the assistant's response (it becomes the completion; the earlier messages are the prompt).
+message is the assistant's response (it becomes the completion; the earlier messages are the prompt), in JSON lines
+or, as Hugging Face publishes SFT sets such as OpenR1-Math-220k, parquet (`.parquet`).
 
 Example:
     >>> import json, tempfile, pathlib
@@ -20,13 +21,19 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from r1jax.data.parquet import is_parquet, iter_parquet
+
 
 def read_jsonl(path: str | Path, check: Callable[[Any, str], dict], *, what: str) -> list[dict]:
     """Every non-blank line of a JSONL file, each passed through `check(row, "PATH:LINE")` (which raises naming the
-    line and field); a missing or empty file, or a line that is not JSON (a truncated file), is an error."""
+    line and field); a missing or empty file, or a line that is not JSON (a truncated file), is an error. A parquet
+    file (`.parquet`) gives its rows the same way, by row number."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no {what} file at {path}")
+    if is_parquet(path):
+        rows = [check(row, f"{path}:{n}") for n, row in iter_parquet(path)]
+        return rows
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

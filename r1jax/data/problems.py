@@ -1,11 +1,20 @@
-"""Your own problem sets: JSON lines or a JSON array of problems with a gold answer and/or code tests.
+"""Your own problem sets: JSON lines, a JSON array or a parquet file of problems with a gold answer and/or code tests.
 
 A row needs the problem text (`prompt`, `problem` or `question`) and a gold `answer` (for the accuracy reward),
 `tests` (for the `code_tests` reward: the program in the completion's last ```python block is run on each), or
 both. Other fields are kept on the example (e.g. `language` for the language-consistency reward, a difficulty to
-filter by).
-`tests` is a list of `{"input": stdin, "output": expected stdout}` dicts and/or assert-style strings, an
-APPS-style `{"inputs": [...], "outputs": [...]}` mapping, or either as a JSON string (as APPS and TACO store them).
+filter by). An `answer` may be a list of alternatives, any of which is right.
+`tests` is a list of `{"input": stdin, "output": expected stdout}` dicts and/or assert-style strings, an APPS-style
+`{"inputs": [...], "outputs": [...]}` mapping, or either as a JSON string (as APPS and TACO store them).
+
+Published RL data is read as it is published (`r1jax.data.parquet` reads the files): verl's layout (DAPO-Math-17k,
+Skywork-OR1-RL-Data, and the files verl's preprocessing scripts write for GSM8K, MATH and others) has `prompt` as a
+list of chat messages, the gold in `reward_model.ground_truth` and the dataset in `data_source`. The messages are
+kept as the example's `messages`, which templates render (a system turn included; `r1_zero` takes a lone user turn),
+and the last user turn is its `prompt` text; `ground_truth` is an answer, a list of alternatives, or code tests,
+also when JSON-encoded in a string as Skywork-OR1 stores them (an answer that merely looks like JSON, such as the
+interval `[0, 1]`, stays an answer); `data_source` becomes the example's `source`, so GRPO logs
+`reward_by_source/<source>` as verl logs its per-source scores.
 
 Call-based ("functional") tests call one function of the program and compare its return value; they normalize
 to `{"fn_name": name, "args": [arguments], "expected": JSON value}` (dicts already in that form are accepted):
@@ -139,13 +148,61 @@ def normalize_tests(tests, fn_name: str | None = None) -> list[dict | str]:
     return out
 
 
-def _gold(value, where: str, field: str) -> str:
+def _gold(value, where: str, field: str) -> str | list[str]:
+    if isinstance(value, list):  # alternatives, any of which is right (Skywork-OR1's ground truths)
+        if not value:
+            raise ValueError(f"{where}: field {field!r} is an empty list of answers")
+        golds = [_gold(v, f"{where}: {field}[{i}]", field) for i, v in enumerate(value)]
+        return golds[0] if len(golds) == 1 else golds
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"{where}: field {field!r} is {value!r:.100}, expected a non-empty string or a number")
+        raise ValueError(f"{where}: field {field!r} is {value!r:.100}, expected a non-empty string, a number or a "
+                         "list of them (alternative answers)")
     value = answer_text(value)
     if not value:
         raise ValueError(f"{where}: field {field!r} is empty")
     return value
+
+
+def split_chat_prompt(messages, where: str, field: str) -> tuple[list[dict], str]:
+    """verl's and TRL's conversational prompts: the messages before the response, ending with the user's turn.
+    Returns them (role and content only) and the user turn's text, the problem's `prompt`."""
+    msgs = []
+    for i, m in enumerate(messages):
+        if not (isinstance(m, Mapping) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: {field}[{i}] is {m!r:.100}; a chat prompt is a list of {{'role': system | "
+                             "user | assistant, 'content': str}} messages")
+        msgs.append({"role": m["role"], "content": m["content"]})
+    if not msgs or msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
+        raise ValueError(f"{where}: chat prompt {field!r} must end with a non-empty user message (the response "
+                         f"follows it); has roles {[m['role'] for m in msgs]}")
+    return msgs, msgs[-1]["content"]
+
+
+def _verl_ground_truth(rec: Mapping, where: str) -> dict:
+    """verl's RL rows keep the gold in `reward_model.ground_truth`: an answer, a list of alternative answers, or
+    code tests (a dict, or a list of test dicts), each possibly JSON-encoded in a string (Skywork-OR1 encodes its
+    answer lists and test dicts so). Returns {"answer": ...} or {"tests": ...}; {} without one."""
+    rm = rec.get("reward_model")
+    gt = rm.get("ground_truth") if isinstance(rm, Mapping) else None
+    if gt is None:
+        return {}
+    if isinstance(gt, str) and gt.lstrip()[:1] in ("[", "{"):
+        try:
+            decoded = json.loads(gt)
+        except (ValueError, RecursionError):
+            decoded = None
+        # Only what a JSON encoder of answer lists or tests would write: "[0, 1]" stays the interval it reads as.
+        if isinstance(decoded, Mapping) or (isinstance(decoded, list) and decoded and (
+                all(isinstance(x, str) for x in decoded) or all(isinstance(x, Mapping) for x in decoded))):
+            gt = decoded
+    field = "reward_model.ground_truth"
+    if isinstance(gt, Mapping) or (isinstance(gt, list) and gt and all(isinstance(x, Mapping) for x in gt)):
+        try:
+            return {"tests": normalize_tests(gt, fn_name=_row_fn_name(rec))}
+        except ValueError as e:
+            raise ValueError(f"{where}: field {field!r}: {e}") from None
+    return {"answer": _gold(gt, where, field)}
 
 
 def _row_fn_name(rec: Mapping) -> str | None:
@@ -179,10 +236,20 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
             raise ValueError(f"{where}: no problem text: expected a field {' or '.join(map(repr, names))} "
                              f"(has {sorted(rec)})")
         prompt = rec[field]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: field {field!r} is {prompt!r:.100}, expected non-empty text")
+        messages = None
+        if isinstance(prompt, list):
+            messages, prompt = split_chat_prompt(prompt, where, field)
+        elif not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: field {field!r} is {prompt!r:.100}, expected non-empty text or a list of "
+                             "chat messages")
         ex = {k: v for k, v in rec.items() if k not in (field, answer_field, tests_field)}
         ex["prompt"] = prompt
+        if messages is not None:
+            ex["messages"] = messages  # templates render the conversation (its system turn too)
+        if "data_source" in rec and "source" not in rec:
+            ex["source"] = str(rec["data_source"])  # verl's per-source metrics: reward_by_source/<data_source>
+        if rec.get(answer_field) is None and rec.get(tests_field) is None:
+            ex.update(_verl_ground_truth(rec, where))
         if rec.get(answer_field) is not None:
             ex["answer"] = _gold(rec[answer_field], where, answer_field)
         if rec.get(tests_field) is not None:
@@ -197,7 +264,8 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
             except ValueError as e:
                 raise ValueError(f"{where}: field {tests_field!r}: {e}") from None
         if "answer" not in ex and "tests" not in ex:
-            raise ValueError(f"{where}: needs a gold {answer_field!r} or code {tests_field!r} (has {sorted(rec)})")
+            raise ValueError(f"{where}: needs a gold {answer_field!r}, code {tests_field!r} or verl's "
+                             f"reward_model.ground_truth (has {sorted(rec)})")
         return ex
 
     return _load_records(path, task=task, fields={}, convert=convert, on_invalid=on_invalid, limit=limit)

@@ -27,6 +27,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from r1jax.data.parquet import is_parquet, iter_parquet
+
 Example = dict[str, Any]
 
 SPLITS = ("train", "test")
@@ -328,7 +330,10 @@ _WS = re.compile(r"\s*")
 
 def _iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number where the record starts, record) from a JSON-lines file (``.jsonl``, or any file
-    not starting with '[') or a JSON array."""
+    not starting with '[') or a JSON array; a parquet file's rows (`r1jax.data.parquet`) with their row numbers."""
+    if is_parquet(path):
+        yield from iter_parquet(path)
+        return
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     text = path.read_text(encoding="utf-8")

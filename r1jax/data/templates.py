@@ -1,8 +1,9 @@
 """Prompt templates: the R1-Zero template, the chat formats of Qwen2.5 and DeepSeek-R1, and any checkpoint's own.
 
-``render(name, x)`` takes an example dict (its ``prompt`` becomes the user turn) or a list of chat
-messages (``{"role": "system" | "user" | "assistant", "content": str}``) and returns the text the model
-sees; with ``add_generation_prompt`` (the default) the text ends where the model's response begins.
+``render(name, x)`` takes an example dict (its ``messages`` if it has them, as chat examples and verl's RL rows do,
+else its ``prompt`` as the user turn) or a list of chat messages (``{"role": "system" | "user" | "assistant",
+"content": str}``) and returns the text the model sees; with ``add_generation_prompt`` (the default) the text ends
+where the model's response begins.
 Template ``"hf:PATH"`` is the Jinja chat template of a checkpoint or tokenizer directory (or its
 ``chat_template.jinja`` / ``tokenizer_config.json``), rendered as transformers renders it
 (``r1jax.data.chat_template``); ``"hf:PATH?name=value&..."`` passes template variables as
@@ -56,10 +57,10 @@ _ROLES = ("system", "user", "assistant")
 
 def _messages(x: Mapping[str, Any] | Sequence[Message], system: str | None) -> list[Message]:
     if isinstance(x, Mapping):
-        if "prompt" in x:
-            msgs: list[Message] = [{"role": "user", "content": x["prompt"]}]
-        elif "messages" in x:  # chat examples: the conversation before the response
-            msgs = list(x["messages"])
+        if "messages" in x:  # chat examples: the conversation before the response (its `prompt` is the user turn)
+            msgs: list[Message] = list(x["messages"])
+        elif "prompt" in x:
+            msgs = [{"role": "user", "content": x["prompt"]}]
         else:
             raise ValueError(f"example has no 'prompt' or 'messages' field (has {sorted(x)}); pass an example "
                              "with a 'prompt' or a list of {'role', 'content'} messages")
@@ -196,7 +197,7 @@ def check_template(template: str, *, read: bool = True) -> None:
 
 def render(template: str, x: Mapping[str, Any] | Sequence[Message], *, system: str | None = None,
            add_generation_prompt: bool = True) -> str:
-    """Renders an example (its ``prompt``) or chat messages with the template named ``template``.
+    """Renders an example (its ``messages``, else its ``prompt``) or chat messages with the template named ``template``.
 
     Templates: 'plain' (the prompt as is), 'r1_zero' (DeepSeek-R1 paper Table 1), 'qwen2.5'
     (Qwen2.5-Instruct ChatML with its default system prompt), 'deepseek_r1' (DeepSeek-R1 and

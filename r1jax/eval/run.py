@@ -28,7 +28,7 @@ from r1jax.data.templates import render
 from r1jax.eval.metrics import group_by_source, parse_pass_at, summarize
 from r1jax.parallel import hosts
 from r1jax.rl.rewards import check_examples, extract_choice, get_reward, num_choices, score_batch
-from r1jax.rl.rewards_math import extract_final_answer
+from r1jax.rl.rewards_math import extract_answer_line, extract_final_answer
 from r1jax.rl.sandbox import extract_code
 from r1jax.sampling import generate
 
@@ -53,6 +53,8 @@ def vote_answer(completion: str, example: Mapping, reward: str) -> str | None:
         return extract_code(completion)
     if reward == "multiple_choice" or (reward == "verifiable" and example.get("choices")):
         return extract_choice(completion, num_choices(example))
+    if reward == "answer_line":
+        return extract_answer_line(completion)
     return extract_final_answer(completion)
 
 

@@ -511,8 +511,9 @@ def dry_run(config: ml_collections.ConfigDict, *, stages: list[str] | None = Non
               "rules": config.mesh.rules if isinstance(config.mesh.rules, str) else str(config.mesh.rules),
               "stages": {}}
     try:
-        from r1jax.pipeline.stages import check_stages
+        from r1jax.pipeline.stages import check_stages, resolve_tokenizer_templates
 
+        resolve_tokenizer_templates(config, names)
         check_stages(config, names, read_files=False)  # the settings a real run refuses before its first stage
         sizes = mesh_sizes(config, n)
         rules = canonical_rules(config.mesh.rules)

@@ -37,7 +37,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from r1jax.data.io import read_sft_jsonl, write_jsonl
+from r1jax.data.io import read_jsonl, read_sft_jsonl, write_jsonl
+from r1jax.data.problems import split_chat_prompt
 from r1jax.parallel import hosts
 from r1jax.rl.rewards import chain_of_thought, language_shares
 
@@ -226,13 +227,15 @@ def prompt_examples(cfg, tasks: Mapping[str, list], seed: int, ctx=None, stage: 
             raise ValueError(f"prompts='task' with split={cfg.split!r}; the run has splits {sorted(tasks)}")
         examples = list(tasks[cfg.split])
     elif cfg.prompts.startswith("jsonl:"):
-        path = Path(cfg.prompts[6:])
-        if not path.exists():
-            raise FileNotFoundError(f"no prompt file at {path}")
-        examples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        for i, ex in enumerate(examples):
-            if "prompt" not in ex and "messages" not in ex:
-                raise ValueError(f"{path}:{i + 1}: a prompt row needs 'prompt' or 'messages'; has {sorted(ex)}")
+        def check(ex, where):
+            if not isinstance(ex, dict) or ("prompt" not in ex and "messages" not in ex):
+                raise ValueError(f"{where}: a prompt row needs 'prompt' or 'messages'; has "
+                                 f"{sorted(ex) if isinstance(ex, dict) else type(ex).__name__}")
+            if isinstance(ex.get("prompt"), list):  # verl's rows: the prompt is the chat messages
+                ex["messages"], ex["prompt"] = split_chat_prompt(ex["prompt"], where, "prompt")
+            return ex
+
+        examples = read_jsonl(cfg.prompts[6:], check, what="prompt")  # JSON lines or parquet
     else:
         raise ValueError(f"prompts={cfg.prompts!r}; valid: task, jsonl:PATH, stage:NAME")
     if cfg.require_correct:  # every prompt must be checkable by the rule, before anything is sampled

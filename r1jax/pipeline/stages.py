@@ -157,6 +157,33 @@ def prompt_templates(stage: ml_collections.ConfigDict) -> list[tuple[str, str]]:
     return found
 
 
+def resolve_tokenizer_templates(config: ml_collections.ConfigDict, names: list[str]) -> None:
+    """Template "hf" (or "hf?name=value&...") is the run tokenizer's own chat template, as `r1jax sample --template
+    hf` is: every one in the config (the task's and each stage's) becomes "hf:<tokenizer.path>", so an experiment that
+    names it follows `--config.tokenizer.path`. Changes `config` in place; run and dry runs call it first."""
+    def resolve(key: str, template: str) -> str:
+        if template != "hf" and not template.startswith("hf?"):
+            return template
+        tok = config.tokenizer
+        if tok.get("kind") != "path" or not tok.get("path"):
+            raise ValueError(f"config.{key}={template!r} is the run tokenizer's chat template, but tokenizer.kind is "
+                             f"{tok.get('kind')!r}: set tokenizer.kind='path' and tokenizer.path, or name the "
+                             "checkpoint ('hf:PATH')")
+        path = Path(tok.path)
+        return f"hf:{path.parent if path.suffix in ('.json', '.model') else path}{template[2:]}"
+
+    config.task.template = resolve("task.template", config.task.template)
+    for name in names:
+        for prefix, node in _sub_configs(config[name], ("", "eval", "corpus", "samples")):
+            if isinstance(node.get("template"), str) and node.template:
+                node.template = resolve(f"{name}.{prefix}template", node.template)
+        templates = config[name].get("templates")
+        if isinstance(templates, ml_collections.ConfigDict):
+            for label, t in templates.items():
+                if t:
+                    templates[label] = resolve(f"{name}.templates.{label}", t)
+
+
 def _check_templates(named: list[tuple[str, str]], read_files: bool) -> None:
     from r1jax.data import check_template
 
@@ -298,6 +325,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
         if config[name].kind not in STAGE_RUNNERS:
             raise ValueError(f"config.{name}.kind={config[name].kind!r} has no runner; registered: "
                              f"{sorted(STAGE_RUNNERS)}")
+    resolve_tokenizer_templates(config, names)
     check_stages(config, names)  # before any stage runs (or the tokenizer trains)
     wandb_settings(**wandb_config(config))
     ctx = setup(config, workdir, stop, progress=progress)

@@ -93,6 +93,8 @@ def verdict_scores(outputs: Sequence, *, yes_score: float = 1.0, no_score: float
 
 
 def _text(x) -> str:
+    if isinstance(x, list):  # alternative gold answers
+        return " or ".join(map(_text, x))
     return x if isinstance(x, str) else ("" if x is None else str(x))
 
 

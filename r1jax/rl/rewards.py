@@ -6,7 +6,8 @@ Built-in rewards and the example fields they read:
 
 | name                   | reads                               | value                                              |
 | ---------------------- | ----------------------------------- | -------------------------------------------------- |
-| `accuracy`             | `answer` (gold string)              | 1/0: final answer equals gold (`rewards_math`)     |
+| `accuracy`             | `answer` (gold, or alternatives)    | 1/0: final answer equals gold (`rewards_math`)     |
+| `answer_line`          | `answer`                            | 1/0: accuracy on DAPO's last `Answer:` line        |
 | `format`               | -                                   | 1/0: `<think>...</think><answer>...</answer>`      |
 | `tag_count`            | -                                   | 0.25 per think/answer tag appearing exactly once   |
 | `language_consistency` | `language` (optional, "en" / "zh")  | share of CoT words in the target language          |
@@ -135,11 +136,22 @@ def _field(example: Mapping, key: str, reward: str):
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
-def _gold(example) -> str:
+def _gold(example) -> str | list[str]:
+    """The gold answer, or a list of alternatives any of which is right (e.g. Skywork-OR1's ground truths)."""
     try:  # hot path: keep the common case (a dict with a str answer) free of ABC isinstance checks
         gold = example if type(example) is str else example["answer"]
     except (KeyError, TypeError, IndexError):
         gold = _field(example, "answer", "accuracy")
+    if type(gold) is str:
+        return _one_gold(gold)
+    if isinstance(gold, (list, tuple)):
+        if not gold:
+            raise ValueError("accuracy needs a gold answer; got an empty list of alternatives")
+        return [_one_gold(g) for g in gold]
+    return _one_gold(gold)
+
+
+def _one_gold(gold) -> str:
     if type(gold) is not str:
         if not isinstance(gold, (str, int)) or isinstance(gold, bool):
             raise ValueError(f"accuracy needs a str or int gold answer; got {gold!r:.100}")
@@ -159,7 +171,8 @@ def _accuracy_quick(completion: str, example: Mapping, **_) -> float | None:
 
 @register_reward("accuracy", fields=("answer",), blocking=True, quick=_accuracy_quick)
 def accuracy(completion: str, example: Mapping, *, timeout_s: float = 1.0) -> float:
-    """1.0 iff the final answer (last `<answer>` block, else last `\\boxed{}`) equals `example["answer"]`.
+    """1.0 iff the final answer (last `<answer>` block, else last `\\boxed{}`) equals `example["answer"]` (or any of
+    its alternatives, when it is a list).
 
     `example` may also be the gold string itself. A gold answer still carrying GSM8K's solution text is cut
     after its last `####`. `timeout_s` bounds the symbolic (math-verify) comparison.
@@ -167,6 +180,22 @@ def accuracy(completion: str, example: Mapping, *, timeout_s: float = 1.0) -> fl
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0; got {timeout_s!r}")
     return rewards_math.accuracy_score(completion, _gold(example), timeout_s=timeout_s)
+
+
+def _answer_line_quick(completion: str, example: Mapping, **_) -> float | None:
+    return rewards_math.quick_accuracy_score(completion, _gold(example), rewards_math.extract_answer_line)
+
+
+@register_reward("answer_line", fields=("answer",), blocking=True, quick=_answer_line_quick)
+def answer_line(completion: str, example: Mapping, *, timeout_s: float = 1.0) -> float:
+    """`accuracy` for DAPO's prompt ("The last line of your response should be of the form Answer: $Answer"; the
+    DAPO-Math-17k rows): the answer is the last `Answer:` line of the completion's last 300 characters, as verl's
+    math_dapo extracts it, compared by accuracy's rule (numbers and math-verify; DAPO compares normalized strings,
+    so r1jax also accepts e.g. 0.5 for 1/2). 1 / 0 (DAPO: +1 / -1, the same advantages)."""
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0; got {timeout_s!r}")
+    return rewards_math.accuracy_score(completion, _gold(example), timeout_s=timeout_s,
+                                       extract=rewards_math.extract_answer_line)
 
 
 # ------------------------------------------------------------------------------------------------ format

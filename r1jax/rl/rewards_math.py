@@ -42,6 +42,7 @@ import select
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from fractions import Fraction
 from time import monotonic as _now
 
@@ -100,6 +101,19 @@ def extract_final_answer(completion: str) -> str | None:
                 return last_boxed(block)
             return block
     return last_boxed(completion)
+
+
+# DAPO's rule for its "Answer: $Answer" prompt (DAPO-Math-17k; verl's math_dapo): the last "Answer:" line among the
+# completion's last 300 characters.
+ANSWER_LINE_TAIL = 300
+_ANSWER_LINE_RE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
+
+
+def extract_answer_line(completion: str) -> str | None:
+    """The text after the last `Answer:` (any case) in the completion's last 300 characters, to the end of its line;
+    None without one (DAPO's extraction)."""
+    found = _ANSWER_LINE_RE.findall(completion[-ANSWER_LINE_TAIL:])
+    return found[-1] if found else None
 
 
 # ------------------------------------------------------------------------------------------------ fast path
@@ -389,18 +403,25 @@ def is_equivalent(pred: str, gold: str, *, timeout_s: float = 1.0) -> bool:
     return _POOL.verify(f"${gold_tex}$", f"${pred_tex}$", timeout_s)
 
 
-def accuracy_score(completion: str, gold: str, *, timeout_s: float = 1.0) -> float:
-    """1.0 if the completion's final answer equals `gold`, else 0.0."""
-    answer = extract_final_answer(completion)
+def accuracy_score(completion: str, gold: str | Sequence[str], *, timeout_s: float = 1.0,
+                   extract=extract_final_answer) -> float:
+    """1.0 if the completion's final answer (`extract`) equals `gold` (a list: any of the alternatives), else 0.0."""
+    answer = extract(completion)
     if answer is None:
         return 0.0
-    return 1.0 if is_equivalent(answer, gold, timeout_s=timeout_s) else 0.0
+    golds = (gold,) if isinstance(gold, str) else gold
+    return 1.0 if any(is_equivalent(answer, g, timeout_s=timeout_s) for g in golds) else 0.0
 
 
-def quick_accuracy_score(completion: str, gold: str) -> float | None:
+def quick_accuracy_score(completion: str, gold: str | Sequence[str], extract=extract_final_answer) -> float | None:
     """`accuracy_score` when the fast path decides it (microseconds), else None (needs math-verify)."""
-    answer = extract_final_answer(completion)
+    answer = extract(completion)
     if answer is None:
         return 0.0
-    quick = quick_equivalent(answer, gold)
-    return None if quick is None else float(quick)
+    undecided = False
+    for g in (gold,) if isinstance(gold, str) else gold:
+        quick = quick_equivalent(answer, g)
+        if quick:
+            return 1.0
+        undecided |= quick is None
+    return None if undecided else 0.0

@@ -1,0 +1,315 @@
+"""Published RL and SFT data read as published: parquet files (r1jax.data.parquet) and verl's row layout (chat-message
+prompts, reward_model.ground_truth, data_source), checked against the libraries that write and read them
+(datasets writes the files as verl's preprocessing scripts do; transformers renders the prompts as verl's dataset
+does)."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from r1jax.data import load_problems, render
+from r1jax.data.io import read_sft_jsonl
+from r1jax.data.parquet import iter_parquet
+from r1jax.data.problems import load_problem_file
+from r1jax.rl.rewards import get_reward
+from r1jax.rl.judge import _text as judge_text
+from test_chat_template import _checkpoint_dir
+
+DAPO_PROMPT = ("Solve the following math problem step by step. The last line of your response should be of the form "
+               "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\nWhat is 6 * 7?\n\n"
+               "Remember to put your answer on its own line after \"Answer:\".")
+# verl's layout, one row per published dataset style
+VERL_ROWS = [
+    # DAPO-Math-17k: the instruction in the user turn, a plain ground truth
+    {"data_source": "math_dapo", "prompt": [{"role": "user", "content": DAPO_PROMPT}], "ability": "MATH",
+     "reward_model": {"ground_truth": "42", "style": "rule-lighteval/MATH_v2"}, "extra_info": {"index": "a1"}},
+    # Skywork-OR1 math: alternatives JSON-encoded in the string
+    {"data_source": "skywork_math", "prompt": [{"role": "user", "content": "Half of 1?"}], "ability": "math",
+     "reward_model": {"ground_truth": json.dumps(["\\frac{1}{2}", "0.5"]), "style": "rule"},
+     "extra_info": {"index": "b2"}},
+    # an interval that merely looks like JSON stays the answer text
+    {"data_source": "math", "prompt": [{"role": "system", "content": "Put the answer in \\boxed{}."},
+                                       {"role": "user", "content": "Where is x^2 <= x?"}], "ability": "math",
+     "reward_model": {"ground_truth": "[0, 1]", "style": "rule"}, "extra_info": {"index": "c3"}},
+    # Skywork-OR1 code: TACO-style tests JSON-encoded
+    {"data_source": "skywork_code", "prompt": [{"role": "user", "content": "Print a + b."}], "ability": "code",
+     "reward_model": {"ground_truth": json.dumps({"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", "7\n"]}),
+                      "style": "rule"}, "extra_info": {"index": "d4"}},
+    # DeepCoder / LiveCodeBench: a JSON list of test dicts, a functional one naming its function in metadata
+    {"data_source": "lcb", "prompt": [{"role": "user", "content": "Write add(a, b)."}], "ability": "code",
+     "metadata": json.dumps({"func_name": "add"}),
+     "reward_model": {"ground_truth": json.dumps([{"input": "1\n2", "output": "3", "testtype": "functional"}]),
+                      "style": "rule"}, "extra_info": {"index": "e5"}},
+]
+
+
+def _table_rows(rows):
+    """The rows as a table holds them: every column in every row (None where a row lacks it)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
+def _write_verl_parquet(path, rows):
+    datasets = pytest.importorskip("datasets")
+    # as verl's examples/data_preprocess scripts write them
+    datasets.Dataset.from_list(_table_rows(rows)).to_parquet(str(path))
+    return path
+
+
+def test_verl_rows_from_parquet(tmp_path):
+    path = _write_verl_parquet(tmp_path / "train.parquet", VERL_ROWS)
+    exs = load_problems(path)
+    assert [ex["id"] for ex in exs] == [f"problems/train.parquet:{i}" for i in range(1, 6)]
+    dapo, sky, interval, code, lcb = exs
+    assert dapo["prompt"] == DAPO_PROMPT and dapo["messages"] == VERL_ROWS[0]["prompt"]
+    assert dapo["answer"] == "42" and dapo["source"] == "math_dapo" and dapo["extra_info"] == {"index": "a1"}
+    assert dapo["ability"] == "MATH" and "tests" not in dapo
+    assert sky["answer"] == ["\\frac{1}{2}", "0.5"]
+    assert interval["answer"] == "[0, 1]" and interval["prompt"] == "Where is x^2 <= x?"
+    assert interval["messages"][0] == {"role": "system", "content": "Put the answer in \\boxed{}."}
+    assert code["tests"] == [{"input": "1 2\n", "output": "3\n"}, {"input": "3 4\n", "output": "7\n"}]
+    assert "answer" not in code
+    assert lcb["tests"] == [{"fn_name": "add", "args": [1, 2], "expected": 3}]
+    # the same rows as JSON lines give the same examples (ids name the file)
+    jl = tmp_path / "train.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in _table_rows(VERL_ROWS)))
+    strip = [{k: v for k, v in ex.items() if k != "id"} for ex in exs]
+    assert [{k: v for k, v in ex.items() if k != "id"} for ex in load_problems(jl)] == strip
+    # `r1jax eval --data` and task files go through load_problem_file
+    assert load_problem_file(path) == exs
+
+
+def test_chat_prompts_render_as_verl_does(tmp_path):
+    """verl's RLHFDataset renders a row's prompt with tokenizer.apply_chat_template(prompt, add_generation_prompt=True):
+    template "hf:DIR" gives the same text for the loaded example, the system turn included."""
+    transformers = pytest.importorskip("transformers")
+    d = _checkpoint_dir(tmp_path, "qwen2_5_instruct", as_file=True)
+    ref = transformers.AutoTokenizer.from_pretrained(str(d))
+    exs = load_problems(_write_verl_parquet(tmp_path / "t.parquet", VERL_ROWS))
+    for row, ex in zip(VERL_ROWS, exs):
+        want = ref.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        assert render(f"hf:{d}", ex) == want
+    assert render("qwen2.5", exs[2]).startswith("<|im_start|>system\nPut the answer in \\boxed{}.<|im_end|>")
+    assert render("r1_zero", exs[0]).endswith(f"User: {DAPO_PROMPT}. Assistant:")
+    with pytest.raises(ValueError, match="exactly one user message"):
+        render("r1_zero", exs[2])  # a completion template cannot hold a system turn: said, not dropped
+
+
+def test_alternative_answers_score_any(tmp_path):
+    acc = get_reward("accuracy")
+    ex = {"answer": ["\\frac{1}{2}", "0.5"]}
+    assert acc("<answer>0.5</answer>", ex) == 1.0 and acc("\\boxed{1/2}", ex) == 1.0
+    assert acc("<answer>2</answer>", ex) == 0.0
+    assert acc.quick("<answer>1/2</answer>", ex) == 1.0 and acc.quick("<answer>3</answer>", ex) == 0.0
+    assert acc.quick("<answer>\\sqrt{4}/4</answer>", ex) is None  # needs math-verify for the first alternative
+    assert acc("<answer>\\sqrt{4}/4</answer>", ex) == 1.0
+    assert acc("<answer>x</answer>", {"answer": ["x", "y"]}) == 1.0
+    assert get_reward("verifiable")("<answer>0.5</answer>", ex) == 1.0
+    with pytest.raises(ValueError, match="empty list"):
+        acc("<answer>1</answer>", {"answer": []})
+    assert judge_text(["1/2", "0.5"]) == "1/2 or 0.5"
+
+
+def test_verl_code_row_is_judged_by_its_tests(tmp_path):
+    code = load_problems(_write_verl_parquet(tmp_path / "c.parquet", VERL_ROWS[3:4]))[0]
+    good = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    bad = "```python\nprint(0)\n```"
+    verifiable = get_reward("verifiable")
+    assert verifiable(good, code) == 1.0 and verifiable(bad, code) == 0.0
+
+
+def test_bad_verl_rows_are_named(tmp_path):
+    def rows_error(rows):
+        with pytest.raises(ValueError) as e:
+            load_problems(_write_verl_parquet(tmp_path / "bad.parquet", rows))
+        return str(e.value)
+
+    base = dict(VERL_ROWS[0])
+    assert "bad.parquet:1" in rows_error([{**base, "prompt": [{"role": "assistant", "content": "hi"}]}])
+    assert "must end with a non-empty user message" in rows_error(
+        [{**base, "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    err = rows_error([{**base, "reward_model": {"style": "rule", "ground_truth": None}}])
+    assert "reward_model.ground_truth" in err
+    err = rows_error([{**base, "reward_model": {"style": "rule", "ground_truth": json.dumps({"inputs": ["1"]})}}])
+    assert "bad.parquet:1" in err and "ground_truth" in err
+    assert "expected non-empty text or a list of chat messages" in rows_error([{**base, "prompt": 3}])
+
+
+def test_iter_parquet_values_and_errors(tmp_path):
+    import datetime
+
+    path = tmp_path / "x.parquet"
+    table = pa.table({"q": ["a", "b"], "when": [datetime.date(2024, 8, 1), datetime.date(2025, 1, 31)],
+                      "raw": [b"text", b"more"], "tests": [[{"input": "1", "output": "1"}], []],
+                      "n": pa.array([1, None], pa.int64())})
+    pq.write_table(table, path, row_group_size=1)
+    rows = list(iter_parquet(path))
+    assert rows == [(1, {"q": "a", "when": "2024-08-01", "raw": "text", "tests": [{"input": "1", "output": "1"}],
+                         "n": 1}),
+                    (2, {"q": "b", "when": "2025-01-31", "raw": "more", "tests": [], "n": None})]
+    json.dumps([r for _, r in rows])  # what JSON lines would have held
+
+    data = path.read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        list(iter_parquet(tmp_path / "cut.parquet"))
+    (tmp_path / "j.parquet").write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        load_problems(tmp_path / "j.parquet")
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
+    with pytest.raises(ValueError, match="holds no rows"):
+        list(iter_parquet(tmp_path / "empty.parquet"))
+    with pytest.raises(FileNotFoundError):
+        list(iter_parquet(tmp_path / "missing.parquet"))
+    pq.write_table(pa.table({"b": [b"\xff\xfe"]}), tmp_path / "bin.parquet")
+    with pytest.raises(ValueError, match="bin.parquet:1: a binary value"):
+        list(iter_parquet(tmp_path / "bin.parquet"))
+
+
+def test_sft_messages_from_parquet(tmp_path):
+    """OpenR1-Math-220k style: `messages` whose last turn is the response, in parquet, read as the JSON lines are."""
+    rows = [{"problem": "1+1?", "messages": [{"role": "user", "content": "1+1?"},
+                                             {"role": "assistant", "content": "<think>1+1=2</think> 2"}]},
+            {"problem": "2+2?", "messages": [{"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "4"}]}]
+    path = _write_verl_parquet(tmp_path / "sft.parquet", rows)
+    jl = tmp_path / "sft.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_sft_jsonl(path)
+    assert got == read_sft_jsonl(jl)
+    assert got[0]["completion"] == "<think>1+1=2</think> 2" and got[0]["messages"] == rows[0]["messages"][:1]
+
+
+def _dapo_reference(completion, gold):
+    """verl's math_dapo.compute_score (DAPO's reward), its extraction and its string comparison, for answers its
+    normalization leaves alone (plain numbers and words)."""
+    import re
+
+    found = re.findall(r"(?i)Answer\s*:\s*([^\n]+)", completion[-300:])
+    pred = (found[-1] if found else "[INVALID]").split("=")[-1].replace(" ", "").strip()
+    return 1.0 if pred == gold.replace(" ", "") else -1.0
+
+
+@pytest.mark.parametrize("completion", [
+    "Let me compute: 6 * 7 = 42.\nAnswer: 42",
+    "6 * 7 = 42.\nanswer:42\n",
+    "Answer: 41\nWait, recheck: 6 * 7 = 42.\nAnswer: 42",
+    "Answer: 42\nNo wait.\nAnswer: 41",
+    "Final Answer: x = 42",
+    "The answer is 42.",                                   # no "Answer:" line
+    "Answer: 42\n" + "padding " * 60 + "\nthat is all",    # the line is not among the last 300 characters
+    "<answer>42</answer>",
+    "\\boxed{42}",
+    "",
+])
+def test_answer_line_extracts_as_dapo_does(completion):
+    ours = get_reward("answer_line")(completion, {"answer": "42"})
+    assert ours == (1.0 if _dapo_reference(completion, "42") == 1.0 else 0.0)
+    assert get_reward("answer_line").quick(completion, {"answer": "42"}) == ours
+
+
+def test_answer_line_compares_as_accuracy(tmp_path):
+    line = get_reward("answer_line")
+    assert line("So\nAnswer: \\frac{1}{2}", {"answer": "0.5"}) == 1.0     # DAPO's string match would say -1
+    assert line("So\nAnswer: $\\sqrt{8}$", {"answer": "2\\sqrt{2}"}) == 1.0
+    assert line("Answer: 3", {"answer": ["1", "3"]}) == 1.0
+    assert line("Answer: " + "9" * 5000, {"answer": "3"}) == 0.0         # hostile text scores 0
+    from r1jax.eval.run import vote_answer
+    assert vote_answer("x\nAnswer: 7\n", {"answer": "7"}, "answer_line") == "7"
+    # the DAPO row above, scored by its own rule
+    dapo = load_problems(_write_verl_parquet(tmp_path / "d.parquet", VERL_ROWS[:1]))[0]
+    assert line("6 * 7 = 42\nAnswer: 42", dapo) == 1.0 and get_reward("accuracy")("Answer: 42", dapo) == 0.0
+
+
+def test_dapo_experiment_on_dapo_files(tmp_path):
+    """experiments/dapo_qwen2_5_32b.py:dapo17k=...,dapo_aime=... on tiny files in DAPO's published layout: the prompts
+    are rendered by the run tokenizer's chat template (template "hf" follows --config.tokenizer.path), rewarded by
+    the Answer: line, and the comparison evaluates the AIME file by the same rule."""
+    from pathlib import Path
+
+    from run_helpers import load_config
+
+    from r1jax.pipeline.stages import resolve_tokenizer_templates, run
+
+    def rows(n, offset):
+        out = []
+        for i in range(n):
+            a, b = offset + i, 2 * i + 1
+            text = DAPO_PROMPT.replace("What is 6 * 7?", f"What is {a} + {b}?")
+            out.append({"data_source": "math_dapo", "prompt": [{"role": "user", "content": text}],
+                        "ability": "MATH", "reward_model": {"ground_truth": str(a + b), "style": "rule"},
+                        "extra_info": {"index": f"{offset}-{i}"}})
+        return out
+
+    train = _write_verl_parquet(tmp_path / "dapo-math-17k.parquet", rows(16, 0))
+    aime = _write_verl_parquet(tmp_path / "aime-2024.parquet", rows(8, 100))
+    tok = _checkpoint_dir(tmp_path, "qwen2_5_instruct", as_file=True)
+    path = Path(__file__).resolve().parents[1] / "experiments" / "dapo_qwen2_5_32b.py"
+    with pytest.raises(ValueError, match="needs dapo_aime=PATH"):
+        load_config(path, f"dapo17k={train}")
+    cfg = load_config(path, f"dapo17k={train},dapo_aime={aime}")
+    assert cfg.task.template == "hf" and dict(cfg.grpo.rewards) == {"answer_line": 2.0, "overlong": 1.0}
+    resolve_tokenizer_templates(cfg, ["grpo", "compare"])
+    assert cfg.task.template == "hf:/ckpt/Qwen2.5-32B"
+
+    cfg = load_config(path, f"runlocal,dapo17k={train},dapo_aime={aime}")
+    cfg.tokenizer.update(kind="path", path=str(tok))
+    cfg.model.overrides.vocab_size = 300  # the tiny tokenizer's
+    cfg.grpo.max_prompt_len = 320  # DAPO's instruction, in a tokenizer trained on a few lines
+    cfg.grpo.steps = 1
+    cfg.compare.eval.num_problems = 4
+    out = run(cfg, tmp_path / "run")
+    assert not out["stopped"]
+    assert cfg.task.template == f"hf:{tok}"
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    grpo = [m for m in metrics if m.get("stage") == "grpo" and "reward/answer_line" in m]
+    assert len(grpo) == 1 and "reward_by_source/math_dapo" in grpo[0]  # one source per prompt, not per row
+    completions = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "completions.jsonl").read_text()
+                   .splitlines()]
+    assert completions and all(c["prompt"].startswith("Solve the following math problem") for c in completions)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= results["dapo"]["pass@1"] <= 1.0, results
+    samples = [json.loads(line) for f in sorted((tmp_path / "run" / "compare").rglob("*.jsonl"))
+               for line in f.read_text().splitlines()]
+    assert samples and all(s["prompt"].startswith("Solve the following") for s in samples)
+
+
+def test_inspect_shows_the_data_as_a_run_sees_it(tmp_path):
+    """`r1jax inspect` (r1jax.data.describe): counts, sources, gold kinds, the reward check and prompt lengths, and
+    the exit status says whether the reward and the template take every problem."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from r1jax.data import load_tokenizer
+    from r1jax.data.describe import describe
+
+    path = _write_verl_parquet(tmp_path / "mixed.parquet", VERL_ROWS)
+    exs = load_problems(path)
+    tok_dir = _checkpoint_dir(tmp_path, "qwen2_5_instruct", as_file=True)
+    tok = load_tokenizer(tok_dir, add_markers=False)
+    d = describe(exs, template=f"hf:{tok_dir}", tokenizer=tok, reward="verifiable", max_prompt_len=60, show=2)
+    assert d["problems"] == 5 and d["reward_check"] == "ok"
+    assert d["sources"] == {"lcb": 1, "math": 1, "math_dapo": 1, "skywork_code": 1, "skywork_math": 1}
+    assert d["gold"] == {"answer": 3, "answer_alternatives": 1, "tests": 2, "choices": 0, "messages": 5}
+    lengths = [len(tok.encode(render(f"hf:{tok_dir}", ex))) for ex in exs]
+    assert d["prompt_tokens"]["max"] == max(lengths) and d["prompt_tokens"]["min"] == min(lengths)
+    assert d["over_max_prompt_len"] == sum(n > 60 for n in lengths)
+    assert [s["text"] for s in d["shown"]] == [render(f"hf:{tok_dir}", ex) for ex in exs[:2]]
+    assert "lack them" in describe(exs, reward="accuracy")["reward_check"]  # the code rows have no answer
+    assert "problem 2" in describe(exs, template="r1_zero")["template_error"]  # the system turn
+
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "r1jax.cli", "inspect", "--data", str(path), *args],
+                              capture_output=True, text=True, cwd=root, timeout=300)
+
+    ok = cli("--template", "hf", "--tokenizer", str(tok_dir), "--reward", "verifiable", "--show", "1")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.startswith(f"5 problems from {path}") and "reward: judges every problem" in ok.stdout
+    assert "prompt tokens: min" in ok.stdout and "<|im_start|>user\nSolve the following" in ok.stdout
+    bad = cli("--template", "r1_zero", "--reward", "accuracy")
+    assert bad.returncode == 1 and "template: cannot render problem 2" in bad.stdout, bad.stdout[-2000:]
+    assert cli("--template", "hf").returncode == 2
