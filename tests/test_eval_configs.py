@@ -64,7 +64,8 @@ def test_summarize():
 
 
 @pytest.mark.parametrize("module", ["r1jax.configs", "r1jax.optim", "r1jax.eval.metrics", "r1jax.data.corpora",
-                                    "r1jax.logging", "r1jax.data.io", "r1jax.data.problems"])
+                                    "r1jax.logging", "r1jax.data.io", "r1jax.data.problems", "r1jax.rl.rewards",
+                                    "r1jax.rl.reward_registry"])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
