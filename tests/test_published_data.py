@@ -313,3 +313,18 @@ def test_inspect_shows_the_data_as_a_run_sees_it(tmp_path):
     bad = cli("--template", "r1_zero", "--reward", "accuracy")
     assert bad.returncode == 1 and "template: cannot render problem 2" in bad.stdout, bad.stdout[-2000:]
     assert cli("--template", "hf").returncode == 2
+
+
+def test_solution_only_rows_take_the_last_boxed_answer(tmp_path):
+    """MATH as Hendrycks et al. publish it (problem, solution, level, type) and NuminaMath: the gold is the last
+    \\boxed{} of the worked solution, as MATH's grader reads it."""
+    rows = [{"problem": "Half of 1?", "solution": "First \\boxed{2} was wrong; it is $\\boxed{\\frac{1}{2}}$.",
+             "level": "Level 1", "type": "Algebra"},
+            {"problem": "1+1?", "solution": "Clearly \\boxed{2}.", "level": "Level 1", "type": "Prealgebra"}]
+    path = _write_verl_parquet(tmp_path / "math.parquet", rows)
+    exs = load_problem_file(path)
+    assert [ex["answer"] for ex in exs] == ["\\frac{1}{2}", "2"] and exs[0]["level"] == "Level 1"
+    assert exs[0]["solution"] == rows[0]["solution"]  # the worked solution stays on the example
+    assert get_reward("accuracy")("<answer>0.5</answer>", exs[0]) == 1.0
+    with pytest.raises(ValueError, match=r"bad\.parquet:1: needs a gold 'answer'.*'solution' with a \\boxed"):
+        load_problems(_write_verl_parquet(tmp_path / "bad.parquet", [{"problem": "q", "solution": "no box"}]))

@@ -3,7 +3,8 @@
 A row needs the problem text (`prompt`, `problem` or `question`) and a gold `answer` (for the accuracy reward),
 `tests` (for the `code_tests` reward: the program in the completion's last ```python block is run on each), or
 both. Other fields are kept on the example (e.g. `language` for the language-consistency reward, a difficulty to
-filter by). An `answer` may be a list of alternatives, any of which is right.
+filter by). An `answer` may be a list of alternatives, any of which is right. A row with only a worked `solution`
+(MATH as Hendrycks et al. publish it, NuminaMath) takes the last `\\boxed{}` in it as its answer.
 `tests` is a list of `{"input": stdin, "output": expected stdout}` dicts and/or assert-style strings, an APPS-style
 `{"inputs": [...], "outputs": [...]}` mapping, or either as a JSON string (as APPS and TACO store them).
 
@@ -179,6 +180,16 @@ def split_chat_prompt(messages, where: str, field: str) -> tuple[list[dict], str
     return msgs, msgs[-1]["content"]
 
 
+def _solution_answer(rec: Mapping) -> dict:
+    """MATH as Hendrycks et al. publish it, NuminaMath and others give only a worked `solution`: its last
+    `\\boxed{}` is the gold answer (as MATH's own grader takes it). {} when there is none."""
+    from r1jax.rl.rewards_math import last_boxed
+
+    solution = rec.get("solution")
+    boxed = last_boxed(solution) if isinstance(solution, str) else None
+    return {"answer": boxed.strip()} if boxed and boxed.strip() else {}
+
+
 def _verl_ground_truth(rec: Mapping, where: str) -> dict:
     """verl's RL rows keep the gold in `reward_model.ground_truth`: an answer, a list of alternative answers, or
     code tests (a dict, or a list of test dicts), each possibly JSON-encoded in a string (Skywork-OR1 encodes its
@@ -249,7 +260,7 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
         if "data_source" in rec and "source" not in rec:
             ex["source"] = str(rec["data_source"])  # verl's per-source metrics: reward_by_source/<data_source>
         if rec.get(answer_field) is None and rec.get(tests_field) is None:
-            ex.update(_verl_ground_truth(rec, where))
+            ex.update(_verl_ground_truth(rec, where) or _solution_answer(rec))
         if rec.get(answer_field) is not None:
             ex["answer"] = _gold(rec[answer_field], where, answer_field)
         if rec.get(tests_field) is not None:
@@ -264,8 +275,8 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
             except ValueError as e:
                 raise ValueError(f"{where}: field {tests_field!r}: {e}") from None
         if "answer" not in ex and "tests" not in ex:
-            raise ValueError(f"{where}: needs a gold {answer_field!r}, code {tests_field!r} or verl's "
-                             f"reward_model.ground_truth (has {sorted(rec)})")
+            raise ValueError(f"{where}: needs a gold {answer_field!r}, code {tests_field!r}, verl's reward_model."
+                             f"ground_truth or a 'solution' with a \\boxed{{}} answer (has {sorted(rec)})")
         return ex
 
     return _load_records(path, task=task, fields={}, convert=convert, on_invalid=on_invalid, limit=limit)
