@@ -7,6 +7,7 @@
     r1jax convert --from_hf DIR --out DIR                             (Hugging Face -> r1jax parameters)
     r1jax plot    DIR [--out FILE.png]
     r1jax inspect --data FILE|TASK [--template T --tokenizer PATH --reward R --max_prompt_len N --show 2]
+                  [--decontaminate aime,math500 --out CLEAN.jsonl]
 
 `--model` is a Hugging Face checkpoint directory, or a stage directory of a workdir (WORKDIR/<stage>, whose
 weights are read with the run's config and tokenizer). `sample` and `eval` run on a mesh over every device (of every
@@ -14,8 +15,9 @@ process): `--mesh data=-1` (the default for a checkpoint: weights replicated, ro
 `--mesh data=2,tensor=4` for a model one device cannot hold, with `--rules` choosing the sharding preset.
 Re-running `train` with the same workdir resumes. `inspect` shows what a dataset looks like to a run before one
 starts (r1jax.data.describe): counts, fields, sources, gold kinds, whether --reward judges every problem, prompt
-tokens under --template with --tokenizer, and the first --show prompts as the model reads them; it exits 1 when the
-reward or the template cannot take every problem.
+tokens under --template with --tokenizer, the problems --decontaminate's evaluation sets contaminate (--out writes
+the others), and the first --show prompts as the model reads them; it exits 1 when the reward or the template cannot
+take every problem.
 `train --dry_run` checks the config for its `config.hardware` on this machine instead (r1jax.pipeline.dry_run:
 abstract mesh, shardings, lowering for the target platform, memory per device; no files, no weights) and writes
 WORKDIR/dry_run.json when --workdir is given.
@@ -85,6 +87,9 @@ flags.DEFINE_string("samples_out", None, "eval: also write every completion to t
                     "reference, completion, extracted answer, correct, num_tokens). With it or --out, sampled batches "
                     "are kept in <file>.progress.jsonl until the end, and an interrupted eval run again resumes.")
 flags.DEFINE_integer("show", 2, "inspect: how many prompts to print as rendered.")
+flags.DEFINE_string("decontaminate", "", "inspect: count the problems sharing a word n-gram with these evaluation "
+                    "sets (comma-separated task names or files, e.g. aime,math500); with --out, write the others.")
+flags.DEFINE_integer("decontaminate_ngram", 8, "inspect --decontaminate: n-gram length in words (open-r1's 8).")
 flags.DEFINE_integer("max_prompt_len", 0, "inspect: also count the prompts longer than this many tokens.")
 flags.DEFINE_bool("dry_run", False, "train: check the config for config.hardware without running it (no weights).")
 
@@ -422,9 +427,24 @@ def cmd_inspect(argv):
                                                                                          add_markers=False)
         except (OSError, ValueError) as e:
             raise UsageError(f"--tokenizer {FLAGS.tokenizer}: {e}") from None
+    against = None
+    if FLAGS.decontaminate:
+        from r1jax.data.decontaminate import eval_sets
+
+        try:
+            against = eval_sets(FLAGS.decontaminate)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--decontaminate {FLAGS.decontaminate}: {e}") from None
     d = describe(examples, template=template, tokenizer=tokenizer, reward=FLAGS.reward,
-                 max_prompt_len=FLAGS.max_prompt_len, show=FLAGS.show)
+                 max_prompt_len=FLAGS.max_prompt_len, show=FLAGS.show, against=against,
+                 ngram=FLAGS.decontaminate_ngram)
     print(format_description(d, name=FLAGS.data))
+    if FLAGS.out:
+        from r1jax.data.decontaminate import decontaminate
+        from r1jax.data.io import write_jsonl
+
+        kept = decontaminate(examples, against, ngram=FLAGS.decontaminate_ngram)[0] if against else examples
+        print(f"wrote {write_jsonl(FLAGS.out, kept)} problems to {FLAGS.out}")
     return 0 if d.get("reward_check", "ok") == "ok" and "template_error" not in d else 1
 
 

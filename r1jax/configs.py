@@ -385,6 +385,10 @@ def base_config() -> ml_collections.ConfigDict:
         template="r1_zero",
         train=ml_collections.ConfigDict(),   # kwargs for get_task(name, split="train", ...)
         test=ml_collections.ConfigDict(),    # kwargs for get_task(name, split="test", ...)
+        # Training problems sharing a word n-gram with these evaluation sets are left out (r1jax.data.decontaminate):
+        # "" (off) or comma-separated "test" (the test split), task names (aime, math500, gpqa, ...) or files.
+        decontaminate="",
+        decontaminate_ngram=8,
     ))
     # Mesh axis sizes (-1: the rest of the devices); dcn_* split an axis across slices / hosts (multi-slice pods).
     # context: a batch mesh axis over which training steps split each row's positions (context parallelism,

@@ -264,7 +264,7 @@ def test_sft_deterministic_and_resume(sft_data, pack):
 @pytest.mark.parametrize("module", ["r1jax.data", "r1jax.data.tasks", "r1jax.data.templates",
                                     "r1jax.data.tokenizers", "r1jax.data.pipeline", "r1jax.data.chat_template",
                                     "r1jax.data.code_benchmarks", "r1jax.data.gpqa", "r1jax.data.mixture",
-                                    "r1jax.data.parquet", "r1jax.data.describe"])
+                                    "r1jax.data.parquet", "r1jax.data.describe", "r1jax.data.decontaminate"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

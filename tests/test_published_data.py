@@ -328,3 +328,61 @@ def test_solution_only_rows_take_the_last_boxed_answer(tmp_path):
     assert get_reward("accuracy")("<answer>0.5</answer>", exs[0]) == 1.0
     with pytest.raises(ValueError, match=r"bad\.parquet:1: needs a gold 'answer'.*'solution' with a \\boxed"):
         load_problems(_write_verl_parquet(tmp_path / "bad.parquet", [{"problem": "q", "solution": "no box"}]))
+
+
+def test_decontamination_as_open_r1_does_it(tmp_path):
+    """open-r1's rule (scripts/decontaminate.py): lowercase, whitespace collapsed, word 8-grams; a training problem
+    sharing one with an evaluation problem is contaminated. Applied by config.task.decontaminate before a run trains,
+    and counted (and written out) by `r1jax inspect --decontaminate`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from r1jax.data import get_task
+    from r1jax.data.decontaminate import decontaminate, word_ngrams
+
+    def open_r1_ngrams(text, n):  # open-r1's normalize_string + word_ngrams, as its script builds them
+        words = " ".join(text.lower().strip().split()).split()
+        return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+    aime = get_task("aime", split="test")
+    math500 = get_task("math500", split="test")
+    text = aime[3]["prompt"]
+    for n in (1, 8, 13):
+        assert word_ngrams(text, n) == open_r1_ngrams(text, n)
+    words = text.split()
+    copied = {"prompt": "Consider this.\n" + "  ".join(words[:8]).upper() + " and more"}      # 8 words of AIME
+    short = {"prompt": " ".join(words[:7])}                                                   # 7: not contaminated
+    fresh = {"prompt": "What is the smallest prime greater than 1000?"}
+    kept, removed = decontaminate([copied, short, fresh, math500[0]], {"aime": aime, "math500": math500})
+    assert kept == [short, fresh] and removed == {"aime": 1, "math500": 1}
+    assert decontaminate([short], {"aime": aime}, ngram=7)[1] == {"aime": 1}
+
+    # in a run: config.task.decontaminate drops them from the training split before anything trains
+    from run_helpers import TINY_R1ZERO, load_config
+
+    from r1jax.pipeline.stages import load_tasks
+
+    rows = [copied, short, fresh, {"prompt": math500[0]["prompt"], "answer": "1"}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"answer": "1", **r}) + "\n" for r in rows))
+    cfg = load_config(TINY_R1ZERO, None)
+    cfg.task.name, cfg.task.decontaminate = "problems", "aime,math500"
+    cfg.task.train, cfg.task.test = {"path": str(train)}, {"path": str(train)}
+    assert [ex["prompt"] for ex in load_tasks(cfg)["train"]] == [short["prompt"], fresh["prompt"]]
+    cfg.task.decontaminate = "test"  # the task's own test split: every row is in it, the 7-word one has no 8-gram
+    assert [ex["prompt"] for ex in load_tasks(cfg)["train"]] == [short["prompt"]]
+    cfg.task.decontaminate_ngram = 7
+    with pytest.raises(ValueError, match="left none of the 4 training problems"):
+        load_tasks(cfg)
+    cfg.task.decontaminate = "aime,nonesuch"
+    with pytest.raises(ValueError, match="'nonesuch' is neither 'test', a task"):
+        load_tasks(cfg)
+
+    out = tmp_path / "clean.jsonl"
+    r = subprocess.run([sys.executable, "-m", "r1jax.cli", "inspect", "--data", str(train), "--template", "r1_zero",
+                        "--decontaminate", "aime,math500", "--out", str(out)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decontamination: 2 clean; contaminated by aime 1, math500 1" in r.stdout
+    assert [ex["prompt"] for ex in load_problems(out)] == [short["prompt"], fresh["prompt"]]

@@ -3,8 +3,8 @@
 `describe(examples, ...)` summarizes problems as a stage would see them: how many, their fields, sources (verl's
 `data_source`) and gold kinds, whether a reward can judge every one (`check_reward`, the check a GRPO stage or an
 evaluation makes before sampling), the prompt length in tokens under a template and tokenizer (and how many exceed a
-`max_prompt_len`), and the first few prompts rendered exactly as the model will read them. `format_description`
-prints it.
+`max_prompt_len`), how many problems each evaluation set contaminates (`r1jax.data.decontaminate`), and the first
+few prompts rendered exactly as the model will read them. `format_description` prints it.
 
 Example:
     >>> from r1jax.data.describe import describe
@@ -34,12 +34,20 @@ def _gold_kinds(examples: Sequence[Mapping]) -> dict[str, int]:
 
 
 def describe(examples: Sequence[Mapping], *, template: str | None = None, tokenizer=None, reward: str | None = None,
-             max_prompt_len: int = 0, show: int = 2) -> dict:
+             max_prompt_len: int = 0, show: int = 2, against: Mapping[str, Sequence] | None = None,
+             ngram: int = 8) -> dict:
     """A summary dict (see the module docstring). `template` renders the prompts (token counts need `tokenizer` too);
-    a template that cannot render some problem, or a reward that cannot judge one, is reported, not raised."""
+    a template that cannot render some problem, or a reward that cannot judge one, is reported, not raised.
+    `against` ({name: evaluation problems}) counts the problems each contaminates (r1jax.data.decontaminate) under
+    "contaminated", and those none does under "clean"."""
     from r1jax.data.templates import render
 
     out: dict = {"problems": len(examples)}
+    if against:
+        from r1jax.data.decontaminate import decontaminate
+
+        kept, out["contaminated"] = decontaminate(examples, against, ngram=ngram)
+        out["clean"] = len(kept)
     fields = Counter(k for ex in examples for k in ex)
     out["fields"] = dict(sorted(fields.items()))
     out["sources"] = dict(sorted(Counter(str(ex["source"]) for ex in examples if "source" in ex).items()))
@@ -92,6 +100,9 @@ def format_description(d: Mapping, *, name: str = "") -> str:
     gold = d["gold"]
     lines.append(f"gold: answer {gold['answer']} (lists of alternatives {gold['answer_alternatives']}), tests "
                  f"{gold['tests']}, choices {gold['choices']}; chat-message prompts {gold['messages']}")
+    if "contaminated" in d:
+        lines.append(f"decontamination: {d['clean']} clean; contaminated by " +
+                     ", ".join(f"{k} {n}" for k, n in d["contaminated"].items()))
     if "reward_check" in d:
         lines.append("reward: " + ("judges every problem" if d["reward_check"] == "ok" else d["reward_check"]))
     if "template_error" in d:

@@ -204,8 +204,13 @@ def load_tasks(config) -> dict[str, list]:
     from r1jax.data import get_task
 
     t = config.task
-    return {"train": get_task(t.name, split="train", **t.train.to_dict()),
-            "test": get_task(t.name, split="test", **t.test.to_dict())}
+    tasks = {"train": get_task(t.name, split="train", **t.train.to_dict()),
+             "test": get_task(t.name, split="test", **t.test.to_dict())}
+    if t.get("decontaminate", ""):
+        from r1jax.data.decontaminate import decontaminate_train
+
+        decontaminate_train(tasks, t.decontaminate, t.get("decontaminate_ngram", 8))
+    return tasks
 
 
 def tokenizer_texts(config, tasks) -> list[str]:
