@@ -382,12 +382,12 @@ def cmd_sample(argv):
     return 0
 
 
-def _eval_examples(spec: str):
+def _eval_examples(spec: str, **file_options):
     from r1jax.data import get_task, list_tasks, load_problem_file
 
     if Path(spec).exists():
         try:
-            return load_problem_file(spec)
+            return load_problem_file(spec, **file_options)
         except ValueError as e:
             raise UsageError(f"--data {spec}: {e}") from None
     name, _, opts = spec.partition(":")
@@ -417,7 +417,14 @@ def cmd_inspect(argv):
     if (FLAGS.template == "hf" or FLAGS.template.startswith("hf?")) and FLAGS.tokenizer in (None, "byte"):
         raise UsageError("--template hf is the chat template of --tokenizer: pass the tokenizer's directory")
     template = _template_flag()
-    examples = _eval_examples(FLAGS.data)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # rows a run would refuse: counted, not fatal here
+        warnings.simplefilter("always")
+        examples = _eval_examples(FLAGS.data, **({"on_invalid": "skip"} if Path(FLAGS.data).exists() else {}))
+    for w in caught:
+        if "invalid rows" in str(w.message):
+            print(f"{w.message} (a run refuses them unless its task has on_invalid='skip')")
     if FLAGS.limit:
         examples = examples[:FLAGS.limit]
     tokenizer = None
