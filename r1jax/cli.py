@@ -1,6 +1,6 @@
 """The `r1jax` command.
 
-    r1jax train   --config experiments/X.py[:variant] --workdir DIR [--config.a.b=value ...] [--dry_run]
+    r1jax train   --config experiments/X.py[:variant] --workdir DIR [--config.a.b=value ...] [--dry_run|--check_data]
     r1jax sample  --model DIR [--tokenizer PATH] --prompt TEXT [--num_samples 4 --max_new_tokens 128 ...]
     r1jax eval    --model DIR [--tokenizer PATH] --data FILE|TASK [--k 4 --max_new_tokens 512 ...]
     r1jax convert --to_hf --workdir DIR --stage NAME --out DIR        (r1jax stage weights -> Hugging Face)
@@ -13,7 +13,8 @@
 weights are read with the run's config and tokenizer). `sample` and `eval` run on a mesh over every device (of every
 process): `--mesh data=-1` (the default for a checkpoint: weights replicated, rows split), `--mesh fsdp=-1` or
 `--mesh data=2,tensor=4` for a model one device cannot hold, with `--rules` choosing the sharding preset.
-Re-running `train` with the same workdir resumes. `inspect` shows what a dataset looks like to a run before one
+Re-running `train` with the same workdir resumes. `train --check_data` does what a run does before its first stage
+(tasks, tokenizer, every stage's data checks) and stops, so a pod job does not find a bad prompt set after startup. `inspect` shows what a dataset looks like to a run before one
 starts (r1jax.data.describe): counts, fields, sources, gold kinds, whether --reward judges every problem, prompt
 tokens under --template with --tokenizer, the problems --decontaminate's evaluation sets contaminate (--out writes
 the others), and the first --show prompts as the model reads them; it exits 1 when the reward or the template cannot
@@ -91,6 +92,8 @@ flags.DEFINE_string("decontaminate", "", "inspect: count the problems sharing a 
                     "sets (comma-separated task names or files, e.g. aime,math500); with --out, write the others.")
 flags.DEFINE_integer("decontaminate_ngram", 8, "inspect --decontaminate: n-gram length in words (open-r1's 8).")
 flags.DEFINE_integer("max_prompt_len", 0, "inspect: also count the prompts longer than this many tokens.")
+flags.DEFINE_bool("check_data", False, "train: load the tasks and tokenizer and run every stage's data checks (prompt "
+                  "lengths, rewards that cannot judge a problem, ...) on this machine, then stop; no stage runs.")
 flags.DEFINE_bool("dry_run", False, "train: check the config for config.hardware without running it (no weights).")
 
 
@@ -234,6 +237,15 @@ def cmd_train(argv):
         return _dry_run(cfg)
     if cfg is None or not FLAGS.workdir:
         raise UsageError("train needs --config FILE[:variant] and --workdir DIR")
+    if FLAGS.check_data:
+        try:
+            result = run(cfg, FLAGS.workdir, check_data=True)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"r1jax train --check_data: {e}", file=sys.stderr)
+            return 1
+        print(f"data ok for stages {result['checked']}: {result['tasks']} problems, tokenizer of "
+              f"{result['vocab_size']} ids")
+        return 0
     from r1jax.pipeline.dry_run import check_hardware
 
     try:

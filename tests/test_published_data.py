@@ -386,3 +386,40 @@ def test_decontamination_as_open_r1_does_it(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "decontamination: 2 clean; contaminated by aime 1, math500 1" in r.stdout
     assert [ex["prompt"] for ex in load_problems(out)] == [short["prompt"], fresh["prompt"]]
+
+
+def test_check_data_runs_every_stage_data_check_and_no_stage(tmp_path):
+    """`r1jax train --check_data` (stages.run(check_data=True)): tasks, tokenizer and every pending stage's data
+    checks, the first stage's included, then nothing runs; a config for other hardware is checked on an abstract
+    mesh of its size."""
+    import subprocess
+    import sys
+
+    from run_helpers import ROOT, TINY_R1ZERO, load_config
+
+    from r1jax.pipeline.stages import run
+
+    cfg = load_config(TINY_R1ZERO, None)
+    out = run(cfg, tmp_path / "ok", check_data=True)
+    assert out["checked"] == ["pretrain", "grpo"] and out["tasks"]["train"] > 0 and out["vocab_size"] > 0
+    assert not list((tmp_path / "ok").glob("*/DONE")) and (tmp_path / "ok" / "metrics.jsonl").read_text() == ""
+
+    cfg = load_config(TINY_R1ZERO, None)
+    cfg.stages, cfg.grpo.init = "grpo", "scratch"  # GRPO first: a plain run would meet its data only as it starts
+    cfg.grpo.max_prompt_len = 4
+    with pytest.raises(ValueError, match="longer than max_prompt_len=4"):
+        run(cfg, tmp_path / "long", check_data=True)
+
+    cfg = load_config(TINY_R1ZERO, None)
+    cfg.hardware.num_devices, cfg.mesh.data, cfg.mesh.fsdp = 64, 8, 8  # a pod's layout, checked on this machine
+    assert run(cfg, tmp_path / "pod", check_data=True)["checked"] == ["pretrain", "grpo"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "r1jax.cli", "train", "--config", str(TINY_R1ZERO), "--workdir",
+                               str(tmp_path / "cli"), "--check_data", *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)
+
+    ok = cli()
+    assert ok.returncode == 0 and ok.stdout.startswith("data ok for stages ['pretrain', 'grpo']"), ok.stderr[-2000:]
+    bad = cli("--config.task.decontaminate=nonesuch")
+    assert bad.returncode == 1 and "'nonesuch' is neither 'test', a task" in bad.stderr, bad.stderr[-2000:]

@@ -320,10 +320,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path, stop: training
     return ctx
 
 
+def _target_mesh(config):
+    """For data checks on another machine than config.hardware's (a laptop, for a pod's config): an abstract mesh of
+    the target's size, as dry runs build it; None (the run's own mesh) when this machine is the target."""
+    n = config.get("hardware", {}).get("num_devices", 0)
+    if not n or n == jax.device_count():
+        return None
+    from r1jax.pipeline.dry_run import abstract_mesh, mesh_sizes
+
+    return abstract_mesh(mesh_sizes(config, n))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: training.StopFlag | None = None,
-        progress: bool = False) -> dict:
+        progress: bool = False, check_data: bool = False) -> dict:
     """Runs every stage of `config` (resuming finished and interrupted ones). Returns {"stages": {name: summary},
-    "stopped": bool}. `progress` shows each stage's step, loss, reward and pass@1 on stderr (the command does)."""
+    "stopped": bool}. `progress` shows each stage's step, loss, reward and pass@1 on stderr (the command does).
+    `check_data`: everything a run does before its first stage (config checks, tasks, tokenizer, model configs) and
+    every pending stage's data checks, the first stage's included, then return {"checked": [pending stages], ...}
+    with no stage run (`r1jax train --check_data`)."""
     names = configs.validate(config)
     _builtin_runners()
     for name in names:
@@ -333,7 +347,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
     resolve_tokenizer_templates(config, names)
     check_stages(config, names)  # before any stage runs (or the tokenizer trains)
     wandb_settings(**wandb_config(config))
-    ctx = setup(config, workdir, stop, progress=progress)
+    ctx = setup(config, workdir, stop, progress=progress, mesh=_target_mesh(config) if check_data else None)
     pending = [n for n in names if not (ctx.stage_dir(n) / "DONE").exists()]
     # Every process decides which stages to run before process 0 can write a DONE this run: a process that
     # looked later would skip a stage the others run and meet their collectives with different ones.
@@ -346,10 +360,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, stop: trainin
         if check is not None:
             check(name, config[name], ctx.model_config_for(name))
         check_speculative_model(name, config[name], ctx.model_config_for)
-    for name in pending[1:]:  # the first pending stage meets its own data as it starts, no later
+    for name in pending if check_data else pending[1:]:  # the first pending stage meets its own data as it starts
         check = STAGE_DATA_CHECKS.get(config[name].kind)
         if check is not None:
             check(ctx.for_stage(name), name, config[name])
+    if check_data:
+        ctx.logger.close(exit_code=0)
+        return {"stages": {}, "stopped": False, "checked": pending,
+                "tasks": {split: len(examples) for split, examples in ctx.tasks.items()},
+                "vocab_size": ctx.tokenizer.vocab_size}
     summaries, previous, ended = {}, None, False
     try:
         for name in names:
