@@ -14,11 +14,11 @@ weights are read with the run's config and tokenizer). `sample` and `eval` run o
 process): `--mesh data=-1` (the default for a checkpoint: weights replicated, rows split), `--mesh fsdp=-1` or
 `--mesh data=2,tensor=4` for a model one device cannot hold, with `--rules` choosing the sharding preset.
 Re-running `train` with the same workdir resumes. `train --check_data` does what a run does before its first stage
-(tasks, tokenizer, every stage's data checks) and stops, so a pod job does not find a bad prompt set after startup. `inspect` shows what a dataset looks like to a run before one
-starts (r1jax.data.describe): counts, fields, sources, gold kinds, whether --reward judges every problem, prompt
-tokens under --template with --tokenizer, the problems --decontaminate's evaluation sets contaminate (--out writes
-the others), and the first --show prompts as the model reads them; it exits 1 when the reward or the template cannot
-take every problem.
+(tasks, tokenizer, every stage's data checks) and stops, so a pod job does not find a bad prompt set after startup.
+`inspect` shows what a dataset looks like to a run before one starts (r1jax.data.describe): counts, fields, sources,
+gold kinds, whether --reward judges every problem, prompt tokens under --template with --tokenizer, the problems
+--decontaminate's evaluation sets contaminate (--out writes the others), and the first --show prompts as the model
+reads them; it exits 1 when the reward or the template cannot take every problem.
 `train --dry_run` checks the config for its `config.hardware` on this machine instead (r1jax.pipeline.dry_run:
 abstract mesh, shardings, lowering for the target platform, memory per device; no files, no weights) and writes
 WORKDIR/dry_run.json when --workdir is given.
