@@ -388,7 +388,11 @@ def _load_records(path: str | os.PathLike, *, task: str, fields: dict[str, type 
     path = Path(path)
     out: list[Example] = []
     skipped: list[str] = []
+    on_line: dict[int, int] = {}  # records that start on each line: a JSON array on one line holds them all
     for lineno, rec in _iter_records(path) if records is None else records:  # records: (line, row) of other formats
+        on_line[lineno] = on_line.get(lineno, 0) + 1
+        if on_line[lineno] > 1:  # ids stay unique: "FILE:LINE#k" for the k-th record starting on that line
+            lineno = f"{lineno}#{on_line[lineno]}"
         where = f"{path}:{lineno}"
         try:
             if not isinstance(rec, dict):
