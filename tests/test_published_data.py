@@ -423,3 +423,33 @@ def test_check_data_runs_every_stage_data_check_and_no_stage(tmp_path):
     assert ok.returncode == 0 and ok.stdout.startswith("data ok for stages ['pretrain', 'grpo']"), ok.stderr[-2000:]
     bad = cli("--config.task.decontaminate=nonesuch")
     assert bad.returncode == 1 and "'nonesuch' is neither 'test', a task" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_open_reasoner_zero_and_open_instruct_layouts(tmp_path):
+    """Open-Reasoner-Zero's files (a JSON array of [human, assistant-with-ground_truth] pairs) and open-instruct's
+    RLVR rows (messages, ground_truth, dataset) load as the same problems."""
+    orz = [[{"from": "human", "value": "What is 6 * 7?"},
+            {"from": "assistant", "ground_truth": {"value": "42"}}],
+           [{"from": "human", "value": "Half of 1?"},
+            {"from": "assistant", "ground_truth": {"value": "\\frac{1}{2}"}}]]
+    path = tmp_path / "orz_math_57k_collected.json"
+    path.write_text(json.dumps(orz))  # one line, as json.dump writes it
+    exs = load_problem_file(path)
+    assert [(ex["prompt"], ex["answer"]) for ex in exs] == [("What is 6 * 7?", "42"), ("Half of 1?", "\\frac{1}{2}")]
+    # ids stay unique when records share a line (prompt_pass and rejection sampling tell prompts apart by id)
+    assert [ex["id"] for ex in exs] == ["problems/orz_math_57k_collected.json:1",
+                                        "problems/orz_math_57k_collected.json:1#2"]
+
+    # open-instruct's conversion of the same file: the assistant turn holds the reference, not prompt
+    rows = [{"messages": [{"role": "user", "content": q[0]["value"]},
+                          {"role": "assistant", "content": q[1]["ground_truth"]["value"]}],
+             "ground_truth": q[1]["ground_truth"]["value"], "dataset": "math"} for q in orz]
+    oi = load_problems(_write_verl_parquet(tmp_path / "rlvr.parquet", rows))
+    assert [(ex["prompt"], ex["answer"], ex["source"]) for ex in oi] == [
+        ("What is 6 * 7?", "42", "math"), ("Half of 1?", "\\frac{1}{2}", "math")]
+    assert oi[0]["messages"] == [{"role": "user", "content": "What is 6 * 7?"}]
+    assert render("r1_zero", oi[0]) == render("r1_zero", exs[0])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([[{"from": "human", "value": ""}, {"from": "assistant", "ground_truth": {"value": "1"}}]]))
+    with pytest.raises(ValueError, match="bad.json:1: field 'prompt' is '', expected non-empty text"):
+        load_problems(bad)

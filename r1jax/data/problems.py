@@ -15,7 +15,9 @@ kept as the example's `messages`, which templates render (a system turn included
 and the last user turn is its `prompt` text; `ground_truth` is an answer, a list of alternatives, or code tests,
 also when JSON-encoded in a string as Skywork-OR1 stores them (an answer that merely looks like JSON, such as the
 interval `[0, 1]`, stays an answer); `data_source` becomes the example's `source`, so GRPO logs
-`reward_by_source/<source>` as verl logs its per-source scores.
+`reward_by_source/<source>` as verl logs its per-source scores. open-instruct's RLVR rows (`messages`, `ground_truth`,
+`dataset`; a trailing assistant turn is dropped) and Open-Reasoner-Zero's files (each problem a [human, assistant
+with `ground_truth.value`] pair) are read the same way.
 
 Call-based ("functional") tests call one function of the program and compare its return value; they normalize
 to `{"fn_name": name, "args": [arguments], "expected": JSON value}` (dicts already in that form are accepted):
@@ -180,6 +182,20 @@ def split_chat_prompt(messages, where: str, field: str) -> tuple[list[dict], str
     return msgs, msgs[-1]["content"]
 
 
+def _open_instruct_row(rec: Mapping) -> dict:
+    """open-instruct's RLVR rows (Tulu 3, its ORZ and DAPO conversions): `messages` (a trailing assistant turn is the
+    reference solution, not prompt), `ground_truth` and `dataset`: as a row of verl's layout."""
+    messages = rec["messages"]
+    if isinstance(messages, list) and messages and isinstance(messages[-1], Mapping) \
+            and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    out = {k: v for k, v in rec.items() if k not in ("messages", "ground_truth", "dataset")}
+    out.update(prompt=messages, reward_model={"ground_truth": rec["ground_truth"]})
+    if "dataset" in rec:
+        out["data_source"] = rec["dataset"]
+    return out
+
+
 def _solution_answer(rec: Mapping) -> dict:
     """MATH as Hendrycks et al. publish it, NuminaMath and others give only a worked `solution`: its last
     `\\boxed{}` is the gold answer (as MATH's own grader takes it). {} when there is none."""
@@ -242,6 +258,8 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
 
     def convert(rec: dict, where: str) -> Example:
         names = (prompt_field,) if prompt_field else PROMPT_FIELDS
+        if not prompt_field and "messages" in rec and not any(f in rec for f in names) and "ground_truth" in rec:
+            rec = _open_instruct_row(rec)
         field = next((f for f in names if f in rec), None)
         if field is None:
             raise ValueError(f"{where}: no problem text: expected a field {' or '.join(map(repr, names))} "
@@ -279,7 +297,18 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
                              f"ground_truth or a 'solution' with a \\boxed{{}} answer (has {sorted(rec)})")
         return ex
 
-    return _load_records(path, task=task, fields={}, convert=convert, on_invalid=on_invalid, limit=limit)
+    records = ((n, _orz_row(rec)) for n, rec in _iter_records(Path(path)))
+    return _load_records(path, task=task, fields={}, convert=convert, on_invalid=on_invalid, limit=limit,
+                         records=records)
+
+
+def _orz_row(rec):
+    """Open-Reasoner-Zero's files hold each problem as [{"from": "human", "value": Q}, {"from": "assistant",
+    "ground_truth": {"value": A}}]: as a row, {"prompt": Q, "answer": A}. Anything else passes through."""
+    if (isinstance(rec, list) and len(rec) == 2 and all(isinstance(x, Mapping) for x in rec)
+            and rec[0].get("from") == "human" and isinstance(rec[1].get("ground_truth"), Mapping)):
+        return {"prompt": rec[0].get("value"), "answer": rec[1]["ground_truth"].get("value")}
+    return rec
 
 
 def load_problem_file(path: str | os.PathLike, **kwargs) -> list[Example]:
