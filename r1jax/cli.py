@@ -394,10 +394,15 @@ def cmd_sample(argv):
     return 0
 
 
+def _is_data_path(spec: str) -> bool:
+    """A file, a directory of shards, or a glob pattern (data/train-*.parquet), rather than a task name."""
+    return Path(spec).exists() or any(c in spec for c in "*?[")
+
+
 def _eval_examples(spec: str, **file_options):
     from r1jax.data import get_task, list_tasks, load_problem_file
 
-    if Path(spec).exists():
+    if _is_data_path(spec):
         try:
             return load_problem_file(spec, **file_options)
         except ValueError as e:
@@ -433,7 +438,7 @@ def cmd_inspect(argv):
 
     with warnings.catch_warnings(record=True) as caught:  # rows a run would refuse: counted, not fatal here
         warnings.simplefilter("always")
-        examples = _eval_examples(FLAGS.data, **({"on_invalid": "skip"} if Path(FLAGS.data).exists() else {}))
+        examples = _eval_examples(FLAGS.data, **({"on_invalid": "skip"} if _is_data_path(FLAGS.data) else {}))
     for w in caught:
         if "invalid rows" in str(w.message):
             print(f"{w.message} (a run refuses them unless its task has on_invalid='skip')")

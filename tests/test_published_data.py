@@ -453,3 +453,20 @@ def test_open_reasoner_zero_and_open_instruct_layouts(tmp_path):
     bad.write_text(json.dumps([[{"from": "human", "value": ""}, {"from": "assistant", "ground_truth": {"value": "1"}}]]))
     with pytest.raises(ValueError, match="bad.json:1: field 'prompt' is '', expected non-empty text"):
         load_problems(bad)
+
+
+def test_sharded_splits_load_from_a_directory_or_a_glob(tmp_path):
+    """Hugging Face shards a split (data/train-00000-of-00002.parquet, ...): a directory or a glob reads the shards in
+    order, ids naming each row's shard."""
+    shards = tmp_path / "data"
+    shards.mkdir()
+    _write_verl_parquet(shards / "train-00000-of-00002.parquet", VERL_ROWS[:2])
+    _write_verl_parquet(shards / "train-00001-of-00002.parquet", VERL_ROWS[2:3])
+    (shards / "README.md").write_text("not data")
+    by_dir = load_problems(shards)
+    assert [ex["prompt"] for ex in by_dir] == [r["prompt"][-1]["content"] for r in VERL_ROWS[:3]]
+    assert by_dir[2]["id"] == "problems/data:train-00001-of-00002.parquet:1"
+    by_glob = load_problem_file(str(shards / "train-*.parquet"))
+    assert [ex["prompt"] for ex in by_glob] == [ex["prompt"] for ex in by_dir]
+    with pytest.raises(FileNotFoundError, match="no data files"):
+        load_problems(str(shards / "test-*.parquet"))

@@ -17,6 +17,7 @@ Example:
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -328,9 +329,34 @@ def generate_countdown(n: int, *, seed: int = 0, split: str = "train",
 _WS = re.compile(r"\s*")
 
 
-def _iter_records(path: Path) -> Iterator[tuple[int, Any]]:
+SHARD_SUFFIXES = (".parquet", ".pq", ".jsonl", ".json")
+
+
+def data_files(path: str | os.PathLike) -> list[Path] | None:
+    """The files a directory or a glob pattern names, sorted (Hugging Face shards a split as
+    data/train-00000-of-00003.parquet, ...); None for a plain path. A directory takes its parquet / JSON files."""
+    text = str(path)
+    if Path(text).is_dir():
+        files = sorted(p for p in Path(text).iterdir() if p.is_file() and p.suffix.lower() in SHARD_SUFFIXES)
+    elif any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file())
+    else:
+        return None
+    if not files:
+        raise FileNotFoundError(f"{path}: no data files (.parquet, .jsonl, .json) match")
+    return files
+
+
+def _iter_records(path: Path) -> Iterator[tuple[int | str, Any]]:
     """(line number where the record starts, record) from a JSON-lines file (``.jsonl``, or any file
-    not starting with '[') or a JSON array; a parquet file's rows (`r1jax.data.parquet`) with their row numbers."""
+    not starting with '[') or a JSON array; a parquet file's rows (`r1jax.data.parquet`) with their row numbers; a
+    directory's or a glob's files one after another, each record's place as "FILE:LINE"."""
+    files = data_files(path)
+    if files is not None:
+        for f in files:
+            for n, rec in _iter_records(f):
+                yield f"{f.name}:{n}", rec
+        return
     if is_parquet(path):
         yield from iter_parquet(path)
         return
