@@ -9,6 +9,8 @@ Example:
 """
 from r1jax.data.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from r1jax.data.code_benchmarks import code_prompt, load_apps, load_livecodebench
+from r1jax.data.decontaminate import decontaminate
+from r1jax.data.describe import describe
 from r1jax.data.gpqa import load_gpqa
 from r1jax.data.mixture import load_mixture
 from r1jax.data.mmlu import load_mmlu
@@ -66,6 +68,7 @@ __all__ = [
     "ANSWER_END", "ANSWER_START", "BOXED_INSTRUCTION", "ByteTokenizer", "ChatTemplate", "ChatTemplateError",
     "Example", "HFTokenizer", "InexactDivisionError", "MARKERS", "R1_ZERO_TEMPLATE", "SentencePieceTokenizer",
     "THINK_END", "THINK_START", "Tokenizer", "bucket_length", "check_template", "code_prompt", "countdown_prompt",
+    "decontaminate", "describe",
     "default_buckets", "default_data_dir", "evaluate_expression", "generate_arithmetic", "generate_countdown",
     "generate_multiplication", "get_task", "iter_parquet", "list_tasks", "list_templates", "load_aime", "load_amc",
     "load_apps",
