@@ -470,3 +470,24 @@ def test_sharded_splits_load_from_a_directory_or_a_glob(tmp_path):
     assert [ex["prompt"] for ex in by_glob] == [ex["prompt"] for ex in by_dir]
     with pytest.raises(FileNotFoundError, match="no data files"):
         load_problems(str(shards / "test-*.parquet"))
+
+
+def test_trl_conversational_prompt_completion_rows(tmp_path):
+    """TRL's conversational prompt-completion SFT rows read as the messages rows do: the prompt conversation is what
+    the template renders (as TRL renders it: apply_chat_template(prompt, add_generation_prompt=True)), the one
+    assistant message the completion."""
+    transformers = pytest.importorskip("transformers")
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    rows = [{"prompt": conv, "completion": [{"role": "assistant", "content": "4"}]}]
+    path = tmp_path / "trl.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n")
+    row = read_sft_jsonl(path)[0]
+    assert row["completion"] == "4" and row["messages"] == conv and row["prompt"] == "2+2?"
+    d = _checkpoint_dir(tmp_path, "qwen2_5_instruct", as_file=True)
+    want = transformers.AutoTokenizer.from_pretrained(str(d)).apply_chat_template(conv, add_generation_prompt=True,
+                                                                                  tokenize=False)
+    assert render(f"hf:{d}", row) == want
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": conv, "completion": [{"role": "user", "content": "4"}]}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: a conversational completion is one assistant message"):
+        read_sft_jsonl(bad)

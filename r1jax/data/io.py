@@ -1,7 +1,8 @@
 """Reading and writing JSONL datasets for SFT, rejection sampling and distillation.
 
 Rows are {"prompt": str, "completion": str, ...} or chat {"messages": [{"role", "content"}, ...]} whose last
-message is the assistant's response (it becomes the completion; the earlier messages are the prompt), in JSON lines
+message is the assistant's response (it becomes the completion; the earlier messages are the prompt), or TRL's
+conversational prompt-completion rows ({"prompt": [messages], "completion": [one assistant message]}), in JSON lines
 or, as Hugging Face publishes SFT sets such as OpenR1-Math-220k, parquet (`.parquet`).
 
 Example:
@@ -56,6 +57,16 @@ def read_sft_jsonl(path: str | Path) -> list[dict]:
 def _normalize(row: Mapping, where: str) -> dict:
     if isinstance(row, Mapping) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
         return dict(row)
+    if isinstance(row, Mapping) and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+        # TRL's conversational prompt-completion rows: the completion is one assistant message
+        from r1jax.data.problems import split_chat_prompt
+
+        done = row["completion"]
+        if (len(done) != 1 or not isinstance(done[0], Mapping) or done[0].get("role") != "assistant"
+                or not isinstance(done[0].get("content"), str)):
+            raise ValueError(f"{where}: a conversational completion is one assistant message; got {done!r:.100}")
+        messages, text = split_chat_prompt(row["prompt"], where, "prompt")
+        return {**row, "prompt": text, "messages": messages, "completion": done[0]["content"]}
     if isinstance(row, Mapping) and isinstance(row.get("messages"), list) and row["messages"]:
         msgs = row["messages"]
         last = msgs[-1]
