@@ -491,3 +491,22 @@ def test_trl_conversational_prompt_completion_rows(tmp_path):
     bad.write_text(json.dumps({"prompt": conv, "completion": [{"role": "user", "content": "4"}]}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: a conversational completion is one assistant message"):
         read_sft_jsonl(bad)
+
+
+def test_deepcoder_rows(tmp_path):
+    """DeepCoder-Preview rows (problem, tests as a JSON string): PrimeIntellect's stdin_stdout and function_call
+    tests, run by the sandbox."""
+    tests = [{"type": "function_call", "fn_name": "add", "input": [1, 2], "output": [3]},
+             {"type": "function_call", "fn_name": "add", "input": [-1, 1], "output": [0]}]
+    stdin = [{"type": "stdin_stdout", "input": "1 2\n", "output": "3\n"}]
+    rows = [{"problem": "Write add(a, b).", "tests": json.dumps(tests), "starter_code": ""},
+            {"problem": "Print a + b.", "tests": json.dumps(stdin), "starter_code": ""}]
+    path = tmp_path / "deepcoder.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fn, io = load_problems(path)
+    assert fn["tests"] == [{"fn_name": "add", "args": [1, 2], "expected": [3]},
+                           {"fn_name": "add", "args": [-1, 1], "expected": [0]}]
+    code_tests = get_reward("code_tests")
+    assert code_tests("```python\ndef add(a, b):\n    return a + b\n```", fn) == 1.0
+    assert code_tests("```python\ndef add(a, b):\n    return a + b if a > 0 else 1\n```", fn) == 0.5
+    assert code_tests("```python\na, b = map(int, input().split())\nprint(a + b)\n```", io) == 1.0

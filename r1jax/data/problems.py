@@ -6,7 +6,7 @@ both. Other fields are kept on the example (e.g. `language` for the language-con
 filter by). An `answer` may be a list of alternatives, any of which is right. A row with only a worked `solution`
 (MATH as Hendrycks et al. publish it, NuminaMath) takes the last `\\boxed{}` in it as its answer.
 `tests` is a list of `{"input": stdin, "output": expected stdout}` dicts and/or assert-style strings, an APPS-style
-`{"inputs": [...], "outputs": [...]}` mapping, or either as a JSON string (as APPS and TACO store them).
+`{"inputs": [...], "outputs": [...]}` mapping, or either as a JSON string (as APPS, TACO and DeepCoder store them).
 
 Published RL data is read as it is published (`r1jax.data.parquet` reads the files): verl's layout (DAPO-Math-17k,
 Skywork-OR1-RL-Data, and the files verl's preprocessing scripts write for GSM8K, MATH and others) has `prompt` as a
@@ -25,7 +25,9 @@ to `{"fn_name": name, "args": [arguments], "expected": JSON value}` (dicts alrea
   usually the return value wrapped in a list; the sandbox accepts either, as APPS's own checker does);
 - LiveCodeBench: per-test `{"input": one JSON value per line (one line per argument), "output": JSON value,
   "testtype": "functional"}` dicts (a `"testtype": "stdin"` dict is a stdin/stdout test), with the function's
-  name in the problem's `metadata` (a dict or a JSON string) as `func_name`.
+  name in the problem's `metadata` (a dict or a JSON string) as `func_name`;
+- DeepCoder's PrimeIntellect rows: `{"type": "function_call", "fn_name": name, "input": [arguments], "output":
+  [return value]}` (its `"type": "stdin_stdout"` tests are stdin/stdout tests).
 A row's `fn_name` field, else its metadata's `func_name`, names the function for tests that do not name it
 themselves. The program may define it at top level or as a method of a LeetCode-style `class Solution`.
 
@@ -135,6 +137,10 @@ def normalize_tests(tests, fn_name: str | None = None) -> list[dict | str]:
                 raise ValueError(f"tests[{i}] has testtype {kind!r}; valid: {', '.join(map(repr, _TESTTYPES))}")
             if kind == "functional":
                 out.append(_functional_test(t, i, fn_name))
+                continue
+            if kind is None and t.get("fn_name") and isinstance(t.get("input"), list) and "output" in t:
+                # DeepCoder's PrimeIntellect rows: {"type": "function_call", "fn_name", "input": [args], "output"}
+                out.append(_call_test(t["fn_name"], t["input"], t["output"], f"tests[{i}]"))
                 continue
             if kind is None and "args" in t:
                 if "expected" not in t:
