@@ -450,7 +450,8 @@ def test_open_reasoner_zero_and_open_instruct_layouts(tmp_path):
     assert oi[0]["messages"] == [{"role": "user", "content": "What is 6 * 7?"}]
     assert render("r1_zero", oi[0]) == render("r1_zero", exs[0])
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([[{"from": "human", "value": ""}, {"from": "assistant", "ground_truth": {"value": "1"}}]]))
+    empty = [{"from": "human", "value": ""}, {"from": "assistant", "ground_truth": {"value": "1"}}]
+    bad.write_text(json.dumps([empty]))
     with pytest.raises(ValueError, match="bad.json:1: field 'prompt' is '', expected non-empty text"):
         load_problems(bad)
 
