@@ -511,3 +511,28 @@ def test_deepcoder_rows(tmp_path):
     assert code_tests("```python\ndef add(a, b):\n    return a + b\n```", fn) == 1.0
     assert code_tests("```python\ndef add(a, b):\n    return a + b if a > 0 else 1\n```", fn) == 0.5
     assert code_tests("```python\na, b = map(int, input().split())\nprint(a + b)\n```", io) == 1.0
+
+
+def test_select_rows_as_skywork_does(tmp_path):
+    """select / select_range (task options): Skywork-OR1 trains its 7B model on the math rows whose
+    extra_info.model_difficulty for DeepSeek-R1-Distill-Qwen-7B lies in [1, 15]; rows without the field are left out."""
+    def row(i, ability, difficulty):
+        extra = {"index": i} if difficulty is None else {
+            "index": i, "model_difficulty": {"DeepSeek-R1-Distill-Qwen-7B": difficulty,
+                                             "DeepSeek-R1-Distill-Qwen-32B": 16 - difficulty}}
+        return {"data_source": "sky", "prompt": [{"role": "user", "content": f"q{i}"}], "ability": ability,
+                "reward_model": {"ground_truth": json.dumps([str(i)]), "style": "rule"}, "extra_info": extra}
+
+    rows = [row(0, "math", 0), row(1, "math", 1), row(2, "math", 15), row(3, "math", 16), row(4, "code", 5),
+            row(5, "math", None), row(6, "math", 8)]
+    path = tmp_path / "sky.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_problems(path, select={"ability": "math"},
+                        select_range={"extra_info.model_difficulty.DeepSeek-R1-Distill-Qwen-7B": [1, 15]})
+    assert [ex["prompt"] for ex in got] == ["q1", "q2", "q6"] and got[0]["answer"] == "1"
+    assert len(load_problems(path, select={"ability": ["math", "code"]})) == 7
+    with pytest.raises(ValueError, match=r"select_range\['x'\] = 3; expected \[low, high\] numbers"):
+        load_problems(path, select_range={"x": 3})
+    # as a run's task options
+    from r1jax.data import get_task
+    assert len(get_task("problems", split="train", path=str(path), select={"ability": "code"})) == 1

@@ -256,13 +256,22 @@ def _row_fn_name(rec: Mapping) -> str | None:
 
 def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_field: str | None = None,
                   answer_field: str = "answer", tests_field: str = "tests", on_invalid: str = "raise",
-                  limit: int | None = None) -> list[Example]:
+                  limit: int | None = None, select: Mapping | None = None,
+                  select_range: Mapping | None = None) -> list[Example]:
     """Problems from a JSON-lines file or a JSON array (see the module docstring for the fields). Each example has
     `prompt`, and `answer` (a string; numbers as written, 142.0 as "142") and/or `tests` (normalized to a list).
     `prompt_field` / `answer_field` / `tests_field` name other fields. A bad row is an error naming its line
-    (`on_invalid="skip"` drops such rows with a warning)."""
+    (`on_invalid="skip"` drops such rows with a warning).
 
-    def convert(rec: dict, where: str) -> Example:
+    `select` {field: value or list of values} and `select_range` {field: [low, high]} keep the rows whose field (a
+    dotted path into nested dicts) equals one of the values, or lies in [low, high]; rows without the field are left
+    out. E.g. Skywork-OR1's selection for its 7B model: `select={"ability": "math"}`, `select_range=
+    {"extra_info.model_difficulty.DeepSeek-R1-Distill-Qwen-7B": [1, 15]}`."""
+    keep = _row_selector(select or {}, select_range or {})
+
+    def convert(rec: dict, where: str) -> Example | None:
+        if not keep(rec):
+            return None  # left out by the selection, not an invalid row
         names = (prompt_field,) if prompt_field else PROMPT_FIELDS
         if not prompt_field and "messages" in rec and not any(f in rec for f in names) and "ground_truth" in rec:
             rec = _open_instruct_row(rec)
@@ -306,6 +315,41 @@ def load_problems(path: str | os.PathLike, *, task: str = "problems", prompt_fie
     records = ((n, _orz_row(rec)) for n, rec in _iter_records(Path(path)))
     return _load_records(path, task=task, fields={}, convert=convert, on_invalid=on_invalid, limit=limit,
                          records=records)
+
+
+def _dotted(rec: Mapping, path: str):
+    node = rec
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def _row_selector(select: Mapping, select_range: Mapping):
+    """rec -> bool for load_problems' `select` / `select_range` (checked here, so a bad option fails at once)."""
+    equal = {k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in dict(select).items()}
+    ranges = {}
+    for k, bounds in dict(select_range).items():
+        if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+            raise ValueError(f"select_range[{k!r}] = {bounds!r}; expected [low, high] numbers")
+        ranges[k] = (float(bounds[0]), float(bounds[1]))
+
+    def keep(rec: Mapping) -> bool:
+        for k, values in equal.items():
+            if _dotted(rec, k) not in values:
+                return False
+        for k, (lo, hi) in ranges.items():
+            v = _dotted(rec, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                return False
+        return True
+
+    return keep
 
 
 def _orz_row(rec):
