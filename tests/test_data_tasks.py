@@ -337,7 +337,8 @@ def test_own_problems_with_call_based_tests(tmp_path):
      r"field 'tests': tests\['inputs'\]\[0\] = '1 2' is not a list of arguments"),
     ({"text": "q", "answer": "1"}, r"own\.jsonl:1: no problem text: expected a field 'prompt' or 'problem' or "
                                    r"'question' \(has \['answer', 'text'\]\)"),
-    ({"prompt": "q"}, r"own\.jsonl:1: needs a gold 'answer', code 'tests', verl's reward_model\.ground_truth or a 'solution'"),
+    ({"prompt": "q"},
+     r"own\.jsonl:1: needs a gold 'answer', code 'tests', verl's reward_model\.ground_truth or a 'solution'"),
     ({"prompt": "  ", "answer": "1"}, r"field 'prompt' is '  ', expected non-empty text"),
     ({"prompt": "q", "answer": True}, r"field 'answer' is True, expected a non-empty string, a number or a list"),
     ({"prompt": "q", "answer": []}, r"field 'answer' is an empty list of answers"),
