@@ -536,3 +536,25 @@ def test_select_rows_as_skywork_does(tmp_path):
     # as a run's task options
     from r1jax.data import get_task
     assert len(get_task("problems", split="train", path=str(path), select={"ability": "code"})) == 1
+
+
+def test_by_source_scores_each_published_set_by_its_own_rule(tmp_path):
+    """A run mixing DAPO-Math-17k (an "Answer:" line) with Skywork-OR1 (boxed answers, code tests): `by_source` picks
+    each row's rule by its data_source, as verl's default_compute_score does."""
+    from r1jax.rl.rewards import score_batch
+
+    exs = load_problems(_write_verl_parquet(tmp_path / "mix.parquet", VERL_ROWS))  # dapo, skywork, interval, code, lcb
+    rules = {"by_source": {"rules": {"math_dapo": "answer_line", "*": "verifiable"}}}
+    completions = ["6*7=42\nAnswer: 42", "\\boxed{0.5}", "\\boxed{[0, 1]}",
+                   "```python\na, b = map(int, input().split())\nprint(a + b)\n```",
+                   "```python\ndef add(a, b):\n    return a + b\n```"]
+    totals, parts = score_batch(completions, exs, {"by_source": 1.0}, reward_kwargs=rules, num_workers=2)
+    assert parts["by_source"].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0]
+    swapped = ["\\boxed{42}", "Answer: 0.5"] + completions[2:]  # each rule reads only its own form
+    assert score_batch(swapped, exs, {"by_source": 1.0}, reward_kwargs=rules)[0].tolist()[:2] == [0.0, 0.0]
+    # without rules every source is verifiable: DAPO's Answer: line is not an answer block or a box
+    assert get_reward("by_source")(completions[0], exs[0]) == 0.0
+    with pytest.raises(ValueError, match="unknown reward 'acuracy'"):
+        score_batch(completions, exs, {"by_source": 1.0}, reward_kwargs={"by_source": {"rules": {"*": "acuracy"}}})
+    with pytest.raises(ValueError, match="not a correctness rule of one completion"):
+        get_reward("by_source")("x", exs[0], rules={"*": "length"})

@@ -17,6 +17,7 @@ Built-in rewards and the example fields they read:
 | `code_tests`           | `tests`                             | fraction of tests passed in the sandbox (`sandbox`)|
 | `multiple_choice`      | `answer` (a letter A-D)             | 1/0: `Answer: X` (simple-evals) is the gold letter |
 | `verifiable`           | `tests`, else `answer`              | code_tests / multiple_choice (`choices`) / accuracy|
+| `by_source`            | `source`, and what its rule reads   | the rule `rules[source]` names (verl's dispatch)   |
 | `polite_closing`       | -                                   | 1/0: ends with a polite closing sentence           |
 | `polite_correct`       | `answer`                            | 1/0: accuracy and polite_closing                   |
 | `cosine`               | as verifiable; `num_tokens`         | cosine of the length, by correctness (Yeo et al.)  |
@@ -63,10 +64,10 @@ from r1jax.rl.rewards_choice import CHOICE_LETTERS, extract_choice, num_choices
 # The registry and the scorer live in their own modules; this one is where users import them from.
 __all__ = [
     "CHOICE_LETTERS", "EOS_TOKENS", "LANGUAGES", "MAX_COMPLETION_CHARS", "REWARDS", "RewardFn", "accuracy",
-    "answer_line", "chain_of_thought", "check_examples", "code_tests", "cosine", "countdown", "extract_choice",
-    "format_", "get_reward", "language_consistency", "language_shares", "length", "multiple_choice", "num_choices",
-    "overlong", "overlong_penalty", "polite_closing", "polite_correct", "reasoning_steps", "register_reward",
-    "repetition", "score", "score_batch", "tag_count", "verifiable",
+    "answer_line", "by_source", "chain_of_thought", "check_examples", "code_tests", "cosine", "countdown",
+    "extract_choice", "format_", "get_reward", "language_consistency", "language_shares", "length",
+    "multiple_choice", "num_choices", "overlong", "overlong_penalty", "polite_closing", "polite_correct",
+    "reasoning_steps", "register_reward", "repetition", "score", "score_batch", "tag_count", "verifiable",
 ]
 
 
@@ -340,6 +341,38 @@ def verifiable(completion: str, example: Mapping, *, timeout_s: float = 1.0, mem
     if _is_countdown(example):
         return countdown(completion, example)
     return accuracy(completion, example, timeout_s=timeout_s)
+
+
+def _source_rule(example: Mapping, rules: Mapping[str, str] | None) -> RewardFn:
+    rules = dict(rules or {})
+    name = rules.get(str(example.get("source")), rules.get("*", "verifiable"))
+    fn = get_reward(name)
+    if name == "by_source" or fn.group is not None or "num_tokens" in fn.accepted_kwargs:
+        raise ValueError(f"by_source: rule {name!r} is not a correctness rule of one completion (it is by_source, "
+                         "compares a prompt's samples or reads lengths); name e.g. accuracy, answer_line, code_tests")
+    return fn
+
+
+def _source_kwargs(fn: RewardFn, **kw) -> dict:
+    return {k: v for k, v in kw.items() if k in fn.accepted_kwargs}
+
+
+def _by_source_quick(completion: str, example: Mapping, *, rules: Mapping[str, str] | None = None, **kw):
+    fn = _source_rule(example, rules)
+    if fn.quick is None:
+        return None if fn.blocking else fn(completion, example, **_source_kwargs(fn, **kw))
+    return fn.quick(completion, example, **_source_kwargs(fn, **kw))
+
+
+@register_reward("by_source", blocking=True, quick=_by_source_quick)
+def by_source(completion: str, example: Mapping, *, rules: Mapping[str, str] | None = None, timeout_s: float = 1.0,
+              memory_mb: int = 1024) -> float:
+    """Each problem by the rule its `source` names, as verl's default_compute_score dispatches on data_source, for
+    published sets mixed in one run: `rules` maps a source to a reward name ("*": every other source; default
+    `verifiable`), e.g. `reward_kwargs.by_source.rules = {"math_dapo": "answer_line", "*": "verifiable"}` where DAPO's
+    rows ask for an "Answer:" line and the others for a boxed answer or code."""
+    fn = _source_rule(example, rules)
+    return fn(completion, example, **_source_kwargs(fn, timeout_s=timeout_s, memory_mb=memory_mb))
 
 
 # ------------------------------------------------------------------------------------------------ length shaping
