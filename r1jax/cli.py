@@ -64,6 +64,8 @@ flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0 = all)."
 flags.DEFINE_integer("batch_size", 32, "Problems per sampler batch (eval).")
 flags.DEFINE_string("reward", "accuracy", "eval: the rule that judges a sample (accuracy: the final answer; "
                     "code_tests: the program passes every test of the problem's `tests`).")
+flags.DEFINE_string("reward_kwargs", "", "eval, inspect: the options of --reward as a dict literal, e.g. "
+                    "\"{'rules': {'math_dapo': 'answer_line', '*': 'verifiable'}}\" for --reward by_source.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype for loaded models.")
 flags.DEFINE_bool("to_hf", False, "convert: r1jax stage weights -> Hugging Face.")
 flags.DEFINE_string("from_hf", None, "convert: Hugging Face checkpoint -> r1jax parameters.")
@@ -122,6 +124,7 @@ def _config_key_paths(cfg, prefix="config") -> dict[str, object]:
 OPEN_DICTS = tuple(re.compile(p) for p in (
     r"config\.[^.]+\.rewards\.[^.]+",
     r"config\.[^.]+\.reward_kwargs\.[^.]+\.[^.]+",
+    r"config\.[^.]+\.eval\.reward_kwargs\.[^.]+",  # the evaluation's one reward's options
     r"config\.[^.]+\.reward_schedule\.[^.]+\.[^.]+",
     r"config\.(?:[^.]+\.)?model\.overrides\.[^.]+(?:\.[^.]+)?",
     r"config\.task\.(?:train|test)(?:\.[^.]+)+",  # a mixture's parts nest: task.train.parts.<label>.<option>
@@ -399,6 +402,16 @@ def _is_data_path(spec: str) -> bool:
     return Path(spec).exists() or any(c in spec for c in "*?[")
 
 
+def _reward_kwargs_flag() -> dict | None:
+    if not FLAGS.reward_kwargs:
+        return None
+    value = parse_value(FLAGS.reward_kwargs)
+    if not isinstance(value, dict):
+        raise UsageError(f"--reward_kwargs {FLAGS.reward_kwargs!r}: expected a dict literal, e.g. "
+                         "\"{'timeout_s': 2}\"")
+    return value
+
+
 def _eval_examples(spec: str, **file_options):
     from r1jax.data import get_task, list_tasks, load_problem_file
 
@@ -460,6 +473,7 @@ def cmd_inspect(argv):
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"--decontaminate {FLAGS.decontaminate}: {e}") from None
     d = describe(examples, template=template, tokenizer=tokenizer, reward=FLAGS.reward,
+                 reward_kwargs=_reward_kwargs_flag(),
                  max_prompt_len=FLAGS.max_prompt_len, show=FLAGS.show, against=against,
                  ngram=FLAGS.decontaminate_ngram)
     print(format_description(d, name=FLAGS.data))
@@ -483,8 +497,9 @@ def cmd_eval(argv):
     examples = _eval_examples(FLAGS.data)  # bad data or a reward it cannot judge: said before the model loads
     if FLAGS.limit:
         examples = examples[: FLAGS.limit]
+    reward_kwargs = _reward_kwargs_flag()
     try:
-        check_reward(FLAGS.reward, examples)
+        check_reward(FLAGS.reward, examples, reward_kwargs)
     except ValueError as e:
         raise UsageError(f"--reward {FLAGS.reward}: {e}") from None
     try:
@@ -515,7 +530,7 @@ def cmd_eval(argv):
                      seed=FLAGS.seed, mesh=mesh, rules=rules, reward=FLAGS.reward,
                      return_samples=bool(FLAGS.samples_out or FLAGS.problems_out),
                      compact=FLAGS.compact, speculative=FLAGS.speculative, progress=progress, progress_meta=meta,
-                     pass_at=FLAGS.pass_at)
+                     pass_at=FLAGS.pass_at, reward_kwargs=reward_kwargs)
     except ProgressMismatch as e:
         raise UsageError(str(e)) from None
     m["mesh"] = dict(mesh.shape)

@@ -80,10 +80,11 @@ def eval_config(**kw) -> ml_collections.ConfigDict:
     `speculative`: "mtp" decodes with the model's MTP module as the draft (r1jax.sampling.speculative).
     `save_samples`: every completion of each evaluation is written to the stage's `eval_samples/` directory as JSON
     lines (problem, prompt, reference, completion, extracted answer, correct, num_tokens). `pass_at`: "1,4,16" also
-    reports pass@1, pass@4, pass@16 (each <= k), unbiased over the k samples."""
+    reports pass@1, pass@4, pass@16 (each <= k), unbiased over the k samples. `reward_kwargs`: the options of `reward`,
+    e.g. {"rules": {"math_dapo": "answer_line", "*": "verifiable"}} for by_source."""
     d = dict(num_problems=200, k=4, temperature=0.6, top_p=0.95, top_k=0, min_p=0.0, max_new_tokens=256,
              batch_size=64, reward="accuracy", template="", split="test", compact=0, speculative="", save_samples=True,
-             pass_at="")
+             pass_at="", reward_kwargs=ml_collections.ConfigDict())
     d.update(kw)
     return ml_collections.ConfigDict(d)
 

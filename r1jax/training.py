@@ -511,6 +511,10 @@ def eval_examples(ctx: RunContext, eval_cfg) -> list:
     return examples[: eval_cfg.num_problems]  # 0: no evaluation (configs.eval_config)
 
 
+def _plain_dict(node) -> dict | None:
+    return (node.to_dict() if hasattr(node, "to_dict") else dict(node)) if node else None
+
+
 def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int, **progress) -> dict:
     """pass@1 / pass@k / cons@k (and format rate, completion length) of `model` on `examples` with the eval
     settings `eval_cfg` (r1jax.configs.eval_config). `progress` / `progress_meta`: see r1jax.eval.evaluate."""
@@ -522,6 +526,7 @@ def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int, **prog
                     max_new_tokens=eval_cfg.max_new_tokens,
                     batch_size=min(eval_cfg.batch_size, len(examples)), seed=seed, mesh=ctx.mesh, rules=ctx.rules,
                     reward=eval_cfg.reward, compact=int(eval_cfg.get("compact", 0)),
+                    reward_kwargs=_plain_dict(eval_cfg.get("reward_kwargs")),
                     speculative=eval_cfg.get("speculative", ""),
                     return_samples=bool(eval_cfg.get("save_samples", False)), pass_at=eval_cfg.get("pass_at", ""),
                     **progress)

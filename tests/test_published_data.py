@@ -558,3 +558,35 @@ def test_by_source_scores_each_published_set_by_its_own_rule(tmp_path):
         score_batch(completions, exs, {"by_source": 1.0}, reward_kwargs={"by_source": {"rules": {"*": "acuracy"}}})
     with pytest.raises(ValueError, match="not a correctness rule of one completion"):
         get_reward("by_source")("x", exs[0], rules={"*": "length"})
+
+
+def test_evaluation_judges_and_votes_by_each_source_rule(tmp_path, monkeypatch):
+    """evaluate(reward="by_source", reward_kwargs=...): every sample judged by its problem's rule and cons@k voting on
+    what that rule reads (DAPO's Answer: line for its rows); eval_config carries the options, check_reward uses them."""
+    import numpy as np
+
+    from r1jax.data import ByteTokenizer
+    from r1jax.eval import check_reward
+    from r1jax.eval import run as eval_run
+
+    exs = load_problems(_write_verl_parquet(tmp_path / "mix.parquet", VERL_ROWS[:2]))  # math_dapo, skywork_math
+    texts = ["x\nAnswer: 42", "x\nAnswer: 41", "\\boxed{0.5}", "\\boxed{1/2}"]  # k=2 per problem
+
+    class Out:
+        def __init__(self, rows):
+            self.tokens, self.lengths, self.stats = np.zeros((rows, 1), np.int32), np.ones(rows, np.int32), {}
+
+    monkeypatch.setattr(eval_run, "generate", lambda model, chunk, num_samples, **kw: Out(len(chunk) * num_samples))
+    monkeypatch.setattr(eval_run, "decode_completions", lambda tok, tokens, lengths: texts[:len(lengths)])
+    rules = {"rules": {"math_dapo": "answer_line"}}
+    m = eval_run.evaluate(None, ByteTokenizer(), exs, k=2, template="qwen2.5", reward="by_source",
+                          reward_kwargs=rules, return_samples=True, batch_size=2)
+    assert [s["correct"] for s in m["samples"]] == [True, False, True, True]
+    assert [s["answer"] for s in m["samples"]] == ["42", "41", "0.5", "1/2"]
+    assert m["pass@1"] == 0.75 and m["by_source/math_dapo/pass@1"] == 0.5
+    plain = eval_run.evaluate(None, ByteTokenizer(), exs, k=2, template="qwen2.5", reward="by_source", batch_size=2)
+    assert plain["by_source/math_dapo/pass@1"] == 0.0  # without rules: verifiable, which reads no Answer: line
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        check_reward("by_source", exs, {"rules": {"*": "nope"}})
+    from r1jax.configs import eval_config
+    assert "reward_kwargs" in eval_config()

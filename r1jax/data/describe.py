@@ -35,7 +35,7 @@ def _gold_kinds(examples: Sequence[Mapping]) -> dict[str, int]:
 
 def describe(examples: Sequence[Mapping], *, template: str | None = None, tokenizer=None, reward: str | None = None,
              max_prompt_len: int = 0, show: int = 2, against: Mapping[str, Sequence] | None = None,
-             ngram: int = 8) -> dict:
+             ngram: int = 8, reward_kwargs: Mapping | None = None) -> dict:
     """A summary dict (see the module docstring). `template` renders the prompts (token counts need `tokenizer` too);
     a template that cannot render some problem, or a reward that cannot judge one, is reported, not raised.
     `against` ({name: evaluation problems}) counts the problems each contaminates (r1jax.data.decontaminate) under
@@ -56,7 +56,7 @@ def describe(examples: Sequence[Mapping], *, template: str | None = None, tokeni
         from r1jax.eval.run import check_reward
 
         try:
-            check_reward(reward, examples)
+            check_reward(reward, examples, reward_kwargs)
             out["reward_check"] = "ok"
         except ValueError as e:
             out["reward_check"] = str(e)

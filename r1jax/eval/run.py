@@ -27,7 +27,7 @@ import numpy as np
 from r1jax.data.templates import render
 from r1jax.eval.metrics import group_by_source, parse_pass_at, summarize
 from r1jax.parallel import hosts
-from r1jax.rl.rewards import check_examples, extract_choice, get_reward, num_choices, score_batch
+from r1jax.rl.rewards import check_examples, extract_choice, get_reward, num_choices, score_batch, source_rule
 from r1jax.rl.rewards_math import extract_answer_line, extract_final_answer
 from r1jax.rl.sandbox import extract_code
 from r1jax.sampling import generate
@@ -45,10 +45,13 @@ def encode_prompts(tokenizer, examples, template: str) -> list[list[int]]:
     return prompts
 
 
-def vote_answer(completion: str, example: Mapping, reward: str) -> str | None:
+def vote_answer(completion: str, example: Mapping, reward: str, reward_kwargs: Mapping | None = None) -> str | None:
     """What cons@k votes on: the extracted final answer; for a problem its tests judge (code_tests, or verifiable
     on a problem with tests) the program, so identical programs (whitespace aside) vote together; for a
-    multiple-choice problem (multiple_choice, or verifiable on one with choices) the letter."""
+    multiple-choice problem (multiple_choice, or verifiable on one with choices) the letter; with by_source, what
+    the problem's own rule reads."""
+    if reward == "by_source":
+        return vote_answer(completion, example, source_rule(example, (reward_kwargs or {}).get("rules")))
     if reward == "code_tests" or (reward == "verifiable" and example.get("tests")):
         return extract_code(completion)
     if reward == "multiple_choice" or (reward == "verifiable" and example.get("choices")):
@@ -126,7 +129,7 @@ def _append_progress(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def check_reward(reward: str, examples: Sequence[Mapping]) -> None:
+def check_reward(reward: str, examples: Sequence[Mapping], reward_kwargs: Mapping | None = None) -> None:
     """Raises ValueError, before anything is sampled, when `reward` is not registered or some problems lack the
     fields it reads (e.g. `code_tests` needs each problem's `tests`)."""
     fn = get_reward(reward)
@@ -140,7 +143,8 @@ def check_reward(reward: str, examples: Sequence[Mapping]) -> None:
         raise ValueError(f"reward {reward!r} reads the problems' {list(fn.required_fields)}; {len(lacking)} of "
                          f"{len(examples)} problems lack them (the first: problem {first}, which has "
                          f"{sorted(examples[first])})")
-    check_examples(examples, [reward], where=lambda i: f"problem {i}")  # each problem's own data checks
+    check_examples(examples, [reward], reward_kwargs={reward: dict(reward_kwargs)} if reward_kwargs else None,
+                   where=lambda i: f"problem {i}")  # each problem's own data checks
 
 
 def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, template: str = "r1_zero",
@@ -148,13 +152,15 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
              max_new_tokens: int = 256, batch_size: int = 64,
              seed: int = 0, mesh=None, rules="fsdp", reward: str = "accuracy", solved_at: float = 1.0,
              timeout_s: float = 1.0, return_samples: bool = False, compact: int = 0, speculative: str = "",
-             progress: str | Path | None = None, progress_meta: Mapping | None = None, pass_at=()) -> dict:
+             progress: str | Path | None = None, progress_meta: Mapping | None = None, pass_at=(),
+             reward_kwargs: Mapping | None = None) -> dict:
     """k samples per problem (R1's defaults: temperature 0.6, top-p 0.95; top_k / min_p 0 = off); a sample is correct
     when its `reward` rule scores at least `solved_at` (1.0: accuracy's right answer; with `code_tests`, every test
     passed). cons@k votes on `vote_answer`: the final answer, the program where tests judge, the letter of a multiple
     choice. `return_samples`: metrics["samples"] lists every completion ({problem, prompt, reference, completion,
     answer, correct, num_tokens}, a problem's k samples consecutive). `pass_at` ("1,4,16" or ints <= k): also
-    pass@j for each j, unbiased over the k samples (r1jax.eval.metrics.summarize).
+    pass@j for each j, unbiased over the k samples (r1jax.eval.metrics.summarize). `reward_kwargs`: the options of
+    `reward`, e.g. {"rules": {"math_dapo": "answer_line"}} for by_source.
 
     Prompts go through the sampler in batches of `batch_size` problems; the last batch is padded with repeats
     of its first problem so every batch compiles to the same shapes. Batch i samples with seed + its first problem's
@@ -216,9 +222,10 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping], *, k: int = 4, templ
         if path is not None:
             _append_progress(path, _record(start, texts, ns.tolist()))
     rows = [ex for ex in examples for _ in range(k)]
-    _, parts = score_once(completions, rows, {reward: 1.0, "format": 1.0}, timeout_s=timeout_s)
+    _, parts = score_once(completions, rows, {reward: 1.0, "format": 1.0}, timeout_s=timeout_s,
+                          reward_kwargs={reward: dict(reward_kwargs)} if reward_kwargs else None)
     correct = np.nan_to_num(parts[reward]).reshape(len(examples), k) >= solved_at  # NaN: the checker failed
-    answers = [vote_answer(c, ex, reward) for c, ex in zip(completions, rows)]
+    answers = [vote_answer(c, ex, reward, reward_kwargs) for c, ex in zip(completions, rows)]
     answers_PK = [answers[p * k:(p + 1) * k] for p in range(len(examples))]
     metrics = summarize(correct, answers_PK, pass_at)
     for source, idx in group_by_source([ex.get("source") for ex in examples]).items():  # a mixture's parts

@@ -67,7 +67,8 @@ __all__ = [
     "answer_line", "by_source", "chain_of_thought", "check_examples", "code_tests", "cosine", "countdown",
     "extract_choice", "format_", "get_reward", "language_consistency", "language_shares", "length",
     "multiple_choice", "num_choices", "overlong", "overlong_penalty", "polite_closing", "polite_correct",
-    "reasoning_steps", "register_reward", "repetition", "score", "score_batch", "tag_count", "verifiable",
+    "reasoning_steps", "register_reward", "repetition", "score", "score_batch", "source_rule", "tag_count",
+    "verifiable",
 ]
 
 
@@ -343,9 +344,14 @@ def verifiable(completion: str, example: Mapping, *, timeout_s: float = 1.0, mem
     return accuracy(completion, example, timeout_s=timeout_s)
 
 
-def _source_rule(example: Mapping, rules: Mapping[str, str] | None) -> RewardFn:
+def source_rule(example: Mapping, rules: Mapping[str, str] | None) -> str:
+    """The reward `by_source` applies to `example`: rules[its source], else rules["*"], else "verifiable"."""
     rules = dict(rules or {})
-    name = rules.get(str(example.get("source")), rules.get("*", "verifiable"))
+    return rules.get(str(example.get("source")), rules.get("*", "verifiable"))
+
+
+def _source_rule(example: Mapping, rules: Mapping[str, str] | None) -> RewardFn:
+    name = source_rule(example, rules)
     fn = get_reward(name)
     if name == "by_source" or fn.group is not None or "num_tokens" in fn.accepted_kwargs:
         raise ValueError(f"by_source: rule {name!r} is not a correctness rule of one completion (it is by_source, "

@@ -393,7 +393,8 @@ def check_grpo_data(ctx: training.RunContext, stage: str, cfg) -> None:
         check_prompts(ctx, stage, cfg, grpo_examples(ctx, stage, cfg))
     if "eval" in cfg and cfg.eval.num_problems:
         try:
-            check_reward(cfg.eval.reward, ctx.tasks[cfg.eval.split][:cfg.eval.num_problems])
+            check_reward(cfg.eval.reward, ctx.tasks[cfg.eval.split][:cfg.eval.num_problems],
+                         cfg.eval.get("reward_kwargs") and cfg.eval.reward_kwargs.to_dict())
         except ValueError as e:
             raise ValueError(f"config.{stage}.eval: {cfg.eval.split} {e}") from None
 
