@@ -464,6 +464,7 @@ def test_sharded_splits_load_from_a_directory_or_a_glob(tmp_path):
     _write_verl_parquet(shards / "train-00000-of-00002.parquet", VERL_ROWS[:2])
     _write_verl_parquet(shards / "train-00001-of-00002.parquet", VERL_ROWS[2:3])
     (shards / "README.md").write_text("not data")
+    (shards / "dataset_info.json").write_text('{"features": {}}')  # metadata beside the shards is not a shard
     by_dir = load_problems(shards)
     assert [ex["prompt"] for ex in by_dir] == [r["prompt"][-1]["content"] for r in VERL_ROWS[:3]]
     assert by_dir[2]["id"] == "problems/data:train-00001-of-00002.parquet:1"

@@ -334,10 +334,13 @@ SHARD_SUFFIXES = (".parquet", ".pq", ".jsonl", ".json")
 
 def data_files(path: str | os.PathLike) -> list[Path] | None:
     """The files a directory or a glob pattern names, sorted (Hugging Face shards a split as
-    data/train-00000-of-00003.parquet, ...); None for a plain path. A directory takes its parquet / JSON files."""
+    data/train-00000-of-00003.parquet, ...); None for a plain path. A directory takes its parquet files, or without
+    any its JSON-lines / JSON files."""
     text = str(path)
     if Path(text).is_dir():
         files = sorted(p for p in Path(text).iterdir() if p.is_file() and p.suffix.lower() in SHARD_SUFFIXES)
+        if any(is_parquet(p) for p in files):  # not the dataset_info.json beside them
+            files = [p for p in files if is_parquet(p)]
     elif any(c in text for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file())
     else:
