@@ -33,75 +33,10 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from r1jax.cli_flags import _CONFIG, FLAGS, UsageError  # defined once, even when this file runs as __main__
 
 COMMANDS = ("train", "sample", "eval", "convert", "plot", "inspect")
-
-FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:variant]).",
-                                          lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, stage outputs).")
-flags.DEFINE_string("model", None, "HF checkpoint directory or WORKDIR/<stage> (sample, eval).")
-flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory, or 'byte' (default: the model's or the run's).")
-flags.DEFINE_string("prompt", None, "Prompt text (sample).")
-flags.DEFINE_string("template", "r1_zero", "Prompt template (sample, eval): plain, r1_zero, qwen2.5, deepseek_r1, "
-                    "hf (the chat template of --tokenizer, else of --model), or hf:PATH (a checkpoint's or a "
-                    ".jinja file's); template variables after '?', e.g. 'hf?enable_thinking=false'.")
-flags.DEFINE_integer("num_samples", 1, "Samples per prompt (sample).")
-flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate (sample, eval).")
-flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")
-flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass.")
-flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
-flags.DEFINE_string("pass_at", "", "eval: also report pass@j for these sample counts, e.g. 1,4,16 (each <= --k).")
-flags.DEFINE_float("min_p", 0.0, "Min-p sampling: keep tokens with probability >= min_p x the top one's (0 = off).")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_string("data", None, "Eval data: a GSM8K/MATH/AIME/AMC/LiveCodeBench/APPS file, your own problems (JSON "
-                    "lines or a JSON array: prompt/problem/question with answer and/or tests), or a task name (gsm8k, "
-                    "math500, ...) with options after a colon (livecodebench:path=FILE,start_date=2024-08-01; "
-                    "literals keep their commas: arithmetic:n=100,num_digits=(2, 3)).")
-flags.DEFINE_integer("k", 4, "Samples per problem (eval).")
-flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0 = all).")
-flags.DEFINE_integer("batch_size", 32, "Problems per sampler batch (eval).")
-flags.DEFINE_string("reward", "accuracy", "eval: the rule that judges a sample (accuracy: the final answer; "
-                    "code_tests: the program passes every test of the problem's `tests`).")
-flags.DEFINE_string("reward_kwargs", "", "eval, inspect: the options of --reward as a dict literal, e.g. "
-                    "\"{'rules': {'math_dapo': 'answer_line', '*': 'verifiable'}}\" for --reward by_source.")
-flags.DEFINE_string("dtype", "float32", "Compute dtype for loaded models.")
-flags.DEFINE_bool("to_hf", False, "convert: r1jax stage weights -> Hugging Face.")
-flags.DEFINE_string("from_hf", None, "convert: Hugging Face checkpoint -> r1jax parameters.")
-flags.DEFINE_string("stage", None, "convert: the stage of --workdir to export.")
-flags.DEFINE_string("out", None, "Output path (convert, plot, eval results JSON).")
-flags.DEFINE_string("mesh", "", "sample, eval, convert: the device mesh, e.g. 'data=-1' (default for sampling a "
-                    "Hugging Face checkpoint: every device data parallel, the weights replicated), 'fsdp=-1' (default "
-                    "for convert --from_hf) or 'data=2,tensor=4' for a model one device cannot hold; default for "
-                    "WORKDIR/<stage>: the run's config.mesh.")
-flags.DEFINE_string("rules", "", "sample, eval, convert: the sharding rules preset (fsdp, fsdp_tensor, expert, data); "
-                    "default: fsdp_tensor when --mesh has tensor > 1, else fsdp; the run's for WORKDIR/<stage>.")
-flags.DEFINE_integer("compact", 3, "sample, eval: the decode loop continues on the unfinished rows, halving up to "
-                     "this many times as rows end (the same samples; 0: off).")
-flags.DEFINE_string("speculative", "", "sample, eval: 'mtp' decodes with a DeepSeek-V3 model's multi-token-"
-                    "prediction module as the draft, verified by the model (the same distribution; greedy: the same "
-                    "tokens), up to 2 tokens per step.")
-flags.DEFINE_string("problems_out", None, "eval: also write each problem with its pass_rate over the --k samples to "
-                    "this JSONL file (a problem file: prompts='jsonl:FILE' in a GRPO stage).")
-flags.DEFINE_string("keep_pass_rates", "", "eval --problems_out: only the problems whose pass rate lies in this "
-                    "interval, e.g. '(0,1)' (drop those never or always solved) or '[0.25,0.75]'.")
-flags.DEFINE_string("samples_out", None, "eval: also write every completion to this JSONL file (problem, prompt, "
-                    "reference, completion, extracted answer, correct, num_tokens). With it or --out, sampled batches "
-                    "are kept in <file>.progress.jsonl until the end, and an interrupted eval run again resumes.")
-flags.DEFINE_integer("show", 2, "inspect: how many prompts to print as rendered.")
-flags.DEFINE_string("decontaminate", "", "inspect: count the problems sharing a word n-gram with these evaluation "
-                    "sets (comma-separated task names or files, e.g. aime,math500); with --out, write the others.")
-flags.DEFINE_integer("decontaminate_ngram", 8, "inspect --decontaminate: n-gram length in words (open-r1's 8).")
-flags.DEFINE_integer("max_prompt_len", 0, "inspect: also count the prompts longer than this many tokens.")
-flags.DEFINE_bool("check_data", False, "train: load the tasks and tokenizer and run every stage's data checks (prompt "
-                  "lengths, rewards that cannot judge a problem, ...) on this machine, then stop; no stage runs.")
-flags.DEFINE_bool("dry_run", False, "train: check the config for config.hardware without running it (no weights).")
-
-
-class UsageError(ValueError):
-    pass
-
 
 _ADDED_KEYS: list[str] = []  # check_overrides' new-key overrides, applied once the config is loaded
 
@@ -397,162 +332,6 @@ def cmd_sample(argv):
     return 0
 
 
-def _is_data_path(spec: str) -> bool:
-    """A file, a directory of shards, or a glob pattern (data/train-*.parquet), rather than a task name."""
-    return Path(spec).exists() or any(c in spec for c in "*?[")
-
-
-def _reward_kwargs_flag() -> dict | None:
-    if not FLAGS.reward_kwargs:
-        return None
-    value = parse_value(FLAGS.reward_kwargs)
-    if not isinstance(value, dict):
-        raise UsageError(f"--reward_kwargs {FLAGS.reward_kwargs!r}: expected a dict literal, e.g. "
-                         "\"{'timeout_s': 2}\"")
-    return value
-
-
-def _eval_examples(spec: str, **file_options):
-    from r1jax.data import get_task, list_tasks, load_problem_file
-
-    if _is_data_path(spec):
-        try:
-            return load_problem_file(spec, **file_options)
-        except ValueError as e:
-            raise UsageError(f"--data {spec}: {e}") from None
-    name, _, opts = spec.partition(":")
-    if name in list_tasks():
-        kwargs = {}
-        for item in filter(None, split_options(opts)):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise UsageError(f"--data {spec}: task options are KEY=VALUE pairs separated by commas, got {item!r}")
-            kwargs[key.strip()] = parse_value(value)
-        try:
-            return get_task(name, split="test", **kwargs)
-        except (TypeError, ValueError, FileNotFoundError) as e:
-            raise UsageError(f"--data {spec}: {e}") from None
-    raise UsageError(f"--data {spec}: not a file and not a task ({list_tasks()}; options after a colon, e.g. "
-                     "livecodebench:path=FILE,start_date=2024-08-01,end_date=2025-01-31)")
-
-
-def cmd_inspect(argv):
-    from r1jax.data import ByteTokenizer, load_tokenizer
-    from r1jax.data.describe import describe, format_description
-
-    if argv:
-        raise UsageError(f"unexpected arguments {argv}")
-    if not FLAGS.data:
-        raise UsageError("inspect needs --data FILE|TASK")
-    if (FLAGS.template == "hf" or FLAGS.template.startswith("hf?")) and FLAGS.tokenizer in (None, "byte"):
-        raise UsageError("--template hf is the chat template of --tokenizer: pass the tokenizer's directory")
-    template = _template_flag()
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:  # rows a run would refuse: counted, not fatal here
-        warnings.simplefilter("always")
-        examples = _eval_examples(FLAGS.data, **({"on_invalid": "skip"} if _is_data_path(FLAGS.data) else {}))
-    for w in caught:
-        if "invalid rows" in str(w.message):
-            print(f"{w.message} (a run refuses them unless its task has on_invalid='skip')")
-    if FLAGS.limit:
-        examples = examples[:FLAGS.limit]
-    tokenizer = None
-    if FLAGS.tokenizer:
-        try:  # the checkpoint's own ids, as `eval` reads them
-            tokenizer = ByteTokenizer() if FLAGS.tokenizer == "byte" else load_tokenizer(FLAGS.tokenizer,
-                                                                                         add_markers=False)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--tokenizer {FLAGS.tokenizer}: {e}") from None
-    against = None
-    if FLAGS.decontaminate:
-        from r1jax.data.decontaminate import eval_sets
-
-        try:
-            against = eval_sets(FLAGS.decontaminate)
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(f"--decontaminate {FLAGS.decontaminate}: {e}") from None
-    d = describe(examples, template=template, tokenizer=tokenizer, reward=FLAGS.reward,
-                 reward_kwargs=_reward_kwargs_flag(),
-                 max_prompt_len=FLAGS.max_prompt_len, show=FLAGS.show, against=against,
-                 ngram=FLAGS.decontaminate_ngram)
-    print(format_description(d, name=FLAGS.data))
-    if FLAGS.out:
-        from r1jax.data.decontaminate import decontaminate
-        from r1jax.data.io import write_jsonl
-
-        kept = decontaminate(examples, against, ngram=FLAGS.decontaminate_ngram)[0] if against else examples
-        print(f"wrote {write_jsonl(FLAGS.out, kept)} problems to {FLAGS.out}")
-    return 0 if d.get("reward_check", "ok") == "ok" and "template_error" not in d else 1
-
-
-def cmd_eval(argv):
-    import jax
-
-    from r1jax.data.io import write_jsonl
-    from r1jax.eval import ProgressMismatch, check_reward, evaluate, parse_pass_at
-
-    if not FLAGS.model or not FLAGS.data:
-        raise UsageError("eval needs --model DIR and --data FILE|TASK")
-    examples = _eval_examples(FLAGS.data)  # bad data or a reward it cannot judge: said before the model loads
-    if FLAGS.limit:
-        examples = examples[: FLAGS.limit]
-    reward_kwargs = _reward_kwargs_flag()
-    try:
-        check_reward(FLAGS.reward, examples, reward_kwargs)
-    except ValueError as e:
-        raise UsageError(f"--reward {FLAGS.reward}: {e}") from None
-    try:
-        parse_pass_at(FLAGS.pass_at, FLAGS.k)
-    except ValueError as e:
-        raise UsageError(f"--{e}") from None
-    _check_sampling_flags()
-    keep = None
-    if FLAGS.keep_pass_rates:
-        from r1jax.pipeline.difficulty import parse_interval
-
-        if not FLAGS.problems_out:
-            raise UsageError("--keep_pass_rates selects the problems --problems_out writes: give --problems_out FILE")
-        try:
-            keep = parse_interval(FLAGS.keep_pass_rates)
-        except ValueError as e:
-            raise UsageError(f"--keep_pass_rates: {e}") from None
-    template = _template_flag()
-    model, tok, mesh, rules = _load_model_and_tokenizer(FLAGS.model)
-    # Sampled batches are kept beside the output, so an interrupted evaluation run again resumes.
-    out = FLAGS.samples_out or FLAGS.out or FLAGS.problems_out
-    progress = Path(f"{out}.progress.jsonl") if out else None
-    meta = {"model": str(Path(FLAGS.model).resolve()), "dtype": FLAGS.dtype}
-    try:
-        m = evaluate(model, tok, examples, k=FLAGS.k, template=template, temperature=FLAGS.temperature,
-                     top_p=FLAGS.top_p, top_k=FLAGS.top_k, min_p=FLAGS.min_p,
-                     max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
-                     seed=FLAGS.seed, mesh=mesh, rules=rules, reward=FLAGS.reward,
-                     return_samples=bool(FLAGS.samples_out or FLAGS.problems_out),
-                     compact=FLAGS.compact, speculative=FLAGS.speculative, progress=progress, progress_meta=meta,
-                     pass_at=FLAGS.pass_at, reward_kwargs=reward_kwargs)
-    except ProgressMismatch as e:
-        raise UsageError(str(e)) from None
-    m["mesh"] = dict(mesh.shape)
-    samples = m.pop("samples", [])
-    print(json.dumps(m, indent=2))
-    if jax.process_index() == 0:  # every process holds the same metrics and samples
-        if FLAGS.out:
-            Path(FLAGS.out).write_text(json.dumps(m, indent=2))
-        if FLAGS.samples_out:
-            write_jsonl(FLAGS.samples_out, samples)
-        if FLAGS.problems_out:
-            from r1jax.pipeline.difficulty import problem_pass_rates
-
-            rows = problem_pass_rates(examples, samples, keep)
-            write_jsonl(FLAGS.problems_out, rows)
-            print(f"wrote {len(rows)} of {len(examples)} problems with their pass rates to {FLAGS.problems_out}",
-                  file=sys.stderr)
-        if progress is not None:
-            progress.unlink(missing_ok=True)
-    return 0
-
-
 def cmd_convert(argv):
     from r1jax.checkpoint import save_params
     from r1jax.models import save_pretrained
@@ -604,8 +383,11 @@ def _main(argv):
 
         initialize()  # jax.distributed from the environment, before any device is touched; no-op for one process
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "convert": cmd_convert,
-                "plot": cmd_plot, "inspect": cmd_inspect}[cmd](rest)
+        if cmd in ("eval", "inspect"):
+            from r1jax.cli_eval import cmd_eval, cmd_inspect  # (they read FLAGS, defined here)
+
+            return {"eval": cmd_eval, "inspect": cmd_inspect}[cmd](rest)
+        return {"train": cmd_train, "sample": cmd_sample, "convert": cmd_convert, "plot": cmd_plot}[cmd](rest)
     except UsageError as e:
         print(f"r1jax {cmd}: {e}", file=sys.stderr)
         return 2

@@ -132,7 +132,8 @@ def test_apps_and_taco_rows(tmp_path):
 def test_eval_data_takes_task_options(tmp_path):
     """`r1jax eval --data TASK:KEY=VALUE,...`: a task with options (R1's LiveCodeBench window); values typed as on
     the command line elsewhere (numbers and booleans; a date or a path stays a string)."""
-    from r1jax.cli import UsageError, _eval_examples, parse_value, split_options
+    from r1jax.cli import UsageError, parse_value, split_options
+    from r1jax.cli_eval import _eval_examples
 
     assert [parse_value(v) for v in ("0.1", "8192", "1e-3", "True", "false", "[1, 2]", "'x'")] == [
         0.1, 8192, 1e-3, True, False, [1, 2], "x"]
