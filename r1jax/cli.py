@@ -295,11 +295,10 @@ def _template_flag() -> str:
     """--template, checked before the model loads; 'hf' is the chat template of --tokenizer (its directory), else of
     --model."""
     from r1jax.data import check_template
+    from r1jax.data.templates import own_template
 
-    template = FLAGS.template
-    if template == "hf" or template.startswith("hf?"):  # "hf?enable_thinking=false": with template variables
-        source = Path(FLAGS.tokenizer) if FLAGS.tokenizer and FLAGS.tokenizer != "byte" else Path(FLAGS.model)
-        template = f"hf:{source.parent if source.is_file() else source}{template[2:]}"
+    # "hf?enable_thinking=false": with template variables
+    template = own_template(FLAGS.template, FLAGS.tokenizer if FLAGS.tokenizer not in (None, "byte") else FLAGS.model)
     try:
         check_template(template)
     except KeyError as e:

@@ -51,18 +51,19 @@ def _eval_examples(spec: str, **file_options):
 
 
 def cmd_inspect(argv):
+    import warnings
+
     from r1jax.data import ByteTokenizer, load_tokenizer
     from r1jax.data.describe import describe, format_description
+    from r1jax.data.templates import is_own_template
 
     if argv:
         raise UsageError(f"unexpected arguments {argv}")
     if not FLAGS.data:
         raise UsageError("inspect needs --data FILE|TASK")
-    if (FLAGS.template == "hf" or FLAGS.template.startswith("hf?")) and FLAGS.tokenizer in (None, "byte"):
+    if is_own_template(FLAGS.template) and FLAGS.tokenizer in (None, "byte"):
         raise UsageError("--template hf is the chat template of --tokenizer: pass the tokenizer's directory")
     template = _template_flag()
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:  # rows a run would refuse: counted, not fatal here
         warnings.simplefilter("always")
         examples = _eval_examples(FLAGS.data, **({"on_invalid": "skip"} if _is_data_path(FLAGS.data) else {}))

@@ -189,6 +189,21 @@ def _template_fn(template: str, read: bool = True) -> Callable[[list[Message], b
     return _TEMPLATES[template]
 
 
+def is_own_template(template: str) -> bool:
+    """Template "hf" (or "hf?name=value&..."): the chat template of the tokenizer in use, its path not named."""
+    return template == "hf" or template.startswith("hf?")
+
+
+def own_template(template: str, tokenizer_path: str | Path) -> str:
+    """`template` with "hf" / "hf?..." made "hf:<the tokenizer's directory>?..." (a tokenizer.json or .model file
+    names its directory); any other template as it is."""
+    if not is_own_template(template):
+        return template
+    path = Path(tokenizer_path)
+    directory = path.parent if path.is_file() or path.suffix in (".json", ".model") else path
+    return f"hf:{directory}{template[2:]}"
+
+
 def check_template(template: str, *, read: bool = True) -> None:
     """Raises KeyError for an unknown template name and ChatTemplateError (a ValueError) for an `hf:PATH` whose
     chat template cannot be read or compiled (`read=False`: the name's form only), before any prompt is rendered."""

@@ -80,9 +80,7 @@ def check_stages(config: ml_collections.ConfigDict, names: list[str] | None = No
     checkpoints' chat templates that `hf:PATH` templates name."""
     _builtin_runners()
     names = names or configs.validate(config)
-    _check_templates([("task.template", config.task.template)]
-                     + [(f"{name}.{key}", t) for name in names for key, t in prompt_templates(config[name])],
-                     read_files)
+    _check_templates(_named_templates(config, names), read_files)
     for name in names:
         for key, value in speculative_settings(config[name]):
             if value not in SPECULATIVE:
@@ -157,31 +155,31 @@ def prompt_templates(stage: ml_collections.ConfigDict) -> list[tuple[str, str]]:
     return found
 
 
+def _named_templates(config: ml_collections.ConfigDict, names: list[str]) -> list[tuple[str, str]]:
+    """(dotted key under config, template) for the task's template and every prompt template of the stages."""
+    return [("task.template", config.task.template)] + [
+        (f"{name}.{key}", t) for name in names for key, t in prompt_templates(config[name])]
+
+
 def resolve_tokenizer_templates(config: ml_collections.ConfigDict, names: list[str]) -> None:
     """Template "hf" (or "hf?name=value&...") is the run tokenizer's own chat template, as `r1jax sample --template
     hf` is: every one in the config (the task's and each stage's) becomes "hf:<tokenizer.path>", so an experiment that
     names it follows `--config.tokenizer.path`. Changes `config` in place; run and dry runs call it first."""
-    def resolve(key: str, template: str) -> str:
-        if template != "hf" and not template.startswith("hf?"):
-            return template
+    from r1jax.data.templates import is_own_template, own_template
+
+    for key, template in _named_templates(config, names):
+        if not is_own_template(template):
+            continue
         tok = config.tokenizer
         if tok.get("kind") != "path" or not tok.get("path"):
             raise ValueError(f"config.{key}={template!r} is the run tokenizer's chat template, but tokenizer.kind is "
                              f"{tok.get('kind')!r}: set tokenizer.kind='path' and tokenizer.path, or name the "
                              "checkpoint ('hf:PATH')")
-        path = Path(tok.path)
-        return f"hf:{path.parent if path.suffix in ('.json', '.model') else path}{template[2:]}"
-
-    config.task.template = resolve("task.template", config.task.template)
-    for name in names:
-        for prefix, node in _sub_configs(config[name], ("", "eval", "corpus", "samples")):
-            if isinstance(node.get("template"), str) and node.template:
-                node.template = resolve(f"{name}.{prefix}template", node.template)
-        templates = config[name].get("templates")
-        if isinstance(templates, ml_collections.ConfigDict):
-            for label, t in templates.items():
-                if t:
-                    templates[label] = resolve(f"{name}.templates.{label}", t)
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[last] = own_template(template, tok.path)
 
 
 def _check_templates(named: list[tuple[str, str]], read_files: bool) -> None:
