@@ -79,24 +79,22 @@ def cmd_inspect(argv):
                                                                                          add_markers=False)
         except (OSError, ValueError) as e:
             raise UsageError(f"--tokenizer {FLAGS.tokenizer}: {e}") from None
-    against = None
+    decontaminated = None
     if FLAGS.decontaminate:
-        from r1jax.data.decontaminate import eval_sets
+        from r1jax.data.decontaminate import decontaminate, eval_sets
 
         try:
-            against = eval_sets(FLAGS.decontaminate)
+            decontaminated = decontaminate(examples, eval_sets(FLAGS.decontaminate), ngram=FLAGS.decontaminate_ngram)
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"--decontaminate {FLAGS.decontaminate}: {e}") from None
     d = describe(examples, template=template, tokenizer=tokenizer, reward=FLAGS.reward,
-                 reward_kwargs=_reward_kwargs_flag(),
-                 max_prompt_len=FLAGS.max_prompt_len, show=FLAGS.show, against=against,
-                 ngram=FLAGS.decontaminate_ngram)
+                 reward_kwargs=_reward_kwargs_flag(), max_prompt_len=FLAGS.max_prompt_len, show=FLAGS.show,
+                 decontaminated=decontaminated)
     print(format_description(d, name=FLAGS.data))
     if FLAGS.out:
-        from r1jax.data.decontaminate import decontaminate
         from r1jax.data.io import write_jsonl
 
-        kept = decontaminate(examples, against, ngram=FLAGS.decontaminate_ngram)[0] if against else examples
+        kept = decontaminated[0] if decontaminated is not None else examples
         print(f"wrote {write_jsonl(FLAGS.out, kept)} problems to {FLAGS.out}")
     return 0 if d.get("reward_check", "ok") == "ok" and "template_error" not in d else 1
 

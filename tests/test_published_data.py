@@ -293,7 +293,8 @@ def test_inspect_shows_the_data_as_a_run_sees_it(tmp_path):
     assert d["problems"] == 5 and d["reward_check"] == "ok"
     assert d["sources"] == {"lcb": 1, "math": 1, "math_dapo": 1, "skywork_code": 1, "skywork_math": 1}
     assert d["gold"] == {"answer": 3, "answer_alternatives": 1, "tests": 2, "choices": 0, "messages": 5}
-    lengths = [len(tok.encode(render(f"hf:{tok_dir}", ex))) for ex in exs]
+    from r1jax.data.pipeline import prompt_token_ids  # counted as the run's max_prompt_len check counts them
+    lengths = [len(ids) for ids in prompt_token_ids(tok, exs, f"hf:{tok_dir}")]
     assert d["prompt_tokens"]["max"] == max(lengths) and d["prompt_tokens"]["min"] == min(lengths)
     assert d["over_max_prompt_len"] == sum(n > 60 for n in lengths)
     assert [s["text"] for s in d["shown"]] == [render(f"hf:{tok_dir}", ex) for ex in exs[:2]]

@@ -34,20 +34,19 @@ def _gold_kinds(examples: Sequence[Mapping]) -> dict[str, int]:
 
 
 def describe(examples: Sequence[Mapping], *, template: str | None = None, tokenizer=None, reward: str | None = None,
-             max_prompt_len: int = 0, show: int = 2, against: Mapping[str, Sequence] | None = None,
-             ngram: int = 8, reward_kwargs: Mapping | None = None) -> dict:
+             max_prompt_len: int = 0, show: int = 2, decontaminated: tuple[list, Mapping[str, int]] | None = None,
+             reward_kwargs: Mapping | None = None) -> dict:
     """A summary dict (see the module docstring). `template` renders the prompts (token counts need `tokenizer` too);
     a template that cannot render some problem, or a reward that cannot judge one, is reported, not raised.
-    `against` ({name: evaluation problems}) counts the problems each contaminates (r1jax.data.decontaminate) under
-    "contaminated", and those none does under "clean"."""
+    `decontaminated`, what r1jax.data.decontaminate.decontaminate returned for these examples, gives the problems
+    each evaluation set contaminates under "contaminated", and those none does under "clean"."""
+    from r1jax.data.pipeline import _encode_prompt
     from r1jax.data.templates import render
 
     out: dict = {"problems": len(examples)}
-    if against:
-        from r1jax.data.decontaminate import decontaminate
-
-        kept, out["contaminated"] = decontaminate(examples, against, ngram=ngram)
-        out["clean"] = len(kept)
+    if decontaminated is not None:
+        kept, removed = decontaminated
+        out["contaminated"], out["clean"] = dict(removed), len(kept)
     fields = Counter(k for ex in examples for k in ex)
     out["fields"] = dict(sorted(fields.items()))
     out["sources"] = dict(sorted(Counter(str(ex["source"]) for ex in examples if "source" in ex).items()))
@@ -70,7 +69,8 @@ def describe(examples: Sequence[Mapping], *, template: str | None = None, tokeni
                 out["template_error"] = f"problem {i} ({ex.get('id', '?')}): {e}"
                 break
         if tokenizer is not None and "template_error" not in out:
-            lengths = np.array([len(tokenizer.encode(t)) for t in texts])
+            # as the sampler and the run's max_prompt_len check count them (BOS included: pipeline.prompt_token_ids)
+            lengths = np.array([len(_encode_prompt(tokenizer, t, None)) for t in texts])
             q = np.percentile(lengths, [0, 50, 99, 100]) if len(lengths) else [0] * 4
             out["prompt_tokens"] = dict(zip(("min", "median", "p99", "max"), (int(round(v)) for v in q)))
             if max_prompt_len:
