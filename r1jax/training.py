@@ -511,7 +511,8 @@ def eval_examples(ctx: RunContext, eval_cfg) -> list:
     return examples[: eval_cfg.num_problems]  # 0: no evaluation (configs.eval_config)
 
 
-def _plain_dict(node) -> dict | None:
+def plain_dict(node) -> dict | None:
+    """A config section (ConfigDict or dict) as a plain dict, or None when it is missing or empty."""
     return (node.to_dict() if hasattr(node, "to_dict") else dict(node)) if node else None
 
 
@@ -526,7 +527,7 @@ def evaluate_model(ctx: RunContext, model, eval_cfg, examples, seed: int, **prog
                     max_new_tokens=eval_cfg.max_new_tokens,
                     batch_size=min(eval_cfg.batch_size, len(examples)), seed=seed, mesh=ctx.mesh, rules=ctx.rules,
                     reward=eval_cfg.reward, compact=int(eval_cfg.get("compact", 0)),
-                    reward_kwargs=_plain_dict(eval_cfg.get("reward_kwargs")),
+                    reward_kwargs=plain_dict(eval_cfg.get("reward_kwargs")),
                     speculative=eval_cfg.get("speculative", ""),
                     return_samples=bool(eval_cfg.get("save_samples", False)), pass_at=eval_cfg.get("pass_at", ""),
                     **progress)

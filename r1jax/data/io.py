@@ -33,8 +33,7 @@ def read_jsonl(path: str | Path, check: Callable[[Any, str], dict], *, what: str
     if not path.exists():
         raise FileNotFoundError(f"no {what} file at {path}")
     if is_parquet(path):
-        rows = [check(row, f"{path}:{n}") for n, row in iter_parquet(path)]
-        return rows
+        return [check(row, f"{path}:{n}") for n, row in iter_parquet(path)]
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

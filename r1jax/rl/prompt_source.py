@@ -40,7 +40,6 @@ def check_prompts(ctx: training.RunContext, stage: str, cfg, examples) -> None:
                          f"max_prompt_len={cfg.max_prompt_len} tokens (the longest has {max(lengths)}; the first, "
                          f"example {long[0]}, has {lengths[long[0]]}); raise max_prompt_len or leave them out of "
                          "the data")
-    kwargs = cfg.get("reward_kwargs")
-    check_examples(examples, list(cfg.rewards), reward_kwargs=kwargs.to_dict() if kwargs else None,
+    check_examples(examples, list(cfg.rewards), reward_kwargs=training.plain_dict(cfg.get("reward_kwargs")),
                    timeout_s=cfg.reward_timeout_s, num_tokens=True,
                    where=lambda i: f"config.{stage}.rewards: {what} example {i}")

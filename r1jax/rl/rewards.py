@@ -114,9 +114,13 @@ def accuracy(completion: str, example: Mapping, *, timeout_s: float = 1.0) -> fl
     `example` may also be the gold string itself. A gold answer still carrying GSM8K's solution text is cut
     after its last `####`. `timeout_s` bounds the symbolic (math-verify) comparison.
     """
+    return _checked_accuracy(completion, example, timeout_s, rewards_math.extract_final_answer)
+
+
+def _checked_accuracy(completion: str, example: Mapping, timeout_s: float, extract) -> float:
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0; got {timeout_s!r}")
-    return rewards_math.accuracy_score(completion, _gold(example), timeout_s=timeout_s)
+    return rewards_math.accuracy_score(completion, _gold(example), timeout_s=timeout_s, extract=extract)
 
 
 def _answer_line_quick(completion: str, example: Mapping, **_) -> float | None:
@@ -129,10 +133,7 @@ def answer_line(completion: str, example: Mapping, *, timeout_s: float = 1.0) ->
     DAPO-Math-17k rows): the answer is the last `Answer:` line of the completion's last 300 characters, as verl's
     math_dapo extracts it, compared by accuracy's rule (numbers and math-verify; DAPO compares normalized strings,
     so r1jax also accepts e.g. 0.5 for 1/2). 1 / 0 (DAPO: +1 / -1, the same advantages)."""
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0; got {timeout_s!r}")
-    return rewards_math.accuracy_score(completion, _gold(example), timeout_s=timeout_s,
-                                       extract=rewards_math.extract_answer_line)
+    return _checked_accuracy(completion, example, timeout_s, rewards_math.extract_answer_line)
 
 
 # ------------------------------------------------------------------------------------------------ format

@@ -394,7 +394,7 @@ def check_grpo_data(ctx: training.RunContext, stage: str, cfg) -> None:
     if "eval" in cfg and cfg.eval.num_problems:
         try:
             check_reward(cfg.eval.reward, ctx.tasks[cfg.eval.split][:cfg.eval.num_problems],
-                         cfg.eval.get("reward_kwargs") and cfg.eval.reward_kwargs.to_dict())
+                         training.plain_dict(cfg.eval.get("reward_kwargs")))
         except ValueError as e:
             raise ValueError(f"config.{stage}.eval: {cfg.eval.split} {e}") from None
 
