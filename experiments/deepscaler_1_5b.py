@@ -9,7 +9,8 @@
 Recipe: Luo et al., "DeepScaleR: Surpassing O1-Preview with a 1.5B Model by Scaling RL" (Agentica blog, Feb 2025)
 and its training scripts (agentica-project/deepscaler, scripts/train/run_deepscaler_1.5b_{8k,16k,24k}.sh, verl):
   - start: DeepSeek-R1-Distill-Qwen-1.5B (preset `r1_distill_qwen_1_5b`), its chat template (`deepseek_r1`:
-    the response opens with "<think>\\n");
+    the response opens with "<think>\\n"), each problem followed by DeepScaleR's " Let's think step by step and
+    output the final answer within \\boxed{}." in the user turn (template `deepseek_r1+think_boxed`);
   - GRPO, learning rate 1e-6 (constant), KL loss coefficient 0.001 with verl's low_var_kl (Schulman's k3),
     clip ratio 0.2, no entropy bonus, one PPO epoch; rollout temperature 0.6;
   - 128 prompts per step; PPO minibatch 64 prompts, so 2 optimizer updates per step (minibatches=2);
@@ -24,8 +25,7 @@ Choices where the recipe is silent (or where r1jax differs), and why:
     does not also demand the closing </think>, which DeepScaleR's reward checks.
   - loss aggregation "bnpo": verl's token mean over each minibatch (its default then).
   - data: DeepScaleR's 40K AIME/AMC/Omni-MATH/STILL problems are not in ../shared/data; the local stand-in is the
-    MATH train set (task `math`; evaluation on MATH-500). DeepScaleR also appends "Let's think step by step and
-    output the final answer within \\boxed{}." to each problem; r1jax's templates have no such suffix yet.
+    MATH train set (task `math`; evaluation on MATH-500).
   - bfloat16 compute, float32 parameters, full rematerialization (verl: FSDP mixed precision + gradient
     checkpointing); AdamW b2 0.99 and gradient clipping 1.0 (r1jax's GRPO defaults).
   - target: 32 A100-80GB GPUs (4 nodes x 8, the recipe's 16K/24K hardware; its 8K stage used one node),
@@ -64,7 +64,7 @@ def get_config(arg=None):
     cfg.tokenizer.kind = "path"
     cfg.tokenizer.path = "/ckpt/DeepSeek-R1-Distill-Qwen-1.5B"
     cfg.task.name = "math"
-    cfg.task.template = "deepseek_r1"
+    cfg.task.template = "deepseek_r1+think_boxed"
     # --config.task.{train,test}.path=FILE: your own files (task "problems": any prompt/answer rows). The MATH
     # train file has 4 rows without an answer: dropped, with a warning.
     task_files(cfg, on_invalid="skip")
@@ -93,6 +93,7 @@ def get_config(arg=None):
         cfg.tokenizer.update(kind="spm_train", path="", vocab_size=512, split_by_whitespace=False,
                              max_piece_length=64)
         cfg.task.name = "arithmetic"
+        cfg.task.template = "deepseek_r1"  # arithmetic asks for no boxed answer; prompts stay within 64 tokens
         cfg.task.train = dict(n=256, seed=0, num_digits=1, num_ops=2)
         cfg.task.test = dict(n=8, seed=1, num_digits=1, num_ops=2)
         cfg.mesh.update(data=-1, fsdp=1)

@@ -33,14 +33,18 @@ float32, ~37 GiB for the copies the loss keeps) the largest activation.
 
 Variants: `:runlocal` trains a tiny Qwen2-style model from scratch for a few GRPO steps on the real GSM8K files
 (../shared/data) with a tokenizer trained for the run (about a minute on this CPU; rewards stay near 0).
-`:template=r1_zero` swaps the chat template for the R1-Zero prompt.
+`:template=r1_zero` swaps the chat template for the R1-Zero prompt. `:verl` asks and judges as verl's GSM8K example
+does (examples/data_preprocess/gsm8k.py and reward_score/gsm8k.py): each question followed by "Let's think step by
+step and output the final answer after \"####\"." in the user turn (template "qwen2.5+think_hash": Qwen's chat
+template, as verl renders it), and the reward, the evaluation and cons@k by verl's rule (`gsm8k`: the last "#### N",
+compared as a string) instead of accuracy + format.
 """
 
 from r1jax.configs import base_config, compact_sampling, eval_config, grpo_stage, hardware_config, parse_arg, task_files
 
 
 def get_config(arg=None):
-    opts = parse_arg(arg, runlocal=False, template="qwen2.5")
+    opts = parse_arg(arg, runlocal=False, template="qwen2.5", verl=False)
     cfg = base_config()
     cfg.seed = 0
     cfg.stages = "grpo"
@@ -68,6 +72,11 @@ def get_config(arg=None):
 
     compact_sampling(cfg, 3)  # generations end unevenly: the decode loop continues on the unfinished rows
 
+    if opts.verl:
+        cfg.task.template = opts.template + "+think_hash"
+        cfg.grpo.rewards = dict(gsm8k=1.0)
+        cfg.grpo.eval.reward = "gsm8k"
+
     if opts.runlocal:
         cfg.model.preset = "tiny_qwen2"
         cfg.model.hf_path = ""
@@ -83,7 +92,8 @@ def get_config(arg=None):
         cfg.grpo.update(init="scratch", steps=2, batch_prompts=4, group_size=4, max_prompt_len=512,
                         max_new_tokens=24, lr=1e-4, warmup_steps=0, eval_every=0, checkpoint_every=1,
                         reward_workers=1, reward_timeout_s=1.0)
-        cfg.grpo.eval = eval_config(num_problems=8, k=2, max_new_tokens=24, batch_size=8)
+        cfg.grpo.eval = eval_config(num_problems=8, k=2, max_new_tokens=24, batch_size=8,
+                                    reward=cfg.grpo.eval.reward)
     return cfg
 
 

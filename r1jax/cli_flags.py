@@ -13,7 +13,8 @@ flags.DEFINE_string("tokenizer", None, "Tokenizer file or directory, or 'byte' (
 flags.DEFINE_string("prompt", None, "Prompt text (sample).")
 flags.DEFINE_string("template", "r1_zero", "Prompt template (sample, eval): plain, r1_zero, qwen2.5, deepseek_r1, "
                     "hf (the chat template of --tokenizer, else of --model), or hf:PATH (a checkpoint's or a "
-                    ".jinja file's); template variables after '?', e.g. 'hf?enable_thinking=false'.")
+                    ".jinja file's); template variables after '?', e.g. 'hf?enable_thinking=false'; '+NAME' appends "
+                    "an instruction (r1jax.data.INSTRUCTIONS) to the prompt, e.g. 'qwen2.5+think_hash'.")
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt (sample).")
 flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate (sample, eval).")
 flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = greedy).")

@@ -46,12 +46,14 @@ from r1jax.data.templates import (
     ANSWER_END,
     ANSWER_START,
     BOXED_INSTRUCTION,
+    INSTRUCTIONS,
     MARKERS,
     R1_ZERO_TEMPLATE,
     THINK_END,
     THINK_START,
     check_template,
     list_templates,
+    register_instruction,
     register_template,
     render,
 )
@@ -66,7 +68,8 @@ from r1jax.data.tokenizers import (
 
 __all__ = [
     "ANSWER_END", "ANSWER_START", "BOXED_INSTRUCTION", "ByteTokenizer", "ChatTemplate", "ChatTemplateError",
-    "Example", "HFTokenizer", "InexactDivisionError", "MARKERS", "R1_ZERO_TEMPLATE", "SentencePieceTokenizer",
+    "Example", "HFTokenizer", "INSTRUCTIONS", "InexactDivisionError", "MARKERS", "R1_ZERO_TEMPLATE",
+    "SentencePieceTokenizer",
     "THINK_END", "THINK_START", "Tokenizer", "bucket_length", "check_template", "code_prompt", "countdown_prompt",
     "decontaminate", "describe",
     "default_buckets", "default_data_dir", "evaluate_expression", "generate_arithmetic", "generate_countdown",
@@ -74,6 +77,7 @@ __all__ = [
     "load_apps",
     "load_chat_template", "load_gpqa", "load_mmlu", "load_gsm8k", "load_livecodebench", "load_math", "load_mixture",
     "load_problem_file", "load_problems", "load_tokenizer", "normalize_tests", "pad_sequences", "register_task",
-    "register_template", "render", "rl_prompt_dataset", "sft_dataset", "split_of", "tokenize_sft_example",
+    "register_instruction", "register_template", "render", "rl_prompt_dataset", "sft_dataset", "split_of",
+    "tokenize_sft_example",
     "train_sentencepiece",
 ]

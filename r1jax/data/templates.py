@@ -9,6 +9,10 @@ Template ``"hf:PATH"`` is the Jinja chat template of a checkpoint or tokenizer d
 (``r1jax.data.chat_template``); ``"hf:PATH?name=value&..."`` passes template variables as
 ``apply_chat_template(..., name=value)`` does, e.g. ``"hf:/ckpt/Qwen3-8B?enable_thinking=false"`` for Qwen3's
 non-thinking mode. A variable the template never reads is refused (a misspelling would render the default).
+``"TEMPLATE+INSTRUCTION"`` also appends a registered instruction to the last user turn, as published recipes put one
+in the user's message (``INSTRUCTIONS``; add more with ``register_instruction``): ``"qwen2.5+think_hash"`` is verl's
+GSM8K prompt, ``"deepseek_r1+think_boxed"`` DeepScaleR's, ``"hf+reason_boxed"`` DeepSeek's directive for R1 on math
+under the tokenizer's own template. The example keeps its text (decontamination and ids read the problem alone).
 
 Example:
     >>> from r1jax.data import render
@@ -18,6 +22,8 @@ Example:
     '<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
     >>> render("deepseek_r1", {"prompt": "Hi"})
     '<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>\\n'
+    >>> print(render("plain+think_hash", {"prompt": "2 + 2?"}))
+    2 + 2? Let's think step by step and output the final answer after "####".
 """
 from __future__ import annotations
 
@@ -44,6 +50,17 @@ R1_ZERO_TEMPLATE = (
 
 # The directive DeepSeek recommends putting in the user prompt for math with R1 models.
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# Instructions a template may append to the last user turn ("TEMPLATE+NAME"), each with the separator its recipe
+# puts before it.
+INSTRUCTIONS: dict[str, str] = {
+    # DeepSeek's directive for R1 on math problems, on its own line as SimpleRL-Zoo and Qwen2.5-Math's CoT prompt do.
+    "reason_boxed": "\n" + BOXED_INSTRUCTION,
+    # verl's MATH preprocessing and DeepScaleR: "{problem} Let's think step by step ... \boxed{}."
+    "think_boxed": " Let's think step by step and output the final answer within \\boxed{}.",
+    # verl's GSM8K preprocessing, read by its "####" rule (reward `gsm8k`).
+    "think_hash": " Let's think step by step and output the final answer after \"####\".",
+}
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 QWEN_IM_START, QWEN_IM_END = "<|im_start|>", "<|im_end|>"
@@ -133,6 +150,45 @@ def list_templates() -> list[str]:
     return sorted(_TEMPLATES)
 
 
+def register_instruction(name: str, text: str) -> None:
+    """Adds ``text`` (with its leading separator, e.g. " Answer in one word.") as instruction ``name``, appended to
+    the last user turn by templates written "TEMPLATE+name"."""
+    if not name.isidentifier():
+        raise ValueError(f"instruction name {name!r} must be an identifier (it follows '+' in a template name)")
+    if name in INSTRUCTIONS:
+        raise ValueError(f"instruction {name!r} is already registered")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"instruction {name!r} needs a non-empty str; got {text!r}")
+    INSTRUCTIONS[name] = text
+
+
+def split_instruction(template: str) -> tuple[str, str | None]:
+    """'TEMPLATE+NAME' -> ('TEMPLATE', NAME) for a registered instruction NAME; any other template -> (it, None).
+    A registered template (or "hf") followed by an unknown NAME is refused; an hf:PATH whose path holds a '+' is a
+    path."""
+    base, plus, name = template.rpartition("+")
+    if not plus:
+        return template, None
+    if name in INSTRUCTIONS:
+        return base, name
+    if base in _TEMPLATES or is_own_template(base) or (name.isidentifier() and not base.startswith(HF_PREFIX)):
+        raise KeyError(f"template {template!r}: unknown instruction {name!r} after '+'; registered: "
+                       f"{sorted(INSTRUCTIONS)} (r1jax.data.templates.register_instruction adds more)")
+    return template, None
+
+
+def _with_instruction(fn: Callable[[list[Message], bool], str], text: str) -> Callable[[list[Message], bool], str]:
+    def render_with(msgs: list[Message], add_generation_prompt: bool) -> str:
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not users:
+            raise ValueError(f"an instruction ({text.strip()!r}) goes in the last user turn; the messages have "
+                             f"roles {[m['role'] for m in msgs]}")
+        i = users[-1]
+        msgs = [*msgs[:i], {**msgs[i], "content": msgs[i]["content"] + text}, *msgs[i + 1:]]
+        return fn(msgs, add_generation_prompt)
+    return render_with
+
+
 register_template("plain", _plain)
 register_template("r1_zero", _r1_zero)
 register_template("qwen2.5", _qwen25)
@@ -177,6 +233,11 @@ def _hf_template(template: str):
 
 
 def _template_fn(template: str, read: bool = True) -> Callable[[list[Message], bool], str] | None:
+    if isinstance(template, str):
+        base, instruction = split_instruction(template)
+        if instruction is not None:
+            fn = _template_fn(base, read)
+            return None if fn is None else _with_instruction(fn, INSTRUCTIONS[instruction])
     if isinstance(template, str) and template.startswith(HF_PREFIX) and template[len(HF_PREFIX):]:
         if not read:
             split_hf_template(template)
@@ -190,13 +251,14 @@ def _template_fn(template: str, read: bool = True) -> Callable[[list[Message], b
 
 
 def is_own_template(template: str) -> bool:
-    """Template "hf" (or "hf?name=value&..."): the chat template of the tokenizer in use, its path not named."""
-    return template == "hf" or template.startswith("hf?")
+    """Template "hf" (or "hf?name=value&...", either with "+instruction"): the chat template of the tokenizer in use,
+    its path not named."""
+    return template == "hf" or template.startswith(("hf?", "hf+"))
 
 
 def own_template(template: str, tokenizer_path: str | Path) -> str:
-    """`template` with "hf" / "hf?..." made "hf:<the tokenizer's directory>?..." (a tokenizer.json or .model file
-    names its directory); any other template as it is."""
+    """`template` with "hf" / "hf?..." / "hf+..." made "hf:<the tokenizer's directory>?..." (a tokenizer.json or
+    .model file names its directory); any other template as it is."""
     if not is_own_template(template):
         return template
     path = Path(tokenizer_path)
@@ -217,6 +279,7 @@ def render(template: str, x: Mapping[str, Any] | Sequence[Message], *, system: s
     Templates: 'plain' (the prompt as is), 'r1_zero' (DeepSeek-R1 paper Table 1), 'qwen2.5'
     (Qwen2.5-Instruct ChatML with its default system prompt), 'deepseek_r1' (DeepSeek-R1 and
     R1-Distill; the response starts with "<think>\\n"), 'hf:PATH' (a checkpoint's own chat template) and
-    'hf:PATH?name=value&...' (with template variables, e.g. enable_thinking=false).
+    'hf:PATH?name=value&...' (with template variables, e.g. enable_thinking=false); any of them '+NAME' with an
+    instruction from INSTRUCTIONS appended to the last user turn (e.g. 'qwen2.5+think_hash').
     """
     return _template_fn(template)(_messages(x, system), add_generation_prompt)

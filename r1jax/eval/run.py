@@ -28,7 +28,7 @@ from r1jax.data.templates import render
 from r1jax.eval.metrics import group_by_source, parse_pass_at, summarize
 from r1jax.parallel import hosts
 from r1jax.rl.rewards import check_examples, extract_choice, get_reward, num_choices, score_batch, source_rule
-from r1jax.rl.rewards_math import extract_answer_line, extract_final_answer
+from r1jax.rl.rewards_math import extract_answer_line, extract_final_answer, extract_hash_answer
 from r1jax.rl.sandbox import extract_code
 from r1jax.sampling import generate
 
@@ -58,6 +58,8 @@ def vote_answer(completion: str, example: Mapping, reward: str, reward_kwargs: M
         return extract_choice(completion, num_choices(example))
     if reward == "answer_line":
         return extract_answer_line(completion)
+    if reward == "gsm8k":
+        return extract_hash_answer(completion, (reward_kwargs or {}).get("method", "strict"))
     return extract_final_answer(completion)
 
 

@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 PASS_FILE = "prompt_pass.jsonl"
-SOLVED_RULES = ("verifiable", "by_source", "accuracy", "answer_line", "code_tests", "multiple_choice", "countdown")
+SOLVED_RULES = ("verifiable", "by_source", "accuracy", "answer_line", "gsm8k", "code_tests", "multiple_choice",
+                "countdown")
 
 
 def solved_rule(stage: str, cfg) -> str | None:

@@ -9,6 +9,7 @@ Built-in rewards and the example fields they read:
 | ---------------------- | ----------------------------------- | -------------------------------------------------- |
 | `accuracy`             | `answer` (gold, or alternatives)    | 1/0: final answer equals gold (`rewards_math`)     |
 | `answer_line`          | `answer`                            | 1/0: accuracy on DAPO's last `Answer:` line        |
+| `gsm8k`                | `answer`                            | 1/0: verl's GSM8K rule (last `#### N`, as a string)|
 | `format`               | -                                   | 1/0: `<think>...</think><answer>...</answer>`      |
 | `tag_count`            | -                                   | 0.25 per think/answer tag appearing exactly once   |
 | `language_consistency` | `language` (optional, "en" / "zh")  | share of CoT words in the target language          |
@@ -65,7 +66,7 @@ from r1jax.rl.rewards_choice import CHOICE_LETTERS, extract_choice, num_choices
 __all__ = [
     "CHOICE_LETTERS", "EOS_TOKENS", "LANGUAGES", "MAX_COMPLETION_CHARS", "REWARDS", "RewardFn", "accuracy",
     "answer_line", "by_source", "chain_of_thought", "check_examples", "code_tests", "cosine", "countdown",
-    "extract_choice", "format_", "get_reward", "language_consistency", "language_shares", "length",
+    "extract_choice", "format_", "get_reward", "gsm8k", "language_consistency", "language_shares", "length",
     "multiple_choice", "num_choices", "overlong", "overlong_penalty", "polite_closing", "polite_correct",
     "reasoning_steps", "register_reward", "repetition", "score", "score_batch", "source_rule", "tag_count",
     "verifiable",
@@ -134,6 +135,24 @@ def answer_line(completion: str, example: Mapping, *, timeout_s: float = 1.0) ->
     math_dapo extracts it, compared by accuracy's rule (numbers and math-verify; DAPO compares normalized strings,
     so r1jax also accepts e.g. 0.5 for 1/2). 1 / 0 (DAPO: +1 / -1, the same advantages)."""
     return _checked_accuracy(completion, example, timeout_s, rewards_math.extract_answer_line)
+
+
+@register_reward("gsm8k", fields=("answer",))
+def gsm8k(completion: str, example: Mapping, *, method: str = "strict", format_score: float = 0.0) -> float:
+    """verl's GSM8K rule, for its prompt ("... output the final answer after \"####\"."; template "+think_hash"):
+    the answer is the last `#### N` in the completion's last 300 characters (`method="strict"`, commas and $ dropped)
+    or its last number (`"flexible"`), compared with the gold answer as a string, as verl compares them (so "72.0"
+    is wrong where `accuracy` would take it). 1.0 when equal (any alternative of a list), `format_score` when an
+    answer was read but differs, 0.0 without one. The gold drops thousands separators, as verl's GSM8K
+    preprocessing and r1jax's GSM8K loader write it."""
+    if method not in rewards_math.HASH_METHODS:
+        raise ValueError(f"gsm8k: method={method!r}; valid: {list(rewards_math.HASH_METHODS)}")
+    answer = rewards_math.extract_hash_answer(completion, method)
+    if answer is None:
+        return 0.0
+    gold = _gold(example)
+    golds = gold if isinstance(gold, list) else [gold]
+    return 1.0 if answer in {g.replace(",", "") for g in golds} else float(format_score)
 
 
 # ------------------------------------------------------------------------------------------------ format

@@ -116,6 +116,28 @@ def extract_answer_line(completion: str) -> str | None:
     return found[-1] if found else None
 
 
+# verl's GSM8K rule (verl.utils.reward_score.gsm8k, for its prompt "... output the final answer after \"####\"."):
+# in the completion's last 300 characters, "strict" reads the last "#### <number>" (commas and $ dropped),
+# "flexible" the last run of digits, '.', ',' and '-' that is not a lone '.'.
+HASH_TAIL = 300
+HASH_METHODS = ("strict", "flexible")
+_HASH_RE = re.compile(r"#### (-?[0-9.,]+)")
+_NUMBER_RUN_RE = re.compile(r"-?[0-9.,]+")
+
+
+def extract_hash_answer(completion: str, method: str = "strict") -> str | None:
+    """The answer verl's GSM8K rule reads (see HASH_METHODS), or None without one."""
+    tail = completion[-HASH_TAIL:]
+    if method == "strict":
+        found = _HASH_RE.findall(tail)
+        return found[-1].replace(",", "").replace("$", "") if found else None
+    if method == "flexible":
+        found = _NUMBER_RUN_RE.findall(tail)
+        # verl walks back to the last run that is not "."; when every run is ".", its loop ends on the first.
+        return next((x for x in reversed(found) if x != "."), found[0] if found else None)
+    raise ValueError(f"method={method!r}; valid: {list(HASH_METHODS)}")
+
+
 # ------------------------------------------------------------------------------------------------ fast path
 _DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 _TEXT_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox|operatorname)\s*\{([^{}]*)\}")
