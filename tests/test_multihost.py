@@ -121,6 +121,30 @@ def test_train_command_across_two_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_rollout_ahead_across_two_processes(tmp_path):
+    """rollout_ahead=1 on 2 processes x 2 devices: the training loop and the thread sampling ahead take turns issuing
+    collectives (r1jax.rl.rollout_ahead), through checkpoints (which keep the batch sampled ahead) and evaluations;
+    with a learning rate of 0 the run trains on the plain run's batches: same rewards, losses and completions."""
+    def train(workdir, *extra):
+        cmd = [str(LAUNCH / "local_multiprocess.sh"), "-d", "2", "2", sys.executable, "-m", "r1jax.cli", "train",
+               "--config", str(ROOT / "tests" / "configs" / "tiny_r1zero.py"), "--workdir", str(workdir),
+               "--config.stages=grpo", "--config.grpo.init=scratch", "--config.grpo.lr=0", "--config.grpo.steps=4",
+               "--config.grpo.eval_every=2", *extra]
+        done = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if r["stage"] == "grpo"], (workdir / "grpo" / "completions.jsonl").read_text()
+
+    plain, plain_rows = train(tmp_path / "plain")
+    ahead, ahead_rows = train(tmp_path / "ahead", "--config.grpo.rollout_ahead=1")
+    assert (tmp_path / "ahead" / "grpo" / "rollout_ahead" / "step_2.npz").exists()
+    for key in ("reward", "loss", "completion_len", "eval/pass@1"):
+        want = {r["step"]: r[key] for r in plain if key in r}
+        assert want and {r["step"]: r[key] for r in ahead if key in r} == want, key
+    assert ahead_rows == plain_rows and all("rollout_wait_s" in r for r in ahead if "reward" in r and r["step"] > 1)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["r1_pipeline_arith", "reward_model_toy"])
 def test_experiment_across_two_processes(experiment, tmp_path):
     """Every stage kind on 2 processes x 2 devices, from scratch: the R1 recipe (sft, grpo, rejection, distill,

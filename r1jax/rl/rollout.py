@@ -20,6 +20,7 @@ from flax import nnx
 from r1jax.eval.metrics import group_by_source
 from r1jax.eval.run import decode_completions
 from r1jax.parallel import hosts
+from r1jax.rl import rollout_ahead
 from r1jax.rl.grpo import group_advantages
 from r1jax.rl.reward_schedule import scheduled_weights
 from r1jax.rl.rewards import score_batch
@@ -136,9 +137,10 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
     t1 = time.perf_counter()
     kwargs, schedule = cfg.get("reward_kwargs"), cfg.get("reward_schedule")
     weights = scheduled_weights(cfg.rewards.to_dict(), schedule.to_dict() if schedule else None, step)
-    totals, parts, texts = score(tokenizer, tokens, lengths, examples, weights,
-                                 timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers,
-                                 reward_kwargs=kwargs.to_dict() if kwargs else None, group_size=G)
+    with rollout_ahead.host_work():  # (sampled ahead on several processes: the update runs meanwhile)
+        totals, parts, texts = score(tokenizer, tokens, lengths, examples, weights,
+                                     timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers,
+                                     reward_kwargs=kwargs.to_dict() if kwargs else None, group_size=G)
     totals, parts = hosts.concat_scores(totals, parts)
     t2 = time.perf_counter()
     if model_rewards:

@@ -9,6 +9,15 @@ batch is then sampled by the policy one update behind the one it trains (step 0'
 sampled, so the clipped ratio accounts for the lag; `old_logp="recompute"` with `sampler_correction` weighs it
 instead (the decoupled form).
 
+With several processes (multi-host), every process must launch its collective programs in the same order, which two
+threads issuing them freely would not guarantee (on different hosts they could interleave differently and wait for
+each other forever). There the threads take turns (`AheadSampler(ordered=True)`): the sampler runs its device work
+(sampling, gathering the rows) while the training loop waits, then scores the completions (`host_work`: decoding
+and rule rewards, no collectives) while the loop runs the update, checkpoints and evaluations; it finishes (the
+scores' gather, advantages) when the loop takes the batch. The turn changes hands only at points every process
+reaches in the same order, so what overlaps is the rollout's host work (rule rewards in worker processes, code tests
+in the sandbox) with the update.
+
 The random draws and the prompt order are those of the synchronous run, so with a learning rate of 0 both give the
 same batches. A checkpoint at step s also keeps the batch sampled ahead for step s + 1 (WORKDIR/<stage>/
 rollout_ahead/step_<s>.npz and .json), so a resumed stage trains on exactly what the uninterrupted one would.
@@ -19,9 +28,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,29 +42,96 @@ AHEAD_DIR = "rollout_ahead"
 _FILE = re.compile(r"step_(\d+)\.npz")
 
 
-def check(stage: str, cfg, process_count: int) -> int:
+def check(stage: str, cfg) -> int:
     """The stage's rollout_ahead (0 or 1), checked."""
     ahead = cfg.get("rollout_ahead", 0)
     if isinstance(ahead, bool) or ahead not in (0, 1):
         raise ValueError(f"config.{stage}.rollout_ahead={ahead!r}; valid: 0 (sample, then update) or 1 (sample the "
                          "next step's batch during this step's update)")
-    if ahead and process_count > 1:
-        raise ValueError(f"config.{stage}.rollout_ahead=1 samples in a thread beside the update; with "
-                         f"{process_count} processes the two threads could issue their collectives in different "
-                         "orders on different hosts, so it runs on one process only for now")
     return int(ahead)
 
 
-class AheadSampler:
-    """Runs `sample(step, model)` for the next step in one worker thread; `take(step)` returns its result."""
+class _Turns:
+    """Which thread may issue collectives now: "main" (the training loop) or "sampler" (the rollout sampled ahead)."""
 
     def __init__(self):
+        self._cv = threading.Condition()
+        self._turn = "main"
+
+    def give(self, to: str) -> None:
+        with self._cv:
+            self._turn = to
+            self._cv.notify_all()
+
+    def wait(self, who: str) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._turn == who)
+
+
+class _Task(threading.local):
+    turns: _Turns | None = None
+    released = False
+
+
+_task = _Task()  # the ordered rollout this thread runs, if any
+
+
+@contextlib.contextmanager
+def host_work():
+    """Marks work that issues no collective (a rollout's decoding and rule rewards). In a rollout sampled ahead on
+    several processes the training loop takes its turn meanwhile (the first such block of the rollout hands it over;
+    the block's end waits until the loop takes the batch); anywhere else it changes nothing."""
+    turns = _task.turns
+    if turns is None or _task.released:
+        yield
+        return
+    _task.released = True
+    turns.give("main")
+    try:
+        yield
+    finally:
+        turns.wait("sampler")
+
+
+class AheadSampler:
+    """Runs `sample(step, model)` for the next step in one worker thread; `take(step)` returns its result.
+
+    `ordered` (several processes): the worker and the caller take turns issuing collectives (see the module's
+    docstring): `submit` returns when the rollout reaches its `host_work`, `take` / `peek` / `close` give the turn
+    back to the rollout until it ends."""
+
+    def __init__(self, ordered: bool = False):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
         self._pending: tuple[int, Future] | None = None
         self._ready: tuple[int, tuple] | None = None
+        self._turns = _Turns() if ordered else None
 
     def submit(self, step: int, fn, *args) -> None:
-        self._pending = (step, self._pool.submit(fn, *args))
+        if self._turns is None:
+            self._pending = (step, self._pool.submit(fn, *args))
+            return
+        self._turns.give("sampler")
+        self._pending = (step, self._pool.submit(self._run_ordered, fn, *args))
+        self._turns.wait("main")  # the rollout's collectives come first, on every process
+
+    def _run_ordered(self, fn, *args):
+        self._turns.wait("sampler")
+        _task.turns, _task.released = self._turns, False
+        try:
+            return fn(*args)
+        finally:
+            _task.turns = None
+            self._turns.give("main")
+
+    def _wait(self, future: Future, result: bool = True):
+        """The rollout's result (or its exception, with result=False), its collectives issued in its turn."""
+        if self._turns is not None:
+            self._turns.give("sampler")
+        try:
+            return future.result() if result else future.exception()
+        finally:
+            if self._turns is not None:
+                self._turns.give("main")  # (the rollout has ended)
 
     def put(self, step: int, result: tuple) -> None:
         """A batch sampled earlier (read back from a checkpoint) for `step`."""
@@ -69,18 +147,18 @@ class AheadSampler:
         at, future = self._pending
         assert at == step, (at, step)
         self._pending = None
-        return future.result()
+        return self._wait(future)
 
     def peek(self) -> tuple[int, tuple] | None:
         """The batch sampled ahead, waiting for it (for a checkpoint), without handing it over."""
         if self._pending is not None:
-            self._ready, self._pending = (self._pending[0], self._pending[1].result()), None
+            self._ready, self._pending = (self._pending[0], self._wait(self._pending[1])), None
         return self._ready
 
     def close(self) -> None:
         """Waits for a sampling in flight (its errors are not raised again) and stops the worker."""
         if self._pending is not None:
-            self._pending[1].exception()
+            self._wait(self._pending[1], result=False)
             self._pending = None
         self._pool.shutdown(wait=True)
 

@@ -320,7 +320,7 @@ def check_grpo_stage(stage: str, cfg) -> None:
     src = cfg.get("prompts", "task")
     if src != "task" and not src.startswith(("stage:", "jsonl:")):
         raise ValueError(f"config.{stage}.prompts={src!r}; valid: {', '.join(GRPO_PROMPTS)}")
-    rollout_ahead.check(stage, cfg, 1)  # (the process count is checked when the stage starts)
+    rollout_ahead.check(stage, cfg)
     prompt_pass.solved_rule(stage, cfg)
     source = cfg.get("drop_solved_in", "")
     if source and not source.startswith("stage:"):
@@ -462,8 +462,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
         for path in (completions, passes_file):
             trim_records(path, lambda row: row.get("step", 0) <= step)
 
-    ahead = rollout_ahead.check(stage, cfg, jax.process_count())
-    sampler = rollout_ahead.AheadSampler()
+    ahead = rollout_ahead.check(stage, cfg)
+    sampler = rollout_ahead.AheadSampler(ordered=jax.process_count() > 1)
     if meta:  # the batch an interrupted rollout_ahead run had sampled for this step (None after a plain run)
         restored = rollout_ahead.load(ctx.stage_dir(stage), step)
         if restored is not None:
