@@ -138,6 +138,10 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         top_p=1.0,
         top_k=0,
         min_p=0.0,                  # keep tokens with probability >= min_p x the top one's (0: off)
+        # The policy's, old policy's and reference's log-probs (ratio, KL) and entropies are under logits /
+        # temperature, the distribution the rollout samples from before top-k / top-p, as TRL and verl compute them;
+        # False: at temperature 1 (r1jax before 2026-12-07). The same at temperature 1.
+        logp_at_temperature=True,
         mu=1,                       # optimization passes over each rollout batch (num_iterations)
         grad_accum=1,               # micro-batches per minibatch, gradients accumulated (memory, not semantics)
         logits_chunk=0,             # completion positions per output-head chunk (0: all at once)

@@ -2,8 +2,8 @@
 
 The batch holds, for R = B * G rows: `tokens` [R, P + N] (left-padded prompt, then the completion), `mask`
 [R, P + N] (real tokens), `completion_mask` [R, N] (tokens up to and including EOS), `sampler_logp` [R, N]
-(log-probs under the rollout policy at temperature 1), `advantages` [R] and the total `rewards` [R] (host only:
-dynamic sampling reads them; the trainer drops them before the update).
+(log-probs under the rollout policy, at its temperature unless `logp_at_temperature=False`), `advantages` [R] and the
+total `rewards` [R] (host only: dynamic sampling reads them; the trainer drops them before the update).
 """
 
 from __future__ import annotations
@@ -29,18 +29,19 @@ from r1jax.sampling import make_strategy, sample_padded
 
 def sample_group(model, prompt_ids_BP, prompt_mask_BP, *, group_size: int, max_new_tokens: int, temperature: float,
                  top_p: float, top_k: int, eos_ids: Sequence[int], pad_id: int, rng, mesh=None, rules=None,
-                 min_p: float = 0.0,
-                 compact: int = 0, speculative: str = "", return_stats: bool = False):
+                 min_p: float = 0.0, compact: int = 0, speculative: str = "", return_stats: bool = False,
+                 tempered_logp: bool = False):
     """Samples `group_size` completions for each of B left-padded prompts -> device arrays (tokens [R, N],
-    lengths [R], logp [R, N]) with N = max_new_tokens (the compiled loop stops early when all rows end), and with
-    `return_stats` the sampler's step and draft counts (`sample_padded`)."""
+    lengths [R], logp [R, N]: at temperature 1, or under logits / temperature with `tempered_logp`) with
+    N = max_new_tokens (the compiled loop stops early when all rows end), and with `return_stats` the sampler's step
+    and draft counts (`sample_padded`)."""
     graphdef, state = nnx.split(model)
     tokens, lengths, logp, _, stats = sample_padded(
         graphdef, state, prompt_ids_BP, prompt_mask_BP, rng, jnp.int32(max_new_tokens),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(pad_id),
         jnp.asarray(list(eos_ids), jnp.int32), num_samples=group_size, max_new_bucket=max_new_tokens,
-        strategy=make_strategy(temperature, top_k, top_p, min_p), mesh=mesh, rules=rules, compact=compact,
-        speculative=speculative, return_stats=True)
+        strategy=make_strategy(temperature, top_k, top_p, min_p, tempered_logp), mesh=mesh, rules=rules,
+        compact=compact, speculative=speculative, return_stats=True)
     return (tokens, lengths, logp, stats) if return_stats else (tokens, lengths, logp)
 
 
@@ -127,7 +128,8 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         model, jnp.asarray(all_ids), jnp.asarray(all_mask), chunk=int(cfg.get("rollout_prompts", 0) or 0),
         group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         top_k=cfg.top_k, min_p=cfg.get("min_p", 0.0), eos_ids=eos, pad_id=pad, rng=rng, mesh=mesh, rules=rules,
-        compact=int(cfg.get("rollout_compact", 0)), speculative=speculative, return_stats=True)
+        compact=int(cfg.get("rollout_compact", 0)), speculative=speculative, return_stats=True,
+        tempered_logp=bool(cfg.get("logp_at_temperature", True)))
     device_out = {"tokens_RN": tokens, "lengths_R": lengths}
     # Each process reads only its own rows of the big arrays (from its shards when they hold them); the lengths,
     # one number per row, come whole for the metrics.

@@ -40,18 +40,31 @@ from r1jax.rl.rollout import rollout
 COMPLETIONS_FILE = "completions.jsonl"
 
 
-def token_logp_entropy(logits_RNV, targets_RN):
-    logp_all = jax.nn.log_softmax(logits_RNV.astype(jnp.float32), axis=-1)
+def token_logp_entropy(logits_RNV, targets_RN, temperature: float = 1.0):
+    """Log-probs of the targets and entropies under softmax(logits / temperature)."""
+    logits_RNV = logits_RNV.astype(jnp.float32)
+    if temperature != 1.0:
+        logits_RNV = logits_RNV / temperature
+    logp_all = jax.nn.log_softmax(logits_RNV, axis=-1)
     logp = jnp.take_along_axis(logp_all, targets_RN[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     return logp, entropy
 
 
-def head_logp_entropy(model, h_BLD, targets_BL, chunk: int = 0):
-    """Log-probs of `targets_BL` and entropies [B, L] from hidden states. With `chunk` > 0 the output head and
-    log-softmax run over `chunk` positions at a time under a rematerialized scan, so the [B, L, V] float32 logits
-    never exist at once (their memory dominates at long completions; r1jax.models.head_loss)."""
-    return map_position_chunks(lambda h, t: token_logp_entropy(model.head(h), t), chunk, h_BLD, targets_BL)
+def head_logp_entropy(model, h_BLD, targets_BL, chunk: int = 0, temperature: float = 1.0):
+    """Log-probs of `targets_BL` and entropies [B, L] from hidden states, under logits / temperature. With `chunk` > 0
+    the output head and log-softmax run over `chunk` positions at a time under a rematerialized scan, so the [B, L, V]
+    float32 logits never exist at once (their memory dominates at long completions; r1jax.models.head_loss)."""
+    return map_position_chunks(lambda h, t: token_logp_entropy(model.head(h), t, temperature), chunk, h_BLD,
+                               targets_BL)
+
+
+def logp_temperature(cfg) -> float:
+    """The temperature of the policy's log-probs and entropies in a GRPO stage: the rollout's (TRL and verl score
+    the samples under the distribution they were drawn from, before top-k / top-p), or 1 with
+    `logp_at_temperature=False` or greedy rollouts."""
+    t = float(cfg.temperature)
+    return t if cfg.get("logp_at_temperature", True) and t > 0 else 1.0
 
 
 def rollout_mtp_loss(model, hidden_RTD, tokens_RT, mask_RT, completion_mask_RN, chunk: int = 0):
@@ -81,9 +94,9 @@ def rollout_mtp_loss(model, hidden_RTD, tokens_RT, mask_RT, completion_mask_RN, 
 
 
 def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0, packed: dict | None = None,
-                    pack_shards: int = 1, pack_parts: int = 1, with_hidden: bool = False):
-    """Log-probs and entropies [R, N] of the completion tokens tokens[:, P:] (and the model's aux outputs), the
-    output head chunked over `chunk` positions (`head_logp_entropy`).
+                    pack_shards: int = 1, pack_parts: int = 1, with_hidden: bool = False, temperature: float = 1.0):
+    """Log-probs and entropies [R, N] of the completion tokens tokens[:, P:] under logits / temperature (and the
+    model's aux outputs), the output head chunked over `chunk` positions (`head_logp_entropy`).
 
     The forward runs over all P + N positions, the last one as padding (it predicts nothing; padding is no key, no
     expert load and not in the balance loss): the same numbers as P + N - 1 positions, in a length that context
@@ -94,10 +107,10 @@ def completion_logp(model, tokens_RT, mask_RT, prompt_len: int, chunk: int = 0, 
     if packed is None:
         out = model.forward(tokens_RT, attention_mask_BL=mask_RT.astype(bool).at[:, -1].set(False),
                             return_logits=False)
-        return (*head_logp_entropy(model, out.hidden[:, prompt_len - 1:-1], tokens_RT[:, prompt_len:], chunk),
-                out.aux, *((out.hidden,) if with_hidden else ()))
+        return (*head_logp_entropy(model, out.hidden[:, prompt_len - 1:-1], tokens_RT[:, prompt_len:], chunk,
+                                   temperature), out.aux, *((out.hidden,) if with_hidden else ()))
     out = model.forward(packed["bin_tokens"], segment_ids_BL=packed["bin_segments"], return_logits=False)
-    logp, entropy = head_logp_entropy(model, out.hidden, packed["bin_targets"], chunk)
+    logp, entropy = head_logp_entropy(model, out.hidden, packed["bin_targets"], chunk, temperature)
     return (*(gather_positions(x, packed["gather_idx"], pack_shards, pack_parts) for x in (logp, entropy)),
             out.aux)
 
@@ -110,13 +123,13 @@ def packed_arrays(batch) -> dict | None:
     return {k: batch[k] for k in PACKED_KEYS} if "gather_idx" in batch else None
 
 
-def make_logp_fn(graphdef, chunk: int = 0, pack_shards: int = 1, pack_parts: int = 1):
-    """Jitted log-probs of a whole update batch; a packed one holds `pack_parts` (minibatches x grad_accum) units
-    per batch shard."""
+def make_logp_fn(graphdef, chunk: int = 0, pack_shards: int = 1, pack_parts: int = 1, temperature: float = 1.0):
+    """Jitted log-probs (under logits / temperature) of a whole update batch; a packed one holds `pack_parts`
+    (minibatches x grad_accum) units per batch shard."""
     @partial(jax.jit, static_argnames=("prompt_len",))
     def logp_fn(params, rest, tokens_RT, mask_RT, prompt_len, packed=None):
         return completion_logp(nnx.merge(graphdef, params, rest), tokens_RT, mask_RT, prompt_len, chunk, packed,
-                               pack_shards, pack_parts)[0]
+                               pack_shards, pack_parts, temperature=temperature)[0]
     return logp_fn
 
 
@@ -178,11 +191,13 @@ def make_update_fn(graphdef, optimizer, cfg, aux_loss_coef: float, pack_shards: 
     chunk = int(cfg.get("logits_chunk", 0) or 0)
     bonus = entropy_bonus(cfg)  # static: without a bonus no gradient flows through the entropies
     mtp_weight = float(cfg.get("mtp_weight", 0.0))
+    temperature = logp_temperature(cfg)
 
     def objective(p, rest, batch, prompt_len, entropy_coef, loss_rng):
         model = nnx.merge(graphdef, p, rest)
         logp, entropy, aux, *hidden = completion_logp(model, batch["tokens"], batch["mask"], prompt_len, chunk,
-                                                      packed_arrays(batch), pack_shards, with_hidden=bool(mtp_weight))
+                                                      packed_arrays(batch), pack_shards, with_hidden=bool(mtp_weight),
+                                                      temperature=temperature)
         value, metrics = grpo.loss(logp, batch.get("old_logp"), batch.get("ref_logp"), batch["advantages"],
                                    batch["completion_mask"], sampler_logp_BT=batch.get("sampler_logp"),
                                    entropy_BT=entropy, entropy_coef=entropy_coef if bonus else 0.0, rng=loss_rng,
@@ -432,7 +447,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     pack_shards = pack["shards"] if pack else 1
     update = make_update_fn(graphdef, optimizer, cfg, coef, pack_shards)
     logp_fn = make_logp_fn(graphdef, int(cfg.get("logits_chunk", 0) or 0), pack_shards,
-                           pack["minibatches"] * pack["grad_accum"] if pack else 1)
+                           pack["minibatches"] * pack["grad_accum"] if pack else 1, logp_temperature(cfg))
     opt_state = training.init_opt_state(ctx, optimizer, params)
     use_ref = cfg.beta != 0.0
     ref = training.tree_copy(params) if use_ref else None

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from r1jax.parallel.rules import constrain
 from r1jax.sampling.cache import constrain_cache, grow, put_local, repeat_rows, take_local, take_rows
 from r1jax.sampling.loop import compaction_order, run_phases
-from r1jax.sampling.strategies import argmax, inverse_cdf_sample, sampling_distribution, select
+from r1jax.sampling.strategies import argmax, inverse_cdf_sample, model_logits, sampling_distribution, select
 
 SPECULATIVE = ("", "mtp")
 
@@ -63,9 +63,9 @@ def _draft(q_logits_RV, strategy, temperature, top_p, u_R1):
 
 
 def _verify(p_logits_RV, d_R, lq_RV, strategy, temperature, top_p, u_acc_R, u_res_R1):
-    """(token, accepted, log-prob at temperature 1, sampling log-prob) for the position the draft d was put at."""
+    """(token, accepted, model log-prob (`select`'s), sampling log-prob) for the position the draft d was put at."""
     p_logits_RV = p_logits_RV.astype(jnp.float32)
-    logp_RV = jax.nn.log_softmax(p_logits_RV, axis=-1)
+    logp_RV = jax.nn.log_softmax(model_logits(p_logits_RV, strategy, temperature), axis=-1)
     if strategy.greedy:
         y = argmax(p_logits_RV)
         return y, y == d_R, _take(logp_RV, y), jnp.zeros(y.shape, jnp.float32)

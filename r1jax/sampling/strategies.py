@@ -1,7 +1,8 @@
 """Token selection strategies in one place: greedy, temperature, top-k, top-p (nucleus) and min-p sampling.
 
 `select(logits_BV, rng, strategy, temperature, top_p)` returns the chosen tokens, their log-probability under the
-model at temperature 1 (what GRPO's ratio needs) and under the distribution actually sampled from.
+model (at temperature 1, or with `Strategy.tempered_logp` under logits / temperature before any truncation: what
+GRPO's ratio and KL read, by TRL's and verl's convention) and under the distribution actually sampled from.
 
 Top-k keeps the k highest logits (ties with the k-th kept). Top-p keeps the smallest prefix of tokens sorted by
 probability whose mass reaches p (the token that crosses p is kept); ties with the last kept logit are kept too.
@@ -27,9 +28,13 @@ class Strategy(NamedTuple):
     top_k: int = 0          # 0 = off
     use_top_p: bool = False
     min_p: float = 0.0      # 0 = off; static like top_k (a run keeps one value, so one compile)
+    tempered_logp: bool = False  # the model log-prob select returns is under logits / temperature (not T = 1)
 
 
-def make_strategy(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Strategy:
+def make_strategy(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                  tempered_logp: bool = False) -> Strategy:
+    """The static part of sampling at `temperature` (0: greedy, where `tempered_logp` has no meaning and the model
+    log-probs stay at temperature 1)."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k < 0:
@@ -40,7 +45,7 @@ def make_strategy(temperature: float, top_k: int = 0, top_p: float = 1.0, min_p:
         raise ValueError(f"min_p={min_p} must be in [0, 1] (0 = off)")
     if temperature == 0:
         return Strategy(greedy=True)
-    return Strategy(top_k=int(top_k), use_top_p=top_p < 1.0, min_p=float(min_p))
+    return Strategy(top_k=int(top_k), use_top_p=top_p < 1.0, min_p=float(min_p), tempered_logp=bool(tempered_logp))
 
 
 def truncate(logits_BV, strategy: Strategy, top_p):
@@ -144,15 +149,21 @@ def inverse_cdf_sample(logits_BV, rng, u_B1=None):
     return tokens, logp
 
 
+def model_logits(logits_BV, strategy: Strategy, temperature):
+    """The logits whose log-softmax is the model log-prob `select` reports (see `Strategy.tempered_logp`)."""
+    return logits_BV / temperature if strategy.tempered_logp and not strategy.greedy else logits_BV
+
+
 def select(logits_BV, rng, strategy: Strategy, temperature, top_p, u_B1=None):
-    """Returns (tokens_B int32, logprob_B under the model at T=1, sampling_logprob_B). `u_B1`: see
-    `inverse_cdf_sample`."""
+    """Returns (tokens_B int32, logprob_B under the model (at T=1, or tempered: `Strategy.tempered_logp`),
+    sampling_logprob_B). `u_B1`: see `inverse_cdf_sample`."""
     logits_BV = logits_BV.astype(jnp.float32)
     if strategy.greedy:
         tokens = argmax(logits_BV)
         sampled_logp = jnp.zeros(tokens.shape, jnp.float32)
     else:
         tokens, sampled_logp = inverse_cdf_sample(truncate(logits_BV / temperature, strategy, top_p), rng, u_B1)
-    picked = jnp.take_along_axis(logits_BV, tokens[:, None], axis=-1)[:, 0]
-    logp = picked - jax.nn.logsumexp(logits_BV, axis=-1)
+    scored_BV = model_logits(logits_BV, strategy, temperature)
+    picked = jnp.take_along_axis(scored_BV, tokens[:, None], axis=-1)[:, 0]
+    logp = picked - jax.nn.logsumexp(scored_BV, axis=-1)
     return tokens, logp, sampled_logp
