@@ -11,8 +11,9 @@ and its training scripts (agentica-project/deepscaler, scripts/train/run_deepsca
   - start: DeepSeek-R1-Distill-Qwen-1.5B (preset `r1_distill_qwen_1_5b`), its chat template (`deepseek_r1`:
     the response opens with "<think>\\n"), each problem followed by DeepScaleR's " Let's think step by step and
     output the final answer within \\boxed{}." in the user turn (template `deepseek_r1+think_boxed`);
-  - GRPO, learning rate 1e-6 (constant), KL loss coefficient 0.001 with verl's low_var_kl (Schulman's k3),
-    clip ratio 0.2, no entropy bonus, one PPO epoch; rollout temperature 0.6;
+  - GRPO, learning rate 1e-6 (constant), KL loss coefficient 0.001 with verl's low_var_kl (Schulman's k3 capped at
+    10: kl_estimator "low_var_kl"), clip ratio 0.2, no entropy bonus, one PPO epoch; rollout temperature 0.6 (the
+    log-probs at that temperature, as verl computes them);
   - 128 prompts per step; PPO minibatch 64 prompts, so 2 optimizer updates per step (minibatches=2);
   - stage `grpo_8k`: 8 samples per prompt, responses up to 8,192 tokens (prompts up to 1,024), steps 0-1040;
     stage `grpo_16k`: 16 samples, 16,384 tokens, steps 1040-1520; stage `grpo_24k`: 16 samples, 24,576 tokens
@@ -74,7 +75,7 @@ def get_config(arg=None):
         cfg[name] = grpo_stage(
             init="previous", steps=steps, batch_prompts=128, group_size=group, minibatches=2, mu=1,
             max_prompt_len=1024, max_new_tokens=length, temperature=0.6, top_p=1.0, lr=1e-6, warmup_steps=0,
-            lr_schedule="constant", b2=0.99, grad_clip=1.0, loss_type="bnpo", beta=0.001, kl_estimator="k3",
+            lr_schedule="constant", b2=0.99, grad_clip=1.0, loss_type="bnpo", beta=0.001, kl_estimator="low_var_kl",
             epsilon_low=0.2, log_every=1, eval_every=20, checkpoint_every=20, reward_workers=16,
             reward_timeout_s=5.0, grad_accum=micro, logits_chunk=1024,
             pack_rows=True)  # each device's rows of a micro-batch share bins of P + N when they fit (same numbers)

@@ -189,6 +189,37 @@ def test_group_advantages_matches_trl_transcription():
         np.testing.assert_allclose(group_advantages(jnp.asarray(rewards), G, scale), want, rtol=1e-5, atol=1e-6)
 
 
+def _verl_low_var_kl(logprob, ref_logprob):
+    """verl's kl_penalty(logprob, ref_logprob, "low_var_kl") (core_algos.py), re-stated in torch."""
+    import torch
+
+    kl = torch.clamp(ref_logprob - logprob, min=-20, max=20)
+    return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+
+
+def test_low_var_kl_is_verls_value_and_gradient():
+    """kl_estimator="low_var_kl": verl's clamped k3, value and gradient, also where the cap (10) and the +-20 clamp
+    bind; below the cap it is k3."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    logp = rng.uniform(-8, 0, (4, 6)).astype(np.float32)
+    ref = (logp + rng.uniform(-4, 4, (4, 6))).astype(np.float32)
+    ref[0, :3] = logp[0, :3] + np.array([3.0, -15.0, 25.0], np.float32)  # k3 > 10 (x = 3), the clamp at 20
+    t_logp = torch.tensor(logp, requires_grad=True)
+    want = _verl_low_var_kl(t_logp, torch.tensor(ref))
+    want.sum().backward()
+    got, grad = jax.value_and_grad(lambda lp: grpo._kl(lp, jnp.asarray(ref), "low_var_kl").sum())(jnp.asarray(logp))
+    np.testing.assert_allclose(np.asarray(grpo._kl(jnp.asarray(logp), jnp.asarray(ref), "low_var_kl")),
+                               want.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), t_logp.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert float(got) == pytest.approx(float(want.sum().detach()), rel=1e-6)
+    k3 = np.asarray(grpo._kl(jnp.asarray(logp), jnp.asarray(ref), "k3"))
+    capped = k3 > 10
+    assert capped.sum() >= 2 and np.all(np.asarray(grad)[capped] == 0.0)  # no KL gradient past the cap
+    np.testing.assert_allclose(np.asarray(grpo._kl(jnp.asarray(logp), jnp.asarray(ref), "low_var_kl"))[~capped],
+                               k3[~capped], rtol=1e-7)
+
+
 # ------------------------------------------------------------------------------------------- loss closed forms
 def test_loss_hand_computed():
     # Row 0: A=+1, ratios 1.5 and 1.0. Row 1: A=-1, ratios 3.0 and (masked). ref - logp = log 2 everywhere.
@@ -544,7 +575,7 @@ def test_bad_arguments_raise_naming_value_and_options():
     logp, old, ref, adv, mask = random_batch(11, B=2, T=3)
     cases = [
         (dict(loss_type="ppo"), ["'ppo'", "'dapo'", "'dr_grpo'", "'grpo'", "'bnpo'"]),
-        (dict(kl_estimator="k4"), ["'k4'", "'k1'", "'k2'", "'k3'"]),
+        (dict(kl_estimator="k4"), ["'k4'", "'k1'", "'k2'", "'k3'", "'low_var_kl'"]),
         (dict(importance_sampling_level="seq"), ["'seq'", "'sequence'", "'token'"]),
         (dict(loss_type="dr_grpo"), ["max_completion_length"]),
         (dict(loss_type="dr_grpo", max_completion_length=2), ["max_completion_length=2", "T=3"]),

@@ -31,6 +31,8 @@ Loss, `loss(...)`, minimised, so L = -J. Per valid token:
     "k3"  D = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 = exp(x) - x - 1   (DeepSeekMath eq. 4; the default)
     "k1"  D = -x = log pi_theta - log pi_ref
     "k2"  D = x^2 / 2
+    "low_var_kl"  D = min(k3, 10)   verl's kl_loss_type=low_var_kl (its k3: x clamped to +-20 as here, then D to at
+                  most 10, so a token past the cap gets no KL gradient); TRL's k3 has no cap
   beta = 0 drops the term (ref_logp_BT may then be None).
   Aggregation over tokens, `loss_type` (the registry `LOSS_TYPES`; add more with `register_loss_type`):
     "grpo"     L = 1/B sum_i 1/|o_i| sum_t l_{i,t}         DeepSeekMath eq. 3 (1/G generalised to all B rows)
@@ -111,7 +113,8 @@ from r1jax.rl import grpo_variants as variants
 from r1jax.rl.grpo_variants import MAX_LOG_RATIO, count as _count, psum as _psum
 
 SCALES = ("group", "batch", "none")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+LOW_VAR_KL_CAP = 10.0  # verl clamps its k3 to [-10, 10] (it is never negative)
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 ADVANTAGE_EPS = 1e-4  # TRL's std + 1e-4
 
@@ -249,7 +252,8 @@ def _kl(logp_BT, ref_logp_BT, estimator):
         return -x_BT
     if estimator == "k2":
         return 0.5 * x_BT * x_BT
-    return jnp.exp(x_BT) - x_BT - 1.0
+    k3 = jnp.exp(x_BT) - x_BT - 1.0
+    return jnp.minimum(k3, LOW_VAR_KL_CAP) if estimator == "low_var_kl" else k3
 
 
 def _masked_mean(x, valid, axis_name):
