@@ -76,7 +76,7 @@ def get_config(arg=None):
             init="previous", steps=steps, batch_prompts=128, group_size=group, minibatches=2, mu=1,
             max_prompt_len=1024, max_new_tokens=length, temperature=0.6, top_p=1.0, lr=1e-6, warmup_steps=0,
             lr_schedule="constant", b2=0.99, grad_clip=1.0, loss_type="bnpo", beta=0.001, kl_estimator="low_var_kl",
-            epsilon_low=0.2, log_every=1, eval_every=20, checkpoint_every=20, reward_workers=16,
+            advantage_eps=1e-6, epsilon_low=0.2, log_every=1, eval_every=20, checkpoint_every=20, reward_workers=16,
             reward_timeout_s=5.0, grad_accum=micro, logits_chunk=1024,
             pack_rows=True)  # each device's rows of a micro-batch share bins of P + N when they fit (same numbers)
         cfg[name].rewards = dict(accuracy=1.0)

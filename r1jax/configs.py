@@ -162,6 +162,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         kl_estimator="k3",
         kl_bias_correction=False,   # DeepSeek-V3.2: the KL term times the ratio (TRL's use_bias_correction_kl)
         advantage_scale="group",
+        advantage_eps=1e-4,         # the std's epsilon: TRL's 1e-4; verl's 1e-6 (recipes run on verl set it)
         # Loss variants (r1jax.rl.grpo_variants; loss_type cispo / sapo / vespo / luspo pick their surrogates).
         sapo_temperature_pos=1.0,
         sapo_temperature_neg=1.05,

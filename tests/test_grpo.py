@@ -189,6 +189,23 @@ def test_group_advantages_matches_trl_transcription():
         np.testing.assert_allclose(group_advantages(jnp.asarray(rewards), G, scale), want, rtol=1e-5, atol=1e-6)
 
 
+def test_group_advantages_with_verls_epsilon():
+    """eps=1e-6 is verl's compute_grpo_outcome_advantage (re-stated in torch: per group, unbiased std, scores minus
+    the mean over std + 1e-6), binary and graded rewards; eps must be positive."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    for rewards in (rng.integers(0, 2, 32).astype(np.float32), rng.normal(size=32).astype(np.float32)):
+        G = 8
+        rt = torch.tensor(rewards).view(-1, G)
+        want = ((rt - rt.mean(dim=1, keepdim=True)) / (rt.std(dim=1, keepdim=True) + 1e-6)).view(-1).numpy()
+        got = np.asarray(group_advantages(jnp.asarray(rewards), G, eps=1e-6))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        trl = np.asarray(group_advantages(jnp.asarray(rewards), G))
+        assert np.abs(trl - got).max() > 1e-6 * np.abs(got).max()  # TRL's 1e-4 is not the same number
+    with pytest.raises(ValueError, match="advantage eps=0.0 must be > 0"):
+        group_advantages(jnp.ones(4), 2, eps=0.0)
+
+
 def _verl_low_var_kl(logprob, ref_logprob):
     """verl's kl_penalty(logprob, ref_logprob, "low_var_kl") (core_algos.py), re-stated in torch."""
     import torch

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.parallel import hosts
-from r1jax.rl.grpo import group_advantages
+from r1jax.rl.grpo import ADVANTAGE_EPS, group_advantages
 from r1jax.rl.rollout import left_pad_columns
 
 # Per-rollout metrics that add up over the rollouts of a step; `completion_len_max` takes the max, the rest
@@ -72,6 +72,7 @@ def _combine(metrics: list[dict]) -> dict:
 
 def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, group_size: int, max_rollouts: int,
             max_new_tokens: int, advantage_scale: str = "group", pad_id: int = 0,
+            advantage_eps: float = ADVANTAGE_EPS,
             agree: Callable[[int], int] = hosts.process_min) -> tuple[dict, dict]:
     """Calls `draw(r)` for rollouts r = 0, 1, ... until every process holds `batch_prompts` groups with a signal or
     `max_rollouts` rollouts were made; returns (the update batch of batch_prompts * group_size rows, metrics).
@@ -102,7 +103,8 @@ def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, gro
     filled = int((~signal[order]).sum())
     rows = (order[:, None] * group_size + np.arange(group_size)).reshape(-1)
     out = {k: v[rows] for k, v in merged.items()}
-    advantages = group_advantages(jnp.asarray(out["rewards"], jnp.float32), group_size, scale=advantage_scale)
+    advantages = group_advantages(jnp.asarray(out["rewards"], jnp.float32), group_size, scale=advantage_scale,
+                                  eps=advantage_eps)
     out["advantages"] = np.asarray(advantages, np.float32)
     out["rollout_row"] = rows
     return out, {**_combine(metrics), "rollouts": len(batches), "ds_filled_groups": filled}

@@ -7,14 +7,15 @@ Notation (DeepSeekMath, sec. 4.1). A prompt q has a group of G sampled outputs o
 Rows i*G .. i*G+G-1 of a batch of B rows form one group. Token t of row i is o_{i,t}; `mask_BT` marks the valid
 (pre-EOS, non-padding) tokens, nonzero = valid, and |o_i| is the number of valid tokens in row i.
 
-Advantages, `group_advantages(rewards_B, G, scale)`:
-    scale="group"  A_i = (r_i - mean(r)) / (std(r) + 1e-4)        DeepSeekMath GRPO (outcome supervision)
-    scale="batch"  A_i = (r_i - mean(r)) / (std_batch(r) + 1e-4)  mean per group, std over the whole batch
+Advantages, `group_advantages(rewards_B, G, scale, eps=1e-4)`:
+    scale="group"  A_i = (r_i - mean(r)) / (std(r) + eps)         DeepSeekMath GRPO (outcome supervision)
+    scale="batch"  A_i = (r_i - mean(r)) / (std_batch(r) + eps)   mean per group, std over the whole batch
     scale="none"   A_i = r_i - mean(r)                             Dr. GRPO (no std: it biases by difficulty)
   mean and std are over the group (std unbiased, with Bessel's correction), skipping NaN rewards: NaN means "could
   not be scored", not 0. A NaN reward's advantage is 0, and so is every advantage of a group whose valid rewards are
   all equal (no learning signal). `return_stats=True` also returns `frac_reward_zero_std`, the fraction of such
-  groups (this is where that metric comes from; `loss` never sees rewards).
+  groups (this is where that metric comes from; `loss` never sees rewards). eps: TRL's 1e-4 by default; verl adds
+  1e-6 (its compute_grpo_outcome_advantage).
 
 Loss, `loss(...)`, minimised, so L = -J. Per valid token:
     rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_theta_old(o_{i,t} | q, o_{i,<t}) = exp(logp - old_logp)
@@ -195,7 +196,8 @@ def _aggregate_luspo(x_BT, valid_BT, *, max_completion_length, axis_name):
     return _pmean(x_BT.sum(-1).mean(), axis_name)
 
 
-def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return_stats: bool = False):
+def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return_stats: bool = False,
+                     eps: float = ADVANTAGE_EPS):
     """Group-relative advantages (see the module docstring for the formulas).
 
     Returns advantages_B (f32), or (advantages_B, stats) when `return_stats`, stats holding f32 scalars:
@@ -203,6 +205,8 @@ def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return
     valid rewards, std unbiased) and frac_reward_missing (fraction of NaN rewards).
     """
     _check_choice("scale", scale, SCALES)
+    if not eps > 0:
+        raise ValueError(f"advantage eps={eps!r} must be > 0 (it keeps a near-constant group's advantages finite)")
     if jnp.ndim(rewards_B) != 1:
         raise ValueError(f"rewards_B must be 1-D (B,), got shape {jnp.shape(rewards_B)}")
     B = rewards_B.shape[0]
@@ -230,9 +234,9 @@ def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return
 
     advantages_NG = r0_NG - mean_N1
     if scale == "group":
-        advantages_NG = advantages_NG / (group_std_N1 + ADVANTAGE_EPS)
+        advantages_NG = advantages_NG / (group_std_N1 + eps)
     elif scale == "batch":
-        advantages_NG = advantages_NG / (batch_std_11 + ADVANTAGE_EPS)
+        advantages_NG = advantages_NG / (batch_std_11 + eps)
     advantages_NG = jnp.where(valid_NG & ~degenerate_N1, advantages_NG, 0.0)
     advantages_B = advantages_NG.reshape(B)
     if not return_stats:

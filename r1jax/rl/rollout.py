@@ -21,7 +21,7 @@ from r1jax.eval.metrics import group_by_source
 from r1jax.eval.run import decode_completions
 from r1jax.parallel import hosts
 from r1jax.rl import rollout_ahead
-from r1jax.rl.grpo import group_advantages
+from r1jax.rl.grpo import ADVANTAGE_EPS, group_advantages
 from r1jax.rl.reward_schedule import scheduled_weights
 from r1jax.rl.rewards import score_batch
 from r1jax.sampling import make_strategy, sample_padded
@@ -76,9 +76,9 @@ def score(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray, examples: Seq
     return totals, parts, texts
 
 
-@partial(jax.jit, static_argnums=(1, 2))
-def _advantages(rewards_R, group_size, scale):
-    return group_advantages(rewards_R, group_size, scale=scale, return_stats=True)
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _advantages(rewards_R, group_size, scale, eps):
+    return group_advantages(rewards_R, group_size, scale=scale, return_stats=True, eps=eps)
 
 
 def left_pad_columns(ids_BP, mask_BP, length: int, pad_id: int):
@@ -153,7 +153,8 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
             totals = totals + contribution
             parts[name] = raw
     t3 = time.perf_counter()
-    advantages, stats = _advantages(jnp.asarray(totals, jnp.float32), G, cfg.advantage_scale)
+    advantages, stats = _advantages(jnp.asarray(totals, jnp.float32), G, cfg.advantage_scale,
+                                    float(cfg.get("advantage_eps", ADVANTAGE_EPS)))
     N = tokens.shape[1]
     completion_mask = np.arange(N)[None, :] < lengths[:, None]
     full_prompt_ids = np.repeat(prompt_ids, G, axis=0)

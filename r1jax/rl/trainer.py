@@ -304,6 +304,7 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
         batch, metrics = dynamic_sampling.collect(
             draw, batch_prompts=prompts, group_size=cfg.group_size,
             max_rollouts=cfg.max_rollouts, max_new_tokens=cfg.max_new_tokens, advantage_scale=cfg.advantage_scale,
+            advantage_eps=float(cfg.get("advantage_eps", grpo.ADVANTAGE_EPS)),
             pad_id=ctx.tokenizer.pad_id or 0)
         rows = [{**drawn[i], "advantage": float(a)} for i, a in zip(batch.pop("rollout_row"), batch["advantages"])]
     else:
@@ -340,6 +341,8 @@ def check_grpo_stage(stage: str, cfg) -> None:
     source = cfg.get("drop_solved_in", "")
     if source and not source.startswith("stage:"):
         raise ValueError(f"config.{stage}.drop_solved_in={source!r}; valid: '' or stage:NAME (an earlier GRPO stage)")
+    if not float(cfg.get("advantage_eps", grpo.ADVANTAGE_EPS)) > 0:
+        raise ValueError(f"config.{stage}.advantage_eps={cfg.advantage_eps!r} must be > 0 (TRL: 1e-4, verl: 1e-6)")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
     check_loss_options(stage, cfg)
