@@ -357,6 +357,37 @@ def trl_compute_loss(logp, old, ref, adv, mask, *, loss_type, beta, eps_low, eps
     return value.item(), logp_t.grad.numpy(), ent_grad, metrics
 
 
+def _verl_vanilla_policy_loss(logp, old, adv, mask, eps_low, eps_high, clip_ratio_c):
+    """verl's compute_policy_loss_vanilla (dual-clip PPO) with loss_agg_mode token-mean, re-stated in torch."""
+    import torch
+
+    ratio = torch.exp(torch.clamp(logp - old, -20, 20))
+    a = adv[:, None]
+    clipped = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+    dual = torch.minimum(-a * clip_ratio_c, clipped)
+    losses = torch.where(a < 0, dual, clipped)
+    return (losses * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_delta_is_verls_dual_clip(seed):
+    """TRL's `delta` (the ratio capped in the unclipped term) is verl's dual-clip `clip_ratio_c` (negative
+    advantages' loss capped at c * |A|): same loss and gradient, ratios past c included (DAPO sets c = 10)."""
+    torch = pytest.importorskip("torch")
+    logp, old, _, adv, mask = random_batch(seed, B=6, T=5, spread=1.5)  # wide ratios: some past c = 3
+    t_logp = torch.tensor(logp, requires_grad=True)
+    want = _verl_vanilla_policy_loss(t_logp, torch.tensor(old), torch.tensor(adv),
+                                     torch.tensor(mask, dtype=torch.float32), 0.2, 0.28, 3.0)
+    want.backward()
+    got, grad = jax.value_and_grad(lambda lp: loss(lp, jnp.asarray(old), None, jnp.asarray(adv), jnp.asarray(mask),
+                                                   loss_type="bnpo", beta=0.0, epsilon_low=0.2, epsilon_high=0.28,
+                                                   delta=3.0)[0])(jnp.asarray(logp))
+    ratio, negative = np.exp(logp - old), adv[:, None] < 0
+    assert np.any((ratio > 3.0) & negative & (mask > 0))  # the cap binds somewhere
+    np.testing.assert_allclose(float(got), float(want.detach()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), t_logp.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_loss_matches_trl_compute_loss():
     data = random_batch(2, lengths=[6, 2, 1, 4], spread=0.4)  # TRL's completions are never empty
     fn = jax.value_and_grad(loss, has_aux=True)  # eager: one shape, so cheaper than 48 jit compiles
