@@ -133,6 +133,8 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         batch_prompts=8,            # B prompts per step
         group_size=8,               # G samples per prompt
         max_prompt_len=512,
+        long_prompts="error",       # prompts over max_prompt_len: error (before any stage runs) or drop (verl's
+                                    # filter_overlong_prompts; counted in the stage summary, dropped_long_prompts)
         max_new_tokens=256,
         temperature=1.0,
         top_p=1.0,

@@ -416,6 +416,35 @@ def test_data_a_later_stage_cannot_use_is_named_before_the_first_stage_runs(tmp_
     assert not (tmp_path / "d" / "pretrain").exists()
 
 
+def test_long_prompts_drop_leaves_them_out_and_counts_them(pretrained, tmp_path):
+    """long_prompts="drop" (verl's filter_overlong_prompts): prompts over max_prompt_len are left out of the stage
+    (the checks before the run let them through), counted in the summary; the stage trains on the rest."""
+    from r1jax.data.pipeline import prompt_token_ids
+    from r1jax.pipeline.stages import setup
+
+    cfg = _with_length_reward(steps=1)
+    ctx = setup(cfg, tmp_path / "probe")
+    lengths = sorted(map(len, prompt_token_ids(ctx.tokenizer, ctx.tasks["train"], cfg.task.template)))
+    limit = lengths[len(lengths) // 2]  # about half the prompts are longer
+    too_long = sum(n > limit for n in lengths)
+    assert 0 < too_long < len(lengths)
+    cfg = _with_length_reward(steps=1, max_prompt_len=limit, long_prompts="drop")
+    cfg.grpo.eval.num_problems = 0
+    out = run(cfg, _workdir(pretrained, tmp_path / "w"))
+    assert out["stages"]["grpo"]["dropped_long_prompts"] == too_long
+    rows = [json.loads(line) for line in (tmp_path / "w" / "grpo" / "completions.jsonl").read_text().splitlines()]
+    lengths_by_prompt = {ex["prompt"]: n for ex, n in zip(
+        ctx.tasks["train"], map(len, prompt_token_ids(ctx.tokenizer, ctx.tasks["train"], cfg.task.template)))}
+    assert rows and all(lengths_by_prompt[r["prompt"]] <= limit for r in rows)
+    with pytest.raises(ValueError, match=r"config.grpo.long_prompts='cut'; valid: error, drop"):
+        run(_with_length_reward(long_prompts="cut"), tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"or set config.grpo.long_prompts='drop'"):
+        run(_with_length_reward(max_prompt_len=limit), _workdir(pretrained, tmp_path / "err"))
+    with pytest.raises(ValueError, match=r"all \d+ of \d+ train prompts .* would leave nothing to train on"):
+        run(_with_length_reward(max_prompt_len=lengths[0] - 1, long_prompts="drop"),
+            _workdir(pretrained, tmp_path / "none"))
+
+
 def test_grpo_stage_with_context_parallelism(pretrained, tmp_path, monkeypatch):
     """config.mesh.context reaches the GRPO stage's updates and only them (the rollout keeps the plain rules, so both
     runs sample the same completions): its first update equals the same mesh's without context parallelism."""

@@ -34,7 +34,7 @@ from r1jax.parallel.sharding import shard_batch, split_rows
 from r1jax.parallel import hosts
 from r1jax.rl import dynamic_sampling, grpo, packing, prompt_pass, rollout_ahead
 from r1jax.rl.packing import gather_positions
-from r1jax.rl.prompt_source import GRPO_PROMPTS, check_prompts, grpo_examples
+from r1jax.rl.prompt_source import GRPO_PROMPTS, LONG_PROMPTS, check_prompts, fitting_prompts, grpo_examples
 from r1jax.rl.rollout import rollout
 
 COMPLETIONS_FILE = "completions.jsonl"
@@ -341,6 +341,8 @@ def check_grpo_stage(stage: str, cfg) -> None:
     source = cfg.get("drop_solved_in", "")
     if source and not source.startswith("stage:"):
         raise ValueError(f"config.{stage}.drop_solved_in={source!r}; valid: '' or stage:NAME (an earlier GRPO stage)")
+    if cfg.get("long_prompts", "error") not in LONG_PROMPTS:
+        raise ValueError(f"config.{stage}.long_prompts={cfg.long_prompts!r}; valid: {', '.join(LONG_PROMPTS)}")
     if not float(cfg.get("advantage_eps", grpo.ADVANTAGE_EPS)) > 0:
         raise ValueError(f"config.{stage}.advantage_eps={cfg.advantage_eps!r} must be > 0 (TRL: 1e-4, verl: 1e-6)")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
@@ -428,6 +430,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
     dropped = None
     if cfg.get("drop_solved_in", ""):  # Skywork-OR1's online filter (r1jax.rl.prompt_pass)
         examples, dropped = prompt_pass.drop_solved(ctx, stage, cfg.drop_solved_in, examples)
+    # (also for the first stage of a run, which meets its data here: the error names the config keys)
+    examples, too_long = fitting_prompts(ctx, stage, cfg, examples)
     template = cfg.template or ctx.config.task.template
     prompts = training.process_share(cfg.batch_prompts, f"config.{stage}.batch_prompts", "prompts")
     ds = rl_prompt_dataset(examples, ctx.tokenizer, batch_size=prompts,
@@ -590,7 +594,8 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                     break
         model = current_model()
         summary = {"steps": step, "skipped_updates": skipped, **({"stopped_early": True} if step < cfg.steps else {}),
-                   **({"dropped_solved_prompts": dropped} if dropped is not None else {})}
+                   **({"dropped_solved_prompts": dropped} if dropped is not None else {}),
+                   **({"dropped_long_prompts": too_long} if cfg.get("long_prompts") == "drop" else {})}
         summary.update(evaluated[step] if step in evaluated else
                        training.run_eval(ctx, model, cfg, stage, step, ctx.config.seed + step))
         training.finish_stage(ctx, stage, model, summary, save_hf=cfg.save_hf,
