@@ -13,8 +13,9 @@ steps R1-Zero-Qwen-32B took (47). Its changes to GRPO, and the keys that set the
   - Dynamic Sampling: groups whose rewards are all equal are dropped and more prompts are sampled until the batch
     is full (`dynamic_sampling`, `max_rollouts` 30: verl's DAPO recipe allows 10 generation batches of 3x the train
     batch, the same 30 x 512 prompts at most; past that r1jax fills the batch with the signal-less groups and logs
-    `ds_filled_groups`, where verl stops with an error). DAPO filters by accuracy; r1jax by the total reward, so a
-    group all correct with different overlong penalties is kept;
+    `ds_filled_groups`, where verl stops with an error). Groups are kept when their accuracy varies, as DAPO filters
+    (verl's filter_groups.metric=acc; `dynamic_sampling_metric`), so a group all correct with different overlong
+    penalties is dropped;
   - Token-level policy-gradient loss (`loss_type="dapo"`: token mean over the whole batch);
   - Overlong reward shaping: 16,384 expected tokens + a 4,096-token soft-penalty cache = 20,480 new tokens at most
     (`overlong`, whose defaults are those numbers; `reward_kwargs.overlong` sets others). DAPO's accuracy reward
@@ -75,9 +76,9 @@ def get_config(arg=None):
         init="base", steps=600, batch_prompts=512, group_size=16, minibatches=16, mu=1, max_prompt_len=1024,
         max_new_tokens=20480, temperature=1.0, top_p=1.0, lr=1e-6, warmup_steps=20 * 16, lr_schedule="constant",
         b2=0.999, grad_clip=1.0, weight_decay=0.1, loss_type="dapo", beta=0.0, epsilon_low=0.2, epsilon_high=0.28,
-        delta=10.0, advantage_eps=1e-6, dynamic_sampling=True, max_rollouts=30, log_every=1, eval_every=25,
-        checkpoint_every=5, reward_workers=32, reward_timeout_s=5.0, grad_accum=64, logits_chunk=1024,
-        rollout_prompts=32)
+        delta=10.0, advantage_eps=1e-6, dynamic_sampling=True, dynamic_sampling_metric="accuracy", max_rollouts=30,
+        log_every=1, eval_every=25, checkpoint_every=5, reward_workers=32, reward_timeout_s=5.0, grad_accum=64,
+        logits_chunk=1024, rollout_prompts=32)
     cfg.grpo.rewards = dict(accuracy=2.0, overlong=1.0)
     cfg.grpo.eval = eval_config(num_problems=500, k=4, temperature=1.0, top_p=0.7, max_new_tokens=20480,
                                 batch_size=256)
@@ -116,6 +117,7 @@ def dapo_data(cfg, train_path: str, aime_path: str):
     cfg.task.test = dict(path=aime_path, on_invalid="raise")
     cfg.task.template = "hf"  # config.tokenizer.path's own chat template
     cfg.grpo.rewards = dict(answer_line=2.0, overlong=1.0)
+    cfg.grpo.dynamic_sampling_metric = "answer_line"
     cfg.grpo.eval.reward = "answer_line"
     cfg.compare.datasets = "test"
     cfg.compare.eval.reward = "answer_line"  # its num_problems (30) takes the file's first 30 rows: one per problem

@@ -59,9 +59,9 @@ def get_config(arg=None):
         init="base", steps=600, batch_prompts=512, group_size=16, minibatches=16, mu=1, max_prompt_len=1024,
         max_new_tokens=20480, temperature=1.0, top_p=1.0, lr=1e-6, warmup_steps=20 * 16, lr_schedule="constant",
         b2=0.999, grad_clip=1.0, weight_decay=0.1, loss_type="dapo", beta=0.0, epsilon_low=0.2, epsilon_high=0.28,
-        delta=10.0, advantage_eps=1e-6, dynamic_sampling=True, max_rollouts=30, log_every=1, eval_every=25,
-        checkpoint_every=5, reward_workers=32, reward_timeout_s=5.0, grad_accum=8, logits_chunk=1024,
-        rollout_prompts=32, pack_rows=True)
+        delta=10.0, advantage_eps=1e-6, dynamic_sampling=True, dynamic_sampling_metric="accuracy", max_rollouts=30,
+        log_every=1, eval_every=25, checkpoint_every=5, reward_workers=32, reward_timeout_s=5.0, grad_accum=8,
+        logits_chunk=1024, rollout_prompts=32, pack_rows=True)
     cfg.grpo.rewards = dict(accuracy=2.0, overlong=1.0)
     cfg.grpo.eval = eval_config(num_problems=500, k=4, temperature=1.0, top_p=0.7, max_new_tokens=20480,
                                 batch_size=256)

@@ -197,6 +197,9 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         skip_zero_std_groups=False,  # Skywork-OR1: groups whose rewards are all equal get no loss (no resampling)
         dynamic_sampling=False,     # DAPO: sample more prompts until every group in the batch has a reward signal
         max_rollouts=3,             # with dynamic_sampling: rollouts per step at most (then signal-less groups fill)
+        # "": a group has a signal when its advantages do (the total reward varies); a rule reward's name: when that
+        # component varies, as DAPO filters by accuracy (verl's filter_groups.metric=acc)
+        dynamic_sampling_metric="",
         ref_update_every=0,         # refresh the reference weights every N steps (0: never)
         log_completions=8,          # at each logged step, this many rollout rows -> <stage>/completions.jsonl (0: off)
         rewards=ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1}),

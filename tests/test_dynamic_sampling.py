@@ -72,6 +72,49 @@ def test_fills_with_signal_less_groups_when_the_rollouts_run_out():
     assert batch["rollout_row"].tolist() == [0, 1, 8, 9, 2, 3]
 
 
+def test_groups_kept_by_one_reward_component_as_dapo_filters_by_accuracy():
+    """With `filter_values` (dynamic_sampling_metric: DAPO's accuracy) a group counts when that component varies,
+    not when the total does: group 0 below is all correct with different overlong penalties (total varies, accuracy
+    does not) and is passed over; unscored (NaN) samples are left out of the comparison."""
+    accuracy = [[1, 1], [0, 1], [float("nan"), 1], [0, 0]]
+    total = [[2.0, 1.5], [-0.5, 2.0], [float("nan"), 2.0], [0.0, 0.0]]
+
+    def draw(r):
+        batch, metrics = fake_rollout(total, r)
+        return {**batch, "filter_values": np.asarray(accuracy, np.float32).reshape(-1)}, metrics
+
+    np.testing.assert_array_equal(signal_groups(draw(0)[0]["advantages"], G), [True, True, False, False])
+    np.testing.assert_array_equal(signal_groups(None, G, draw(0)[0]["filter_values"]), [False, True, False, False])
+    batch, metrics = collect(draw, batch_prompts=2, group_size=G, max_rollouts=2, max_new_tokens=N)
+    assert metrics["rollouts"] == 2 and metrics["ds_filled_groups"] == 0
+    assert batch["tokens"][:, 0].tolist() == [2, 3, 102, 103]  # group 1 of each rollout
+    assert batch["filter_values"].tolist() == [0, 1, 0, 1]
+
+
+def test_the_stage_filters_by_the_named_component(pretrained, tmp_path):
+    """dynamic_sampling_metric through a GRPO stage: the barely pretrained model is never right, so filtering by
+    accuracy finds no group (every step makes max_rollouts rollouts and fills the batch), while the total reward
+    (with the overlong penalty, which varies) finds some; a name that is not a rule reward is refused."""
+    from test_trainer import _by_step, _with_length_reward, _workdir
+
+    from r1jax.logging import read_metrics
+    from r1jax.pipeline.stages import run
+
+    filled = {}
+    for metric in ("", "accuracy"):
+        cfg = _with_length_reward(steps=1, beta=0.0, dynamic_sampling=True, max_rollouts=2,
+                                  dynamic_sampling_metric=metric)
+        cfg.grpo.eval.num_problems = 0
+        run(cfg, _workdir(pretrained, tmp_path / (metric or "total")))
+        m = read_metrics(tmp_path / (metric or "total"))
+        filled[metric] = _by_step(m, "grpo", "ds_filled_groups")[1]
+        if metric:
+            assert _by_step(m, "grpo", "rollouts")[1] == 2
+    assert filled["accuracy"] == 2 and filled[""] < 2  # batch_prompts = 2
+    with pytest.raises(ValueError, match=r"dynamic_sampling_metric='acc' is not among the stage's rule rewards"):
+        run(_with_length_reward(dynamic_sampling=True, dynamic_sampling_metric="acc"), tmp_path / "bad")
+
+
 def test_the_trainer_logs_the_kept_rows_with_their_advantages(monkeypatch):
     """With dynamic sampling a GRPO step's logged rows are those of the groups it trains on, in the batch's order,
     each with its rollout and the advantage recomputed over the kept groups (batch scaling changes it)."""

@@ -43,11 +43,22 @@ from r1jax.rl.rollout import left_pad_columns
 _SUMMED = ("rollout_s", "reward_s", "model_reward_s", "generated_tokens")
 
 
-def signal_groups(advantages_R, group_size: int) -> np.ndarray:
+def signal_groups(advantages_R, group_size: int, values_R=None) -> np.ndarray:
     """[R / G] bool: the groups with a nonzero advantage (`group_advantages` gives exact zeros to all-equal groups
-    and to unscored samples)."""
+    and to unscored samples), or with `values_R` (one reward component, DAPO's accuracy) the groups whose values
+    are not all equal (unscored samples, NaN, left out)."""
+    if values_R is not None:
+        v = np.asarray(values_R, np.float64).reshape(-1, group_size)
+        scored = ~np.isnan(v)
+        hi = np.where(scored, v, -np.inf).max(axis=1)
+        lo = np.where(scored, v, np.inf).min(axis=1)
+        return scored.any(axis=1) & (hi > lo)
     adv = np.asarray(advantages_R).reshape(-1, group_size)
     return np.any(adv != 0, axis=1)
+
+
+def _signal(batch: dict, group_size: int) -> np.ndarray:
+    return signal_groups(batch["advantages"], group_size, batch.get("filter_values"))
 
 
 def _left_pad(batch: dict, prompt_len: int, completion_len: int, pad_id: int) -> dict:
@@ -77,7 +88,8 @@ def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, gro
     """Calls `draw(r)` for rollouts r = 0, 1, ... until every process holds `batch_prompts` groups with a signal or
     `max_rollouts` rollouts were made; returns (the update batch of batch_prompts * group_size rows, metrics).
 
-    `draw(r)` returns (batch, metrics) as `r1jax.rl.rollout.rollout` does, with the batch's float `rewards` [R].
+    `draw(r)` returns (batch, metrics) as `r1jax.rl.rollout.rollout` does, with the batch's float `rewards` [R]
+    (and `filter_values` [R] when groups are kept by one reward component: `signal_groups`).
     The returned batch has the same keys, rows of the chosen groups, prompts left-padded to the widest rollout,
     advantages recomputed over it, and `rollout_row` [R]: each row's index in the rollouts' rows one after another
     (to find what else a rollout returned about it); metrics average the rollouts' (times and token counts add up)
@@ -92,13 +104,13 @@ def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, gro
             raise ValueError("dynamic sampling needs each rollout's `rewards` in its batch")
         batches.append(batch)
         metrics.append(m)
-        kept += int(signal_groups(batch["advantages"], group_size).sum())
+        kept += int(_signal(batch, group_size).sum())
         if len(batches) >= max_rollouts or agree(kept) >= batch_prompts:
             break
     P = max(b["tokens"].shape[1] for b in batches) - max_new_tokens
     merged = {k: np.concatenate([_left_pad(b, P, max_new_tokens, pad_id)[k] for b in batches], 0)
               for k in batches[0]}
-    signal = signal_groups(merged["advantages"], group_size)
+    signal = _signal(merged, group_size)
     order = np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])[:batch_prompts]
     filled = int((~signal[order]).sum())
     rows = (order[:, None] * group_size + np.arange(group_size)).reshape(-1)

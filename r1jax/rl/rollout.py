@@ -173,6 +173,9 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         "advantages": hosts.local_rows(np.asarray(advantages, np.float32), local),
         "rewards": hosts.local_rows(np.asarray(totals, np.float32), local),
     }
+    metric = cfg.get("dynamic_sampling_metric", "") if cfg.get("dynamic_sampling", False) else ""
+    if metric:  # the component dynamic sampling filters groups by (host only, like `rewards`)
+        batch["filter_values"] = hosts.local_rows(np.asarray(parts[metric], np.float32), local)
     metrics = {
         "reward": float(np.nanmean(totals)) if np.isfinite(totals).any() else float("nan"),
         "reward_std": float(np.nanstd(totals)) if np.isfinite(totals).any() else float("nan"),

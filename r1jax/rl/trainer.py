@@ -311,6 +311,7 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
         batch, metrics = draw(0)
         rows = drawn
     batch.pop("rewards")
+    batch.pop("filter_values", None)
     if cfg.get("skip_zero_std_groups", False):  # frac_zero_std is the share of groups this leaves out
         keep_R = np.repeat(dynamic_sampling.signal_groups(batch["advantages"], cfg.group_size), cfg.group_size)
         batch["completion_mask"] = batch["completion_mask"] & keep_R[:, None]
@@ -348,6 +349,10 @@ def check_grpo_stage(stage: str, cfg) -> None:
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
     check_loss_options(stage, cfg)
+    metric = cfg.get("dynamic_sampling_metric", "")
+    if metric and metric not in cfg.rewards:
+        raise ValueError(f"config.{stage}.dynamic_sampling_metric={metric!r} is not among the stage's rule rewards "
+                         f"{sorted(cfg.rewards)}; '' filters by the total reward")
     if cfg.dynamic_sampling and (cfg.group_size < 2 or cfg.max_rollouts < 1):
         raise ValueError(f"config.{stage}.dynamic_sampling needs group_size >= 2 (got {cfg.group_size}) and "
                          f"max_rollouts >= 1 (got {cfg.max_rollouts})")
