@@ -159,6 +159,8 @@ def test_instruction_goes_in_the_last_user_turn_and_bad_names_are_refused():
         "hf:/ckpt/q?enable_thinking=false+think_hash"
     with pytest.raises(ValueError, match="already registered"):
         register_instruction("think_hash", " again")
+    with pytest.raises(ValueError, match="'\\+' starts an instruction"):
+        templates.register_template("mine+boxed", templates._plain)
     with pytest.raises(ValueError, match="must be an identifier"):
         register_instruction("two words", " x")
     with pytest.raises(ValueError, match="non-empty str"):

@@ -62,6 +62,8 @@ INSTRUCTIONS: dict[str, str] = {
     "think_hash": " Let's think step by step and output the final answer after \"####\".",
 }
 
+HF_PREFIX = "hf:"  # "hf:PATH": a checkpoint's or tokenizer directory's own chat template
+
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 QWEN_IM_START, QWEN_IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -141,6 +143,8 @@ _TEMPLATES: dict[str, Callable[[list[Message], bool], str]] = {}
 
 def register_template(name: str, fn: Callable[[list[Message], bool], str]) -> None:
     """Adds ``fn(messages, add_generation_prompt) -> str`` as template ``name``."""
+    if "+" in name or name.startswith(HF_PREFIX) or name == "hf":
+        raise ValueError(f"template name {name!r}: '+' starts an instruction and 'hf' names a checkpoint's template")
     if name in _TEMPLATES:
         raise ValueError(f"template {name!r} is already registered")
     _TEMPLATES[name] = fn
@@ -193,9 +197,6 @@ register_template("plain", _plain)
 register_template("r1_zero", _r1_zero)
 register_template("qwen2.5", _qwen25)
 register_template("deepseek_r1", _deepseek_r1)
-
-
-HF_PREFIX = "hf:"
 
 
 def _template_value(text: str):
