@@ -213,7 +213,7 @@ def test_left_padding_changes_no_completion_log_prob():
     from flax import nnx
 
     from r1jax.models import Transformer, get_preset
-    from r1jax.rl.trainer import completion_logp
+    from r1jax.rl.logprobs import completion_logp
 
     model = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ from r1jax.logging import read_metrics
 from r1jax.models import Transformer
 from r1jax.pipeline.stages import run
 from r1jax.rl.rollout import sample_group
-from r1jax.rl.trainer import completion_logp, logp_temperature, token_logp_entropy
+from r1jax.rl.logprobs import completion_logp, logp_temperature, token_logp_entropy
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])

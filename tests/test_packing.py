@@ -14,7 +14,8 @@ from r1jax import parallel
 from r1jax.configs import grpo_stage
 from r1jax.models import Transformer, get_preset
 from r1jax.rl import packing
-from r1jax.rl.trainer import _split_minibatches, make_logp_fn, make_update_fn, packed_arrays
+from r1jax.rl.logprobs import make_logp_fn, packed_arrays
+from r1jax.rl.trainer import _split_minibatches, make_update_fn
 from r1jax.training import split_params
 
 

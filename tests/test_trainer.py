@@ -572,7 +572,8 @@ def test_grpo_update_moves_log_probs_along_the_advantages():
     from r1jax.optim import make_optimizer
     from r1jax.rl.grpo import group_advantages
     from r1jax.rl.rollout import sample_group
-    from r1jax.rl.trainer import make_logp_fn, make_update_fn
+    from r1jax.rl.logprobs import make_logp_fn
+    from r1jax.rl.trainer import make_update_fn
     from r1jax.training import split_params
 
     model = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
@@ -618,7 +619,8 @@ def test_gradient_accumulation_and_chunked_logits_reproduce_the_full_batch_updat
     from r1jax.models import Transformer, get_preset
     import optax
 
-    from r1jax.rl.trainer import make_logp_fn, make_update_fn
+    from r1jax.rl.logprobs import make_logp_fn
+    from r1jax.rl.trainer import make_update_fn
     from r1jax.training import split_params
 
     model = Transformer(get_preset("tiny_qwen2", num_layers=1), rngs=nnx.Rngs(0))
@@ -763,7 +765,8 @@ def test_grpo_update_with_context_parallelism_equals_one_device(name):
     from r1jax import parallel
     from r1jax.configs import grpo_stage
     from r1jax.models import Transformer, get_preset
-    from r1jax.rl.trainer import make_logp_fn, make_update_fn
+    from r1jax.rl.logprobs import make_logp_fn
+    from r1jax.rl.trainer import make_update_fn
     from r1jax.training import split_params
 
     moe = {"moe": {"first_k_dense": 0, "capacity_factor": 8.0, "gmm_backend": "xla"}} if name == "tiny_deepseek_v3" \
