@@ -32,7 +32,14 @@ def wandb_records(path: Path) -> list:
 
 
 def run_logs(workdir: Path) -> list[list]:
-    """The records of each offline run directory under workdir/wandb, oldest first."""
+    """The records of each offline run directory under workdir/wandb, oldest first.
+
+    `run.finish()` returns once the exit record is sent, but the W&B service closes (flushes) the run's .wandb
+    file on its own later; reading right away missed the exit record (1 CI run) or every record (1 of ~30).
+    `wandb.teardown()` waits for the service process to exit, so every file is complete when read."""
+    import wandb
+
+    wandb.teardown()
     files = sorted((workdir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert files, f"no offline W&B run under {workdir}"
     return [wandb_records(f) for f in files]
