@@ -193,6 +193,10 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         sampler_correction="none",
         sampler_correction_min=config_dict.placeholder(float),
         sampler_correction_max=3.0,
+        # The behaviour log-probs sampler_correction and off_policy_mask_threshold read: "model" (the model's
+        # log-prob of each sampled token, tempered with logp_at_temperature) or "sampled" (under the distribution
+        # sampled from, after top-k / top-p / min-p: TRL's vLLM `processed_logprobs`).
+        sampler_logp="model",
         mask_truncated_completions=False,  # DAPO: completions cut at max_new_tokens get no loss
         skip_zero_std_groups=False,  # Skywork-OR1: groups whose rewards are all equal get no loss (no resampling)
         dynamic_sampling=False,     # DAPO: sample more prompts until every group in the batch has a reward signal

@@ -62,6 +62,38 @@ def test_logprobs_equal_teacher_forced_forward():
         np.testing.assert_allclose(out.sampling_logprobs[row], expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.6), (4, 0.7)])
+def test_sampling_logprobs_are_the_truncated_renormalized_distribution(top_k, top_p):
+    """`sampling_logprobs` (what `grpo.sampler_logp="sampled"` hands the importance correction) is TRL's vLLM
+    `processed_logprobs`: log-softmax of logits / T after top-k, then top-p, renormalized over the kept tokens.
+    The reference here: numpy over the teacher-forced logits, sorting each row."""
+    model = _model("tiny_qwen2")
+    T = 0.7
+    out = generate(model, PROMPTS, num_samples=2, max_new_tokens=6, temperature=T, top_k=top_k, top_p=top_p, seed=5)
+    cut_mass = []
+    for row in range(len(PROMPTS) * 2):
+        prompt = PROMPTS[row // 2]
+        seq = np.concatenate([prompt, out.tokens[row]])
+        logits = np.asarray(nnx.jit(lambda m, b: m(b))(model, jnp.asarray(seq[None])), np.float64)[0] / T
+        for t, token in enumerate(out.tokens[row]):
+            z = logits[len(prompt) - 1 + t]
+            order = np.argsort(-z, kind="stable")
+            keep = np.ones(len(z), bool)
+            if top_k:
+                keep[order[top_k:]] = False
+            p = np.where(keep, np.exp(z - z.max()), 0.0)
+            p /= p.sum()
+            mass_before = np.cumsum(p[order]) - p[order]
+            keep[order[mass_before >= top_p]] = False  # the token that crosses top_p stays
+            kept = z[keep]
+            expected = z[token] - (kept.max() + np.log(np.sum(np.exp(kept - kept.max()))))
+            assert keep[token], (row, t)
+            np.testing.assert_allclose(out.sampling_logprobs[row, t], expected, atol=1e-4, err_msg=f"{row},{t}")
+            full = z[token] - (z.max() + np.log(np.sum(np.exp(z - z.max()))))
+            cut_mass.append(expected - full)  # -log of the kept mass: > 0 where the truncation cut tokens
+    assert min(cut_mass) > -1e-5 and max(cut_mass) > 0.05
+
+
 def test_grow_pads_every_layout_on_its_slot_axis():
     """GQA (k chunked [B, K, C, Q, c], v [B, K, S, Q]) and MLA (ckv, krope [B, S, *]) caches grow on their slot axes,
     keys re-chunked for the new length (8 slots: one chunk; 48: three of 16); old slots keep their entries, new ones

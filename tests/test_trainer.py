@@ -687,6 +687,18 @@ def test_grpo_stage_with_loss_variants(pretrained, tmp_path):
     assert _by_step(resumed, "grpo", "entropy_coef") == pytest.approx({1: 0.0, 2: 0.015, 3: 0.02})
 
 
+def test_sampler_correction_reads_the_sampled_distribution(pretrained, tmp_path):
+    """sampler_logp="sampled" (TRL with vLLM's processed log-probs): the importance weights pi_old / pi_sampled at
+    top-k 2 are the kept mass of the two likeliest tokens (~1% on this barely trained byte model); the default
+    ("model") gives 1 on the same rollout (test_grpo_stage_with_loss_variants)."""
+    cfg = _config(steps=1, top_k=2, sampler_correction="token_truncate", sampler_correction_min=0.0,
+                  sampler_logp="sampled")
+    cfg.grpo.eval.num_problems = 0
+    run(cfg, _workdir(pretrained, tmp_path / "run"))
+    (rec,) = [r for r in read_metrics(tmp_path / "run") if r["stage"] == "grpo" and "loss" in r]
+    assert 0 < rec["sampler/is_ratio_mean"] < 0.999 and rec["sampler/logp_diff_max"] > 1e-3, rec
+
+
 def test_loss_variant_settings_are_checked_before_the_run(tmp_path):
     cases = {"a": (dict(loss_type="cispo"), r"config.grpo: loss_type 'cispo' caps .* set epsilon_high"),
              "b": (dict(sampler_correction="tis"), r"config.grpo: unknown sampler_correction 'tis'"),
@@ -695,7 +707,12 @@ def test_loss_variant_settings_are_checked_before_the_run(tmp_path):
              "d": (dict(top_entropy_quantile=2.0), r"config.grpo: top_entropy_quantile=2.0 must be in \[0, 1\]"),
              "e": (dict(adaptive_entropy=True, entropy_coef_min=0.5, entropy_coef_max=0.1),
                    r"config.grpo: adaptive_entropy needs"),
-             "f": (dict(loss_type="sapo", delta=2.0), r"config.grpo: delta=2.0 .* 'sapo'")}
+             "f": (dict(loss_type="sapo", delta=2.0), r"config.grpo: delta=2.0 .* 'sapo'"),
+             "g": (dict(sampler_logp="processed"), r"config.grpo.sampler_logp='processed'; valid: model, sampled"),
+             "h": (dict(sampler_logp="sampled"), r"sampler_logp='sampled' is read by sampler_correction or "
+                                                 r"off_policy_mask_threshold"),
+             "i": (dict(sampler_logp="sampled", off_policy_mask_threshold=0.5, old_logp="sampler"),
+                   r"sampler_logp='sampled' is read by")}
     for sub, (grpo, match) in cases.items():
         with pytest.raises(ValueError, match=match):
             run(_config(**grpo), tmp_path / sub)

@@ -30,18 +30,20 @@ from r1jax.sampling import make_strategy, sample_padded
 def sample_group(model, prompt_ids_BP, prompt_mask_BP, *, group_size: int, max_new_tokens: int, temperature: float,
                  top_p: float, top_k: int, eos_ids: Sequence[int], pad_id: int, rng, mesh=None, rules=None,
                  min_p: float = 0.0, compact: int = 0, speculative: str = "", return_stats: bool = False,
-                 tempered_logp: bool = False):
+                 tempered_logp: bool = False, sampled_logp: bool = False):
     """Samples `group_size` completions for each of B left-padded prompts -> device arrays (tokens [R, N],
-    lengths [R], logp [R, N]: at temperature 1, or under logits / temperature with `tempered_logp`) with
-    N = max_new_tokens (the compiled loop stops early when all rows end), and with `return_stats` the sampler's step
-    and draft counts (`sample_padded`)."""
+    lengths [R], logp [R, N]: at temperature 1, or under logits / temperature with `tempered_logp`; with
+    `sampled_logp` under the distribution sampled from, after top-k / top-p / min-p) with N = max_new_tokens (the
+    compiled loop stops early when all rows end), and with `return_stats` the sampler's step and draft counts
+    (`sample_padded`)."""
     graphdef, state = nnx.split(model)
-    tokens, lengths, logp, _, stats = sample_padded(
+    tokens, lengths, model_logp, sampling_logp, stats = sample_padded(
         graphdef, state, prompt_ids_BP, prompt_mask_BP, rng, jnp.int32(max_new_tokens),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(pad_id),
         jnp.asarray(list(eos_ids), jnp.int32), num_samples=group_size, max_new_bucket=max_new_tokens,
         strategy=make_strategy(temperature, top_k, top_p, min_p, tempered_logp), mesh=mesh, rules=rules,
         compact=compact, speculative=speculative, return_stats=True)
+    logp = sampling_logp if sampled_logp else model_logp
     return (tokens, lengths, logp, stats) if return_stats else (tokens, lengths, logp)
 
 
@@ -129,7 +131,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         top_k=cfg.top_k, min_p=cfg.get("min_p", 0.0), eos_ids=eos, pad_id=pad, rng=rng, mesh=mesh, rules=rules,
         compact=int(cfg.get("rollout_compact", 0)), speculative=speculative, return_stats=True,
-        tempered_logp=bool(cfg.get("logp_at_temperature", True)))
+        tempered_logp=bool(cfg.get("logp_at_temperature", True)), sampled_logp=cfg.get("sampler_logp") == "sampled")
     device_out = {"tokens_RN": tokens, "lengths_R": lengths}
     # Each process reads only its own rows of the big arrays (from its shards when they hold them); the lengths,
     # one number per row, come whole for the metrics.

@@ -75,6 +75,9 @@ def applied_entropy_coef(cfg, coef: float, last_entropy: float) -> float:
     return coef if last_entropy <= cfg.entropy_target else 0.0
 
 
+SAMPLER_LOGPS = ("model", "sampled")
+
+
 def old_logp_source(cfg) -> tuple[bool, bool]:
     """(the old log-probs are the sampler's, the update batch also carries the sampler's log-probs). The sampler's
     serve as the old ones when each rollout gets one update (they are the rollout policy's), unless
@@ -294,6 +297,14 @@ def check_loss_options(stage: str, cfg) -> None:
     if cfg.old_logp == "sampler" and correction != "none":
         raise ValueError(f"config.{stage}: sampler_correction={correction!r} weighs by pi_old / pi_sampler, which "
                          "old_logp='sampler' makes 1; set old_logp='auto' or 'recompute'")
+    behaviour = cfg.get("sampler_logp", "model")
+    if behaviour not in SAMPLER_LOGPS:
+        raise ValueError(f"config.{stage}.sampler_logp={behaviour!r}; valid: {', '.join(SAMPLER_LOGPS)}")
+    if behaviour == "sampled" and not old_logp_source(cfg)[1]:
+        # The sampled distribution's log-probs are no policy's: as old log-probs they would bias every ratio.
+        raise ValueError(f"config.{stage}.sampler_logp='sampled' is read by sampler_correction or "
+                         "off_policy_mask_threshold next to recomputed old log-probs: set one of them (and "
+                         "old_logp='auto' or 'recompute'), or sampler_logp='model'")
     if cfg.get("adaptive_entropy", False) and not (
             cfg.entropy_coef_delta >= 0 and 0 <= cfg.entropy_coef_min <= cfg.entropy_coef_max):
         raise ValueError(f"config.{stage}: adaptive_entropy needs entropy_coef_delta >= 0 and 0 <= entropy_coef_min "
