@@ -89,3 +89,42 @@ def test_grpo_stage_ratio_is_one_with_the_samplers_old_logp(pretrained, tmp_path
             assert all(abs(v - 1.0) < 1e-3 for v in _by_step(metrics, "grpo", key).values()), key
         entropy[tempered] = _by_step(metrics, "grpo", "entropy")[1]
     assert entropy[True] < entropy[False]  # logits / 0.5 are sharper
+
+
+def test_a_run_begun_before_the_setting_is_warned_when_it_resumes(tmp_path):
+    """A GRPO stage begun under a config.json without `logp_at_temperature` (log-probs at T = 1) and resumed at
+    another temperature is told the objective changes and how to keep the old one; stages done, not begun, at
+    T = 1 or already recording the key are not."""
+    import json
+
+    from run_helpers import TINY_R1ZERO, load_config
+
+    from r1jax.pipeline.stages import _warn_changed_defaults
+
+    def recorded(cfg, drop=True):
+        out = json.loads(cfg.to_json_best_effort())
+        if drop:
+            del out["grpo"]["logp_at_temperature"]
+        (tmp_path / "config.json").write_text(json.dumps(out))
+
+    cfg = load_config(str(TINY_R1ZERO), None)
+    cfg.grpo.temperature = 0.6
+    recorded(cfg)
+    assert _warn_changed_defaults(cfg, tmp_path) == []  # the stage has not begun: the new default from its start
+    (tmp_path / "grpo").mkdir()
+    (warning,) = _warn_changed_defaults(cfg, tmp_path)
+    assert "stage 'grpo' from before config.grpo.logp_at_temperature existed" in warning
+    assert "--config.grpo.logp_at_temperature=False" in warning
+    cfg.grpo.logp_at_temperature = False  # the override it names: silent
+    assert _warn_changed_defaults(cfg, tmp_path) == []
+    cfg.grpo.logp_at_temperature = True
+    cfg.grpo.temperature = 1.0  # the same numbers either way
+    assert _warn_changed_defaults(cfg, tmp_path) == []
+    cfg.grpo.temperature = 0.6
+    recorded(cfg, drop=False)  # begun with the setting recorded
+    assert _warn_changed_defaults(cfg, tmp_path) == []
+    recorded(cfg)
+    (tmp_path / "grpo" / "DONE").write_text("{}")
+    assert _warn_changed_defaults(cfg, tmp_path) == []
+    (tmp_path / "config.json").write_text("{not json")
+    assert _warn_changed_defaults(cfg, tmp_path) == []

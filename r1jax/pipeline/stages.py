@@ -279,8 +279,43 @@ def _check_same_ids(tk, workdir: Path) -> None:
                          f"--config.tokenizer.add_markers={was} (or start a new workdir)")
 
 
+# Stage settings added with a default that changes what an existing run computes: (key, the behaviour a config
+# recorded without the key had, what that behaviour was). A stage resumed mid-way under the new default is warned.
+CHANGED_DEFAULTS = (
+    ("logp_at_temperature", False, "log-probs of the logits at temperature 1, not of logits / temperature"),
+)
+
+
+def _warn_changed_defaults(config, workdir: Path) -> list[str]:
+    """Warns (and returns the warnings) for each stage begun but not done whose recorded config predates a key of
+    CHANGED_DEFAULTS and whose new value computes something else, naming the override that keeps the old run's."""
+    path = workdir / "config.json"
+    try:
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return []  # _record_config warns about a config.json it cannot compare
+    out = []
+    for name, section in recorded.items():
+        stage = config.get(name)
+        if not isinstance(section, dict) or not isinstance(stage, ml_collections.ConfigDict):
+            continue
+        if not (workdir / name).is_dir() or (workdir / name / "DONE").exists():
+            continue
+        for key, old, meaning in CHANGED_DEFAULTS:
+            if key in section or key not in stage or stage[key] == old:
+                continue
+            if key == "logp_at_temperature" and float(stage.get("temperature", 1.0)) in (0.0, 1.0):
+                continue  # the same numbers at temperature 1 (and greedy)
+            msg = (f"{path} records stage {name!r} from before config.{name}.{key} existed ({meaning}); it resumes "
+                   f"with {key}={stage[key]!r}: pass --config.{name}.{key}={old!r} to keep what it started with")
+            log.warning(msg)
+            out.append(msg)
+    return out
+
+
 def _record_config(config, workdir: Path):
     path = workdir / "config.json"
+    _warn_changed_defaults(config, workdir)
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     if path.exists() and path.read_text() != text:
         log.warning("%s differs from this run's config; the stages already done keep their results", path)
