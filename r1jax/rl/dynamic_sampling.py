@@ -36,6 +36,7 @@ import numpy as np
 
 from r1jax.parallel import hosts
 from r1jax.rl.grpo import ADVANTAGE_EPS, group_advantages
+from r1jax.rl.reward_aggregation import batch_normalized
 from r1jax.rl.rollout import left_pad_columns
 
 # Per-rollout metrics that add up over the rollouts of a step; `completion_len_max` takes the max, the rest
@@ -115,8 +116,11 @@ def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, gro
     filled = int((~signal[order]).sum())
     rows = (order[:, None] * group_size + np.arange(group_size)).reshape(-1)
     out = {k: v[rows] for k, v in merged.items()}
-    advantages = group_advantages(jnp.asarray(out["rewards"], jnp.float32), group_size, scale=advantage_scale,
-                                  eps=advantage_eps)
-    out["advantages"] = np.asarray(advantages, np.float32)
+    if "decoupled_rewards" in out:  # GDPO (reward_aggregation): its batch normalization over the rows kept
+        out["advantages"] = batch_normalized(out["decoupled_rewards"], group_size, eps=advantage_eps)
+    else:
+        advantages = group_advantages(jnp.asarray(out["rewards"], jnp.float32), group_size, scale=advantage_scale,
+                                      eps=advantage_eps)
+        out["advantages"] = np.asarray(advantages, np.float32)
     out["rollout_row"] = rows
     return out, {**_combine(metrics), "rollouts": len(batches), "ds_filled_groups": filled}

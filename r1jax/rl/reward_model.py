@@ -227,6 +227,9 @@ class ModelRewards:
     def active(self, step: int) -> list[str]:
         return [c.spec.name for c in self.components if c.spec.active(step)]
 
+    def weights(self, step: int) -> dict[str, float]:
+        return {c.spec.name: float(c.spec.weight) for c in self.components if c.spec.active(step)}
+
     def score(self, step: int, *, group_size: int, **inputs) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out = {}
         for c in self.components:

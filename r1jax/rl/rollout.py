@@ -22,6 +22,7 @@ from r1jax.eval.run import decode_completions
 from r1jax.parallel import hosts
 from r1jax.rl import rollout_ahead
 from r1jax.rl.grpo import ADVANTAGE_EPS, group_advantages
+from r1jax.rl import reward_aggregation
 from r1jax.rl.reward_schedule import scheduled_weights
 from r1jax.rl.rewards import score_batch
 from r1jax.sampling import make_strategy, sample_padded
@@ -81,6 +82,20 @@ def score(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray, examples: Seq
 @partial(jax.jit, static_argnums=(1, 2, 3))
 def _advantages(rewards_R, group_size, scale, eps):
     return group_advantages(rewards_R, group_size, scale=scale, return_stats=True, eps=eps)
+
+
+def _reward_columns(parts: dict, weights: dict, scored: dict, model_weights: dict, R: int):
+    """(values [R, K], weights [K]) of each reward, for GDPO (r1jax.rl.reward_aggregation): a rule reward's raw
+    values; a model reward's score after its own `normalize` (its contribution / weight)."""
+    columns, column_weights = [np.zeros(R)], [0.0]  # (a stage whose model rewards have not started yet)
+    for name, w in weights.items():
+        columns.append(parts[name])
+        column_weights.append(w)
+    for name, (_, contribution) in scored.items():
+        w = model_weights[name]
+        columns.append(contribution / w if w else np.zeros_like(contribution))
+        column_weights.append(w)
+    return np.stack(columns, 1), column_weights
 
 
 def left_pad_columns(ids_BP, mask_BP, length: int, pad_id: int):
@@ -147,6 +162,7 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
                                      reward_kwargs=kwargs.to_dict() if kwargs else None, group_size=G)
     totals, parts = hosts.concat_scores(totals, parts)
     t2 = time.perf_counter()
+    scored = {}
     if model_rewards:
         scored = model_rewards.score(step, group_size=G, prompt_ids_BP=all_ids, prompt_mask_BP=all_mask,
                                      texts=hosts.concat_objects(texts), examples=hosts.concat_objects(examples),
@@ -155,8 +171,15 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
             totals = totals + contribution
             parts[name] = raw
     t3 = time.perf_counter()
-    advantages, stats = _advantages(jnp.asarray(totals, jnp.float32), G, cfg.advantage_scale,
-                                    float(cfg.get("advantage_eps", ADVANTAGE_EPS)))
+    eps = float(cfg.get("advantage_eps", ADVANTAGE_EPS))
+    advantages, stats = _advantages(jnp.asarray(totals, jnp.float32), G, cfg.advantage_scale, eps)
+    decoupled = None
+    if cfg.get("reward_aggregation", "sum_then_normalize") == "normalize_then_sum":
+        values, value_weights = _reward_columns(parts, weights, scored, model_rewards.weights(step) if scored else {},
+                                                len(totals))
+        decoupled = reward_aggregation.decoupled_sums(values, value_weights, G, eps=eps)
+        advantages = reward_aggregation.batch_normalized(decoupled, G, eps=eps)
+        stats["frac_reward_zero_std"] = np.mean(~np.asarray(advantages).reshape(-1, G).any(axis=1))
     N = tokens.shape[1]
     completion_mask = np.arange(N)[None, :] < lengths[:, None]
     full_prompt_ids = np.repeat(prompt_ids, G, axis=0)
@@ -176,6 +199,8 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
         "rewards": hosts.local_rows(np.asarray(totals, np.float32), local),
     }
     metric = cfg.get("dynamic_sampling_metric", "") if cfg.get("dynamic_sampling", False) else ""
+    if decoupled is not None:  # GDPO's group-normalized sums: dynamic sampling renormalizes its assembled batch
+        batch["decoupled_rewards"] = hosts.local_rows(decoupled.astype(np.float32), local)
     if metric:  # the component dynamic sampling filters groups by (host only, like `rewards`)
         batch["filter_values"] = hosts.local_rows(np.asarray(parts[metric], np.float32), local)
     metrics = {

@@ -31,7 +31,7 @@ from r1jax.optim import lr_schedule, optimizer_from_config, safe_update
 from r1jax.parallel.rules import axis_rules
 from r1jax.parallel.sharding import shard_batch, split_rows
 from r1jax.parallel import hosts
-from r1jax.rl import dynamic_sampling, grpo, packing, prompt_pass, rollout_ahead
+from r1jax.rl import dynamic_sampling, grpo, packing, prompt_pass, reward_aggregation, rollout_ahead
 from r1jax.rl.logprobs import completion_logp, logp_temperature, make_logp_fn, packed_arrays, rollout_mtp_loss
 from r1jax.rl.prompt_source import GRPO_PROMPTS, LONG_PROMPTS, check_prompts, fitting_prompts, grpo_examples
 from r1jax.rl.rollout import rollout
@@ -221,6 +221,7 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
         rows = drawn
     batch.pop("rewards")
     batch.pop("filter_values", None)
+    batch.pop("decoupled_rewards", None)
     if cfg.get("skip_zero_std_groups", False):  # frac_zero_std is the share of groups this leaves out
         keep_R = np.repeat(dynamic_sampling.signal_groups(batch["advantages"], cfg.group_size), cfg.group_size)
         batch["completion_mask"] = batch["completion_mask"] & keep_R[:, None]
@@ -255,6 +256,15 @@ def check_grpo_stage(stage: str, cfg) -> None:
         raise ValueError(f"config.{stage}.long_prompts={cfg.long_prompts!r}; valid: {', '.join(LONG_PROMPTS)}")
     if not float(cfg.get("advantage_eps", grpo.ADVANTAGE_EPS)) > 0:
         raise ValueError(f"config.{stage}.advantage_eps={cfg.advantage_eps!r} must be > 0 (TRL: 1e-4, verl: 1e-6)")
+    aggregation = cfg.get("reward_aggregation", "sum_then_normalize")
+    try:
+        reward_aggregation.check_aggregation(aggregation)
+    except ValueError as e:
+        raise ValueError(f"config.{stage}.{e}") from None
+    if aggregation == "normalize_then_sum" and cfg.advantage_scale != "group":
+        raise ValueError(f"config.{stage}.reward_aggregation='normalize_then_sum' normalizes each reward within its "
+                         f"group and their sum over the batch; advantage_scale={cfg.advantage_scale!r} would be "
+                         "ignored: leave it 'group'")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
     check_loss_options(stage, cfg)
