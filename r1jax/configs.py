@@ -208,6 +208,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         # component varies, as DAPO filters by accuracy (verl's filter_groups.metric=acc)
         dynamic_sampling_metric="",
         ref_update_every=0,         # refresh the reference weights every N steps (0: never)
+        ref_update_alpha=1.0,       # ... to alpha * policy + (1 - alpha) * ref (1: a copy; TRL's ref_model_mixup_alpha)
         log_completions=8,          # at each logged step, this many rollout rows -> <stage>/completions.jsonl (0: off)
         rewards=ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1}),
         # Keyword arguments of the rule rewards, {name: {arg: value}}, e.g. {"overlong": {"max_len": 8192}}.

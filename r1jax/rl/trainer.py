@@ -78,6 +78,14 @@ def applied_entropy_coef(cfg, coef: float, last_entropy: float) -> float:
 SAMPLER_LOGPS = ("model", "sampled")
 
 
+def mix_reference(ref, params, alpha: float):
+    """The reference refresh: alpha * params + (1 - alpha) * ref per leaf, in the leaf's dtype (TRL's
+    SyncRefModelCallback, TR-DPO's soft update); alpha 1 copies the policy, as R1 refreshed its reference."""
+    if alpha == 1.0:
+        return jax.tree.map(lambda r, p: jnp.array(p, dtype=r.dtype, copy=True), ref, params)
+    return jax.tree.map(lambda r, p: (r * (1.0 - alpha) + p * alpha).astype(r.dtype), ref, params)
+
+
 def old_logp_source(cfg) -> tuple[bool, bool]:
     """(the old log-probs are the sampler's, the update batch also carries the sampler's log-probs). The sampler's
     serve as the old ones when each rollout gets one update (they are the rollout policy's), unless
@@ -256,6 +264,9 @@ def check_grpo_stage(stage: str, cfg) -> None:
         raise ValueError(f"config.{stage}.long_prompts={cfg.long_prompts!r}; valid: {', '.join(LONG_PROMPTS)}")
     if not float(cfg.get("advantage_eps", grpo.ADVANTAGE_EPS)) > 0:
         raise ValueError(f"config.{stage}.advantage_eps={cfg.advantage_eps!r} must be > 0 (TRL: 1e-4, verl: 1e-6)")
+    alpha = cfg.get("ref_update_alpha", 1.0)
+    if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
+        raise ValueError(f"config.{stage}.ref_update_alpha={alpha!r} must be in (0, 1] (1: the policy's copy)")
     aggregation = cfg.get("reward_aggregation", "sum_then_normalize")
     try:
         reward_aggregation.check_aggregation(aggregation)
@@ -449,7 +460,7 @@ def run_grpo_stage(ctx: training.RunContext, stage: str, cfg, previous: str | No
                 return None
             t0 = time.perf_counter()
             if use_ref and cfg.ref_update_every and step > 0 and step % cfg.ref_update_every == 0:
-                ref = training.tree_copy(params)
+                ref = mix_reference(ref, params, float(cfg.get("ref_update_alpha", 1.0)))
             if sampler.has(step):
                 t_wait = time.perf_counter()
                 batch, metrics, rows = sampler.take(step)
