@@ -170,6 +170,10 @@ class ModelConfig:
     # ones keep no scores in HBM and leave attention_q_block unused. attention_interpret runs them interpreted.
     attention_impl: str = "xla"
     attention_interpret: bool = False
+    # The output head in float32 (hidden states and weights, not only the accumulation) for bf16 models: the
+    # logits' rounding is what the policy ratio and the sampler read (ScaleRL, MiniMax-M1; TRL's
+    # cast_lm_head_to_fp32).
+    head_fp32: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -48,28 +48,29 @@ def _labels(spec: str) -> tuple[str, str, str]:
     return x, w, out
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _project(spec, x, w, preferred_element_type):
-    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _project(spec, x, w, preferred_element_type, precision):
+    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type, precision=precision)
 
 
-def _project_fwd(spec, x, w, preferred_element_type):
-    return _project(spec, x, w, preferred_element_type), (x, w)
+def _project_fwd(spec, x, w, preferred_element_type, precision):
+    return _project(spec, x, w, preferred_element_type, precision), (x, w)
 
 
-def _project_bwd(spec, preferred_element_type, res, g):
+def _project_bwd(spec, preferred_element_type, precision, res, g):
     x, w = res
     xl, wl, out = _labels(spec)
-    dx = jnp.einsum(f"{out},{wl}->{xl}", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum(f"{xl},{out}->{wl}", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dx, dw
+    dx = jnp.einsum(f"{out},{wl}->{xl}", g, w, preferred_element_type=jnp.float32, precision=precision)
+    dw = jnp.einsum(f"{xl},{out}->{wl}", x, g, preferred_element_type=jnp.float32, precision=precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 _project.defvjp(_project_fwd, _project_bwd)
 
 
-def project(spec: str, x, w, *, preferred_element_type=None):
+def project(spec: str, x, w, *, preferred_element_type=None, precision=None):
     """`jnp.einsum(spec, x, w)` for an activation `x` and a weight `w`, differentiable in both, with the weight
-    gradient computed directly in `w`'s layout (see the module docstring)."""
+    gradient computed directly in `w`'s layout (see the module docstring). `precision` (a `jax.lax.Precision`)
+    applies to the forward and both backward products."""
     _labels(spec)
-    return checkpoint_name(_project(spec, x, w, preferred_element_type), PROJECTION)
+    return checkpoint_name(_project(spec, x, w, preferred_element_type, precision), PROJECTION)

@@ -148,14 +148,17 @@ class Transformer(nnx.Module):
     def head(self, h_BLD, frozen: bool = False):
         """Logits [B, L, V] float32; `frozen`: the output weights get no gradient (h still does)."""
         w_of = jax.lax.stop_gradient if frozen else (lambda w: w)
+        precision = None
+        if self.config.head_fp32:  # (TPU and GPU otherwise multiply float32 in bf16 / tf32 passes)
+            h_BLD, precision = h_BLD.astype(jnp.float32), jax.lax.Precision.HIGHEST
         if self.config.tie_word_embeddings:
             w = w_of(cast(self.embed.embedding, h_BLD.dtype))
-            return project("bld,vd->blv", h_BLD, w, preferred_element_type=jnp.float32)
+            return project("bld,vd->blv", h_BLD, w, preferred_element_type=jnp.float32, precision=precision)
         if not self.has_lm_head:
             raise ValueError("this Transformer was built with lm_head=False (a reward model's trunk); it has no "
                              "output head: call forward(..., return_logits=False) and use `hidden`")
         return project("bld,dv->blv", h_BLD, w_of(cast(self.lm_head, h_BLD.dtype)),
-                       preferred_element_type=jnp.float32)
+                       preferred_element_type=jnp.float32, precision=precision)
 
     def init_cache(self, batch: int, length: int, dtype=None, mtp: bool = False) -> dict:
         """An empty KV cache of `length` slots for `batch` rows: shared `index`, `valid` [B, S] and `next_pos` [B],
