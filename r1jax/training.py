@@ -157,7 +157,9 @@ def abstract_model(mc: ModelConfig):
 
 INIT_SPECS = "previous, stage:NAME, base, scratch, hf:PATH, r1jax:PATH"
 
-_ARCH_ONLY = dict(dtype="float32", param_dtype="float32", remat="none")
+# Execution settings: two stages that differ only in these hold the same weights.
+_ARCH_ONLY = dict(dtype="float32", param_dtype="float32", remat="none", scan_unroll=1, attention_q_block=0,
+                  attention_impl="xla", attention_interpret=False, head_fp32=False)
 
 
 def resolve_init(init: str, previous: str | None) -> str:

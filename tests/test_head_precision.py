@@ -42,3 +42,19 @@ def test_set_from_the_config_overrides():
     assert not build_model_config(cfg, ByteTokenizer()).head_fp32
     cfg.model.overrides.head_fp32 = True
     assert build_model_config(cfg, ByteTokenizer()).head_fp32
+
+
+def test_a_stage_of_its_own_head_precision_starts_from_the_previous_stage(pretrained, tmp_path):
+    """head_fp32 (like attention_impl or scan_unroll) changes no weight: a GRPO stage that sets it alone starts from
+    the pretrain stage's weights instead of being refused as another architecture."""
+    from test_trainer import _config, _workdir
+
+    from r1jax.configs import stage_model
+    from r1jax.logging import read_metrics
+    from r1jax.pipeline.stages import run
+
+    cfg = _config(steps=1)
+    cfg.grpo.model = stage_model(overrides={"head_fp32": True, "scan_unroll": 2})
+    cfg.grpo.eval.num_problems = 0
+    run(cfg, _workdir(pretrained, tmp_path / "run"))
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["stage"] == "grpo" and "loss" in r] == [1]
