@@ -90,7 +90,8 @@ def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, gro
     `max_rollouts` rollouts were made; returns (the update batch of batch_prompts * group_size rows, metrics).
 
     `draw(r)` returns (batch, metrics) as `r1jax.rl.rollout.rollout` does, with the batch's float `rewards` [R]
-    (and `filter_values` [R] when groups are kept by one reward component: `signal_groups`).
+    (and `filter_values` [R] when groups are kept by one reward component: `signal_groups`; `decoupled_rewards` [R]
+    under GDPO, `r1jax.rl.reward_aggregation`, whose batch normalization is then redone over the kept groups).
     The returned batch has the same keys, rows of the chosen groups, prompts left-padded to the widest rollout,
     advantages recomputed over it, and `rollout_row` [R]: each row's index in the rollouts' rows one after another
     (to find what else a rollout returned about it); metrics average the rollouts' (times and token counts add up)
