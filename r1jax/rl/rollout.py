@@ -20,9 +20,8 @@ from flax import nnx
 from r1jax.eval.metrics import group_by_source
 from r1jax.eval.run import decode_completions
 from r1jax.parallel import hosts
-from r1jax.rl import rollout_ahead
+from r1jax.rl import reward_aggregation, rollout_ahead
 from r1jax.rl.grpo import ADVANTAGE_EPS, group_advantages
-from r1jax.rl import reward_aggregation
 from r1jax.rl.reward_schedule import scheduled_weights
 from r1jax.rl.rewards import score_batch
 from r1jax.sampling import make_strategy, sample_padded
