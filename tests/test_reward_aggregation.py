@@ -134,5 +134,5 @@ def test_grpo_stage_with_decoupled_rewards(pretrained, tmp_path):
 def test_settings_are_checked_before_the_run(tmp_path):
     with pytest.raises(ValueError, match="config.grpo.reward_aggregation='gdpo'; valid"):
         run(_config(reward_aggregation="gdpo"), tmp_path / "a")
-    with pytest.raises(ValueError, match="advantage_scale='batch' would be ignored"):
+    with pytest.raises(ValueError, match="advantage_scale='batch' and advantage_baseline='mean' would be ignored"):
         run(_config(reward_aggregation="normalize_then_sum", advantage_scale="batch"), tmp_path / "b")

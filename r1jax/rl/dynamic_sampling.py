@@ -84,7 +84,7 @@ def _combine(metrics: list[dict]) -> dict:
 
 def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, group_size: int, max_rollouts: int,
             max_new_tokens: int, advantage_scale: str = "group", pad_id: int = 0,
-            advantage_eps: float = ADVANTAGE_EPS,
+            advantage_eps: float = ADVANTAGE_EPS, advantage_baseline: str = "mean",
             agree: Callable[[int], int] = hosts.process_min) -> tuple[dict, dict]:
     """Calls `draw(r)` for rollouts r = 0, 1, ... until every process holds `batch_prompts` groups with a signal or
     `max_rollouts` rollouts were made; returns (the update batch of batch_prompts * group_size rows, metrics).
@@ -121,7 +121,7 @@ def collect(draw: Callable[[int], tuple[dict, dict]], *, batch_prompts: int, gro
         out["advantages"] = batch_normalized(out["decoupled_rewards"], group_size, eps=advantage_eps)
     else:
         advantages = group_advantages(jnp.asarray(out["rewards"], jnp.float32), group_size, scale=advantage_scale,
-                                      eps=advantage_eps)
+                                      eps=advantage_eps, baseline=advantage_baseline)
         out["advantages"] = np.asarray(advantages, np.float32)
     out["rollout_row"] = rows
     return out, {**_combine(metrics), "rollouts": len(batches), "ds_filled_groups": filled}

@@ -11,6 +11,8 @@ Advantages, `group_advantages(rewards_B, G, scale, eps=1e-4)`:
     scale="group"  A_i = (r_i - mean(r)) / (std(r) + eps)         DeepSeekMath GRPO (outcome supervision)
     scale="batch"  A_i = (r_i - mean(r)) / (std_batch(r) + eps)   mean per group, std over the whole batch
     scale="none"   A_i = r_i - mean(r)                             Dr. GRPO (no std: it biases by difficulty)
+  baseline="leave_one_out" subtracts the mean of the group's other rewards instead of mean(r), G / (G - 1) times
+  the above: with scale="none" RLOO's advantages (verl's adv_estimator=rloo, TRL's RLOOTrainer baseline).
   mean and std are over the group (std unbiased, with Bessel's correction), skipping NaN rewards: NaN means "could
   not be scored", not 0. A NaN reward's advantage is 0, and so is every advantage of a group whose valid rewards are
   all equal (no learning signal). `return_stats=True` also returns `frac_reward_zero_std`, the fraction of such
@@ -114,6 +116,7 @@ from r1jax.rl import grpo_variants as variants
 from r1jax.rl.grpo_variants import MAX_LOG_RATIO, count as _count, psum as _psum
 
 SCALES = ("group", "batch", "none")
+BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 LOW_VAR_KL_CAP = 10.0  # verl clamps its k3 to [-10, 10] (it is never negative)
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -197,7 +200,7 @@ def _aggregate_luspo(x_BT, valid_BT, *, max_completion_length, axis_name):
 
 
 def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return_stats: bool = False,
-                     eps: float = ADVANTAGE_EPS):
+                     eps: float = ADVANTAGE_EPS, baseline: str = "mean"):
     """Group-relative advantages (see the module docstring for the formulas).
 
     Returns advantages_B (f32), or (advantages_B, stats) when `return_stats`, stats holding f32 scalars:
@@ -205,6 +208,7 @@ def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return
     valid rewards, std unbiased) and frac_reward_missing (fraction of NaN rewards).
     """
     _check_choice("scale", scale, SCALES)
+    _check_choice("baseline", baseline, BASELINES)
     if not eps > 0:
         raise ValueError(f"advantage eps={eps!r} must be > 0 (it keeps a near-constant group's advantages finite)")
     if jnp.ndim(rewards_B) != 1:
@@ -232,7 +236,11 @@ def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return
                  - jnp.min(jnp.where(valid_NG, r_NG, jnp.inf), 1, keepdims=True))
     degenerate_N1 = ~(spread_N1 > 0)
 
-    advantages_NG = r0_NG - mean_N1
+    if baseline == "leave_one_out":  # each sample against the mean of its valid siblings
+        n_N1 = _count(valid_NG, 1)[:, None]
+        advantages_NG = r0_NG - (r0_NG.sum(1, keepdims=True) - r0_NG) / jnp.maximum(n_N1 - 1.0, 1.0)
+    else:
+        advantages_NG = r0_NG - mean_N1
     if scale == "group":
         advantages_NG = advantages_NG / (group_std_N1 + eps)
     elif scale == "batch":

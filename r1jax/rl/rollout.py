@@ -78,9 +78,9 @@ def score(tokenizer, tokens_RN: np.ndarray, lengths_R: np.ndarray, examples: Seq
     return totals, parts, texts
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _advantages(rewards_R, group_size, scale, eps):
-    return group_advantages(rewards_R, group_size, scale=scale, return_stats=True, eps=eps)
+@partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _advantages(rewards_R, group_size, scale, eps, baseline):
+    return group_advantages(rewards_R, group_size, scale=scale, return_stats=True, eps=eps, baseline=baseline)
 
 
 def _reward_columns(parts: dict, weights: dict, scored: dict, model_weights: dict, R: int):
@@ -171,7 +171,8 @@ def rollout(model, tokenizer, prompt_batch: Mapping, cfg, rng, *, mesh=None, rul
             parts[name] = raw
     t3 = time.perf_counter()
     eps = float(cfg.get("advantage_eps", ADVANTAGE_EPS))
-    advantages, stats = _advantages(jnp.asarray(totals, jnp.float32), G, cfg.advantage_scale, eps)
+    advantages, stats = _advantages(jnp.asarray(totals, jnp.float32), G, cfg.advantage_scale, eps,
+                                    cfg.get("advantage_baseline", "mean"))
     decoupled = None
     if cfg.get("reward_aggregation", "sum_then_normalize") == "normalize_then_sum":
         values, value_weights = _reward_columns(parts, weights, scored, model_rewards.weights(step) if scored else {},

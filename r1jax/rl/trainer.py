@@ -222,6 +222,7 @@ def sample_batch(ctx: training.RunContext, cfg, model, it, rng, model_rewards, s
             draw, batch_prompts=prompts, group_size=cfg.group_size,
             max_rollouts=cfg.max_rollouts, max_new_tokens=cfg.max_new_tokens, advantage_scale=cfg.advantage_scale,
             advantage_eps=float(cfg.get("advantage_eps", grpo.ADVANTAGE_EPS)),
+            advantage_baseline=cfg.get("advantage_baseline", "mean"),
             pad_id=ctx.tokenizer.pad_id or 0)
         rows = [{**drawn[i], "advantage": float(a)} for i, a in zip(batch.pop("rollout_row"), batch["advantages"])]
     else:
@@ -267,15 +268,21 @@ def check_grpo_stage(stage: str, cfg) -> None:
     alpha = cfg.get("ref_update_alpha", 1.0)
     if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
         raise ValueError(f"config.{stage}.ref_update_alpha={alpha!r} must be in (0, 1] (1: the policy's copy)")
+    baseline = cfg.get("advantage_baseline", "mean")
+    if baseline not in grpo.BASELINES:
+        raise ValueError(f"config.{stage}.advantage_baseline={baseline!r}; valid: {', '.join(grpo.BASELINES)}")
+    if baseline == "leave_one_out" and cfg.group_size < 2:
+        raise ValueError(f"config.{stage}.advantage_baseline='leave_one_out' compares each sample with its group's "
+                         f"others: it needs group_size >= 2 (got {cfg.group_size})")
     aggregation = cfg.get("reward_aggregation", "sum_then_normalize")
     try:
         reward_aggregation.check_aggregation(aggregation)
     except ValueError as e:
         raise ValueError(f"config.{stage}.{e}") from None
-    if aggregation == "normalize_then_sum" and cfg.advantage_scale != "group":
+    if aggregation == "normalize_then_sum" and (cfg.advantage_scale, baseline) != ("group", "mean"):
         raise ValueError(f"config.{stage}.reward_aggregation='normalize_then_sum' normalizes each reward within its "
-                         f"group and their sum over the batch; advantage_scale={cfg.advantage_scale!r} would be "
-                         "ignored: leave it 'group'")
+                         f"group and their sum over the batch; advantage_scale={cfg.advantage_scale!r} and "
+                         f"advantage_baseline={baseline!r} would be ignored: leave them 'group' and 'mean'")
     if cfg.old_logp not in ("auto", "sampler", "recompute"):
         raise ValueError(f"config.{stage}.old_logp={cfg.old_logp!r}; valid: auto, sampler, recompute")
     check_loss_options(stage, cfg)
