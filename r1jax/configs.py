@@ -163,7 +163,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
         importance_sampling_level="token",
         kl_estimator="k3",
         kl_bias_correction=False,   # DeepSeek-V3.2: the KL term times the ratio (TRL's use_bias_correction_kl)
-        advantage_scale="group",
+        advantage_scale="group",    # group | batch | none | whiten (r1jax.rl.grpo.group_advantages)
         advantage_baseline="mean",  # or leave_one_out: RLOO's baseline (with advantage_scale="none": verl's rloo)
         advantage_eps=1e-4,         # the std's epsilon: TRL's 1e-4; verl's 1e-6 (recipes run on verl set it)
         # sum_then_normalize: the weighted rewards summed, then advantage_scale; normalize_then_sum: GDPO, each

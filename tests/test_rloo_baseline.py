@@ -10,15 +10,20 @@ from r1jax.pipeline.stages import run
 from r1jax.rl.grpo import group_advantages
 
 
-def _trl_rloo(rewards, G):
-    """TRL 1.16 RLOOTrainer._generate_and_score_completions (beta 0, normalize_advantages False), as written there."""
+def _trl_rloo(rewards, G, normalize_advantages=False):
+    """TRL 1.16 RLOOTrainer._generate_and_score_completions (beta 0), as written there."""
     torch = pytest.importorskip("torch")
+    from trl.trainer.utils import nanstd
+
     rewards = torch.tensor(rewards, dtype=torch.float32)
     grouped_rewards = rewards.view(-1, G)
     scorable_counts = (~torch.isnan(grouped_rewards)).sum(dim=1, keepdim=True)
     grouped_sum = torch.nansum(grouped_rewards, dim=1, keepdim=True)
     baselines = ((grouped_sum - grouped_rewards) / (scorable_counts - 1)).view(-1)
-    return torch.nan_to_num(rewards - baselines, nan=0.0).numpy()
+    advantages = rewards - baselines
+    if normalize_advantages:
+        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0).numpy()
 
 
 def _verl_rloo(scores, G):
@@ -48,6 +53,19 @@ def test_leave_one_out_equals_trl_and_verl(seed):
         np.testing.assert_allclose(loo, mean * G / (G - 1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_whitened_leave_one_out_equals_trls_normalize_advantages(seed):
+    rng = np.random.default_rng(seed)
+    G = 4
+    rewards = rng.choice([0.0, 0.5, 1.0], 6 * G).astype(np.float32)
+    rewards[G:2 * G] = 0.5  # a group without signal: 0 before and (up to rounding) after the whitening
+    rewards[2 * G + 1] = rewards[3 * G:3 * G + 3] = np.nan  # a missing reward; a group with one left
+    ours = np.asarray(group_advantages(rewards, G, scale="whiten", baseline="leave_one_out"))
+    np.testing.assert_allclose(ours, _trl_rloo(rewards, G, normalize_advantages=True), atol=1e-5)
+    kept = ours[np.r_[0:G, 2 * G:3 * G, 4 * G:6 * G]]
+    assert abs(kept[kept != 0].std(ddof=1) - 1) < 0.3  # whitened (the NaN and signal-less rows are left out)
+
+
 def test_missing_rewards_leave_the_baseline():
     """A NaN reward (a failed scorer) is no sibling: the baseline averages the valid others, as TRL's nansum over
     scorable completions does; a group with one valid reward has no signal."""
@@ -73,7 +91,8 @@ def test_grpo_stage_with_rloo_advantages(pretrained, tmp_path):
 
 
 def test_settings_are_checked_before_the_run(tmp_path):
-    cases = {"a": (dict(advantage_baseline="loo"), r"config.grpo.advantage_baseline='loo'; valid: mean, leave_one_out"),
+    cases = {"s": (dict(advantage_scale="grp"), r"advantage_scale='grp'; valid: group, batch, none, whiten"),
+             "a": (dict(advantage_baseline="loo"), r"config.grpo.advantage_baseline='loo'; valid: mean, leave_one_out"),
              "b": (dict(advantage_baseline="leave_one_out", group_size=1), "needs group_size >= 2"),
              "c": (dict(advantage_baseline="leave_one_out", reward_aggregation="normalize_then_sum"),
                    "advantage_baseline='leave_one_out' would be ignored")}

@@ -11,6 +11,7 @@ Advantages, `group_advantages(rewards_B, G, scale, eps=1e-4)`:
     scale="group"  A_i = (r_i - mean(r)) / (std(r) + eps)         DeepSeekMath GRPO (outcome supervision)
     scale="batch"  A_i = (r_i - mean(r)) / (std_batch(r) + eps)   mean per group, std over the whole batch
     scale="none"   A_i = r_i - mean(r)                             Dr. GRPO (no std: it biases by difficulty)
+    scale="whiten" a_i = r_i - mean(r), then (a_i - mean_batch(a)) / (std_batch(a) + eps)   advantage whitening
   baseline="leave_one_out" subtracts the mean of the group's other rewards instead of mean(r), G / (G - 1) times
   the above: with scale="none" RLOO's advantages (verl's adv_estimator=rloo, TRL's RLOOTrainer baseline).
   mean and std are over the group (std unbiased, with Bessel's correction), skipping NaN rewards: NaN means "could
@@ -115,7 +116,7 @@ import jax.numpy as jnp
 from r1jax.rl import grpo_variants as variants
 from r1jax.rl.grpo_variants import MAX_LOG_RATIO, count as _count, psum as _psum
 
-SCALES = ("group", "batch", "none")
+SCALES = ("group", "batch", "none", "whiten")
 BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 LOW_VAR_KL_CAP = 10.0  # verl clamps its k3 to [-10, 10] (it is never negative)
@@ -245,6 +246,11 @@ def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return
         advantages_NG = advantages_NG / (group_std_N1 + eps)
     elif scale == "batch":
         advantages_NG = advantages_NG / (batch_std_11 + eps)
+    elif scale == "whiten":  # over the rows with a sibling to compare with (TRL RLOO's normalize_advantages)
+        counted_NG = valid_NG & (_count(valid_NG, 1)[:, None] >= 2)
+        adv_mean_11, adv_std_11 = mean_std(jnp.where(counted_NG, advantages_NG, 0.0).reshape(1, -1),
+                                           counted_NG.reshape(1, -1), axis=1)
+        advantages_NG = (advantages_NG - adv_mean_11) / (adv_std_11 + eps)
     advantages_NG = jnp.where(valid_NG & ~degenerate_N1, advantages_NG, 0.0)
     advantages_B = advantages_NG.reshape(B)
     if not return_stats:

@@ -268,6 +268,8 @@ def check_grpo_stage(stage: str, cfg) -> None:
     alpha = cfg.get("ref_update_alpha", 1.0)
     if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
         raise ValueError(f"config.{stage}.ref_update_alpha={alpha!r} must be in (0, 1] (1: the policy's copy)")
+    if cfg.advantage_scale not in grpo.SCALES:
+        raise ValueError(f"config.{stage}.advantage_scale={cfg.advantage_scale!r}; valid: {', '.join(grpo.SCALES)}")
     baseline = cfg.get("advantage_baseline", "mean")
     if baseline not in grpo.BASELINES:
         raise ValueError(f"config.{stage}.advantage_baseline={baseline!r}; valid: {', '.join(grpo.BASELINES)}")
