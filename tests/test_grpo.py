@@ -644,7 +644,7 @@ def test_bad_arguments_raise_naming_value_and_options():
         loss(logp, old, ref, adv, mask[0])
     with pytest.raises(ValueError, match=r"advantages_B has shape \(3,\), expected \(B,\) = \(2,\)"):
         loss(logp, old, ref, np.zeros(3), mask)
-    with pytest.raises(ValueError, match=r"unknown scale 'std'; valid: \['batch', 'group', 'none'\]"):
+    with pytest.raises(ValueError, match=r"unknown scale 'std'; valid: \['batch', 'group', 'none', 'whiten'\]"):
         group_advantages(jnp.zeros(4), 2, "std")
     with pytest.raises(ValueError, match=r"group_size=3 .* B=4"):
         group_advantages(jnp.zeros(4), 3)
