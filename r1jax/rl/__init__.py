@@ -26,7 +26,8 @@ from r1jax.rl.sandbox import SandboxLimits, isolation_report, run_python
 grpo_loss = loss
 format_reward = format_
 
-__all__ = ["AGGREGATIONS", "decoupled_advantages", "IMPORTANCE_SAMPLING_LEVELS", "JUDGE_TEMPLATES", "Judge", "ModelRewards", "bradley_terry_loss",
+__all__ = ["AGGREGATIONS", "decoupled_advantages", "IMPORTANCE_SAMPLING_LEVELS", "JUDGE_TEMPLATES", "Judge",
+           "ModelRewards", "bradley_terry_loss",
            "normalize_scores", "parse_model_rewards", "parse_verdict", "score_completions", "score_rows",
            "KL_ESTIMATORS", "LOSS_TYPES", "REWARDS", "SAMPLER_CORRECTIONS", "SCALES", "SURROGATES", "SandboxLimits",
            "accuracy", "code_tests", "countdown", "format_reward", "get_reward", "group_advantages", "grpo_loss",

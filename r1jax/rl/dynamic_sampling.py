@@ -10,8 +10,8 @@ When the rollouts run out first, the batch is filled with signal-less groups (wh
 `ds_filled_groups` every step, so a run whose data became too easy or too hard shows it.
 
 Advantages are recomputed over the assembled batch (identical for `advantage_scale` group and none; `batch` and
-`whiten` then normalise over the groups actually trained on). Every process makes the same number of rollouts (the global
-minimum of kept groups decides), because each rollout is a collective program across hosts.
+`whiten` then normalise over the groups actually trained on). Every process makes the same number of rollouts (the
+global minimum of kept groups decides), because each rollout is a collective program across hosts.
 
 Example (`draw(r)` makes rollout r; here a fake one whose first group of each rollout has no signal):
     >>> import numpy as np
