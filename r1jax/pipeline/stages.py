@@ -263,26 +263,33 @@ def build_tokenizer(config, workdir: Path, tasks):
     raise ValueError(f"config.tokenizer.kind={tk.kind!r}; valid: spm_train, path, byte")
 
 
+def _recorded_config(workdir: Path) -> dict:
+    """The config.json a run in `workdir` recorded; {} when there is none or it cannot be read (_record_config
+    warns about one it cannot compare)."""
+    path = workdir / "config.json"
+    try:
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def _check_same_ids(tk, workdir: Path) -> None:
     """A resumed run must keep the token ids it trained with: add_markers changes them (its default changed from
     True to False in December 2026), so a run that recorded the other setting is refused, naming the fix."""
-    path = workdir / "config.json"
-    if not path.exists():
-        return
-    try:
-        recorded = json.loads(path.read_text()).get("tokenizer", {})
-    except (OSError, ValueError):
-        return  # _record_config warns about a config.json it cannot compare
+    recorded = _recorded_config(workdir).get("tokenizer", {})
     was = recorded.get("add_markers", True) if recorded.get("kind") == "path" else None
     if was is not None and bool(was) != bool(tk.add_markers):
-        raise ValueError(f"{path} records tokenizer.add_markers={was}, which gave this run's token ids; resume with "
-                         f"--config.tokenizer.add_markers={was} (or start a new workdir)")
+        raise ValueError(f"{workdir / 'config.json'} records tokenizer.add_markers={was}, which gave this run's token "
+                         f"ids; resume with --config.tokenizer.add_markers={was} (or start a new workdir)")
 
 
 # Stage settings added with a default that changes what an existing run computes: (key, the behaviour a config
-# recorded without the key had, what that behaviour was). A stage resumed mid-way under the new default is warned.
+# recorded without the key had, what that behaviour was, whether the stage's settings make the two differ). A stage
+# resumed mid-way under the new default is warned.
 CHANGED_DEFAULTS = (
-    ("logp_at_temperature", False, "log-probs of the logits at temperature 1, not of logits / temperature"),
+    ("logp_at_temperature", False, "log-probs of the logits at temperature 1, not of logits / temperature",
+     lambda stage: float(stage.get("temperature", 1.0)) not in (0.0, 1.0)),  # the same at T = 1 (and greedy)
 )
 
 
@@ -290,22 +297,16 @@ def _warn_changed_defaults(config, workdir: Path) -> list[str]:
     """Warns (and returns the warnings) for each stage begun but not done whose recorded config predates a key of
     CHANGED_DEFAULTS and whose new value computes something else, naming the override that keeps the old run's."""
     path = workdir / "config.json"
-    try:
-        recorded = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        return []  # _record_config warns about a config.json it cannot compare
     out = []
-    for name, section in recorded.items():
+    for name, section in _recorded_config(workdir).items():
         stage = config.get(name)
         if not isinstance(section, dict) or not isinstance(stage, ml_collections.ConfigDict):
             continue
         if not (workdir / name).is_dir() or (workdir / name / "DONE").exists():
             continue
-        for key, old, meaning in CHANGED_DEFAULTS:
-            if key in section or key not in stage or stage[key] == old:
+        for key, old, meaning, differs in CHANGED_DEFAULTS:
+            if key in section or key not in stage or stage[key] == old or not differs(stage):
                 continue
-            if key == "logp_at_temperature" and float(stage.get("temperature", 1.0)) in (0.0, 1.0):
-                continue  # the same numbers at temperature 1 (and greedy)
             msg = (f"{path} records stage {name!r} from before config.{name}.{key} existed ({meaning}); it resumes "
                    f"with {key}={stage[key]!r}: pass --config.{name}.{key}={old!r} to keep what it started with")
             log.warning(msg)
