@@ -36,7 +36,7 @@ import numpy as np
 
 from r1jax.parallel import hosts
 from r1jax.rl.grpo import ADVANTAGE_EPS, group_advantages
-from r1jax.rl.reward_aggregation import batch_normalized
+from r1jax.rl.reward_aggregation import batch_normalized, varying_groups
 from r1jax.rl.rollout import left_pad_columns
 
 # Per-rollout metrics that add up over the rollouts of a step; `completion_len_max` takes the max, the rest
@@ -49,11 +49,7 @@ def signal_groups(advantages_R, group_size: int, values_R=None) -> np.ndarray:
     and to unscored samples), or with `values_R` (one reward component, DAPO's accuracy) the groups whose values
     are not all equal (unscored samples, NaN, left out)."""
     if values_R is not None:
-        v = np.asarray(values_R, np.float64).reshape(-1, group_size)
-        scored = ~np.isnan(v)
-        hi = np.where(scored, v, -np.inf).max(axis=1)
-        lo = np.where(scored, v, np.inf).min(axis=1)
-        return scored.any(axis=1) & (hi > lo)
+        return varying_groups(values_R, group_size)
     adv = np.asarray(advantages_R).reshape(-1, group_size)
     return np.any(adv != 0, axis=1)
 

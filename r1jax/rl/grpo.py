@@ -237,8 +237,8 @@ def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return
                  - jnp.min(jnp.where(valid_NG, r_NG, jnp.inf), 1, keepdims=True))
     degenerate_N1 = ~(spread_N1 > 0)
 
+    n_N1 = _count(valid_NG, 1)[:, None]
     if baseline == "leave_one_out":  # each sample against the mean of its valid siblings
-        n_N1 = _count(valid_NG, 1)[:, None]
         advantages_NG = r0_NG - (r0_NG.sum(1, keepdims=True) - r0_NG) / jnp.maximum(n_N1 - 1.0, 1.0)
     else:
         advantages_NG = r0_NG - mean_N1
@@ -247,7 +247,7 @@ def group_advantages(rewards_B, group_size: int, scale: str = "group", *, return
     elif scale == "batch":
         advantages_NG = advantages_NG / (batch_std_11 + eps)
     elif scale == "whiten":  # over the rows with a sibling to compare with (TRL RLOO's normalize_advantages)
-        counted_NG = valid_NG & (_count(valid_NG, 1)[:, None] >= 2)
+        counted_NG = valid_NG & (n_N1 >= 2)
         adv_mean_11, adv_std_11 = mean_std(jnp.where(counted_NG, advantages_NG, 0.0).reshape(1, -1),
                                            counted_NG.reshape(1, -1), axis=1)
         advantages_NG = (advantages_NG - adv_mean_11) / (adv_std_11 + eps)

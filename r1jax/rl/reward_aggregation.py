@@ -36,6 +36,16 @@ def check_aggregation(value: str) -> None:
         raise ValueError(f"reward_aggregation={value!r}; valid: {', '.join(AGGREGATIONS)}")
 
 
+def varying_groups(values_R, group_size: int) -> np.ndarray:
+    """[R / G] bool: the groups of `group_size` rows whose non-NaN values are not all equal (an all-NaN group, or
+    one with a single value, does not vary)."""
+    v = np.asarray(values_R, np.float64).reshape(-1, group_size)
+    scored = ~np.isnan(v)
+    hi = np.where(scored, v, -np.inf).max(axis=1)
+    lo = np.where(scored, v, np.inf).min(axis=1)
+    return hi > lo
+
+
 def decoupled_sums(components_RK, weights_K: Sequence[float], group_size: int, *, eps: float = ADVANTAGE_EPS):
     """[R] f64: sum_k weights[k] * (x_k - group mean) / (group std + eps), each reward normalized within each group of
     `group_size` rows (NaN-aware, unbiased std); NaN on rows where any reward is NaN."""
@@ -65,11 +75,8 @@ def batch_normalized(sums_R, group_size: int, *, eps: float = ADVANTAGE_EPS) -> 
     mean = s_R[valid].mean()
     std = np.sqrt(((s_R[valid] - mean) ** 2).sum() / (n - 1)) if n > 1 else 0.0
     adv = np.where(valid, (s_R - mean) / (std + eps), 0.0)
-    g = np.where(valid, s_R, np.nan).reshape(-1, group_size)
-    with np.errstate(all="ignore"):
-        spread = np.nanmax(g, axis=1) - np.nanmin(g, axis=1)  # NaN for an all-NaN group: no signal either
-    degenerate = np.repeat(~(spread > 0), group_size)
-    return np.where(degenerate, 0.0, adv).astype(np.float32)
+    varying = np.repeat(varying_groups(s_R, group_size), group_size)
+    return np.where(varying, adv, 0.0).astype(np.float32)
 
 
 def decoupled_advantages(components_RK, weights_K: Sequence[float], group_size: int, *,

@@ -86,7 +86,7 @@ def _advantages(rewards_R, group_size, scale, eps, baseline):
 def _reward_columns(parts: dict, weights: dict, scored: dict, model_weights: dict, R: int):
     """(values [R, K], weights [K]) of each reward, for GDPO (r1jax.rl.reward_aggregation): a rule reward's raw
     values; a model reward's score after its own `normalize` (its contribution / weight)."""
-    columns, column_weights = [np.zeros(R)], [0.0]  # (a stage whose model rewards have not started yet)
+    columns, column_weights = [], []
     for name, w in weights.items():
         columns.append(parts[name])
         column_weights.append(w)
@@ -94,7 +94,8 @@ def _reward_columns(parts: dict, weights: dict, scored: dict, model_weights: dic
         w = model_weights[name]
         columns.append(contribution / w if w else np.zeros_like(contribution))
         column_weights.append(w)
-    return np.stack(columns, 1), column_weights
+    # (none: a stage whose only rewards are model rewards that have not started yet)
+    return (np.stack(columns, 1) if columns else np.zeros((R, 0))), column_weights
 
 
 def left_pad_columns(ids_BP, mask_BP, length: int, pad_id: int):
